@@ -1,0 +1,322 @@
+"""The contract between the control plane and the data path.
+
+Everything that crosses Redis is defined here: the records (API keys, tiers, models, routes), how a key is
+hashed, how Redis keys are named, and the change-event format. Nothing here knows about Kubernetes.
+
+Redis layout (``SCHEMA_VERSION`` 1). Configuration lives under one Redis Cluster hash tag, ``{maas}``, so one
+script can write a batch of records, bump the generation and publish the change event atomically:
+
+- ``{maas}:v1:keys``    hash  digest (hex) -> key record JSON
+- ``{maas}:v1:tiers``   hash  tier name -> tier record JSON
+- ``{maas}:v1:models``  hash  model id -> model record JSON
+- ``{maas}:v1:routes``  hash  route id -> route record JSON
+- ``{maas}:v1:gen``     int   generation, +1 per published change event
+- ``maas:v1:events``    pub/sub channel of change events
+
+Per-key data shares the hash tag ``{k:<key_id>}`` so all buckets of one key sit in one cluster slot:
+
+- ``maas:b:{k:<key_id>}:<dimension>``   token bucket (hash: ``t`` tokens, ``ts`` last refill in ms)
+- ``maas:u:{k:<key_id>}:<YYYYMMDD>``    usage ledger (hash: ``<model>|requests``, ``<model>|prompt``,
+  ``<model>|completion``)
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import time
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+
+KEY_ID_LENGTH = 16
+"""Hex characters of the digest used as the public key id (64 bits: collisions are not a practical concern)."""
+
+CONFIG_TAG = "{maas}"
+KEYS_HASH = f"{CONFIG_TAG}:v{SCHEMA_VERSION}:keys"
+TIERS_HASH = f"{CONFIG_TAG}:v{SCHEMA_VERSION}:tiers"
+MODELS_HASH = f"{CONFIG_TAG}:v{SCHEMA_VERSION}:models"
+ROUTES_HASH = f"{CONFIG_TAG}:v{SCHEMA_VERSION}:routes"
+GENERATION_KEY = f"{CONFIG_TAG}:v{SCHEMA_VERSION}:gen"
+EVENTS_CHANNEL = f"maas:v{SCHEMA_VERSION}:events"
+
+REQUESTS = "requests"
+TOKENS = "tokens"
+Dimension = Literal["requests", "tokens"]
+
+
+class RecordKind(StrEnum):
+    KEY = "key"
+    TIER = "tier"
+    MODEL = "model"
+    ROUTE = "route"
+
+
+KIND_HASHES: dict[RecordKind, str] = {
+    RecordKind.KEY: KEYS_HASH,
+    RecordKind.TIER: TIERS_HASH,
+    RecordKind.MODEL: MODELS_HASH,
+    RecordKind.ROUTE: ROUTES_HASH,
+}
+
+
+def bucket_key(key_id: str, dimension: str) -> str:
+    return f"maas:b:{{k:{key_id}}}:{dimension}"
+
+
+def ledger_key(key_id: str, day: str) -> str:
+    return f"maas:u:{{k:{key_id}}}:{day}"
+
+
+def ledger_day(epoch_seconds: float | None = None) -> str:
+    return time.strftime("%Y%m%d", time.gmtime(time.time() if epoch_seconds is None else epoch_seconds))
+
+
+# --- hashing -------------------------------------------------------------------------------------------------
+
+DEV_PEPPER = "maas-development-pepper-do-not-use-in-production"
+
+
+def digest_key(api_key: str | bytes, pepper: bytes) -> str:
+    """HMAC-SHA256 of the key under the server-side pepper, as hex. The only form in which keys are stored."""
+    raw = api_key.encode() if isinstance(api_key, str) else api_key
+    return hmac.digest(pepper, raw, "sha256").hex()
+
+
+def key_id_of(digest: str) -> str:
+    return digest[:KEY_ID_LENGTH]
+
+
+# --- windows -------------------------------------------------------------------------------------------------
+
+_WINDOW_RE = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+MAX_WINDOW_MS = 366 * 86_400_000
+
+
+class WindowError(ValueError):
+    """A window string that is not ``<n><unit>`` with unit ``s``, ``m``, ``h`` or ``d``."""
+
+
+def parse_window(text: str) -> int:
+    """Kuadrant-style window (``30s``, ``2m``, ``1h``, ``1d``) to milliseconds."""
+    match = _WINDOW_RE.match(text)
+    if match is None:
+        raise WindowError(f"invalid window {text!r}: expected a number and a unit (s, m, h, d), like '2m'")
+    value = int(match.group(1)) * _UNIT_MS[match.group(2)]
+    if value <= 0 or value > MAX_WINDOW_MS:
+        raise WindowError(f"invalid window {text!r}: must be between 1ms and 366d")
+    return value
+
+
+def format_duration(ms: float) -> str:
+    """OpenAI's reset format: ``1s``, ``6m0s``, ``1h2m3s``; sub-second values as ``250ms``."""
+    if ms <= 0:
+        return "0s"
+    if ms < 1000:
+        return f"{int(ms + 0.999)}ms"
+    total = int(ms / 1000 + 0.999)
+    hours, rest = divmod(total, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{seconds}s"
+    if minutes:
+        return f"{minutes}m{seconds}s"
+    return f"{seconds}s"
+
+
+# --- records -------------------------------------------------------------------------------------------------
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Limit(_Record):
+    """``limit`` units per ``window`` (a token bucket of capacity ``limit`` refilled over ``window``)."""
+
+    limit: Annotated[int, Field(ge=0)]
+    window: str
+
+    @field_validator("window")
+    @classmethod
+    def _check_window(cls, value: str) -> str:
+        parse_window(value)
+        return value.strip()
+
+    @property
+    def window_ms(self) -> int:
+        return parse_window(self.window)
+
+
+class Limits(_Record):
+    requests: Limit | None = None
+    tokens: Limit | None = None
+
+
+class KeyStatus(StrEnum):
+    ACTIVE = "active"
+    DISABLED = "disabled"
+    REVOKED = "revoked"
+
+
+class KeyRecord(_Record):
+    v: int = SCHEMA_VERSION
+    key_id: str
+    digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    user: str
+    groups: tuple[str, ...] = ()
+    tier: str | None = None
+    models: tuple[str, ...] = ()
+    status: KeyStatus = KeyStatus.ACTIVE
+    expires_at: float | None = None
+    limits: Limits | None = None
+    name: str = ""
+    source: str = "admin"
+    created_at: float | None = None
+
+
+class TierRecord(_Record):
+    v: int = SCHEMA_VERSION
+    name: str
+    display_name: str = ""
+    level: int = 0
+    groups: tuple[str, ...] = ()
+    limits: Limits = Limits()
+    models: tuple[str, ...] = ()
+
+
+class ModelRecord(_Record):
+    v: int = SCHEMA_VERSION
+    id: str
+    namespace: str = ""
+    ready: bool = False
+    reason: str = ""
+    url: str | None = None
+    runtime: str | None = None
+    image: str | None = None
+    model_format: str | None = None
+    storage_uri: str | None = None
+    gpus: int = 0
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    max_model_len: int | None = None
+    deployment_mode: str | None = None
+    isvc: str = ""
+    routes: tuple[str, ...] = ()
+
+
+class RouteRecord(_Record):
+    """One (host, path prefix) -> model entry. ``host`` ``*`` matches any host; ``model`` None is a route to a
+    model-less service (self-service API) that needs a valid key but no model checks."""
+
+    v: int = SCHEMA_VERSION
+    id: str
+    host: str = "*"
+    prefix: str = "/"
+    model: str | None = None
+    rewrite: str | None = None
+    backend: str | None = None
+
+
+RECORD_TYPES: dict[RecordKind, type[_Record]] = {
+    RecordKind.KEY: KeyRecord,
+    RecordKind.TIER: TierRecord,
+    RecordKind.MODEL: ModelRecord,
+    RecordKind.ROUTE: RouteRecord,
+}
+
+
+def record_id(kind: RecordKind, record: _Record) -> str:
+    if isinstance(record, KeyRecord):
+        return record.digest
+    if isinstance(record, TierRecord):
+        return record.name
+    if isinstance(record, ModelRecord | RouteRecord):
+        return record.id
+    raise TypeError(f"not a {kind} record: {type(record).__name__}")
+
+
+def encode_record(record: _Record) -> str:
+    return record.model_dump_json(exclude_defaults=False)
+
+
+def route_id(host: str, prefix: str) -> str:
+    return f"{host}|{prefix}"
+
+
+DEFAULT_TIERS: tuple[TierRecord, ...] = (
+    TierRecord(
+        name="free",
+        display_name="Free",
+        level=0,
+        groups=("free", "system:authenticated"),
+        limits=Limits(requests=Limit(limit=5, window="2m"), tokens=Limit(limit=100, window="1m")),
+    ),
+    TierRecord(
+        name="premium",
+        display_name="Premium",
+        level=1,
+        groups=("premium",),
+        limits=Limits(requests=Limit(limit=20, window="2m"), tokens=Limit(limit=50_000, window="1m")),
+    ),
+    TierRecord(
+        name="enterprise",
+        display_name="Enterprise",
+        level=2,
+        groups=("enterprise",),
+        limits=Limits(requests=Limit(limit=50, window="2m"), tokens=Limit(limit=100_000, window="1m")),
+    ),
+)
+
+
+# --- change events -------------------------------------------------------------------------------------------
+
+
+class Change(_Record):
+    """One put (``value`` is the record JSON) or delete (``value`` None) of one record."""
+
+    kind: RecordKind
+    id: str
+    value: str | None = None
+
+
+class ChangeEvent(_Record):
+    """Published on ``EVENTS_CHANNEL`` after the changes are written; ``gen`` is the generation they produced.
+    A consumer that sees ``gen`` other than its last generation + 1 has missed events and must reload."""
+
+    v: int = SCHEMA_VERSION
+    gen: int
+    changes: tuple[Change, ...] = ()
+    reset: bool = False
+
+
+def put(record: _Record) -> Change:
+    kind = next(k for k, t in RECORD_TYPES.items() if isinstance(record, t))
+    return Change(kind=kind, id=record_id(kind, record), value=encode_record(record))
+
+
+def delete(kind: RecordKind, ident: str) -> Change:
+    return Change(kind=kind, id=ident)
+
+
+def encode_changes(changes: Sequence[Change]) -> str:
+    """The changes as the JSON array the apply script and the in-memory store take."""
+    return json.dumps([{"kind": c.kind.value, "id": c.id, "value": c.value} for c in changes])
+
+
+def decode_event(payload: str | bytes) -> ChangeEvent:
+    return ChangeEvent.model_validate_json(payload)
+
+
+def decode_record(kind: RecordKind, payload: str | bytes) -> Any:
+    """Validated record, or ValueError for a record of another schema version or a malformed one."""
+    record = RECORD_TYPES[kind].model_validate_json(payload)
+    if getattr(record, "v", SCHEMA_VERSION) != SCHEMA_VERSION:
+        raise ValueError(f"{kind} record of schema version {record.v} (expected {SCHEMA_VERSION})")  # type: ignore[attr-defined]
+    return record

@@ -1,0 +1,77 @@
+"""The store Protocol every data-path and control-plane component talks to."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol, Self
+
+from gateway.contract import Change, ChangeEvent, RecordKind
+from gateway.limits import BucketOp, BucketResult
+
+
+@dataclass(frozen=True, slots=True)
+class UsageDelta:
+    """Add to the ledger of one key, model and day (``YYYYMMDD``, UTC)."""
+
+    key_id: str
+    model: str
+    day: str
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    key_id: str
+    model: str
+    day: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Subscription(Protocol):
+    """Change events, from the moment the subscription was entered. Iteration raises ``StoreError`` when the
+    connection is lost; events published meanwhile are gone, so the consumer must reload."""
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[ChangeEvent]: ...
+
+
+class Store(Protocol):
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    # configuration records
+    async def generation(self) -> int: ...
+
+    def scan_records(self, kind: RecordKind, *, batch: int = 5000) -> AsyncIterator[list[tuple[str, bytes]]]: ...
+
+    async def get_record(self, kind: RecordKind, ident: str) -> bytes | None: ...
+
+    async def apply(self, changes: Sequence[Change]) -> int:
+        """Write the changes, bump the generation, publish one change event; return the new generation."""
+        ...
+
+    def subscribe(self) -> Subscription: ...
+
+    # buckets
+    async def check_buckets(self, groups: Sequence[Sequence[BucketOp]]) -> list[list[BucketResult]]:
+        """Each group is the buckets of one key, checked all-or-nothing; groups are independent."""
+        ...
+
+    async def reset_buckets(self, key_id: str, dimensions: Sequence[str]) -> None: ...
+
+    # usage ledger
+    async def add_usage(self, deltas: Sequence[UsageDelta]) -> None: ...
+
+    async def read_usage(self, key_id: str, days: Sequence[str]) -> list[UsageRow]: ...

@@ -1,0 +1,138 @@
+"""In-memory store for single-process use (``memory://``) and unit tests: same semantics as Redis, one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from types import TracebackType
+from typing import Self
+
+from gateway.contract import Change, ChangeEvent, RecordKind
+from gateway.errors import StoreError
+from gateway.limits import BucketOp, BucketResult, BucketState, evaluate
+from gateway.store.base import UsageDelta, UsageRow
+
+_CLOSED = object()
+
+
+def _wall_ms() -> float:
+    return time.time() * 1000.0
+
+
+class _MemorySubscription:
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+        self._queue: asyncio.Queue[ChangeEvent | object] = asyncio.Queue()
+
+    async def __aenter__(self) -> Self:
+        self._store._subscribers.add(self._queue)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._store._subscribers.discard(self._queue)
+
+    def __aiter__(self) -> AsyncIterator[ChangeEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[ChangeEvent]:
+        while True:
+            item = await self._queue.get()
+            if item is _CLOSED:
+                raise StoreError("memory store closed")
+            assert isinstance(item, ChangeEvent)
+            yield item
+
+
+class MemoryStore:
+    def __init__(self, *, clock_ms: Callable[[], float] = _wall_ms) -> None:
+        self._clock_ms = clock_ms
+        self._records: dict[RecordKind, dict[str, bytes]] = {kind: {} for kind in RecordKind}
+        self._generation = 0
+        self._buckets: dict[tuple[str, str], BucketState] = {}
+        self._usage: dict[tuple[str, str, str], list[int]] = {}
+        self._subscribers: set[asyncio.Queue[ChangeEvent | object]] = set()
+        self.fail = False
+        """Set to simulate an outage: every call raises ``StoreError``."""
+
+    def _check(self) -> None:
+        if self.fail:
+            raise StoreError("memory store is failing (simulated outage)")
+
+    async def ping(self) -> None:
+        self._check()
+
+    async def close(self) -> None:
+        for queue in list(self._subscribers):
+            queue.put_nowait(_CLOSED)
+
+    async def generation(self) -> int:
+        self._check()
+        return self._generation
+
+    async def scan_records(self, kind: RecordKind, *, batch: int = 5000) -> AsyncIterator[list[tuple[str, bytes]]]:
+        self._check()
+        items = list(self._records[kind].items())
+        for start in range(0, len(items), batch):
+            yield items[start : start + batch]
+
+    async def get_record(self, kind: RecordKind, ident: str) -> bytes | None:
+        self._check()
+        return self._records[kind].get(ident)
+
+    async def apply(self, changes: Sequence[Change]) -> int:
+        self._check()
+        for change in changes:
+            table = self._records[change.kind]
+            if change.value is None:
+                table.pop(change.id, None)
+            else:
+                table[change.id] = change.value.encode()
+        self._generation += 1
+        event = ChangeEvent(gen=self._generation, changes=tuple(changes))
+        for queue in self._subscribers:
+            queue.put_nowait(event)
+        return self._generation
+
+    def subscribe(self) -> _MemorySubscription:
+        self._check()
+        return _MemorySubscription(self)
+
+    async def check_buckets(self, groups: Sequence[Sequence[BucketOp]]) -> list[list[BucketResult]]:
+        self._check()
+        now = self._clock_ms()
+        out: list[list[BucketResult]] = []
+        for ops in groups:
+            keys = [(op.key_id, op.dimension) for op in ops]
+            results, states = evaluate(list(ops), [self._buckets.get(k) for k in keys], now_ms=now)
+            for key, state in zip(keys, states, strict=True):
+                if state is None:
+                    self._buckets.pop(key, None)
+                else:
+                    self._buckets[key] = state
+            out.append(results)
+        return out
+
+    async def reset_buckets(self, key_id: str, dimensions: Sequence[str]) -> None:
+        self._check()
+        for dimension in dimensions:
+            self._buckets.pop((key_id, dimension), None)
+
+    async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
+        self._check()
+        for d in deltas:
+            row = self._usage.setdefault((d.key_id, d.day, d.model), [0, 0, 0])
+            row[0] += d.requests
+            row[1] += d.prompt_tokens
+            row[2] += d.completion_tokens
+
+    async def read_usage(self, key_id: str, days: Sequence[str]) -> list[UsageRow]:
+        self._check()
+        wanted = set(days)
+        return [
+            UsageRow(key_id=k, model=m, day=d, requests=r[0], prompt_tokens=r[1], completion_tokens=r[2])
+            for (k, d, m), r in sorted(self._usage.items())
+            if k == key_id and d in wanted
+        ]

@@ -1,0 +1,301 @@
+"""Redis store: redis-py asyncio (hiredis parser), one connection pool, Lua scripts by EVALSHA with a NOSCRIPT
+fallback, a timeout on every call. Works against a single Redis and against Redis Cluster (``redis+cluster://``).
+
+Only this module touches ``redis.exceptions``; everything leaves it as ``StoreError``/``StoreTimeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from importlib import resources
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+
+from gateway import contract
+from gateway.contract import Change, ChangeEvent, RecordKind
+from gateway.errors import StoreError, StoreTimeout
+from gateway.limits import BucketOp, BucketResult
+from gateway.store.base import UsageDelta, UsageRow
+
+T = TypeVar("T")
+
+APPLY_SCRIPT = """
+local hashes = {key = KEYS[1], tier = KEYS[2], model = KEYS[3], route = KEYS[4]}
+local changes = cjson.decode(ARGV[1])
+for _, c in ipairs(changes) do
+  local h = hashes[c.kind]
+  if not h then return redis.error_reply('unknown record kind ' .. tostring(c.kind)) end
+  if c.value == cjson.null or c.value == nil then
+    redis.call('HDEL', h, c.id)
+  else
+    redis.call('HSET', h, c.id, c.value)
+  end
+end
+local gen = redis.call('INCR', KEYS[5])
+redis.call('PUBLISH', ARGV[2], '{"v":' .. ARGV[3] .. ',"gen":' .. gen .. ',"changes":' .. ARGV[1] .. '}')
+return gen
+"""
+
+BUCKET_SCRIPT = resources.files("gateway.store").joinpath("buckets.lua").read_text()
+
+APPLY_CHUNK = 500
+USAGE_TTL_SECONDS = 400 * 86400
+_ERRORS = (rexc.RedisError, OSError)
+
+
+class _Script:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+class _RedisSubscription:
+    """Pub/sub on a connection of its own, with no automatic reconnect: a lost connection must surface so the
+    consumer reloads (events published while it was away are gone)."""
+
+    def __init__(self, client: aioredis.Redis, *, timeout: float, idle_ping: float = 5.0) -> None:
+        self._client = client
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._timeout = timeout
+        self._idle_ping = idle_ping
+
+    async def __aenter__(self) -> Self:
+        try:
+            async with asyncio.timeout(max(self._timeout, 1.0)):
+                await self._pubsub.subscribe(contract.EVENTS_CHANNEL)
+        except TimeoutError as exc:
+            await self._close()
+            raise StoreTimeout("timed out subscribing to change events") from exc
+        except _ERRORS as exc:
+            await self._close()
+            raise StoreError(f"cannot subscribe to change events: {exc}") from exc
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        with contextlib.suppress(*_ERRORS):
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        with contextlib.suppress(*_ERRORS):
+            await self._client.aclose()
+
+    def __aiter__(self) -> AsyncIterator[ChangeEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[ChangeEvent]:
+        idle_since = time.monotonic()
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+                if message is None:
+                    if time.monotonic() - idle_since > self._idle_ping:
+                        async with asyncio.timeout(max(self._timeout, 1.0)):
+                            await self._pubsub.ping()
+                        idle_since = time.monotonic()
+                    continue
+            except TimeoutError as exc:
+                raise StoreTimeout("change-event connection stopped answering") from exc
+            except _ERRORS as exc:
+                raise StoreError(f"change-event connection lost: {exc}") from exc
+            idle_since = time.monotonic()
+            if message.get("type") != "message":
+                continue
+            yield contract.decode_event(message["data"])
+
+
+class RedisStore:
+    def __init__(self, url: str, *, timeout: float = 0.25, max_connections: int = 64) -> None:
+        self._timeout = timeout
+        self.cluster = "+cluster://" in url
+        self._url = url.replace("+cluster://", "://")
+        common: dict[str, Any] = {
+            "socket_timeout": max(timeout, 0.05) * 4,
+            "socket_connect_timeout": max(timeout, 0.05) * 4,
+            "retry": Retry(NoBackoff(), 1),
+        }
+        self._client: Any
+        if self.cluster:
+            self._client = RedisCluster.from_url(self._url, max_connections=max_connections, **common)
+        else:
+            self._client = aioredis.Redis.from_url(self._url, max_connections=max_connections, **common)
+        self._apply = _Script(APPLY_SCRIPT)
+        self._buckets = _Script(BUCKET_SCRIPT)
+
+    async def _call(self, what: str, make: Callable[[], Awaitable[T]]) -> T:
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await make()
+        except TimeoutError as exc:
+            raise StoreTimeout(f"redis {what} timed out after {self._timeout:g}s") from exc
+        except _ERRORS as exc:
+            raise StoreError(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _evalsha(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+        except rexc.NoScriptError:
+            return await self._client.eval(script.source, len(keys), *keys, *args)
+
+    async def ping(self) -> None:
+        await self._call("ping", self._client.ping)
+
+    async def close(self) -> None:
+        with contextlib.suppress(*_ERRORS):
+            await self._client.aclose()
+
+    async def generation(self) -> int:
+        value = await self._call("get generation", lambda: self._client.get(contract.GENERATION_KEY))
+        return int(value or 0)
+
+    async def scan_records(self, kind: RecordKind, *, batch: int = 5000) -> AsyncIterator[list[tuple[str, bytes]]]:
+        name = contract.KIND_HASHES[kind]
+        cursor: int = 0
+        while True:
+            cursor, items = await self._call(
+                "hscan",
+                lambda c=cursor: self._client.hscan(name, cursor=c, count=batch),  # type: ignore[misc]
+            )
+            if items:
+                yield [(k.decode(), v) for k, v in items.items()]
+            if cursor == 0:
+                return
+
+    async def get_record(self, kind: RecordKind, ident: str) -> bytes | None:
+        value = await self._call("hget", lambda: self._client.hget(contract.KIND_HASHES[kind], ident))
+        return value if value is None else bytes(value)
+
+    async def apply(self, changes: Sequence[Change]) -> int:
+        keys = [*(contract.KIND_HASHES[k] for k in RecordKind), contract.GENERATION_KEY]
+        gen = 0
+        chunks = [changes[i : i + APPLY_CHUNK] for i in range(0, len(changes), APPLY_CHUNK)] or [[]]
+        for chunk in chunks:
+            payload = contract.encode_changes(chunk)
+            args = (payload, contract.EVENTS_CHANNEL, contract.SCHEMA_VERSION)
+            gen = int(await self._call("apply", lambda a=args: self._evalsha(self._apply, keys, a)))  # type: ignore[misc]
+        return gen
+
+    def subscribe(self) -> _RedisSubscription:
+        if self.cluster:
+            # PUBLISH is broadcast to every node of a cluster, so any one node carries the events.
+            node = self._client.get_default_node()
+            client = aioredis.Redis(host=node.host, port=node.port, retry=Retry(NoBackoff(), 0))
+        else:
+            client = aioredis.Redis.from_url(self._url, retry=Retry(NoBackoff(), 0))
+        return _RedisSubscription(client, timeout=self._timeout)
+
+    async def check_buckets(self, groups: Sequence[Sequence[BucketOp]]) -> list[list[BucketResult]]:
+        if not groups:
+            return []
+        if self.cluster:
+            return await self._check_cluster(groups)
+        flat = await self._call("buckets", lambda: self._run_buckets(groups))
+        return _unflatten(groups, flat)
+
+    async def _run_buckets(self, groups: Sequence[Sequence[BucketOp]]) -> list[int]:
+        keys: list[str] = []
+        args: list[int] = [len(groups)]
+        for ops in groups:
+            args.append(len(ops))
+            for op in ops:
+                keys.append(contract.bucket_key(op.key_id, op.dimension))
+                args += (op.limit, op.window_ms, op.cost, int(op.mode), op.min_cost)
+        result: list[int] = await self._evalsha(self._buckets, keys, args)
+        return result
+
+    async def _check_cluster(self, groups: Sequence[Sequence[BucketOp]]) -> list[list[BucketResult]]:
+        by_slot: dict[int, list[int]] = {}
+        for index, ops in enumerate(groups):
+            by_slot.setdefault(key_slot(contract.bucket_key(ops[0].key_id, "").encode()), []).append(index)
+        slots = list(by_slot.values())
+
+        async def run_all() -> list[list[int]]:
+            return await asyncio.gather(*(self._run_buckets([groups[i] for i in idx]) for idx in slots))
+
+        flats = await self._call("buckets", run_all)
+        out: list[list[BucketResult]] = [[] for _ in groups]
+        for idx, flat in zip(slots, flats, strict=True):
+            for i, results in zip(idx, _unflatten([groups[i] for i in idx], flat), strict=True):
+                out[i] = results
+        return out
+
+    async def reset_buckets(self, key_id: str, dimensions: Sequence[str]) -> None:
+        names = [contract.bucket_key(key_id, d) for d in dimensions]
+        if names:
+            await self._call("del", lambda: self._client.delete(*names))
+
+    async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
+        if not deltas:
+            return
+
+        async def run() -> None:
+            pipe = self._client.pipeline(transaction=False)
+            for d in deltas:
+                name = contract.ledger_key(d.key_id, d.day)
+                for field, value in (
+                    ("requests", d.requests),
+                    ("prompt", d.prompt_tokens),
+                    ("completion", d.completion_tokens),
+                ):
+                    if value:
+                        pipe.hincrby(name, f"{d.model}|{field}", value)
+                pipe.expire(name, USAGE_TTL_SECONDS)
+            await pipe.execute()
+
+        await self._call("usage", run)
+
+    async def read_usage(self, key_id: str, days: Sequence[str]) -> list[UsageRow]:
+        async def run() -> list[dict[bytes, bytes]]:
+            pipe = self._client.pipeline(transaction=False)
+            for day in days:
+                pipe.hgetall(contract.ledger_key(key_id, day))
+            result: list[dict[bytes, bytes]] = await pipe.execute()
+            return result
+
+        rows: list[UsageRow] = []
+        for day, fields in zip(days, await self._call("read usage", run), strict=True):
+            per_model: dict[str, list[int]] = {}
+            for raw_field, raw_value in fields.items():
+                model, _, what = raw_field.decode().rpartition("|")
+                slot = {"requests": 0, "prompt": 1, "completion": 2}.get(what)
+                if slot is not None:
+                    per_model.setdefault(model, [0, 0, 0])[slot] += int(raw_value)
+            rows += [
+                UsageRow(key_id=key_id, model=m, day=day, requests=v[0], prompt_tokens=v[1], completion_tokens=v[2])
+                for m, v in sorted(per_model.items())
+            ]
+        return rows
+
+
+def _unflatten(groups: Sequence[Sequence[BucketOp]], flat: Sequence[int]) -> list[list[BucketResult]]:
+    out: list[list[BucketResult]] = []
+    i = 0
+    for ops in groups:
+        results = []
+        for op in ops:
+            results.append(
+                BucketResult(
+                    allowed=bool(flat[i]),
+                    limit=op.limit,
+                    remaining=int(flat[i + 1]),
+                    reset_ms=int(flat[i + 2]),
+                    retry_ms=int(flat[i + 3]),
+                    debited=int(flat[i + 4]),
+                )
+            )
+            i += 5
+        out.append(results)
+    return out

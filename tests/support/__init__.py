@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: free ports, real servers started as child processes."""

@@ -1,0 +1,140 @@
+"""Start real processes (redis-server, maas subcommands, Envoy) on free ports and wait until they answer."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, *, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"port {port} did not open within {timeout}s")
+
+
+def wait_http(url: str, *, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered 200")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                if resp.status == 200:
+                    return
+        except (OSError, urllib.error.URLError) as exc:
+            last = str(exc)
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready within {timeout}s: {last}")
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, *, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+def start(name: str, argv: Sequence[str], *, env: dict[str, str] | None = None, log_dir: Path) -> Proc:
+    log_path = log_dir / f"{name}.log"
+    handle = log_path.open("wb")
+    full_env = {**os.environ, **(env or {})}
+    popen = subprocess.Popen(list(argv), stdout=handle, stderr=subprocess.STDOUT, env=full_env)
+    handle.close()
+    return Proc(name=name, popen=popen, log_path=log_path)
+
+
+def maas_argv(*args: str) -> list[str]:
+    return (
+        [str(VENV_BIN / "maas"), *args]
+        if (VENV_BIN / "maas").exists()
+        else [sys.executable, "-m", "controlplane.cli", *args]
+    )
+
+
+@dataclass
+class RedisServer:
+    port: int
+    proc: Proc
+    data_dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def kill(self) -> None:
+        self.proc.stop(sig=signal.SIGKILL)
+
+
+def redis_binary() -> str | None:
+    return shutil.which("redis-server")
+
+
+@contextlib.contextmanager
+def redis_server(*, port: int | None = None, extra: Sequence[str] = ()) -> Iterator[RedisServer]:
+    binary = redis_binary()
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+    data_dir = Path(tempfile.mkdtemp(prefix="maas-redis-"))
+    port = port or free_port()
+    argv = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(data_dir),
+        *extra,
+    ]
+    proc = start(f"redis-{port}", argv, log_dir=data_dir)
+    try:
+        wait_port(port, proc=proc.popen)
+        yield RedisServer(port=port, proc=proc, data_dir=data_dir)
+    finally:
+        proc.stop(sig=signal.SIGKILL)
+        shutil.rmtree(data_dir, ignore_errors=True)

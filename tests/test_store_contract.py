@@ -1,0 +1,127 @@
+"""One contract suite for every store: memory and real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway import contract
+from gateway.contract import KeyRecord, RecordKind
+from gateway.limits import BucketMode, BucketOp
+from gateway.store.base import UsageDelta
+
+pytestmark = pytest.mark.redis
+
+DIGEST = "ab" * 32
+
+
+def _key(digest: str = DIGEST, **kw: object) -> KeyRecord:
+    return KeyRecord(key_id=contract.key_id_of(digest), digest=digest, user="alice", **kw)  # type: ignore[arg-type]
+
+
+async def test_apply_then_scan_and_get(store) -> None:
+    gen0 = await store.generation()
+    gen = await store.apply([contract.put(_key()), contract.put(contract.DEFAULT_TIERS[0])])
+    assert gen == gen0 + 1
+    assert await store.generation() == gen
+    keys = [item async for batch in store.scan_records(RecordKind.KEY) for item in batch]
+    assert [k for k, _ in keys] == [DIGEST]
+    raw = await store.get_record(RecordKind.TIER, "free")
+    assert contract.decode_record(RecordKind.TIER, raw).name == "free"
+    await store.apply([contract.delete(RecordKind.KEY, DIGEST)])
+    assert await store.get_record(RecordKind.KEY, DIGEST) is None
+
+
+async def test_scan_many_records_in_batches(store) -> None:
+    records = [_key(f"{i:064x}") for i in range(1200)]
+    await store.apply([contract.put(r) for r in records])
+    batches = [batch async for batch in store.scan_records(RecordKind.KEY, batch=100)]
+    assert len({k for b in batches for k, _ in b}) == 1200
+
+
+async def test_subscription_sees_changes_in_order(store) -> None:
+    async with store.subscribe() as sub:
+        gen_a = await store.apply([contract.put(_key())])
+        gen_b = await store.apply([contract.delete(RecordKind.KEY, DIGEST)])
+        events = []
+        it = aiter(sub)
+        for _ in range(2):
+            events.append(await asyncio.wait_for(anext(it), 5))
+    assert [e.gen for e in events] == [gen_a, gen_b]
+    assert events[0].changes[0].kind is RecordKind.KEY
+    assert contract.decode_record(RecordKind.KEY, events[0].changes[0].value).user == "alice"
+    assert events[1].changes[0].value is None
+
+
+async def test_take_admits_exactly_limit(store) -> None:
+    op = BucketOp(key_id="k1", dimension="requests", limit=5, window_ms=120_000, cost=1)
+    results = [r[0] for r in await store.check_buckets([[op]] * 8)]
+    assert [r.allowed for r in results] == [True] * 5 + [False] * 3
+    assert [r.remaining for r in results[:5]] == [4, 3, 2, 1, 0]
+    denied = results[-1]
+    assert 23_000 <= denied.retry_ms <= 24_000
+    assert 119_000 <= denied.reset_ms <= 120_000
+
+
+async def test_group_is_all_or_nothing(store) -> None:
+    req = BucketOp(key_id="k2", dimension="requests", limit=10, window_ms=60_000, cost=1)
+    spend = BucketOp(key_id="k2", dimension="tokens", limit=100, window_ms=60_000, cost=150, mode=BucketMode.FORCE)
+    gate = BucketOp(key_id="k2", dimension="tokens", limit=100, window_ms=60_000, cost=1, mode=BucketMode.GATE)
+    (forced,) = await store.check_buckets([[spend]])
+    assert forced[0].allowed and forced[0].debited == 150 and forced[0].remaining == 0
+    (res,) = await store.check_buckets([[req, gate]])
+    assert not res[0].allowed and not res[1].allowed
+    assert res[0].remaining == 10 and res[0].debited == 0
+    assert res[1].retry_ms > 0
+
+
+async def test_reserve_clamps_to_what_is_left(store) -> None:
+    def reserve(cost: int, min_cost: int) -> BucketOp:
+        return BucketOp(
+            key_id="k3",
+            dimension="tokens",
+            limit=100,
+            window_ms=86_400_000,
+            cost=cost,
+            mode=BucketMode.RESERVE,
+            min_cost=min_cost,
+        )
+
+    ((a,),) = await store.check_buckets([[reserve(70, 10)]])
+    assert a.allowed and a.debited == 70
+    ((b,),) = await store.check_buckets([[reserve(70, 10)]])
+    assert b.allowed and b.debited == 30 and b.remaining == 0
+    ((c,),) = await store.check_buckets([[reserve(70, 10)]])
+    assert not c.allowed and c.debited == 0
+    refund = BucketOp(key_id="k3", dimension="tokens", limit=100, window_ms=86_400_000, cost=-20, mode=BucketMode.FORCE)
+    ((d,),) = await store.check_buckets([[refund]])
+    assert d.remaining == 20
+
+
+async def test_zero_limit_denies(store) -> None:
+    op = BucketOp(key_id="k4", dimension="requests", limit=0, window_ms=60_000, cost=1)
+    ((r,),) = await store.check_buckets([[op]])
+    assert not r.allowed and r.retry_ms == 60_000
+
+
+async def test_reset_buckets(store) -> None:
+    op = BucketOp(key_id="k5", dimension="requests", limit=1, window_ms=60_000, cost=1)
+    await store.check_buckets([[op]])
+    ((denied,),) = await store.check_buckets([[op]])
+    assert not denied.allowed
+    await store.reset_buckets("k5", ["requests"])
+    ((again,),) = await store.check_buckets([[op]])
+    assert again.allowed
+
+
+async def test_usage_ledger_adds_up(store) -> None:
+    await store.add_usage(
+        [UsageDelta(key_id="k6", model="m", day="20261128", requests=1, prompt_tokens=3, completion_tokens=4)] * 3
+    )
+    await store.add_usage([UsageDelta(key_id="k6", model="n", day="20261129", requests=1)])
+    rows = await store.read_usage("k6", ["20261128", "20261129", "20261130"])
+    assert [(r.model, r.day, r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [
+        ("m", "20261128", 3, 9, 12),
+        ("n", "20261129", 1, 0, 0),
+    ]
