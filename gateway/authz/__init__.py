@@ -1,0 +1,1 @@
+"""``maas authz``: the Envoy HTTP ext_authz service."""
