@@ -1,0 +1,188 @@
+"""Keeps the authz snapshot equal to the store: full load at start, then change events.
+
+Order of a (re)load: subscribe first, then read the generation G, then scan every record. Events with a
+generation <= G are already in the scan and skipped; later ones are applied in order (records are whole, so
+re-applying one is harmless). A gap in generations or a lost subscription means events were missed: reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from gateway import contract
+from gateway.authz.metrics import AuthzMetrics
+from gateway.contract import ChangeEvent, KeyRecord, ModelRecord, RecordKind, RouteRecord, TierRecord
+from gateway.errors import StoreError
+from gateway.snapshot import Catalog, KeyEntry, Snapshot, compile_key
+from gateway.store.base import Store
+
+log = logging.getLogger("maas.authz.snapshot")
+
+R = TypeVar("R", TierRecord, ModelRecord, RouteRecord)
+
+
+class SnapshotFollower:
+    def __init__(self, store: Store, *, metrics: AuthzMetrics, snapshot: Snapshot | None = None) -> None:
+        self.store = store
+        self.snapshot = snapshot or Snapshot()
+        self._metrics = metrics
+        self._tiers: dict[str, TierRecord] = {}
+        self._models: dict[str, ModelRecord] = {}
+        self._routes: dict[str, RouteRecord] = {}
+        self.connected = False
+        self.last_event_at = 0.0
+        self._fresh = False
+
+    async def run(self) -> None:
+        backoff = 0.1
+        reason = "start"
+        while True:
+            try:
+                async with self.store.subscribe() as subscription:
+                    await self.reload(reason=reason)
+                    self.connected = True
+                    backoff = 0.1
+                    async for event in subscription:
+                        if not self.apply_event(event):
+                            reason = "generation_gap"
+                            break
+                    else:
+                        reason = "subscription_ended"
+            except StoreError as exc:
+                log.warning("change events unavailable, will reload: %s", exc)
+                self._metrics.store_error("subscribe", exc.code)
+                reason = "reconnect"
+            self.connected = False
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 5.0)
+
+    async def reload(self, *, reason: str) -> None:
+        started = time.monotonic()
+        generation = await self.store.generation()
+        keys: dict[bytes, KeyEntry] = {}
+        async for batch in self.store.scan_records(RecordKind.KEY):
+            for ident, raw in batch:
+                entry = self._decode_key(ident, raw)
+                if entry is not None:
+                    keys[entry[0]] = entry[1]
+        self._tiers = await self._load(RecordKind.TIER, TierRecord)
+        self._models = await self._load(RecordKind.MODEL, ModelRecord)
+        self._routes = await self._load(RecordKind.ROUTE, RouteRecord)
+        snapshot = Snapshot(keys=keys, catalog=self._catalog())
+        snapshot.generation = generation
+        snapshot.loaded = True
+        self.snapshot.keys = snapshot.keys
+        self.snapshot.catalog = snapshot.catalog
+        self.snapshot.generation = generation
+        self.snapshot.loaded = True
+        self._fresh = True
+        self._metrics.snapshot_reloads.labels(reason).inc()
+        self._update_gauges()
+        log.info(
+            "snapshot loaded",
+            extra={
+                "reason": reason,
+                "generation": generation,
+                "keys": len(keys),
+                "routes": len(self._routes),
+                "models": len(self._models),
+                "tiers": len(self._tiers),
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
+
+    async def _load(self, kind: RecordKind, cls: type[R]) -> dict[str, R]:
+        out: dict[str, R] = {}
+        async for batch in self.store.scan_records(kind):
+            for ident, raw in batch:
+                record = self._decode(kind, raw)
+                if isinstance(record, cls):
+                    out[ident] = record
+        return out
+
+    def _decode(self, kind: RecordKind, raw: bytes | str) -> object | None:
+        try:
+            record: object = contract.decode_record(kind, raw)
+        except (ValidationError, ValueError) as exc:
+            reason = "schema_version" if "schema version" in str(exc) else "malformed"
+            self._metrics.snapshot_skipped.labels(kind.value, reason).inc()
+            log.warning("skipping unreadable %s record: %s", kind.value, str(exc).splitlines()[0])
+            return None
+        return record
+
+    def _decode_key(self, ident: str, raw: bytes | str) -> tuple[bytes, KeyEntry] | None:
+        record = self._decode(RecordKind.KEY, raw)
+        if not isinstance(record, KeyRecord):
+            return None
+        if record.digest != ident:
+            self._metrics.snapshot_skipped.labels("key", "digest_mismatch").inc()
+            return None
+        return compile_key(record)
+
+    @property
+    def _tables(self) -> dict[RecordKind, dict[str, Any]]:
+        return {RecordKind.TIER: self._tiers, RecordKind.MODEL: self._models, RecordKind.ROUTE: self._routes}
+
+    def _catalog(self) -> Catalog:
+        return Catalog.build(tiers=self._tiers.values(), models=self._models.values(), routes=self._routes.values())
+
+    def apply_event(self, event: ChangeEvent) -> bool:
+        """Apply one event; False when events were missed and a reload is needed."""
+        current = self.snapshot.generation
+        if event.gen <= current:
+            if self._fresh:
+                return True  # published between our subscribe and our scan: already loaded
+            log.warning("generation went back from %d to %d (store reset?): reloading", current, event.gen)
+            return False
+        if event.gen != current + 1:
+            log.warning("change events missed (at %d, got %d): reloading", current, event.gen)
+            return False
+        catalog_changed = False
+        keys = self.snapshot.keys
+        for change in event.changes:
+            if change.kind is RecordKind.KEY:
+                digest = bytes.fromhex(change.id) if len(change.id) == 64 else None
+                if digest is None:
+                    self._metrics.snapshot_skipped.labels("key", "malformed").inc()
+                    continue
+                if change.value is None:
+                    keys.pop(digest, None)
+                    continue
+                entry = self._decode_key(change.id, change.value)
+                if entry is None:
+                    keys.pop(digest, None)
+                else:
+                    keys[digest] = entry[1]
+                continue
+            catalog_changed = True
+            table: dict[str, Any] = self._tables[change.kind]
+            if change.value is None:
+                table.pop(change.id, None)
+                continue
+            record = self._decode(change.kind, change.value)
+            if record is None:
+                table.pop(change.id, None)
+            else:
+                table[change.id] = record
+        if catalog_changed:
+            self.snapshot.catalog = self._catalog()
+        self.snapshot.generation = event.gen
+        self._fresh = False
+        self.last_event_at = time.time()
+        self._metrics.snapshot_events.inc()
+        self._update_gauges()
+        return True
+
+    def _update_gauges(self) -> None:
+        m = self._metrics
+        m.snapshot_generation.set(self.snapshot.generation)
+        m.snapshot_records.labels("key").set(len(self.snapshot.keys))
+        m.snapshot_records.labels("tier").set(len(self._tiers))
+        m.snapshot_records.labels("model").set(len(self._models))
+        m.snapshot_records.labels("route").set(len(self._routes))

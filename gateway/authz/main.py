@@ -1,0 +1,105 @@
+"""``maas authz``: start the ext_authz server, the ops server and the snapshot follower."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+
+import uvloop
+from aiohttp import web
+
+from gateway import __version__, logs
+from gateway.authz.follower import SnapshotFollower
+from gateway.authz.metrics import AuthzMetrics
+from gateway.authz.server import AuthzHandler
+from gateway.authz.settings import AuthzSettings
+from gateway.decision import Policy
+from gateway.ops import ops_app
+from gateway.settings import add_flags, load
+from gateway.store import open_store
+
+log = logging.getLogger("maas.authz")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_flags(parser, AuthzSettings)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load(AuthzSettings, args)
+    logs.setup(fmt=settings.log_format, level=settings.log_level)
+    uvloop.run(serve(settings))
+    return 0
+
+
+async def serve(settings: AuthzSettings, *, stop: asyncio.Event | None = None) -> None:
+    if settings.dev:
+        log.warning("DEVELOPMENT MODE: fixed pepper and identity secret; never use --dev in production")
+    log.info("maas authz %s starting", __version__, extra={"settings": settings.redacted()})
+    store = open_store(settings.redis_url, timeout=settings.store_timeout)
+    metrics = AuthzMetrics(max_keys=settings.metrics_max_keys)
+    follower = SnapshotFollower(store, metrics=metrics)
+    policy = Policy(
+        pepper=settings.pepper,
+        identity_secret=settings.identity_key,
+        default_tier=settings.default_tier,
+        path_prefix=settings.path_prefix.rstrip("/"),
+        allow_unrouted=settings.allow_unrouted,
+        remove_credentials=not settings.forward_api_key,
+    )
+    handler = AuthzHandler(
+        follower=follower,
+        store=store,
+        policy=policy,
+        metrics=metrics,
+        on_store_error=settings.on_store_error,
+        max_inflight=settings.bucket_max_inflight,
+    )
+
+    async def ready() -> tuple[bool, str]:
+        snapshot = follower.snapshot
+        if not snapshot.loaded:
+            return False, "snapshot not loaded yet"
+        return True, f"generation {snapshot.generation}, {len(snapshot.keys)} keys"
+
+    follow_task = asyncio.create_task(follower.run(), name="snapshot-follower")
+    follow_task.add_done_callback(_log_crash)
+    server = web.Server(
+        handler,
+        access_log=None,
+        max_field_size=settings.max_header_bytes,
+        max_line_size=settings.max_header_bytes,
+    )
+    authz_runner = web.ServerRunner(server, handle_signals=False)
+    ops_runner = web.AppRunner(ops_app(registry=metrics.registry, ready=ready), access_log=None)
+    await authz_runner.setup()
+    await ops_runner.setup()
+    await web.TCPSite(authz_runner, settings.host, settings.port, reuse_port=True, backlog=1024).start()
+    await web.TCPSite(ops_runner, settings.host, settings.ops_port).start()
+    log.info("listening", extra={"port": settings.port, "ops_port": settings.ops_port})
+
+    stop = stop or _stop_on_signals()
+    await stop.wait()
+    log.info("shutting down")
+    follow_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await follow_task
+    await authz_runner.cleanup()
+    await ops_runner.cleanup()
+    await store.close()
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("task %s crashed", task.get_name(), exc_info=task.exception())

@@ -1,0 +1,70 @@
+"""Metrics of ``maas authz``: decisions, check latency, store health, snapshot state, per-key requests."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from gateway.metrics import LATENCY_BUCKETS, CappedChildren
+
+
+class AuthzMetrics:
+    def __init__(self, *, max_keys: int, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self._decisions = Counter(
+            "maas_authz_decisions_total",
+            "ext_authz decisions by decision, reason, tier and model",
+            ("decision", "reason", "tier", "model"),
+            registry=r,
+        )
+        self._decision_children: dict[tuple[str, str, str, str], Counter] = {}
+        self.check_seconds = Histogram(
+            "maas_authz_check_duration_seconds",
+            "time to answer one ext_authz check",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._store_errors = Counter(
+            "maas_store_errors_total", "failed or timed-out store calls", ("operation", "code"), registry=r
+        )
+        self.store_up = Gauge("maas_store_up", "1 while the last store call succeeded", registry=r)
+        self.store_up.set(1)
+        self.policy_applied = Counter(
+            "maas_authz_store_policy_total",
+            "checks answered by the --on-store-error policy while the store was unreachable",
+            ("policy",),
+            registry=r,
+        )
+        self.snapshot_records = Gauge("maas_snapshot_records", "records in the snapshot", ("kind",), registry=r)
+        self.snapshot_generation = Gauge("maas_snapshot_generation", "generation the snapshot is at", registry=r)
+        self.snapshot_reloads = Counter(
+            "maas_snapshot_reloads_total", "full snapshot reloads by reason", ("reason",), registry=r
+        )
+        self.snapshot_skipped = Counter(
+            "maas_snapshot_skipped_records_total", "records skipped as unreadable", ("kind", "reason"), registry=r
+        )
+        self.snapshot_events = Counter("maas_snapshot_events_total", "change events applied", registry=r)
+        self.batch_size = Histogram(
+            "maas_authz_bucket_batch_size",
+            "checks coalesced into one store call",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        key_requests = Counter(
+            "maas_key_requests_total",
+            "checks per API key by decision",
+            ("key_id", "user", "tier", "decision"),
+            registry=r,
+        )
+        self.key_requests = CappedChildren(key_requests, cap=max_keys, identity=2)
+
+    def decision(self, decision: str, reason: str, tier: str, model: str) -> Counter:
+        labels = (decision, reason, tier, model)
+        child = self._decision_children.get(labels)
+        if child is None:
+            child = self._decision_children[labels] = self._decisions.labels(*labels)
+        return child
+
+    def store_error(self, operation: str, code: str) -> None:
+        self._store_errors.labels(operation, code).inc()
+        self.store_up.set(0)

@@ -1,0 +1,43 @@
+"""Settings of ``maas authz``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+
+from gateway.settings import CommonSettings
+
+DEV_IDENTITY_SECRET = "maas-development-identity-secret"
+
+
+class AuthzSettings(CommonSettings):
+    port: int = Field(8500, ge=0, le=65535, description="ext_authz HTTP port (a catch-all: every path is a check)")
+    ops_port: int = Field(9500, ge=0, le=65535, description="ops port: /healthz, /readyz, /metrics")
+    identity_secret: SecretStr | None = Field(
+        None, description="HMAC secret signing the identity headers for maas meter; required unless --dev"
+    )
+    path_prefix: str = Field("", description="Istio pathPrefix of the provider, stripped before routing")
+    on_store_error: Literal["deny", "allow", "local"] = Field(
+        "deny", description="limits while Redis is unreachable: deny (503), allow, or local in-process buckets"
+    )
+    metrics_max_keys: int = Field(1000, ge=0, description='distinct key_id series; more go to key_id="_other"')
+    default_tier: str = Field("free", description="tier of a key with no tier and no group that maps to one")
+    allow_unrouted: bool = Field(False, description="admit valid keys on paths no route matches (no model checks)")
+    forward_api_key: bool = Field(False, description="keep the API key on the upstream request")
+    bucket_max_inflight: int = Field(2, ge=1, le=64, description="concurrent bucket batches in flight to Redis")
+    max_header_bytes: int = Field(65536, ge=8190, le=1 << 20, description="largest request header accepted")
+
+    @model_validator(mode="after")
+    def _identity_secret_required(self) -> AuthzSettings:
+        if self.identity_secret is None and not self.dev:
+            raise ValueError("identity_secret is required (--identity-secret or MAAS_IDENTITY_SECRET), or --dev")
+        if self.path_prefix and not self.path_prefix.startswith("/"):
+            raise ValueError("path_prefix must start with '/'")
+        return self
+
+    @property
+    def identity_key(self) -> bytes:
+        if self.identity_secret is not None:
+            return self.identity_secret.get_secret_value().encode()
+        return DEV_IDENTITY_SECRET.encode()

@@ -1,0 +1,227 @@
+"""What to answer for one ext_authz check: pure code, no I/O, no aiohttp, no redis.
+
+The order (DESIGN §4): credential -> key -> route/model -> limits -> allow. ``admit`` does the first three from the
+snapshot alone; the caller runs the returned bucket operations against the store and hands the results to
+``after_limits``. Every denial carries a stable snake_case code (JSON ``code`` and metric ``reason``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+from gateway.contract import REQUESTS, TOKENS, format_duration
+from gateway.identity import Identity, sign
+from gateway.limits import BucketMode, BucketOp, BucketResult
+from gateway.snapshot import STATUS_ACTIVE, STATUS_REVOKED, CompiledLimits, KeyEntry, Snapshot, TierEntry
+
+MAX_KEY_LENGTH = 512
+WWW_AUTHENTICATE = ("www-authenticate", 'APIKEY realm="maas"')
+CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+REMOVE_CREDENTIALS = ("x-envoy-auth-headers-to-remove", "authorization,x-api-key")
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    status: int
+    code: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+    error_type: str = "invalid_request_error"
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    key: KeyEntry
+    tier: TierEntry | None
+    model: str | None
+    limits: CompiledLimits
+    ops: tuple[BucketOp, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Per-process decision settings, fixed at start."""
+
+    pepper: bytes
+    identity_secret: bytes
+    default_tier: str = "free"
+    path_prefix: str = ""
+    allow_unrouted: bool = False
+    remove_credentials: bool = True
+
+
+def error_body(message: str, *, error_type: str, code: str, param: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}}).encode()
+
+
+@lru_cache(maxsize=64)
+def _denial(status: int, code: str, message: str, error_type: str = "invalid_request_error") -> Denial:
+    headers: tuple[tuple[str, str], ...] = (("x-ext-auth-reason", code),)
+    if status == 401:
+        headers = (WWW_AUTHENTICATE, *headers)
+    return Denial(
+        status=status,
+        code=code,
+        body=error_body(message, error_type=error_type, code=code),
+        headers=headers,
+        error_type=error_type,
+    )
+
+
+MISSING_KEY = _denial(
+    401,
+    "missing_api_key",
+    "No API key provided. Send 'Authorization: APIKEY <key>', 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
+)
+INVALID_KEY = _denial(401, "invalid_api_key", "Incorrect API key provided.")
+MALFORMED_KEY = _denial(401, "invalid_api_key", "Malformed API key: expected one printable token.")
+EXPIRED_KEY = _denial(401, "expired_api_key", "The API key has expired.")
+DUPLICATE_KEY = _denial(400, "conflicting_credentials", "More than one different API key was sent; send exactly one.")
+NO_ROUTE = _denial(404, "route_not_found", "No model is served at this host and path.")
+STORE_DOWN = _denial(
+    503, "rate_limit_unavailable", "Rate limits cannot be checked right now; retry shortly.", "server_error"
+)
+
+
+def _credential(get: Callable[[str], str | None], count: Callable[[str], int]) -> str | Denial:
+    auth = get("authorization")
+    api_key_header = get("x-api-key")
+    if count("authorization") > 1 or count("x-api-key") > 1:
+        return DUPLICATE_KEY
+    token: str | None = None
+    if auth is not None:
+        scheme, _, rest = auth.strip().partition(" ")
+        lowered = scheme.lower()
+        if lowered in ("apikey", "bearer"):
+            token = rest.strip()
+            if not token:
+                return MALFORMED_KEY
+        elif api_key_header is None:
+            return MISSING_KEY if not auth.strip() else MALFORMED_KEY
+    if api_key_header is not None:
+        other = api_key_header.strip()
+        if token is not None and other != token:
+            return DUPLICATE_KEY
+        token = other
+    if token is None:
+        return MISSING_KEY
+    if not token or len(token) > MAX_KEY_LENGTH or not token.isprintable() or " " in token or "," in token:
+        return MALFORMED_KEY
+    return token
+
+
+def _split_host(host: str) -> str:
+    if host.startswith("["):
+        return host.split("]", 1)[0].lower() + "]"
+    return host.rsplit(":", 1)[0].lower() if ":" in host else host.lower()
+
+
+def admit(
+    snapshot: Snapshot,
+    policy: Policy,
+    *,
+    host: str,
+    path: str,
+    get: Callable[[str], str | None],
+    count: Callable[[str], int],
+    now: float,
+) -> Admission | Denial:
+    token = _credential(get, count)
+    if isinstance(token, Denial):
+        return token
+    digest = hmac.digest(policy.pepper, token.encode("utf-8", "surrogateescape"), "sha256")
+    key = snapshot.keys.get(digest)
+    if key is None or key.status == STATUS_REVOKED:
+        return INVALID_KEY
+    if key.status != STATUS_ACTIVE:
+        return _denial(401, "invalid_api_key", "The API key is disabled.")
+    if key.expires_at is not None and key.expires_at <= now:
+        return EXPIRED_KEY
+    catalog = snapshot.catalog
+    query = path.find("?")
+    if query >= 0:
+        path = path[:query]
+    prefix = policy.path_prefix
+    if prefix and path.startswith(prefix):
+        path = path[len(prefix) :] or "/"
+    route = catalog.routes.lookup(_split_host(host), path)
+    tier = catalog.tier_of(key, policy.default_tier)
+    base = tier.limits if tier is not None else CompiledLimits()
+    limits = key.limits.merged_over(base) if key.limits is not None else base
+    if route is None:
+        if not policy.allow_unrouted:
+            return NO_ROUTE
+        return Admission(key=key, tier=tier, model=None, limits=limits, ops=())
+    model_id = route.model
+    if model_id is None:
+        return Admission(key=key, tier=tier, model=None, limits=limits, ops=())
+    allowed = key.models if key.models is not None else (tier.models if tier is not None else None)
+    if allowed is not None and model_id not in allowed:
+        return _denial(403, "model_not_allowed", f"This API key may not use the model '{model_id}'.")
+    model = catalog.models.get(model_id)
+    if model is None or not model.ready:
+        reason = f": {model.reason}" if model is not None and model.reason else ""
+        return _denial(503, "model_not_ready", f"The model '{model_id}' is not ready{reason}.", "server_error")
+    ops: list[BucketOp] = []
+    if limits.requests is not None:
+        ops.append(BucketOp(key.key_id, REQUESTS, limits.requests[0], limits.requests[1], 1))
+    if limits.tokens is not None:
+        ops.append(BucketOp(key.key_id, TOKENS, limits.tokens[0], limits.tokens[1], 1, BucketMode.GATE))
+    return Admission(key=key, tier=tier, model=model_id, limits=limits, ops=tuple(ops))
+
+
+def _ratelimit_headers(admission: Admission, results: list[BucketResult]) -> list[tuple[str, str]]:
+    headers: list[tuple[str, str]] = []
+    for op, res in zip(admission.ops, results, strict=True):
+        suffix = op.dimension
+        headers += (
+            (f"x-ratelimit-limit-{suffix}", str(res.limit)),
+            (f"x-ratelimit-remaining-{suffix}", str(res.remaining)),
+            (f"x-ratelimit-reset-{suffix}", format_duration(res.reset_ms)),
+        )
+    return headers
+
+
+def rate_limited(admission: Admission, results: list[BucketResult]) -> Denial:
+    culprit_op, culprit = max(zip(admission.ops, results, strict=True), key=lambda pair: pair[1].retry_ms)
+    retry_s = max(1, -(-culprit.retry_ms // 1000))
+    dimension = culprit_op.dimension
+    if dimension == REQUESTS:
+        message = (
+            f"Rate limit reached for requests: limit {culprit.limit} per "
+            f"{format_duration(culprit_op.window_ms)}. Retry in {format_duration(culprit.retry_ms)}."
+        )
+    else:
+        message = f"Token quota exhausted: limit {culprit.limit} per {format_duration(culprit_op.window_ms)}. "
+        message += f"Retry in {format_duration(culprit.retry_ms)}."
+    headers = [("retry-after", str(retry_s)), ("x-ext-auth-reason", "rate_limit_exceeded")]
+    headers += _ratelimit_headers(admission, results)
+    body = error_body(message, error_type=dimension, code="rate_limit_exceeded")
+    return Denial(status=429, code="rate_limit_exceeded", body=body, headers=tuple(headers), error_type=dimension)
+
+
+def allow_headers(
+    admission: Admission, results: list[BucketResult] | None, policy: Policy, *, now: float
+) -> list[tuple[str, str]]:
+    """Headers of the 200: identity for the upstream, credential removal, and rate-limit state for the client."""
+    key = admission.key
+    tokens = admission.limits.tokens
+    identity = Identity(
+        key_id=key.key_id,
+        user=key.user,
+        groups=key.groups,
+        tier=admission.tier.name if admission.tier is not None else "",
+        model=admission.model or "",
+        token_limit=tokens[0] if tokens is not None else None,
+        token_window_ms=tokens[1] if tokens is not None else None,
+    )
+    headers = list(sign(identity, policy.identity_secret, now=now).items())
+    if policy.remove_credentials:
+        headers.append(REMOVE_CREDENTIALS)
+    if results:
+        headers += _ratelimit_headers(admission, results)
+    return headers

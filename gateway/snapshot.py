@@ -1,0 +1,199 @@
+"""The in-memory snapshot the hot path reads: keys by digest, tiers, models and the route table.
+
+Everything is parsed and compiled when a record arrives, so a request only does dictionary look-ups. Tiers, models
+and routes are small and rebuilt as a new ``Catalog`` on every change (swapped by rebinding one attribute). The key
+index can hold millions of entries, so it is patched in place: a put or a delete is one dictionary operation on the
+event loop, never a copy of the whole index.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from gateway.contract import KeyRecord, KeyStatus, Limits, ModelRecord, RouteRecord, TierRecord, parse_window
+
+STATUS_ACTIVE = 0
+STATUS_DISABLED = 1
+STATUS_REVOKED = 2
+_STATUS = {KeyStatus.ACTIVE: STATUS_ACTIVE, KeyStatus.DISABLED: STATUS_DISABLED, KeyStatus.REVOKED: STATUS_REVOKED}
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledLimits:
+    """Limits with windows in milliseconds; a ``None`` limit means no bucket for that dimension."""
+
+    requests: tuple[int, int] | None = None
+    tokens: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, limits: Limits | None) -> CompiledLimits | None:
+        if limits is None:
+            return None
+        req = (limits.requests.limit, parse_window(limits.requests.window)) if limits.requests else None
+        tok = (limits.tokens.limit, parse_window(limits.tokens.window)) if limits.tokens else None
+        return cls(requests=req, tokens=tok)
+
+    def merged_over(self, base: CompiledLimits) -> CompiledLimits:
+        return CompiledLimits(requests=self.requests or base.requests, tokens=self.tokens or base.tokens)
+
+
+class KeyEntry:
+    """One API key, compact: millions of these live in memory. Strings shared by many keys are interned."""
+
+    __slots__ = ("expires_at", "groups", "key_id", "limits", "models", "status", "tier", "user")
+
+    def __init__(
+        self,
+        *,
+        key_id: str,
+        user: str,
+        groups: str,
+        tier: str | None,
+        models: frozenset[str] | None,
+        status: int,
+        expires_at: float | None,
+        limits: CompiledLimits | None,
+    ) -> None:
+        self.key_id = key_id
+        self.user = user
+        self.groups = groups
+        self.tier = tier
+        self.models = models
+        self.status = status
+        self.expires_at = expires_at
+        self.limits = limits
+
+
+_interned_models: dict[frozenset[str], frozenset[str]] = {}
+
+
+def compile_key(record: KeyRecord) -> tuple[bytes, KeyEntry]:
+    models: frozenset[str] | None = None
+    if record.models:
+        models = frozenset(record.models)
+        models = _interned_models.setdefault(models, models)
+    entry = KeyEntry(
+        key_id=record.key_id,
+        user=record.user,
+        groups=sys.intern(",".join(record.groups)),
+        tier=sys.intern(record.tier) if record.tier else None,
+        models=models,
+        status=_STATUS[record.status],
+        expires_at=record.expires_at,
+        limits=CompiledLimits.of(record.limits),
+    )
+    return bytes.fromhex(record.digest), entry
+
+
+@dataclass(frozen=True, slots=True)
+class TierEntry:
+    name: str
+    level: int
+    limits: CompiledLimits
+    models: frozenset[str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    id: str
+    ready: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    model: str | None
+    prefix: str
+
+
+def normalise_prefix(prefix: str) -> str:
+    prefix = "/" + prefix.strip("/")
+    return prefix
+
+
+class RouteTable:
+    """(host, path prefix) -> route, longest prefix wins, matched on whole path segments as Gateway API does;
+    routes for a named host win over routes for any host (``*``)."""
+
+    def __init__(self, routes: Iterable[RouteRecord]) -> None:
+        self._by_host: dict[str, dict[str, Route]] = {}
+        self._any: dict[str, Route] = {}
+        for r in routes:
+            prefix = normalise_prefix(r.prefix)
+            table = self._any if r.host in ("*", "") else self._by_host.setdefault(r.host.lower(), {})
+            table[prefix] = Route(model=r.model, prefix=prefix)
+        self.size = len(self._any) + sum(len(t) for t in self._by_host.values())
+
+    def lookup(self, host: str, path: str) -> Route | None:
+        named = self._by_host.get(host) if self._by_host else None
+        for table in (named, self._any):
+            if not table:
+                continue
+            p = path
+            while True:
+                route = table.get(p)
+                if route is not None:
+                    return route
+                if len(p) <= 1:
+                    break
+                cut = p.rfind("/")
+                p = p[:cut] if cut > 0 else "/"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """Tiers, models and routes: small, rebuilt whole on every change."""
+
+    tiers: Mapping[str, TierEntry] = field(default_factory=dict)
+    group_tiers: Mapping[str, TierEntry] = field(default_factory=dict)
+    models: Mapping[str, ModelEntry] = field(default_factory=dict)
+    routes: RouteTable = field(default_factory=lambda: RouteTable(()))
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        tiers: Iterable[TierRecord],
+        models: Iterable[ModelRecord],
+        routes: Iterable[RouteRecord],
+    ) -> Catalog:
+        tier_entries = {
+            t.name: TierEntry(
+                name=t.name,
+                level=t.level,
+                limits=CompiledLimits.of(t.limits) or CompiledLimits(),
+                models=frozenset(t.models) or None,
+            )
+            for t in tiers
+        }
+        group_tiers: dict[str, TierEntry] = {}
+        for tier_record in sorted(tiers, key=lambda t: t.level):
+            for group in tier_record.groups:
+                group_tiers[group] = tier_entries[tier_record.name]
+        model_entries = {m.id: ModelEntry(id=m.id, ready=m.ready, reason=m.reason) for m in models}
+        return cls(tiers=tier_entries, group_tiers=group_tiers, models=model_entries, routes=RouteTable(routes))
+
+    def tier_of(self, key: KeyEntry, default_tier: str) -> TierEntry | None:
+        """The key's own tier if set; else the highest-level tier among its groups; else the default tier."""
+        if key.tier is not None:
+            return self.tiers.get(key.tier)
+        best: TierEntry | None = None
+        if key.groups:
+            for group in key.groups.split(","):
+                tier = self.group_tiers.get(group)
+                if tier is not None and (best is None or tier.level > best.level):
+                    best = tier
+        return best or self.tiers.get(default_tier)
+
+
+class Snapshot:
+    """What the hot path reads. ``keys`` is patched in place; ``catalog`` is swapped whole."""
+
+    def __init__(self, *, keys: dict[bytes, KeyEntry] | None = None, catalog: Catalog | None = None) -> None:
+        self.keys: dict[bytes, KeyEntry] = keys if keys is not None else {}
+        self.catalog = catalog or Catalog()
+        self.generation = 0
+        self.loaded = False

@@ -1,0 +1,73 @@
+"""Coalesces concurrent bucket checks into one store call per loop turn.
+
+A round trip to Redis per request costs more CPU than the whole hot-path budget. Checks that arrive while a batch
+is being sent wait for the next one; at most ``max_inflight`` batches are outstanding. Each key's group is still
+checked atomically by the store, so batching changes cost, never results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+from gateway.limits import BucketOp, BucketResult
+from gateway.store.base import Store
+
+Pending = tuple[Sequence[BucketOp], "asyncio.Future[list[BucketResult]]"]
+
+
+class BucketBatcher:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_inflight: int = 2,
+        max_batch: int = 512,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._max_inflight = max_inflight
+        self._max_batch = max_batch
+        self._on_batch = on_batch
+        self._pending: list[Pending] = []
+        self._scheduled = False
+        self._inflight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def check(self, ops: Sequence[BucketOp]) -> asyncio.Future[list[BucketResult]]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[BucketResult]] = loop.create_future()
+        self._pending.append((ops, future))
+        if not self._scheduled and self._inflight < self._max_inflight:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        while self._pending and self._inflight < self._max_inflight:
+            batch = self._pending[: self._max_batch]
+            del self._pending[: self._max_batch]
+            self._inflight += 1
+            task = asyncio.get_running_loop().create_task(self._send(batch), name="bucket-batch")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[Pending]) -> None:
+        try:
+            if self._on_batch is not None:
+                self._on_batch(len(batch))
+            results = await self._store.check_buckets([ops for ops, _ in batch])
+        except Exception as exc:  # every waiter must hear about the failure, whatever it is
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+        finally:
+            self._inflight -= 1
+            if self._pending and not self._scheduled:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
