@@ -1,0 +1,174 @@
+"""``maas authz`` behind a real Envoy configured as Istio's envoyExtAuthzHttp provider, with real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from controlplane import envoy
+from gateway.identity import H_KEY_ID, H_MODEL, H_SIGNATURE, H_TIER, H_USER, verify
+from gateway.store.redis import RedisStore
+from tests.conftest import PEPPER
+from tests.support import platform
+from tests.support.procs import RedisServer
+from tests.support.stack import IDENTITY_SECRET, Envoy, authz_process, echo_process, envoy_process
+
+pytestmark = [pytest.mark.redis, pytest.mark.envoy]
+
+PREFIX = "/ext-authz"
+
+
+@pytest.fixture(scope="module")
+def stack(redis_session: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envoy]:
+    log_dir = tmp_path_factory.mktemp("envoy-stack")
+
+    async def prepare() -> None:
+        store = RedisStore(redis_session.url, timeout=2.0)
+        await store._client.flushall()
+        await platform.seed(store, PEPPER)
+        await store.close()
+
+    asyncio.run(prepare())
+    with (
+        authz_process(
+            redis_url=redis_session.url, pepper=PEPPER, log_dir=log_dir, args=["--path-prefix", PREFIX]
+        ) as authz,
+        echo_process(log_dir=log_dir) as echo_port,
+    ):
+        clusters = [envoy.Cluster("echo", echo_port)]
+        routes = [
+            envoy.Route("/qwen3", "echo", rewrite="/"),
+            envoy.Route("/granite", "echo", rewrite="/v1"),
+            envoy.Route("/mistral", "echo", rewrite="/"),
+            envoy.Route("/v1/models", "echo"),
+            envoy.Route("/healthz", "echo", checked=False),
+            envoy.Route("/", "echo"),
+        ]
+        with envoy_process(
+            routes=routes, clusters=clusters, authz_port=authz.port, log_dir=log_dir, path_prefix=PREFIX
+        ) as proxy:
+            yield proxy
+        assert "Traceback" not in authz.proc.log(), authz.proc.log()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        yield session
+
+
+async def _call(
+    http: aiohttp.ClientSession, stack: Envoy, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], Any]:
+    async with http.post(stack.url + path, headers=headers or {}, json={"model": "x"}) as resp:
+        text = await resp.text()
+        body: Any = None
+        if text and resp.content_type == "application/json":
+            body = await resp.json()
+        return resp.status, {k.lower(): v for k, v in resp.headers.items()}, body
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"Authorization": f"APIKEY {platform.ADMIN.plaintext}"}, id="apikey"),
+        pytest.param({"Authorization": f"Bearer {platform.ADMIN.plaintext}"}, id="bearer"),
+        pytest.param({"x-api-key": platform.ADMIN.plaintext}, id="x-api-key"),
+    ],
+)
+async def test_valid_key_reaches_upstream_with_identity_and_without_key(
+    stack: Envoy, http: aiohttp.ClientSession, headers: dict[str, str]
+) -> None:
+    status, resp_headers, body = await _call(http, stack, "/qwen3/v1/chat/completions", headers)
+    assert status == 200, body
+    upstream = body["headers"]
+    assert body["path"] == "/v1/chat/completions"
+    assert "authorization" not in upstream and "x-api-key" not in upstream
+    assert upstream[H_USER] == "admin"
+    assert upstream[H_TIER] == "enterprise"
+    assert upstream[H_MODEL] == platform.QWEN
+    assert upstream[H_KEY_ID] == platform.ADMIN.key_id(PEPPER)
+    assert upstream[H_SIGNATURE].startswith("v1=")
+    identity = verify(upstream, IDENTITY_SECRET.encode())
+    assert identity.token_limit == 100_000
+    assert "x-ratelimit-remaining-requests" in resp_headers
+
+
+async def test_missing_key_is_401_at_once_with_challenge(stack: Envoy, http: aiohttp.ClientSession) -> None:
+    status, headers, body = await asyncio.wait_for(_call(http, stack, "/qwen3/v1/chat/completions"), 5)
+    assert status == 401
+    assert headers["www-authenticate"] == 'APIKEY realm="maas"'
+    assert body["error"]["code"] == "missing_api_key"
+    assert body["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("key", "code"),
+    [
+        pytest.param("sk-not-a-key", "invalid_api_key", id="wrong"),
+        pytest.param(platform.REVOKED.plaintext, "invalid_api_key", id="revoked"),
+        pytest.param(platform.DISABLED.plaintext, "invalid_api_key", id="disabled"),
+        pytest.param(platform.EXPIRED.plaintext, "expired_api_key", id="expired"),
+    ],
+)
+async def test_bad_keys_get_401(stack: Envoy, http: aiohttp.ClientSession, key: str, code: str) -> None:
+    status, headers, body = await _call(http, stack, "/qwen3/v1/chat/completions", {"Authorization": f"APIKEY {key}"})
+    assert status == 401
+    assert body["error"]["code"] == code
+    assert "www-authenticate" in headers
+
+
+async def test_model_outside_allow_list_is_403(stack: Envoy, http: aiohttp.ClientSession) -> None:
+    auth = {"Authorization": f"Bearer {platform.GRANITE_ONLY.plaintext}"}
+    status, _, body = await _call(http, stack, "/qwen3/v1/chat/completions", auth)
+    assert status == 403
+    assert body["error"]["code"] == "model_not_allowed"
+    status, _, body = await _call(http, stack, "/granite/chat/completions", auth)
+    assert status == 200
+    assert body["path"] == "/v1/chat/completions"
+
+
+async def test_sixth_free_request_in_two_minutes_is_429(stack: Envoy, http: aiohttp.ClientSession) -> None:
+    auth = {"Authorization": f"APIKEY {platform.FREE.plaintext}"}
+    statuses = []
+    for _ in range(5):
+        status, headers, _ = await _call(http, stack, "/qwen3/v1/chat/completions", auth)
+        statuses.append(status)
+    assert statuses == [200] * 5
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    status, headers, body = await _call(http, stack, "/qwen3/v1/chat/completions", auth)
+    assert status == 429
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert headers["x-ratelimit-limit-requests"] == "5"
+    assert 1 <= int(headers["retry-after"]) <= 24
+    assert body["error"]["type"] == "requests"
+    assert body["error"]["code"] == "rate_limit_exceeded"
+
+
+async def test_not_ready_model_is_503(stack: Envoy, http: aiohttp.ClientSession) -> None:
+    status, _, _ = await _call(
+        http, stack, "/mistral/v1/completions", {"Authorization": f"APIKEY {platform.ADMIN.plaintext}"}
+    )
+    assert status == 503
+
+
+async def test_unknown_path_is_404_json(stack: Envoy, http: aiohttp.ClientSession) -> None:
+    status, _, body = await _call(http, stack, "/nope/v1/chat", {"Authorization": f"APIKEY {platform.ADMIN.plaintext}"})
+    assert status == 404
+    assert body["error"]["code"] == "route_not_found"
+
+
+async def test_model_less_route_needs_only_a_key(stack: Envoy, http: aiohttp.ClientSession) -> None:
+    status, _, body = await _call(http, stack, "/v1/models", {"Authorization": f"APIKEY {platform.PREMIUM.plaintext}"})
+    assert status == 200
+    assert body["headers"][H_USER] == "bob"
+    assert body["headers"][H_MODEL] == ""
+
+
+async def test_health_path_is_not_checked(stack: Envoy, http: aiohttp.ClientSession) -> None:
+    async with http.get(stack.url + "/healthz") as resp:
+        assert resp.status == 200
