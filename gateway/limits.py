@@ -70,7 +70,7 @@ def _time_to(target: float, tokens: float, *, limit: int, window_ms: int) -> int
         return 0
     if limit <= 0:
         return window_ms
-    return math.ceil((target - tokens) * window_ms / limit)
+    return math.ceil((target - tokens) * window_ms / limit - 1e-6)
 
 
 def evaluate(

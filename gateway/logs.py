@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 _RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
@@ -37,6 +39,21 @@ def setup(*, fmt: str = "json", level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(MalformedRequestFilter())
+
+
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a client's malformed HTTP (a 64 KiB header, bytes that are not HTTP) as an error with a
+    traceback; it is the client's fault and already answered with a 4xx, so log one warning line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "rejected malformed request (%s): %s", (exc.code, str(exc.message)[:200])
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 class RateLimitedLog:

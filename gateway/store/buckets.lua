@@ -13,7 +13,7 @@ local n_groups = tonumber(ARGV[1])
 local function time_to(target, tokens, limit, window)
   if tokens >= target then return 0 end
   if limit <= 0 then return window end
-  return math.ceil((target - tokens) * window / limit)
+  return math.ceil((target - tokens) * window / limit - 1e-6)
 end
 
 for _ = 1, n_groups do

@@ -1,0 +1,208 @@
+"""The pure decision: credentials, keys, routes, models, tiers. No I/O, no event loop."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from multidict import CIMultiDict
+
+from gateway import contract
+from gateway.contract import Limit, Limits, ModelRecord, TierRecord
+from gateway.decision import Admission, Denial, Policy, admit, allow_headers, rate_limited
+from gateway.identity import verify
+from gateway.limits import BucketResult
+from gateway.snapshot import Catalog, RouteTable, Snapshot, compile_key
+from tests.support import platform
+
+PEPPER = b"unit-pepper-0123456789"
+POLICY = Policy(pepper=PEPPER, identity_secret=b"s" * 32, path_prefix="/check")
+
+
+def make_snapshot() -> Snapshot:
+    keys = dict(compile_key(k.record(PEPPER)) for k in platform.ALL_KEYS)
+    catalog = Catalog.build(
+        tiers=contract.DEFAULT_TIERS,
+        models=[
+            ModelRecord(id=platform.QWEN, ready=True),
+            ModelRecord(id=platform.GRANITE, ready=True),
+            ModelRecord(id=platform.MISTRAL, ready=False, reason="no GPU"),
+        ],
+        routes=[
+            *platform.routes(platform.DEFAULT_ROUTES),
+            contract.RouteRecord(id="h", host="qwen3.maas.local", prefix="/", model=platform.QWEN),
+        ],
+    )
+    snap = Snapshot(keys=keys, catalog=catalog)
+    snap.loaded = True
+    return snap
+
+
+SNAP = make_snapshot()
+
+
+def check(
+    headers: list[tuple[str, str]], *, path: str = "/check/qwen3/v1/chat/completions", host: str = "gw"
+) -> Admission | Denial:
+    h: CIMultiDict[str] = CIMultiDict(headers)
+    return admit(SNAP, POLICY, host=host, path=path, get=h.get, count=lambda n: len(h.getall(n, ())), now=time.time())
+
+
+def code(outcome: Admission | Denial) -> str:
+    return outcome.code if isinstance(outcome, Denial) else "ok"
+
+
+ADMIN = platform.ADMIN.plaintext
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        pytest.param([("Authorization", f"APIKEY {ADMIN}")], "ok", id="apikey"),
+        pytest.param([("Authorization", f"apikey {ADMIN}")], "ok", id="apikey-lowercase"),
+        pytest.param([("Authorization", f"Bearer {ADMIN}")], "ok", id="bearer"),
+        pytest.param([("x-api-key", ADMIN)], "ok", id="x-api-key"),
+        pytest.param([("Authorization", f"Bearer {ADMIN}"), ("x-api-key", ADMIN)], "ok", id="same-key-twice"),
+        pytest.param([], "missing_api_key", id="none"),
+        pytest.param([("Authorization", "")], "missing_api_key", id="empty-header"),
+        pytest.param([("Authorization", "Bearer ")], "invalid_api_key", id="empty-bearer"),
+        pytest.param([("Authorization", "Basic dXNlcjpwYXNz")], "invalid_api_key", id="basic"),
+        pytest.param([("Authorization", f"APIKEY {ADMIN} extra")], "invalid_api_key", id="two-tokens"),
+        pytest.param([("Authorization", f"APIKEY {ADMIN},APIKEY other")], "invalid_api_key", id="folded-duplicate"),
+        pytest.param([("Authorization", "APIKEY " + "k" * 600)], "invalid_api_key", id="oversized"),
+        pytest.param([("Authorization", "APIKEY ключ")], "invalid_api_key", id="non-ascii"),
+        pytest.param(
+            [("Authorization", f"APIKEY {ADMIN}"), ("Authorization", f"APIKEY {ADMIN}")],
+            "conflicting_credentials",
+            id="duplicated-header",
+        ),
+        pytest.param(
+            [("Authorization", f"Bearer {ADMIN}"), ("x-api-key", "other")], "conflicting_credentials", id="conflicting"
+        ),
+        pytest.param([("Authorization", f"APIKEY {platform.REVOKED.plaintext}")], "invalid_api_key", id="revoked"),
+        pytest.param([("Authorization", f"APIKEY {platform.DISABLED.plaintext}")], "invalid_api_key", id="disabled"),
+        pytest.param([("Authorization", f"APIKEY {platform.EXPIRED.plaintext}")], "expired_api_key", id="expired"),
+    ],
+)
+def test_credentials(headers: list[tuple[str, str]], expected: str) -> None:
+    outcome = check(headers)
+    assert code(outcome) == expected
+    if isinstance(outcome, Denial) and outcome.status == 401:
+        assert ("www-authenticate", 'APIKEY realm="maas"') in outcome.headers
+
+
+@pytest.mark.parametrize(
+    ("host", "path", "expected"),
+    [
+        pytest.param("gw", "/check/qwen3/v1/chat/completions", platform.QWEN, id="prefix"),
+        pytest.param("gw", "/check/qwen3", platform.QWEN, id="exact"),
+        pytest.param("gw", "/check/qwen3/", platform.QWEN, id="trailing-slash"),
+        pytest.param("gw", "/check/qwen3?x=/granite", platform.QWEN, id="query-ignored"),
+        pytest.param("gw", "/check/qwen3x/v1", None, id="not-a-segment-match"),
+        pytest.param("gw", "/check/granite/v1/completions", platform.GRANITE, id="other-model"),
+        pytest.param("QWEN3.maas.local:8000", "/check/v1/chat/completions", platform.QWEN, id="host-route"),
+        pytest.param("gw", "/check/nowhere", None, id="unknown"),
+    ],
+)
+def test_routes(host: str, path: str, expected: str | None) -> None:
+    outcome = check([("x-api-key", ADMIN)], host=host, path=path)
+    if expected is None:
+        assert code(outcome) == "route_not_found"
+        assert isinstance(outcome, Denial) and outcome.status == 404
+    else:
+        assert isinstance(outcome, Admission) and outcome.model == expected
+
+
+def test_longest_prefix_wins() -> None:
+    table = RouteTable(platform.routes({"/a": "short", "/a/b": "long", "/": "root"}))
+    assert table.lookup("h", "/a/b/c").model == "long"  # type: ignore[union-attr]
+    assert table.lookup("h", "/a/bc").model == "short"  # type: ignore[union-attr]
+    assert table.lookup("h", "/z").model == "root"  # type: ignore[union-attr]
+
+
+def test_model_checks() -> None:
+    granite_only = [("x-api-key", platform.GRANITE_ONLY.plaintext)]
+    denied = check(granite_only)
+    assert isinstance(denied, Denial) and (denied.status, denied.code) == (403, "model_not_allowed")
+    assert code(check(granite_only, path="/check/granite/v1")) == "ok"
+    not_ready = check([("x-api-key", ADMIN)], path="/check/mistral/v1")
+    assert isinstance(not_ready, Denial) and (not_ready.status, not_ready.code) == (503, "model_not_ready")
+    assert b"no GPU" in not_ready.body
+
+
+def test_tier_from_groups_and_limits_from_overrides() -> None:
+    premium = check([("x-api-key", platform.PREMIUM.plaintext)])
+    assert isinstance(premium, Admission)
+    assert premium.tier is not None and premium.tier.name == "premium"
+    assert [(op.dimension, op.limit, op.window_ms) for op in premium.ops] == [
+        ("requests", 20, 120_000),
+        ("tokens", 50_000, 60_000),
+    ]
+    big = check([("x-api-key", platform.BIG.plaintext)])
+    assert isinstance(big, Admission)
+    assert [(op.dimension, op.limit) for op in big.ops] == [("requests", 1_000_000_000), ("tokens", 100_000)]
+
+
+def test_highest_tier_level_wins() -> None:
+    key = platform.Key("sk-two-groups", "zed", ("free", "premium"))
+    _, entry = compile_key(key.record(PEPPER))
+    assert SNAP.catalog.tier_of(entry, "free").name == "premium"  # type: ignore[union-attr]
+    nobody = platform.Key("sk-no-groups", "zed")
+    _, entry = compile_key(nobody.record(PEPPER))
+    assert SNAP.catalog.tier_of(entry, "free").name == "free"  # type: ignore[union-attr]
+
+
+def test_tier_models_restrict_access() -> None:
+    catalog = Catalog.build(
+        tiers=[TierRecord(name="free", limits=Limits(requests=Limit(limit=1, window="1m")), models=("granite-code",))],
+        models=[ModelRecord(id=platform.QWEN, ready=True)],
+        routes=platform.routes({"/qwen3": platform.QWEN}),
+    )
+    snap = Snapshot(keys=SNAP.keys, catalog=catalog)
+    h: CIMultiDict[str] = CIMultiDict([("x-api-key", platform.FREE.plaintext)])
+    outcome = admit(snap, POLICY, host="", path="/check/qwen3", get=h.get, count=lambda n: 1, now=time.time())
+    assert code(outcome) == "model_not_allowed"
+
+
+def test_allow_headers_are_signed_and_remove_the_key() -> None:
+    outcome = check([("x-api-key", ADMIN)])
+    assert isinstance(outcome, Admission)
+    results = [BucketResult(True, 50, 49, 2400, 0, 1), BucketResult(True, 100_000, 100_000, 0, 0, 0)]
+    headers = dict(allow_headers(outcome, results, POLICY, now=time.time()))
+    assert headers["x-envoy-auth-headers-to-remove"] == "authorization,x-api-key"
+    assert headers["x-ratelimit-remaining-requests"] == "49"
+    assert headers["x-ratelimit-reset-requests"] == "3s"
+    identity = verify(headers, POLICY.identity_secret)
+    assert (identity.user, identity.tier, identity.model) == ("admin", "enterprise", platform.QWEN)
+
+
+def test_rate_limited_names_the_exhausted_dimension() -> None:
+    outcome = check([("x-api-key", platform.FREE.plaintext)])
+    assert isinstance(outcome, Admission)
+    results = [BucketResult(False, 5, 3, 48_000, 0, 0), BucketResult(False, 100, 0, 70_000, 10_500, 0)]
+    denial = rate_limited(outcome, results)
+    headers = dict(denial.headers)
+    assert denial.status == 429 and denial.error_type == "tokens"
+    assert headers["retry-after"] == "11"
+    assert headers["x-ratelimit-reset-tokens"] == "1m10s"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["authorization", "x-api-key", "Authorization", "X-Api-Key", "other"]),
+            st.text(max_size=80),
+        ),
+        max_size=4,
+    ),
+    st.text(max_size=100),
+    st.text(max_size=40),
+)
+def test_any_input_gets_a_4xx_or_an_admission(headers: list[tuple[str, str]], path: str, host: str) -> None:
+    outcome = check(headers, path=path, host=host)
+    if isinstance(outcome, Denial):
+        assert 400 <= outcome.status < 500
+        assert outcome.body.startswith(b'{"error": {')

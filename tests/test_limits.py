@@ -1,0 +1,114 @@
+"""Token-bucket arithmetic with an injected clock (no I/O), and the same rules in Redis with its own clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.limits import BucketMode, BucketOp, evaluate
+from gateway.store.memory import MemoryStore
+from gateway.store.redis import RedisStore
+
+REQ = BucketOp(key_id="k", dimension="requests", limit=5, window_ms=120_000, cost=1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.ms = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.ms
+
+
+async def test_refill_is_continuous_with_injected_clock() -> None:
+    clock = Clock()
+    store = MemoryStore(clock_ms=clock)
+    for _ in range(5):
+        ((r,),) = await store.check_buckets([[REQ]])
+        assert r.allowed
+    ((r,),) = await store.check_buckets([[REQ]])
+    assert not r.allowed and r.retry_ms == 24_000
+    clock.ms += 23_999
+    ((r,),) = await store.check_buckets([[REQ]])
+    assert not r.allowed and r.retry_ms == 1
+    clock.ms += 1
+    ((r,),) = await store.check_buckets([[REQ]])
+    assert r.allowed and r.remaining == 0
+    clock.ms += 10 * 120_000
+    ((r,),) = await store.check_buckets([[REQ]])
+    assert r.allowed and r.remaining == 4  # refilled to capacity, never beyond
+
+
+@pytest.mark.parametrize(
+    ("level_ms", "cost", "allowed", "remaining"),
+    [
+        pytest.param(0, 1, True, 4, id="fresh-bucket"),
+        pytest.param(0, 5, True, 0, id="whole-bucket"),
+        pytest.param(0, 6, False, 5, id="more-than-capacity"),
+    ],
+)
+def test_take(level_ms: int, cost: int, allowed: bool, remaining: int) -> None:
+    op = BucketOp(key_id="k", dimension="requests", limit=5, window_ms=60_000, cost=cost)
+    (res,), _ = evaluate([op], [None], now_ms=level_ms)
+    assert (res.allowed, res.remaining) == (allowed, remaining)
+
+
+def test_gate_denies_while_in_debt_and_debits_nothing() -> None:
+    force = BucketOp(key_id="k", dimension="tokens", limit=100, window_ms=60_000, cost=160, mode=BucketMode.FORCE)
+    (forced,), states = evaluate([force], [None], now_ms=0)
+    assert forced.remaining == 0 and states[0] is not None and states[0].tokens == -60
+    gate = BucketOp(key_id="k", dimension="tokens", limit=100, window_ms=60_000, cost=1, mode=BucketMode.GATE)
+    (res,), _ = evaluate([gate], states, now_ms=30_000)  # refilled 50: still in debt (-10)
+    assert not res.allowed and res.retry_ms == 6_600
+    (res,), after = evaluate([gate], states, now_ms=37_000)  # -60 + 61.67
+    assert res.allowed and res.debited == 0 and after[0] is not None and after[0].tokens > 1
+
+
+def test_refund_is_capped_at_capacity() -> None:
+    refund = BucketOp(key_id="k", dimension="tokens", limit=100, window_ms=60_000, cost=-500, mode=BucketMode.FORCE)
+    (res,), states = evaluate([refund], [None], now_ms=0)
+    assert res.remaining == 100 and states == [None]
+
+
+@pytest.mark.redis
+async def test_redis_refills_on_its_own_clock(redis_url: str) -> None:
+    store = RedisStore(redis_url, timeout=2.0)
+    fast = BucketOp(key_id="clock", dimension="requests", limit=10, window_ms=1_000, cost=10)
+    ((a,),) = await store.check_buckets([[fast]])
+    ((b,),) = await store.check_buckets([[fast]])
+    assert a.allowed and not b.allowed and 0 < b.retry_ms <= 1_000
+    await asyncio.sleep(b.retry_ms / 1000 + 0.05)
+    ((c,),) = await store.check_buckets([[fast]])
+    assert c.allowed
+    await store.close()
+
+
+@pytest.mark.redis
+async def test_lua_and_python_agree(redis_url: str) -> None:
+    """Same operations, same answers (windows long enough that the clocks' drift does not show)."""
+    store = RedisStore(redis_url, timeout=2.0)
+    memory = MemoryStore()
+    ops = [
+        [
+            BucketOp(key_id="a", dimension="requests", limit=3, window_ms=3_600_000, cost=1),
+            BucketOp(key_id="a", dimension="tokens", limit=50, window_ms=3_600_000, cost=1, mode=BucketMode.GATE),
+        ],
+        [
+            BucketOp(
+                key_id="a",
+                dimension="tokens",
+                limit=50,
+                window_ms=3_600_000,
+                cost=40,
+                mode=BucketMode.RESERVE,
+                min_cost=5,
+            )
+        ],
+        [BucketOp(key_id="a", dimension="tokens", limit=50, window_ms=3_600_000, cost=30, mode=BucketMode.FORCE)],
+    ] * 3
+    for group in ops:
+        (r,) = await store.check_buckets([group])
+        (m,) = await memory.check_buckets([group])
+        assert [(x.allowed, x.remaining, x.debited) for x in r] == [(x.allowed, x.remaining, x.debited) for x in m]
+    await store.close()
