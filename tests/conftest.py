@@ -9,7 +9,7 @@ import redis as sync_redis
 
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
-from tests.support.procs import RedisServer, redis_binary, redis_server
+from tests.support.procs import RedisCluster, RedisServer, redis_binary, redis_cluster, redis_server
 
 PEPPER = b"test-pepper-0123456789abcdef"
 
@@ -39,7 +39,22 @@ def redis_url(redis_session: RedisServer) -> str:
     return redis_session.url
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="session")
+def redis_cluster_session() -> Iterator[RedisCluster]:
+    with redis_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster_session: RedisCluster) -> str:
+    for node in redis_cluster_session.nodes:
+        client = sync_redis.Redis(port=node.port)
+        client.flushall()
+        client.close()
+    return redis_cluster_session.url
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[MemoryStore | RedisStore]:
     """The contract suite's store: the same tests run against both implementations."""
     if request.param == "memory":
@@ -47,7 +62,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[MemoryStore | R
         yield mem
         await mem.close()
         return
-    url = request.getfixturevalue("redis_url")
+    url = request.getfixturevalue("redis_url" if request.param == "redis" else "redis_cluster_url")
     red = RedisStore(url, timeout=2.0)
     yield red
     await red.close()

@@ -189,12 +189,8 @@ class RedisStore:
         return gen
 
     def subscribe(self) -> _RedisSubscription:
-        if self.cluster:
-            # PUBLISH is broadcast to every node of a cluster, so any one node carries the events.
-            node = self._client.get_default_node()
-            client = aioredis.Redis(host=node.host, port=node.port, retry=Retry(NoBackoff(), 0))
-        else:
-            client = aioredis.Redis.from_url(self._url, retry=Retry(NoBackoff(), 0))
+        # In a cluster PUBLISH reaches every node, so the node named in the URL carries the events too.
+        client = aioredis.Redis.from_url(self._url, retry=Retry(NoBackoff(), 0))
         return _RedisSubscription(client, timeout=self._timeout)
 
     async def check_buckets(self, groups: Sequence[Sequence[BucketOp]]) -> list[list[BucketResult]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -138,3 +139,70 @@ def redis_server(*, port: int | None = None, extra: Sequence[str] = ()) -> Itera
     finally:
         proc.stop(sig=signal.SIGKILL)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@dataclass
+class RedisCluster:
+    nodes: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    for _ in range(200):
+        port = random.randint(20000, 29999)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a redis cluster node")
+
+
+@contextlib.contextmanager
+def redis_cluster(*, size: int = 3) -> Iterator[RedisCluster]:
+    """A real Redis Cluster of ``size`` masters (no replicas) on free ports."""
+    with contextlib.ExitStack() as stack:
+        nodes = [
+            stack.enter_context(
+                redis_server(
+                    port=_cluster_port(),
+                    extra=("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{i}.conf"),
+                )
+            )
+            for i in range(size)
+        ]
+        cli = shutil.which("redis-cli") or "redis-cli"
+        subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in nodes),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            states = [
+                subprocess.run(
+                    [cli, "-p", str(n.port), "cluster", "info"], capture_output=True, text=True, timeout=5, check=False
+                ).stdout
+                for n in nodes
+            ]
+            if all("cluster_state:ok" in s for s in states):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("redis cluster did not become ok")
+            time.sleep(0.1)
+        yield RedisCluster(nodes=nodes)
