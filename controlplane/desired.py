@@ -1,0 +1,163 @@
+"""The desired records, computed from the objects the reflectors hold. Level-triggered: every computation reads
+the latest state of the objects, so the order in which changes of different objects arrive does not matter.
+
+Keys are maintained per Secret (10,000s of them: only changed Secrets are retranslated); tiers, models and routes
+are recomputed as a whole when any of their objects changed (they are few). A malformed object is reported once
+per resourceVersion and its last good translation keeps serving until it is fixed or deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
+
+from controlplane import kinds
+from controlplane.errors import TranslateError
+from controlplane.kinds import Kind, Obj, ObjKey, meta
+from controlplane.translate.httproute import translate_route
+from controlplane.translate.isvc import find_runtime, translate_isvc
+from controlplane.translate.secret import translate_secret
+from controlplane.translate.tiers import merge, parse_limits, parse_mapping
+from gateway.contract import KeyRecord, ModelRecord, RecordKind, RouteRecord, TierRecord, encode_record
+
+Lookup = Callable[[Kind], dict[ObjKey, Obj]]
+Report = Callable[[Kind, Obj, TranslateError], None]
+
+
+class Desired:
+    def __init__(
+        self,
+        *,
+        objects: Lookup,
+        report: Report,
+        pepper: bytes,
+        default_tier: str,
+        tier_configmap: str,
+        tier_limits_configmap: str,
+    ) -> None:
+        self._objects = objects
+        self._report = report
+        self._pepper = pepper
+        self._default_tier = default_tier
+        self._tier_names = (tier_configmap, tier_limits_configmap)
+        self.records: dict[RecordKind, dict[str, str]] = {k: {} for k in RecordKind}
+        self.tiers: list[TierRecord] = []
+        self._keys: dict[ObjKey, KeyRecord] = {}
+        self._owners: dict[str, set[ObjKey]] = {}
+        self._tier_dependent: set[ObjKey] = set()
+        self._last_good: dict[tuple[str, ObjKey], Any] = {}
+
+    def _translate(self, kind: Kind, key: ObjKey, obj: Obj, fn: Callable[[], Any]) -> Any:
+        try:
+            value = fn()
+        except TranslateError as exc:
+            self._report(kind, obj, exc)
+            return self._last_good.get((kind.name, key))
+        self._last_good[(kind.name, key)] = value
+        return value
+
+    def forget(self, kind: Kind, key: ObjKey) -> None:
+        self._last_good.pop((kind.name, key), None)
+
+    # --- keys ----------------------------------------------------------------------------------------------
+
+    def update_secrets(self, keys: Iterable[ObjKey]) -> set[str]:
+        """Retranslate these Secrets; returns the digests whose desired record may have changed."""
+        secrets = self._objects(kinds.SECRET)
+        touched: set[str] = set()
+        for key in keys:
+            old = self._keys.pop(key, None)
+            if old is not None:
+                touched.add(old.digest)
+                self._owners.get(old.digest, set()).discard(key)
+            self._tier_dependent.discard(key)
+            obj = secrets.get(key)
+            if obj is None:
+                self.forget(kinds.SECRET, key)
+                continue
+            result = self._translate(
+                kinds.SECRET,
+                key,
+                obj,
+                partial(translate_secret, obj, pepper=self._pepper, tiers=self.tiers, default_tier=self._default_tier),
+            )
+            if result is None:
+                continue
+            record, depends = result
+            self._keys[key] = record
+            self._owners.setdefault(record.digest, set()).add(key)
+            touched.add(record.digest)
+            if depends:
+                self._tier_dependent.add(key)
+        table = self.records[RecordKind.KEY]
+        for digest in touched:
+            owners = self._owners.get(digest)
+            if owners:
+                # Two Secrets holding the same key: the first by namespace/name wins, deterministically.
+                table[digest] = encode_record(self._keys[min(owners)])
+            else:
+                self._owners.pop(digest, None)
+                table.pop(digest, None)
+        return touched
+
+    def all_secrets(self) -> set[ObjKey]:
+        return set(self._keys) | set(self._objects(kinds.SECRET))
+
+    # --- tiers ---------------------------------------------------------------------------------------------
+
+    def update_tiers(self) -> set[ObjKey]:
+        """Recompute the tiers; returns the Secrets to retranslate because the tiers changed."""
+        mapping_name, limits_name = self._tier_names
+        mapping: list[TierRecord] | None = None
+        limits: dict[str, Any] | None = None
+        for key, obj in sorted(self._objects(kinds.CONFIGMAP).items()):
+            if key[1] == mapping_name and mapping is None:
+                mapping = self._translate(kinds.CONFIGMAP, key, obj, partial(parse_mapping, obj))
+            elif key[1] == limits_name and limits is None:
+                limits = self._translate(kinds.CONFIGMAP, key, obj, partial(parse_limits, obj))
+        tiers = merge(mapping, limits)
+        changed = tiers != self.tiers
+        self.tiers = tiers
+        self.records[RecordKind.TIER] = {t.name: encode_record(t) for t in tiers}
+        return set(self._tier_dependent) if changed else set()
+
+    # --- models and routes ---------------------------------------------------------------------------------
+
+    def update_models(self) -> None:
+        runtimes = self._objects(kinds.RUNTIME)
+        cluster_runtimes = self._objects(kinds.CLUSTER_RUNTIME)
+        models: dict[str, ModelRecord] = {}
+        by_isvc: dict[ObjKey, str] = {}
+        for key, isvc in sorted(self._objects(kinds.ISVC).items()):
+            runtime = find_runtime(isvc, runtimes=runtimes, cluster_runtimes=cluster_runtimes)
+            record = self._translate(kinds.ISVC, key, isvc, partial(translate_isvc, isvc, runtime=runtime))
+            if record is None:
+                continue
+            if record.id in models:
+                self._report(
+                    kinds.ISVC, isvc, TranslateError(f"model id {record.id!r} is already served", reason="duplicate")
+                )
+                continue
+            models[record.id] = record
+            by_isvc[key] = record.id
+        routes: dict[str, RouteRecord] = {}
+        ordered = sorted(
+            self._objects(kinds.HTTPROUTE).items(),
+            key=lambda item: (str(meta(item[1]).get("creationTimestamp") or ""), item[0]),
+        )
+        for key, route in ordered:
+            entries = self._translate(
+                kinds.HTTPROUTE, key, route, partial(translate_route, route, models_by_isvc=by_isvc)
+            )
+            for entry in entries or []:
+                if entry.model in models:
+                    routes.setdefault(entry.id, entry)
+        model_routes: dict[str, list[str]] = {}
+        for entry in routes.values():
+            model_routes.setdefault(str(entry.model), []).append(entry.id)
+        self.records[RecordKind.MODEL] = {
+            m.id: encode_record(m.model_copy(update={"routes": tuple(sorted(model_routes.get(m.id, ())))}))
+            for m in models.values()
+        }
+        self.records[RecordKind.ROUTE] = {r.id: encode_record(r) for r in routes.values()}

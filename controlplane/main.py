@@ -1,0 +1,43 @@
+"""``maas controlplane``: sync InferenceServices, runtimes, HTTPRoutes, tiers and API-key Secrets into Redis."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from controlplane.runner import ControlPlane
+from controlplane.settings import ControlPlaneSettings
+from gateway import logs
+from gateway.settings import add_flags, load
+
+log = logging.getLogger("maas.controlplane")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_flags(parser, ControlPlaneSettings)
+
+
+async def serve(settings: ControlPlaneSettings) -> int:
+    plane = ControlPlane(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await plane.start()
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await plane.stop()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load(ControlPlaneSettings, args)
+    logs.setup(fmt=settings.log_format, level=settings.log_level)
+    log.info("settings", extra={"settings": settings.redacted()})
+    if settings.key_pepper is None:
+        log.warning("DEVELOPMENT MODE: API keys are hashed with the fixed development pepper; never use in production")
+    return asyncio.run(serve(settings))

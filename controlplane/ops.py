@@ -1,0 +1,94 @@
+"""HTTP surfaces: the ops port (``/healthz``, ``/readyz``, ``/metrics``) and the main port's sync status."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from controlplane.metrics import Metrics
+from controlplane.sync import Syncer
+
+
+class Elector(Protocol):
+    def is_leader(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Parts:
+    syncer: Syncer
+    metrics: Metrics
+    elector: Elector
+    started: float
+
+
+PARTS = web.AppKey("parts", Parts)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    parts = request.app[PARTS]
+    if parts.syncer.ready.is_set():
+        return web.json_response({"status": "ready", "leader": parts.elector.is_leader()})
+    return web.json_response({"status": "syncing"}, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    parts = request.app[PARTS]
+    parts.metrics.leader.set(1 if parts.elector.is_leader() else 0)
+    body = generate_latest(parts.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def status(request: web.Request) -> web.Response:
+    parts = request.app[PARTS]
+    syncer = parts.syncer
+    body = {
+        "ready": syncer.ready.is_set(),
+        "leader": parts.elector.is_leader(),
+        "generation": syncer.generation,
+        "uptime_seconds": round(time.monotonic() - parts.started, 3),
+        "objects": {name: sum(len(r.items) for r in rs) for name, rs in syncer.reflectors.items()},
+        "records": {kind.value: len(table) for kind, table in syncer.desired.records.items()},
+        "streams": {
+            r.stream.name: {"synced": r.synced.is_set(), "objects": len(r.items)}
+            for rs in syncer.reflectors.values()
+            for r in rs
+        },
+    }
+    return web.json_response(body, dumps=lambda v: json.dumps(v, sort_keys=True))
+
+
+@web.middleware
+async def _not_found(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        error = {"message": f"no such endpoint: {request.path}", "type": "invalid_request_error", "code": "not_found"}
+        return web.json_response({"error": {**error, "param": None}}, status=404)
+
+
+def ops_app(parts: Parts) -> web.Application:
+    app = web.Application()
+    app[PARTS] = parts
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def main_app(parts: Parts) -> web.Application:
+    app = web.Application(middlewares=[_not_found])
+    app[PARTS] = parts
+    app.router.add_get("/v1/sync", status)
+    return app

@@ -1,0 +1,138 @@
+"""The control plane process: a store, a source, one reflector per stream, the sync loop, leader election and
+the HTTP ports, as named tasks whose failures are logged. Used by ``maas controlplane`` and by tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from controlplane import kinds
+from controlplane.leader import AlwaysLeader, LeaseElector
+from controlplane.metrics import Metrics
+from controlplane.ops import Parts, main_app, ops_app
+from controlplane.reflector import Reflector
+from controlplane.settings import ControlPlaneSettings
+from controlplane.sources import Source, Stream, open_source
+from controlplane.sources.directory import DirSource
+from controlplane.sources.kube import KubeSource
+from controlplane.sync import Syncer
+from controlplane.tasks import spawn
+from gateway.errors import ConfigError
+from gateway.store import Store, open_store
+
+log = logging.getLogger("maas.controlplane")
+
+
+def streams(settings: ControlPlaneSettings) -> list[Stream]:
+    namespaces: tuple[str | None, ...] = settings.namespace_list or (None,)
+    out: list[Stream] = []
+    for ns in namespaces:
+        out += [Stream(kinds.SECRET, ns, label_selector=sel) for sel in settings.selector_list]
+        for name in dict.fromkeys((settings.tier_configmap, settings.tier_limits_configmap)):
+            out.append(Stream(kinds.CONFIGMAP, ns, field_selector=f"metadata.name={name}"))
+        out += [Stream(kinds.ISVC, ns), Stream(kinds.RUNTIME, ns), Stream(kinds.HTTPROUTE, ns)]
+    out.append(Stream(kinds.CLUSTER_RUNTIME))
+    return out
+
+
+class ControlPlane:
+    def __init__(
+        self, settings: ControlPlaneSettings, *, store: Store | None = None, source: Source | None = None
+    ) -> None:
+        if settings.directory is not None and settings.leader_election:
+            raise ConfigError("--leader-election needs --source kubernetes (a Lease lives in the API server)")
+        self.settings = settings
+        self.metrics = Metrics()
+        self.store = store
+        self.source = source
+        self.syncer: Syncer | None = None
+        self.elector: LeaseElector | AlwaysLeader = AlwaysLeader()
+        self.ports: dict[str, int] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._runners: list[web.AppRunner] = []
+
+    async def start(self) -> None:
+        settings = self.settings
+        self.store = self.store or open_store(settings.redis_url, timeout=max(settings.store_timeout, 2.0))
+        self.source = self.source or await open_source(settings)
+        if settings.elect:
+            if not isinstance(self.source, KubeSource):
+                raise ConfigError("leader election needs the kubernetes source")
+            self.elector = LeaseElector(
+                client=self.source,
+                name=settings.lease_name,
+                namespace=settings.lease_namespace,
+                identity=settings.holder_identity,
+                lease_duration=settings.lease_duration,
+                renew_deadline=settings.renew_deadline,
+                retry_period=settings.retry_period,
+                on_change=self._leadership,
+            )
+        syncer = self.syncer = Syncer(
+            store=self.store,
+            source=self.source,
+            metrics=self.metrics,
+            is_leader=self.elector.is_leader,
+            resync_period=settings.resync_period,
+            pepper=settings.pepper,
+            default_tier=settings.default_tier,
+            tier_configmap=settings.tier_configmap,
+            tier_limits_configmap=settings.tier_limits_configmap,
+        )
+        if isinstance(self.source, DirSource):
+            self.source.on_bad_file = self._bad_file
+        for stream in streams(settings):
+            reflector = Reflector(
+                source=self.source,
+                stream=stream,
+                on_change=syncer.on_change,
+                metrics=self.metrics,
+                backoff_max=settings.backoff_max,
+            )
+            syncer.add(reflector)
+            self._tasks.append(spawn(reflector.run(), name=f"watch:{stream.name}", log=log))
+        self._tasks.append(spawn(self.elector.run(), name="leader-election", log=log))
+        self._tasks.append(spawn(syncer.run(), name="sync", log=log))
+        parts = Parts(syncer=syncer, metrics=self.metrics, elector=self.elector, started=time.monotonic())
+        self.ports["ops"] = await self._serve(ops_app(parts), settings.ops_port)
+        self.ports["main"] = await self._serve(main_app(parts), settings.port)
+        log.info("control plane started", extra={"ports": self.ports, "source": settings.source})
+
+    async def _serve(self, app: web.Application, port: int) -> int:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.host, port)
+        await site.start()
+        self._runners.append(runner)
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        return int(sockets[0].getsockname()[1]) if sockets else port
+
+    def _leadership(self, leading: bool) -> None:
+        self.metrics.leader.set(1 if leading else 0)
+        if leading and self.syncer is not None:
+            self.syncer.request_full()
+
+    def _bad_file(self, path: object, message: str) -> None:
+        self.metrics.skipped.labels(kind="File", reason="invalid_yaml").inc()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self.elector.release()
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        if self.source is not None:
+            await self.source.close()
+        if self.store is not None:
+            await self.store.close()

@@ -1,0 +1,79 @@
+"""Settings of ``maas controlplane``: every field is a ``--flag`` and a ``MAAS_*`` environment variable."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from pydantic import Field, field_validator
+
+from controlplane.selectors import split_union
+from gateway.settings import CommonSettings, split_csv
+
+DEFAULT_SECRET_SELECTORS = (
+    "authorino.kuadrant.io/managed-by=authorino;kuadrant.io/auth-secret=true;app=llm-gateway;maas.io/api-key=true"
+)
+
+
+class ControlPlaneSettings(CommonSettings):
+    port: int = Field(8700, ge=0, le=65535, description="main port (sync status API)")
+    ops_port: int = Field(9700, ge=0, le=65535, description="ops port: /healthz, /readyz, /metrics")
+    source: str = Field("kubernetes", description="where objects come from: 'kubernetes' or 'dir:PATH'")
+    kubeconfig: str | None = Field(None, description="kubeconfig file (default: in-cluster, else ~/.kube/config)")
+    namespaces: str = Field("", description="comma-separated namespaces to watch (empty: all namespaces)")
+    resync_period: float = Field(300.0, gt=0, description="seconds between full resyncs against Redis")
+    secret_selectors: str = Field(
+        DEFAULT_SECRET_SELECTORS,
+        description="label selectors of API-key Secrets, ';'-separated; a Secret matching any one is a key",
+    )
+    tier_configmap: str = Field("tier-to-group-mapping", description="name of the tier mapping ConfigMap")
+    tier_limits_configmap: str = Field("maas-tier-limits", description="name of the tier limits ConfigMap")
+    default_tier: str = Field("free", description="tier of a key whose groups match no tier")
+    leader_election: bool | None = Field(
+        None, description="elect a leader with a Lease before writing (default: on with --source kubernetes)"
+    )
+    lease_name: str = Field("maas-controlplane", description="name of the leader-election Lease")
+    lease_namespace: str = Field("default", description="namespace of the leader-election Lease")
+    lease_duration: float = Field(15.0, gt=0, description="seconds a lease is valid without renewal")
+    renew_deadline: float = Field(10.0, gt=0, description="seconds the leader keeps trying to renew before it stops")
+    retry_period: float = Field(2.0, gt=0, description="seconds between lease acquire/renew attempts")
+    identity: str = Field("", description="leader-election identity (default: hostname-pid)")
+    watch_timeout: int = Field(290, ge=1, description="server-side watch timeout, seconds (dead connections)")
+    backoff_max: float = Field(30.0, gt=0, description="cap of the reconnect backoff, seconds")
+    dir_poll_interval: float = Field(1.0, gt=0, description="seconds between directory scans with --source dir:")
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        if value != "kubernetes" and not (value.startswith("dir:") and len(value) > 4):
+            raise ValueError("must be 'kubernetes' or 'dir:PATH'")
+        return value
+
+    @field_validator("secret_selectors")
+    @classmethod
+    def _check_selectors(cls, value: str) -> str:
+        if not split_union(value):
+            raise ValueError("at least one selector is required")
+        return value
+
+    @property
+    def namespace_list(self) -> tuple[str, ...]:
+        return split_csv(self.namespaces)
+
+    @property
+    def selector_list(self) -> tuple[str, ...]:
+        return split_union(self.secret_selectors)
+
+    @property
+    def directory(self) -> str | None:
+        return self.source[4:] if self.source.startswith("dir:") else None
+
+    @property
+    def elect(self) -> bool:
+        if self.leader_election is None:
+            return self.directory is None
+        return self.leader_election
+
+    @property
+    def holder_identity(self) -> str:
+        return self.identity or f"{socket.gethostname()}-{os.getpid()}"

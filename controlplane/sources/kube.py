@@ -1,0 +1,254 @@
+"""The ``kubernetes`` source: kubernetes-asyncio's ApiClient (in-cluster config or a kubeconfig) speaking the
+list/watch protocol directly, so objects stay plain dicts exactly as the API server sends them.
+
+Only this module catches aiohttp's and kubernetes-asyncio's exceptions; they leave it as ``SourceError``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Any, Self
+
+import aiohttp
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config as k8s_config
+
+from controlplane.errors import ConflictError, GoneError, NotFoundError, SourceError
+from controlplane.kinds import EVENT, Kind, Obj, key_of, kind_of, meta
+from controlplane.sources.base import Listing, Stream, WatchEvent
+
+log = logging.getLogger("maas.controlplane.kube")
+
+PAGE_SIZE = 500
+REQUEST_TIMEOUT = 30.0
+COMPONENT = "maas-controlplane"
+
+
+def micro_time(epoch: float | None = None) -> str:
+    moment = datetime.fromtimestamp(time.time() if epoch is None else epoch, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class KubeSource:
+    def __init__(self, api: k8s.ApiClient, *, watch_timeout: int = 290) -> None:
+        self._api = api
+        self._watch_timeout = watch_timeout
+
+    @classmethod
+    async def connect(cls, *, kubeconfig: str | None = None, watch_timeout: int = 290) -> Self:
+        try:
+            if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+                configuration = k8s.Configuration()
+                k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+                api = k8s.ApiClient(configuration)
+            else:
+                api = await k8s_config.new_client_from_config(config_file=kubeconfig)
+        except (k8s_config.ConfigException, OSError, ValueError) as exc:
+            raise SourceError(f"cannot load Kubernetes configuration: {exc}") from exc
+        return cls(api, watch_timeout=watch_timeout)
+
+    async def close(self) -> None:
+        await self._api.close()
+
+    async def _open(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Sequence[tuple[str, str]] = (),
+        body: Obj | None = None,
+        limit: aiohttp.ClientTimeout | float = REQUEST_TIMEOUT,
+    ) -> aiohttp.ClientResponse:
+        try:
+            response: aiohttp.ClientResponse = await self._api.call_api(
+                path,
+                method,
+                query_params=list(query),
+                header_params={"Accept": "application/json", "Content-Type": "application/json"},
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=limit,
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise SourceError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+        return response
+
+    async def _call(
+        self, method: str, path: str, *, query: Sequence[tuple[str, str]] = (), body: Obj | None = None
+    ) -> Obj:
+        response = await self._open(method, path, query=query, body=body)
+        try:
+            async with response:
+                text = await response.text()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise SourceError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+        _raise_for_status(response.status, text, what=f"{method} {path}")
+        try:
+            value = json.loads(text) if text else {}
+        except ValueError as exc:
+            raise SourceError(f"{method} {path}: response is not JSON") from exc
+        return value if isinstance(value, dict) else {}
+
+    async def list(self, stream: Stream) -> Listing:
+        items: list[Obj] = []
+        token = ""
+        while True:
+            query = [*_selectors(stream), ("limit", str(PAGE_SIZE))]
+            if token:
+                query.append(("continue", token))
+            page = await self._call("GET", stream.kind.base_path(stream.namespace), query=query)
+            for item in page.get("items") or []:
+                item.setdefault("kind", stream.kind.name)
+                item.setdefault("apiVersion", stream.kind.api_version)
+                items.append(item)
+            list_meta = page.get("metadata") or {}
+            token = str(list_meta.get("continue") or "")
+            if not token:
+                return Listing(items=items, resource_version=str(list_meta.get("resourceVersion") or ""))
+
+    async def watch(self, stream: Stream, *, resource_version: str) -> AsyncIterator[WatchEvent]:
+        query = [
+            *_selectors(stream),
+            ("watch", "true"),
+            ("resourceVersion", resource_version),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", str(self._watch_timeout)),
+        ]
+        # The server ends the watch after timeoutSeconds; a connection that stays silent longer is dead.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=REQUEST_TIMEOUT, sock_read=self._watch_timeout + 30)
+        response = await self._open("GET", stream.kind.base_path(stream.namespace), query=query, limit=timeout)
+        async with response:
+            if response.status != 200:
+                _raise_for_status(response.status, await _safe_text(response), what=f"watch {stream.name}")
+            try:
+                async for line in response.content:
+                    if line.strip():
+                        yield _event(line, stream)
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+                raise SourceError(f"watch {stream.name} broke: {type(exc).__name__}: {exc}") from exc
+
+    async def get(self, kind: Kind, namespace: str, name: str) -> Obj | None:
+        try:
+            return await self._call("GET", f"{kind.base_path(namespace)}/{name}")
+        except NotFoundError:
+            return None
+
+    async def create(self, obj: Obj) -> Obj:
+        kind = _kind(obj)
+        namespace, _ = key_of(obj)
+        return await self._call("POST", kind.base_path(namespace), body=obj)
+
+    async def replace(self, obj: Obj) -> Obj:
+        kind = _kind(obj)
+        namespace, name = key_of(obj)
+        return await self._call("PUT", f"{kind.base_path(namespace)}/{name}", body=obj)
+
+    async def apply(self, obj: Obj) -> Obj:
+        kind = _kind(obj)
+        namespace, name = key_of(obj)
+        for _ in range(5):
+            current = await self.get(kind, namespace, name)
+            try:
+                if current is None:
+                    return await self.create(obj)
+                body = {**obj, "metadata": {**meta(obj), "resourceVersion": meta(current).get("resourceVersion")}}
+                return await self.replace(body)
+            except ConflictError:
+                continue
+        raise ConflictError(f"{kind.name} {namespace}/{name} kept changing while being applied")
+
+    async def delete(self, kind: Kind, namespace: str, name: str) -> bool:
+        try:
+            await self._call("DELETE", f"{kind.base_path(namespace)}/{name}")
+        except NotFoundError:
+            return False
+        return True
+
+    async def report(self, obj: Obj, *, reason: str, message: str) -> None:
+        namespace, name = key_of(obj)
+        namespace = namespace or "default"
+        now = micro_time()
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{name}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion", ""),
+                "kind": obj.get("kind", ""),
+                "name": name,
+                "namespace": key_of(obj)[0],
+                "uid": meta(obj).get("uid", ""),
+                "resourceVersion": meta(obj).get("resourceVersion", ""),
+            },
+            "reason": reason,
+            "message": message[:1000],
+            "type": "Warning",
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+            "reportingInstance": COMPONENT,
+            "firstTimestamp": now[:19] + "Z",
+            "lastTimestamp": now[:19] + "Z",
+            "count": 1,
+        }
+        await self._call("POST", EVENT.base_path(namespace), body=event)
+
+
+def _kind(obj: Obj) -> Kind:
+    kind = kind_of(obj)
+    if kind is None:
+        raise SourceError(f"unsupported object kind {obj.get('apiVersion')}/{obj.get('kind')}")
+    return kind
+
+
+def _selectors(stream: Stream) -> list[tuple[str, str]]:
+    query = []
+    if stream.label_selector:
+        query.append(("labelSelector", stream.label_selector))
+    if stream.field_selector:
+        query.append(("fieldSelector", stream.field_selector))
+    return query
+
+
+async def _safe_text(response: aiohttp.ClientResponse) -> str:
+    try:
+        return await response.text()
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return ""
+
+
+def _raise_for_status(status: int, text: str, *, what: str) -> None:
+    if 200 <= status < 300:
+        return
+    message = f"{what}: HTTP {status}: {text[:300]}"
+    if status == 410:
+        raise GoneError(message)
+    if status == 409:
+        raise ConflictError(message)
+    if status == 404:
+        raise NotFoundError(message)
+    raise SourceError(message)
+
+
+def _event(line: bytes, stream: Stream) -> WatchEvent:
+    try:
+        data: dict[str, Any] = json.loads(line)
+    except ValueError as exc:
+        raise SourceError(f"watch {stream.name}: undecodable event") from exc
+    kind = data.get("type")
+    obj = data.get("object") if isinstance(data.get("object"), dict) else {}
+    assert isinstance(obj, dict)
+    if kind == "ERROR":
+        code = obj.get("code")
+        message = f"watch {stream.name}: {obj.get('reason', '')} {obj.get('message', '')}".strip()
+        raise GoneError(message) if code == 410 else SourceError(message)
+    if kind not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK"):
+        raise SourceError(f"watch {stream.name}: unknown event type {kind!r}")
+    obj.setdefault("kind", stream.kind.name)
+    obj.setdefault("apiVersion", stream.kind.api_version)
+    return WatchEvent(type=kind, obj=obj, resource_version=str(meta(obj).get("resourceVersion") or ""))

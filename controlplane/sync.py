@@ -1,0 +1,241 @@
+"""The sync loop: keeps Redis equal to the desired records, writing only what differs.
+
+Changes from the reflectors mark Secrets, tiers or models dirty and wake the loop; the loop recomputes the
+desired records for what is dirty, diffs them against its mirror of Redis, and writes the differences in one
+``store.apply`` (pipelined in chunks by the store; each chunk bumps the generation and publishes a change event).
+Changes that arrive while a write is in flight are batched into the next one; each object's latest state wins.
+
+A full sync (at start, every ``resync_period``, after a store error, and on becoming leader) reloads the mirror
+from Redis and diffs every record, so records whose objects are gone, or that someone else changed, are fixed.
+Only the leader writes; followers keep the desired records warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from controlplane import kinds
+from controlplane.desired import Desired
+from controlplane.errors import SourceError, TranslateError
+from controlplane.kinds import Kind, Obj, ObjKey, key_of, meta
+from controlplane.metrics import Metrics
+from controlplane.reflector import Backoff, Reflector
+from controlplane.sources.base import Source
+from controlplane.tasks import spawn
+from gateway.contract import Change, RecordKind
+from gateway.errors import StoreError
+from gateway.store import Store
+
+log = logging.getLogger("maas.controlplane.sync")
+
+MODEL_KINDS = frozenset({kinds.ISVC.name, kinds.RUNTIME.name, kinds.CLUSTER_RUNTIME.name, kinds.HTTPROUTE.name})
+REPORTED_CAP = 50_000
+
+
+class Syncer:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        source: Source,
+        metrics: Metrics,
+        is_leader: Callable[[], bool],
+        resync_period: float,
+        pepper: bytes,
+        default_tier: str = "free",
+        tier_configmap: str = "tier-to-group-mapping",
+        tier_limits_configmap: str = "maas-tier-limits",
+    ) -> None:
+        self._store = store
+        self._source = source
+        self._metrics = metrics
+        self._is_leader = is_leader
+        self._resync_period = resync_period
+        self.reflectors: dict[str, list[Reflector]] = {}
+        self.desired = Desired(
+            objects=self.objects,
+            report=self.report,
+            pepper=pepper,
+            default_tier=default_tier,
+            tier_configmap=tier_configmap,
+            tier_limits_configmap=tier_limits_configmap,
+        )
+        self.ready = asyncio.Event()
+        self.generation = 0
+        self._mirror: dict[RecordKind, dict[str, str]] | None = None
+        self._dirty_secrets: set[ObjKey] = set()
+        self._tiers_dirty = True
+        self._models_dirty = True
+        self._full_due = True
+        self._touched: dict[RecordKind, set[str]] = {k: set() for k in RecordKind}
+        self._pending_since: float | None = None
+        self._wake = asyncio.Event()
+        self._reported: set[tuple[str, ObjKey, str, str]] = set()
+
+    # --- inputs --------------------------------------------------------------------------------------------
+
+    def add(self, reflector: Reflector) -> None:
+        self.reflectors.setdefault(reflector.stream.kind.name, []).append(reflector)
+
+    def objects(self, kind: Kind) -> dict[ObjKey, Obj]:
+        """The union of what every reflector of this kind holds (a Secret may match several selectors)."""
+        streams = self.reflectors.get(kind.name, [])
+        if len(streams) == 1:
+            return streams[0].items
+        merged: dict[ObjKey, Obj] = {}
+        for reflector in streams:
+            for key, obj in reflector.items.items():
+                merged.setdefault(key, obj)
+        return merged
+
+    def on_change(self, kind: Kind, key: ObjKey, event_type: str) -> None:
+        if kind.name == kinds.SECRET.name:
+            self._dirty_secrets.add(key)
+        elif kind.name == kinds.CONFIGMAP.name:
+            self._tiers_dirty = True
+        elif kind.name in MODEL_KINDS:
+            self._models_dirty = True
+        if event_type == "DELETED":
+            self.desired.forget(kind, key)
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
+        self._wake.set()
+
+    def request_full(self) -> None:
+        self._full_due = True
+        self._wake.set()
+
+    def report(self, kind: Kind, obj: Obj, error: TranslateError) -> None:
+        """A malformed object: a warning log, a metric, a Kubernetes Event (leader only), once per version."""
+        key = key_of(obj)
+        ident = (kind.name, key, str(meta(obj).get("resourceVersion") or ""), error.reason)
+        if ident in self._reported:
+            return
+        if len(self._reported) > REPORTED_CAP:
+            self._reported.clear()
+        self._reported.add(ident)
+        self._metrics.skipped.labels(kind=kind.name, reason=error.reason).inc()
+        log.warning(
+            "skipping %s %s: %s", kind.name, "/".join(p for p in key if p), error, extra={"reason": error.reason}
+        )
+        if self._is_leader():
+            spawn(self._emit(obj, error), name=f"event-{kind.name}-{key[0]}-{key[1]}", log=log)
+
+    async def _emit(self, obj: Obj, error: TranslateError) -> None:
+        try:
+            await self._source.report(obj, reason=f"MaasSkipped{_camel(error.reason)}", message=str(error))
+        except SourceError as exc:
+            log.warning("cannot record a Kubernetes Event for %s: %s", key_of(obj), exc)
+
+    # --- the loop ------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await asyncio.gather(*(r.synced.wait() for streams in self.reflectors.values() for r in streams))
+        backoff = Backoff(base=0.1, cap=5.0)
+        next_full = time.monotonic()
+        while True:
+            timeout = max(0.0, next_full - time.monotonic())
+            if not self._wake.is_set():
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+                except TimeoutError:
+                    self._full_due = True
+            self._wake.clear()
+            full = self._full_due or time.monotonic() >= next_full
+            try:
+                await self._reconcile(full=full)
+            except StoreError as exc:
+                self._metrics.write_errors.inc()
+                delay = backoff.next()
+                log.warning("store write failed: %s; full sync in %.2fs", exc, delay)
+                self._mirror = None
+                self._full_due = True
+                self._wake.set()
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            if full:
+                next_full = time.monotonic() + self._resync_period
+
+    def _update_desired(self, *, full: bool) -> None:
+        if self._tiers_dirty or full:
+            self._tiers_dirty = False
+            self._dirty_secrets |= self.desired.update_tiers()
+            self._touched[RecordKind.TIER].update(self.desired.records[RecordKind.TIER])
+        if full:
+            self._dirty_secrets |= self.desired.all_secrets()
+        if self._dirty_secrets:
+            dirty, self._dirty_secrets = self._dirty_secrets, set()
+            self._touched[RecordKind.KEY] |= self.desired.update_secrets(dirty)
+        if self._models_dirty or full:
+            self._models_dirty = False
+            self.desired.update_models()
+        for kind in RecordKind:
+            self._metrics.records.labels(kind=kind.value).set(len(self.desired.records[kind]))
+        for name, streams in self.reflectors.items():
+            self._metrics.objects.labels(kind=name).set(sum(len(r.items) for r in streams))
+
+    async def _load_mirror(self) -> dict[RecordKind, dict[str, str]]:
+        mirror: dict[RecordKind, dict[str, str]] = {}
+        for kind in RecordKind:
+            table: dict[str, str] = {}
+            async for batch in self._store.scan_records(kind):
+                table.update((ident, value.decode()) for ident, value in batch)
+            mirror[kind] = table
+        return mirror
+
+    def _diff(self, mirror: dict[RecordKind, dict[str, str]], *, full: bool) -> list[Change]:
+        changes: list[Change] = []
+        for kind in RecordKind:
+            want = self.desired.records[kind]
+            have = mirror[kind]
+            # Tiers, models and routes are small and recomputed whole: always diff them in full.
+            idents = set(want) | set(have) if full or kind is not RecordKind.KEY else self._touched[kind]
+            for ident in sorted(idents):
+                value = want.get(ident)
+                if value != have.get(ident):
+                    changes.append(Change(kind=kind, id=ident, value=value))
+        return changes
+
+    async def _reconcile(self, *, full: bool) -> None:
+        self._full_due = False
+        self._update_desired(full=full)
+        if not self._is_leader():
+            self._mirror = None
+            self._touched = {k: set() for k in RecordKind}
+            self._pending_since = None
+            self.ready.set()
+            return
+        if full or self._mirror is None:
+            self._mirror = await self._load_mirror()
+            full = True
+        changes = self._diff(self._mirror, full=full)
+        if changes and self._is_leader():
+            self.generation = await self._store.apply(changes)
+            for change in changes:
+                table = self._mirror[change.kind]
+                if change.value is None:
+                    table.pop(change.id, None)
+                else:
+                    table[change.id] = change.value
+            puts = sum(1 for c in changes if c.value is not None)
+            self._metrics.writes.labels(op="put").inc(puts)
+            self._metrics.writes.labels(op="delete").inc(len(changes) - puts)
+            log.info("wrote %d record changes (generation %d)", len(changes), self.generation)
+        self._touched = {k: set() for k in RecordKind}
+        if self._pending_since is not None:
+            self._metrics.sync_lag.observe(time.monotonic() - self._pending_since)
+            self._pending_since = None
+        if full:
+            self._metrics.last_full_sync.set(time.time())
+            self._metrics.full_syncs.inc()
+            if not self.ready.is_set():
+                log.info("first full sync done: %s", {k.value: len(v) for k, v in self.desired.records.items()})
+            self.ready.set()
+
+
+def _camel(reason: str) -> str:
+    return "".join(part.capitalize() for part in reason.split("_"))

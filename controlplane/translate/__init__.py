@@ -1,0 +1,1 @@
+"""Translators: pure functions from cluster objects (plain dicts) to contract records. No I/O, no clock."""

@@ -1,0 +1,142 @@
+"""InferenceService (+ its ServingRuntime / ClusterServingRuntime) -> ModelRecord.
+
+The model id is the name vLLM serves: ``--served-model-name`` in the predictor's args, else in the runtime's args
+(after expanding ``{{.Name}}`` to the ISVC name), else the ISVC name. An ISVC without status has not been seen
+by KServe yet: it is reported and skipped until KServe writes one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from controlplane.errors import TranslateError
+from controlplane.kinds import Obj, ObjKey, annotations_of, key_of
+from controlplane.translate.common import as_dict, as_list, spec
+from gateway.contract import ModelRecord
+
+DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode"
+GPU = "nvidia.com/gpu"
+_TEMPLATE = re.compile(r"\{\{\s*\.Name\s*\}\}")
+
+
+def _arg_value(args: Sequence[str], flag: str) -> str | None:
+    """Value of ``--flag=value`` or ``--flag value`` (the last occurrence wins, as in argparse)."""
+    found: str | None = None
+    for index, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            found = arg[len(flag) + 1 :]
+        elif arg == flag and index + 1 < len(args):
+            found = args[index + 1]
+    return found
+
+
+def _container_args(container: Mapping[str, Any], name: str) -> list[str]:
+    words = [str(a) for a in (*as_list(container.get("command")), *as_list(container.get("args")))]
+    return [_TEMPLATE.sub(name, w) for w in words]
+
+
+def _runtime_container(runtime: Obj | None) -> dict[str, Any]:
+    if runtime is None:
+        return {}
+    containers = [as_dict(c) for c in as_list(spec(runtime).get("containers"))]
+    for container in containers:
+        if container.get("name") == "kserve-container":
+            return container
+    return containers[0] if containers else {}
+
+
+def find_runtime(isvc: Obj, *, runtimes: Mapping[ObjKey, Obj], cluster_runtimes: Mapping[ObjKey, Obj]) -> Obj | None:
+    """The ServingRuntime the ISVC names (its namespace first, then cluster-wide), or, when it names none, the
+    first runtime that auto-selects its model format."""
+    namespace, _ = key_of(isvc)
+    model = as_dict(as_dict(spec(isvc).get("predictor")).get("model"))
+    wanted = model.get("runtime")
+    if wanted:
+        return runtimes.get((namespace, str(wanted))) or cluster_runtimes.get(("", str(wanted)))
+    fmt = str(as_dict(model.get("modelFormat")).get("name", "")).lower()
+    candidates = [r for k, r in sorted(runtimes.items()) if k[0] == namespace] + [
+        r for _, r in sorted(cluster_runtimes.items())
+    ]
+    for runtime in candidates:
+        for supported in as_list(spec(runtime).get("supportedModelFormats")):
+            entry = as_dict(supported)
+            if str(entry.get("name", "")).lower() == fmt and entry.get("autoSelect"):
+                return runtime
+    return None
+
+
+def _gpus(resources: Mapping[str, Any]) -> int:
+    best = 0
+    for section in ("limits", "requests"):
+        value = as_dict(resources.get(section)).get(GPU)
+        if value is not None:
+            try:
+                best = max(best, int(str(value)))
+            except ValueError as exc:
+                raise TranslateError(f"{GPU} is not an integer: {value!r}", reason="invalid_spec") from exc
+    return best
+
+
+def _condition(status: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
+    for cond in as_list(status.get("conditions")):
+        if as_dict(cond).get("type") == kind:
+            return as_dict(cond)
+    return None
+
+
+def _readiness(status: Mapping[str, Any]) -> tuple[bool, str]:
+    ready = _condition(status, "Ready") or _condition(status, "PredictorReady")
+    if ready is None:
+        return False, "no Ready condition"
+    if str(ready.get("status")) == "True":
+        return True, ""
+    return False, str(ready.get("reason") or ready.get("message") or "not ready")
+
+
+def _optional_int(value: Any, *, what: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(str(value))
+    except ValueError as exc:
+        raise TranslateError(f"{what} is not an integer: {value!r}", reason="invalid_spec") from exc
+
+
+def translate_isvc(isvc: Obj, *, runtime: Obj | None) -> ModelRecord:
+    namespace, name = key_of(isvc)
+    if not name:
+        raise TranslateError("InferenceService has no name", reason="invalid_spec")
+    predictor = as_dict(spec(isvc).get("predictor"))
+    if not predictor:
+        raise TranslateError("InferenceService has no spec.predictor", reason="invalid_spec")
+    status = isvc.get("status")
+    if not isinstance(status, dict) or not status:
+        raise TranslateError("InferenceService has no status yet", reason="no_status")
+    model = as_dict(predictor.get("model"))
+    rt_container = _runtime_container(runtime)
+    args = _container_args(rt_container, name) + _container_args(model, name)
+    served = _arg_value(args, "--served-model-name")
+    ready, reason = _readiness(status)
+    url = as_dict(status.get("address")).get("url") or status.get("url")
+    resources = as_dict(model.get("resources")) or as_dict(rt_container.get("resources"))
+    runtime_name = model.get("runtime") or (key_of(runtime)[1] if runtime is not None else None)
+    max_len = _arg_value(args, "--max-model-len")
+    return ModelRecord(
+        id=(served or name).split()[0] if (served or name).strip() else name,
+        namespace=namespace,
+        ready=ready,
+        reason=reason,
+        url=str(url) if url else None,
+        runtime=str(runtime_name) if runtime_name else None,
+        image=str(model.get("image") or rt_container.get("image") or "") or None,
+        model_format=str(as_dict(model.get("modelFormat")).get("name") or "") or None,
+        storage_uri=str(model.get("storageUri") or predictor.get("storageUri") or "") or None,
+        gpus=_gpus(resources),
+        min_replicas=_optional_int(predictor.get("minReplicas"), what="minReplicas"),
+        max_replicas=_optional_int(predictor.get("maxReplicas"), what="maxReplicas"),
+        max_model_len=_optional_int(max_len, what="--max-model-len"),
+        deployment_mode=annotations_of(isvc).get(DEPLOYMENT_MODE),
+        isvc=f"{namespace}/{name}",
+    )

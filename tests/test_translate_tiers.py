@@ -1,0 +1,93 @@
+"""Tier ConfigMaps -> TierRecords, table-tested."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from controlplane.errors import TranslateError
+from controlplane.translate.tiers import merge, parse_limits, parse_mapping
+from gateway.contract import DEFAULT_TIERS, Limit
+
+SEED = Path(__file__).parent / "fixtures" / "seed"
+MAPPING: dict[str, Any] = yaml.safe_load((SEED / "tier-to-group-mapping.yaml").read_text())
+LIMITS: dict[str, Any] = yaml.safe_load((SEED / "maas-tier-limits.yaml").read_text())
+
+
+def _cm(key: str, text: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": "llm"}, "data": {key: text}}
+
+
+def test_seed_mapping_and_limits_equal_the_builtin_limits() -> None:
+    tiers = merge(parse_mapping(MAPPING), parse_limits(LIMITS))
+    assert [(t.name, t.level, t.groups) for t in tiers] == [
+        ("free", 0, ("free", "system:authenticated")),
+        ("premium", 1, ("premium",)),
+        ("enterprise", 2, ("enterprise", "admin")),
+    ]
+    assert [t.limits for t in tiers] == [t.limits for t in DEFAULT_TIERS]
+    assert tiers[2].display_name == "Enterprise Tier"
+
+
+@pytest.mark.parametrize(
+    ("mapping", "limits", "expected"),
+    [
+        pytest.param(None, None, [(t.name, t.limits.requests) for t in DEFAULT_TIERS], id="builtin-defaults"),
+        pytest.param(
+            None,
+            "free: {requests: {limit: 1, window: 10s}}",
+            [
+                ("free", Limit(limit=1, window="10s")),
+                ("premium", DEFAULT_TIERS[1].limits.requests),
+                ("enterprise", DEFAULT_TIERS[2].limits.requests),
+            ],
+            id="limits-override-builtin",
+        ),
+        pytest.param(
+            "- {name: gold, level: 5, groups: [vip]}\n- {name: free, level: 0, groups: [free]}",
+            "gold: {requests: {limit: 99, window: 1m}, models: [qwen3]}",
+            [("free", DEFAULT_TIERS[0].limits.requests), ("gold", Limit(limit=99, window="1m"))],
+            id="custom-tier",
+        ),
+        pytest.param("- {name: silver, level: 1}", None, [("silver", None)], id="custom-tier-without-limits"),
+    ],
+)
+def test_merge(mapping: str | None, limits: str | None, expected: list[tuple[str, Limit | None]]) -> None:
+    tiers = merge(
+        parse_mapping(_cm("tiers", mapping)) if mapping is not None else None,
+        parse_limits(_cm("limits", limits)) if limits is not None else None,
+    )
+    assert [(t.name, t.limits.requests) for t in tiers] == expected
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "reason"),
+    [
+        pytest.param("tiers", "- name: free\n  groups: [a\n", "invalid_yaml", id="broken-yaml"),
+        pytest.param("tiers", "name: free", "invalid_tiers", id="not-a-list"),
+        pytest.param("tiers", "- {level: 1}", "invalid_tiers", id="no-name"),
+        pytest.param("tiers", "- {name: a, level: high}", "invalid_tiers", id="bad-level"),
+        pytest.param("other", "[]", "missing_data", id="missing-key"),
+    ],
+)
+def test_bad_mapping(key: str, text: str, reason: str) -> None:
+    with pytest.raises(TranslateError) as info:
+        parse_mapping(_cm(key, text))
+    assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("[1, 2]", id="not-a-mapping"),
+        pytest.param("free: {requests: {limit: 5, window: forever}}", id="bad-window"),
+        pytest.param("free: {requests: {limit: -1, window: 1m}}", id="negative-limit"),
+        pytest.param("free: {requests: {limit: [", id="broken-yaml"),
+    ],
+)
+def test_bad_limits(text: str) -> None:
+    with pytest.raises(TranslateError):
+        parse_limits(_cm("limits", text))
