@@ -1,0 +1,115 @@
+"""Assembling the meter: the proxy app, the ops app (``/healthz``, ``/readyz``, ``/metrics``) and their lifecycle."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.meter.estimate import Estimator
+from gateway.meter.metrics import MeterMetrics
+from gateway.meter.proxy import METER, Meter, MeterConfig, handle
+from gateway.meter.settings import MeterSettings
+from gateway.meter.upstream import Upstream
+from gateway.store import Store, open_store
+
+
+def config_of(settings: MeterSettings) -> MeterConfig:
+    return MeterConfig(
+        secret=settings.secret,
+        identity_max_age=settings.identity_max_age,
+        trust_identity_headers=settings.trust_identity_headers,
+        check_model=settings.check_model,
+        max_body_bytes=settings.max_body_bytes,
+        max_response_bytes=settings.max_response_bytes,
+        max_event_bytes=settings.max_event_bytes,
+        allow_unknown=settings.unknown_fields == "allow",
+        clamp=settings.clamp_max_tokens,
+        default_max_tokens=settings.default_max_tokens,
+        deny_on_store_error=settings.store_failure_policy == "deny",
+        estimator=Estimator(bytes_per_token=settings.estimate_bytes_per_token, overhead=settings.estimate_overhead),
+    )
+
+
+def build_meter(settings: MeterSettings, *, store: Store | None = None) -> Meter:
+    metrics = MeterMetrics(max_keys=settings.metrics_max_keys)
+    upstream = Upstream(
+        settings.upstream,
+        connect_timeout=settings.upstream_connect_timeout,
+        first_byte_timeout=settings.upstream_first_byte_timeout,
+        idle_timeout=settings.upstream_idle_timeout,
+        max_connections=settings.upstream_max_connections,
+        errors=metrics.upstream_errors,
+    )
+    return Meter(
+        config=config_of(settings),
+        store=store if store is not None else open_store(settings.redis_url, timeout=settings.store_timeout),
+        upstream=upstream,
+        metrics=metrics,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    timeout: float
+
+
+READINESS = web.AppKey("readiness", Readiness)
+
+
+def build_apps(
+    meter: Meter, *, readiness_timeout: float = 1.0, max_body_bytes: int = 8 * 1024 * 1024
+) -> tuple[web.Application, web.Application]:
+    """The proxy app and the ops app sharing one meter; the proxy app owns the upstream session and the store."""
+    # the metered handler bounds bodies itself (413 in the OpenAI envelope); aiohttp's own bound only backs it up
+    app = web.Application(client_max_size=max_body_bytes + 1)
+    app[METER] = meter
+    app.router.add_route("*", "/{tail:.*}", handle)
+
+    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+        await meter.upstream.start()
+        try:
+            yield
+        finally:
+            await meter.upstream.close()
+            await meter.store.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    ops = web.Application()
+    ops[METER] = meter
+    ops[READINESS] = Readiness(timeout=readiness_timeout)
+    ops.router.add_get("/healthz", healthz)
+    ops.router.add_get("/readyz", readyz)
+    ops.router.add_get("/metrics", metrics_handler)
+    return app, ops
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when the upstream's ``/health`` answers 200; the store's state is reported, not required (the
+    store failure policy decides what a store outage means)."""
+    meter = request.app[METER]
+    try:
+        ok, detail = await meter.upstream.healthy(within=request.app[READINESS].timeout)
+    except RuntimeError:
+        ok, detail = False, "upstream session not started"
+    store = "ok"
+    with contextlib.suppress(Exception):
+        store = "unavailable"
+        await meter.store.ping()
+        store = "ok"
+    body = json.dumps({"status": "ready" if ok else "not_ready", "upstream": detail, "store": store})
+    return web.Response(status=200 if ok else 503, text=body, content_type="application/json")
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    return web.Response(
+        body=generate_latest(request.app[METER].metrics.registry), headers={"content-type": CONTENT_TYPE_LATEST}
+    )

@@ -1,0 +1,322 @@
+"""The metering reverse proxy's request handler (aiohttp).
+
+``POST`` to the OpenAI generation routes is metered: identity, bounded body, reservation, forwarding, usage
+reading, settlement. Everything else goes to the upstream untouched. Accounting happens before the last bytes
+(``[DONE]``, or the whole non-streaming body) reach the client, so a client that has its answer is already
+in the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from gateway import identity as ident
+from gateway.errors import StoreError
+from gateway.meter import quota
+from gateway.meter import request as req
+from gateway.meter.accounting import Exchange, settle
+from gateway.meter.errors import (
+    BodyTooLarge,
+    IdentityRejected,
+    MeterError,
+    ModelMismatch,
+    StoreUnavailable,
+    TokensExhausted,
+    UnsupportedMediaType,
+    UpstreamBroken,
+    envelope,
+    normalise_upstream_error,
+)
+from gateway.meter.estimate import Estimator, Kind
+from gateway.meter.metrics import UNKNOWN, MeterMetrics
+from gateway.meter.quota import Outcome, Reservation
+from gateway.meter.sse import Splitter, StreamMeter, Usage, response_usage
+from gateway.meter.upstream import Upstream, request_headers, response_headers
+from gateway.store import Store
+
+log = logging.getLogger("maas.meter")
+
+H_MAX_TOKENS = "x-maas-max-tokens"
+H_CLAMPED = "x-maas-max-tokens-clamped"
+JSON_TYPES = frozenset({"application/json", ""})
+
+
+@dataclass(frozen=True, slots=True)
+class MeterConfig:
+    secret: bytes
+    identity_max_age: float = 60.0
+    trust_identity_headers: bool = False
+    check_model: bool = True
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_response_bytes: int = 64 * 1024 * 1024
+    max_event_bytes: int = 1 << 20
+    allow_unknown: bool = False
+    clamp: bool = True
+    default_max_tokens: int = 4096
+    deny_on_store_error: bool = False
+    estimator: Estimator = field(default_factory=Estimator)
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    config: MeterConfig
+    store: Store
+    upstream: Upstream
+    metrics: MeterMetrics
+
+
+METER = web.AppKey("meter", Meter)
+
+
+def _error(exc: MeterError) -> web.Response:
+    return web.Response(status=exc.status, body=exc.body(), content_type="application/json", headers=exc.headers)
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    meter = request.app[METER]
+    kind = req.PATHS.get(request.path) if request.method == "POST" else None
+    if kind is None:
+        return await passthrough(request, meter)
+    meter.metrics.in_flight.inc()
+    try:
+        return await metered(request, meter, kind=kind)
+    except MeterError as exc:
+        meter.metrics.rejected(exc.code).inc()
+        return _error(exc)
+    finally:
+        meter.metrics.in_flight.dec()
+
+
+def authenticate(request: web.Request, config: MeterConfig) -> ident.Identity:
+    try:
+        if config.trust_identity_headers:
+            return ident.parse(request.headers)
+        return ident.verify(request.headers, config.secret, max_age=config.identity_max_age)
+    except ident.IdentityError as exc:
+        raise IdentityRejected(f"identity rejected: {exc}", code=exc.code) from exc
+
+
+async def read_body(request: web.Request, *, limit: int) -> bytes:
+    if request.content_type not in JSON_TYPES and not request.content_type.endswith("+json"):
+        raise UnsupportedMediaType(f"content-type must be application/json, got {request.content_type!r}")
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit} bytes")
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        data = await request.content.readany()
+        if not data:
+            return b"".join(parts)
+        size += len(data)
+        if size > limit:
+            raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+        parts.append(data)
+
+
+async def _reserve(meter: Meter, identity: ident.Identity, parsed: req.Parsed) -> Reservation:
+    config = meter.config
+    try:
+        return await quota.reserve(
+            meter.store,
+            identity,
+            prompt_estimate=parsed.prompt_estimate,
+            choices=parsed.choices,
+            wanted=req.wanted_completion(parsed, default_max_tokens=config.default_max_tokens),
+            clamp=config.clamp,
+        )
+    except TokensExhausted:
+        meter.metrics.reservations[Outcome.DENIED].inc()
+        raise
+    except StoreError as exc:
+        meter.metrics.reservations[Outcome.STORE_ERROR].inc()
+        meter.metrics.store_errors["reserve"].inc()
+        if config.deny_on_store_error:
+            raise StoreUnavailable(f"token quota store unavailable: {exc}") from exc
+        log.warning("token reservation skipped, store failed: %s", exc)
+        return quota.unlimited(identity.key_id, outcome=Outcome.STORE_ERROR)
+
+
+async def metered(request: web.Request, meter: Meter, *, kind: Kind) -> web.StreamResponse:
+    started = time.perf_counter()
+    config = meter.config
+    identity = authenticate(request, config)
+    raw = await read_body(request, limit=config.max_body_bytes)
+    parsed = req.parse(raw, kind=kind, estimator=config.estimator, allow_unknown=config.allow_unknown)
+    if config.check_model and identity.model and parsed.model and parsed.model != identity.model:
+        raise ModelMismatch(
+            f"model {parsed.model!r} is not the model this route serves ({identity.model!r})", param="model"
+        )
+    reservation = await _reserve(meter, identity, parsed)
+    if reservation.outcome is not Outcome.STORE_ERROR:
+        meter.metrics.reservations[reservation.outcome].inc()
+    exchange = Exchange(identity, parsed, reservation, identity.model or parsed.model or UNKNOWN, started)
+    body = req.upstream_body(raw, parsed, max_tokens=reservation.max_tokens, inject_usage=parsed.can_inject_usage)
+    extra = _quota_headers(reservation, parsed)
+    meter.metrics.overhead.observe(time.perf_counter() - started)
+    try:
+        upstream = await meter.upstream.open(
+            "POST", request.path_qs, headers=request_headers(request.headers, metered=True), data=body
+        )
+    except MeterError:
+        await settle(meter.store, meter.metrics, exchange, served=None, status=502)
+        raise
+    try:
+        if upstream.status >= 400:
+            return await _upstream_error(request, meter, exchange, upstream, extra)
+        if parsed.stream and upstream.content_type == "text/event-stream":
+            return await _stream(request, meter, exchange, upstream, extra)
+        return await _whole(request, meter, exchange, upstream, extra)
+    finally:
+        upstream.release()
+
+
+def _quota_headers(reservation: Reservation, parsed: req.Parsed) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if reservation.max_tokens is not None and reservation.max_tokens != parsed.max_tokens:
+        headers[H_MAX_TOKENS] = str(reservation.max_tokens)
+    if reservation.clamped:
+        headers[H_CLAMPED] = str(reservation.max_tokens)
+    if reservation.limit > 0:
+        headers["x-ratelimit-limit-tokens"] = str(reservation.limit)
+        headers["x-ratelimit-remaining-tokens"] = str(reservation.remaining)
+    return headers
+
+
+async def _upstream_error(
+    request: web.Request, meter: Meter, exchange: Exchange, upstream: aiohttp.ClientResponse, extra: dict[str, str]
+) -> web.StreamResponse:
+    try:
+        raw = await meter.upstream.read(upstream, limit=64 * 1024)
+    except MeterError:
+        raw = b""
+    if upstream.status >= 500:
+        meter.upstream.count("status_5xx")
+    await settle(meter.store, meter.metrics, exchange, served=None, status=upstream.status)
+    body = normalise_upstream_error(upstream.status, raw)
+    return web.Response(status=upstream.status, body=body, content_type="application/json", headers=extra)
+
+
+async def _whole(
+    request: web.Request, meter: Meter, exchange: Exchange, upstream: aiohttp.ClientResponse, extra: dict[str, str]
+) -> web.StreamResponse:
+    try:
+        raw = await meter.upstream.read(upstream, limit=meter.config.max_response_bytes)
+    except MeterError:
+        await settle(meter.store, meter.metrics, exchange, served=None, status=502)
+        raise
+    served = response_usage(raw) or Usage()
+    await settle(meter.store, meter.metrics, exchange, served=served, status=upstream.status)
+    headers = response_headers(upstream.headers)
+    headers.update(extra)
+    return web.Response(status=upstream.status, body=raw, headers=headers)
+
+
+async def _stream(
+    request: web.Request, meter: Meter, exchange: Exchange, upstream: aiohttp.ClientResponse, extra: dict[str, str]
+) -> web.StreamResponse:
+    parsed = exchange.parsed
+    headers = response_headers(upstream.headers)
+    headers.update(extra)
+    response = web.StreamResponse(status=upstream.status, headers=headers)
+    try:
+        await response.prepare(request)
+    except ConnectionResetError:
+        upstream.close()
+        meter.metrics.disconnects.inc()
+        await settle(meter.store, meter.metrics, exchange, served=None, status=499)
+        return response
+    tracker = StreamMeter(
+        want_usage=parsed.want_usage, want_continuous=parsed.want_continuous, null_usage=parsed.kind == "completion"
+    )
+    splitter = Splitter(max_event_bytes=meter.config.max_event_bytes)
+    first = True
+    failure: MeterError | None = None
+    try:
+        async for data in meter.upstream.chunks(upstream):
+            sent = tracker.usage()
+            out = b"".join(tracker.event(event) for event in splitter.feed(data))
+            if not out:
+                continue
+            tail = b""
+            if tracker.done:
+                # settle before the client sees [DONE]: a client that has its whole answer is already accounted
+                await settle(meter.store, meter.metrics, exchange, served=tracker.usage(), status=upstream.status)
+                out, tail = out[: -len(_last_event(out))], _last_event(out)
+            if first:
+                first = False
+                ttft = time.perf_counter() - exchange.started
+                meter.metrics.models.get((exchange.model, exchange.operation)).ttft.observe(ttft)
+            try:
+                await response.write(out)
+                if tail:
+                    await response.write(tail)
+            except ConnectionResetError:
+                upstream.close()
+                meter.metrics.disconnects.inc()
+                if not tracker.done:
+                    await settle(meter.store, meter.metrics, exchange, served=sent, status=499)
+                return response
+            if tracker.done:
+                break
+    except MeterError as exc:
+        failure = exc
+        upstream.close()
+    if not tracker.done:
+        await _broken_stream(response, meter, exchange, tracker, failure)
+        return response
+    await response.write_eof()
+    return response
+
+
+def _last_event(out: bytes) -> bytes:
+    at = out.rfind(b"data:")
+    return out[at:] if at >= 0 else b""
+
+
+async def _broken_stream(
+    response: web.StreamResponse, meter: Meter, exchange: Exchange, tracker: StreamMeter, failure: MeterError | None
+) -> None:
+    """The upstream stream ended without ``[DONE]``: charge what was sent, tell the client as vLLM does (an error
+    event, then ``[DONE]``)."""
+    if failure is None:
+        meter.upstream.count("broken")
+        failure = UpstreamBroken("upstream closed the stream before it was complete")
+    await settle(meter.store, meter.metrics, exchange, served=tracker.usage(), status=failure.status)
+    event = envelope(str(failure), type_=failure.type, code=failure.code)
+    try:
+        await response.write(b"data: " + event + b"\n\ndata: [DONE]\n\n")
+        await response.write_eof()
+    except ConnectionResetError:
+        meter.metrics.disconnects.inc()
+
+
+async def passthrough(request: web.Request, meter: Meter) -> web.StreamResponse:
+    """Any other request: streamed to the upstream and back unchanged (bounded by the same timeouts)."""
+    data = request.content if request.body_exists else None
+    try:
+        upstream = await meter.upstream.open(
+            request.method, request.path_qs, headers=request_headers(request.headers, metered=False), data=data
+        )
+    except MeterError as exc:
+        return _error(exc)
+    try:
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=response_headers(upstream.headers)
+        )
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        await response.prepare(request)
+        try:
+            async for chunk in meter.upstream.chunks(upstream):
+                await response.write(chunk)
+            await response.write_eof()
+        except (MeterError, ConnectionResetError):
+            upstream.close()
+        return response
+    finally:
+        upstream.release()

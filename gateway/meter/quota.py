@@ -1,0 +1,127 @@
+"""Token reservations in a key's token bucket: reserve before forwarding, commit the real usage after.
+
+A reservation takes ``prompt_estimate + choices x wanted`` in ``RESERVE`` mode with a minimum of
+``prompt_estimate + choices`` (one completion token per choice): the bucket gives what it has, up to the cost,
+and the meter clamps ``max_tokens`` to what it got. The commit debits ``actual - reserved`` in ``FORCE`` mode (a
+negative cost refunds); an upstream failure commits ``0 - reserved``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from gateway.contract import TOKENS, format_duration
+from gateway.identity import Identity
+from gateway.limits import BucketMode, BucketOp, BucketResult
+from gateway.meter.errors import TokensExhausted
+from gateway.store import Store
+
+
+class Outcome(StrEnum):
+    GRANTED = "granted"
+    CLAMPED = "clamped"
+    DENIED = "denied"
+    UNLIMITED = "unlimited"
+    STORE_ERROR = "store_error"
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    key_id: str
+    limit: int
+    window_ms: int
+    reserved: int
+    max_tokens: int | None
+    """Per-choice completion limit to send upstream (None: leave the request as it is)."""
+    clamped: bool
+    outcome: Outcome
+    remaining: int = 0
+
+
+def unlimited(key_id: str, *, outcome: Outcome = Outcome.UNLIMITED) -> Reservation:
+    return Reservation(key_id=key_id, limit=0, window_ms=0, reserved=0, max_tokens=None, clamped=False, outcome=outcome)
+
+
+def plan(*, prompt_estimate: int, choices: int, wanted: int) -> tuple[int, int]:
+    """(cost, min_cost) of the reservation."""
+    if choices <= 0:
+        return max(prompt_estimate, 1), 1
+    return prompt_estimate + choices * wanted, prompt_estimate + choices
+
+
+def rate_headers(result: BucketResult) -> dict[str, str]:
+    return {
+        "x-ratelimit-limit-tokens": str(result.limit),
+        "x-ratelimit-remaining-tokens": str(result.remaining),
+        "x-ratelimit-reset-tokens": format_duration(result.reset_ms),
+    }
+
+
+async def reserve(
+    store: Store,
+    identity: Identity,
+    *,
+    prompt_estimate: int,
+    choices: int,
+    wanted: int,
+    clamp: bool,
+) -> Reservation:
+    """Reserve in the key's token bucket, or raise ``TokensExhausted``; ``StoreError`` propagates."""
+    if identity.token_limit is None or identity.token_window_ms is None:
+        return unlimited(identity.key_id)
+    cost, min_cost = plan(prompt_estimate=prompt_estimate, choices=choices, wanted=wanted)
+    op = BucketOp(
+        key_id=identity.key_id,
+        dimension=TOKENS,
+        limit=identity.token_limit,
+        window_ms=identity.token_window_ms,
+        cost=cost,
+        mode=BucketMode.RESERVE,
+        min_cost=min_cost,
+    )
+    [[result]] = await store.check_buckets([[op]])
+    if not result.allowed:
+        retry = max(1, -(-result.retry_ms // 1000))
+        raise TokensExhausted(
+            f"token quota exhausted: this request needs at least {min_cost} tokens, {result.remaining} left; "
+            f"retry in {format_duration(result.retry_ms)}",
+            headers={**rate_headers(result), "retry-after": str(retry)},
+        )
+    granted = result.debited
+    max_tokens: int | None = None
+    clamped = False
+    if choices > 0:
+        per_choice = (granted - prompt_estimate) // choices
+        clamped = per_choice < wanted
+        if clamp:
+            max_tokens = min(per_choice, wanted)
+        else:
+            clamped = False
+    return Reservation(
+        key_id=identity.key_id,
+        limit=identity.token_limit,
+        window_ms=identity.token_window_ms,
+        reserved=granted,
+        max_tokens=max_tokens,
+        clamped=clamped,
+        outcome=Outcome.CLAMPED if clamped else Outcome.GRANTED,
+        remaining=result.remaining,
+    )
+
+
+async def commit(store: Store, reservation: Reservation, *, actual: int) -> int:
+    """Settle the reservation against ``actual`` tokens; return the adjustment (negative: refunded)."""
+    delta = actual - reservation.reserved
+    if reservation.limit <= 0 or delta == 0:
+        return delta
+    op = BucketOp(
+        key_id=reservation.key_id,
+        dimension=TOKENS,
+        limit=reservation.limit,
+        window_ms=reservation.window_ms,
+        cost=delta,
+        mode=BucketMode.FORCE,
+    )
+    await store.check_buckets([[op]])
+    return delta

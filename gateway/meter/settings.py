@@ -1,0 +1,79 @@
+"""``maas meter`` settings: the common options plus the upstream, identity, body, quota and timeout options."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from gateway.settings import CommonSettings
+
+log = logging.getLogger("maas.meter")
+
+DEV_IDENTITY_SECRET = "maas-development-identity-secret-do-not-use"
+
+
+class MeterSettings(CommonSettings):
+    upstream: str = Field(..., description="URL of the OpenAI-compatible server (vLLM), e.g. http://127.0.0.1:8080")
+    port: int = Field(8600, ge=0, le=65535, description="port of the proxy")
+    ops_port: int = Field(9600, ge=0, le=65535, description="port of /healthz, /readyz and /metrics")
+    identity_secret: SecretStr | None = Field(
+        None, description="secret shared with maas authz to verify identity headers; required unless --dev"
+    )
+    identity_max_age: float = Field(60.0, gt=0, le=3600, description="oldest accepted identity signature, seconds")
+    trust_identity_headers: bool = Field(False, description="accept identity headers without a valid signature")
+    check_model: bool = Field(True, description="refuse a body model other than the one authz routed to (403)")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=1 << 30, description="largest request body (413 above)")
+    max_response_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, le=1 << 31, description="largest non-streaming upstream response read"
+    )
+    max_event_bytes: int = Field(1 << 20, ge=1024, le=1 << 28, description="largest single SSE event from upstream")
+    unknown_fields: Literal["reject", "allow"] = Field(
+        "reject", description="request fields neither OpenAI nor vLLM define: reject (400) or pass on"
+    )
+    clamp_max_tokens: bool = Field(True, description="lower max_tokens to what the key's token quota can still pay")
+    default_max_tokens: int = Field(
+        4096, ge=1, le=10_000_000, description="completion tokens reserved for chat requests without max_tokens"
+    )
+    estimate_bytes_per_token: float = Field(
+        1.0, gt=0, le=16, description="prompt estimate: UTF-8 bytes per token (1.0 is an upper bound)"
+    )
+    estimate_overhead: int = Field(8, ge=0, le=1024, description="prompt estimate: tokens added per message")
+    store_failure_policy: Literal["allow", "deny"] = Field(
+        "allow", description="when the store fails at reservation: forward unmetered by quota (allow) or 503 (deny)"
+    )
+    metrics_max_keys: int = Field(1000, ge=1, le=1_000_000, description="distinct key_id series; more go to _other")
+    upstream_connect_timeout: float = Field(2.0, gt=0, le=300, description="upstream connect timeout, seconds")
+    upstream_first_byte_timeout: float = Field(
+        300.0, gt=0, le=3600, description="upstream response headers timeout, seconds"
+    )
+    upstream_idle_timeout: float = Field(60.0, gt=0, le=3600, description="longest silence inside a response, seconds")
+    upstream_max_connections: int = Field(1024, ge=1, le=100_000, description="upstream connection pool size")
+    readiness_timeout: float = Field(1.0, gt=0, le=60, description="timeout of the upstream /health probe, seconds")
+
+    @field_validator("upstream")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"upstream must be an http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _secret_required(self) -> MeterSettings:
+        if self.identity_secret is None and not (self.dev or self.trust_identity_headers):
+            raise ValueError(
+                "identity_secret is required (set --identity-secret or MAAS_IDENTITY_SECRET, shared with maas authz), "
+                "or run with --dev or --trust-identity-headers"
+            )
+        if self.identity_secret is not None and len(self.identity_secret.get_secret_value()) < 16:
+            raise ValueError("identity_secret must be at least 16 characters")
+        return self
+
+    @property
+    def secret(self) -> bytes:
+        if self.identity_secret is not None:
+            return self.identity_secret.get_secret_value().encode()
+        return DEV_IDENTITY_SECRET.encode()

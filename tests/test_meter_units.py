@@ -1,0 +1,224 @@
+"""Unit tests of the meter's pure parts: estimator, request parsing and rewriting, SSE usage handling, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway.meter import errors, quota
+from gateway.meter import request as req
+from gateway.meter.estimate import Estimator
+from gateway.meter.sse import Splitter, StreamMeter, Usage, find_usage, response_usage
+from gateway.sim import api, engine
+
+EST = Estimator()
+
+
+def parse(body: object, kind: req.Kind = "chat", *, allow_unknown: bool = False) -> req.Parsed:
+    return req.parse(json.dumps(body).encode(), kind=kind, estimator=EST, allow_unknown=allow_unknown)
+
+
+# --- estimator ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        pytest.param([{"role": "user", "content": "hello there, how are you?"}], id="ascii"),
+        pytest.param([{"role": "user", "content": "a b c d e f g h"}], id="one-letter-words"),
+        pytest.param([{"role": "user", "content": "日本語のテキスト、とても長い文章です。"}], id="cjk"),
+        pytest.param(
+            [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "what is 2+2?"}]},
+                {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "!!!???...", "name": "bob"},
+            ],
+            id="multi-turn-parts",
+        ),
+    ],
+)
+def test_estimate_bounds_the_simulators_count_from_above(messages: list[dict[str, object]]) -> None:
+    estimate = EST.prompt_tokens("chat", {"messages": messages})
+    assert estimate >= engine.chat_prompt_tokens(messages)
+
+
+def test_estimate_counts_token_ids_exactly_and_scales_with_bytes_per_token() -> None:
+    assert EST.prompt_tokens("completion", {"prompt": [1, 2, 3, 4]}) == 4 + EST.overhead
+    assert EST.prompt_tokens("completion", {"prompt": [[1, 2], [3]]}) == 3 + 2 * EST.overhead
+    assert EST.prompt_tokens("embeddings", {"input": ["abcd", "ef"]}) == 6 + 2 * EST.overhead
+    assert Estimator(bytes_per_token=4.0, overhead=0).prompt_tokens("completion", {"prompt": "x" * 10}) == 3
+    with_tools = EST.prompt_tokens("chat", {"messages": [], "tools": [{"type": "function"}]})
+    assert with_tools > EST.prompt_tokens("chat", {"messages": []})
+
+
+# --- request parsing ----------------------------------------------------------------------------------------
+
+
+def test_parse_reads_what_the_meter_acts_on() -> None:
+    parsed = parse(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 50,
+            "max_completion_tokens": 20,
+            "n": 3,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    assert (parsed.model, parsed.max_tokens, parsed.choices, parsed.stream) == ("m", 20, 3, True)
+    assert parsed.want_usage and not parsed.want_continuous
+    batch = parse({"prompt": ["a", "b"], "n": 2}, "completion")
+    assert batch.choices == 4
+    assert req.wanted_completion(batch, default_max_tokens=999) == req.COMPLETIONS_DEFAULT_MAX_TOKENS
+
+
+@pytest.mark.parametrize(
+    ("raw", "error", "param"),
+    [
+        pytest.param(b"{not json", errors.InvalidJson, None, id="invalid-json"),
+        pytest.param(b"[1, 2]", errors.InvalidJson, None, id="not-an-object"),
+        pytest.param(
+            b'{"messages": [], "max_tokens": "10"}', errors.InvalidRequest, "max_tokens", id="max-tokens-string"
+        ),
+        pytest.param(b'{"messages": [], "max_tokens": 0}', errors.InvalidRequest, "max_tokens", id="max-tokens-zero"),
+        pytest.param(b'{"messages": [], "n": 1000}', errors.InvalidRequest, "n", id="too-many-choices"),
+        pytest.param(b'{"messages": [], "stream": "yes"}', errors.InvalidRequest, "stream", id="stream-string"),
+        pytest.param(b'{"messages": [], "model": 7}', errors.InvalidRequest, "model", id="model-number"),
+        pytest.param(b'{"messages": [], "stream_options": 1}', errors.InvalidRequest, "stream_options", id="options"),
+        pytest.param(b'{"messages": [], "bogus": 1}', errors.UnknownParameter, "bogus", id="unknown-field"),
+    ],
+)
+def test_parse_rejects_bad_input(raw: bytes, error: type[errors.MeterError], param: str | None) -> None:
+    with pytest.raises(error) as caught:
+        req.parse(raw, kind="chat", estimator=EST, allow_unknown=False)
+    assert caught.value.param == param
+    body = json.loads(caught.value.body())
+    assert body["error"]["code"] == error.code and 400 <= error.status < 500
+
+
+def test_unknown_fields_pass_when_allowed_and_vllm_extras_are_known() -> None:
+    assert parse({"messages": [], "bogus": 1}, allow_unknown=True).body["bogus"] == 1
+    assert parse({"messages": [], "top_k": 5, "ignore_eos": True, "chat_template_kwargs": {}}).body["top_k"] == 5
+
+
+def test_upstream_body_is_untouched_unless_the_meter_must_change_it() -> None:
+    raw = b'{"model": "m", "messages": [], "max_tokens": 5}'
+    parsed = req.parse(raw, kind="chat", estimator=EST, allow_unknown=False)
+    assert req.upstream_body(raw, parsed, max_tokens=5, inject_usage=False) is raw
+    clamped = json.loads(req.upstream_body(raw, parsed, max_tokens=3, inject_usage=False))
+    assert clamped["max_tokens"] == 3
+    newer = parse(
+        {"messages": [], "max_completion_tokens": 9, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    out = json.loads(req.upstream_body(b"", newer, max_tokens=4, inject_usage=newer.can_inject_usage))
+    assert out["max_completion_tokens"] == 4 and "max_tokens" not in out
+    assert out["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+
+
+def test_reservation_plan_needs_one_token_per_choice_beyond_the_prompt() -> None:
+    assert quota.plan(prompt_estimate=30, choices=2, wanted=100) == (230, 32)
+    assert quota.plan(prompt_estimate=30, choices=0, wanted=0) == (30, 1)
+
+
+# --- SSE ----------------------------------------------------------------------------------------------------
+
+
+def test_splitter_reassembles_events_cut_anywhere() -> None:
+    stream = b'data: {"a":1}\n\ndata: {"b":2}\r\n\r\ndata: [DONE]\n\n'
+    for cut in range(1, len(stream)):
+        splitter = Splitter()
+        events = splitter.feed(stream[:cut]) + splitter.feed(stream[cut:])
+        assert b"".join(events) == stream and len(events) == 3 and splitter.pending == b""
+
+
+def test_splitter_bounds_a_runaway_event() -> None:
+    with pytest.raises(ValueError, match="exceeds"):
+        Splitter(max_event_bytes=1024).feed(b"data: " + b"x" * 2000)
+
+
+def _sim_stream(*, chat: bool, include: bool, continuous: bool, n: int = 1) -> list[bytes]:
+    body: dict[str, object] = {"model": "m", "max_tokens": 4, "n": n, "stream": True}
+    if include or continuous:
+        body["stream_options"] = {"include_usage": include, "continuous_usage_stats": continuous}
+    if chat:
+        body["messages"] = [{"role": "user", "content": "hello world"}]
+        job = api.parse_chat(body, served=("m",), max_model_len=100)
+    else:
+        body["prompt"] = "hello world"
+        job = api.parse_completion(body, served=("m",), max_model_len=100)
+    job.request_id, job.created = "fixed", 1
+    text = "".join(api.stream_steps(job)).encode()
+    return Splitter().feed(text)
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completion"])
+@pytest.mark.parametrize(("include", "continuous"), [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("n", [1, 2])
+def test_stream_meter_gives_the_client_what_vllm_would_send(
+    chat: bool, include: bool, continuous: bool, n: int
+) -> None:
+    upstream = _sim_stream(chat=chat, include=True, continuous=True, n=n)
+    expected = _sim_stream(chat=chat, include=include, continuous=continuous, n=n)
+    meter = StreamMeter(want_usage=include, want_continuous=continuous, null_usage=not chat)
+    assert b"".join(meter.event(e) for e in upstream) == b"".join(expected)
+    assert meter.done
+    final = json.loads(upstream[-2][6:])["usage"]
+    assert meter.usage() == Usage(final["prompt_tokens"], final["completion_tokens"])
+
+
+def test_stream_meter_usage_mid_stream_is_what_was_forwarded() -> None:
+    events = _sim_stream(chat=True, include=True, continuous=True, n=2)
+    meter = StreamMeter(want_usage=False, want_continuous=False, null_usage=False)
+    for event in events[:5]:  # two role chunks, then first tokens of both choices, then one more
+        meter.event(event)
+    assert meter.usage().completion == 3
+    assert meter.usage().prompt == engine.chat_prompt_tokens([{"role": "user", "content": "hello world"}])
+
+
+def test_usage_is_found_in_raw_bytes_and_falls_back_on_odd_layouts() -> None:
+    chunk = b'{"id":"x","choices":[{"index":0}],"usage":{"prompt_tokens":3,"total_tokens":5,"completion_tokens":2}}'
+    found = find_usage(chunk)
+    assert found is not None and found.usage == Usage(3, 2)
+    spaced = b'{"usage": {"prompt_tokens": 1, "completion_tokens": 1}, "id": "x"}'
+    odd = find_usage(spaced)
+    assert odd is not None and odd.usage == Usage(1, 1)
+    assert find_usage(b'{"id":"x","usage":null}') is None
+    body = (
+        b'{"choices":[{"message":{"content":"say \\"usage\\": 5"}}],'
+        b'"usage":{"prompt_tokens":7,"completion_tokens":1},"x":null}'
+    )
+    assert response_usage(body) == Usage(7, 1)
+
+
+# --- errors -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "raw", "code", "message"),
+    [
+        pytest.param(
+            404,
+            b'{"error":{"message":"nope","type":"NotFoundError","param":null,"code":404}}',
+            "not_found",
+            "nope",
+            id="vllm",
+        ),
+        pytest.param(
+            400,
+            b'{"object":"error","message":"bad","type":"BadRequestError","code":400}',
+            "bad_request",
+            "bad",
+            id="old-vllm",
+        ),
+        pytest.param(502, b"<html>gateway</html>", "bad_gateway", "<html>gateway</html>", id="html"),
+        pytest.param(500, b"", "internal_server_error", "Internal Server Error", id="empty"),
+    ],
+)
+def test_upstream_errors_are_normalised_to_the_openai_envelope(
+    status: int, raw: bytes, code: str, message: str
+) -> None:
+    error = json.loads(errors.normalise_upstream_error(status, raw))["error"]
+    assert error["code"] == code and error["message"] == message and set(error) == {"message", "type", "param", "code"}
