@@ -1,0 +1,144 @@
+"""The rendered deploy/ manifests and the control plane agree: maas controlplane, configured as the base Deployment
+configures it, reads the objects of ``models/``, ``models/samples`` and the tier ConfigMaps of ``base/`` from the
+Kubernetes API emulator (over real HTTP) and writes the expected catalog, routes, tiers and keys to a real Redis."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.runner import ControlPlane
+from controlplane.settings import ControlPlaneSettings
+from gateway import contract
+from gateway.contract import RecordKind
+from gateway.settings import load
+from gateway.store.redis import RedisStore
+from tests.conftest import PEPPER
+from tests.support.k8s_emulator import RESOURCES, K8sEmulator, eventually
+from tests.test_deploy_manifests import find, render
+
+pytestmark = pytest.mark.redis
+
+EMULATED_KINDS = {kind for kind, _ in RESOURCES.values()}
+
+EXPECTED_MODELS = {
+    # model id: (route prefix, storageUri, max_model_len)
+    "qwen3-0-6b-instruct": ("/qwen3", "hf://Qwen/Qwen3-0.6B", 6144),
+    "granite-code": ("/granite", "hf://ibm-granite/granite-3b-code-instruct-128k", 6144),
+    "mistral": ("/mistral", "hf://mistralai/Mistral-7B-Instruct-v0.3", 6144),
+    "nomic-embed": ("/nomic", "hf://nomic-ai/nomic-embed-text-v1.5", 2048),
+}
+
+
+def ready(isvc: dict[str, Any]) -> dict[str, Any]:
+    """The InferenceService as KServe reports it once its predictor is up."""
+    out = copy.deepcopy(isvc)
+    name, namespace = out["metadata"]["name"], out["metadata"]["namespace"]
+    out["status"] = {
+        "url": f"http://{name}-{namespace}.example.com",
+        "address": {"url": f"http://{name}-predictor.{namespace}.svc.cluster.local"},
+        "conditions": [{"type": t, "status": "True"} for t in ("IngressReady", "PredictorReady", "Ready")],
+    }
+    return out
+
+
+def cluster_objects() -> list[dict[str, Any]]:
+    objs = []
+    for path in ("base", "models", "models/samples"):
+        for obj in render(path):
+            if obj["kind"] in EMULATED_KINDS and obj["kind"] != "Service":
+                objs.append(ready(obj) if obj["kind"] == "InferenceService" else obj)
+    return objs
+
+
+def deployment_env() -> dict[str, str]:
+    container = find(render("base"), "Deployment", "maas-controlplane")["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+@pytest.fixture
+def emulator() -> Iterator[K8sEmulator]:
+    emu = K8sEmulator(bookmark_interval=0.2).start()
+    yield emu
+    emu.stop()
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[RedisStore]:
+    red = RedisStore(redis_url, timeout=2.0)
+    yield red
+    await red.close()
+
+
+async def records(store: RedisStore) -> dict[RecordKind, dict[str, dict[str, Any]]]:
+    out: dict[RecordKind, dict[str, dict[str, Any]]] = {}
+    for kind in RecordKind:
+        out[kind] = {k: json.loads(v) async for batch in store.scan_records(kind) for k, v in batch}
+    return out
+
+
+async def test_rendered_models_yield_the_expected_catalog(
+    emulator: K8sEmulator, tmp_path: Path, redis_url: str, store: RedisStore
+) -> None:
+    for obj in cluster_objects():
+        emulator.create(obj)
+    env = deployment_env()
+    settings = load(
+        ControlPlaneSettings,
+        port=0,
+        ops_port=0,
+        host="127.0.0.1",
+        source=env["MAAS_SOURCE"],
+        namespaces=env["MAAS_NAMESPACES"],
+        kubeconfig=str(emulator.write_kubeconfig(tmp_path / "kubeconfig")),
+        redis_url=redis_url,
+        leader_election=False,
+        resync_period=3600,
+        log_format="text",
+    )
+    plane = ControlPlane(settings)
+    await plane.start()
+    try:
+        assert plane.syncer is not None
+        await eventually(plane.syncer.ready.is_set)
+        got = await records(store)
+
+        models = got[RecordKind.MODEL]
+        assert set(models) == set(EXPECTED_MODELS)
+        for model_id, (prefix, storage_uri, max_len) in EXPECTED_MODELS.items():
+            model = models[model_id]
+            assert model["ready"] is True, model
+            assert (model["runtime"], model["model_format"], model["gpus"]) == ("vllm-latest", "vLLM", 1)
+            assert (model["storage_uri"], model["max_model_len"], model["namespace"]) == (storage_uri, max_len, "llm")
+            assert model["routes"] == [contract.route_id("*", prefix)]
+
+        routes = got[RecordKind.ROUTE]
+        assert {r["prefix"]: r["model"] for r in routes.values()} == {
+            prefix: model_id for model_id, (prefix, _, _) in EXPECTED_MODELS.items()
+        }
+        for route in routes.values():
+            assert route["rewrite"] == "/" and route["backend"] == f"{route['model']}-predictor.llm:80"
+
+        tiers = {name: contract.TierRecord.model_validate(raw) for name, raw in got[RecordKind.TIER].items()}
+        assert set(tiers) == {t.name for t in contract.DEFAULT_TIERS}
+        for default in contract.DEFAULT_TIERS:
+            tier = tiers[default.name]
+            assert (tier.level, tier.groups, tier.limits) == (default.level, default.groups, default.limits)
+
+        samples = {o["stringData"]["api_key"]: o for o in render("models/samples")}
+        keys = got[RecordKind.KEY]
+        assert set(keys) == {contract.digest_key(key, PEPPER) for key in samples}
+        for key, secret in samples.items():
+            record = contract.KeyRecord.model_validate(keys[contract.digest_key(key, PEPPER)])
+            annotations = secret["metadata"]["annotations"]
+            assert record.user == annotations["secret.kuadrant.io/user-id"]
+            assert record.groups == (annotations["kuadrant.io/groups"],)
+            assert record.source == f"secret:llm/{secret['metadata']['name']}"
+        assert not any(key in json.dumps(table) for key in samples for table in got.values())
+    finally:
+        await plane.stop()
