@@ -143,6 +143,6 @@ class MeterMetrics:
         """The token counters of one key and model; at most ``max_keys`` distinct keys get their own series."""
         if key_id not in self._key_ids:
             if len(self._key_ids) >= self._max_keys:
-                return self.keys.get((OTHER, OTHER, OTHER, OTHER))
+                return self.keys.get((OTHER, OTHER, OTHER, model))
             self._key_ids.add(key_id)
         return self.keys.get((key_id, user, tier, model))

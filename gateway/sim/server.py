@@ -127,14 +127,21 @@ async def _stream(request: web.Request, job: api.Job, *, config: SimConfig, metr
                 # absolute schedule: the pace does not drift with the time spent writing
                 await _pace(started + config.ttft_ms / 1000 + step * delay - time.monotonic())
             await response.write(data.encode())
-    except (ConnectionResetError, asyncio.CancelledError):
-        metrics.aborted.inc()
-        _count(metrics, job, aborted=True)
-        log.info("client went away, generation stopped", extra={"model": job.model})
+    except ConnectionResetError:
+        _aborted(metrics, job)
+        return response
+    except asyncio.CancelledError:
+        _aborted(metrics, job)
         raise
     _count(metrics, job, aborted=False)
     await response.write_eof()
     return response
+
+
+def _aborted(metrics: SimMetrics, job: api.Job) -> None:
+    metrics.aborted.inc()
+    _count(metrics, job, aborted=True)
+    log.info("client went away, generation stopped", extra={"model": job.model})
 
 
 def _count(metrics: SimMetrics, job: api.Job, *, aborted: bool) -> None:

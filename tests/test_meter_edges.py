@@ -1,0 +1,187 @@
+"""The meter's refusals and failure modes: spoofed identity, bad input, upstream down, slow or broken."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.contract import ledger_day
+from gateway.identity import H_TIER, Identity, sign
+from gateway.sim.server import SimConfig
+from tests.support.procs import free_port
+from tests.test_meter_stack import CHAT, MODEL, SECRET, running_stack, serve
+
+pytestmark = pytest.mark.redis
+
+BODY = {"model": MODEL, "messages": CHAT, "max_tokens": 5}
+
+
+async def post(
+    url: str, *, headers: dict[str, str], data: bytes | None = None, body: Any = None
+) -> tuple[int, dict[str, Any]]:
+    payload = data if data is not None else json.dumps(body if body is not None else BODY).encode()
+    async with aiohttp.ClientSession() as session, session.post(url, data=payload, headers=headers) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+def signed(**changes: str) -> dict[str, str]:
+    identity = Identity(
+        key_id="spoof", user="u", groups="free", tier="free", model=MODEL, token_limit=100, token_window_ms=60_000
+    )
+    headers = {**sign(identity, SECRET.encode()), "content-type": "application/json"}
+    headers.update(changes)
+    return headers
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        pytest.param({"content-type": "application/json"}, "missing_identity", id="no-identity"),
+        pytest.param(
+            {"x-maas-key-id": "k", "x-maas-tier": "enterprise", "content-type": "application/json"},
+            "unsigned_identity",
+            id="unsigned",
+        ),
+        pytest.param(signed(**{H_TIER: "enterprise"}), "invalid_identity", id="tier-changed-after-signing"),
+        pytest.param(signed(**{"x-maas-token-limit": "999999/1000"}), "invalid_identity", id="limit-raised"),
+        pytest.param(signed(**{"x-maas-signature": "v1=" + "0" * 64}), "invalid_identity", id="forged-signature"),
+    ],
+)
+async def test_spoofed_identity_sent_straight_to_the_meter_is_rejected(
+    redis_url: str, headers: dict[str, str], code: str
+) -> None:
+    async with running_stack(redis_url) as stack:
+        status, body = await post(stack.meter_url + "/v1/chat/completions", headers=headers)
+        assert await stack.store.read_usage("spoof", [ledger_day()]) == []
+    assert status == 401 and body["error"]["code"] == code and body["error"]["type"] == "authentication_error"
+
+
+async def test_stale_identity_is_rejected_and_trusted_mode_accepts_unsigned(redis_url: str) -> None:
+    identity = Identity(key_id="old", user="u", groups="", tier="free", model=MODEL)
+    stale = {**sign(identity, SECRET.encode(), now=1_000_000), "content-type": "application/json"}
+    async with running_stack(redis_url) as stack:
+        status, body = await post(stack.meter_url + "/v1/chat/completions", headers=stale)
+        assert (status, body["error"]["code"]) == (401, "stale_identity")
+    async with running_stack(redis_url, trust_identity_headers=True) as stack:
+        unsigned = {"x-maas-key-id": "trusted", "content-type": "application/json"}
+        status, body = await post(stack.meter_url + "/v1/chat/completions", headers=unsigned)
+        assert status == 200 and body["usage"]["completion_tokens"] == 5
+        assert (await stack.store.read_usage("trusted", [ledger_day()]))[0].requests == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "status", "code"),
+    [
+        pytest.param(
+            b'{"model": "sim-model", "messages": [', "application/json", 400, "invalid_json", id="invalid-json"
+        ),
+        pytest.param(b'{"messages": []}' + b" " * 5000, "application/json", 413, "request_too_large", id="huge-body"),
+        pytest.param(b"messages=hi", "application/x-www-form-urlencoded", 415, "unsupported_media_type", id="form"),
+        pytest.param(
+            b'{"messages": [], "temprature": 1}', "application/json", 400, "unknown_parameter", id="unknown-field"
+        ),
+        pytest.param(
+            b'{"messages": [], "max_tokens": -1}', "application/json", 400, "invalid_request", id="bad-max-tokens"
+        ),
+        pytest.param(
+            b'{"model": "other-model", "messages": []}', "application/json", 403, "model_not_allowed", id="other-model"
+        ),
+    ],
+)
+async def test_bad_input_gets_a_documented_4xx_and_costs_nothing(
+    redis_url: str, data: bytes, content_type: str, status: int, code: str
+) -> None:
+    async with running_stack(redis_url, max_body_bytes=4096) as stack:
+        headers = {**stack.headers(key_id="bad", limit=(1000, 60_000)), "content-type": content_type}
+        got, body = await post(stack.meter_url + "/v1/chat/completions", headers=headers, data=data)
+        metrics = await stack.metrics()
+        assert await stack.store.read_usage("bad", [ledger_day()]) == []
+    assert (got, body["error"]["code"]) == (status, code)
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert metrics[("maas_meter_rejected_total", (("reason", code),))] == 1
+
+
+async def test_exhausted_tokens_get_429_with_openai_rate_limit_headers(redis_url: str) -> None:
+    async with running_stack(redis_url) as stack:
+        headers = {**stack.headers(key_id="tiny", limit=(30, 86_400_000)), "content-type": "application/json"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(stack.meter_url + "/v1/chat/completions", json=BODY, headers=headers) as resp,
+        ):
+            assert resp.status == 429
+            error = (await resp.json())["error"]
+            assert (error["type"], error["code"]) == ("tokens", "rate_limit_exceeded")
+            assert resp.headers["x-ratelimit-limit-tokens"] == "30" and int(resp.headers["retry-after"]) >= 1
+        metrics = await stack.metrics()
+    assert metrics[("maas_meter_reservations_total", (("outcome", "denied"),))] == 1
+
+
+async def test_upstream_down_is_503_and_not_ready(redis_url: str) -> None:
+    async with running_stack(redis_url, upstream=f"http://127.0.0.1:{free_port()}") as stack:
+        status, body = await post(stack.meter_url + "/v1/chat/completions", headers=signed())
+        async with aiohttp.ClientSession() as session, session.get(stack.ops_url + "/readyz") as ready:
+            assert ready.status == 503 and (await ready.json())["status"] == "not_ready"
+        metrics = await stack.metrics()
+    assert (status, body["error"]["code"]) == (503, "upstream_unavailable")
+    assert metrics[("maas_meter_upstream_errors_total", (("reason", "connect"),))] == 1
+
+
+async def test_slow_upstream_is_504(redis_url: str) -> None:
+    sim = SimConfig(served=(MODEL,), ttft_ms=5_000)
+    async with running_stack(redis_url, sim=sim, upstream_first_byte_timeout=0.2) as stack:
+        status, body = await post(stack.meter_url + "/v1/chat/completions", headers=signed())
+    assert (status, body["error"]["code"]) == (504, "upstream_timeout")
+
+
+async def test_stream_that_goes_silent_ends_with_an_error_event_and_is_charged_what_was_sent(redis_url: str) -> None:
+    sim = SimConfig(served=(MODEL,), tokens_per_second=1)
+    async with running_stack(redis_url, sim=sim, upstream_idle_timeout=0.3) as stack:
+        headers = {**stack.headers(key_id="silent", limit=(10_000, 86_400_000)), "content-type": "application/json"}
+        body = {**BODY, "stream": True, "ignore_eos": True}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(stack.meter_url + "/v1/chat/completions", json=body, headers=headers) as resp,
+        ):
+            events = (await resp.read()).decode().split("\n\n")
+        rows = await stack.store.read_usage("silent", [ledger_day()])
+    assert events[-3:] == [events[-3], "data: [DONE]", ""]
+    error = json.loads(events[-3][6:])["error"]
+    assert error["code"] == "upstream_timeout"
+    tokens = [e for e in events if '"content":"' in e and '"content":""' not in e]
+    assert rows[0].completion_tokens == len(tokens) == 1
+
+
+async def broken_upstream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    chunk = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": MODEL, "choices": []}
+    await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+    await asyncio.sleep(0.05)
+    assert request.transport is not None
+    request.transport.close()
+    return response
+
+
+async def test_upstream_that_breaks_mid_stream_gets_a_502_error_event(redis_url: str) -> None:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", broken_upstream)
+    runner, url = await serve(app)
+    try:
+        async with running_stack(redis_url, upstream=url) as stack:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    stack.meter_url + "/v1/chat/completions", json={**BODY, "stream": True}, headers=signed()
+                ) as resp,
+            ):
+                text = (await resp.read()).decode()
+            metrics = await stack.metrics()
+    finally:
+        await runner.cleanup()
+    assert text.endswith("data: [DONE]\n\n") and '"code": "upstream_error"' in text
+    assert metrics[("maas_meter_upstream_errors_total", (("reason", "broken"),))] == 1

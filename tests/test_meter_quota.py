@@ -1,0 +1,200 @@
+"""Metering and quotas through the meter with real Redis and the openai client: the ledger and the metrics equal
+the usage the clients saw, concurrent streams never overshoot a token bucket, early disconnects are charged what
+was sent, upstream errors refund."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import openai
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.contract import bucket_key, ledger_day
+from gateway.sim import engine
+from gateway.sim.server import SimConfig
+from tests.test_meter_stack import MODEL, Stack, running_stack
+
+pytestmark = pytest.mark.redis
+
+
+async def wait_until_settled(stack: Stack, *, sim_aborted: float | None = None) -> dict[Any, float]:
+    """Metrics once no metered request is in flight (and the simulator counted ``sim_aborted`` aborts)."""
+    deadline = time.monotonic() + 10
+    while True:
+        metrics = await stack.metrics()
+        busy = metrics[("maas_meter_requests_in_flight", ())] > 0
+        if sim_aborted is not None:
+            sim = await stack.metrics(stack.sim_url)
+            busy = busy or sim.get(("maas_sim_aborted_generations_total", ()), 0) < sim_aborted
+        if not busy or time.monotonic() > deadline:
+            return metrics
+        await asyncio.sleep(0.02)
+
+
+async def one_request(client: openai.AsyncOpenAI, kind: int, rng: random.Random) -> tuple[int, int]:
+    """One of several request shapes; returns the (prompt, completion) usage the client saw."""
+    messages = [{"role": "user", "content": f"question {rng.randrange(10_000)} about metering"}]
+    max_tokens = rng.choice([None, 5, 40])
+    if kind == 0:
+        chat = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens)  # type: ignore[arg-type]
+        assert chat.usage is not None
+        return chat.usage.prompt_tokens, chat.usage.completion_tokens
+    if kind == 1:
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+            max_tokens=max_tokens,  # type: ignore[arg-type]
+        )
+        usage = [chunk.usage async for chunk in stream if chunk.usage is not None]
+        assert len(usage) == 1
+        return usage[0].prompt_tokens, usage[0].completion_tokens
+    if kind == 2:
+        # no usage asked for: the client counts the streamed tokens (one per chunk) and knows the prompt's size
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=messages, stream=True, max_tokens=max_tokens
+        )  # type: ignore[arg-type]
+        tokens = [c async for c in stream if c.choices and c.choices[0].delta.content]
+        assert all(c.usage is None for c in tokens)
+        return engine.chat_prompt_tokens(messages), len(tokens)
+    if kind == 3:
+        text = await client.completions.create(model=MODEL, prompt=messages[0]["content"], max_tokens=max_tokens or 16)
+        assert text.usage is not None
+        return text.usage.prompt_tokens, text.usage.completion_tokens
+    emb = await client.embeddings.create(model=MODEL, input=[messages[0]["content"], "second"])
+    return emb.usage.prompt_tokens, 0
+
+
+async def test_ledger_and_metrics_equal_the_usage_clients_saw(redis_url: str) -> None:
+    rng = random.Random(7)
+    keys = {"k-alpha": (1_000_000, 60_000), "k-beta": None, "k-gamma": (500_000, 86_400_000)}
+    seen = {k: [0, 0, 0] for k in keys}
+    async with running_stack(redis_url, metrics_max_keys=2) as stack:
+        clients = {k: stack.client(key_id=k, limit=limit) for k, limit in keys.items()}
+        gate = asyncio.Semaphore(24)
+
+        async def run(key: str, kind: int) -> None:
+            async with gate:
+                prompt, completion = await one_request(clients[key], kind, rng)
+            seen[key][0] += 1
+            seen[key][1] += prompt
+            seen[key][2] += completion
+
+        jobs = [run(rng.choice(list(keys)), i % 5) for i in range(300)]
+        await asyncio.gather(*jobs)
+        for client in clients.values():
+            await client.close()
+        metrics = await wait_until_settled(stack)
+        for key in keys:
+            rows = await stack.store.read_usage(key, [ledger_day()])
+            assert [(r.model, r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [(MODEL, *seen[key])]
+    series = {
+        labels: value
+        for (name, labels), value in metrics.items()
+        if name == "maas_tokens_total" and dict(labels)["model"] == MODEL
+    }
+    by_key: dict[str, list[float]] = {}
+    for labels, value in series.items():
+        lab = dict(labels)
+        by_key.setdefault(lab["key_id"], [0, 0])[0 if lab["type"] == "prompt" else 1] += value
+    assert len(by_key) == 3 and "_other" in by_key  # two keys of their own, the third in the overflow series
+    assert sum(v[0] for v in by_key.values()) == sum(s[1] for s in seen.values())
+    assert sum(v[1] for v in by_key.values()) == sum(s[2] for s in seen.values())
+    for key in keys:
+        if key in by_key:
+            assert by_key[key] == [seen[key][1], seen[key][2]]
+    assert metrics[("maas_meter_requests_total", (("model", MODEL), ("status", "200")))] == 300
+
+
+async def test_fifty_concurrent_streams_never_overshoot_a_daily_token_bucket(redis_url: str) -> None:
+    limit, window = 10_000, 86_400_000
+    sim = SimConfig(served=(MODEL,), tokens_per_second=2000, ttft_ms=50)
+    async with running_stack(redis_url, sim=sim) as stack:
+        started = time.monotonic()
+        async with stack.client(key_id="daily", limit=(limit, window)) as client:
+
+            async def stream(i: int) -> tuple[str, int, int, dict[str, str]]:
+                messages = [{"role": "user", "content": f"write a long story number {i}"}]
+                try:
+                    raw = await client.chat.completions.with_raw_response.create(
+                        model=MODEL,
+                        messages=messages,  # type: ignore[arg-type]
+                        stream=True,
+                        max_tokens=400,
+                        stream_options={"include_usage": True},
+                        extra_body={"ignore_eos": True},
+                    )
+                except openai.RateLimitError as exc:
+                    assert exc.body["type"] == "tokens" and exc.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
+                    assert exc.response.headers["retry-after"]
+                    return "denied", 0, 0, {}
+                usage = [c.usage async for c in raw.parse() if c.usage is not None].pop()
+                return "served", usage.prompt_tokens, usage.completion_tokens, dict(raw.headers)
+
+            results = await asyncio.gather(*(stream(i) for i in range(50)))
+        elapsed_ms = (time.monotonic() - started) * 1000
+        await wait_until_settled(stack)
+        rows = await stack.store.read_usage("daily", [ledger_day()])
+    served = [r for r in results if r[0] == "served"]
+    total = sum(p + c for _, p, c, _ in served)
+    refill = limit * elapsed_ms / window + 1
+    assert total <= limit + refill
+    assert rows[0].prompt_tokens + rows[0].completion_tokens == total and rows[0].requests == len(served)
+    clamped = [r for r in served if "x-maas-max-tokens-clamped" in r[3]]
+    full = [r for r in served if "x-maas-max-tokens-clamped" not in r[3]]
+    assert clamped and full and len(served) < 50
+    for _, _, completion, headers in clamped:
+        assert completion == int(headers["x-maas-max-tokens-clamped"]) < 400
+    assert all(completion == 400 for _, _, completion, _ in full)
+
+
+async def test_a_client_that_leaves_mid_stream_pays_what_it_was_sent(redis_url: str) -> None:
+    sim = SimConfig(served=(MODEL,), tokens_per_second=5)
+    messages = [{"role": "user", "content": "stream slowly please"}]
+    async with running_stack(redis_url, sim=sim) as stack:
+        async with stack.client(key_id="leaver", limit=(100_000, 86_400_000)) as client:
+            stream = await client.chat.completions.create(
+                model=MODEL,
+                messages=messages,  # type: ignore[arg-type]
+                stream=True,
+                max_tokens=500,
+                extra_body={"ignore_eos": True},
+            )
+            received = 0
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    received += 1
+                if received == 3:
+                    break
+            await stream.close()
+        metrics = await wait_until_settled(stack, sim_aborted=1)
+        sim_metrics = await stack.metrics(stack.sim_url)
+        rows = await stack.store.read_usage("leaver", [ledger_day()])
+        bucket = aioredis.Redis.from_url(redis_url)
+        level = float(await bucket.hget(bucket_key("leaver", "tokens"), "t") or 0)
+        await bucket.aclose()
+    charged = rows[0].prompt_tokens + rows[0].completion_tokens
+    assert (rows[0].prompt_tokens, rows[0].completion_tokens) == (engine.chat_prompt_tokens(messages), 3)
+    assert metrics[("maas_meter_client_disconnects_total", ())] == 1
+    assert sim_metrics[("maas_sim_aborted_generations_total", ())] == 1
+    assert sim_metrics[("vllm:generation_tokens_total", (("model_name", MODEL),))] == 0
+    assert 100_000 - charged <= level < 100_000 - charged + 1  # the bucket holds only the charge (plus refill)
+
+
+async def test_an_upstream_error_refunds_the_whole_reservation(redis_url: str) -> None:
+    async with running_stack(redis_url) as stack:
+        async with stack.client(key_id="unlucky", limit=(50_000, 86_400_000), model="") as client:
+            with pytest.raises(openai.NotFoundError) as caught:
+                await client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+        assert caught.value.body["code"] == "not_found"  # type: ignore[index]
+        await wait_until_settled(stack)
+        rows = await stack.store.read_usage("unlucky", [ledger_day()])
+        bucket = aioredis.Redis.from_url(redis_url)
+        assert not await bucket.exists(bucket_key("unlucky", "tokens"))  # refunded to full: nothing stored
+        await bucket.aclose()
+    assert rows == []
