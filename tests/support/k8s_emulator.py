@@ -80,20 +80,20 @@ def _label_matcher(selector: str) -> Any:
         else:
             requirements.append((part, "exists", None))
 
+    def check(labels: dict[str, str], key: str, op: str, value: Any) -> bool:
+        have = labels.get(key)
+        if op == "=":
+            return have == value
+        if op == "!=":
+            return have != value
+        if op == "in":
+            return have is not None and have in value
+        if op == "notin":
+            return have is None or have not in value
+        return (key in labels) == (op == "exists")
+
     def match(labels: dict[str, str]) -> bool:
-        for key, op, value in requirements:
-            have = labels.get(key)
-            ok = {
-                "=": have == value,
-                "!=": have != value,
-                "in": have in (value or ()),
-                "notin": have not in (value or ()),
-                "exists": key in labels,
-                "!exists": key not in labels,
-            }[op]
-            if not ok:
-                return False
-        return True
+        return all(check(labels, key, op, value) for key, op, value in requirements)
 
     return match
 
@@ -107,7 +107,7 @@ class _Event:
     new: Obj
 
 
-@dataclass
+@dataclass(eq=False)
 class _Filter:
     resource: tuple[str, str]
     namespace: str | None
@@ -516,3 +516,31 @@ class K8sEmulator:
             return response
         finally:
             self._watchers.discard(entry)
+
+
+# --- helpers for control-plane tests -------------------------------------------------------------------------
+
+
+def load_manifests(*paths: Path) -> list[Obj]:
+    """Every object in these YAML files (multi-document) or directories of them."""
+    import yaml
+
+    files: list[Path] = []
+    for path in paths:
+        files += sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml")) if path.is_dir() else [path]
+    return [doc for file in files for doc in yaml.safe_load_all(file.read_text()) if isinstance(doc, dict)]
+
+
+async def eventually(check: Any, *, timeout: float = 15.0, interval: float = 0.02) -> Any:
+    """Poll ``check`` (sync or async, returning a truthy value when done) until it passes; AssertionError with
+    the last value when it never does. For convergence, not for measuring speed."""
+    deadline = time.monotonic() + timeout
+    value: Any = None
+    while time.monotonic() < deadline:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
