@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import shutil
-import subprocess
+from asyncio.subprocess import PIPE, STDOUT
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -313,10 +314,11 @@ async def test_ops_port_and_status(emulator: K8sEmulator, tmp_path: Path, redis_
             assert name in text
         promtool = shutil.which("promtool")
         if promtool:
-            check = subprocess.run(
-                [promtool, "check", "metrics"], input=text.encode(), capture_output=True, check=False
+            proc = await asyncio.create_subprocess_exec(
+                promtool, "check", "metrics", stdin=PIPE, stdout=PIPE, stderr=STDOUT
             )
-            assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+            output, _ = await proc.communicate(text.encode())
+            assert proc.returncode == 0, output.decode()
         status = json.loads(await fetch(f"http://127.0.0.1:{plane.ports['main']}/v1/sync"))
         assert status["ready"] is True and status["records"]["key"] == 1
         assert "secrets/other/app=llm-gateway" in status["streams"]

@@ -531,10 +531,10 @@ def load_manifests(*paths: Path) -> list[Obj]:
     return [doc for file in files for doc in yaml.safe_load_all(file.read_text()) if isinstance(doc, dict)]
 
 
-async def eventually(check: Any, *, timeout: float = 15.0, interval: float = 0.02) -> Any:
+async def eventually(check: Any, *, within: float = 15.0, interval: float = 0.02) -> Any:
     """Poll ``check`` (sync or async, returning a truthy value when done) until it passes; AssertionError with
     the last value when it never does. For convergence, not for measuring speed."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     value: Any = None
     while time.monotonic() < deadline:
         value = check()
@@ -543,4 +543,4 @@ async def eventually(check: Any, *, timeout: float = 15.0, interval: float = 0.0
         if value:
             return value
         await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
+    raise AssertionError(f"condition not met within {within}s (last value: {value!r})")
