@@ -35,17 +35,19 @@ async def wait_until_settled(stack: Stack, *, sim_aborted: float | None = None) 
         await asyncio.sleep(0.02)
 
 
-async def one_request(client: openai.AsyncOpenAI, kind: int, rng: random.Random) -> tuple[int, int]:
+async def one_request(
+    client: openai.AsyncOpenAI, kind: int, rng: random.Random, *, model: str = MODEL
+) -> tuple[int, int]:
     """One of several request shapes; returns the (prompt, completion) usage the client saw."""
     messages = [{"role": "user", "content": f"question {rng.randrange(10_000)} about metering"}]
     max_tokens = rng.choice([None, 5, 40])
     if kind == 0:
-        chat = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens)  # type: ignore[arg-type]
+        chat = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens)  # type: ignore[arg-type]
         assert chat.usage is not None
         return chat.usage.prompt_tokens, chat.usage.completion_tokens
     if kind == 1:
         stream = await client.chat.completions.create(
-            model=MODEL,
+            model=model,
             messages=messages,
             stream=True,
             stream_options={"include_usage": True},
@@ -57,16 +59,16 @@ async def one_request(client: openai.AsyncOpenAI, kind: int, rng: random.Random)
     if kind == 2:
         # no usage asked for: the client counts the streamed tokens (one per chunk) and knows the prompt's size
         stream = await client.chat.completions.create(
-            model=MODEL, messages=messages, stream=True, max_tokens=max_tokens
+            model=model, messages=messages, stream=True, max_tokens=max_tokens
         )  # type: ignore[arg-type]
         tokens = [c async for c in stream if c.choices and c.choices[0].delta.content]
         assert all(c.usage is None for c in tokens)
         return engine.chat_prompt_tokens(messages), len(tokens)
     if kind == 3:
-        text = await client.completions.create(model=MODEL, prompt=messages[0]["content"], max_tokens=max_tokens or 16)
+        text = await client.completions.create(model=model, prompt=messages[0]["content"], max_tokens=max_tokens or 16)
         assert text.usage is not None
         return text.usage.prompt_tokens, text.usage.completion_tokens
-    emb = await client.embeddings.create(model=MODEL, input=[messages[0]["content"], "second"])
+    emb = await client.embeddings.create(model=model, input=[messages[0]["content"], "second"])
     return emb.usage.prompt_tokens, 0
 
 

@@ -12,7 +12,7 @@ from gateway.settings import CommonSettings
 
 log = logging.getLogger("maas.meter")
 
-DEV_IDENTITY_SECRET = "maas-development-identity-secret-do-not-use"
+DEV_IDENTITY_SECRET = "maas-development-identity-secret"  # the same as maas authz uses in --dev
 
 
 class MeterSettings(CommonSettings):
