@@ -1,0 +1,142 @@
+"""The ``dir:`` source: the same records as the Kubernetes source from the same YAML files, live file changes,
+broken files, and writing admin-issued key Secrets as manifests."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.errors import SourceError
+from controlplane.kinds import SECRET
+from controlplane.runner import ControlPlane
+from controlplane.settings import ControlPlaneSettings
+from controlplane.sources import Stream
+from controlplane.sources.directory import DirSource
+from gateway import contract
+from gateway.contract import RecordKind
+from gateway.errors import ConfigError
+from gateway.settings import load
+from gateway.store.redis import RedisStore
+from tests.conftest import PEPPER
+from tests.support.k8s_emulator import K8sEmulator, eventually, load_manifests
+from tests.test_controlplane_kube import records, settings_for, started
+
+pytestmark = pytest.mark.redis
+
+SEED = Path(__file__).parent / "fixtures" / "seed"
+
+
+@pytest.fixture
+def emulator() -> Iterator[K8sEmulator]:
+    emu = K8sEmulator(bookmark_interval=0.2).start()
+    yield emu
+    emu.stop()
+
+
+def dir_settings(path: Path, redis_url: str, **overrides: Any) -> ControlPlaneSettings:
+    values: dict[str, Any] = {
+        "port": 0,
+        "ops_port": 0,
+        "host": "127.0.0.1",
+        "source": f"dir:{path}",
+        "redis_url": redis_url,
+        "dir_poll_interval": 0.05,
+        "resync_period": 3600,
+        "log_format": "text",
+    }
+    return load(ControlPlaneSettings, **{**values, **overrides})
+
+
+def without_created_at(tables: dict[RecordKind, dict[str, dict[str, Any]]]) -> dict[RecordKind, Any]:
+    """The API server stamps ``creationTimestamp`` (the keys' ``created_at``); a file has none."""
+    return {
+        kind: {k: {f: v for f, v in r.items() if f != "created_at"} for k, r in t.items()} for kind, t in tables.items()
+    }
+
+
+async def test_dir_source_gives_the_same_records_as_kubernetes(
+    emulator: K8sEmulator, tmp_path: Path, redis_url: str
+) -> None:
+    for obj in load_manifests(SEED):
+        emulator.create(obj)
+    kube_store = RedisStore(redis_url, timeout=2.0)
+    dir_store = RedisStore(redis_url.rsplit("/", 1)[0] + "/1", timeout=2.0)
+    kube = await started(settings_for(emulator, tmp_path, redis_url))
+    local = await started(dir_settings(SEED, redis_url.rsplit("/", 1)[0] + "/1"))
+    try:
+        from_kube, from_dir = await records(kube_store), await records(dir_store)
+        assert all(from_kube[kind] for kind in RecordKind)
+        assert without_created_at(from_kube) == without_created_at(from_dir)
+        assert {r["created_at"] for r in from_dir[RecordKind.KEY].values()} == {None}
+    finally:
+        await kube.stop()
+        await local.stop()
+        await kube_store.close()
+        await dir_store.close()
+
+
+async def test_dir_source_follows_file_changes(tmp_path: Path, redis_url: str) -> None:
+    manifests = tmp_path / "manifests"
+    shutil.copytree(SEED, manifests)
+    store = RedisStore(redis_url, timeout=2.0)
+    plane = await started(dir_settings(manifests, redis_url))
+    try:
+        admin = contract.digest_key("admin-key-12345", PEPPER)
+        assert await store.get_record(RecordKind.KEY, admin) is not None
+        (manifests / "broken.yaml").write_text("kind: Secret\nmetadata: {name: [\n")
+        keys = manifests / "07-api-key-secrets.yaml"
+        keys.write_text(keys.read_text().replace("admin-key-12345", "admin-key-rotated"))
+        rotated = contract.digest_key("admin-key-rotated", PEPPER)
+
+        async def rotated_only() -> bool:
+            got = await records(store)
+            return rotated in got[RecordKind.KEY] and admin not in got[RecordKind.KEY]
+
+        await eventually(rotated_only)
+        assert plane.metrics.skipped.labels(kind="File", reason="invalid_yaml")._value.get() == 1
+        (manifests / "05-model-routing.yaml").unlink()
+
+        async def no_routes() -> bool:
+            return not (await records(store))[RecordKind.ROUTE]
+
+        await eventually(no_routes)
+    finally:
+        await plane.stop()
+        await store.close()
+
+
+async def test_dir_source_apply_and_delete(tmp_path: Path) -> None:
+    source = DirSource(tmp_path, poll_interval=0.05)
+    shutil.copy(SEED / "07-api-key-secrets.yaml", tmp_path)
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "maas-key-1", "namespace": "llm", "labels": {"maas.io/api-key": "true"}},
+        "data": {"digest": base64.b64encode(b"cd" * 32).decode()},
+    }
+    await source.apply(secret)
+    stored = await source.get(SECRET, "llm", "maas-key-1")
+    assert stored is not None and stored["data"] == secret["data"]
+    assert (tmp_path / "maas-secret-llm-maas-key-1.yaml").exists()
+    listing = await source.list(Stream(SECRET, "llm"))
+    assert {o["metadata"]["name"] for o in listing.items} == {
+        "admin-key",
+        "premium-user-key",
+        "free-user-key",
+        "maas-key-1",
+    }
+    assert await source.delete(SECRET, "llm", "maas-key-1") is True
+    assert await source.delete(SECRET, "llm", "maas-key-1") is False
+    with pytest.raises(SourceError, match="user manifest"):
+        await source.delete(SECRET, "llm", "admin-key")
+    assert await source.get(SECRET, "llm", "maas-key-1") is None
+
+
+def test_leader_election_needs_kubernetes(tmp_path: Path, redis_url: str) -> None:
+    with pytest.raises(ConfigError, match="leader"):
+        ControlPlane(dir_settings(tmp_path, redis_url, leader_election=True))
