@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from gateway.contract import REQUESTS, TOKENS, format_duration
@@ -42,6 +42,18 @@ class Admission:
     ops: tuple[BucketOp, ...]
 
 
+class HotCache:
+    """Per-process memo of what many requests share: the bucket operations of a key under given limits, and the
+    signed identity headers of a (key, tier, model) within one second (the signature's timestamp granularity)."""
+
+    MAX_ENTRIES = 100_000
+
+    def __init__(self) -> None:
+        self.ops: dict[tuple[str, CompiledLimits], tuple[BucketOp, ...]] = {}
+        self.identity: dict[tuple[KeyEntry, str, str, tuple[int, int] | None], list[tuple[str, str]]] = {}
+        self.second = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """Per-process decision settings, fixed at start."""
@@ -52,6 +64,7 @@ class Policy:
     path_prefix: str = ""
     allow_unrouted: bool = False
     remove_credentials: bool = True
+    cache: HotCache = field(default_factory=HotCache, compare=False)
 
 
 def error_body(message: str, *, error_type: str, code: str, param: str | None = None) -> bytes:
@@ -166,12 +179,21 @@ def admit(
     if model is None or not model.ready:
         reason = f": {model.reason}" if model is not None and model.reason else ""
         return _denial(503, "model_not_ready", f"The model '{model_id}' is not ready{reason}.", "server_error")
-    ops: list[BucketOp] = []
-    if limits.requests is not None:
-        ops.append(BucketOp(key.key_id, REQUESTS, limits.requests[0], limits.requests[1], 1))
-    if limits.tokens is not None:
-        ops.append(BucketOp(key.key_id, TOKENS, limits.tokens[0], limits.tokens[1], 1, BucketMode.GATE))
-    return Admission(key=key, tier=tier, model=model_id, limits=limits, ops=tuple(ops))
+    return Admission(key=key, tier=tier, model=model_id, limits=limits, ops=_ops(policy.cache, key.key_id, limits))
+
+
+def _ops(cache: HotCache, key_id: str, limits: CompiledLimits) -> tuple[BucketOp, ...]:
+    ops = cache.ops.get((key_id, limits))
+    if ops is None:
+        built: list[BucketOp] = []
+        if limits.requests is not None:
+            built.append(BucketOp(key_id, REQUESTS, limits.requests[0], limits.requests[1], 1))
+        if limits.tokens is not None:
+            built.append(BucketOp(key_id, TOKENS, limits.tokens[0], limits.tokens[1], 1, BucketMode.GATE))
+        if len(cache.ops) >= HotCache.MAX_ENTRIES:
+            cache.ops.clear()
+        ops = cache.ops[(key_id, limits)] = tuple(built)
+    return ops
 
 
 def _ratelimit_headers(admission: Admission, results: list[BucketResult]) -> list[tuple[str, str]]:
@@ -210,18 +232,29 @@ def allow_headers(
     """Headers of the 200: identity for the upstream, credential removal, and rate-limit state for the client."""
     key = admission.key
     tokens = admission.limits.tokens
-    identity = Identity(
-        key_id=key.key_id,
-        user=key.user,
-        groups=key.groups,
-        tier=admission.tier.name if admission.tier is not None else "",
-        model=admission.model or "",
-        token_limit=tokens[0] if tokens is not None else None,
-        token_window_ms=tokens[1] if tokens is not None else None,
-    )
-    headers = list(sign(identity, policy.identity_secret, now=now).items())
-    if policy.remove_credentials:
-        headers.append(REMOVE_CREDENTIALS)
+    tier = admission.tier.name if admission.tier is not None else ""
+    model = admission.model or ""
+    cache = policy.cache
+    second = int(now)
+    if second != cache.second or len(cache.identity) >= HotCache.MAX_ENTRIES:
+        cache.identity.clear()
+        cache.second = second
+    memo = (key, tier, model, tokens)
+    base = cache.identity.get(memo)
+    if base is None:
+        identity = Identity(
+            key_id=key.key_id,
+            user=key.user,
+            groups=key.groups,
+            tier=tier,
+            model=model,
+            token_limit=tokens[0] if tokens is not None else None,
+            token_window_ms=tokens[1] if tokens is not None else None,
+        )
+        base = list(sign(identity, policy.identity_secret, now=second).items())
+        if policy.remove_credentials:
+            base.append(REMOVE_CREDENTIALS)
+        cache.identity[memo] = base
     if results:
-        headers += _ratelimit_headers(admission, results)
-    return headers
+        return base + _ratelimit_headers(admission, results)
+    return list(base)

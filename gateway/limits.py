@@ -18,7 +18,7 @@ Modes:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 
@@ -38,9 +38,16 @@ class BucketOp:
     cost: int
     mode: BucketMode = BucketMode.TAKE
     min_cost: int = 0
+    wire: tuple[bytes, tuple[bytes, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # The Redis key and script arguments, encoded once: hot-path ops are memoised and sent many times.
+        key = f"maas:b:{{k:{self.key_id}}}:{self.dimension}".encode()
+        args = (self.limit, self.window_ms, self.cost, int(self.mode), self.min_cost)
+        object.__setattr__(self, "wire", (key, tuple(b"%d" % a for a in args)))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BucketResult:
     allowed: bool
     limit: int

@@ -49,6 +49,7 @@ return gen
 
 BUCKET_SCRIPT = resources.files("gateway.store").joinpath("buckets.lua").read_text()
 
+_COUNTS = tuple(b"%d" % i for i in range(16))
 APPLY_CHUNK = 500
 USAGE_TTL_SECONDS = 400 * 86400
 _ERRORS = (rexc.RedisError, OSError)
@@ -123,7 +124,9 @@ class RedisStore:
         self.cluster = "+cluster://" in url
         self._url = url.replace("+cluster://", "://")
         common: dict[str, Any] = {
-            "socket_timeout": max(timeout, 0.05) * 4,
+            # No socket_timeout: redis-py would wrap every read in asyncio.wait_for (a task per read); every call
+            # here is bounded by asyncio.timeout in _call instead, and a cancelled read drops its connection.
+            "socket_timeout": None,
             "socket_connect_timeout": max(timeout, 0.05) * 4,
             "retry": Retry(NoBackoff(), 1),
         }
@@ -202,13 +205,14 @@ class RedisStore:
         return _unflatten(groups, flat)
 
     async def _run_buckets(self, groups: Sequence[Sequence[BucketOp]]) -> list[int]:
-        keys: list[str] = []
-        args: list[int] = [len(groups)]
+        keys: list[bytes] = []
+        args: list[bytes] = [b"%d" % len(groups)]
         for ops in groups:
-            args.append(len(ops))
+            args.append(_COUNTS[len(ops)] if len(ops) < len(_COUNTS) else b"%d" % len(ops))
             for op in ops:
-                keys.append(contract.bucket_key(op.key_id, op.dimension))
-                args += (op.limit, op.window_ms, op.cost, int(op.mode), op.min_cost)
+                key, wire = op.wire
+                keys.append(key)
+                args += wire
         result: list[int] = await self._evalsha(self._buckets, keys, args)
         return result
 
