@@ -147,7 +147,7 @@ class RedisStore:
         except _ERRORS as exc:
             raise StoreError(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
 
-    async def _evalsha(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def _evalsha(self, script: _Script, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
         try:
             return await self._client.evalsha(script.sha, len(keys), *keys, *args)
         except rexc.NoScriptError:

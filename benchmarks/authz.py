@@ -1,0 +1,282 @@
+"""``make bench-authz``: the hot path against the Python ceiling, side by side in one run.
+
+Measures, with wrk on loopback (2-core machines share the CPUs between wrk, Envoy, Redis and the servers, so the
+targets are ratios):
+- throughput at saturation: ``maas authz`` (a Redis bucket check on every request) vs. the trivial always-200
+  aiohttp + uvloop server;
+- latency at a fixed rate through Envoy: no ext_authz, the trivial server as ext_authz, ``maas authz``;
+- 1,000,000 keys: cold-start load time, RSS per key, throughput vs. 10 keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis as sync_redis
+
+from benchmarks.common import WrkResult, median, rss_bytes, run_wrk, table, write_result
+from controlplane import envoy
+from gateway import contract
+from gateway.contract import Limit, Limits, ModelRecord
+from gateway.store.redis import RedisStore
+from tests.support import platform
+from tests.support.procs import Proc, free_port, redis_server, start, wait_port
+from tests.support.stack import authz_process, envoy_process
+
+PEPPER = b"bench-pepper-0123456789abcdef"
+PATH = "/qwen3/v1/chat/completions"
+UNLIMITED = Limits(requests=Limit(limit=1_000_000_000, window="1m"))
+
+
+@dataclass
+class Settings:
+    duration: float
+    reps: int
+    connections: int
+    rate: float
+    big_keys: int
+    sample: int
+
+
+def bench_keys(count: int) -> list[platform.Key]:
+    return [platform.Key(f"sk-bench-{i:08d}", f"user{i}", tier="enterprise", limits=UNLIMITED) for i in range(count)]
+
+
+async def seed_small(url: str, keys: list[platform.Key]) -> None:
+    store = RedisStore(url, timeout=5.0)
+    await platform.seed(store, PEPPER, keys=tuple(keys))
+    await store.apply([contract.put(ModelRecord(id=platform.QWEN, ready=True))])
+    await store.close()
+
+
+def seed_many(url: str, count: int) -> float:
+    """Write ``count`` key records straight into Redis (pipelined HSET), as a full sync would leave them."""
+    started = time.monotonic()
+    client = sync_redis.Redis.from_url(url)
+    template = contract.encode_record(bench_keys(1)[0].record(PEPPER))
+    first = bench_keys(1)[0].record(PEPPER)
+    pipe = client.pipeline(transaction=False)
+    for i in range(count):
+        plaintext = f"sk-bench-{i:08d}".encode()
+        digest = hmac.digest(PEPPER, plaintext, "sha256").hex()
+        value = (
+            template.replace(first.digest, digest)
+            .replace(first.key_id, digest[: contract.KEY_ID_LENGTH])
+            .replace('"user0"', f'"user{i}"')
+        )
+        pipe.hset(contract.KEYS_HASH, digest, value)
+        if i % 20000 == 19999:
+            pipe.execute()
+    pipe.execute()
+    client.incr(contract.GENERATION_KEY)
+    client.close()
+    return time.monotonic() - started
+
+
+@contextlib.contextmanager
+def trivial(log_dir: Path) -> Iterator[tuple[Proc, int]]:
+    port = free_port()
+    proc = start(f"trivial-{port}", [sys.executable, "-m", "benchmarks.trivial", str(port)], log_dir=log_dir)
+    try:
+        wait_port(port, proc=proc.popen)
+        yield proc, port
+    finally:
+        proc.stop()
+
+
+def saturate(url: str, keys: list[str], s: Settings) -> WrkResult:
+    return run_wrk(url, path=PATH, keys=keys, duration=s.duration, connections=s.connections)
+
+
+def run(s: Settings, log_dir: Path) -> dict[str, object]:
+    out: dict[str, object] = {}
+    small = bench_keys(10)
+    small_plain = [k.plaintext for k in small]
+    with redis_server() as redis, trivial(log_dir) as (_, trivial_port), trivial(log_dir) as (_, upstream_port):
+        asyncio.run(seed_small(redis.url, small))
+        with authz_process(redis_url=redis.url, pepper=PEPPER, log_dir=log_dir, name="authz-10") as a10:
+            # warm up both
+            saturate(f"http://127.0.0.1:{trivial_port}", small_plain, Settings(1, 1, s.connections, 0, 0, 0))
+            saturate(a10.url, small_plain, Settings(1, 1, s.connections, 0, 0, 0))
+            triv_runs, authz_runs = [], []
+            for _ in range(s.reps):
+                triv_runs.append(saturate(f"http://127.0.0.1:{trivial_port}", small_plain, s))
+                authz_runs.append(saturate(a10.url, small_plain, s))
+            assert all(r.non2xx == 0 and r.errors == 0 for r in authz_runs), authz_runs
+            out["saturation"] = {
+                "trivial_rps": median([r.rps for r in triv_runs]),
+                "authz_rps": median([r.rps for r in authz_runs]),
+                "runs": {"trivial": triv_runs, "authz": authz_runs},
+            }
+            out["latency"] = latency_through_envoy(s, log_dir, upstream_port, trivial_port, a10.port, small_plain)
+            rss_10 = rss_bytes(a10.proc.popen.pid)
+            out["scale"] = scale(s, log_dir, redis.url, a10.url, rss_10, small_plain)
+    return out
+
+
+def latency_through_envoy(
+    s: Settings, log_dir: Path, upstream: int, trivial_port: int, authz_port: int, keys: list[str]
+) -> dict[str, object]:
+    clusters = [envoy.Cluster("upstream", upstream)]
+    routes = [envoy.Route("/qwen3", "upstream", rewrite="/")]
+    results: dict[str, list[WrkResult]] = {"envoy": [], "envoy+trivial": [], "envoy+authz": []}
+    with (
+        envoy_process(routes=routes, clusters=clusters, authz_port=None, log_dir=log_dir) as plain,
+        envoy_process(routes=routes, clusters=clusters, authz_port=trivial_port, log_dir=log_dir) as with_trivial,
+        envoy_process(routes=routes, clusters=clusters, authz_port=authz_port, log_dir=log_dir) as with_authz,
+    ):
+        targets = {"envoy": plain, "envoy+trivial": with_trivial, "envoy+authz": with_authz}
+        for proxy in targets.values():
+            run_wrk(proxy.url, path=PATH, keys=keys, duration=1, connections=16, rate=s.rate)
+        for _ in range(s.reps):
+            for name, proxy in targets.items():
+                results[name].append(
+                    run_wrk(proxy.url, path=PATH, keys=keys, duration=s.duration, connections=16, rate=s.rate)
+                )
+    summary: dict[str, object] = {}
+    for name, runs in results.items():
+        summary[name] = {
+            "rps": median([r.rps for r in runs]),
+            "p50_us": median([r.p50_us for r in runs]),
+            "p90_us": median([r.p90_us for r in runs]),
+            "p99_us": median([r.p99_us for r in runs]),
+            "p999_us": median([r.p999_us for r in runs]),
+            "non2xx": sum(r.non2xx for r in runs),
+        }
+    return summary
+
+
+def scale(s: Settings, log_dir: Path, redis_url: str, a10_url: str, rss_10: int, small: list[str]) -> dict[str, object]:
+    seed_seconds = seed_many(redis_url, s.big_keys)
+    started = time.monotonic()
+    port, ops_port = free_port(), free_port()
+    with authz_process(redis_url=redis_url, pepper=PEPPER, log_dir=log_dir, name="authz-big") as big:
+        load_seconds = time.monotonic() - started
+        sample = [f"sk-bench-{i:08d}" for i in range(0, s.big_keys, max(1, s.big_keys // s.sample))]
+        saturate(big.url, sample, Settings(1, 1, s.connections, 0, 0, 0))
+        rss_big = rss_bytes(big.proc.popen.pid)
+        big_runs, small_runs = [], []
+        for _ in range(s.reps):
+            small_runs.append(saturate(a10_url, small, s))
+            big_runs.append(saturate(big.url, sample, s))
+    del port, ops_port
+    return {
+        "keys": s.big_keys,
+        "seed_seconds": seed_seconds,
+        "cold_start_seconds": load_seconds,
+        "rss_10_keys": rss_10,
+        "rss_big": rss_big,
+        "rss_per_key": (rss_big - rss_10) / s.big_keys,
+        "rps_10_keys": median([r.rps for r in small_runs]),
+        "rps_big": median([r.rps for r in big_runs]),
+    }
+
+
+def report(result: dict[str, object], s: Settings) -> str:
+    sat = result["saturation"]
+    lat = result["latency"]
+    sc = result["scale"]
+    assert isinstance(sat, dict) and isinstance(lat, dict) and isinstance(sc, dict)
+    ratio = sat["authz_rps"] / sat["trivial_rps"]
+    e0, e1, e2 = lat["envoy"], lat["envoy+trivial"], lat["envoy+authz"]
+    p50_ratio = e2["p50_us"] / e1["p50_us"]
+    p99_ratio = e2["p99_us"] / e1["p99_us"]
+    tput_ratio = sc["rps_big"] / sc["rps_10_keys"]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "missed"
+
+    rows = [
+        (
+            "saturation rps, maas authz vs trivial",
+            f"{sat['authz_rps']:,.0f} / {sat['trivial_rps']:,.0f}",
+            f"{ratio:.2f}x",
+            ">= 0.80x",
+            verdict(ratio >= 0.8),
+        ),
+        (
+            f"p50 via Envoy @ {s.rate:.0f} rps, authz vs trivial",
+            f"{e2['p50_us']} / {e1['p50_us']} us",
+            f"{p50_ratio:.2f}x",
+            "<= 1.15x",
+            verdict(p50_ratio <= 1.15),
+        ),
+        (
+            f"p99 via Envoy @ {s.rate:.0f} rps, authz vs trivial",
+            f"{e2['p99_us']} / {e1['p99_us']} us",
+            f"{p99_ratio:.2f}x",
+            "<= 1.25x",
+            verdict(p99_ratio <= 1.25),
+        ),
+        ("p50 added over Envoy without ext_authz", f"{e2['p50_us'] - e0['p50_us']:.0f} us", "", "report", ""),
+        (
+            f"{sc['keys']:,} keys: rps vs 10 keys",
+            f"{sc['rps_big']:,.0f} / {sc['rps_10_keys']:,.0f}",
+            f"{tput_ratio:.2f}x",
+            ">= 0.95x",
+            verdict(tput_ratio >= 0.95),
+        ),
+        (
+            f"{sc['keys']:,} keys: RSS growth per key",
+            f"{sc['rss_per_key']:.0f} B",
+            "",
+            "<= 500 B",
+            verdict(sc["rss_per_key"] <= 500),
+        ),
+        (
+            f"{sc['keys']:,} keys: cold start to ready",
+            f"{sc['cold_start_seconds']:.1f} s",
+            "",
+            "<= 20 s",
+            verdict(sc["cold_start_seconds"] <= 20),
+        ),
+    ]
+    lines = [
+        table(("measure", "measured", "ratio", "target", "verdict"), rows),
+        "",
+        table(
+            ("path @ fixed rate", "rps", "p50 us", "p90 us", "p99 us", "p99.9 us", "non-2xx"),
+            [
+                (name, v["rps"], v["p50_us"], v["p90_us"], v["p99_us"], v["p999_us"], v["non2xx"])
+                for name, v in lat.items()
+            ],
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks authz", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a few seconds per scenario, 20,000 keys")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per wrk run")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per measurement (median reported)")
+    parser.add_argument("--keys", type=int, default=None, help="keys for the scale test (default 1,000,000)")
+    parser.add_argument("--rate", type=float, default=500, help="fixed request rate for the latency runs")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections at saturation")
+    parser.add_argument("--log-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    s = Settings(
+        duration=args.duration or (2.0 if args.quick else 10.0),
+        reps=args.reps or (1 if args.quick else 3),
+        connections=args.connections,
+        rate=args.rate,
+        big_keys=args.keys or (20_000 if args.quick else 1_000_000),
+        sample=10_000 if not args.quick else 2_000,
+    )
+    log_dir = args.log_dir or Path(__import__("tempfile").mkdtemp(prefix="maas-bench-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    result = run(s, log_dir)
+    markdown = report(result, s)
+    print(markdown)
+    if not args.quick:
+        path = write_result("authz", {"settings": s.__dict__, **result}, markdown)
+        print(f"\nraw results: {path}")
+    return 0
