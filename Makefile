@@ -3,6 +3,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+include deploy/image.mk
+
 .PHONY: install test lint types contracts pytest demo bench bench-authz bench-controlplane bench-meter image clean
 
 $(STAMP): pyproject.toml
