@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 
+from controlplane.errors import SourceError
 from controlplane.runner import ControlPlane
 from controlplane.settings import ControlPlaneSettings
 from gateway import logs
@@ -29,6 +30,9 @@ async def serve(settings: ControlPlaneSettings) -> int:
         await plane.start()
         await stop.wait()
         log.info("shutting down")
+    except SourceError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
     finally:
         await plane.stop()
     return 0
