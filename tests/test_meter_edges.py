@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from typing import Any
 
 import aiohttp
@@ -185,3 +186,19 @@ async def test_upstream_that_breaks_mid_stream_gets_a_502_error_event(redis_url:
         await runner.cleanup()
     assert text.endswith("data: [DONE]\n\n") and '"code": "upstream_error"' in text
     assert metrics[("maas_meter_upstream_errors_total", (("reason", "broken"),))] == 1
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+async def test_meter_metrics_pass_promtool(redis_url: str) -> None:
+    async with running_stack(redis_url) as stack:
+        status, _ = await post(stack.meter_url + "/v1/chat/completions", headers=signed())
+        assert status == 200
+        async with aiohttp.ClientSession() as session, session.get(stack.ops_url + "/metrics") as resp:
+            text = await resp.read()
+    check = await asyncio.create_subprocess_exec(
+        "promtool", "check", "metrics", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await check.communicate(text)
+    assert check.returncode == 0, out.decode()
+    assert b'maas_tokens_total{key_id="spoof"' in text and b"gen_ai_client_token_usage_bucket" in text

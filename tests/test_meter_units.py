@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
+from gateway.errors import ConfigError
 from gateway.meter import errors, quota
 from gateway.meter import request as req
 from gateway.meter.estimate import Estimator
+from gateway.meter.settings import MeterSettings
 from gateway.meter.sse import Splitter, StreamMeter, Usage, find_usage, response_usage
+from gateway.settings import load
 from gateway.sim import api, engine
+from gateway.sim import main as sim_main
 
 EST = Estimator()
 
@@ -222,3 +227,28 @@ def test_upstream_errors_are_normalised_to_the_openai_envelope(
 ) -> None:
     error = json.loads(errors.normalise_upstream_error(status, raw))["error"]
     assert error["code"] == code and error["message"] == message and set(error) == {"message", "type", "param", "code"}
+
+
+# --- settings -----------------------------------------------------------------------------------------------
+
+
+def test_meter_settings_name_what_is_wrong() -> None:
+    with pytest.raises(ConfigError, match="--upstream / MAAS_UPSTREAM"):
+        load(MeterSettings, identity_secret="s" * 16)
+    with pytest.raises(ConfigError, match="identity_secret is required"):
+        load(MeterSettings, upstream="http://vllm:8080")
+    with pytest.raises(ConfigError, match="http"):
+        load(MeterSettings, upstream="vllm:8080", dev=True)
+    assert load(MeterSettings, upstream="http://vllm:8080/", dev=True).upstream == "http://vllm:8080"
+
+
+def test_sim_served_model_names_from_repeated_flags_or_a_comma_separated_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parser = argparse.ArgumentParser()
+    sim_main.configure(parser)
+    args = parser.parse_args(["--served-model-name", "a", "--served-model-name", "b", "--ttft-ms", "5"])
+    settings = load(sim_main.SimSettings, args)  # type: ignore[type-var]
+    assert (settings.served_model_name, settings.ttft_ms) == (("a", "b"), 5.0)
+    monkeypatch.setenv("MAAS_SERVED_MODEL_NAME", "x, y")
+    assert load(sim_main.SimSettings).served_model_name == ("x", "y")  # type: ignore[type-var]

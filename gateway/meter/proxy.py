@@ -162,8 +162,8 @@ async def metered(request: web.Request, meter: Meter, *, kind: Kind) -> web.Stre
         upstream = await meter.upstream.open(
             "POST", request.path_qs, headers=request_headers(request.headers, metered=True), data=body
         )
-    except MeterError:
-        await settle(meter.store, meter.metrics, exchange, served=None, status=502)
+    except MeterError as exc:
+        await settle(meter.store, meter.metrics, exchange, served=None, status=exc.status)
         raise
     try:
         if upstream.status >= 400:
@@ -206,8 +206,8 @@ async def _whole(
 ) -> web.StreamResponse:
     try:
         raw = await meter.upstream.read(upstream, limit=meter.config.max_response_bytes)
-    except MeterError:
-        await settle(meter.store, meter.metrics, exchange, served=None, status=502)
+    except MeterError as exc:
+        await settle(meter.store, meter.metrics, exchange, served=None, status=exc.status)
         raise
     served = response_usage(raw) or Usage()
     await settle(meter.store, meter.metrics, exchange, served=served, status=upstream.status)
