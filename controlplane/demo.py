@@ -64,6 +64,12 @@ def _free_port() -> int:
         return port
 
 
+def _child_env() -> dict[str, str]:
+    """The demo configures its children with flags only: MAAS_* variables meant for a real deployment (a pepper,
+    a Redis URL) must not leak into it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
+
+
 def _die_with_parent() -> None:
     """Children get SIGTERM if the demo itself is killed, so nothing outlives it."""
     with contextlib.suppress(OSError, AttributeError):
@@ -107,7 +113,12 @@ class Demo:
         log = self.logs / f"{name}.log"
         with log.open("wb") as handle:
             popen = subprocess.Popen(
-                argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+                argv,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=_child_env(),
+                preexec_fn=_die_with_parent,
             )
         child = Child(name=name, popen=popen, log=log, ready_url=ready_url)
         self.children.append(child)
@@ -331,6 +342,8 @@ def envoy_gateway(
     clusters = [envoy.Cluster(f"meter-{m.name}", m.meter_port) for m in models.values()]
     clusters.append(envoy.Cluster("controlplane", controlplane_port))
     routes = [envoy.Route(p, "controlplane") for p in SELF_SERVICE_PATHS]
+    # Every other path still goes through ext_authz, which answers 404 (route_not_found) in the OpenAI envelope.
+    routes.append(envoy.Route("/", "controlplane"))
     for doc in docs:
         if doc.get("kind") != "HTTPRoute":
             continue
