@@ -133,7 +133,7 @@ async def test_upstream_down_is_503_and_not_ready(redis_url: str) -> None:
 
 
 async def test_slow_upstream_is_504(redis_url: str) -> None:
-    sim = SimConfig(served=(MODEL,), ttft_ms=5_000)
+    sim = SimConfig(served=(MODEL,), ttft_ms=1_000)
     async with running_stack(redis_url, sim=sim, upstream_first_byte_timeout=0.2) as stack:
         status, body = await post(stack.meter_url + "/v1/chat/completions", headers=signed())
     assert (status, body["error"]["code"]) == (504, "upstream_timeout")
@@ -202,3 +202,29 @@ async def test_meter_metrics_pass_promtool(redis_url: str) -> None:
     out, _ = await check.communicate(text)
     assert check.returncode == 0, out.decode()
     assert b'maas_tokens_total{key_id="spoof"' in text and b"gen_ai_client_token_usage_bucket" in text
+
+
+async def runaway_upstream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(b"data: " + b"x" * 4096)
+    await asyncio.sleep(0.5)
+    return response
+
+
+async def test_an_oversized_upstream_event_ends_the_stream_with_an_error_event(redis_url: str) -> None:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", runaway_upstream)
+    runner, url = await serve(app)
+    try:
+        async with (
+            running_stack(redis_url, upstream=url, max_event_bytes=1024) as stack,
+            aiohttp.ClientSession() as session,
+            session.post(
+                stack.meter_url + "/v1/chat/completions", json={**BODY, "stream": True}, headers=signed()
+            ) as resp,
+        ):
+            text = (await resp.read()).decode()
+    finally:
+        await runner.cleanup()
+    assert text.endswith("data: [DONE]\n\n") and "malformed event stream" in text

@@ -35,7 +35,7 @@ from gateway.meter.errors import (
 from gateway.meter.estimate import Estimator, Kind
 from gateway.meter.metrics import UNKNOWN, MeterMetrics
 from gateway.meter.quota import Outcome, Reservation
-from gateway.meter.sse import Splitter, StreamMeter, Usage, response_usage
+from gateway.meter.sse import Splitter, SseError, StreamMeter, Usage, response_usage
 from gateway.meter.upstream import Upstream, request_headers, response_headers
 from gateway.store import Store
 
@@ -266,6 +266,10 @@ async def _stream(
     except MeterError as exc:
         failure = exc
         upstream.close()
+    except SseError as exc:
+        meter.upstream.count("broken")
+        failure = UpstreamBroken(f"upstream sent a malformed event stream: {exc}")
+        upstream.close()
     if not tracker.done:
         await _broken_stream(response, meter, exchange, tracker, failure)
         return response
@@ -283,7 +287,7 @@ async def _broken_stream(
 ) -> None:
     """The upstream stream ended without ``[DONE]``: charge what was sent, tell the client as vLLM does (an error
     event, then ``[DONE]``)."""
-    if failure is None:
+    if failure is None:  # a clean end of the body, but without [DONE]
         meter.upstream.count("broken")
         failure = UpstreamBroken("upstream closed the stream before it was complete")
     await settle(meter.store, meter.metrics, exchange, served=tracker.usage(), status=failure.status)
