@@ -18,6 +18,10 @@ Per-key data shares the hash tag ``{k:<key_id>}`` so all buckets of one key sit 
 - ``maas:b:{k:<key_id>}:<dimension>``   token bucket (hash: ``t`` tokens, ``ts`` last refill in ms)
 - ``maas:u:{k:<key_id>}:<YYYYMMDD>``    usage ledger (hash: ``<model>|requests``, ``<model>|prompt``,
   ``<model>|completion``)
+
+Index of the ledger, so usage reports over all keys never scan the keyspace:
+
+- ``maas:ui:<YYYYMMDD>``   set of the key ids with usage on that day
 """
 
 from __future__ import annotations
@@ -71,6 +75,10 @@ def bucket_key(key_id: str, dimension: str) -> str:
 
 def ledger_key(key_id: str, day: str) -> str:
     return f"maas:u:{{k:{key_id}}}:{day}"
+
+
+def ledger_index_key(day: str) -> str:
+    return f"maas:ui:{day}"
 
 
 def ledger_day(epoch_seconds: float | None = None) -> str:

@@ -125,3 +125,16 @@ async def test_usage_ledger_adds_up(store) -> None:
         ("m", "20261128", 3, 9, 12),
         ("n", "20261129", 1, 0, 0),
     ]
+
+
+async def test_usage_index_lists_the_keys_of_a_day(store) -> None:
+    await store.add_usage(
+        [
+            UsageDelta(key_id="kb", model="m", day="20261201", requests=1),
+            UsageDelta(key_id="ka", model="m", day="20261201", prompt_tokens=3),
+            UsageDelta(key_id="kc", model="m", day="20261202", requests=1),
+        ]
+    )
+    assert await store.usage_key_ids("20261201") == ["ka", "kb"]
+    assert await store.usage_key_ids("20261202") == ["kc"]
+    assert await store.usage_key_ids("20261203") == []

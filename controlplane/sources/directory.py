@@ -4,13 +4,16 @@ included, dotfiles ignored), rescanned every ``poll_interval`` seconds, so the p
 Objects are normalised the way the API server would store them: namespaced objects without a namespace go to
 ``default`` and Secrets' ``stringData`` is folded into base64 ``data``; so the translators see the same objects
 as from the ``kubernetes`` source. A file that fails to parse keeps its last good content and is reported.
-``apply`` writes ``maas-<kind>-<namespace>-<name>.yaml`` into the directory; ``delete`` removes such a file.
+``apply`` writes ``maas-<kind>-<namespace>-<name>.yaml`` into the directory (such a managed file wins over a user
+manifest of the same object, so the admin API can edit a tier ConfigMap that came from a user file) and wakes the
+watches at once; ``delete`` removes such a file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -74,6 +77,7 @@ class DirSource:
         self._files: dict[Path, tuple[tuple[int, int], list[Obj]]] = {}
         self._snapshots: OrderedDict[str, dict[ObjId, Obj]] = OrderedDict()
         self._scan_lock = asyncio.Lock()
+        self._wakers: set[asyncio.Event] = set()
         self.on_bad_file: Callable[[Path, str], None] | None = None
         """Called with a file that failed to parse (the control plane counts it as a skipped object)."""
 
@@ -119,7 +123,9 @@ class DirSource:
                     seen[file] = (signature, cached[1] if cached else [])
         self._files = seen
         objects: dict[ObjId, Obj] = {}
-        for _, docs in seen.values():
+        # Managed files (written by ``apply``) last, so they override a user manifest of the same object.
+        ordered = sorted(seen.items(), key=lambda item: self._is_managed(item[0]))
+        for _, (_, docs) in ordered:
             for doc in docs:
                 kind = kind_of(doc)
                 if kind is None:
@@ -162,8 +168,21 @@ class DirSource:
         if previous is None:
             raise GoneError(f"directory snapshot {resource_version} is gone")
         before = self._select(previous, stream)
+        waker = asyncio.Event()
+        self._wakers.add(waker)
+        try:
+            async for event in self._changes(stream, before=before, resource_version=resource_version, waker=waker):
+                yield event
+        finally:
+            self._wakers.discard(waker)
+
+    async def _changes(
+        self, stream: Stream, *, before: dict[ObjId, Obj], resource_version: str, waker: asyncio.Event
+    ) -> AsyncIterator[WatchEvent]:
         while True:
-            await asyncio.sleep(self._poll)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waker.wait(), timeout=self._poll)
+            waker.clear()
             version, objects = await self._scan()
             if version == resource_version:
                 continue
@@ -187,6 +206,13 @@ class DirSource:
     def _managed_file(self, kind: Kind, namespace: str, name: str) -> Path:
         return self.path / f"maas-{kind.name.lower()}-{namespace or 'cluster'}-{name}.yaml"
 
+    def _is_managed(self, file: Path) -> bool:
+        return file.parent == self.path and file.name.startswith(("maas-secret-", "maas-configmap-"))
+
+    def _wake(self) -> None:
+        for waker in self._wakers:
+            waker.set()
+
     async def apply(self, obj: Obj) -> Obj:
         kind = kind_of(obj)
         if kind is None or kind.name not in ("Secret", "ConfigMap"):
@@ -194,21 +220,20 @@ class DirSource:
         normal = _normalise(obj, kind)
         namespace, name = key_of(normal)
         target = self._managed_file(kind, namespace, name)
-        existing = await self.get(kind, namespace, name)
-        if existing is not None and not target.exists():
-            raise SourceError(f"{kind.name} {namespace}/{name} is defined by a user manifest; edit that file")
         clean: dict[str, Any] = {k: v for k, v in obj.items() if k != "status"}
         clean["metadata"] = {k: v for k, v in meta(obj).items() if k not in ("resourceVersion", "uid")}
         clean["metadata"]["namespace"] = namespace
         tmp = self.path / f".{target.name}.tmp"
         await asyncio.to_thread(tmp.write_text, yaml.safe_dump(clean, sort_keys=True))
         await asyncio.to_thread(os.replace, tmp, target)
+        self._wake()
         return normal
 
     async def delete(self, kind: Kind, namespace: str, name: str) -> bool:
         target = self._managed_file(kind, namespace, name)
         if target.exists():
             await asyncio.to_thread(target.unlink)
+            self._wake()
             return True
         if await self.get(kind, namespace, name) is not None:
             raise SourceError(f"{kind.name} {namespace}/{name} is defined by a user manifest; edit that file")

@@ -136,3 +136,7 @@ class MemoryStore:
             for (k, d, m), r in sorted(self._usage.items())
             if k == key_id and d in wanted
         ]
+
+    async def usage_key_ids(self, day: str) -> list[str]:
+        self._check()
+        return sorted({k for (k, d, _) in self._usage if d == day})

@@ -253,6 +253,10 @@ class RedisStore:
                     if value:
                         pipe.hincrby(name, f"{d.model}|{field}", value)
                 pipe.expire(name, USAGE_TTL_SECONDS)
+            for day, key_ids in _by_day(deltas).items():
+                index = contract.ledger_index_key(day)
+                pipe.sadd(index, *key_ids)
+                pipe.expire(index, USAGE_TTL_SECONDS)
             await pipe.execute()
 
         await self._call("usage", run)
@@ -278,6 +282,17 @@ class RedisStore:
                 for m, v in sorted(per_model.items())
             ]
         return rows
+
+    async def usage_key_ids(self, day: str) -> list[str]:
+        members = await self._call("usage index", lambda: self._client.smembers(contract.ledger_index_key(day)))
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+
+
+def _by_day(deltas: Sequence[UsageDelta]) -> dict[str, list[str]]:
+    out: dict[str, dict[str, None]] = {}
+    for d in deltas:
+        out.setdefault(d.day, {})[d.key_id] = None
+    return {day: list(ids) for day, ids in out.items()}
 
 
 def _unflatten(groups: Sequence[Sequence[BucketOp]], flat: Sequence[int]) -> list[list[BucketResult]]:
