@@ -19,7 +19,7 @@ from gateway.errors import ConfigError
 
 log = logging.getLogger("maas.settings")
 
-S = TypeVar("S", bound="CommonSettings")
+S = TypeVar("S", bound=BaseSettings)
 
 
 class CommonSettings(BaseSettings):

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,7 +93,17 @@ def _alive(pid: int) -> bool:
 def demo() -> Iterator[RunningDemo]:
     port, admin_port = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "controlplane.cli", "demo", "--port", str(port), "--admin-port", str(admin_port)],
+        [
+            sys.executable,
+            "-m",
+            "controlplane.cli",
+            "demo",
+            "--port",
+            str(port),
+            "--admin-port",
+            str(admin_port),
+            "--keep",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -104,6 +115,7 @@ def demo() -> Iterator[RunningDemo]:
     while True:
         line = proc.stdout.readline()
         if not line:
+            proc.stdout.close()
             pytest.fail("maas demo exited before it was ready:\n" + "".join(lines))
         lines.append(line)
         if line.startswith("ready "):
@@ -125,6 +137,10 @@ def demo() -> Iterator[RunningDemo]:
     if proc.poll() is None:
         proc.kill()
         proc.wait(10)
+    proc.stdout.close()
+    workdir = re.search(r"manifests:\s+(\S+)/manifests", banner)
+    if workdir is not None:
+        shutil.rmtree(workdir.group(1), ignore_errors=True)
 
 
 def test_banner_shows_the_copy_paste_commands(demo: RunningDemo) -> None:

@@ -89,7 +89,7 @@ async def serve(settings: SimSettings) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = load(SimSettings, args)  # type: ignore[type-var]
+    settings = load(SimSettings, args)
     logs.setup(fmt=settings.log_format, level=settings.log_level)
     try:
         import uvloop
