@@ -12,9 +12,13 @@ from typing import Any
 from aiohttp import web
 
 from controlplane import kinds
+from controlplane.admin.app import main_app
+from controlplane.admin.auth import TokenBook
+from controlplane.admin.context import AdminContext
+from controlplane.admin.state import AdminState
 from controlplane.leader import AlwaysLeader, LeaseElector
 from controlplane.metrics import Metrics
-from controlplane.ops import Parts, main_app, ops_app
+from controlplane.ops import Parts, ops_app
 from controlplane.reflector import Reflector
 from controlplane.settings import ControlPlaneSettings
 from controlplane.sources import Source, Stream, open_source
@@ -53,6 +57,7 @@ class ControlPlane:
         self.syncer: Syncer | None = None
         self.elector: LeaseElector | AlwaysLeader = AlwaysLeader()
         self.ports: dict[str, int] = {}
+        self.admin: AdminState | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._runners: list[web.AppRunner] = []
 
@@ -98,10 +103,35 @@ class ControlPlane:
             self._tasks.append(spawn(reflector.run(), name=f"watch:{stream.name}", log=log))
         self._tasks.append(spawn(self.elector.run(), name="leader-election", log=log))
         self._tasks.append(spawn(syncer.run(), name="sync", log=log))
+        admin = self.admin = AdminState(self.store, default_tier=settings.default_tier)
+        self._tasks.append(spawn(admin.run(), name="admin-view", log=log))
         parts = Parts(syncer=syncer, metrics=self.metrics, elector=self.elector, started=time.monotonic())
         self.ports["ops"] = await self._serve(ops_app(parts), settings.ops_port)
-        self.ports["main"] = await self._serve(main_app(parts), settings.port)
+        self.ports["main"] = await self._serve(main_app(parts, self._admin_context(admin)), settings.port)
         log.info("control plane started", extra={"ports": self.ports, "source": settings.source})
+
+    def _admin_context(self, admin: AdminState) -> AdminContext:
+        settings = self.settings
+        assert self.syncer is not None and self.source is not None
+        syncer = self.syncer
+
+        def tier_namespace() -> str:
+            names = (settings.tier_configmap, settings.tier_limits_configmap)
+            found = sorted(ns for ns, name in syncer.objects(kinds.CONFIGMAP) if name in names)
+            return found[0] if found else settings.tier_namespace or settings.key_namespace_name
+
+        return AdminContext(
+            state=admin,
+            source=self.source,
+            tokens=TokenBook(path=settings.admin_token_file, dev=settings.dev),
+            pepper=settings.pepper,
+            identity_secret=settings.identity_key,
+            key_namespace=settings.key_namespace_name,
+            tier_namespace=tier_namespace,
+            tier_configmap=settings.tier_configmap,
+            tier_limits_configmap=settings.tier_limits_configmap,
+            write_timeout=settings.admin_write_timeout,
+        )
 
     async def _serve(self, app: web.Application, port: int) -> int:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import socket
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from controlplane.selectors import split_union
 from gateway.settings import CommonSettings, split_csv
+
+DEV_IDENTITY_SECRET = "maas-development-identity-secret"
+"""Equal to ``maas authz --dev``'s identity secret, so the self-service API trusts the dev gateway."""
 
 DEFAULT_SECRET_SELECTORS = (
     "authorino.kuadrant.io/managed-by=authorino;kuadrant.io/auth-secret=true;app=llm-gateway;maas.io/api-key=true"
@@ -16,7 +19,7 @@ DEFAULT_SECRET_SELECTORS = (
 
 
 class ControlPlaneSettings(CommonSettings):
-    port: int = Field(8700, ge=0, le=65535, description="main port (sync status API)")
+    port: int = Field(8700, ge=0, le=65535, description="main port: admin API, self-service API, sync status")
     ops_port: int = Field(9700, ge=0, le=65535, description="ops port: /healthz, /readyz, /metrics")
     source: str = Field("kubernetes", description="where objects come from: 'kubernetes' or 'dir:PATH'")
     kubeconfig: str | None = Field(None, description="kubeconfig file (default: in-cluster, else ~/.kube/config)")
@@ -41,6 +44,21 @@ class ControlPlaneSettings(CommonSettings):
     watch_timeout: int = Field(290, ge=1, description="server-side watch timeout, seconds (dead connections)")
     backoff_max: float = Field(30.0, gt=0, description="cap of the reconnect backoff, seconds")
     dir_poll_interval: float = Field(1.0, gt=0, description="seconds between directory scans with --source dir:")
+    admin_token_file: str | None = Field(
+        None, description="admin API tokens, one '[<role> [<name>]] <token>' per line (reloaded on change)"
+    )
+    key_namespace: str = Field(
+        "", description="namespace of admin-issued key Secrets (default: the first of --namespaces, else default)"
+    )
+    tier_namespace: str = Field(
+        "", description="namespace for new tier ConfigMaps (default: where they exist, else the key namespace)"
+    )
+    admin_write_timeout: float = Field(
+        10.0, gt=0, le=120, description="seconds an admin write waits for its record to reach Redis"
+    )
+    identity_secret: SecretStr | None = Field(
+        None, description="secret of maas authz's identity headers (self-service through the gateway); dev default"
+    )
 
     @field_validator("source")
     @classmethod
@@ -73,6 +91,17 @@ class ControlPlaneSettings(CommonSettings):
         if self.leader_election is None:
             return self.directory is None
         return self.leader_election
+
+    @property
+    def key_namespace_name(self) -> str:
+        return self.key_namespace or (self.namespace_list[0] if self.namespace_list else "default")
+
+    @property
+    def identity_key(self) -> bytes | None:
+        """The authz identity secret; the development one with --dev; None: identity headers are not accepted."""
+        if self.identity_secret is not None:
+            return self.identity_secret.get_secret_value().encode()
+        return DEV_IDENTITY_SECRET.encode() if self.dev else None
 
     @property
     def holder_identity(self) -> str:

@@ -1,0 +1,75 @@
+"""The main port's application: the admin API, self-service, ``/openapi.json`` and the sync status, behind one
+middleware that authenticates admin calls and answers every error in the OpenAI envelope."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from controlplane.admin import keys, selfservice, tiers, usage
+from controlplane.admin.context import ADMIN, MAX_BODY_BYTES, PRINCIPAL, AdminContext, context, json_model
+from controlplane.admin.errors import AdminError, BodyTooLarge, NotSynced, StoreUnavailable, error_response
+from controlplane.admin.models import ModelList
+from controlplane.admin.openapi import document
+from controlplane.admin.views import model_view
+from controlplane.ops import PARTS, Parts, status
+from gateway.errors import StoreError
+
+log = logging.getLogger("maas.controlplane.admin")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ctx = context(request)
+    path = request.path
+    try:
+        if path.startswith("/admin/"):
+            request[PRINCIPAL] = ctx.tokens.check(
+                request.headers.get("authorization"), write=request.method in WRITE_METHODS
+            )
+        if (path.startswith("/admin/") or path in ("/v1/models", "/v1/me")) and not ctx.state.loaded.is_set():
+            raise NotSynced("The control plane has not loaded its view of Redis yet; retry shortly.")
+        return await handler(request)
+    except AdminError as exc:
+        return exc.response()
+    except StoreError as exc:
+        return StoreUnavailable(f"Redis is unavailable: {exc}").response()
+    except web.HTTPRequestEntityTooLarge:
+        return BodyTooLarge(f"The body is larger than {MAX_BODY_BYTES} bytes.").response()
+    except web.HTTPMethodNotAllowed as exc:
+        allow = ", ".join(sorted(exc.allowed_methods))
+        return error_response(
+            405,
+            message=f"{request.method} is not allowed on {path}; use {allow}.",
+            code="method_not_allowed",
+            headers={"Allow": allow},
+        )
+    except web.HTTPNotFound:
+        return error_response(404, message=f"No such endpoint: {request.method} {path}.", code="not_found")
+
+
+async def catalog(request: web.Request) -> web.Response:
+    state = context(request).state
+    return json_model(ModelList(data=[model_view(state.models[k]) for k in sorted(state.models)]))
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(document())
+
+
+def main_app(parts: Parts, ctx: AdminContext) -> web.Application:
+    app = web.Application(middlewares=[guard], client_max_size=MAX_BODY_BYTES)
+    app[PARTS] = parts
+    app[ADMIN] = ctx
+    app.router.add_get("/v1/sync", status, allow_head=False)
+    app.router.add_get("/openapi.json", openapi, allow_head=False)
+    app.router.add_get("/admin/v1/models", catalog, allow_head=False)
+    keys.add_routes(app)
+    tiers.add_routes(app)
+    usage.add_routes(app)
+    selfservice.add_routes(app)
+    return app

@@ -1,0 +1,145 @@
+"""What every admin handler needs, held by the aiohttp application, and the request parsing they share."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from controlplane.admin.auth import Principal, TokenBook
+from controlplane.admin.errors import (
+    InvalidDuration,
+    InvalidJSON,
+    InvalidRequest,
+    SourceUnavailable,
+    UnsupportedMediaType,
+)
+from controlplane.admin.state import AdminState
+from controlplane.errors import SourceError
+from controlplane.sources.base import Source
+from gateway.contract import WindowError, parse_window
+
+M = TypeVar("M", bound=BaseModel)
+
+MAX_BODY_BYTES = 64 * 1024
+_ZERO = re.compile(r"^\s*0+\s*(ms|s|m|h|d)?\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class AdminContext:
+    state: AdminState
+    source: Source
+    tokens: TokenBook
+    pepper: bytes
+    identity_secret: bytes | None
+    key_namespace: str
+    tier_namespace: Callable[[], str]
+    tier_configmap: str
+    tier_limits_configmap: str
+    write_timeout: float
+
+
+ADMIN = web.AppKey("admin", AdminContext)
+PRINCIPAL = "maas_admin_principal"
+
+
+def context(request: web.Request) -> AdminContext:
+    return request.app[ADMIN]
+
+
+def principal(request: web.Request) -> Principal:
+    value = request.get(PRINCIPAL)
+    assert isinstance(value, Principal)
+    return value
+
+
+async def read_body(request: web.Request, model: type[M], *, optional: bool = False) -> M:
+    """The JSON body as ``model``: 415 unless JSON, 400 ``invalid_json`` or ``invalid_request``; 413 above the cap
+    (aiohttp enforces ``client_max_size``)."""
+    raw = await request.read()
+    if not raw.strip() and optional:
+        return model()
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType("Send the body as JSON with 'Content-Type: application/json'.")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidJSON(f"The body is not valid JSON: {exc}") from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+
+
+def validation_error(exc: ValidationError) -> InvalidRequest:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or None
+    if first["type"] == "extra_forbidden":
+        return InvalidRequest(f"Unknown field '{where}'.", param=where)
+    return InvalidRequest(f"Invalid value for '{where}': {first['msg']}.", param=where)
+
+
+def check_query(request: web.Request, allowed: Iterable[str]) -> None:
+    known = set(allowed)
+    for name in request.query:
+        if name not in known:
+            raise InvalidRequest(f"Unknown query parameter '{name}'.", param=name)
+    for name in known:
+        if len(request.query.getall(name, [])) > 1:
+            raise InvalidRequest(f"Query parameter '{name}' given more than once.", param=name)
+
+
+def duration_seconds(text: str, *, param: str, allow_zero: bool = False) -> float:
+    if allow_zero and _ZERO.match(text):
+        return 0.0
+    try:
+        return parse_window(text) / 1000.0
+    except WindowError as exc:
+        raise InvalidDuration(
+            f"Invalid duration {text!r} for '{param}': use a number and a unit (s, m, h, d), like '30d'.", param=param
+        ) from exc
+
+
+def epoch_of(moment: datetime) -> float:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def expiry(expires_in: str | None, expires_at: datetime | None, *, now: float | None = None) -> float | None:
+    """Absolute expiry from ``expires_in`` (a duration) or ``expires_at`` (a time); at most one may be given."""
+    if expires_in is not None and expires_at is not None:
+        raise InvalidRequest("Give either 'expires_in' or 'expires_at', not both.", param="expires_in")
+    now = time.time() if now is None else now
+    if expires_in is not None:
+        return now + duration_seconds(expires_in, param="expires_in")
+    if expires_at is not None:
+        try:
+            return epoch_of(expires_at)
+        except (OverflowError, ValueError, OSError) as exc:
+            raise InvalidRequest("'expires_at' is out of range.", param="expires_at") from exc
+    return None
+
+
+def rfc3339(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    try:
+        return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):
+        return None
+
+
+def json_model(model: BaseModel, *, status: int = 200) -> web.Response:
+    return web.json_response(text=model.model_dump_json(by_alias=True), status=status)
+
+
+def source_failed(exc: SourceError) -> SourceUnavailable:
+    return SourceUnavailable(f"The cluster store did not accept the change: {exc}")

@@ -1,0 +1,293 @@
+"""``/admin/v1/keys``: issue, list, show, change, revoke and rotate API keys.
+
+Every write goes to the key's Secret through the source and then waits, up to ``--admin-write-timeout``, until the
+record the sync path derives from it is in Redis (read-your-writes); the response says ``synced: false`` if not.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from controlplane import kinds
+from controlplane.admin import keysecret as ks
+from controlplane.admin.auth import audit
+from controlplane.admin.context import (
+    AdminContext,
+    check_query,
+    context,
+    duration_seconds,
+    expiry,
+    json_model,
+    principal,
+    read_body,
+    source_failed,
+)
+from controlplane.admin.errors import (
+    InvalidCursor,
+    InvalidRequest,
+    KeyNotFound,
+    KeyRevoked,
+    PageTooLarge,
+    ReadOnlyKey,
+    UnknownTier,
+)
+from controlplane.admin.models import KeyCreate, KeyCreated, KeyPage, KeyPatch, KeyUpdated, Rotated, RotateRequest
+from controlplane.admin.views import key_view
+from controlplane.errors import SourceError, TranslateError
+from controlplane.kinds import Obj
+from controlplane.translate import secret as tr
+from gateway.contract import KeyRecord, KeyStatus, digest_key, key_id_of
+
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+MAX_EXAMINED = 20_000
+STATUSES = ("active", "disabled", "revoked", "expired")
+
+
+def find_key(ctx: AdminContext, key_id: str) -> KeyRecord:
+    record = ctx.state.keys.get(key_id)
+    if record is None:
+        raise KeyNotFound(f"No API key with id '{key_id}'.", param="key_id")
+    return record
+
+
+def writable(ctx: AdminContext, record: KeyRecord) -> None:
+    if not ks.is_managed(record, ctx.key_namespace):
+        raise ReadOnlyKey(
+            f"The key '{record.key_id}' comes from {record.source} and is read-only here; edit that Secret."
+        )
+    if record.status is KeyStatus.REVOKED:
+        raise KeyRevoked(f"The key '{record.key_id}' is revoked.")
+
+
+def _projection(record: KeyRecord | None) -> tuple[object, ...] | None:
+    if record is None:
+        return None
+    limits = record.limits
+    counts = (
+        limits.requests.limit if limits and limits.requests else None,
+        limits.tokens.limit if limits and limits.tokens else None,
+    )
+    expires = round(record.expires_at) if record.expires_at is not None else None
+    return (record.status, record.tier, record.models, expires, record.user, record.groups, record.name, counts)
+
+
+async def write_secret(ctx: AdminContext, obj: Obj) -> tuple[KeyRecord, bool]:
+    """Apply the Secret; wait until Redis holds the record derived from it. (expected record, synced)."""
+    try:
+        expected, _ = tr.translate_secret(
+            obj, pepper=ctx.pepper, tiers=list(ctx.state.tiers.values()), default_tier=ctx.state.default_tier
+        )
+    except TranslateError as exc:
+        raise InvalidRequest(f"The key cannot be stored: {exc}") from exc
+    try:
+        await ctx.source.apply(obj)
+    except SourceError as exc:
+        raise source_failed(exc) from exc
+    want = _projection(expected)
+    synced = await ctx.state.wait_until(
+        lambda: _projection(ctx.state.key_by_digest(expected.digest)) == want, within=ctx.write_timeout
+    )
+    return ctx.state.key_by_digest(expected.digest) if synced else expected, synced  # type: ignore[return-value]
+
+
+def _check_tier(ctx: AdminContext, tier: str | None) -> None:
+    if tier is not None and tier not in ctx.state.tiers:
+        raise UnknownTier(f"No tier named '{tier}'.", param="tier")
+
+
+async def create_key(request: web.Request) -> web.Response:
+    ctx = context(request)
+    body = await read_body(request, KeyCreate)
+    now = time.time()
+    expires_at = expiry(body.expires_in, body.expires_at, now=now)
+    if expires_at is not None and expires_at <= now:
+        raise InvalidRequest("'expires_at' is in the past.", param="expires_at")
+    if body.limits is not None and body.limits.window is not None:
+        duration_seconds(body.limits.window, param="limits.window")
+    _check_tier(ctx, body.tier)
+    plaintext = ks.new_api_key()
+    digest = digest_key(plaintext, ctx.pepper)
+    key_id = key_id_of(digest)
+    annotations: dict[str, str | None] = {
+        tr.MAAS_USER: body.user,
+        tr.GROUPS_ANNOTATION: ",".join(body.groups) or None,
+        tr.MAAS_TIER: body.tier,
+        tr.MAAS_STATUS: "active",
+        tr.MAAS_MODELS: ",".join(body.models) or None,
+        tr.EXPIRES_AT: ks.stamp(expires_at) if expires_at is not None else None,
+        tr.KEY_NAME: body.name or None,
+        tr.MAAS_CREATED: ks.stamp(now),
+        **ks.limit_annotations(body.limits),
+    }
+    obj = ks.key_secret(digest=digest, namespace=ctx.key_namespace, key_id=key_id, annotations=annotations)
+    record, synced = await write_secret(ctx, obj)
+    audit(principal(request), "key.create", key_id=key_id, user=body.user, tier=body.tier)
+    view = key_view(record, ctx.state, namespace=ctx.key_namespace)
+    return json_model(KeyCreated(**view.model_dump(), key=plaintext, synced=synced), status=201)
+
+
+def _cursor(text: str) -> str:
+    try:
+        value = base64.urlsafe_b64decode(text.encode() + b"=" * (-len(text) % 4)).decode()
+    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+        raise InvalidCursor("Invalid 'cursor': pass the 'next_cursor' of the previous page.", param="cursor") from exc
+    if not value.startswith("k:") or len(value) > 100:
+        raise InvalidCursor("Invalid 'cursor': pass the 'next_cursor' of the previous page.", param="cursor")
+    return value[2:]
+
+
+def _encode_cursor(key_id: str) -> str:
+    return base64.urlsafe_b64encode(f"k:{key_id}".encode()).decode().rstrip("=")
+
+
+def page_limit(query: Mapping[str, str]) -> int:
+    text = query.get("limit")
+    if text is None:
+        return DEFAULT_PAGE
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise InvalidRequest("'limit' must be an integer.", param="limit") from exc
+    if value > MAX_PAGE:
+        raise PageTooLarge(f"'limit' may be at most {MAX_PAGE}.", param="limit")
+    if value < 1:
+        raise InvalidRequest("'limit' must be at least 1.", param="limit")
+    return value
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    ctx = context(request)
+    check_query(request, ("user", "tier", "status", "limit", "cursor"))
+    query = request.query
+    limit = page_limit(query)
+    after = _cursor(query["cursor"]) if "cursor" in query else ""
+    status = query.get("status")
+    if status is not None and status not in STATUSES:
+        raise InvalidRequest(f"'status' must be one of {', '.join(STATUSES)}.", param="status")
+    facets = [(name, query[name]) for name in ("user", "tier") if name in query]
+    if status is not None:
+        facets.append(("status", "active" if status == "expired" else status))
+    now = time.time()
+    keys = ctx.state.keys
+
+    def accept(key_id: str) -> bool:
+        record = keys[key_id]
+        if status in ("active", "expired"):
+            expired = record.expires_at is not None and record.expires_at <= now
+            return expired == (status == "expired")
+        return True
+
+    ids, has_more, resume = ctx.state.index.page(
+        facets=facets, after=after, limit=limit, accept=accept, max_examined=MAX_EXAMINED
+    )
+    data = [key_view(keys[i], ctx.state, namespace=ctx.key_namespace, now=now) for i in ids]
+    cursor = _encode_cursor(resume) if has_more and resume is not None else None
+    return json_model(KeyPage(data=data, has_more=has_more, next_cursor=cursor))
+
+
+async def get_key(request: web.Request) -> web.Response:
+    ctx = context(request)
+    record = find_key(ctx, request.match_info["key_id"])
+    return json_model(key_view(record, ctx.state, namespace=ctx.key_namespace))
+
+
+async def _current_secret(ctx: AdminContext, record: KeyRecord) -> Obj:
+    try:
+        obj = await ctx.source.get(kinds.SECRET, ctx.key_namespace, ks.secret_name(record.key_id))
+    except SourceError as exc:
+        raise source_failed(exc) from exc
+    if obj is None:
+        raise KeyNotFound(f"The Secret of key '{record.key_id}' is gone.", param="key_id")
+    return obj
+
+
+async def _update(request: web.Request, updates: Mapping[str, str | None], action: str) -> web.Response:
+    ctx = context(request)
+    record = find_key(ctx, request.match_info["key_id"])
+    writable(ctx, record)
+    obj = ks.with_annotations(await _current_secret(ctx, record), updates)
+    stored, synced = await write_secret(ctx, obj)
+    audit(principal(request), action, key_id=record.key_id, changes=",".join(sorted(updates)) or None)
+    view = key_view(stored, ctx.state, namespace=ctx.key_namespace)
+    return json_model(KeyUpdated(**view.model_dump(), synced=synced))
+
+
+async def patch_key(request: web.Request) -> web.Response:
+    body = await read_body(request, KeyPatch)
+    given = body.model_fields_set
+    updates: dict[str, str | None] = {}
+    if "name" in given:
+        updates[tr.KEY_NAME] = body.name or None
+    if "tier" in given:
+        _check_tier(context(request), body.tier)
+        updates[tr.MAAS_TIER] = body.tier
+    if "models" in given:
+        updates[tr.MAAS_MODELS] = ",".join(body.models or ()) or None
+    if "limits" in given:
+        if body.limits is not None and body.limits.window is not None:
+            duration_seconds(body.limits.window, param="limits.window")
+        updates.update(ks.limit_annotations(body.limits))
+    if given & {"expires_in", "expires_at"}:
+        expires_at = expiry(body.expires_in, body.expires_at)
+        updates[tr.EXPIRES_AT] = ks.stamp(expires_at) if expires_at is not None else None
+    if "disabled" in given and body.disabled is not None:
+        updates[tr.MAAS_STATUS] = "disabled" if body.disabled else "active"
+    return await _update(request, updates, "key.update")
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    ctx = context(request)
+    record = find_key(ctx, request.match_info["key_id"])
+    if record.status is KeyStatus.REVOKED and ks.is_managed(record, ctx.key_namespace):
+        return json_model(
+            KeyUpdated(**key_view(record, ctx.state, namespace=ctx.key_namespace).model_dump(), synced=True)
+        )
+    return await _update(request, {tr.MAAS_STATUS: "revoked"}, "key.revoke")
+
+
+async def rotate_key(request: web.Request) -> web.Response:
+    ctx = context(request)
+    body = await read_body(request, RotateRequest, optional=True)
+    grace = duration_seconds(body.grace_period, param="grace_period", allow_zero=True)
+    old = find_key(ctx, request.match_info["key_id"])
+    writable(ctx, old)
+    old_secret = await _current_secret(ctx, old)
+    now = time.time()
+    plaintext = ks.new_api_key()
+    digest = digest_key(plaintext, ctx.pepper)
+    key_id = key_id_of(digest)
+    inherited = {k: v for k, v in (old_secret["metadata"].get("annotations") or {}).items() if k != ks.ROTATED_TO}
+    inherited[tr.MAAS_CREATED] = ks.stamp(now)
+    new_obj = ks.key_secret(digest=digest, namespace=ctx.key_namespace, key_id=key_id, annotations=inherited)
+    new_record, new_synced = await write_secret(ctx, new_obj)
+    ends = now + grace
+    if old.expires_at is not None:
+        ends = min(ends, old.expires_at)
+    old_obj = ks.with_annotations(old_secret, {tr.EXPIRES_AT: ks.stamp(ends), ks.ROTATED_TO: key_id})
+    old_record, old_synced = await write_secret(ctx, old_obj)
+    audit(principal(request), "key.rotate", key_id=old.key_id, new_key_id=key_id, grace_seconds=grace)
+    return json_model(
+        Rotated(
+            key=plaintext,
+            key_id=key_id,
+            new=key_view(new_record, ctx.state, namespace=ctx.key_namespace),
+            old=key_view(old_record, ctx.state, namespace=ctx.key_namespace),
+            grace_period_ends_at=ks.stamp(ends),
+            synced=new_synced and old_synced,
+        )
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/admin/v1/keys", create_key)
+    app.router.add_get("/admin/v1/keys", list_keys, allow_head=False)
+    app.router.add_get("/admin/v1/keys/{key_id}", get_key, allow_head=False)
+    app.router.add_patch("/admin/v1/keys/{key_id}", patch_key)
+    app.router.add_delete("/admin/v1/keys/{key_id}", revoke_key)
+    app.router.add_post("/admin/v1/keys/{key_id}/rotate", rotate_key)

@@ -1,0 +1,199 @@
+"""The admin API's view of Redis: every key, tier, model and route record, kept equal to the store the way
+``maas authz`` keeps its snapshot (subscribe, read the generation, scan; then apply change events in order and
+reload on a gap or a lost connection). Writers wait on it for read-your-writes: a record seen here is in Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from pydantic import ValidationError
+
+from controlplane.admin.index import Facet, KeyIndex
+from controlplane.translate.secret import resolve_tier
+from gateway import contract
+from gateway.contract import ChangeEvent, KeyRecord, KeyStatus, ModelRecord, RecordKind, RouteRecord, TierRecord
+from gateway.errors import StoreError
+from gateway.store import Store
+
+log = logging.getLogger("maas.controlplane.admin")
+
+
+class AdminState:
+    def __init__(self, store: Store, *, default_tier: str) -> None:
+        self.store = store
+        self.default_tier = default_tier
+        self.keys: dict[str, KeyRecord] = {}
+        """key id -> record"""
+        self.digests: dict[str, str] = {}
+        """digest -> key id"""
+        self.index = KeyIndex()
+        self.tiers: dict[str, TierRecord] = {}
+        self.models: dict[str, ModelRecord] = {}
+        self.routes: dict[str, RouteRecord] = {}
+        self.generation = 0
+        self.loaded = asyncio.Event()
+        self._fresh = False
+        self._waiters: set[asyncio.Event] = set()
+
+    # --- following the store -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                async with self.store.subscribe() as subscription:
+                    await self.reload()
+                    backoff = 0.1
+                    async for event in subscription:
+                        if not self.apply_event(event):
+                            break
+            except StoreError as exc:
+                log.warning("admin view lost the change events, will reload: %s", exc)
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 5.0)
+
+    async def reload(self) -> None:
+        started = time.monotonic()
+        generation = await self.store.generation()
+        tables: dict[RecordKind, dict[str, object]] = {}
+        for kind in RecordKind:
+            table: dict[str, object] = {}
+            async for batch in self.store.scan_records(kind):
+                for ident, raw in batch:
+                    record = _decode(kind, raw)
+                    if record is not None:
+                        table[ident] = record
+            tables[kind] = table
+        self.tiers = {k: v for k, v in tables[RecordKind.TIER].items() if isinstance(v, TierRecord)}
+        self.models = {k: v for k, v in tables[RecordKind.MODEL].items() if isinstance(v, ModelRecord)}
+        self.routes = {k: v for k, v in tables[RecordKind.ROUTE].items() if isinstance(v, RouteRecord)}
+        self.keys.clear()
+        self.digests.clear()
+        self.index = KeyIndex()
+        for ident, record in tables[RecordKind.KEY].items():
+            if isinstance(record, KeyRecord) and record.digest == ident:
+                self._put_key(record)
+        self.generation = generation
+        self._fresh = True
+        self.loaded.set()
+        self._notify()
+        log.info(
+            "admin view loaded",
+            extra={"generation": generation, "keys": len(self.keys), "seconds": round(time.monotonic() - started, 3)},
+        )
+
+    def apply_event(self, event: ChangeEvent) -> bool:
+        """Apply one event; False when events were missed and a reload is needed."""
+        if event.gen <= self.generation:
+            return self._fresh
+        if event.gen != self.generation + 1:
+            log.warning("admin view missed change events (at %d, got %d): reloading", self.generation, event.gen)
+            return False
+        tiers_changed = False
+        for change in event.changes:
+            if change.kind is RecordKind.KEY:
+                self._drop_digest(change.id)
+                record = _decode(RecordKind.KEY, change.value) if change.value is not None else None
+                if isinstance(record, KeyRecord) and record.digest == change.id:
+                    self._put_key(record)
+                continue
+            table: dict[str, object] = {
+                RecordKind.TIER: self.tiers,
+                RecordKind.MODEL: self.models,
+                RecordKind.ROUTE: self.routes,
+            }[change.kind]  # type: ignore[assignment]
+            tiers_changed = tiers_changed or change.kind is RecordKind.TIER
+            decoded = _decode(change.kind, change.value) if change.value is not None else None
+            if decoded is None:
+                table.pop(change.id, None)
+            else:
+                table[change.id] = decoded
+        if tiers_changed:
+            for record in self.keys.values():
+                self.index.put(record.key_id, self._facets(record))
+        self.generation = event.gen
+        self._fresh = False
+        self._notify()
+        return True
+
+    def _drop_digest(self, digest: str) -> None:
+        key_id = self.digests.pop(digest, None)
+        if key_id is not None:
+            self.keys.pop(key_id, None)
+            self.index.remove(key_id)
+
+    def _put_key(self, record: KeyRecord) -> None:
+        previous = self.keys.get(record.key_id)
+        if previous is not None and previous.digest != record.digest:
+            self.digests.pop(previous.digest, None)
+        self.keys[record.key_id] = record
+        self.digests[record.digest] = record.key_id
+        self.index.put(record.key_id, self._facets(record))
+
+    def _facets(self, record: KeyRecord) -> tuple[Facet, ...]:
+        tier = self.tier_of(record)
+        facets: list[Facet] = [("user", record.user), ("status", record.status.value)]
+        if tier is not None:
+            facets.append(("tier", tier.name))
+        return tuple(facets)
+
+    # --- reading -------------------------------------------------------------------------------------------
+
+    def tier_of(self, record: KeyRecord) -> TierRecord | None:
+        return resolve_tier(
+            explicit=record.tier, groups=record.groups, tiers=list(self.tiers.values()), default=self.default_tier
+        )
+
+    def key_by_digest(self, digest: str) -> KeyRecord | None:
+        key_id = self.digests.get(digest)
+        return self.keys.get(key_id) if key_id is not None else None
+
+    def users_of_tier(self, name: str) -> int:
+        """Keys not revoked whose effective tier is ``name``."""
+        return sum(
+            1
+            for r in self.keys.values()
+            if r.status is not KeyStatus.REVOKED and (t := self.tier_of(r)) is not None and t.name == name
+        )
+
+    # --- read-your-writes ----------------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        for waiter in self._waiters:
+            waiter.set()
+
+    async def wait_until(self, predicate: Callable[[], bool], *, within: float) -> bool:
+        """True once ``predicate`` holds for this view (so for Redis); False after ``within`` seconds."""
+        if predicate():
+            return True
+        waiter = asyncio.Event()
+        self._waiters.add(waiter)
+        deadline = time.monotonic() + within
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return predicate()
+                try:
+                    await asyncio.wait_for(waiter.wait(), timeout=remaining)
+                except TimeoutError:
+                    return predicate()
+                waiter.clear()
+                if predicate():
+                    return True
+        finally:
+            self._waiters.discard(waiter)
+
+
+def _decode(kind: RecordKind, raw: bytes | str) -> object | None:
+    try:
+        record: object = contract.decode_record(kind, raw)
+    except (ValidationError, ValueError) as exc:
+        log.warning("admin view skips an unreadable %s record: %s", kind.value, str(exc).splitlines()[0])
+        return None
+    return record
