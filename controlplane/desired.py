@@ -151,11 +151,12 @@ class Desired:
                 kinds.HTTPROUTE, key, route, partial(translate_route, route, models_by_isvc=by_isvc)
             )
             for entry in entries or []:
-                if entry.model in models:
+                if entry.model is None or entry.model in models:
                     routes.setdefault(entry.id, entry)
         model_routes: dict[str, list[str]] = {}
         for entry in routes.values():
-            model_routes.setdefault(str(entry.model), []).append(entry.id)
+            if entry.model is not None:
+                model_routes.setdefault(entry.model, []).append(entry.id)
         self.records[RecordKind.MODEL] = {
             m.id: encode_record(m.model_copy(update={"routes": tuple(sorted(model_routes.get(m.id, ())))}))
             for m in models.values()

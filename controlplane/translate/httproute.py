@@ -4,6 +4,10 @@ A rule's ``PathPrefix`` matches (no match means ``/``) on each of the route's ho
 ``*``) become entries pointing at the model behind the rule's backendRef, when that Service belongs to a known
 InferenceService (``<isvc>-predictor``, ``<isvc>``). A ``URLRewrite`` filter with ``ReplacePrefixMatch`` is
 recorded so the gateway knows the upstream path. Other match types and Services that serve no model are ignored.
+
+A route labelled ``maas.io/self-service: "true"`` exposes the control plane's self-service API (``/v1/models``,
+``/v1/me``): its PathPrefix matches become entries with ``model`` None, which maas authz admits for any valid key
+without model checks, whatever its backend.
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from controlplane.errors import TranslateError
-from controlplane.kinds import Obj, ObjKey, key_of
+from controlplane.kinds import Obj, ObjKey, key_of, labels_of
 from controlplane.translate.common import as_dict, as_list, spec
 from gateway.contract import RouteRecord, route_id
 
 SERVICE_SUFFIXES = ("-predictor", "")
+SELF_SERVICE_LABEL = "maas.io/self-service"
 
 
 def model_for_service(namespace: str, service: str, *, models_by_isvc: Mapping[ObjKey, str]) -> str | None:
@@ -49,16 +54,21 @@ def translate_route(route: Obj, *, models_by_isvc: Mapping[ObjKey, str]) -> list
     if not isinstance(route.get("spec"), dict):
         raise TranslateError(f"HTTPRoute {namespace}/{name} has no spec", reason="invalid_spec")
     hosts = [str(h) for h in as_list(body.get("hostnames")) if h] or ["*"]
+    self_service = labels_of(route).get(SELF_SERVICE_LABEL, "").lower() == "true"
     out: list[RouteRecord] = []
     for raw_rule in as_list(body.get("rules")):
         rule = as_dict(raw_rule)
-        backend: tuple[str, str, str] | None = None
+        backend: tuple[str | None, str, str] | None = None
         for raw_ref in as_list(rule.get("backendRefs")):
             ref = as_dict(raw_ref)
             if ref.get("kind", "Service") != "Service" or ref.get("group", "") not in ("", "core"):
                 continue
             ns = str(ref.get("namespace") or namespace)
             model = model_for_service(ns, str(ref.get("name", "")), models_by_isvc=models_by_isvc)
+            if self_service:
+                port = f":{ref['port']}" if ref.get("port") else ""
+                backend = (None, f"{ref.get('name')}.{ns}{port}", ns)
+                break
             if model is not None:
                 port = f":{ref['port']}" if ref.get("port") else ""
                 backend = (model, f"{ref.get('name')}.{ns}{port}", ns)
