@@ -47,7 +47,7 @@ class AdminContext:
 
 
 ADMIN = web.AppKey("admin", AdminContext)
-PRINCIPAL = "maas_admin_principal"
+PRINCIPAL = web.RequestKey("maas_admin_principal", Principal)
 
 
 def context(request: web.Request) -> AdminContext:
@@ -55,9 +55,7 @@ def context(request: web.Request) -> AdminContext:
 
 
 def principal(request: web.Request) -> Principal:
-    value = request.get(PRINCIPAL)
-    assert isinstance(value, Principal)
-    return value
+    return request[PRINCIPAL]
 
 
 async def read_body(request: web.Request, model: type[M], *, optional: bool = False) -> M:

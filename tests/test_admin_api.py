@@ -1,0 +1,268 @@
+"""The admin API against a control plane over a manifest directory and a real Redis: keys, tiers, quota, usage,
+auth, documented 4xx, and no plaintext key anywhere but the create and rotate responses."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import redis as sync_redis
+
+from gateway.contract import ledger_day
+from gateway.limits import BucketOp
+from gateway.store.base import UsageDelta
+from tests.support.admin_api import ADMIN_TOKEN, READER_TOKEN, admin_settings, running
+from tests.support.k8s_emulator import eventually
+
+pytestmark = pytest.mark.redis
+
+
+def _read_dir(path: Path) -> str:
+    return " ".join(p.read_text() for p in path.iterdir() if p.is_file())
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+async def test_key_lifecycle_and_no_plaintext_anywhere(
+    tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with running(admin_settings(tmp_path, redis_url)) as (plane, api):
+        status, created = await api.call(
+            "POST",
+            "/admin/v1/keys",
+            json={
+                "user": "alice",
+                "name": "ci",
+                "tier": "premium",
+                "models": ["qwen3"],
+                "expires_in": "30d",
+                "limits": {"requests": 7, "window": "1m"},
+            },
+        )
+        assert status == 201, created
+        plaintext, key_id = created["key"], created["key_id"]
+        assert plaintext.startswith("sk-maas-") and len(plaintext) == len("sk-maas-") + 43
+        assert created["synced"] is True and created["status"] == "active" and created["source"] == "admin"
+        assert created["limits"]["requests"] == {"limit": 7, "window": "1m"}
+        seen: list[str] = []
+        status, shown = await api.call("GET", f"/admin/v1/keys/{key_id}")
+        assert status == 200 and shown["tier"] == "premium" and "key" not in shown
+        seen.append(str(shown))
+        status, patched = await api.call("PATCH", f"/admin/v1/keys/{key_id}", json={"tier": "free", "disabled": True})
+        assert status == 200 and patched["tier"] == "free" and patched["status"] == "disabled"
+        seen.append(str(patched))
+        status, listed = await api.call("GET", "/admin/v1/keys?user=alice")
+        assert [k["key_id"] for k in listed["data"]] == [key_id]
+        seen.append(str(listed))
+        status, rotated = await api.call("PATCH", f"/admin/v1/keys/{key_id}", json={"disabled": False})
+        status, rotated = await api.call("POST", f"/admin/v1/keys/{key_id}/rotate", json={"grace_period": "1h"})
+        assert status == 200 and rotated["key"] != plaintext and rotated["old"]["key_id"] == key_id
+        status, revoked = await api.call("DELETE", f"/admin/v1/keys/{key_id}")
+        assert status == 200 and revoked["status"] == "revoked"
+        seen.append(str(revoked))
+        status, again = await api.call("PATCH", f"/admin/v1/keys/{key_id}", json={"tier": "free"})
+        assert status == 409 and again["error"]["code"] == "key_revoked"
+        status, quota = await api.call("GET", f"/admin/v1/keys/{rotated['key_id']}/quota")
+        seen.append(str(quota))
+        on_disk = _read_dir(Path(plane.settings.directory or ""))
+    client = sync_redis.Redis.from_url(redis_url)
+    values: list[bytes] = []
+    for name in client.scan_iter(count=1000):
+        kind = client.type(name)
+        if kind == b"string":
+            values.append(client.get(name) or b"")
+        elif kind == b"hash":
+            values += [k + v for k, v in client.hgetall(name).items()]
+        elif kind == b"set":
+            values += list(client.smembers(name))
+    client.close()
+    for secret in (plaintext, rotated["key"]):
+        assert values and all(secret.encode() not in v for v in values)
+        assert secret not in caplog.text
+        assert secret not in on_disk
+        assert all(secret not in s for s in seen)
+    assert "key.create by ops" in caplog.text and f"key_id={key_id}" in caplog.text
+
+
+async def test_kuadrant_keys_are_listed_read_only(tmp_path: Path, redis_url: str) -> None:
+    async with running(admin_settings(tmp_path, redis_url)) as (_, api):
+        status, page = await api.call("GET", "/admin/v1/keys")
+        assert status == 200
+        sources = {k["source"] for k in page["data"]}
+        assert "secret:llm/admin-key" in sources and all(k["read_only"] for k in page["data"])
+        key_id = page["data"][0]["key_id"]
+        for method, path, body in (
+            ("PATCH", f"/admin/v1/keys/{key_id}", {"tier": "free"}),
+            ("DELETE", f"/admin/v1/keys/{key_id}", None),
+            ("POST", f"/admin/v1/keys/{key_id}/rotate", {}),
+        ):
+            status, error = await api.call(method, path, json=body)
+            assert (status, error["error"]["code"]) == (409, "read_only_key")
+
+
+async def test_pagination_walks_every_key_once(tmp_path: Path, redis_url: str) -> None:
+    async with running(admin_settings(tmp_path, redis_url)) as (_, api):
+        for i in range(7):
+            status, _ = await api.call("POST", "/admin/v1/keys", json={"user": f"u{i % 2}"})
+            assert status == 201
+        ids: list[str] = []
+        cursor = ""
+        while True:
+            status, page = await api.call("GET", f"/admin/v1/keys?limit=3{cursor}")
+            assert status == 200 and len(page["data"]) <= 3
+            ids += [k["key_id"] for k in page["data"]]
+            if not page["has_more"]:
+                break
+            cursor = f"&cursor={page['next_cursor']}"
+        assert len(ids) == 10 and ids == sorted(set(ids))
+        status, page = await api.call("GET", "/admin/v1/keys?user=u0&status=active&tier=free")
+        assert len(page["data"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "token", "status", "code"),
+    [
+        pytest.param("GET", "/admin/v1/keys", None, "", 401, "missing_admin_token", id="no-token"),
+        pytest.param("GET", "/admin/v1/keys", None, "wrong-token-0123456789", 401, "invalid_admin_token", id="wrong"),
+        pytest.param("POST", "/admin/v1/keys", {"user": "a"}, READER_TOKEN, 403, "read_only_token", id="read-only"),
+        pytest.param(
+            "POST",
+            "/admin/v1/keys",
+            {"user": "a", "colour": 1},
+            ADMIN_TOKEN,
+            400,
+            "invalid_request",
+            id="unknown-field",
+        ),
+        pytest.param(
+            "POST",
+            "/admin/v1/keys",
+            {"user": "a", "expires_in": "30 years"},
+            ADMIN_TOKEN,
+            400,
+            "invalid_duration",
+            id="bad-duration",
+        ),
+        pytest.param(
+            "POST",
+            "/admin/v1/keys",
+            {"user": "a", "limits": {"requests": 1, "window": "0s"}},
+            ADMIN_TOKEN,
+            400,
+            "invalid_duration",
+            id="bad-window",
+        ),
+        pytest.param(
+            "POST", "/admin/v1/keys", {"user": "a", "tier": "gold"}, ADMIN_TOKEN, 400, "unknown_tier", id="unknown-tier"
+        ),
+        pytest.param("GET", "/admin/v1/keys?limit=100000", None, ADMIN_TOKEN, 400, "page_too_large", id="huge-page"),
+        pytest.param("GET", "/admin/v1/keys?cursor=%%%", None, ADMIN_TOKEN, 400, "invalid_cursor", id="bad-cursor"),
+        pytest.param("GET", "/admin/v1/keys/nope", None, READER_TOKEN, 404, "key_not_found", id="no-such-key"),
+        pytest.param(
+            "PUT",
+            "/admin/v1/tiers/x",
+            {"limits": {"requests": {"limit": 1, "window": "1y"}}},
+            ADMIN_TOKEN,
+            400,
+            "invalid_duration",
+            id="tier-bad-window",
+        ),
+        pytest.param("DELETE", "/admin/v1/tiers/free", None, ADMIN_TOKEN, 409, "tier_in_use", id="tier-in-use"),
+        pytest.param(
+            "GET",
+            "/admin/v1/usage?from=2020-01-01&to=2022-01-01",
+            None,
+            ADMIN_TOKEN,
+            400,
+            "invalid_request",
+            id="usage-range",
+        ),
+        pytest.param("GET", "/admin/v1/nothing", None, ADMIN_TOKEN, 404, "not_found", id="unknown-path"),
+        pytest.param("PUT", "/admin/v1/keys", {}, ADMIN_TOKEN, 405, "method_not_allowed", id="bad-method"),
+    ],
+)
+async def test_documented_errors(
+    tmp_path: Path, redis_url: str, method: str, path: str, body: object, token: str, status: int, code: str
+) -> None:
+    async with running(admin_settings(tmp_path, redis_url)) as (_, api):
+        headers = {"Authorization": f"Bearer {token}"} if token else {"X-Nothing": "1"}
+        got, error = await api.call(method, path, json=body, headers=headers)
+        assert (got, error["error"]["code"]) == (status, code), error
+        assert set(error["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_body_limits_and_content_type(tmp_path: Path, redis_url: str) -> None:
+    async with running(admin_settings(tmp_path, redis_url)) as (_, api):
+        status, error = await api.call(
+            "POST", "/admin/v1/keys", data=b"x" * 70_000, headers=api.headers(**{"Content-Type": "application/json"})
+        )
+        assert (status, error["error"]["code"]) == (413, "body_too_large")
+        status, error = await api.call("POST", "/admin/v1/keys", data=b"user=a", headers=api.headers())
+        assert (status, error["error"]["code"]) == (415, "unsupported_media_type")
+        status, error = await api.call(
+            "POST", "/admin/v1/keys", data=b"{nope", headers=api.headers(**{"Content-Type": "application/json"})
+        )
+        assert (status, error["error"]["code"]) == (400, "invalid_json")
+
+
+async def test_token_file_is_reloaded(tmp_path: Path, redis_url: str) -> None:
+    settings = admin_settings(tmp_path, redis_url)
+    async with running(settings) as (_, api):
+        new_token = "rotated-admin-token-0123456789"
+        _write(Path(settings.admin_token_file or ""), f"admin rotated {new_token}\n")
+
+        async def accepted() -> bool:
+            status, _ = await api.call("GET", "/admin/v1/tiers", token=new_token)
+            return status == 200
+
+        await eventually(accepted)
+        status, _ = await api.call("GET", "/admin/v1/tiers", token=ADMIN_TOKEN)
+        assert status == 401
+
+
+async def test_tiers_quota_and_usage(tmp_path: Path, redis_url: str) -> None:
+    async with running(admin_settings(tmp_path, redis_url)) as (plane, api):
+        status, tier = await api.call(
+            "PUT",
+            "/admin/v1/tiers/gold",
+            json={"level": 7, "groups": ["gold"], "limits": {"requests": {"limit": 2, "window": "1m"}}},
+        )
+        assert status == 201 and tier["limits"]["requests"] == {"limit": 2, "window": "1m"}
+        status, created = await api.call("POST", "/admin/v1/keys", json={"user": "bob", "groups": ["gold"]})
+        key_id = created["key_id"]
+        assert created["tier"] == "gold" and created["tier_explicit"] is False
+        status, error = await api.call("DELETE", "/admin/v1/tiers/gold")
+        assert (status, error["error"]["code"]) == (409, "tier_in_use")
+        assert plane.store is not None
+        await plane.store.check_buckets([[BucketOp(key_id, "requests", 2, 60_000, 1)]])
+        status, quota = await api.call("GET", f"/admin/v1/keys/{key_id}/quota")
+        assert quota["requests"]["limit"] == 2 and quota["requests"]["remaining"] == 1 and quota["tokens"] is None
+        status, quota = await api.call("POST", f"/admin/v1/keys/{key_id}/quota/reset")
+        assert status == 200 and quota["requests"]["remaining"] == 2
+        today = ledger_day()
+        await plane.store.add_usage(
+            [
+                UsageDelta(key_id=key_id, model="m1", day=today, requests=2, prompt_tokens=10, completion_tokens=5),
+                UsageDelta(key_id=key_id, model="m2", day=today, requests=1, prompt_tokens=1, completion_tokens=1),
+                UsageDelta(key_id="0000000000000000", model="m1", day=today, requests=4),
+            ]
+        )
+        status, report = await api.call("GET", "/admin/v1/usage?group_by=user,model")
+        rows = {(r["user"], r["model"]): (r["requests"], r["total_tokens"]) for r in report["data"]}
+        assert rows == {("bob", "m1"): (2, 15), ("bob", "m2"): (1, 2), (None, "m1"): (4, 0)}
+        assert report["total"]["requests"] == 7
+        status, report = await api.call("GET", "/admin/v1/usage?user=bob&model=m1&group_by=day")
+        assert [(r["day"], r["requests"]) for r in report["data"]] == [(report["to"], 2)]
+        status, text = await api.call(
+            "GET", "/admin/v1/usage?group_by=key&tier=gold", headers=api.headers(Accept="text/csv")
+        )
+        assert status == 200 and text.splitlines() == [
+            "key_id,requests,prompt_tokens,completion_tokens,total_tokens",
+            f"{key_id},3,11,6,17",
+        ]
+        status, error = await api.call("GET", "/admin/v1/usage", headers=api.headers(Accept="image/png"))
+        assert (status, error["error"]["code"]) == (406, "not_acceptable")
