@@ -1,0 +1,157 @@
+"""``maas keys``: the admin API from the shell. Reads ``MAAS_ADMIN_URL`` (default ``http://127.0.0.1:8700``) and
+``MAAS_ADMIN_TOKEN``; prints a table, or the API's JSON with ``--output json``. Exit codes: 0 ok, 1 the API
+answered an error (its message is printed), 2 bad usage or the API cannot be reached."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:8700"
+TIMEOUT = 30.0
+KEY_COLUMNS = ("key_id", "user", "name", "tier", "status", "expires_at", "source")
+USAGE_COLUMNS = ("key_id", "user", "model", "day", "requests", "prompt_tokens", "completion_tokens", "total_tokens")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=None, help=f"admin API base URL [env MAAS_ADMIN_URL, default {DEFAULT_URL}]")
+    parser.add_argument("--output", "-o", choices=("table", "json"), default="table", help="output format")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = sub.add_parser("create", help="issue a key (prints the key once)")
+    create.add_argument("--user", required=True)
+    create.add_argument("--name", default="")
+    create.add_argument("--group", action="append", default=[], help="repeatable")
+    create.add_argument("--tier")
+    create.add_argument("--model", action="append", default=[], help="allowed model, repeatable")
+    create.add_argument("--expires-in", help="e.g. 30d")
+    create.add_argument("--request-limit", type=int)
+    create.add_argument("--token-limit", type=int)
+    create.add_argument("--window", help="window of the limit overrides, e.g. 1m")
+    listing = sub.add_parser("list", help="list keys")
+    listing.add_argument("--user")
+    listing.add_argument("--tier")
+    listing.add_argument("--status", choices=("active", "disabled", "revoked", "expired"))
+    listing.add_argument("--limit", type=int, default=100, help="page size")
+    listing.add_argument("--all", action="store_true", help="follow the cursor through every page")
+    for name, text in (("show", "show a key"), ("revoke", "revoke a key")):
+        sub.add_parser(name, help=text).add_argument("key_id")
+    rotate = sub.add_parser("rotate", help="issue a replacement key; the old one works for the grace period")
+    rotate.add_argument("key_id")
+    rotate.add_argument("--grace-period", default="1h")
+    usage = sub.add_parser("usage", help="usage report")
+    for flag in ("key-id", "user", "tier", "model", "from", "to", "group-by"):
+        usage.add_argument(f"--{flag}", dest=flag.replace("-", "_"))
+
+
+def _call(base: str, token: str, method: str, path: str, body: Any = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base.rstrip("/") + path, data=data, method=method)
+    request.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = exc.reason
+        raise ApiError(exc.code, str(message)) from exc
+
+
+def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def _query(values: dict[str, Any]) -> str:
+    clean = {k: v for k, v in values.items() if v not in (None, "")}
+    return "?" + urllib.parse.urlencode(clean) if clean else ""
+
+
+def _create_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"user": args.user, "name": args.name, "groups": args.group, "models": args.model}
+    if args.tier:
+        body["tier"] = args.tier
+    if args.expires_in:
+        body["expires_in"] = args.expires_in
+    if args.request_limit is not None or args.token_limit is not None:
+        body["limits"] = {"requests": args.request_limit, "tokens": args.token_limit, "window": args.window}
+    return body
+
+
+def _run(args: argparse.Namespace, base: str, token: str) -> tuple[Any, str]:
+    """(the API's JSON, its table rendering)."""
+    action = args.action
+    if action == "create":
+        out = _call(base, token, "POST", "/admin/v1/keys", _create_body(args))
+        note = "\n\nThe key is shown only now; store it safely:\n" + out["key"]
+        return out, _table([out], KEY_COLUMNS) + note
+    if action == "list":
+        query = {"user": args.user, "tier": args.tier, "status": args.status, "limit": args.limit}
+        rows: list[dict[str, Any]] = []
+        while True:
+            page = _call(base, token, "GET", "/admin/v1/keys" + _query(query))
+            rows += page["data"]
+            if not (args.all and page["has_more"]):
+                break
+            query["cursor"] = page["next_cursor"]
+        more = "" if args.all or not page["has_more"] else "\n(more: use --all)"
+        return {"object": "list", "data": rows, "has_more": page["has_more"]}, _table(rows, KEY_COLUMNS) + more
+    if action in ("show", "revoke"):
+        method = "GET" if action == "show" else "DELETE"
+        out = _call(base, token, method, f"/admin/v1/keys/{urllib.parse.quote(args.key_id)}")
+        return out, "\n".join(f"{k}: {v}" for k, v in out.items())
+    if action == "rotate":
+        path = f"/admin/v1/keys/{urllib.parse.quote(args.key_id)}/rotate"
+        out = _call(base, token, "POST", path, {"grace_period": args.grace_period})
+        text = f"new key_id: {out['key_id']}\nold key works until: {out['grace_period_ends_at']}\n"
+        return out, text + "\nThe new key is shown only now; store it safely:\n" + out["key"]
+    values = {
+        "key_id": args.key_id,
+        "user": args.user,
+        "tier": args.tier,
+        "model": args.model,
+        "from": getattr(args, "from"),
+        "to": args.to,
+        "group_by": args.group_by,
+    }
+    out = _call(base, token, "GET", "/admin/v1/usage" + _query(values))
+    columns = [c for c in USAGE_COLUMNS if any(r.get(c) is not None for r in out["data"]) or c.endswith(("s",))]
+    text = _table([*out["data"], {**out["total"], "key_id": "TOTAL"}], columns)
+    return out, f"usage {out['from']} .. {out['to']}\n{text}"
+
+
+def run(args: argparse.Namespace) -> int:
+    base = args.url or os.environ.get("MAAS_ADMIN_URL") or DEFAULT_URL
+    token = os.environ.get("MAAS_ADMIN_TOKEN", "")
+    if not token:
+        print("maas keys: set MAAS_ADMIN_TOKEN to an admin API token", file=sys.stderr)
+        return 2
+    try:
+        out, text = _run(args, base, token)
+    except ApiError as exc:
+        print(f"maas keys: HTTP {exc.status}: {exc}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"maas keys: cannot reach the admin API at {base}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=2) if args.output == "json" else text)
+    return 0

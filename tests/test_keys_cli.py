@@ -1,0 +1,47 @@
+"""``maas keys`` as a real process against a running control plane: create, list, show, rotate, revoke, usage."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.support.admin_api import ADMIN_TOKEN, admin_settings, running
+from tests.support.procs import maas_argv
+
+pytestmark = pytest.mark.redis
+
+
+async def _keys(base: str, *args: str, token: str = ADMIN_TOKEN) -> tuple[int, str, str]:
+    env = {**os.environ, "MAAS_ADMIN_URL": base, "MAAS_ADMIN_TOKEN": token}
+    proc = await asyncio.create_subprocess_exec(
+        *maas_argv("keys", *args), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_keys_cli_round_trip(tmp_path: Path, redis_url: str) -> None:
+    async with running(admin_settings(tmp_path, redis_url)) as (_, api):
+        code, out, _ = await _keys(api.base, "--output", "json", "create", "--user", "carol", "--tier", "premium")
+        assert code == 0
+        created = json.loads(out)
+        key_id = created["key_id"]
+        assert created["key"].startswith("sk-maas-")
+        code, out, _ = await _keys(api.base, "list", "--user", "carol")
+        assert code == 0 and key_id in out and "KEY_ID" in out and created["key"] not in out
+        code, out, _ = await _keys(api.base, "show", key_id)
+        assert code == 0 and "tier: premium" in out
+        code, out, _ = await _keys(api.base, "rotate", key_id, "--grace-period", "5m")
+        assert code == 0 and "sk-maas-" in out
+        code, out, _ = await _keys(api.base, "-o", "json", "revoke", key_id)
+        assert code == 0 and json.loads(out)["status"] == "revoked"
+        code, out, _ = await _keys(api.base, "usage", "--group-by", "key")
+        assert code == 0 and "TOTAL" in out
+        code, _, err = await _keys(api.base, "show", "missing")
+        assert code == 1 and "HTTP 404" in err
+        code, _, err = await _keys(api.base, "list", token="wrong-token-0123456789")
+        assert code == 1 and "HTTP 401" in err
