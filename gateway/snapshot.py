@@ -29,14 +29,23 @@ class CompiledLimits:
 
     @classmethod
     def of(cls, limits: Limits | None) -> CompiledLimits | None:
+        """Compiled once per distinct value and shared: a million keys with the same override hold one object."""
         if limits is None:
             return None
-        req = (limits.requests.limit, parse_window(limits.requests.window)) if limits.requests else None
-        tok = (limits.tokens.limit, parse_window(limits.tokens.window)) if limits.tokens else None
-        return cls(requests=req, tokens=tok)
+        compiled = _compiled.get(limits)
+        if compiled is None:
+            req = (limits.requests.limit, parse_window(limits.requests.window)) if limits.requests else None
+            tok = (limits.tokens.limit, parse_window(limits.tokens.window)) if limits.tokens else None
+            compiled = cls(requests=req, tokens=tok)
+            if len(_compiled) < 100_000:
+                _compiled[limits] = compiled
+        return compiled
 
     def merged_over(self, base: CompiledLimits) -> CompiledLimits:
         return CompiledLimits(requests=self.requests or base.requests, tokens=self.tokens or base.tokens)
+
+
+_compiled: dict[Limits, CompiledLimits] = {}
 
 
 class KeyEntry:

@@ -8,6 +8,9 @@ re-applying one is harmless). A gap in generations or a lost subscription means 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import gc
 import logging
 import random
 import time
@@ -25,6 +28,17 @@ from gateway.store.base import Store
 log = logging.getLogger("maas.authz.snapshot")
 
 R = TypeVar("R", TierRecord, ModelRecord, RouteRecord)
+
+
+def _release_memory() -> None:
+    """A full load leaves the previous index and the parsing garbage behind: collect it and hand the freed pages
+    back to the OS (glibc's malloc_trim), so RSS tracks what the snapshot really holds. Then freeze the survivors:
+    the garbage collector no longer walks millions of long-lived key entries (a pause on the hot path); they hold no
+    reference cycles, so reference counting still frees them when a later load replaces them."""
+    gc.collect()
+    gc.freeze()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class SnapshotFollower:
@@ -58,6 +72,9 @@ class SnapshotFollower:
                 log.warning("change events unavailable, will reload: %s", exc)
                 self._metrics.store_error("subscribe", exc.code)
                 reason = "reconnect"
+            except Exception:  # a bug must not stop the snapshot from following the store: log it, reload
+                log.exception("snapshot follower failed; reloading")
+                reason = "error"
             self.connected = False
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 5.0)
@@ -74,14 +91,13 @@ class SnapshotFollower:
         self._tiers = await self._load(RecordKind.TIER, TierRecord)
         self._models = await self._load(RecordKind.MODEL, ModelRecord)
         self._routes = await self._load(RecordKind.ROUTE, RouteRecord)
-        snapshot = Snapshot(keys=keys, catalog=self._catalog())
-        snapshot.generation = generation
-        snapshot.loaded = True
-        self.snapshot.keys = snapshot.keys
-        self.snapshot.catalog = snapshot.catalog
+        self.snapshot.keys = keys
+        self.snapshot.catalog = self._catalog()
         self.snapshot.generation = generation
         self.snapshot.loaded = True
         self._fresh = True
+        del keys
+        _release_memory()
         self._metrics.snapshot_reloads.labels(reason).inc()
         self._update_gauges()
         log.info(
@@ -89,7 +105,7 @@ class SnapshotFollower:
             extra={
                 "reason": reason,
                 "generation": generation,
-                "keys": len(keys),
+                "keys": len(self.snapshot.keys),
                 "routes": len(self._routes),
                 "models": len(self._models),
                 "tiers": len(self._tiers),
