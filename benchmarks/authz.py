@@ -33,7 +33,7 @@ from tests.support.stack import authz_process, envoy_process
 
 PEPPER = b"bench-pepper-0123456789abcdef"
 PATH = "/qwen3/v1/chat/completions"
-UNLIMITED = Limits(requests=Limit(limit=1_000_000_000, window="1m"))
+UNLIMITED = Limits(requests=Limit(limit=1_000_000_000, window="1m"), tokens=Limit(limit=1_000_000_000_000, window="1m"))
 
 
 @dataclass

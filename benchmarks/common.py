@@ -20,12 +20,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 WRK_SCRIPT = """
 local keys = {%(keys)s}
 local path = "%(path)s"
+local method = "%(method)s"
+local body = %(body)s
 local interval = %(interval)s
 local n = 0
 request = function()
   n = n + 1
-  if #keys == 0 then return wrk.format("GET", path) end
-  return wrk.format("GET", path, {["Authorization"] = "APIKEY " .. keys[(n %% #keys) + 1]})
+  local headers = {}
+  if body then headers["Content-Type"] = "application/json" end
+  if #keys > 0 then headers["Authorization"] = "APIKEY " .. keys[(n %% #keys) + 1] end
+  return wrk.format(method, path, headers, body)
 end
 if interval > 0 then
   delay = function() return interval end
@@ -75,6 +79,7 @@ def run_wrk(
     connections: int = 32,
     threads: int = 1,
     rate: float | None = None,
+    body: str | None = None,
 ) -> WrkResult:
     """Closed-loop saturation, or a paced rate (wrk's ``delay()``: each connection waits connections/rate)."""
     interval = int(connections / rate * 1000) if rate else 0
@@ -82,6 +87,8 @@ def run_wrk(
         "keys": ", ".join(json.dumps(k) for k in keys),
         "path": path,
         "interval": interval,
+        "method": "POST" if body is not None else "GET",
+        "body": json.dumps(body) if body is not None else "nil",
     }
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
         handle.write(script)
