@@ -397,7 +397,7 @@ def banner(demo: Demo, models: dict[str, Model], started: float) -> Iterator[str
     yield ""
     yield "maas-gateway demo: Envoy + maas authz + maas meter + maas sim + maas controlplane + Redis"
     yield f"  gateway (Envoy):   {base}     models: " + ", ".join(f"/{_prefix(n)}" for n in models)
-    yield f"  admin API:         {admin}   (dev admin token: see README)"
+    yield f"  admin API:         {admin}   (development admin token: maas-dev-admin-token)"
     yield f"  store:             {demo.redis_url}   manifests: {demo.manifests}   logs: {demo.logs}"
     yield ""
     yield "Sample keys (deploy/models/samples, SAMPLE values only):"
@@ -420,6 +420,7 @@ def banner(demo: Demo, models: dict[str, Model], started: float) -> Iterator[str
     )
     yield f"  curl -H 'Authorization: APIKEY admin-key-12345' {base}/v1/models"
     yield f"  curl -H 'Authorization: APIKEY admin-key-12345' {base}/v1/me"
+    yield f"  curl -H 'Authorization: Bearer maas-dev-admin-token' {admin}/admin/v1/keys"
     yield f"  curl {admin}/openapi.json"
     yield "Ctrl-C stops everything."
 

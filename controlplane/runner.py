@@ -152,15 +152,24 @@ class ControlPlane:
         self.metrics.skipped.labels(kind="File", reason="invalid_yaml").inc()
 
     async def stop(self) -> None:
+        """Graceful and bounded: a task or a peer that does not answer must not keep the process from exiting
+        (Kubernetes would SIGKILL it, and the Lease would only pass on after it expires)."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=5.0)
+            for task in stuck:
+                log.warning("task %s did not stop within 5s", task.get_name())
         self._tasks.clear()
-        await self.elector.release()
+        try:
+            async with asyncio.timeout(3.0):
+                await self.elector.release()
+        except TimeoutError:
+            log.warning("releasing the lease timed out; it expires on its own")
         for runner in self._runners:
-            await runner.cleanup()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3.0):
+                    await runner.cleanup()
         self._runners.clear()
         if self.source is not None:
             await self.source.close()

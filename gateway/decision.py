@@ -100,7 +100,8 @@ STORE_DOWN = _denial(
 )
 
 
-def _credential(get: Callable[[str], str | None], count: Callable[[str], int]) -> str | Denial:
+def credential(get: Callable[[str], str | None], count: Callable[[str], int]) -> str | Denial:
+    """The API key of a request (``Authorization: APIKEY|Bearer <key>`` or ``x-api-key``), or the denial."""
     auth = get("authorization")
     api_key_header = get("x-api-key")
     if count("authorization") > 1 or count("x-api-key") > 1:
@@ -143,7 +144,7 @@ def admit(
     count: Callable[[str], int],
     now: float,
 ) -> Admission | Denial:
-    token = _credential(get, count)
+    token = credential(get, count)
     if isinstance(token, Denial):
         return token
     digest = hmac.digest(policy.pepper, token.encode("utf-8", "surrogateescape"), "sha256")

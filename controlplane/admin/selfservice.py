@@ -17,7 +17,7 @@ from controlplane.admin.models import LimitsView, Me, OpenAIModel, OpenAIModelLi
 from controlplane.admin.usage import quota_of, read_rows, today_days
 from controlplane.admin.views import effective_limits, limits_view
 from gateway.contract import KeyRecord, KeyStatus, digest_key
-from gateway.decision import EXPIRED_KEY, INVALID_KEY, Denial, _credential, error_body
+from gateway.decision import EXPIRED_KEY, INVALID_KEY, Denial, credential, error_body
 from gateway.identity import H_KEY_ID, H_SIGNATURE, IdentityError, verify
 
 
@@ -46,7 +46,7 @@ def caller(request: web.Request, ctx: AdminContext) -> KeyRecord:
             raise Denied(_identity_denial(f"Identity headers rejected: {exc}")) from exc
         record = ctx.state.keys.get(identity.key_id)
     else:
-        token = _credential(headers.get, lambda name: len(headers.getall(name, [])))
+        token = credential(headers.get, lambda name: len(headers.getall(name, [])))
         if isinstance(token, Denial):
             raise Denied(token)
         record = ctx.state.key_by_digest(digest_key(token, ctx.pepper))
