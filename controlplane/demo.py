@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -55,6 +56,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens-per-second", type=float, default=200.0, help="simulated generation speed")
     parser.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for every part")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (manifests, logs)")
+    parser.add_argument(
+        "--store",
+        choices=("auto", "redis", "memory"),
+        default="auto",
+        help="redis: a redis-server child; memory: every part in one process; auto: redis when redis-server is found",
+    )
 
 
 def _free_port() -> int:
@@ -173,13 +180,20 @@ class Demo:
         out.append(self_service_route())
         (self.manifests / "demo.yaml").write_text(yaml.safe_dump_all(out, sort_keys=False))
 
-    def start_redis(self) -> None:
+    def start_redis(self) -> bool:
+        """A redis-server child; False when the demo should run on the in-memory store instead."""
         binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit(
-                "maas demo: redis-server was not found on PATH. Install it (Debian: apt-get install redis-server); "
-                "the demo runs several processes, which share their state through Redis."
+        if self.args.store == "memory" or (binary is None and self.args.store == "auto"):
+            why = "as asked" if self.args.store == "memory" else "redis-server was not found on PATH"
+            print(
+                f"maas demo: {why}: running every part in one process on the in-memory store (state is lost at "
+                "exit; install redis-server for the real layout: one process per part)",
+                flush=True,
             )
+            self.redis_url = "memory:// (one process)"
+            return False
+        if binary is None:
+            raise SystemExit("maas demo: --store redis, but redis-server was not found (apt-get install redis-server)")
         port = _free_port()
         data = self.tmp / "redis"
         data.mkdir()
@@ -201,6 +215,7 @@ class Demo:
         )
         self.redis_url = f"redis://127.0.0.1:{port}/0"
         _wait_port(port, timeout=10)
+        return True
 
     def start(self) -> tuple[int, dict[str, Model]]:
         self.logs.mkdir(parents=True)
@@ -209,7 +224,54 @@ class Demo:
             d["metadata"]["name"]: Model(d["metadata"]["name"]) for d in docs if d.get("kind") == "InferenceService"
         }
         self.write_manifests(docs, models)
-        self.start_redis()
+        cp_ops, authz_port, authz_ops = _free_port(), _free_port(), _free_port()
+        if self.start_redis():
+            self.start_processes(models, cp_ops=cp_ops, authz_port=authz_port, authz_ops=authz_ops)
+        else:
+            self.start_single_process(models, cp_ops=cp_ops, authz_port=authz_port, authz_ops=authz_ops)
+        admin_port = _free_port()
+        gateway = envoy_gateway(
+            docs,
+            models,
+            listen_port=self.args.port,
+            admin_port=admin_port,
+            authz_port=authz_port,
+            controlplane_port=self.args.admin_port,
+            listen_host=self.args.host,
+        )
+        config = envoy.write_config(gateway, self.tmp / "envoy.json")
+        self.spawn("envoy", envoy.command(config), ready_url=f"http://127.0.0.1:{admin_port}/ready")
+        return authz_ops, models
+
+    def start_single_process(self, models: dict[str, Model], *, cp_ops: int, authz_port: int, authz_ops: int) -> None:
+        spec = {
+            "manifests": str(self.manifests),
+            "admin_port": self.args.admin_port,
+            "cp_ops": cp_ops,
+            "authz_port": authz_port,
+            "authz_ops": authz_ops,
+            "host": self.args.host,
+            "ttft_ms": self.args.ttft_ms,
+            "tokens_per_second": self.args.tokens_per_second,
+            "models": [
+                {"name": m.name, "sim_port": m.sim_port, "meter_port": m.meter_port, "meter_ops": m.meter_ops}
+                for m in models.values()
+            ],
+        }
+        path = self.tmp / "allinone.json"
+        path.write_text(json.dumps(spec))
+        child = self.spawn(
+            "allinone",
+            [sys.executable, "-m", "controlplane.allinone", str(path)],
+            ready_url=f"http://127.0.0.1:{authz_ops}/readyz",
+        )
+        for url in [
+            f"http://127.0.0.1:{cp_ops}/readyz",
+            *(f"http://127.0.0.1:{m.meter_ops}/readyz" for m in models.values()),
+        ]:
+            self.children.append(Child(name="allinone", popen=child.popen, log=child.log, ready_url=url))
+
+    def start_processes(self, models: dict[str, Model], *, cp_ops: int, authz_port: int, authz_ops: int) -> None:
         common = ["--redis-url", self.redis_url, "--dev", "--log-format", "text"]
         for m in models.values():
             self.maas(
@@ -243,7 +305,6 @@ class Demo:
                 *common,
                 ready_url=f"http://127.0.0.1:{m.meter_ops}/readyz",
             )
-        cp_ops = _free_port()
         self.maas(
             "controlplane",
             "controlplane",
@@ -259,7 +320,6 @@ class Demo:
             *common,
             ready_url=f"http://127.0.0.1:{cp_ops}/readyz",
         )
-        authz_port, authz_ops = _free_port(), _free_port()
         self.maas(
             "authz",
             "authz",
@@ -272,19 +332,6 @@ class Demo:
             *common,
             ready_url=f"http://127.0.0.1:{authz_ops}/readyz",
         )
-        admin_port = _free_port()
-        gateway = envoy_gateway(
-            docs,
-            models,
-            listen_port=self.args.port,
-            admin_port=admin_port,
-            authz_port=authz_port,
-            controlplane_port=self.args.admin_port,
-            listen_host=self.args.host,
-        )
-        config = envoy.write_config(gateway, self.tmp / "envoy.json")
-        self.spawn("envoy", envoy.command(config), ready_url=f"http://127.0.0.1:{admin_port}/ready")
-        return authz_ops, models
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.args.ready_timeout

@@ -44,7 +44,11 @@ class Admission:
 
 class HotCache:
     """Per-process memo of what many requests share: the bucket operations of a key under given limits, and the
-    signed identity headers of a (key, tier, model) within one second (the signature's timestamp granularity)."""
+    signed identity headers of a (key, tier, model) within one signing window: every request of a key in the same
+    ``SIGN_WINDOW`` seconds carries the same timestamp and signature, so an identity is at most that old when the
+    meter checks its freshness (``--identity-max-age``, 60 s by default)."""
+
+    SIGN_WINDOW = 10
 
     MAX_ENTRIES = 100_000
 
@@ -236,7 +240,7 @@ def allow_headers(
     tier = admission.tier.name if admission.tier is not None else ""
     model = admission.model or ""
     cache = policy.cache
-    second = int(now)
+    second = int(now) // HotCache.SIGN_WINDOW * HotCache.SIGN_WINDOW
     if second != cache.second or len(cache.identity) >= HotCache.MAX_ENTRIES:
         cache.identity.clear()
         cache.second = second

@@ -35,6 +35,7 @@ class CappedChildren:
         self._metric = metric
         self._cap = cap
         self._identity = identity
+        self._blank = ("",) * identity
         self._children: dict[tuple[str, ...], Any] = {}
         self._keys: set[str] = set()
 
@@ -45,7 +46,7 @@ class CappedChildren:
             return child
         if key_id not in self._keys:
             if len(self._keys) >= self._cap:
-                full = (OTHER_KEY, *("" for _ in range(self._identity)), *labels[self._identity :])
+                full = (OTHER_KEY, *self._blank, *labels[self._identity :])
                 child = self._children.get(full)
                 if child is None:
                     child = self._children[full] = self._metric.labels(*full)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -89,8 +90,8 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.fixture(scope="module")
-def demo() -> Iterator[RunningDemo]:
+@contextlib.contextmanager
+def run_demo(*extra: str) -> Iterator[RunningDemo]:
     port, admin_port = free_port(), free_port()
     proc = subprocess.Popen(
         [
@@ -103,6 +104,7 @@ def demo() -> Iterator[RunningDemo]:
             "--admin-port",
             str(admin_port),
             "--keep",
+            *extra,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -124,7 +126,7 @@ def demo() -> Iterator[RunningDemo]:
     while not lines[-1].startswith("Ctrl-C"):
         lines.append(proc.stdout.readline())
     banner = "".join(lines)
-    match = re.search(r"store:\s+(redis://\S+)", banner)
+    match = re.search(r"store:\s+(\S+)", banner)
     assert match is not None, banner
     running = RunningDemo(
         proc=proc,
@@ -133,7 +135,19 @@ def demo() -> Iterator[RunningDemo]:
         redis_url=match.group(1),
         banner=lines,
     )
-    yield running
+    try:
+        yield running
+    finally:
+        _teardown(proc, banner)
+
+
+@pytest.fixture(scope="module")
+def demo() -> Iterator[RunningDemo]:
+    with run_demo("--store", "redis") as running:
+        yield running
+
+
+def _teardown(proc: subprocess.Popen[str], banner: str) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait(10)
@@ -236,3 +250,21 @@ def test_sigterm_leaves_no_child_behind(demo: RunningDemo) -> None:
     while any(_alive(pid) for pid in children):
         assert time.monotonic() < deadline, [pid for pid in children if _alive(pid)]
         time.sleep(0.1)
+
+
+def test_without_redis_everything_runs_in_one_process_on_the_memory_store() -> None:
+    with run_demo("--store", "memory") as running:
+        assert "in-memory store" in "".join(running.banner)
+        client = openai.OpenAI(base_url=running.base + "/qwen3/v1", api_key=ADMIN_KEY, max_retries=0)
+        completion = client.chat.completions.create(
+            model="qwen3-0-6b-instruct", messages=[{"role": "user", "content": "Hello"}]
+        )
+        assert completion.usage is not None and completion.usage.total_tokens > 0
+        assert _request(running.base + "/qwen3/v1/chat/completions", json_body={}).status_code == 401
+        children = _descendants(running.proc.pid)
+        running.proc.send_signal(signal.SIGTERM)
+        assert running.proc.wait(20) == 0
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in children):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)

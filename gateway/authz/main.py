@@ -19,7 +19,7 @@ from gateway.authz.settings import AuthzSettings
 from gateway.decision import Policy
 from gateway.ops import ops_app
 from gateway.settings import add_flags, load
-from gateway.store import open_store
+from gateway.store import Store, open_store
 
 log = logging.getLogger("maas.authz")
 
@@ -35,11 +35,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def serve(settings: AuthzSettings, *, stop: asyncio.Event | None = None) -> None:
+async def serve(settings: AuthzSettings, *, stop: asyncio.Event | None = None, store: Store | None = None) -> None:
+    """Run until ``stop`` is set (default: SIGTERM/SIGINT). ``store`` shares one store object with other
+    components of the same process (the single-process demo); by default it is opened from ``--redis-url``."""
     if settings.dev:
         log.warning("DEVELOPMENT MODE: fixed pepper and identity secret; never use --dev in production")
     log.info("maas authz %s starting", __version__, extra={"settings": settings.redacted()})
-    store = open_store(settings.redis_url, timeout=settings.store_timeout)
+    store = store or open_store(settings.redis_url, timeout=settings.store_timeout)
     metrics = AuthzMetrics(max_keys=settings.metrics_max_keys)
     follower = SnapshotFollower(store, metrics=metrics)
     policy = Policy(
