@@ -54,20 +54,32 @@ async def run(spec: dict[str, Any]) -> None:
     for m in spec["models"]:
         sim = SimConfig(served=(m["name"],), ttft_ms=spec["ttft_ms"], tokens_per_second=spec["tokens_per_second"])
         await _site(build_app(sim), "127.0.0.1", m["sim_port"], runners)
-        meter_settings = load(MeterSettings, upstream=f"http://127.0.0.1:{m['sim_port']}", port=m["meter_port"],
-                              ops_port=m["meter_ops"], **common)
-        proxy, ops = build_apps(build_meter(meter_settings, store=store),
-                                max_body_bytes=meter_settings.max_body_bytes)
+        meter_settings = load(
+            MeterSettings,
+            upstream=f"http://127.0.0.1:{m['sim_port']}",
+            port=m["meter_port"],
+            ops_port=m["meter_ops"],
+            **common,
+        )
+        proxy, ops = build_apps(build_meter(meter_settings, store=store), max_body_bytes=meter_settings.max_body_bytes)
         await _site(proxy, "127.0.0.1", m["meter_port"], runners)
         await _site(ops, "127.0.0.1", m["meter_ops"], runners)
     plane = ControlPlane(
-        load(ControlPlaneSettings, source=f"dir:{spec['manifests']}", port=spec["admin_port"],
-             ops_port=spec["cp_ops"], host=spec["host"], leader_election=False, **common),
+        load(
+            ControlPlaneSettings,
+            source=f"dir:{spec['manifests']}",
+            port=spec["admin_port"],
+            ops_port=spec["cp_ops"],
+            host=spec["host"],
+            leader_election=False,
+            **common,
+        ),
         store=store,
     )
     await plane.start()
-    authz_settings = load(AuthzSettings, port=spec["authz_port"], ops_port=spec["authz_ops"], host="127.0.0.1",
-                          **common)
+    authz_settings = load(
+        AuthzSettings, port=spec["authz_port"], ops_port=spec["authz_ops"], host="127.0.0.1", **common
+    )
     authz = asyncio.create_task(serve_authz(authz_settings, stop=stop, store=store), name="authz")
     log.warning("single process on the in-memory store: state is lost at exit; not for production")
     await stop.wait()
