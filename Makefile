@@ -31,7 +31,7 @@ pytest: $(STAMP)
 test: lint types contracts pytest
 
 demo: $(STAMP)
-	$(BIN)/maas demo
+	$(BIN)/maas demo $(DEMO_ARGS)
 
 bench-authz: $(STAMP)
 	$(BIN)/python -m benchmarks authz
