@@ -12,9 +12,10 @@ import uvloop
 from aiohttp import web
 
 from gateway import __version__, logs
+from gateway.authz.fasthttp import CheckServer
 from gateway.authz.follower import SnapshotFollower
 from gateway.authz.metrics import AuthzMetrics
-from gateway.authz.server import AuthzHandler
+from gateway.authz.server import AiohttpHandler, Checker
 from gateway.authz.settings import AuthzSettings
 from gateway.decision import Policy
 from gateway.ops import ops_app
@@ -52,7 +53,7 @@ async def serve(settings: AuthzSettings, *, stop: asyncio.Event | None = None, s
         allow_unrouted=settings.allow_unrouted,
         remove_credentials=not settings.forward_api_key,
     )
-    handler = AuthzHandler(
+    checker = Checker(
         follower=follower,
         store=store,
         policy=policy,
@@ -69,17 +70,23 @@ async def serve(settings: AuthzSettings, *, stop: asyncio.Event | None = None, s
 
     follow_task = asyncio.create_task(follower.run(), name="snapshot-follower")
     follow_task.add_done_callback(_log_crash)
-    server = web.Server(
-        handler,
-        access_log=None,
-        max_field_size=settings.max_header_bytes,
-        max_line_size=settings.max_header_bytes,
-    )
-    authz_runner = web.ServerRunner(server, handle_signals=False)
     ops_runner = web.AppRunner(ops_app(registry=metrics.registry, ready=ready), access_log=None)
-    await authz_runner.setup()
     await ops_runner.setup()
-    await web.TCPSite(authz_runner, settings.host, settings.port, reuse_port=True, backlog=1024).start()
+    authz_runner: web.ServerRunner | None = None
+    fast_server: CheckServer | None = None
+    if settings.http_server == "fast":
+        fast_server = CheckServer(checker, max_header_bytes=settings.max_header_bytes)
+        await fast_server.start(host=settings.host, port=settings.port)
+    else:
+        server = web.Server(
+            AiohttpHandler(checker),
+            access_log=None,
+            max_field_size=settings.max_header_bytes,
+            max_line_size=settings.max_header_bytes,
+        )
+        authz_runner = web.ServerRunner(server, handle_signals=False)
+        await authz_runner.setup()
+        await web.TCPSite(authz_runner, settings.host, settings.port, reuse_port=True, backlog=1024).start()
     await web.TCPSite(ops_runner, settings.host, settings.ops_port).start()
     log.info("listening", extra={"port": settings.port, "ops_port": settings.ops_port})
 
@@ -89,7 +96,10 @@ async def serve(settings: AuthzSettings, *, stop: asyncio.Event | None = None, s
     follow_task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await follow_task
-    await authz_runner.cleanup()
+    if fast_server is not None:
+        await fast_server.close()
+    if authz_runner is not None:
+        await authz_runner.cleanup()
     await ops_runner.cleanup()
     await store.close()
 

@@ -1,14 +1,19 @@
-"""The ext_authz HTTP handler: Envoy asks, we answer 200 (allow, with headers) or a denial.
+"""The ext_authz check, independent of the HTTP server that carries it.
 
-A low-level aiohttp server (no router, no middlewares, access log off): every path is a check, so routing would be
-wasted work. Only status 200 allows; a 5xx makes Envoy answer ``statusOnError`` with an empty body.
+``Checker.begin`` answers from the snapshot alone (denials, limit-free allows) or hands back the future of the
+request's bucket check; ``Checker.finish`` turns bucket results (or a store failure) into the answer. No task per
+request: the HTTP layer attaches a callback to the future (``fasthttp``) or awaits it (the aiohttp adapter).
+Only status 200 allows; a 5xx makes Envoy answer ``statusOnError`` with an empty body.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -49,7 +54,21 @@ INTERNAL = Denial(
 JSON = "application/json"
 
 
-class AuthzHandler:
+@dataclass(slots=True)
+class Reply:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+
+
+@dataclass(slots=True)
+class Pending:
+    admission: Admission
+    future: asyncio.Future[list[BucketResult]]
+    now: float
+
+
+class Checker:
     def __init__(
         self,
         *,
@@ -68,78 +87,96 @@ class AuthzHandler:
         self._local = MemoryStore()
         self._store_down_until = 0.0
         self._store_log = RateLimitedLog(log, interval=10.0)
-        self._observe = metrics.check_seconds.observe
+        self.observe = metrics.check_seconds.observe
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        started = time.perf_counter()
-        try:
-            response = await self._check(request)
-        except Exception:
-            log.exception("ext_authz check failed")
-            response = self._deny(INTERNAL, "", "")
-        self._observe(time.perf_counter() - started)
-        return response
-
-    async def _check(self, request: web.BaseRequest) -> web.Response:
+    def begin(
+        self, *, host: str, path: str, get: Callable[[str], str | None], count: Callable[[str], int]
+    ) -> Reply | Pending:
         snapshot = self._follower.snapshot
         if not snapshot.loaded:
-            return self._deny(NOT_READY, "", "")
-        headers = request.headers
+            return self.deny(NOT_READY, "", "")
         now = time.time()
-        outcome = admit(
-            snapshot,
-            self._policy,
-            host=headers.get("host", ""),
-            path=request.raw_path,
-            get=headers.get,
-            count=lambda name: len(headers.getall(name, ())),
-            now=now,
-        )
+        outcome = admit(snapshot, self._policy, host=host, path=path, get=get, count=count, now=now)
         if isinstance(outcome, Denial):
-            return self._deny(outcome, "", "")
-        results: list[BucketResult] | None = None
-        if outcome.ops:
-            results = await self._limits(outcome.ops)
-            if results is None:
-                return self._deny(STORE_DOWN, *_labels(outcome))
-            if not results[0].allowed:
-                return self._deny(rate_limited(outcome, results), *_labels(outcome), key=outcome)
-        tier, model = _labels(outcome)
-        self._metrics.decision("allow", "ok", tier, model).inc()
-        key = outcome.key
-        self._metrics.key_requests.get(key.key_id, key.user, tier, "allow").inc()
-        return web.Response(status=200, headers=allow_headers(outcome, results, self._policy, now=now))
-
-    async def _limits(self, ops: Sequence[BucketOp]) -> list[BucketResult] | None:
-        """Bucket results from the store, or from the failure policy; None means deny."""
+            return self.deny(outcome, "", "")
+        if not outcome.ops:
+            return self._allow(outcome, None, now)
         if time.monotonic() >= self._store_down_until:
-            try:
-                results = await self._batcher.check(ops)
-            except StoreError as exc:
-                self._store_down_until = time.monotonic() + STORE_RETRY_AFTER
-                self._metrics.store_error("buckets", exc.code)
-                self._store_log.warning(
-                    "store unavailable, limits follow --on-store-error=%s: %s", self._on_store_error, exc
-                )
-            else:
-                self._metrics.store_up.set(1)
-                return results
+            return Pending(outcome, self._batcher.check(outcome.ops), now)
+        return self._decide(outcome, self._policy_results(outcome.ops), now)
+
+    def finish(self, pending: Pending) -> Reply:
+        """The answer once the bucket check is done; raises what the check raised, but for store failures."""
+        try:
+            results: list[BucketResult] | None = pending.future.result()
+        except StoreError as exc:
+            self._store_down_until = time.monotonic() + STORE_RETRY_AFTER
+            self._metrics.store_error("buckets", exc.code)
+            self._store_log.warning(
+                "store unavailable, limits follow --on-store-error=%s: %s", self._on_store_error, exc
+            )
+            results = self._policy_results(pending.admission.ops)
+        else:
+            self._metrics.store_up.set(1)
+        return self._decide(pending.admission, results, pending.now)
+
+    def _decide(self, admission: Admission, results: list[BucketResult] | None, now: float) -> Reply:
+        if results is None:
+            return self.deny(STORE_DOWN, *_labels(admission))
+        if not results[0].allowed:
+            return self.deny(rate_limited(admission, results), *_labels(admission), key=admission)
+        return self._allow(admission, results, now)
+
+    def _allow(self, admission: Admission, results: list[BucketResult] | None, now: float) -> Reply:
+        tier, model = _labels(admission)
+        self._metrics.decision("allow", "ok", tier, model).inc()
+        key = admission.key
+        self._metrics.key_requests.get(key.key_id, key.user, tier, "allow").inc()
+        return Reply(200, allow_headers(admission, results, self._policy, now=now))
+
+    def _policy_results(self, ops: Sequence[BucketOp]) -> list[BucketResult] | None:
+        """Bucket results while the store is unavailable, per ``--on-store-error``; None means deny."""
         self._metrics.policy_applied.labels(self._on_store_error).inc()
         if self._on_store_error == "allow":
             return [BucketResult(True, op.limit, op.limit, 0, 0, 0) for op in ops]
         if self._on_store_error == "local":
-            (results,) = await self._local.check_buckets([ops])
-            return results
+            return self._local.check_now([ops])[0]
         return None
 
-    def _deny(self, denial: Denial, tier: str, model: str, *, key: Admission | None = None) -> web.Response:
+    def deny(self, denial: Denial, tier: str, model: str, *, key: Admission | None = None) -> Reply:
         self._metrics.decision("deny", denial.code, tier, model).inc()
         if key is not None:
             self._metrics.key_requests.get(key.key.key_id, key.key.user, tier, "deny").inc()
-        headers = {"content-type": JSON}
-        headers.update(denial.headers)
-        return web.Response(status=denial.status, body=denial.body, headers=headers)
+        return Reply(denial.status, [("content-type", JSON), *denial.headers], denial.body)
 
 
 def _labels(admission: Admission) -> tuple[str, str]:
     return (admission.tier.name if admission.tier is not None else "", admission.model or "")
+
+
+class AiohttpHandler:
+    """The check on aiohttp's low-level server (``--http-server aiohttp``)."""
+
+    def __init__(self, checker: Checker) -> None:
+        self._checker = checker
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        checker = self._checker
+        headers = request.headers
+        try:
+            step = checker.begin(
+                host=headers.get("host", ""),
+                path=request.raw_path,
+                get=headers.get,
+                count=lambda name: len(headers.getall(name, ())),
+            )
+            if isinstance(step, Pending):
+                with contextlib.suppress(Exception):  # finish() reads the outcome, failures included
+                    await step.future
+                step = checker.finish(step)
+        except Exception:
+            log.exception("ext_authz check failed")
+            step = checker.deny(INTERNAL, "", "")
+        checker.observe(time.perf_counter() - started)
+        return web.Response(status=step.status, headers=step.headers, body=step.body or None)

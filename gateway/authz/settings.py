@@ -27,6 +27,9 @@ class AuthzSettings(CommonSettings):
     forward_api_key: bool = Field(False, description="keep the API key on the upstream request")
     bucket_max_inflight: int = Field(2, ge=1, le=64, description="concurrent bucket batches in flight to Redis")
     max_header_bytes: int = Field(65536, ge=8190, le=1 << 20, description="largest request header accepted")
+    http_server: Literal["fast", "aiohttp"] = Field(
+        "fast", description="HTTP layer of the check port: fast (httptools protocol) or aiohttp (low-level server)"
+    )
 
     @model_validator(mode="after")
     def _identity_secret_required(self) -> AuthzSettings:

@@ -102,6 +102,10 @@ class MemoryStore:
 
     async def check_buckets(self, groups: Sequence[Sequence[BucketOp]]) -> list[list[BucketResult]]:
         self._check()
+        return self.check_now(groups)
+
+    def check_now(self, groups: Sequence[Sequence[BucketOp]]) -> list[list[BucketResult]]:
+        """The same check, synchronously (the in-process ``local`` failure policy answers without awaiting)."""
         now = self._clock_ms()
         out: list[list[BucketResult]] = []
         for ops in groups:

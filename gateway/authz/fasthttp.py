@@ -1,0 +1,240 @@
+"""A lean HTTP/1.1 server for the ext_authz port: httptools (llhttp) parsing on an asyncio Protocol.
+
+Why not aiohttp here: an ext_authz check is a body-less request answered with a small header-only response, and
+aiohttp's request/response machinery (a task per request, a StreamResponse, a writer) costs more CPU than the whole
+check. This server creates no task per request: a check either answers at once from the snapshot or attaches a
+callback to its bucket-check future. It speaks exactly what Envoy's HTTP ext_authz client needs: keep-alive
+HTTP/1.1 (and 1.0), requests answered in order, bodies read and discarded (bounded), header size bounded (431),
+malformed HTTP answered 400 and the connection closed. Everything else (ops port, meter, admin API) stays on aiohttp;
+``--http-server aiohttp`` puts the check back on aiohttp's low-level server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import weakref
+from collections import deque
+from http import HTTPStatus
+from typing import cast
+
+import httptools
+
+from gateway.authz.server import INTERNAL, JSON, Checker, Pending, Reply
+from gateway.decision import error_body
+
+log = logging.getLogger("maas.authz.http")
+
+MAX_BODY_BYTES = 1 << 20
+MAX_QUEUED = 128
+"""Pipelined requests answered in order; past this many outstanding ones the connection stops reading."""
+
+_STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+_KEEP = b"content-length: %d\r\n\r\n"
+_CLOSE = b"connection: close\r\ncontent-length: %d\r\n\r\n"
+
+
+def encode(reply: Reply, *, keep_alive: bool) -> bytes:
+    lines = []
+    for name, value in reply.headers:
+        if "\n" in value or "\r" in value:  # never let a record's value split the response
+            value = value.replace("\r", " ").replace("\n", " ")
+        lines.append(f"{name}: {value}\r\n")
+    head = _STATUS.get(reply.status) or f"HTTP/1.1 {reply.status} Unknown\r\n".encode()
+    tail = (_KEEP if keep_alive else _CLOSE) % len(reply.body)
+    return head + "".join(lines).encode("utf-8", "replace") + tail + reply.body
+
+
+def _error(status: int, code: str, message: str) -> bytes:
+    body = error_body(message, error_type="invalid_request_error", code=code)
+    return encode(Reply(status, [("content-type", JSON)], body), keep_alive=False)
+
+
+BAD_REQUEST = _error(400, "bad_request", "Malformed HTTP request.")
+TOO_LARGE = _error(431, "request_header_too_large", "Request headers are too large.")
+BODY_TOO_LARGE = _error(413, "request_too_large", "The check request body is too large.")
+
+
+class CheckProtocol(asyncio.Protocol):
+    def __init__(self, checker: Checker, *, max_header_bytes: int) -> None:
+        self._checker = checker
+        self._max_header = max_header_bytes
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._queue: deque[_Slot] = deque()
+        self._paused = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._repeated: dict[str, int] = {}
+        self._size = 0
+        self._body = 0
+        self._started = 0.0
+
+    # --- asyncio.Protocol -----------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio subclasses
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._fail(cause.response if isinstance(cause, _Abort) else BAD_REQUEST)
+        except (httptools.HttpParserUpgrade, httptools.HttpParserError):
+            self._fail(BAD_REQUEST)
+
+    # --- httptools callbacks ----------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset()
+        self._started = time.perf_counter()
+
+    def on_url(self, url: bytes) -> None:
+        self._size += len(url)
+        if self._size > self._max_header:
+            raise _Abort(TOO_LARGE)
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._size += len(name) + len(value) + 4
+        if self._size > self._max_header:
+            raise _Abort(TOO_LARGE)
+        key = name.decode("latin-1").lower()
+        if key in self._headers:
+            self._repeated[key] = self._repeated.get(key, 1) + 1
+            return
+        self._headers[key] = value.decode("utf-8", "surrogateescape")
+
+    def on_body(self, body: bytes) -> None:
+        self._body += len(body)
+        if self._body > MAX_BODY_BYTES:
+            raise _Abort(BODY_TOO_LARGE)
+
+    def on_message_complete(self) -> None:
+        keep_alive = self._parser.should_keep_alive()
+        slot = _Slot()
+        self._queue.append(slot)
+        checker = self._checker
+        headers, repeated = self._headers, self._repeated
+        started = self._started
+        try:
+            step = checker.begin(
+                host=headers.get("host", ""),
+                path=self._url.decode("utf-8", "surrogateescape"),
+                get=headers.get,
+                count=lambda name: repeated.get(name, 1 if name in headers else 0),
+            )
+        except Exception:
+            log.exception("ext_authz check failed")
+            step = checker.deny(INTERNAL, "", "")
+        if isinstance(step, Pending):
+            pending = step
+            step.future.add_done_callback(lambda _: self._settle(slot, pending, keep_alive, started))
+        else:
+            slot.fill(encode(step, keep_alive=keep_alive), close=not keep_alive)
+            checker.observe(time.perf_counter() - started)
+            self._flush()
+        if len(self._queue) > MAX_QUEUED and self._transport is not None and not self._paused:
+            self._paused = True
+            self._transport.pause_reading()
+
+    # --- answers ----------------------------------------------------------------------------------------------
+
+    def _settle(self, slot: _Slot, pending: Pending, keep_alive: bool, started: float) -> None:
+        checker = self._checker
+        try:
+            reply = checker.finish(pending)
+        except Exception:
+            log.exception("ext_authz check failed")
+            reply = checker.deny(INTERNAL, "", "")
+        slot.fill(encode(reply, keep_alive=keep_alive), close=not keep_alive)
+        checker.observe(time.perf_counter() - started)
+        self._flush()
+
+    def _flush(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        queue = self._queue
+        while queue and queue[0].data is not None:
+            slot = queue.popleft()
+            transport.write(slot.data)  # type: ignore[arg-type]
+            if slot.close:
+                queue.clear()
+                transport.close()
+                self._transport = None
+                return
+        if self._paused and len(queue) <= MAX_QUEUED // 2:
+            self._paused = False
+            transport.resume_reading()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def _fail(self, response: bytes) -> None:
+        """Answer a request we cannot parse (after the ones before it) and close the connection."""
+        slot = _Slot()
+        slot.fill(response, close=True)
+        self._queue.append(slot)
+        self._flush()
+
+
+class _Slot:
+    """One request's place in the answer order; ``data`` is set when its answer is known."""
+
+    __slots__ = ("close", "data")
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.close = False
+
+    def fill(self, data: bytes, *, close: bool) -> None:
+        self.data = data
+        self.close = close
+
+
+class _Abort(Exception):
+    def __init__(self, response: bytes) -> None:
+        super().__init__("abort")
+        self.response = response
+
+
+class CheckServer:
+    """The listening socket and its open connections (Envoy keeps them open: shutdown closes them)."""
+
+    def __init__(self, checker: Checker, *, max_header_bytes: int) -> None:
+        self._checker = checker
+        self._max_header = max_header_bytes
+        self._connections: weakref.WeakSet[CheckProtocol] = weakref.WeakSet()
+        self._server: asyncio.Server | None = None
+
+    def _protocol(self) -> CheckProtocol:
+        protocol = CheckProtocol(self._checker, max_header_bytes=self._max_header)
+        self._connections.add(protocol)
+        return protocol
+
+    async def start(self, *, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._protocol, host=host, port=port, reuse_port=True, backlog=1024)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for protocol in list(self._connections):
+            protocol.close()
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self._server.wait_closed()
