@@ -151,9 +151,7 @@ def profile_authz(pid: int, url: str, keys: list[str], seconds: float) -> list[t
     out = Path(tempfile.mkdtemp()) / "profile.txt"
     spy = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "py_spy",
+            str(Path(sys.executable).parent / "py-spy"),
             "record",
             "-p",
             str(pid),
@@ -314,24 +312,24 @@ def markdown(results: dict[str, Any], plan: Plan) -> str:
 
 ANALYSIS = """### Analysis
 
-- **Where a check's CPU goes** (py-spy, table above; per-request CPU measured with /proc at saturation: about
-  25 µs for the trivial server, 65-75 µs for `maas authz`): the socket write of the response (`StreamWriter._write`,
-  the `send` system call, paid by the trivial server too) and uvloop's own loop (`Runner.run`: reads, timers) are the
-  largest items; then the Redis client (command packing, one round trip per batch), aiohttp's response preparation
-  with ~15 headers (identity, rate limits, credential removal: about 9 µs more than an empty 200), and our own
-  decision (about 6 µs).
-- **What was done about them**: bucket checks of concurrent requests share one Lua call per loop turn (batches of
-  ~18 at saturation instead of a round trip each); script arguments are encoded once per key and limits; bucket
-  operations and signed identity headers are memoised per key (signatures per 10 s window); redis-py reads
-  without its per-read `wait_for` task; frozen dataclasses left the per-request path; the key index is frozen out of
-  the garbage collector after a load. Together these took a check from about 132 µs to about 70 µs of CPU.
-- **What is left**: the response itself. aiohttp's request/response machinery costs the same per request whatever
-  the handler does, and a denial-free check still has to build and write a 15-header response; reaching 0.8x of an
-  empty 200 would need a leaner HTTP layer than aiohttp. Latency at low rates is dominated by process wake-ups on
-  this 2-core VM: each extra hop (Envoy -> authz -> Redis -> authz -> Envoy) costs a few hundred microseconds of
-  scheduling, which is why (d) adds about 1 ms over (c) at 250-500 req/s while its CPU cost per check is ~50 µs.
-- **Redis down**: `deny` answers from the snapshot in microseconds (503s, highest throughput); `allow` and `local`
-  cost about what the trivial ext_authz costs, since no Redis round trip is made.
+- **Where a check's CPU goes** (py-spy, table above; CPU per request measured from /proc at saturation: about
+  27 µs for the trivial aiohttp server, about 49 µs for `maas authz`): the response's `send` system call and uvloop's
+  own loop (reads, timers) are the largest items and are paid by any server; then the Redis client (redis-py command
+  packing and reply parsing, one script call per batch of ~11-18 concurrent checks); our own decision is ~6 µs.
+- py-spy attributes time spent in uvloop's C code (socket reads, callbacks) to the Python frame entered last, which
+  is why `BucketBatcher.check` shows up: measured alone, it costs under 1 µs per call.
+- **What was done about them**, in order of effect: the check port left aiohttp for a lean httptools protocol that
+  creates no task per request (a check answers at once or from a callback on its bucket future); bucket checks of
+  concurrent requests share one Lua call per loop turn; script arguments are encoded once per key and limits; bucket
+  operations and signed identity headers are memoised (signatures per 10 s window); redis-py reads without its
+  per-read `wait_for` task; frozen dataclasses left the per-request path; the key index is frozen out of the garbage
+  collector after a load. Together: from about 132 µs to about 49 µs of CPU per check.
+- **What is left**: the Redis client is now the largest item of our own (a minimal pipelined RESP client with
+  pre-encoded per-key fragments would remove most of it). Latency at low rates is dominated by process wake-ups on
+  this 2-core VM: the Redis hop adds two of them (Envoy -> authz -> Redis -> authz -> Envoy), which is why (d) adds
+  about 0.7-1 ms over (c) at 250-500 req/s although its CPU cost per check is ~50 µs.
+- **Redis down**: `deny` answers from the snapshot without a Redis call (503s, highest throughput); `allow` and
+  `local` cost about what the trivial ext_authz costs, since no Redis round trip is made.
 """
 
 

@@ -1,0 +1,90 @@
+"""The check port's HTTP layers (the httptools server and aiohttp's) answer the same, byte for byte where it matters:
+keep-alive, pipelined requests in order, bounded headers, malformed HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.store.redis import RedisStore
+from tests.conftest import PEPPER
+from tests.support import platform
+from tests.support.stack import Authz, authz_process
+
+pytestmark = pytest.mark.redis
+
+CHECK = "GET /qwen3/v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: APIKEY {key}\r\n\r\n"
+
+
+@pytest.fixture(params=["fast", "aiohttp"])
+async def authz(request: pytest.FixtureRequest, redis_url: str, log_dir: Path) -> AsyncIterator[Authz]:
+    store = RedisStore(redis_url, timeout=2.0)
+    await platform.seed(store, PEPPER)
+    await store.close()
+    with authz_process(
+        redis_url=redis_url, pepper=PEPPER, log_dir=log_dir, args=["--http-server", request.param]
+    ) as running:
+        yield running
+        assert "Traceback" not in running.proc.log()
+
+
+async def _responses(port: int, payload: bytes, count: int) -> list[tuple[int, dict[str, str], bytes]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(payload)
+    await writer.drain()
+    out = []
+    for _ in range(count):
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+        headers: dict[str, str] = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+        out.append((int(status_line.split()[1]), headers, body))
+    writer.close()
+    return out
+
+
+async def test_pipelined_checks_are_answered_in_order(authz: Authz) -> None:
+    keys = [platform.ADMIN.plaintext, "sk-wrong", platform.GRANITE_ONLY.plaintext, platform.BIG.plaintext]
+    payload = "".join(CHECK.format(key=k) for k in keys).encode()
+    answers = await _responses(authz.port, payload, len(keys))
+    assert [a[0] for a in answers] == [200, 401, 403, 200]
+    assert answers[0][1]["x-maas-user"] == "admin"
+    assert answers[3][1]["x-maas-user"] == "gina"
+    assert b"invalid_api_key" in answers[1][2]
+
+
+async def test_connection_is_kept_alive(authz: Authz) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", authz.port)
+    for _ in range(3):
+        writer.write(CHECK.format(key=platform.ADMIN.plaintext).encode())
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 5)
+        assert status.startswith(b"HTTP/1.1 200")
+        while (line := await reader.readline()) != b"\r\n":
+            assert line
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [
+        pytest.param(
+            b"GET / HTTP/1.1\r\nHost: x\r\nx-junk: " + b"j" * 70000 + b"\r\n\r\n", {400, 431}, id="huge-header"
+        ),
+        pytest.param(b"NOT HTTP AT ALL\r\n\r\n", {400}, id="garbage"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", {401}, id="body-ignored"),
+        pytest.param(b"GET /qwen3 HTTP/1.0\r\nx-api-key: admin-key-12345\r\n\r\n", {200}, id="http-1.0"),
+    ],
+)
+async def test_odd_requests(authz: Authz, payload: bytes, status: set[int]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", authz.port)
+    writer.write(payload)
+    await writer.drain()
+    line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert int(line.split()[1]) in status
