@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 
+import uvloop
 from aiohttp import web
 
 from gateway import logs
@@ -51,10 +52,5 @@ async def serve(settings: MeterSettings) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = load(MeterSettings, args)
     logs.setup(fmt=settings.log_format, level=settings.log_level)
-    try:
-        import uvloop
-
-        uvloop.run(serve(settings))
-    except ImportError:  # pragma: no cover - uvloop is a dependency; kept for odd platforms
-        asyncio.run(serve(settings))
+    uvloop.run(serve(settings))
     return 0

@@ -8,6 +8,7 @@ import logging
 import signal
 from typing import Annotated, Literal
 
+import uvloop
 from aiohttp import web
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -91,10 +92,5 @@ async def serve(settings: SimSettings) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = load(SimSettings, args)
     logs.setup(fmt=settings.log_format, level=settings.log_level)
-    try:
-        import uvloop
-
-        uvloop.run(serve(settings))
-    except ImportError:  # pragma: no cover - uvloop is a dependency; kept for odd platforms
-        asyncio.run(serve(settings))
+    uvloop.run(serve(settings))
     return 0
