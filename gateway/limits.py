@@ -39,12 +39,16 @@ class BucketOp:
     mode: BucketMode = BucketMode.TAKE
     min_cost: int = 0
     wire: tuple[bytes, tuple[bytes, ...]] = field(init=False, repr=False, compare=False)
+    resp: tuple[bytes, bytes] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # The Redis key and script arguments, encoded once: hot-path ops are memoised and sent many times.
+        # The Redis key and script arguments, encoded once (and once more as RESP bulk strings): hot-path ops are
+        # memoised and sent many times.
         key = f"maas:b:{{k:{self.key_id}}}:{self.dimension}".encode()
-        args = (self.limit, self.window_ms, self.cost, int(self.mode), self.min_cost)
-        object.__setattr__(self, "wire", (key, tuple(b"%d" % a for a in args)))
+        args = tuple(b"%d" % a for a in (self.limit, self.window_ms, self.cost, int(self.mode), self.min_cost))
+        object.__setattr__(self, "wire", (key, args))
+        resp_args = b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+        object.__setattr__(self, "resp", (b"$%d\r\n%s\r\n" % (len(key), key), resp_args))
 
 
 @dataclass(slots=True)

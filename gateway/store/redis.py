@@ -18,6 +18,7 @@ from typing import Any, Self, TypeVar
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
@@ -27,6 +28,7 @@ from gateway.contract import Change, ChangeEvent, RecordKind
 from gateway.errors import StoreError, StoreTimeout
 from gateway.limits import BucketOp, BucketResult
 from gateway.store.base import UsageDelta, UsageRow
+from gateway.store.resp import NoScript, RespPipe, bulk
 
 T = TypeVar("T")
 
@@ -59,6 +61,7 @@ class _Script:
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self.sha_bulk = bulk(self.sha.encode())
 
 
 class _RedisSubscription:
@@ -137,6 +140,17 @@ class RedisStore:
             self._client = aioredis.Redis.from_url(self._url, max_connections=max_connections, **common)
         self._apply = _Script(APPLY_SCRIPT)
         self._buckets = _Script(BUCKET_SCRIPT)
+        self._pipe: RespPipe | None = None
+        if not self.cluster and self._url.startswith(("redis://", "rediss://")):
+            params = parse_url(self._url)
+            self._pipe = RespPipe(
+                host=str(params.get("host", "127.0.0.1")),
+                port=int(params.get("port", 6379)),
+                db=int(params.get("db", 0)),
+                username=params.get("username"),
+                password=params.get("password"),
+                tls=self._url.startswith("rediss://"),
+            )
 
     async def _call(self, what: str, make: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -157,6 +171,8 @@ class RedisStore:
         await self._call("ping", self._client.ping)
 
     async def close(self) -> None:
+        if self._pipe is not None:
+            await self._pipe.close()
         with contextlib.suppress(*_ERRORS):
             await self._client.aclose()
 
@@ -205,6 +221,30 @@ class RedisStore:
         return _unflatten(groups, flat)
 
     async def _run_buckets(self, groups: Sequence[Sequence[BucketOp]]) -> list[int]:
+        if self._pipe is not None:
+            return await self._run_buckets_resp(self._pipe, groups)
+        return await self._run_buckets_redispy(groups)
+
+    async def _run_buckets_resp(self, pipe: RespPipe, groups: Sequence[Sequence[BucketOp]]) -> list[int]:
+        keys: list[bytes] = []
+        args: list[bytes] = [bulk(b"%d" % len(groups))]
+        for ops in groups:
+            args.append(bulk(b"%d" % len(ops)))
+            for op in ops:
+                key, op_args = op.resp
+                keys.append(key)
+                args.append(op_args)
+        n_args = 1 + sum(1 + len(ops) * 5 for ops in groups)
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + n_args) + self._buckets.sha_bulk + bulk(b"%d" % len(keys))
+        payload = head + b"".join(keys) + b"".join(args)
+        try:
+            result: list[int] = await pipe.call(payload)
+        except NoScript:
+            await self._client.script_load(self._buckets.source)
+            result = await pipe.call(payload)
+        return result
+
+    async def _run_buckets_redispy(self, groups: Sequence[Sequence[BucketOp]]) -> list[int]:
         keys: list[bytes] = []
         args: list[bytes] = [b"%d" % len(groups)]
         for ops in groups:
@@ -223,7 +263,7 @@ class RedisStore:
         slots = list(by_slot.values())
 
         async def run_all() -> list[list[int]]:
-            return await asyncio.gather(*(self._run_buckets([groups[i] for i in idx]) for idx in slots))
+            return await asyncio.gather(*(self._run_buckets_redispy([groups[i] for i in idx]) for idx in slots))
 
         flats = await self._call("buckets", run_all)
         out: list[list[BucketResult]] = [[] for _ in groups]
