@@ -313,21 +313,22 @@ def markdown(results: dict[str, Any], plan: Plan) -> str:
 ANALYSIS = """### Analysis
 
 - **Where a check's CPU goes** (py-spy, table above; CPU per request measured from /proc at saturation: about
-  27 µs for the trivial aiohttp server, about 49 µs for `maas authz`): the response's `send` system call and uvloop's
-  own loop (reads, timers) are the largest items and are paid by any server; then the Redis client (redis-py command
-  packing and reply parsing, one script call per batch of ~11-18 concurrent checks); our own decision is ~6 µs.
+  25 µs for the trivial aiohttp server, about 40 µs for `maas authz`): the response's `send` system call and uvloop's
+  own loop (reads, timers) are the largest items and are paid by any server; then building the answer (decision,
+  identity and rate-limit headers, ~6 µs) and the bucket round trip, shared by the ~11-18 checks of a batch.
 - py-spy attributes time spent in uvloop's C code (socket reads, callbacks) to the Python frame entered last, which
-  is why `BucketBatcher.check` shows up: measured alone, it costs under 1 µs per call.
+  is why a tiny function such as `BucketBatcher.check` can show up: measured alone, it costs under 1 µs per call.
 - **What was done about them**, in order of effect: the check port left aiohttp for a lean httptools protocol that
   creates no task per request (a check answers at once or from a callback on its bucket future); bucket checks of
-  concurrent requests share one Lua call per loop turn; script arguments are encoded once per key and limits; bucket
-  operations and signed identity headers are memoised (signatures per 10 s window); redis-py reads without its
-  per-read `wait_for` task; frozen dataclasses left the per-request path; the key index is frozen out of the garbage
-  collector after a load. Together: from about 132 µs to about 49 µs of CPU per check.
-- **What is left**: the Redis client is now the largest item of our own (a minimal pipelined RESP client with
-  pre-encoded per-key fragments would remove most of it). Latency at low rates is dominated by process wake-ups on
-  this 2-core VM: the Redis hop adds two of them (Envoy -> authz -> Redis -> authz -> Envoy), which is why (d) adds
-  about 0.7-1 ms over (c) at 250-500 req/s although its CPU cost per check is ~50 µs.
+  concurrent requests share one Lua call per loop turn; that call goes over a minimal pipelined RESP connection
+  with pre-encoded per-key fragments and hiredis parsing instead of redis-py's command machinery; bucket operations
+  and signed identity headers are memoised (signatures per 10 s window); frozen dataclasses left the per-request
+  path; the key index is frozen out of the garbage collector after a load. Together: from about 132 µs to about
+  40 µs of CPU per check.
+- **What is left**: the per-response work of any Python server (the `send` call, the event loop), which the trivial
+  server pays too, plus ~15 µs of our own. Latency at low rates is dominated by process wake-ups on this 2-core VM:
+  the Redis hop adds two of them (Envoy -> authz -> Redis -> authz -> Envoy), which is why (d) adds a few hundred
+  microseconds over (c) at 250-500 req/s although its CPU cost per check is ~40 µs.
 - **Redis down**: `deny` answers from the snapshot without a Redis call (503s, highest throughput); `allow` and
   `local` cost about what the trivial ext_authz costs, since no Redis round trip is made.
 """
