@@ -9,6 +9,7 @@ import redis as sync_redis
 
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
+from tests.support.k8s_emulator import K8sEmulator
 from tests.support.procs import RedisCluster, RedisServer, redis_binary, redis_cluster, redis_server
 
 PEPPER = b"test-pepper-0123456789abcdef"
@@ -66,6 +67,14 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[MemoryStore | R
     red = RedisStore(url, timeout=2.0)
     yield red
     await red.close()
+
+
+@pytest.fixture
+def emulator() -> Iterator[K8sEmulator]:
+    """A Kubernetes API emulator on a free port; kubernetes-asyncio talks to it over real HTTP."""
+    emu = K8sEmulator(bookmark_interval=0.2).start()
+    yield emu
+    emu.stop()
 
 
 @pytest.fixture

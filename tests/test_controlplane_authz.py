@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -17,13 +16,6 @@ from tests.test_controlplane_kube import settings_for, started
 pytestmark = pytest.mark.redis
 
 SEED = Path(__file__).parent / "fixtures" / "seed"
-
-
-@pytest.fixture
-def emulator() -> Iterator[K8sEmulator]:
-    emu = K8sEmulator(bookmark_interval=0.2).start()
-    yield emu
-    emu.stop()
 
 
 async def status_of(port: int, key: str) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +28,6 @@ from tests.test_controlplane_kube import records, settings_for, started
 pytestmark = pytest.mark.redis
 
 SEED = Path(__file__).parent / "fixtures" / "seed"
-
-
-@pytest.fixture
-def emulator() -> Iterator[K8sEmulator]:
-    emu = K8sEmulator(bookmark_interval=0.2).start()
-    yield emu
-    emu.stop()
 
 
 def dir_settings(path: Path, redis_url: str, **overrides: Any) -> ControlPlaneSettings:

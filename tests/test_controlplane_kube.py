@@ -7,7 +7,7 @@ import base64
 import json
 import shutil
 from asyncio.subprocess import PIPE, STDOUT
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +23,11 @@ from gateway.settings import load
 from gateway.store.redis import RedisStore
 from tests.conftest import PEPPER
 from tests.support.k8s_emulator import K8sEmulator, eventually, load_manifests
+from tests.support.platform import records
 
 pytestmark = pytest.mark.redis
 
 SEED = Path(__file__).parent / "fixtures" / "seed"
-
-
-@pytest.fixture
-def emulator() -> Iterator[K8sEmulator]:
-    emu = K8sEmulator(bookmark_interval=0.2).start()
-    yield emu
-    emu.stop()
 
 
 def settings_for(emulator: K8sEmulator, tmp_path: Path, redis_url: str, **overrides: Any) -> ControlPlaneSettings:
@@ -58,13 +52,6 @@ async def store(redis_url: str) -> AsyncIterator[RedisStore]:
     red = RedisStore(redis_url, timeout=2.0)
     yield red
     await red.close()
-
-
-async def records(store: RedisStore) -> dict[RecordKind, dict[str, dict[str, Any]]]:
-    out: dict[RecordKind, dict[str, dict[str, Any]]] = {}
-    for kind in RecordKind:
-        out[kind] = {k: json.loads(v) async for batch in store.scan_records(kind) for k, v in batch}
-    return out
 
 
 def key_secret(name: str, key: str, *, user: str = "", groups: str = "free", namespace: str = "llm") -> dict[str, Any]:

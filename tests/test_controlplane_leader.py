@@ -7,7 +7,7 @@ import re
 import signal
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,6 @@ from tests.test_controlplane_kube import key_secret
 pytestmark = pytest.mark.redis
 
 LEASE_DURATION = 2.0
-
-
-@pytest.fixture
-def emulator() -> Iterator[K8sEmulator]:
-    emu = K8sEmulator(bookmark_interval=0.2).start()
-    yield emu
-    emu.stop()
 
 
 def wait_until(check: Callable[[], Any], *, within: float = 20.0) -> Any:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from gateway.settings import load
 from gateway.store.redis import RedisStore
 from tests.conftest import PEPPER
 from tests.support.k8s_emulator import RESOURCES, K8sEmulator, eventually
+from tests.support.platform import records
 from tests.test_deploy_manifests import find, render
 
 pytestmark = pytest.mark.redis
@@ -62,24 +63,10 @@ def deployment_env() -> dict[str, str]:
 
 
 @pytest.fixture
-def emulator() -> Iterator[K8sEmulator]:
-    emu = K8sEmulator(bookmark_interval=0.2).start()
-    yield emu
-    emu.stop()
-
-
-@pytest.fixture
 async def store(redis_url: str) -> AsyncIterator[RedisStore]:
     red = RedisStore(redis_url, timeout=2.0)
     yield red
     await red.close()
-
-
-async def records(store: RedisStore) -> dict[RecordKind, dict[str, dict[str, Any]]]:
-    out: dict[RecordKind, dict[str, dict[str, Any]]] = {}
-    for kind in RecordKind:
-        out[kind] = {k: json.loads(v) async for batch in store.scan_records(kind) for k, v in batch}
-    return out
 
 
 async def test_rendered_models_yield_the_expected_catalog(

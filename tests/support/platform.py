@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from gateway import contract
-from gateway.contract import KeyRecord, KeyStatus, Limit, Limits, ModelRecord, RouteRecord
+from gateway.contract import KeyRecord, KeyStatus, Limit, Limits, ModelRecord, RecordKind, RouteRecord
 from gateway.store.base import Store
 
 
@@ -75,3 +77,11 @@ async def seed(store: Store, pepper: bytes, *, keys: tuple[Key, ...] = ALL_KEYS)
     changes += [contract.put(r) for r in routes(DEFAULT_ROUTES)]
     changes += [contract.put(k.record(pepper)) for k in keys]
     return await store.apply(changes)
+
+
+async def records(store: Store) -> dict[RecordKind, dict[str, dict[str, Any]]]:
+    """Every record in the store, decoded, by kind and id."""
+    out: dict[RecordKind, dict[str, dict[str, Any]]] = {}
+    for kind in RecordKind:
+        out[kind] = {k: json.loads(v) async for batch in store.scan_records(kind) for k, v in batch}
+    return out
