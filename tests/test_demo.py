@@ -165,21 +165,21 @@ def test_banner_shows_the_copy_paste_commands(demo: RunningDemo) -> None:
 
 
 def test_seed_guide_step_6_with_the_openai_client(demo: RunningDemo) -> None:
-    client = openai.OpenAI(base_url=demo.base + "/qwen3/v1", api_key=ADMIN_KEY, max_retries=0)
-    completion = client.chat.completions.create(
-        model="qwen3-0-6b-instruct",
-        messages=[{"role": "user", "content": "Hello! Write a Python function."}],
-    )
-    assert completion.choices[0].message.content
-    assert completion.usage is not None and completion.usage.total_tokens > 0
-    # the guide's exact header form too
-    resp = _request(
-        demo.base + "/qwen3/v1/chat/completions",
-        headers={"Authorization": f"APIKEY {ADMIN_KEY}"},
-        json_body={"model": "qwen3-0-6b-instruct", "messages": [{"role": "user", "content": "Hello"}]},
-    )
-    assert resp.status_code == 200
-    assert resp.json()["usage"]["completion_tokens"] > 0
+    with openai.OpenAI(base_url=demo.base + "/qwen3/v1", api_key=ADMIN_KEY, max_retries=0) as client:
+        completion = client.chat.completions.create(
+            model="qwen3-0-6b-instruct",
+            messages=[{"role": "user", "content": "Hello! Write a Python function."}],
+        )
+        assert completion.choices[0].message.content
+        assert completion.usage is not None and completion.usage.total_tokens > 0
+        # the guide's exact header form too
+        resp = _request(
+            demo.base + "/qwen3/v1/chat/completions",
+            headers={"Authorization": f"APIKEY {ADMIN_KEY}"},
+            json_body={"model": "qwen3-0-6b-instruct", "messages": [{"role": "user", "content": "Hello"}]},
+        )
+        assert resp.status_code == 200
+        assert resp.json()["usage"]["completion_tokens"] > 0
 
 
 def test_no_key_is_401_at_once(demo: RunningDemo) -> None:
@@ -214,31 +214,31 @@ def test_free_tier_sixth_request_is_429(demo: RunningDemo) -> None:
 
 
 async def test_streaming_works_and_is_metered(demo: RunningDemo) -> None:
-    client = openai.OpenAI(base_url=demo.base + "/mistral/v1", api_key=ADMIN_KEY, max_retries=0)
-    stream = client.chat.completions.create(
-        model="mistral",
-        messages=[{"role": "user", "content": "Stream me something"}],
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    text, usage = "", None
-    for chunk in stream:
-        if chunk.choices:
-            text += chunk.choices[0].delta.content or ""
-        if chunk.usage is not None:
-            usage = chunk.usage
-    assert text and usage is not None
-    store = RedisStore(demo.redis_url, timeout=2.0)
-    key_id = contract.key_id_of(contract.digest_key(ADMIN_KEY, contract.DEV_PEPPER.encode()))
-    deadline = time.monotonic() + 10
-    while True:  # the meter settles a stream right after its last chunk
-        rows = [r for r in await store.read_usage(key_id, [contract.ledger_day()]) if r.model == "mistral"]
-        if rows and rows[0].completion_tokens >= usage.completion_tokens:
-            break
-        assert time.monotonic() < deadline, rows
-        await asyncio.sleep(0.05)
-    await store.close()
-    assert rows[0].prompt_tokens >= usage.prompt_tokens
+    with openai.OpenAI(base_url=demo.base + "/mistral/v1", api_key=ADMIN_KEY, max_retries=0) as client:
+        stream = client.chat.completions.create(
+            model="mistral",
+            messages=[{"role": "user", "content": "Stream me something"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        text, usage = "", None
+        for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            if chunk.usage is not None:
+                usage = chunk.usage
+        assert text and usage is not None
+        store = RedisStore(demo.redis_url, timeout=2.0)
+        key_id = contract.key_id_of(contract.digest_key(ADMIN_KEY, contract.DEV_PEPPER.encode()))
+        deadline = time.monotonic() + 10
+        while True:  # the meter settles a stream right after its last chunk
+            rows = [r for r in await store.read_usage(key_id, [contract.ledger_day()]) if r.model == "mistral"]
+            if rows and rows[0].completion_tokens >= usage.completion_tokens:
+                break
+            assert time.monotonic() < deadline, rows
+            await asyncio.sleep(0.05)
+        await store.close()
+        assert rows[0].prompt_tokens >= usage.prompt_tokens
 
 
 def test_sigterm_leaves_no_child_behind(demo: RunningDemo) -> None:
@@ -255,16 +255,16 @@ def test_sigterm_leaves_no_child_behind(demo: RunningDemo) -> None:
 def test_without_redis_everything_runs_in_one_process_on_the_memory_store() -> None:
     with run_demo("--store", "memory") as running:
         assert "in-memory store" in "".join(running.banner)
-        client = openai.OpenAI(base_url=running.base + "/qwen3/v1", api_key=ADMIN_KEY, max_retries=0)
-        completion = client.chat.completions.create(
-            model="qwen3-0-6b-instruct", messages=[{"role": "user", "content": "Hello"}]
-        )
-        assert completion.usage is not None and completion.usage.total_tokens > 0
-        assert _request(running.base + "/qwen3/v1/chat/completions", json_body={}).status_code == 401
-        children = _descendants(running.proc.pid)
-        running.proc.send_signal(signal.SIGTERM)
-        assert running.proc.wait(20) == 0
-        deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in children):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        with openai.OpenAI(base_url=running.base + "/qwen3/v1", api_key=ADMIN_KEY, max_retries=0) as client:
+            completion = client.chat.completions.create(
+                model="qwen3-0-6b-instruct", messages=[{"role": "user", "content": "Hello"}]
+            )
+            assert completion.usage is not None and completion.usage.total_tokens > 0
+            assert _request(running.base + "/qwen3/v1/chat/completions", json_body={}).status_code == 401
+            children = _descendants(running.proc.pid)
+            running.proc.send_signal(signal.SIGTERM)
+            assert running.proc.wait(20) == 0
+            deadline = time.monotonic() + 10
+            while any(_alive(pid) for pid in children):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
