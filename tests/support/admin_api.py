@@ -78,6 +78,11 @@ async def running(settings: ControlPlaneSettings) -> AsyncIterator[tuple[Control
         assert plane.syncer is not None and plane.admin is not None
         await plane.syncer.ready.wait()
         await plane.admin.loaded.wait()
+        # the first sync's change events may still be on their way to the admin view: let it catch up
+        assert plane.store is not None
+        target = await plane.store.generation()
+        admin = plane.admin
+        assert await admin.wait_until(lambda: admin.generation >= target, within=10.0)
         async with aiohttp.ClientSession() as session:
             yield plane, Api(session=session, base=f"http://127.0.0.1:{plane.ports['main']}")
     finally:
