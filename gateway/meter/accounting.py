@@ -3,6 +3,7 @@ client was actually served. No HTTP here."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -37,21 +38,12 @@ class Exchange:
 
 
 async def settle(store: Store, metrics: MeterMetrics, exchange: Exchange, *, served: Usage | None, status: int) -> None:
-    """Commit ``served`` (None: nothing was served, refund everything), write the ledger, count the tokens."""
-    actual = served.total if served is not None else 0
-    try:
-        delta = await quota.commit(store, exchange.reservation, actual=actual)
-    except StoreError as exc:
-        metrics.store_errors["commit"].inc()
-        _warn.warning("token commit failed for key %s: %s", exchange.identity.key_id, exc)
-    else:
-        if delta < 0:
-            metrics.refunded.inc(-delta)
-        elif delta > 0 and exchange.reservation.limit > 0:
-            metrics.debited.inc(delta)
+    """Commit ``served`` (None: nothing was served, refund everything), write the ledger, count the tokens. The
+    bucket commit and the ledger write are independent and go to the store together (one round trip on Redis)."""
     model_children = metrics.models.get((exchange.model, exchange.operation))
     model_children.requests(status).inc()
     if served is None:
+        await _commit(store, metrics, exchange, actual=0)
         return
     identity = exchange.identity
     children = metrics.key(key_id=identity.key_id, user=identity.user, tier=identity.tier, model=exchange.model)
@@ -68,8 +60,25 @@ async def settle(store: Store, metrics: MeterMetrics, exchange: Exchange, *, ser
         prompt_tokens=served.prompt,
         completion_tokens=served.completion,
     )
+    await asyncio.gather(_commit(store, metrics, exchange, actual=served.total), _ledger(store, metrics, delta_row))
+
+
+async def _commit(store: Store, metrics: MeterMetrics, exchange: Exchange, *, actual: int) -> None:
     try:
-        await store.add_usage([delta_row])
+        delta = await quota.commit(store, exchange.reservation, actual=actual)
+    except StoreError as exc:
+        metrics.store_errors["commit"].inc()
+        _warn.warning("token commit failed for key %s: %s", exchange.identity.key_id, exc)
+        return
+    if delta < 0:
+        metrics.refunded.inc(-delta)
+    elif delta > 0 and exchange.reservation.limit > 0:
+        metrics.debited.inc(delta)
+
+
+async def _ledger(store: Store, metrics: MeterMetrics, row: UsageDelta) -> None:
+    try:
+        await store.add_usage([row])
     except StoreError as exc:
         metrics.store_errors["ledger"].inc()
-        _warn.warning("usage ledger write failed for key %s: %s", identity.key_id, exc)
+        _warn.warning("usage ledger write failed for key %s: %s", row.key_id, exc)

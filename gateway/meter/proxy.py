@@ -12,12 +12,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import aiohttp
 from aiohttp import web
 
 from gateway import identity as ident
 from gateway.errors import StoreError
-from gateway.meter import quota
+from gateway.meter import h1, quota
 from gateway.meter import request as req
 from gateway.meter.accounting import Exchange, settle
 from gateway.meter.errors import (
@@ -159,8 +158,8 @@ async def metered(request: web.Request, meter: Meter, *, kind: Kind) -> web.Stre
     extra = _quota_headers(reservation, parsed)
     meter.metrics.overhead.observe(time.perf_counter() - started)
     try:
-        upstream = await meter.upstream.open(
-            "POST", request.path_qs, headers=request_headers(request.headers, metered=True), data=body
+        upstream = await meter.upstream.send(
+            "POST", request.path_qs, headers=request_headers(request.headers, metered=True), body=body
         )
     except MeterError as exc:
         await settle(meter.store, meter.metrics, exchange, served=None, status=exc.status)
@@ -188,7 +187,7 @@ def _quota_headers(reservation: Reservation, parsed: req.Parsed) -> dict[str, st
 
 
 async def _upstream_error(
-    request: web.Request, meter: Meter, exchange: Exchange, upstream: aiohttp.ClientResponse, extra: dict[str, str]
+    request: web.Request, meter: Meter, exchange: Exchange, upstream: h1.Response, extra: dict[str, str]
 ) -> web.StreamResponse:
     try:
         raw = await meter.upstream.read(upstream, limit=64 * 1024)
@@ -202,7 +201,7 @@ async def _upstream_error(
 
 
 async def _whole(
-    request: web.Request, meter: Meter, exchange: Exchange, upstream: aiohttp.ClientResponse, extra: dict[str, str]
+    request: web.Request, meter: Meter, exchange: Exchange, upstream: h1.Response, extra: dict[str, str]
 ) -> web.StreamResponse:
     try:
         raw = await meter.upstream.read(upstream, limit=meter.config.max_response_bytes)
@@ -217,7 +216,7 @@ async def _whole(
 
 
 async def _stream(
-    request: web.Request, meter: Meter, exchange: Exchange, upstream: aiohttp.ClientResponse, extra: dict[str, str]
+    request: web.Request, meter: Meter, exchange: Exchange, upstream: h1.Response, extra: dict[str, str]
 ) -> web.StreamResponse:
     parsed = exchange.parsed
     headers = response_headers(upstream.headers)

@@ -4,14 +4,16 @@ exceptions turned into the meter's errors (503 unreachable, 504 too slow, 502 br
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 
 import aiohttp
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, MultiMapping
 from prometheus_client import Counter
 
 from gateway.logs import RateLimitedLog
+from gateway.meter import h1
 from gateway.meter.errors import MeterError, UpstreamBroken, UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger("maas.meter.upstream")
@@ -34,23 +36,30 @@ HOP_BY_HOP = frozenset(
 )
 
 
+METERED_DROP = frozenset({"accept-encoding", "expect"})
+
+
 def request_headers(headers: Mapping[str, str], *, metered: bool) -> CIMultiDict[str]:
-    """Client headers for the upstream: hop-by-hop ones dropped; metered requests ask for an unencoded body."""
+    """Client headers for the upstream: hop-by-hop ones dropped; metered requests ask for an unencoded body, and
+    their body (already read) goes out with the headers, so a client's ``expect`` is not passed on."""
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
-        if lower in HOP_BY_HOP or (metered and lower == "accept-encoding"):
+        if lower in HOP_BY_HOP or (metered and lower in METERED_DROP):
             continue
         out.add(name, value)
     return out
 
 
-def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def response_headers(headers: MultiMapping[str]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         if name.lower() not in HOP_BY_HOP:
             out.add(name, value)
     return out
+
+
+Upstreamed = h1.Response | aiohttp.ClientResponse
 
 
 class Upstream:
@@ -71,6 +80,7 @@ class Upstream:
         self._max_connections = max_connections
         self._errors = errors
         self._session: aiohttp.ClientSession | None = None
+        self._pool: h1.Pool | None = None
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=30, ttl_dns_cache=30)
@@ -80,8 +90,11 @@ class Upstream:
             timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=self._connect_timeout, sock_read=None),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
+        self._pool = h1.Pool(self.base_url, limit=self._max_connections, connect_timeout=self._connect_timeout)
 
     async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
         if self._session is not None:
             await self._session.close()
 
@@ -96,16 +109,33 @@ class Upstream:
         _warn.warning("upstream %s: %s", reason, exc)
         return exc
 
+    async def send(self, method: str, path_qs: str, *, headers: CIMultiDict[str], body: bytes) -> h1.Response:
+        """A request whose body is in memory (the metered ones), on the lean client: wait for the response
+        headers (connect and first-byte timeouts)."""
+        if self._pool is None:
+            raise RuntimeError("upstream session not started")
+        with self._mapped_errors():
+            async with asyncio.timeout(self.first_byte_timeout):
+                return await self._pool.request(method, path_qs, headers=headers.items(), body=body)
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def open(
-        self, method: str, path_qs: str, *, headers: CIMultiDict[str], data: bytes | aiohttp.StreamReader | None
+        self, method: str, path_qs: str, *, headers: CIMultiDict[str], data: aiohttp.StreamReader | None
     ) -> aiohttp.ClientResponse:
-        """Send the request and wait for the response headers (connect and first-byte timeouts)."""
-        try:
+        """A request streamed through unchanged (passthrough), on aiohttp's client: wait for the response headers
+        (connect and first-byte timeouts)."""
+        with self._mapped_errors():
             async with asyncio.timeout(self.first_byte_timeout):
                 return await self.session.request(
                     method, self.base_url + path_qs, headers=headers, data=data, allow_redirects=False
                 )
-        except aiohttp.ConnectionTimeoutError as exc:
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @contextlib.contextmanager
+    def _mapped_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (aiohttp.ConnectionTimeoutError, h1.ConnectTimeout) as exc:
             raise self._fail(
                 "connect_timeout",
                 UpstreamTimeout(f"upstream did not accept a connection within {self._connect_timeout:g}s"),
@@ -114,21 +144,22 @@ class Upstream:
             raise self._fail(
                 "first_byte_timeout", UpstreamTimeout(f"upstream sent no response within {self.first_byte_timeout:g}s")
             ) from exc
-        except aiohttp.ClientConnectorError as exc:
+        except (aiohttp.ClientConnectorError, h1.ConnectFailed) as exc:
             raise self._fail(
-                "connect", UpstreamUnavailable(f"upstream is not reachable: {exc.strerror or exc}")
+                "connect", UpstreamUnavailable(f"upstream is not reachable: {getattr(exc, 'strerror', None) or exc}")
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise self._fail(
                 "broken", UpstreamBroken(f"upstream failed before responding: {type(exc).__name__}")
             ) from exc
 
-    async def chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def chunks(self, response: Upstreamed) -> AsyncIterator[bytes]:
         """The response body as it arrives; a silence longer than the idle timeout ends it with UpstreamTimeout."""
+        readany = response.readany if isinstance(response, h1.Response) else response.content.readany
         while True:
             try:
                 async with asyncio.timeout(self.idle_timeout):
-                    data = await response.content.readany()
+                    data = await readany()
             except TimeoutError as exc:
                 raise self._fail(
                     "idle_timeout", UpstreamTimeout(f"upstream went silent for {self.idle_timeout:g}s mid-response")
@@ -141,7 +172,7 @@ class Upstream:
                 return
             yield data
 
-    async def read(self, response: aiohttp.ClientResponse, *, limit: int) -> bytes:
+    async def read(self, response: Upstreamed, *, limit: int) -> bytes:
         parts: list[bytes] = []
         size = 0
         async for data in self.chunks(response):

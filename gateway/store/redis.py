@@ -28,7 +28,7 @@ from gateway.contract import Change, ChangeEvent, RecordKind
 from gateway.errors import StoreError, StoreTimeout
 from gateway.limits import BucketOp, BucketResult
 from gateway.store.base import UsageDelta, UsageRow
-from gateway.store.resp import NoScript, RespPipe, bulk
+from gateway.store.resp import NoScript, RespPipe, bulk, command
 
 T = TypeVar("T")
 
@@ -280,23 +280,17 @@ class RedisStore:
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
         if not deltas:
             return
+        commands = _usage_commands(deltas)
+        if self._pipe is not None:
+            pipe = self._pipe
+            payload = b"".join(command(*parts) for parts in commands)
+            await self._call("usage", lambda: pipe.call_many(payload, len(commands)))
+            return
 
         async def run() -> None:
             pipe = self._client.pipeline(transaction=False)
-            for d in deltas:
-                name = contract.ledger_key(d.key_id, d.day)
-                for field, value in (
-                    ("requests", d.requests),
-                    ("prompt", d.prompt_tokens),
-                    ("completion", d.completion_tokens),
-                ):
-                    if value:
-                        pipe.hincrby(name, f"{d.model}|{field}", value)
-                pipe.expire(name, USAGE_TTL_SECONDS)
-            for day, key_ids in _by_day(deltas).items():
-                index = contract.ledger_index_key(day)
-                pipe.sadd(index, *key_ids)
-                pipe.expire(index, USAGE_TTL_SECONDS)
+            for parts in commands:
+                pipe.execute_command(parts[0].decode(), *parts[1:])
             await pipe.execute()
 
         await self._call("usage", run)
@@ -326,6 +320,25 @@ class RedisStore:
     async def usage_key_ids(self, day: str) -> list[str]:
         members = await self._call("usage index", lambda: self._client.smembers(contract.ledger_index_key(day)))
         return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+
+
+def _usage_commands(deltas: Sequence[UsageDelta]) -> list[tuple[bytes, ...]]:
+    """The ledger write: HINCRBY per non-zero counter, the day's key index, a TTL on everything touched."""
+    ttl = b"%d" % USAGE_TTL_SECONDS
+    out: list[tuple[bytes, ...]] = []
+    for d in deltas:
+        name = contract.ledger_key(d.key_id, d.day).encode()
+        model = d.model.encode()
+        counters = ((b"requests", d.requests), (b"prompt", d.prompt_tokens), (b"completion", d.completion_tokens))
+        for field, value in counters:
+            if value:
+                out.append((b"HINCRBY", name, model + b"|" + field, b"%d" % value))
+        out.append((b"EXPIRE", name, ttl))
+    for day, key_ids in _by_day(deltas).items():
+        index = contract.ledger_index_key(day).encode()
+        out.append((b"SADD", index, *(k.encode() for k in key_ids)))
+        out.append((b"EXPIRE", index, ttl))
+    return out
 
 
 def _by_day(deltas: Sequence[UsageDelta]) -> dict[str, list[str]]:

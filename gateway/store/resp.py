@@ -1,10 +1,11 @@
-"""A minimal pipelined RESP connection for the hot path's one command: EVALSHA of the bucket script.
+"""A minimal pipelined RESP connection for the hot paths: EVALSHA of the bucket script, and the usage ledger.
 
 redis-py spends more CPU packing, pooling and retrying a command than the bucket script costs Redis. This connection
 writes pre-encoded RESP (each bucket operation carries its own encoded key and arguments), parses replies with
 hiredis, and matches them to callers in order (Redis answers a connection's commands in order). Any failure or
-timeout closes the connection and fails every waiting caller: an order-matched pipe must never guess. Everything
-else (records, events, the ledger, Redis Cluster) stays on redis-py.
+timeout closes the connection and fails every waiting caller: an order-matched pipe must never guess. The meter's
+usage-ledger writes share the pipe (one write of a few HINCRBYs per request); everything else (records, events,
+reads, Redis Cluster) stays on redis-py.
 """
 
 from __future__ import annotations
@@ -98,6 +99,24 @@ class RespPipe:
                 raise NoScript(message)
             raise StoreError(f"redis error: {message}")
         return reply
+
+    async def call_many(self, payload: bytes, count: int) -> list[Any]:
+        """Send ``count`` encoded commands in one write and wait for all their replies (any error reply raises
+        StoreError after all have arrived, so the connection stays in step)."""
+        writer = self._writer or await self._connect()
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(count)]
+        self._waiters.extend(futures)
+        writer.write(payload)
+        try:
+            replies = [await f for f in futures]
+        except asyncio.CancelledError:
+            self._reset(StoreError("redis call cancelled"))
+            raise
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                raise StoreError(f"redis error: {reply}")
+        return replies
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         parser = hiredis.Reader()
