@@ -131,15 +131,16 @@ async def test_an_idle_connection_the_upstream_closed_is_replaced_and_the_reques
     assert [r.split(b" ")[1] for r in seen] == [b"/a", b"/b"]
 
 
-async def test_stale_idle_connections_are_not_reused() -> None:
+@pytest.mark.parametrize(("keepalive", "pause"), [(0.01, 0.05), (0.0, 0.0)], ids=["stale", "keepalive-off"])
+async def test_idle_connections_past_the_keepalive_are_not_reused(keepalive: float, pause: float) -> None:
     seen: list[bytes] = []
     async with upstream(keep_alive(seen)) as up:
-        pool = h1.Pool(up.url, limit=4, connect_timeout=1, keepalive=0.01)
+        pool = h1.Pool(up.url, limit=4, connect_timeout=1, keepalive=keepalive)
         for _ in range(2):
             response = await pool.request("POST", "/", headers=[], body=b"")
             await read_all(response)
             response.release()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(pause)
         pool.close()
     assert up.connections == 2
 

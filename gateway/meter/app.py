@@ -43,6 +43,7 @@ def build_meter(settings: MeterSettings, *, store: Store | None = None) -> Meter
         first_byte_timeout=settings.upstream_first_byte_timeout,
         idle_timeout=settings.upstream_idle_timeout,
         max_connections=settings.upstream_max_connections,
+        keepalive=settings.upstream_keepalive,
         errors=metrics.upstream_errors,
     )
     return Meter(

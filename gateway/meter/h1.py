@@ -287,9 +287,11 @@ class Pool:
         if conn not in self._busy:
             return
         self._busy.discard(conn)
-        if reusable:
+        if reusable and self._keepalive > 0:
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
+        elif reusable:
+            conn.close()
         self._slots.release()
 
     def close(self) -> None:

@@ -51,6 +51,13 @@ class MeterSettings(CommonSettings):
     )
     upstream_idle_timeout: float = Field(60.0, gt=0, le=3600, description="longest silence inside a response, seconds")
     upstream_max_connections: int = Field(1024, ge=1, le=100_000, description="upstream connection pool size")
+    upstream_keepalive: float = Field(
+        4.0,
+        ge=0,
+        le=3600,
+        description="seconds an idle upstream connection is kept for reuse; keep it below the upstream's own idle "
+        "timeout (vLLM: 5 s); 0 opens a connection per request",
+    )
     readiness_timeout: float = Field(1.0, gt=0, le=60, description="timeout of the upstream /health probe, seconds")
 
     @field_validator("upstream")

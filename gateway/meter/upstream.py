@@ -72,25 +72,34 @@ class Upstream:
         idle_timeout: float,
         max_connections: int,
         errors: Mapping[str, Counter],
+        keepalive: float = 4.0,
     ) -> None:
         self.base_url = base_url
         self.first_byte_timeout = first_byte_timeout
         self.idle_timeout = idle_timeout
         self._connect_timeout = connect_timeout
         self._max_connections = max_connections
+        self._keepalive = keepalive
         self._errors = errors
         self._session: aiohttp.ClientSession | None = None
         self._pool: h1.Pool | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=30, ttl_dns_cache=30)
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections,
+            keepalive_timeout=self._keepalive if self._keepalive > 0 else None,
+            force_close=self._keepalive <= 0,
+            ttl_dns_cache=30,
+        )
         self._session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=self._connect_timeout, sock_read=None),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
-        self._pool = h1.Pool(self.base_url, limit=self._max_connections, connect_timeout=self._connect_timeout)
+        self._pool = h1.Pool(
+            self.base_url, limit=self._max_connections, connect_timeout=self._connect_timeout, keepalive=self._keepalive
+        )
 
     async def close(self) -> None:
         if self._pool is not None:
