@@ -267,3 +267,20 @@ async def test_the_pool_limit_queues_requests_and_a_cancelled_request_frees_its_
         response.release()
         pool.close()
     assert up.connections == 2  # the cancelled request's connection was dropped, not reused mid-response
+
+
+async def test_readany_gives_up_after_the_idle_time_and_the_response_can_still_be_closed() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async with upstream(silent) as up:
+        pool = h1.Pool(up.url, limit=1, connect_timeout=1)
+        response = await pool.request("POST", "/", headers=[], body=b"")
+        assert await response.readany(0.5) == b"hi"
+        with pytest.raises(h1.IdleTimeout):
+            await response.readany(0.05)
+        response.close()
+        pool.close()

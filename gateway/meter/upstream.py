@@ -164,11 +164,14 @@ class Upstream:
 
     async def chunks(self, response: Upstreamed) -> AsyncIterator[bytes]:
         """The response body as it arrives; a silence longer than the idle timeout ends it with UpstreamTimeout."""
-        readany = response.readany if isinstance(response, h1.Response) else response.content.readany
+        lean = isinstance(response, h1.Response)
         while True:
             try:
-                async with asyncio.timeout(self.idle_timeout):
-                    data = await readany()
+                if lean:
+                    data = await response.readany(self.idle_timeout)  # type: ignore[union-attr]
+                else:
+                    async with asyncio.timeout(self.idle_timeout):
+                        data = await response.content.readany()  # type: ignore[union-attr]
             except TimeoutError as exc:
                 raise self._fail(
                     "idle_timeout", UpstreamTimeout(f"upstream went silent for {self.idle_timeout:g}s mid-response")
