@@ -1,5 +1,6 @@
-"""The connection to the upstream (vLLM): one pooled aiohttp session, a timeout on every step, and aiohttp's
-exceptions turned into the meter's errors (503 unreachable, 504 too slow, 502 broken) with a metric per reason."""
+"""The connections to the upstream (vLLM): the lean keep-alive client of ``h1`` for metered requests, one pooled
+aiohttp session for passthrough and health probes, a timeout on every step, and both clients' exceptions turned
+into the meter's errors (503 unreachable, 504 too slow, 502 broken) with a metric per reason."""
 
 from __future__ import annotations
 
