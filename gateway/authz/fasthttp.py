@@ -133,14 +133,12 @@ class CheckProtocol(asyncio.Protocol):
                 path=self._url.decode("utf-8", "surrogateescape"),
                 get=headers.get,
                 count=lambda name: repeated.get(name, 1 if name in headers else 0),
+                then=lambda pending: self._settle(slot, pending, keep_alive, started),
             )
         except Exception:
             log.exception("ext_authz check failed")
             step = checker.deny(INTERNAL, "", "")
-        if isinstance(step, Pending):
-            pending = step
-            step.future.add_done_callback(lambda _: self._settle(slot, pending, keep_alive, started))
-        else:
+        if not isinstance(step, Pending):
             slot.fill(encode(step, keep_alive=keep_alive), close=not keep_alive)
             checker.observe(time.perf_counter() - started)
             self._flush()

@@ -63,9 +63,14 @@ class Reply:
 
 @dataclass(slots=True)
 class Pending:
+    """A check waiting for its bucket results: on a future (``begin`` without ``then``), or handed to ``then``
+    with ``results``/``error`` filled in."""
+
     admission: Admission
-    future: asyncio.Future[list[BucketResult]]
+    future: asyncio.Future[list[BucketResult]] | None
     now: float
+    results: list[BucketResult] | None = None
+    error: BaseException | None = None
 
 
 class Checker:
@@ -90,8 +95,16 @@ class Checker:
         self.observe = metrics.check_seconds.observe
 
     def begin(
-        self, *, host: str, path: str, get: Callable[[str], str | None], count: Callable[[str], int]
+        self,
+        *,
+        host: str,
+        path: str,
+        get: Callable[[str], str | None],
+        count: Callable[[str], int],
+        then: Callable[[Pending], None] | None = None,
     ) -> Reply | Pending:
+        """A reply at once, or a Pending check: awaited on its future, or (with ``then``) handed to ``then`` when
+        its bucket results arrive."""
         snapshot = self._follower.snapshot
         if not snapshot.loaded:
             return self.deny(NOT_READY, "", "")
@@ -102,13 +115,28 @@ class Checker:
         if not outcome.ops:
             return self._allow(outcome, None, now)
         if time.monotonic() >= self._store_down_until:
-            return Pending(outcome, self._batcher.check(outcome.ops), now)
+            if then is None:
+                return Pending(outcome, self._batcher.check(outcome.ops), now)
+            pending = Pending(outcome, None, now)
+
+            def done(results: list[BucketResult] | None, error: BaseException | None) -> None:
+                pending.results, pending.error = results, error
+                then(pending)
+
+            self._batcher.submit(outcome.ops, done)
+            return pending
         return self._decide(outcome, self._policy_results(outcome.ops), now)
 
     def finish(self, pending: Pending) -> Reply:
         """The answer once the bucket check is done; raises what the check raised, but for store failures."""
         try:
-            results: list[BucketResult] | None = pending.future.result()
+            results: list[BucketResult] | None
+            if pending.future is not None:
+                results = pending.future.result()
+            elif pending.error is not None:
+                raise pending.error
+            else:
+                results = pending.results
         except StoreError as exc:
             self._store_down_until = time.monotonic() + STORE_RETRY_AFTER
             self._metrics.store_error("buckets", exc.code)
@@ -172,8 +200,9 @@ class AiohttpHandler:
                 count=lambda name: len(headers.getall(name, ())),
             )
             if isinstance(step, Pending):
-                with contextlib.suppress(Exception):  # finish() reads the outcome, failures included
-                    await step.future
+                if step.future is not None:
+                    with contextlib.suppress(Exception):  # finish() reads the outcome, failures included
+                        await step.future
                 step = checker.finish(step)
         except Exception:
             log.exception("ext_authz check failed")

@@ -8,12 +8,17 @@ checked atomically by the store, so batching changes cost, never results.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 
 from gateway.limits import BucketOp, BucketResult
 from gateway.store.base import Store
 
-Pending = tuple[Sequence[BucketOp], "asyncio.Future[list[BucketResult]]"]
+log = logging.getLogger("maas.store.batching")
+
+Done = Callable[[list[BucketResult] | None, BaseException | None], None]
+"""Called once with the group's results, or with the error that failed its batch."""
+Pending = tuple[Sequence[BucketOp], Done]
 
 
 class BucketBatcher:
@@ -35,13 +40,27 @@ class BucketBatcher:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def check(self, ops: Sequence[BucketOp]) -> asyncio.Future[list[BucketResult]]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[BucketResult]] = loop.create_future()
-        self._pending.append((ops, future))
+        """The group's results as a future."""
+        future: asyncio.Future[list[BucketResult]] = asyncio.get_running_loop().create_future()
+
+        def done(results: list[BucketResult] | None, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(results or [])
+
+        self.submit(ops, done)
+        return future
+
+    def submit(self, ops: Sequence[BucketOp], done: Done) -> None:
+        """The group's results handed to ``done`` as soon as its batch returns, in the same loop turn (no future
+        and no extra callback per check on the hot path)."""
+        self._pending.append((ops, done))
         if not self._scheduled and self._inflight < self._max_inflight:
             self._scheduled = True
-            loop.call_soon(self._flush)
-        return future
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -59,15 +78,20 @@ class BucketBatcher:
                 self._on_batch(len(batch))
             results = await self._store.check_buckets([ops for ops, _ in batch])
         except Exception as exc:  # every waiter must hear about the failure, whatever it is
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            for _, done in batch:
+                _call(done, None, exc)
         else:
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+            for (_, done), result in zip(batch, results, strict=True):
+                _call(done, result, None)
         finally:
             self._inflight -= 1
             if self._pending and not self._scheduled:
                 self._scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
+
+
+def _call(done: Done, results: list[BucketResult] | None, error: BaseException | None) -> None:
+    try:
+        done(results, error)
+    except Exception:  # one caller's failure must not keep the others of the batch from their answers
+        log.exception("bucket check callback failed")

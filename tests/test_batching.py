@@ -1,0 +1,70 @@
+"""The bucket batcher: concurrent checks share one store call, every caller hears its own result or the batch's
+error, and one caller's failing callback does not keep the others from their answers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from gateway.errors import StoreError
+from gateway.limits import BucketMode, BucketOp, BucketResult
+from gateway.store.batching import BucketBatcher, Done
+from gateway.store.memory import MemoryStore
+
+
+def op(key: str, limit: int = 2) -> BucketOp:
+    return BucketOp(key_id=key, dimension="requests", limit=limit, window_ms=60_000, cost=1, mode=BucketMode.TAKE)
+
+
+class Counting(MemoryStore):
+    def __init__(self, *, fail: bool = False) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+        self.fail = fail
+
+    async def check_buckets(self, groups: Sequence[Sequence[BucketOp]]) -> list[list[BucketResult]]:
+        self.calls.append(len(groups))
+        if self.fail:
+            raise StoreError("redis down")
+        return await super().check_buckets(groups)
+
+
+async def test_checks_of_one_loop_turn_share_one_store_call_and_get_their_own_results() -> None:
+    store = Counting()
+    batcher = BucketBatcher(store, max_inflight=1)
+    got: dict[int, list[BucketResult] | None] = {}
+    finished = asyncio.Event()
+
+    def done(i: int) -> Done:
+        def call(results: list[BucketResult] | None, error: BaseException | None) -> None:
+            assert error is None
+            got[i] = results
+            if len(got) == 3:
+                finished.set()
+
+        return call
+
+    for i in range(3):
+        batcher.submit([op("k")], done(i))
+    future = batcher.check([op("other")])
+    await asyncio.wait_for(finished.wait(), 2)
+    assert (await future)[0].allowed
+    assert store.calls == [4]
+    assert [got[i][0].allowed for i in range(3)] == [True, True, False]  # type: ignore[index]
+
+
+async def test_a_failed_batch_reaches_every_caller_and_a_raising_callback_does_not_stop_the_others() -> None:
+    batcher = BucketBatcher(Counting(fail=True))
+    errors: list[BaseException | None] = []
+
+    def broken(results: list[BucketResult] | None, error: BaseException | None) -> None:
+        raise RuntimeError("caller bug")
+
+    batcher.submit([op("a")], broken)
+    batcher.submit([op("b")], lambda results, error: errors.append(error))
+    future = batcher.check([op("c")])
+    with pytest.raises(StoreError):
+        await asyncio.wait_for(future, 2)
+    assert len(errors) == 1 and isinstance(errors[0], StoreError)
