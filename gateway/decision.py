@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -54,8 +54,27 @@ class HotCache:
 
     def __init__(self) -> None:
         self.ops: dict[tuple[str, CompiledLimits], tuple[BucketOp, ...]] = {}
-        self.identity: dict[tuple[KeyEntry, str, str, tuple[int, int] | None], list[tuple[str, str]]] = {}
+        self.identity: dict[tuple[KeyEntry, str, str, tuple[int, int] | None], HeaderBlock] = {}
         self.second = 0
+
+
+def header_lines(headers: Sequence[tuple[str, str]]) -> bytes:
+    """Headers in HTTP/1.1 wire form (``name: value\\r\\n`` each); a CR or LF inside a value becomes a space, so no
+    record's value can split a response."""
+    lines = []
+    for name, value in headers:
+        if "\n" in value or "\r" in value:
+            value = value.replace("\r", " ").replace("\n", " ")
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines).encode("utf-8", "replace")
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderBlock:
+    """Headers shared by many answers, with their wire form computed once."""
+
+    headers: tuple[tuple[str, str], ...]
+    wire: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +254,15 @@ def allow_headers(
     admission: Admission, results: list[BucketResult] | None, policy: Policy, *, now: float
 ) -> list[tuple[str, str]]:
     """Headers of the 200: identity for the upstream, credential removal, and rate-limit state for the client."""
+    block, extra = allow_parts(admission, results, policy, now=now)
+    return [*block.headers, *extra]
+
+
+def allow_parts(
+    admission: Admission, results: list[BucketResult] | None, policy: Policy, *, now: float
+) -> tuple[HeaderBlock, list[tuple[str, str]]]:
+    """``allow_headers`` in two parts: the block every allowed request of this identity shares in the current
+    signing window (memoised with its wire form), and this request's rate-limit headers."""
     key = admission.key
     tokens = admission.limits.tokens
     tier = admission.tier.name if admission.tier is not None else ""
@@ -245,8 +273,8 @@ def allow_headers(
         cache.identity.clear()
         cache.second = second
     memo = (key, tier, model, tokens)
-    base = cache.identity.get(memo)
-    if base is None:
+    block = cache.identity.get(memo)
+    if block is None:
         identity = Identity(
             key_id=key.key_id,
             user=key.user,
@@ -259,7 +287,5 @@ def allow_headers(
         base = list(sign(identity, policy.identity_secret, now=second).items())
         if policy.remove_credentials:
             base.append(REMOVE_CREDENTIALS)
-        cache.identity[memo] = base
-    if results:
-        return base + _ratelimit_headers(admission, results)
-    return list(base)
+        block = cache.identity[memo] = HeaderBlock(tuple(base), header_lines(base))
+    return block, _ratelimit_headers(admission, results) if results else []

@@ -23,7 +23,7 @@ from typing import cast
 import httptools
 
 from gateway.authz.server import INTERNAL, JSON, Checker, Pending, Reply
-from gateway.decision import error_body
+from gateway.decision import error_body, header_lines
 
 log = logging.getLogger("maas.authz.http")
 
@@ -37,14 +37,12 @@ _CLOSE = b"connection: close\r\ncontent-length: %d\r\n\r\n"
 
 
 def encode(reply: Reply, *, keep_alive: bool) -> bytes:
-    lines = []
-    for name, value in reply.headers:
-        if "\n" in value or "\r" in value:  # never let a record's value split the response
-            value = value.replace("\r", " ").replace("\n", " ")
-        lines.append(f"{name}: {value}\r\n")
     head = _STATUS.get(reply.status) or f"HTTP/1.1 {reply.status} Unknown\r\n".encode()
     tail = (_KEEP if keep_alive else _CLOSE) % len(reply.body)
-    return head + "".join(lines).encode("utf-8", "replace") + tail + reply.body
+    shared = reply.shared
+    if shared is None:
+        return head + header_lines(reply.headers) + tail + reply.body
+    return head + shared.wire + header_lines(reply.headers[len(shared.headers) :]) + tail + reply.body
 
 
 def _error(status: int, code: str, message: str) -> bytes:

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from gateway.metrics import LATENCY_BUCKETS, CappedChildren
+from gateway.metrics import LATENCY_BUCKETS, CappedChildren, Cell, LoopCounter, LoopHistogram
 
 
 class AuthzMetrics:
     def __init__(self, *, max_keys: int, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self._decisions = Counter(
+        # the per-check series are loop counters (no lock per increment, no checks per call): prometheus_client's
+        # thread-safe ones cost a tenth of a check's Python time for three updates
+        self._decisions = LoopCounter(
             "maas_authz_decisions_total",
             "ext_authz decisions by decision, reason, tier and model",
             ("decision", "reason", "tier", "model"),
             registry=r,
         )
-        self._decision_children: dict[tuple[str, str, str, str], Counter] = {}
-        self.check_seconds = Histogram(
+        self.check_seconds = LoopHistogram(
             "maas_authz_check_duration_seconds",
             "time to answer one ext_authz check",
             buckets=LATENCY_BUCKETS,
@@ -50,7 +51,7 @@ class AuthzMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
-        key_requests = Counter(
+        key_requests = LoopCounter(
             "maas_key_requests_total",
             "checks per API key by decision",
             ("key_id", "user", "tier", "decision"),
@@ -58,12 +59,8 @@ class AuthzMetrics:
         )
         self.key_requests = CappedChildren(key_requests, cap=max_keys, identity=2)
 
-    def decision(self, decision: str, reason: str, tier: str, model: str) -> Counter:
-        labels = (decision, reason, tier, model)
-        child = self._decision_children.get(labels)
-        if child is None:
-            child = self._decision_children[labels] = self._decisions.labels(*labels)
-        return child
+    def decision(self, decision: str, reason: str, tier: str, model: str) -> Cell:
+        return self._decisions.labels(decision, reason, tier, model)
 
     def store_error(self, operation: str, code: str) -> None:
         self._store_errors.labels(operation, code).inc()

@@ -23,9 +23,10 @@ from gateway.decision import (
     STORE_DOWN,
     Admission,
     Denial,
+    HeaderBlock,
     Policy,
     admit,
-    allow_headers,
+    allow_parts,
     error_body,
     rate_limited,
 )
@@ -59,6 +60,8 @@ class Reply:
     status: int
     headers: list[tuple[str, str]]
     body: bytes = b""
+    shared: HeaderBlock | None = None
+    """When set, ``headers`` starts with ``shared.headers``, whose wire form is ready in ``shared.wire``."""
 
 
 @dataclass(slots=True)
@@ -160,7 +163,8 @@ class Checker:
         self._metrics.decision("allow", "ok", tier, model).inc()
         key = admission.key
         self._metrics.key_requests.get(key.key_id, key.user, tier, "allow").inc()
-        return Reply(200, allow_headers(admission, results, self._policy, now=now))
+        block, extra = allow_parts(admission, results, self._policy, now=now)
+        return Reply(200, [*block.headers, *extra], shared=block)
 
     def _policy_results(self, ops: Sequence[BucketOp]) -> list[BucketResult] | None:
         """Bucket results while the store is unavailable, per ``--on-store-error``; None means deny."""
