@@ -53,6 +53,9 @@ class HotCache:
     MAX_ENTRIES = 100_000
 
     def __init__(self) -> None:
+        self.admissions: dict[tuple[bytes, str, str], Admission] = {}
+        """Admissions by (key digest, host, path): valid for one snapshot at one generation."""
+        self.admissions_of: tuple[object, int] = (None, -1)
         self.ops: dict[tuple[str, CompiledLimits], tuple[BucketOp, ...]] = {}
         self.identity: dict[tuple[KeyEntry, str, str, tuple[int, int] | None], HeaderBlock] = {}
         self.second = 0
@@ -178,10 +181,26 @@ def admit(
         return _denial(401, "invalid_api_key", "The API key is disabled.")
     if key.expires_at is not None and key.expires_at <= now:
         return EXPIRED_KEY
-    catalog = snapshot.catalog
     query = path.find("?")
     if query >= 0:
         path = path[:query]
+    cache = policy.cache
+    if cache.admissions_of != (snapshot, snapshot.generation) or len(cache.admissions) >= HotCache.MAX_ENTRIES:
+        cache.admissions.clear()
+        cache.admissions_of = (snapshot, snapshot.generation)
+    memo = (digest, host, path)
+    admission = cache.admissions.get(memo)
+    if admission is not None and admission.key is key:
+        return admission
+    outcome = _route(snapshot, policy, key, host, path)
+    if isinstance(outcome, Admission):
+        cache.admissions[memo] = outcome
+    return outcome
+
+
+def _route(snapshot: Snapshot, policy: Policy, key: KeyEntry, host: str, path: str) -> Admission | Denial:
+    """Steps 3 and 4 of the decision for a valid key: route, model, allow-list, readiness, limits."""
+    catalog = snapshot.catalog
     prefix = policy.path_prefix
     if prefix and path.startswith(prefix):
         path = path[len(prefix) :] or "/"
@@ -220,15 +239,18 @@ def _ops(cache: HotCache, key_id: str, limits: CompiledLimits) -> tuple[BucketOp
     return ops
 
 
+def _ratelimit_names(dimension: str) -> tuple[str, str, str]:
+    return (f"x-ratelimit-limit-{dimension}", f"x-ratelimit-remaining-{dimension}", f"x-ratelimit-reset-{dimension}")
+
+
+_RATELIMIT_NAMES = {dimension: _ratelimit_names(dimension) for dimension in (REQUESTS, TOKENS)}
+
+
 def _ratelimit_headers(admission: Admission, results: list[BucketResult]) -> list[tuple[str, str]]:
     headers: list[tuple[str, str]] = []
     for op, res in zip(admission.ops, results, strict=True):
-        suffix = op.dimension
-        headers += (
-            (f"x-ratelimit-limit-{suffix}", str(res.limit)),
-            (f"x-ratelimit-remaining-{suffix}", str(res.remaining)),
-            (f"x-ratelimit-reset-{suffix}", format_duration(res.reset_ms)),
-        )
+        limit, remaining, reset = _RATELIMIT_NAMES.get(op.dimension) or _ratelimit_names(op.dimension)
+        headers += ((limit, str(res.limit)), (remaining, str(res.remaining)), (reset, format_duration(res.reset_ms)))
     return headers
 
 

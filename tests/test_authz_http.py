@@ -79,6 +79,21 @@ async def test_connection_is_kept_alive(authz: Authz) -> None:
         pytest.param(b"NOT HTTP AT ALL\r\n\r\n", {400}, id="garbage"),
         pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", {401}, id="body-ignored"),
         pytest.param(b"GET /qwen3 HTTP/1.0\r\nx-api-key: admin-key-12345\r\n\r\n", {200}, id="http-1.0"),
+        pytest.param(
+            b"GET /qwen3 HTTP/1.1\r\nhOsT: gw\r\naUtHoRiZaTiOn: APIKEY admin-key-12345\r\n\r\n", {200}, id="odd-case"
+        ),
+        pytest.param(
+            b"GET /qwen3 HTTP/1.1\r\nHost: gw\r\nX-API-KEY: admin-key-12345\r\nx-api-key: other\r\n\r\n",
+            {400},
+            id="duplicate-in-two-spellings",
+        ),
+        pytest.param(
+            b"GET /qwen3 HTTP/1.1\r\nHost: gw\r\n"
+            + b"".join(b"x-envoy-extra-%d: %d\r\n" % (i, i) for i in range(40))
+            + b"Authorization: APIKEY admin-key-12345\r\n\r\n",
+            {200},
+            id="many-other-headers",
+        ),
     ],
 )
 async def test_odd_requests(authz: Authz, payload: bytes, status: set[int]) -> None:

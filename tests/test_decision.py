@@ -206,3 +206,39 @@ def test_any_input_gets_a_4xx_or_an_admission(headers: list[tuple[str, str]], pa
     if isinstance(outcome, Denial):
         assert 400 <= outcome.status < 500
         assert outcome.body.startswith(b'{"error": {')
+
+
+def test_memoised_admissions_follow_every_change_of_the_snapshot() -> None:
+    """The admission of (key, host, path) is memoised per snapshot generation: a catalog change, a key change and
+    a reload are all seen by the next check."""
+    policy = Policy(pepper=PEPPER, identity_secret=b"s" * 32, path_prefix="/check")
+    snap = make_snapshot()
+    headers: CIMultiDict[str] = CIMultiDict([("Authorization", f"APIKEY {ADMIN}")])
+
+    def outcome(snapshot: Snapshot) -> str:
+        return code(
+            admit(
+                snapshot,
+                policy,
+                host="gw",
+                path="/check/qwen3/v1/chat/completions?x=1",
+                get=headers.get,
+                count=lambda n: len(headers.getall(n, ())),
+                now=time.time(),
+            )
+        )
+
+    assert outcome(snap) == outcome(snap) == "ok"
+    snap.catalog = Catalog.build(
+        tiers=contract.DEFAULT_TIERS, models=[ModelRecord(id=platform.QWEN, ready=False, reason="scaled to zero")],
+        routes=platform.routes(platform.DEFAULT_ROUTES),
+    )  # fmt: skip
+    snap.generation += 1
+    assert outcome(snap) == "model_not_ready"
+    fresh = make_snapshot()  # a reload: a new snapshot, whatever its generation
+    fresh.generation = snap.generation
+    assert outcome(fresh) == "ok"
+    digest = next(d for d, k in fresh.keys.items() if k.user == platform.ADMIN.user)
+    fresh.keys.pop(digest)  # revoked by a change event
+    fresh.generation += 1
+    assert outcome(fresh) == "invalid_api_key"

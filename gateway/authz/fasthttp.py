@@ -31,6 +31,12 @@ MAX_BODY_BYTES = 1 << 20
 MAX_QUEUED = 128
 """Pipelined requests answered in order; past this many outstanding ones the connection stops reading."""
 
+_WANTED = {
+    spelling: name
+    for name in ("host", "authorization", "x-api-key")
+    for spelling in (name.encode(), name.title().encode(), name.upper().encode())
+}
+"""The request headers the decision reads (by the spellings clients use, else lowercased)."""
 _STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 _KEEP = b"content-length: %d\r\n\r\n"
 _CLOSE = b"connection: close\r\ncontent-length: %d\r\n\r\n"
@@ -107,7 +113,9 @@ class CheckProtocol(asyncio.Protocol):
         self._size += len(name) + len(value) + 4
         if self._size > self._max_header:
             raise _Abort(TOO_LARGE)
-        key = name.decode("latin-1").lower()
+        key = _WANTED.get(name) or _WANTED.get(name.lower())
+        if key is None:  # the decision reads only these; Envoy sends a dozen more per check
+            return
         if key in self._headers:
             self._repeated[key] = self._repeated.get(key, 1) + 1
             return

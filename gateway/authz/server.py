@@ -148,7 +148,7 @@ class Checker:
             )
             results = self._policy_results(pending.admission.ops)
         else:
-            self._metrics.store_up.set(1)
+            self._metrics.store_ok()
         return self._decide(pending.admission, results, pending.now)
 
     def _decide(self, admission: Admission, results: list[BucketResult] | None, now: float) -> Reply:
