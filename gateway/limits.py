@@ -91,7 +91,7 @@ def evaluate(
     now_ms: float,
 ) -> tuple[list[BucketResult], list[BucketState | None]]:
     """Apply ``ops`` (one key's buckets) to ``states``; return the results and the states to store
-    (None where a bucket is full again and can be forgotten)."""
+    (None where a bucket is full again and can be forgotten; a bucket nothing was taken from keeps its state)."""
     levels = [
         refill(s, limit=op.limit, window_ms=op.window_ms, now_ms=now_ms) for op, s in zip(ops, states, strict=True)
     ]
@@ -114,7 +114,7 @@ def evaluate(
         debits.append(debit)
     results: list[BucketResult] = []
     new_states: list[BucketState | None] = []
-    for op, level, debit in zip(ops, levels, debits, strict=True):
+    for op, level, debit, state in zip(ops, levels, debits, states, strict=True):
         taken = debit if all_ok else 0.0
         after = min(float(op.limit), level - taken)
         retry = 0
@@ -131,5 +131,8 @@ def evaluate(
                 debited=int(taken),
             )
         )
-        new_states.append(None if after >= op.limit else BucketState(tokens=after, ts_ms=now_ms))
+        if taken == 0:  # a gate, or a denied group: the stored state already refills to the same level
+            new_states.append(state)
+        else:
+            new_states.append(None if after >= op.limit else BucketState(tokens=after, ts_ms=now_ms))
     return results, new_states

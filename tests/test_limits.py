@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import redis.asyncio as aioredis
 
-from gateway.limits import BucketMode, BucketOp, evaluate
+from gateway import contract
+from gateway.limits import BucketMode, BucketOp, evaluate, refill
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 
@@ -62,7 +64,9 @@ def test_gate_denies_while_in_debt_and_debits_nothing() -> None:
     (res,), _ = evaluate([gate], states, now_ms=30_000)  # refilled 50: still in debt (-10)
     assert not res.allowed and res.retry_ms == 6_600
     (res,), after = evaluate([gate], states, now_ms=37_000)  # -60 + 61.67
-    assert res.allowed and res.debited == 0 and after[0] is not None and after[0].tokens > 1
+    assert res.allowed and res.debited == 0
+    assert after[0] is states[0]  # nothing taken: the stored state is kept, it refills to the same level
+    assert refill(after[0], limit=100, window_ms=60_000, now_ms=37_000) > 1
 
 
 def test_refund_is_capped_at_capacity() -> None:
@@ -111,4 +115,26 @@ async def test_lua_and_python_agree(redis_url: str) -> None:
         (r,) = await store.check_buckets([group])
         (m,) = await memory.check_buckets([group])
         assert [(x.allowed, x.remaining, x.debited) for x in r] == [(x.allowed, x.remaining, x.debited) for x in m]
+    await store.close()
+
+
+@pytest.mark.redis
+async def test_a_check_that_takes_nothing_writes_nothing(redis_url: str) -> None:
+    """Gates and denied groups leave the stored buckets as they were (the state refills to the same level), so
+    the authz token gate costs Redis a read, not a write."""
+    store = RedisStore(redis_url, timeout=2.0)
+    raw = aioredis.Redis.from_url(redis_url)
+    gate = BucketOp(key_id="quiet", dimension="tokens", limit=50, window_ms=60_000, cost=1, mode=BucketMode.GATE)
+    ((g,),) = await store.check_buckets([[gate]])
+    assert g.allowed and g.remaining == 50
+    assert not await raw.exists(contract.bucket_key("quiet", "tokens"))
+    take = BucketOp(key_id="quiet", dimension="requests", limit=1, window_ms=60_000, cost=1)
+    ((t1,),) = await store.check_buckets([[take]])
+    stored = await raw.hgetall(contract.bucket_key("quiet", "requests"))
+    ttl = await raw.pttl(contract.bucket_key("quiet", "requests"))
+    ((t2,),) = await store.check_buckets([[take]])  # denied: nothing taken, nothing written
+    assert t1.allowed and not t2.allowed and stored
+    assert await raw.hgetall(contract.bucket_key("quiet", "requests")) == stored
+    assert await raw.pttl(contract.bucket_key("quiet", "requests")) <= ttl
+    await raw.aclose()
     await store.close()

@@ -65,7 +65,9 @@ for _ = 1, n_groups do
       retry = time_to(math.max(need, 1), after, op.limit, op.window)
     end
     local reset = time_to(op.limit, after, op.limit, op.window)
-    if after >= op.limit then
+    if taken == 0 then
+      -- nothing taken (a gate, or a denied group): the stored state already refills to the same level
+    elseif after >= op.limit then
       redis.call('DEL', op.key)
     else
       redis.call('HSET', op.key, 't', tostring(after), 'ts', tostring(now))
