@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import json
 import subprocess
 import sys
 import tempfile
@@ -312,25 +313,29 @@ def markdown(results: dict[str, Any], plan: Plan) -> str:
 
 ANALYSIS = """### Analysis
 
-- **Where a check's CPU goes** (py-spy, table above; CPU per request measured from /proc at saturation: about
-  25 µs for the trivial aiohttp server, about 40 µs for `maas authz`): the response's `send` system call and uvloop's
-  own loop (reads, timers) are the largest items and are paid by any server; then building the answer (decision,
-  identity and rate-limit headers, ~6 µs) and the bucket round trip, shared by the ~11-18 checks of a batch.
-- py-spy attributes time spent in uvloop's C code (socket reads, callbacks) to the Python frame entered last, which
-  is why a tiny function such as `BucketBatcher.check` can show up: measured alone, it costs under 1 µs per call.
-- **What was done about them**, in order of effect: the check port left aiohttp for a lean httptools protocol that
-  creates no task per request (a check answers at once or from a callback on its bucket future); bucket checks of
-  concurrent requests share one Lua call per loop turn; that call goes over a minimal pipelined RESP connection
-  with pre-encoded per-key fragments and hiredis parsing instead of redis-py's command machinery; bucket operations
-  and signed identity headers are memoised (signatures per 10 s window); frozen dataclasses left the per-request
-  path; the key index is frozen out of the garbage collector after a load. Together: from about 132 µs to about
-  40 µs of CPU per check.
-- **What is left**: the per-response work of any Python server (the `send` call, the event loop), which the trivial
-  server pays too, plus ~15 µs of our own. Latency at low rates is dominated by process wake-ups on this 2-core VM:
-  the Redis hop adds two of them (Envoy -> authz -> Redis -> authz -> Envoy), which is why (d) adds a few hundred
-  microseconds over (c) at 250-500 req/s although its CPU cost per check is ~40 µs.
+- **Where a check's CPU goes** (CPU per request from /proc at saturation, and A/B runs of old and new servers on
+  the same core): about 28-32 µs for `maas authz`, 25-28 µs for the trivial aiohttp server. About 21 µs of a
+  check is Python; a bare httptools server answering a fixed 200 costs ~8 µs in all, so the socket calls are the
+  smaller part. The py-spy table above attributes time spent in uvloop's C code (socket reads and writes,
+  callbacks) to the Python frame entered last, which is why `Runner.run` and `_flush` lead it.
+- **What was done about it**, in order of effect: the check port left aiohttp for a lean httptools protocol that
+  creates no task per request and keeps only the three headers the decision reads; bucket checks of concurrent
+  requests share one Lua call per loop turn, over a minimal pipelined RESP connection with pre-encoded per-key
+  fragments and hiredis parsing, and hand their results to the answer straight from the batch; admissions are
+  memoised per (key, host, path) for one snapshot generation, bucket operations per key, signed identity header
+  blocks (with their wire form) per 10 s window; per-check metrics are lock-free loop counters; a token gate writes
+  nothing to Redis; the key index is frozen out of the garbage collector after a load. Together: from about 132 µs
+  to about 30 µs of CPU per check.
+- **What is left**: at saturation the server is busy ~75% of the time: a Redis round trip for a batch of ~70
+  checks takes ~2 ms (Redis itself ~0.7 ms, the rest waiting for one of the two cores that wrk, Redis, Envoy and
+  the server share), and the batches in flight hold nearly every outstanding request. Latency at low rates is
+  dominated by process wake-ups: the Redis hop adds two of them (Envoy -> authz -> Redis -> authz -> Envoy), which is
+  why (d) adds several hundred microseconds over (c) at 250-500 req/s.
 - **Redis down**: `deny` answers from the snapshot without a Redis call (503s, highest throughput); `allow` and
   `local` cost about what the trivial ext_authz costs, since no Redis round trip is made.
+- **Run-to-run variation**: on this shared 2-core VM the ratios move by 0.1-0.3 between runs of identical code
+  (an earlier run of the previous code gave throughput (d)/(c) 0.70x where the next gave 0.59x); read the verdicts
+  with that in mind.
 """
 
 
@@ -376,7 +381,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--rates", default=None, help="comma-separated fixed rates (default 250,500,1000,2000)")
     parser.add_argument("--keys", type=int, default=None, help="keys of the scale scenario (default 1,000,000)")
+    parser.add_argument(
+        "--render", action="store_true", help="rewrite report.md and report.png from report.json, measuring nothing"
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        stored = json.loads((RESULTS / "report.json").read_text())
+        text = markdown(stored["results"], Plan(**stored["plan"]))
+        (RESULTS / "report.md").write_text(text + "\n")
+        chart(stored["results"], RESULTS / "report.png")
+        print(text)
+        return 0
     plan = Plan(
         duration=args.duration or (1.0 if args.quick else 5.0),
         reps=args.reps or (1 if args.quick else 3),
