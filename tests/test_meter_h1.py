@@ -84,6 +84,18 @@ def keep_alive(up_requests: list[bytes], body: bytes = b'{"ok":true}') -> Handle
     return handler
 
 
+def answer(reply: bytes, into: list[bytes] | None = None) -> Handler:
+    """An upstream that reads one request (kept in ``into``), sends ``reply`` and closes the connection without
+    saying so beforehand (as an idle keep-alive timeout does)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader, into)
+        writer.write(reply)
+        await writer.drain()
+
+    return handler
+
+
 async def read_all(response: h1.Response) -> bytes:
     parts = []
     while data := await response.readany():
@@ -112,12 +124,7 @@ async def test_request_is_one_write_with_host_and_length_and_connections_are_reu
 async def test_an_idle_connection_the_upstream_closed_is_replaced_and_the_request_sent_once() -> None:
     seen: list[bytes] = []
 
-    async def one_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader, seen)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-        await writer.drain()  # then close without saying so (an idle keep-alive timeout)
-
-    async with upstream(one_per_connection) as up:
+    async with upstream(answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", seen)) as up:
         pool = h1.Pool(up.url, limit=4, connect_timeout=1)
         first = await pool.request("POST", "/a", headers=[], body=b"1")
         assert await read_all(first) == b"ok"
@@ -157,11 +164,6 @@ async def test_chunked_and_end_of_connection_bodies_and_interim_responses() -> N
         await writer.drain()
         await read_request(reader)  # the connection stays usable
 
-    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it")
-        await writer.drain()
-
     async with upstream(chunked) as up:
         pool = h1.Pool(up.url, limit=2, connect_timeout=1)
         response = await pool.request("POST", "/", headers=[], body=b"")
@@ -169,7 +171,7 @@ async def test_chunked_and_end_of_connection_bodies_and_interim_responses() -> N
         assert await read_all(response) == b"data: 1\n"
         response.release()
         pool.close()
-    async with upstream(until_close) as up:
+    async with upstream(answer(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it")) as up:
         pool = h1.Pool(up.url, limit=2, connect_timeout=1)
         response = await pool.request("POST", "/", headers=[], body=b"")
         assert await read_all(response) == b"all of it"
@@ -186,12 +188,7 @@ async def test_chunked_and_end_of_connection_bodies_and_interim_responses() -> N
     ],
 )
 async def test_an_upstream_that_does_not_answer_http_raises_a_connection_error(reply: bytes) -> None:
-    async def bad(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(reply)
-        await writer.drain()
-
-    async with upstream(bad) as up:
+    async with upstream(answer(reply)) as up:
         pool = h1.Pool(up.url, limit=2, connect_timeout=1)
         with pytest.raises(h1.UpstreamClosed):
             await pool.request("POST", "/", headers=[], body=b"")
@@ -199,12 +196,7 @@ async def test_an_upstream_that_does_not_answer_http_raises_a_connection_error(r
 
 
 async def test_a_body_cut_short_raises_from_readany_and_the_connection_is_not_reused() -> None:
-    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this")
-        await writer.drain()
-
-    async with upstream(cut) as up:
+    async with upstream(answer(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this")) as up:
         pool = h1.Pool(up.url, limit=1, connect_timeout=1)
         response = await pool.request("POST", "/", headers=[], body=b"")
         assert await response.readany() == b"only this"

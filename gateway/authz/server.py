@@ -1,15 +1,15 @@
 """The ext_authz check, independent of the HTTP server that carries it.
 
-``Checker.begin`` answers from the snapshot alone (denials, limit-free allows) or hands back the future of the
-request's bucket check; ``Checker.finish`` turns bucket results (or a store failure) into the answer. No task per
-request: the HTTP layer attaches a callback to the future (``fasthttp``) or awaits it (the aiohttp adapter).
+``Checker.begin`` answers from the snapshot alone (denials, limit-free allows) or returns a ``Pending`` check that
+is handed to the caller's ``then`` when its bucket results arrive; ``Checker.finish`` turns bucket results (or a
+store failure) into the answer. No task per request: ``then`` answers at once (``fasthttp``) or wakes the waiting
+handler (the aiohttp adapter).
 Only status 200 allows; a 5xx makes Envoy answer ``statusOnError`` with an empty body.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -66,11 +66,9 @@ class Reply:
 
 @dataclass(slots=True)
 class Pending:
-    """A check waiting for its bucket results: on a future (``begin`` without ``then``), or handed to ``then``
-    with ``results``/``error`` filled in."""
+    """A check waiting for its bucket results; handed to ``then`` with ``results`` or ``error`` filled in."""
 
     admission: Admission
-    future: asyncio.Future[list[BucketResult]] | None
     now: float
     results: list[BucketResult] | None = None
     error: BaseException | None = None
@@ -104,10 +102,10 @@ class Checker:
         path: str,
         get: Callable[[str], str | None],
         count: Callable[[str], int],
-        then: Callable[[Pending], None] | None = None,
+        then: Callable[[Pending], None],
     ) -> Reply | Pending:
-        """A reply at once, or a Pending check: awaited on its future, or (with ``then``) handed to ``then`` when
-        its bucket results arrive."""
+        """A reply at once, or a Pending check handed to ``then`` when its bucket results arrive (never before
+        ``begin`` returns)."""
         snapshot = self._follower.snapshot
         if not snapshot.loaded:
             return self.deny(NOT_READY, "", "")
@@ -118,9 +116,7 @@ class Checker:
         if not outcome.ops:
             return self._allow(outcome, None, now)
         if time.monotonic() >= self._store_down_until:
-            if then is None:
-                return Pending(outcome, self._batcher.check(outcome.ops), now)
-            pending = Pending(outcome, None, now)
+            pending = Pending(outcome, now)
 
             def done(results: list[BucketResult] | None, error: BaseException | None) -> None:
                 pending.results, pending.error = results, error
@@ -134,12 +130,9 @@ class Checker:
         """The answer once the bucket check is done; raises what the check raised, but for store failures."""
         try:
             results: list[BucketResult] | None
-            if pending.future is not None:
-                results = pending.future.result()
-            elif pending.error is not None:
+            if pending.error is not None:
                 raise pending.error
-            else:
-                results = pending.results
+            results = pending.results
         except StoreError as exc:
             self._store_down_until = time.monotonic() + STORE_RETRY_AFTER
             self._metrics.store_error("buckets", exc.code)
@@ -196,18 +189,22 @@ class AiohttpHandler:
         started = time.perf_counter()
         checker = self._checker
         headers = request.headers
+        arrived: asyncio.Future[Pending] = asyncio.get_running_loop().create_future()
+
+        def then(pending: Pending) -> None:
+            if not arrived.done():  # the client may be gone and the handler cancelled
+                arrived.set_result(pending)
+
         try:
             step = checker.begin(
                 host=headers.get("host", ""),
                 path=request.raw_path,
                 get=headers.get,
                 count=lambda name: len(headers.getall(name, ())),
+                then=then,
             )
             if isinstance(step, Pending):
-                if step.future is not None:
-                    with contextlib.suppress(Exception):  # finish() reads the outcome, failures included
-                        await step.future
-                step = checker.finish(step)
+                step = checker.finish(await arrived)
         except Exception:
             log.exception("ext_authz check failed")
             step = checker.deny(INTERNAL, "", "")

@@ -51,9 +51,9 @@ class IdleTimeout(TimeoutError):
 class Response:
     """One upstream response: status and headers at once, the body through ``readany`` as it arrives."""
 
-    __slots__ = ("_conn", "_done", "_error", "_parts", "_size", "_waiter", "headers", "reason", "status")
+    __slots__ = ("_conn", "_done", "_error", "_parts", "_size", "_waiter", "headers", "status")
 
-    def __init__(self, conn: _Connection, status: int, reason: str, headers: CIMultiDict[str]) -> None:
+    def __init__(self, conn: _Connection, status: int, headers: CIMultiDict[str]) -> None:
         self._conn = conn
         self._parts: deque[bytes] = deque()
         self._size = 0
@@ -61,18 +61,12 @@ class Response:
         self._done = False
         self._error: Exception | None = None
         self.status = status
-        self.reason = reason
         self.headers = headers
 
     @property
     def content_type(self) -> str:
         value = self.headers.get("content-type", "application/octet-stream")
         return value.partition(";")[0].strip().lower()
-
-    @property
-    def content_length(self) -> int | None:
-        value = self.headers.get("content-length")
-        return int(value) if value is not None and value.isdigit() else None
 
     async def readany(self, idle: float | None = None) -> bytes:
         """What arrived since the last call (waiting for something, at most ``idle`` seconds, else
@@ -196,7 +190,7 @@ class _Connection(asyncio.Protocol):
         if opening is None or opening.done():
             raise UpstreamClosed("upstream sent a response nobody asked for")
         self._opening = None
-        self._response = Response(self, status, "", headers)
+        self._response = Response(self, status, headers)
         opening.set_result(self._response)
 
     def on_body(self, body: bytes) -> None:
