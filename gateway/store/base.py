@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol, Self, TypeVar
 
 from gateway.contract import Change, ChangeEvent, RecordKind
 from gateway.limits import BucketOp, BucketResult
+
+BucketsDone = Callable[[list[list[BucketResult]] | None, BaseException | None], None]
+"""Called once with every group's results, or with the error that failed the call."""
+
+T = TypeVar("T")
+
+
+def outcome_into(future: asyncio.Future[list[T]]) -> Callable[[list[T] | None, BaseException | None], None]:
+    """A results-or-error callback that settles ``future`` (once; a cancelled future stays cancelled)."""
+
+    def done(results: list[T] | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(results or [])
+
+    return done
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +87,11 @@ class Store(Protocol):
     # buckets
     async def check_buckets(self, groups: Sequence[Sequence[BucketOp]]) -> list[list[BucketResult]]:
         """Each group is the buckets of one key, checked all-or-nothing; groups are independent."""
+        ...
+
+    def submit_buckets(self, groups: Sequence[Sequence[BucketOp]], done: BucketsDone) -> bool:
+        """``check_buckets`` without a coroutine: sent now, the outcome handed to ``done`` later. False when this
+        store cannot do that right now (nothing was sent): call ``check_buckets`` instead."""
         ...
 
     async def reset_buckets(self, key_id: str, dimensions: Sequence[str]) -> None: ...

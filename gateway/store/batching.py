@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from functools import partial
 
+from gateway.errors import StoreError
 from gateway.limits import BucketOp, BucketResult
-from gateway.store.base import Store
+from gateway.store.base import Store, outcome_into
 
 log = logging.getLogger("maas.store.batching")
 
@@ -43,15 +45,7 @@ class BucketBatcher:
         """The group's results as a future."""
         future: asyncio.Future[list[BucketResult]] = asyncio.get_running_loop().create_future()
 
-        def done(results: list[BucketResult] | None, error: BaseException | None) -> None:
-            if future.done():
-                return
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(results or [])
-
-        self.submit(ops, done)
+        self.submit(ops, outcome_into(future))
         return future
 
     def submit(self, ops: Sequence[BucketOp], done: Done) -> None:
@@ -64,25 +58,41 @@ class BucketBatcher:
 
     def _flush(self) -> None:
         self._scheduled = False
+        loop = asyncio.get_running_loop()
         while self._pending and self._inflight < self._max_inflight:
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
             self._inflight += 1
-            task = asyncio.get_running_loop().create_task(self._send(batch), name="bucket-batch")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            if self._on_batch is not None:
+                self._on_batch(len(batch))
+            # straight onto the store's connection when it can take callbacks; a task only when it cannot
+            if not self._store.submit_buckets([ops for ops, _ in batch], partial(self._finish, batch)):
+                task = loop.create_task(self._send(batch), name="bucket-batch")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _send(self, batch: list[Pending]) -> None:
         try:
-            if self._on_batch is not None:
-                self._on_batch(len(batch))
             results = await self._store.check_buckets([ops for ops, _ in batch])
+        except asyncio.CancelledError:
+            self._finish(batch, None, StoreError("bucket check cancelled"))
+            raise
         except Exception as exc:  # every waiter must hear about the failure, whatever it is
-            for _, done in batch:
-                _call(done, None, exc)
+            self._finish(batch, None, exc)
         else:
-            for (_, done), result in zip(batch, results, strict=True):
-                _call(done, result, None)
+            self._finish(batch, results, None)
+
+    def _finish(
+        self, batch: list[Pending], results: list[list[BucketResult]] | None, error: BaseException | None
+    ) -> None:
+        try:
+            if error is not None or results is None:
+                failure = error or StoreError("the store returned no results")
+                for _, done in batch:
+                    _call(done, None, failure)
+            else:
+                for (_, done), result in zip(batch, results, strict=True):
+                    _call(done, result, None)
         finally:
             self._inflight -= 1
             if self._pending and not self._scheduled:

@@ -11,7 +11,7 @@ from typing import Self
 from gateway.contract import Change, ChangeEvent, RecordKind
 from gateway.errors import StoreError
 from gateway.limits import BucketOp, BucketResult, BucketState, evaluate
-from gateway.store.base import UsageDelta, UsageRow
+from gateway.store.base import BucketsDone, UsageDelta, UsageRow
 
 _CLOSED = object()
 
@@ -103,6 +103,9 @@ class MemoryStore:
     async def check_buckets(self, groups: Sequence[Sequence[BucketOp]]) -> list[list[BucketResult]]:
         self._check()
         return self.check_now(groups)
+
+    def submit_buckets(self, groups: Sequence[Sequence[BucketOp]], done: BucketsDone) -> bool:
+        return False  # nothing to wait for: check_buckets answers in the same turn
 
     def check_now(self, groups: Sequence[Sequence[BucketOp]]) -> list[list[BucketResult]]:
         """The same check, synchronously (the in-process ``local`` failure policy answers without awaiting)."""

@@ -27,7 +27,7 @@ from gateway import contract
 from gateway.contract import Change, ChangeEvent, RecordKind
 from gateway.errors import StoreError, StoreTimeout
 from gateway.limits import BucketOp, BucketResult
-from gateway.store.base import UsageDelta, UsageRow
+from gateway.store.base import BucketsDone, UsageDelta, UsageRow, outcome_into
 from gateway.store.resp import NoScript, RespPipe, bulk, command
 
 T = TypeVar("T")
@@ -150,7 +150,9 @@ class RedisStore:
                 username=params.get("username"),
                 password=params.get("password"),
                 tls=self._url.startswith("rediss://"),
+                timeout=timeout,
             )
+        self._fallbacks: set[asyncio.Task[None]] = set()
 
     async def _call(self, what: str, make: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -215,17 +217,50 @@ class RedisStore:
     async def check_buckets(self, groups: Sequence[Sequence[BucketOp]]) -> list[list[BucketResult]]:
         if not groups:
             return []
+        future: asyncio.Future[list[list[BucketResult]]] = asyncio.get_running_loop().create_future()
+
+        if self.submit_buckets(groups, outcome_into(future)):
+            return await future
         if self.cluster:
             return await self._check_cluster(groups)
         flat = await self._call("buckets", lambda: self._run_buckets(groups))
         return _unflatten(groups, flat)
+
+    def submit_buckets(self, groups: Sequence[Sequence[BucketOp]], done: BucketsDone) -> bool:
+        """The bucket script sent on the connected RESP pipe now, its results handed to ``done`` in the loop turn
+        the reply arrives in (a timeout or a lost connection arrives the same way, as the error). False when the
+        pipe is not connected yet or this is Redis Cluster: use ``check_buckets``."""
+        pipe = self._pipe
+        if pipe is None or pipe.current is None or not groups:
+            return False
+
+        def reply(flat: Any, error: StoreError | None) -> None:
+            if isinstance(error, NoScript):
+                # the script is gone (Redis restarted or was flushed): the slow path loads it and retries
+                task = asyncio.get_running_loop().create_task(self._reload_and_check(groups, done))
+                self._fallbacks.add(task)
+                task.add_done_callback(self._fallbacks.discard)
+            elif error is not None:
+                done(None, error)
+            else:
+                done(_unflatten(groups, flat), None)
+
+        return pipe.send(self._bucket_payload(groups), [reply], "buckets")
+
+    async def _reload_and_check(self, groups: Sequence[Sequence[BucketOp]], done: BucketsDone) -> None:
+        try:
+            flat = await self._call("buckets", lambda: self._run_buckets(groups))
+        except StoreError as exc:
+            done(None, exc)
+        else:
+            done(_unflatten(groups, flat), None)
 
     async def _run_buckets(self, groups: Sequence[Sequence[BucketOp]]) -> list[int]:
         if self._pipe is not None:
             return await self._run_buckets_resp(self._pipe, groups)
         return await self._run_buckets_redispy(groups)
 
-    async def _run_buckets_resp(self, pipe: RespPipe, groups: Sequence[Sequence[BucketOp]]) -> list[int]:
+    def _bucket_payload(self, groups: Sequence[Sequence[BucketOp]]) -> bytes:
         keys: list[bytes] = []
         args: list[bytes] = [bulk(b"%d" % len(groups))]
         for ops in groups:
@@ -236,12 +271,15 @@ class RedisStore:
                 args.append(op_args)
         n_args = 1 + sum(1 + len(ops) * 5 for ops in groups)
         head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + n_args) + self._buckets.sha_bulk + bulk(b"%d" % len(keys))
-        payload = head + b"".join(keys) + b"".join(args)
+        return head + b"".join(keys) + b"".join(args)
+
+    async def _run_buckets_resp(self, pipe: RespPipe, groups: Sequence[Sequence[BucketOp]]) -> list[int]:
+        payload = self._bucket_payload(groups)
         try:
-            result: list[int] = await pipe.call(payload)
+            result: list[int] = await pipe.call(payload, "buckets")
         except NoScript:
             await self._client.script_load(self._buckets.source)
-            result = await pipe.call(payload)
+            result = await pipe.call(payload, "buckets")
         return result
 
     async def _run_buckets_redispy(self, groups: Sequence[Sequence[BucketOp]]) -> list[int]:
@@ -282,9 +320,8 @@ class RedisStore:
             return
         commands = _usage_commands(deltas)
         if self._pipe is not None:
-            pipe = self._pipe
             payload = b"".join(command(*parts) for parts in commands)
-            await self._call("usage", lambda: pipe.call_many(payload, len(commands)))
+            await self._pipe.call_many(payload, len(commands), "usage")
             return
 
         async def run() -> None:

@@ -2,25 +2,34 @@
 
 redis-py spends more CPU packing, pooling and retrying a command than the bucket script costs Redis. This connection
 writes pre-encoded RESP (each bucket operation carries its own encoded key and arguments), parses replies with
-hiredis, and matches them to callers in order (Redis answers a connection's commands in order). Any failure or
-timeout closes the connection and fails every waiting caller: an order-matched pipe must never guess. The meter's
-usage-ledger writes share the pipe (one write of a few HINCRBYs per request); everything else (records, events,
-reads, Redis Cluster) stays on redis-py.
+hiredis in the protocol's ``data_received``, and hands each reply to its waiter there and then (Redis answers a
+connection's commands in order): no task, no stream reader and no future between the socket and the caller that
+wants the answer. A waiter is a plain callback, so the bucket batcher gets its results in the loop turn the reply
+arrives in; ``call`` and ``call_many`` wrap it in a future for code that awaits.
+
+Every send carries its own deadline. A reply that does not come in time, a failed or closed socket, or a reply
+that cannot be parsed closes the connection and fails every waiting caller: an order-matched pipe must never guess.
+A caller that stops waiting (a cancelled request) does not: its waiter stays in line and drops the reply. The meter's
+usage-ledger writes share the pipe; everything else (records, events, reads, Redis Cluster) stays on redis-py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import ssl
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import hiredis
 
-from gateway.errors import StoreError
+from gateway.errors import StoreError, StoreTimeout
 
-READ_CHUNK = 1 << 16
+log = logging.getLogger("maas.store.resp")
+
+Waiter = Callable[[Any, StoreError | None], None]
+"""Called once, with the reply (an error reply arrives as the StoreError) or with the error that ended the pipe."""
 
 
 def command(*parts: bytes) -> bytes:
@@ -35,6 +44,50 @@ class NoScript(StoreError):
     """The server does not have the script (it restarted or was flushed): load it and retry."""
 
 
+def _reply_error(reply: hiredis.ReplyError) -> StoreError:
+    message = str(reply)
+    return NoScript(message) if message.startswith("NOSCRIPT") else StoreError(f"redis error: {message}")
+
+
+def _deliver(waiter: Waiter, reply: Any, error: StoreError | None) -> None:
+    try:
+        waiter(reply, error)
+    except Exception:  # one caller's failure must not desynchronise the pipe or keep the others waiting
+        log.exception("redis reply callback failed")
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, pipe: RespPipe) -> None:
+        self._pipe = pipe
+        self._parser = hiredis.Reader()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        pipe = self._pipe
+        try:
+            parser.feed(data)
+            while (reply := parser.gets()) is not False:
+                if pipe.current is not self:
+                    return  # reset by a callback: what is left belongs to nobody
+                if not pipe.waiters:
+                    raise hiredis.ProtocolError("a reply nobody asked for")
+                waiter = pipe.waiters.popleft()
+                if isinstance(reply, hiredis.ReplyError):
+                    _deliver(waiter, None, _reply_error(reply))
+                else:
+                    _deliver(waiter, reply, None)
+        except hiredis.ProtocolError as exc:
+            self._pipe.reset(StoreError(f"redis connection failed: {exc}"), self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f": {exc}" if exc is not None else ""
+        self._pipe.reset(StoreError(f"redis closed the connection{reason}"), self)
+
+
 class RespPipe:
     def __init__(
         self,
@@ -45,9 +98,11 @@ class RespPipe:
         username: str | None = None,
         password: str | None = None,
         tls: bool = False,
+        timeout: float = 0.25,
     ) -> None:
         self._host = host
         self._port = port
+        self._timeout = timeout
         self._hello: list[bytes] = []
         if password:
             auth = (b"AUTH", username.encode(), password.encode()) if username else (b"AUTH", password.encode())
@@ -55,102 +110,98 @@ class RespPipe:
         if db:
             self._hello.append(command(b"SELECT", str(db).encode()))
         self._tls = ssl.create_default_context() if tls else None
-        self._writer: asyncio.StreamWriter | None = None
-        self._waiters: deque[asyncio.Future[Any]] = deque()
+        self._protocol: _Protocol | None = None
+        self.waiters: deque[Waiter] = deque()
         self._lock = asyncio.Lock()
-        self._reader_task: asyncio.Task[None] | None = None
 
-    async def _connect(self) -> asyncio.StreamWriter:
+    @property
+    def current(self) -> _Protocol | None:
+        return self._protocol
+
+    async def connect(self) -> None:
         async with self._lock:
-            if self._writer is not None:
-                return self._writer
+            if self._protocol is not None:
+                return
+            loop = asyncio.get_running_loop()
             try:
-                reader, writer = await asyncio.open_connection(self._host, self._port, ssl=self._tls)
-            except OSError as exc:
-                raise StoreError(f"cannot connect to redis at {self._host}:{self._port}: {exc}") from exc
-            self._writer = writer
-            self._reader_task = asyncio.get_running_loop().create_task(self._read(reader), name="resp-reader")
+                async with asyncio.timeout(max(self._timeout, 0.05) * 4):
+                    _, protocol = await loop.create_connection(
+                        lambda: _Protocol(self), self._host, self._port, ssl=self._tls
+                    )
+            except (OSError, TimeoutError) as exc:
+                raise StoreError(f"cannot connect to redis at {self._host}:{self._port}: {exc!r}") from exc
+            self._protocol = protocol
             for hello in self._hello:
-                reply = await self._send(writer, hello)
-                if isinstance(reply, hiredis.ReplyError):
-                    self._reset(StoreError(f"redis refused the connection setup: {reply}"))
-                    raise StoreError(f"redis refused the connection setup: {reply}")
-            return writer
+                try:
+                    await self._wait(hello, 1, "connection setup")
+                except StoreError as exc:
+                    self.reset(StoreError(f"redis refused the connection setup: {exc}"), protocol)
+                    raise StoreError(f"redis refused the connection setup: {exc}") from exc
 
-    def _send(self, writer: asyncio.StreamWriter, payload: bytes) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
-        writer.write(payload)
-        return future
+    def send(self, payload: bytes, waiters: list[Waiter], what: str) -> bool:
+        """Write ``payload`` (one encoded command per waiter) now; False when not connected (``connect`` first).
+        The waiters hear their replies in order, or the error that ended the connection, including a deadline
+        passed (``StoreTimeout``) — never nothing."""
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None:
+            return False
+        timer = asyncio.get_running_loop().call_later(self._timeout, self._expired, protocol, what)
+        last = waiters[-1]
 
-    async def call(self, payload: bytes) -> Any:
-        """Send one encoded command and wait for its reply (a Redis error reply raises StoreError)."""
-        writer = self._writer or await self._connect()
-        future = self._send(writer, payload)
-        try:
-            reply = await future
-        except asyncio.CancelledError:
-            # a timeout mid-flight: the reply would be taken by the next caller, so drop the connection
-            self._reset(StoreError("redis call cancelled"))
-            raise
-        if isinstance(reply, hiredis.ReplyError):
-            message = str(reply)
-            if message.startswith("NOSCRIPT"):
-                raise NoScript(message)
-            raise StoreError(f"redis error: {message}")
+        def finish(reply: Any, error: StoreError | None) -> None:
+            timer.cancel()
+            last(reply, error)
+
+        waiters[-1] = finish
+        self.waiters.extend(waiters)
+        protocol.transport.write(payload)
+        return True
+
+    def _expired(self, protocol: _Protocol, what: str) -> None:
+        self.reset(StoreTimeout(f"redis {what} timed out after {self._timeout:g}s"), protocol)
+
+    async def call(self, payload: bytes, what: str = "call") -> Any:
+        """Send one encoded command and wait for its reply (an error reply raises StoreError)."""
+        (reply,) = await self._wait(payload, 1, what)
         return reply
 
-    async def call_many(self, payload: bytes, count: int) -> list[Any]:
+    async def call_many(self, payload: bytes, count: int, what: str = "call") -> list[Any]:
         """Send ``count`` encoded commands in one write and wait for all their replies (any error reply raises
-        StoreError after all have arrived, so the connection stays in step)."""
-        writer = self._writer or await self._connect()
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in range(count)]
-        self._waiters.extend(futures)
-        writer.write(payload)
-        try:
-            replies = [await f for f in futures]
-        except asyncio.CancelledError:
-            self._reset(StoreError("redis call cancelled"))
-            raise
-        for reply in replies:
-            if isinstance(reply, hiredis.ReplyError):
-                raise StoreError(f"redis error: {reply}")
-        return replies
+        StoreError once all have arrived: the connection stays in step)."""
+        return await self._wait(payload, count, what)
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        parser = hiredis.Reader()
-        error: StoreError = StoreError("redis closed the connection")
-        try:
-            while True:
-                data = await reader.read(READ_CHUNK)
-                if not data:
-                    break
-                parser.feed(data)
-                while (reply := parser.gets()) is not False:
-                    if self._waiters:
-                        future = self._waiters.popleft()
-                        if not future.done():
-                            future.set_result(reply)
-        except (OSError, hiredis.ProtocolError) as exc:
-            error = StoreError(f"redis connection failed: {exc}")
-        self._reset(error)
+    async def _wait(self, payload: bytes, count: int, what: str) -> list[Any]:
+        if self._protocol is None:
+            await self.connect()
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        replies: list[Any] = []
+        failure: list[StoreError] = []
 
-    def _reset(self, error: StoreError) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
-        while self._waiters:
-            future = self._waiters.popleft()
-            if not future.done():
-                future.set_exception(error)
-        task, self._reader_task = self._reader_task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+        def one(reply: Any, error: StoreError | None) -> None:
+            if error is not None:
+                failure.append(error)
+            replies.append(reply)
+            if len(replies) == count and not future.done():
+                if failure:
+                    future.set_exception(failure[0])
+                else:
+                    future.set_result(replies)
+
+        if not self.send(payload, [one] * count, what):
+            raise StoreError("redis connection closed")
+        return await future
+
+    def reset(self, error: StoreError, protocol: _Protocol | None = None) -> None:
+        """Close the connection (only if it is still ``protocol``'s, when given) and fail every waiting caller."""
+        current = self._protocol
+        if current is None or (protocol is not None and protocol is not current):
+            return
+        self._protocol = None
+        if current.transport is not None:
+            current.transport.close()
+        waiters, self.waiters = self.waiters, deque()
+        for waiter in waiters:
+            _deliver(waiter, None, error)
 
     async def close(self) -> None:
-        task = self._reader_task
-        self._reset(StoreError("closed"))
-        if task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self.reset(StoreError("closed"))

@@ -1,0 +1,107 @@
+"""The RESP pipe against a real redis-server: replies reach their own callers in order, a caller that gives up
+does not shift the others' replies, a hung or dead Redis fails every waiter by its deadline, and the callback path
+of the bucket check survives Redis losing its scripts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.errors import StoreError, StoreTimeout
+from gateway.limits import BucketOp, BucketResult
+from gateway.store.redis import RedisStore
+from gateway.store.resp import RespPipe, command
+from tests.support.procs import RedisServer, redis_server
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of this test's own: these tests pause and kill it."""
+    with redis_server() as server:
+        yield server
+
+
+def echo(value: str) -> bytes:
+    return command(b"ECHO", value.encode())
+
+
+async def test_concurrent_callers_get_their_own_replies_even_when_one_gives_up(redis_url: str) -> None:
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    pipe = RespPipe(host="127.0.0.1", port=port, timeout=2.0)
+    try:
+        calls = [asyncio.ensure_future(pipe.call(echo(f"v{i}"))) for i in range(50)]
+        calls[7].cancel()
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        assert isinstance(replies[7], asyncio.CancelledError)
+        assert [r for i, r in enumerate(replies) if i != 7] == [f"v{i}".encode() for i in range(50) if i != 7]
+        # an error reply fails only its caller and leaves the pipe in step
+        with pytest.raises(StoreError, match="unknown command"):
+            await pipe.call(command(b"NOSUCHCOMMAND"))
+        assert await pipe.call_many(echo("a") + echo("b"), 2) == [b"a", b"b"]
+    finally:
+        await pipe.close()
+
+
+async def test_a_paused_redis_fails_every_waiter_by_the_deadline_and_the_pipe_reconnects(
+    own_redis: RedisServer,
+) -> None:
+    pipe = RespPipe(host="127.0.0.1", port=own_redis.port, timeout=0.3)
+    try:
+        assert await pipe.call(echo("up")) == b"up"
+        os.kill(own_redis.proc.popen.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            results = await asyncio.wait_for(
+                asyncio.gather(*(pipe.call(echo(str(i))) for i in range(5)), return_exceptions=True), 5
+            )
+            waited = time.monotonic() - started
+        finally:
+            os.kill(own_redis.proc.popen.pid, signal.SIGCONT)
+        assert all(isinstance(r, StoreTimeout) for r in results), results
+        assert waited < 3  # the deadline is 0.3 s; generous for a loaded machine, far below "hangs"
+        assert await pipe.call(echo("back")) == b"back"
+    finally:
+        await pipe.close()
+
+
+async def test_redis_dying_mid_call_fails_the_waiters_at_once(own_redis: RedisServer) -> None:
+    pipe = RespPipe(host="127.0.0.1", port=own_redis.port, timeout=30.0)
+    try:
+        assert await pipe.call(echo("up")) == b"up"
+        slow = asyncio.ensure_future(pipe.call(command(b"BLPOP", b"pipe-nothing", b"10")))
+        await asyncio.sleep(0.1)
+        own_redis.proc.popen.kill()
+        with pytest.raises(StoreError, match="closed"):
+            await asyncio.wait_for(slow, 5)  # far below the pipe's own 30 s deadline
+    finally:
+        await pipe.close()
+
+
+async def test_bucket_callbacks_survive_redis_forgetting_its_scripts(redis_url: str) -> None:
+    store = RedisStore(redis_url, timeout=2.0)
+    op = BucketOp(key_id="pipe-noscript", dimension="requests", limit=3, window_ms=60_000, cost=1)
+    try:
+        await store.reset_buckets(op.key_id, [op.dimension])
+        ((first,),) = await store.check_buckets([[op]])  # connects the pipe and loads the script
+        assert first.allowed and first.remaining == 2
+        await store._client.script_flush()
+        got: asyncio.Future[list[list[BucketResult]]] = asyncio.get_running_loop().create_future()
+
+        def done(results: list[list[BucketResult]] | None, error: BaseException | None) -> None:
+            if error is not None:
+                got.set_exception(error)
+            else:
+                got.set_result(results or [])
+
+        assert store.submit_buckets([[op], [op]], done)
+        (second,), (third,) = await asyncio.wait_for(got, 5)
+        assert (second.allowed, second.remaining, third.allowed, third.remaining) == (True, 1, True, 0)
+        ((fourth,),) = await store.check_buckets([[op]])
+        assert not fourth.allowed
+    finally:
+        await store.close()
