@@ -23,7 +23,9 @@ local path = "%(path)s"
 local method = "%(method)s"
 local body = %(body)s
 local interval = %(interval)s
+local connections = %(connections)s
 local n = 0
+local delays = 0
 request = function()
   n = n + 1
   local headers = {}
@@ -32,7 +34,13 @@ request = function()
   return wrk.format(method, path, headers, body)
 end
 if interval > 0 then
-  delay = function() return interval end
+  -- wrk asks for a delay before every request, the first one of each connection included: spread those first
+  -- requests over one interval, else all connections send together and a "fixed rate" is a train of bursts
+  delay = function()
+    delays = delays + 1
+    if delays <= connections then return math.floor(interval * (delays - 1) / connections) end
+    return interval
+  end
 end
 done = function(summary, latency, requests)
   local p = {}
@@ -81,12 +89,14 @@ def run_wrk(
     rate: float | None = None,
     body: str | None = None,
 ) -> WrkResult:
-    """Closed-loop saturation, or a paced rate (wrk's ``delay()``: each connection waits connections/rate)."""
+    """Closed-loop saturation, or a paced rate (wrk's ``delay()``: each connection waits connections/rate between
+    requests, the connections' first requests spread evenly over one such wait)."""
     interval = int(connections / rate * 1000) if rate else 0
     script = WRK_SCRIPT % {
         "keys": ", ".join(json.dumps(k) for k in keys),
         "path": path,
         "interval": interval,
+        "connections": max(1, connections // threads),  # per wrk thread: each has its own Lua state
         "method": "POST" if body is not None else "GET",
         "body": json.dumps(body) if body is not None else "nil",
     }

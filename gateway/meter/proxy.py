@@ -117,17 +117,21 @@ async def read_body(request: web.Request, *, limit: int) -> bytes:
         parts.append(data)
 
 
-async def _reserve(meter: Meter, identity: ident.Identity, parsed: req.Parsed) -> Reservation:
+def _begin_reserve(meter: Meter, identity: ident.Identity, parsed: req.Parsed) -> quota.Reserving:
+    return quota.Reserving(
+        identity,
+        prompt_estimate=parsed.prompt_estimate,
+        choices=parsed.choices,
+        wanted=req.wanted_completion(parsed, default_max_tokens=meter.config.default_max_tokens),
+        clamp=meter.config.clamp,
+        store=meter.store,
+    )
+
+
+async def _reserve(meter: Meter, reserving: quota.Reserving, key_id: str) -> Reservation:
     config = meter.config
     try:
-        return await quota.reserve(
-            meter.store,
-            identity,
-            prompt_estimate=parsed.prompt_estimate,
-            choices=parsed.choices,
-            wanted=req.wanted_completion(parsed, default_max_tokens=config.default_max_tokens),
-            clamp=config.clamp,
-        )
+        return await reserving.outcome()
     except TokensExhausted:
         meter.metrics.reservations[Outcome.DENIED].inc()
         raise
@@ -137,7 +141,7 @@ async def _reserve(meter: Meter, identity: ident.Identity, parsed: req.Parsed) -
         if config.deny_on_store_error:
             raise StoreUnavailable(f"token quota store unavailable: {exc}") from exc
         log.warning("token reservation skipped, store failed: %s", exc)
-        return quota.unlimited(identity.key_id, outcome=Outcome.STORE_ERROR)
+        return quota.unlimited(key_id, outcome=Outcome.STORE_ERROR)
 
 
 async def metered(request: web.Request, meter: Meter, *, kind: Kind) -> web.StreamResponse:
@@ -150,17 +154,22 @@ async def metered(request: web.Request, meter: Meter, *, kind: Kind) -> web.Stre
         raise ModelMismatch(
             f"model {parsed.model!r} is not the model this route serves ({identity.model!r})", param="model"
         )
-    reservation = await _reserve(meter, identity, parsed)
+    # the reservation goes to Redis now; the upstream request is built while it is on its way, for the case that
+    # the bucket grants it in full (DESIGN §5: nothing is forwarded before the grant)
+    reserving = _begin_reserve(meter, identity, parsed)
+    expected = reserving.expected_max_tokens
+    body = req.upstream_body(raw, parsed, max_tokens=expected, inject_usage=parsed.can_inject_usage)
+    headers = request_headers(request.headers, metered=True)
+    reservation = await _reserve(meter, reserving, identity.key_id)
     if reservation.outcome is not Outcome.STORE_ERROR:
         meter.metrics.reservations[reservation.outcome].inc()
+    if reservation.max_tokens != expected:
+        body = req.upstream_body(raw, parsed, max_tokens=reservation.max_tokens, inject_usage=parsed.can_inject_usage)
     exchange = Exchange(identity, parsed, reservation, identity.model or parsed.model or UNKNOWN, started)
-    body = req.upstream_body(raw, parsed, max_tokens=reservation.max_tokens, inject_usage=parsed.can_inject_usage)
     extra = _quota_headers(reservation, parsed)
     meter.metrics.overhead.observe(time.perf_counter() - started)
     try:
-        upstream = await meter.upstream.send(
-            "POST", request.path_qs, headers=request_headers(request.headers, metered=True), body=body
-        )
+        upstream = await meter.upstream.send("POST", request.path_qs, headers=headers, body=body)
     except MeterError as exc:
         await settle(meter.store, meter.metrics, exchange, served=None, status=exc.status)
         raise

@@ -8,6 +8,7 @@ negative cost refunds); an upstream failure commits ``0 - reserved``.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -16,6 +17,7 @@ from gateway.identity import Identity
 from gateway.limits import BucketMode, BucketOp, BucketResult
 from gateway.meter.errors import TokensExhausted
 from gateway.store import Store
+from gateway.store.base import outcome_into
 
 
 class Outcome(StrEnum):
@@ -58,6 +60,87 @@ def rate_headers(result: BucketResult) -> dict[str, str]:
     }
 
 
+class Reserving:
+    """A reservation on its way. ``begin`` sends it at once when the store can (the Redis pipe), so the caller can
+    build the upstream request while Redis answers; ``outcome`` waits for the answer."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        prompt_estimate: int,
+        choices: int,
+        wanted: int,
+        clamp: bool,
+        store: Store,
+    ) -> None:
+        self._identity = identity
+        self._prompt = prompt_estimate
+        self._choices = choices
+        self._wanted = wanted
+        self._clamp = clamp
+        self._waiting: asyncio.Future[list[list[BucketResult]]] | None = None
+        self._min_cost = 0
+        if identity.token_limit is None or identity.token_window_ms is None:
+            return
+        cost, self._min_cost = plan(prompt_estimate=prompt_estimate, choices=choices, wanted=wanted)
+        op = BucketOp(
+            key_id=identity.key_id,
+            dimension=TOKENS,
+            limit=identity.token_limit,
+            window_ms=identity.token_window_ms,
+            cost=cost,
+            mode=BucketMode.RESERVE,
+            min_cost=self._min_cost,
+        )
+        future: asyncio.Future[list[list[BucketResult]]] = asyncio.get_running_loop().create_future()
+        if store.submit_buckets([[op]], outcome_into(future)):
+            self._waiting = future
+        else:
+            self._waiting = asyncio.ensure_future(store.check_buckets([[op]]))
+
+    @property
+    def expected_max_tokens(self) -> int | None:
+        """The ``max_tokens`` the outcome carries when the bucket grants the whole reservation."""
+        if self._waiting is None or self._choices <= 0 or not self._clamp:
+            return None
+        return self._wanted
+
+    async def outcome(self) -> Reservation:
+        """The reservation, or ``TokensExhausted``; ``StoreError`` propagates."""
+        identity = self._identity
+        if self._waiting is None or identity.token_limit is None or identity.token_window_ms is None:
+            return unlimited(identity.key_id)
+        [[result]] = await self._waiting
+        if not result.allowed:
+            retry = max(1, -(-result.retry_ms // 1000))
+            raise TokensExhausted(
+                f"token quota exhausted: this request needs at least {self._min_cost} tokens, {result.remaining} "
+                f"left; retry in {format_duration(result.retry_ms)}",
+                headers={**rate_headers(result), "retry-after": str(retry)},
+            )
+        granted = result.debited
+        max_tokens: int | None = None
+        clamped = False
+        if self._choices > 0:
+            per_choice = (granted - self._prompt) // self._choices
+            clamped = per_choice < self._wanted
+            if self._clamp:
+                max_tokens = min(per_choice, self._wanted)
+            else:
+                clamped = False
+        return Reservation(
+            key_id=identity.key_id,
+            limit=identity.token_limit,
+            window_ms=identity.token_window_ms,
+            reserved=granted,
+            max_tokens=max_tokens,
+            clamped=clamped,
+            outcome=Outcome.CLAMPED if clamped else Outcome.GRANTED,
+            remaining=result.remaining,
+        )
+
+
 async def reserve(
     store: Store,
     identity: Identity,
@@ -68,46 +151,10 @@ async def reserve(
     clamp: bool,
 ) -> Reservation:
     """Reserve in the key's token bucket, or raise ``TokensExhausted``; ``StoreError`` propagates."""
-    if identity.token_limit is None or identity.token_window_ms is None:
-        return unlimited(identity.key_id)
-    cost, min_cost = plan(prompt_estimate=prompt_estimate, choices=choices, wanted=wanted)
-    op = BucketOp(
-        key_id=identity.key_id,
-        dimension=TOKENS,
-        limit=identity.token_limit,
-        window_ms=identity.token_window_ms,
-        cost=cost,
-        mode=BucketMode.RESERVE,
-        min_cost=min_cost,
+    reserving = Reserving(
+        identity, prompt_estimate=prompt_estimate, choices=choices, wanted=wanted, clamp=clamp, store=store
     )
-    [[result]] = await store.check_buckets([[op]])
-    if not result.allowed:
-        retry = max(1, -(-result.retry_ms // 1000))
-        raise TokensExhausted(
-            f"token quota exhausted: this request needs at least {min_cost} tokens, {result.remaining} left; "
-            f"retry in {format_duration(result.retry_ms)}",
-            headers={**rate_headers(result), "retry-after": str(retry)},
-        )
-    granted = result.debited
-    max_tokens: int | None = None
-    clamped = False
-    if choices > 0:
-        per_choice = (granted - prompt_estimate) // choices
-        clamped = per_choice < wanted
-        if clamp:
-            max_tokens = min(per_choice, wanted)
-        else:
-            clamped = False
-    return Reservation(
-        key_id=identity.key_id,
-        limit=identity.token_limit,
-        window_ms=identity.token_window_ms,
-        reserved=granted,
-        max_tokens=max_tokens,
-        clamped=clamped,
-        outcome=Outcome.CLAMPED if clamped else Outcome.GRANTED,
-        remaining=result.remaining,
-    )
+    return await reserving.outcome()
 
 
 async def commit(store: Store, reservation: Reservation, *, actual: int) -> int:
