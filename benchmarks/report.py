@@ -9,9 +9,10 @@ Scenarios (all on loopback, one machine, one invocation):
   f  d while Redis is down, once per ``--on-store-error`` policy (deny, allow, local)
 
 Load: wrk (Debian's package) with a Lua script, keys rotated per request. Saturation is closed-loop (32
-connections); fixed rates are paced with wrk's ``delay()`` over 16 connections, which approximates open-loop arrivals
-while each connection's latency stays under its pacing interval (16 / rate: 64 ms at 250 req/s, 8 ms at 2000 req/s);
-wrk2, the coordinated-omission-free variant, is not in the registries. Each point is the median of ``--reps`` runs
+connections); fixed rates are paced with wrk's ``delay()`` over 16 connections, their first requests spread evenly
+over one interval, which approximates open-loop arrivals while each connection's latency stays under its pacing
+interval (16 / rate: 64 ms at 250 req/s, 8 ms at 2000 req/s); wrk2, the coordinated-omission-free variant, is not in
+the registries. Each point is the median of ``--reps`` runs
 after a warm-up.
 
 Output under ``benchmarks/results/``: ``report.json`` (raw runs and machine facts), ``report.md`` (tables, targets
@@ -321,16 +322,17 @@ ANALYSIS = """### Analysis
 - **What was done about it**, in order of effect: the check port left aiohttp for a lean httptools protocol that
   creates no task per request and keeps only the three headers the decision reads; bucket checks of concurrent
   requests share one Lua call per loop turn, over a minimal pipelined RESP connection with pre-encoded per-key
-  fragments and hiredis parsing, and hand their results to the answer straight from the batch; admissions are
-  memoised per (key, host, path) for one snapshot generation, bucket operations per key, signed identity header
-  blocks (with their wire form) per 10 s window; per-check metrics are lock-free loop counters; a token gate writes
-  nothing to Redis; the key index is frozen out of the garbage collector after a load. Together: from about 132 µs
-  to about 30 µs of CPU per check.
-- **What is left**: at saturation the server is busy ~75% of the time: a Redis round trip for a batch of ~70
-  checks takes ~2 ms (Redis itself ~0.7 ms, the rest waiting for one of the two cores that wrk, Redis, Envoy and
-  the server share), and the batches in flight hold nearly every outstanding request. Latency at low rates is
-  dominated by process wake-ups: the Redis hop adds two of them (Envoy -> authz -> Redis -> authz -> Envoy), which is
-  why (d) adds several hundred microseconds over (c) at 250-500 req/s.
+  fragments, whose replies are parsed by hiredis in the connection's protocol callback and handed to the waiting
+  checks right there (no task, stream reader or future per batch); admissions are memoised per (key, host, path)
+  for one snapshot generation, bucket operations per key, signed identity header blocks (with their wire form) per
+  10 s window; per-check metrics are lock-free loop counters; a token gate writes nothing to Redis; the key index is
+  frozen out of the garbage collector after a load. Together: from about 132 µs to about 30 µs of CPU per check.
+- **What is left**: at saturation the server still waits part of the time: each Redis round trip for a batch
+  takes a few hundred microseconds to ~2 ms (Redis itself ~0.7 ms for ~70 checks, the rest waiting for one of the two
+  cores that wrk, Redis, Envoy and the server share), and the batches in flight hold most outstanding requests. At
+  low rates the Redis hop adds two process wake-ups and the script (~0.1-0.2 ms measured one request at a time);
+  through Envoy that is within this VM's run-to-run noise in some runs (this one) and ~0.5 ms in others
+  (`make bench-authz`, benchmarks/results/authz.md), so read single latency ratios with care.
 - **Redis down**: `deny` answers from the snapshot without a Redis call (503s, highest throughput); `allow` and
   `local` cost about what the trivial ext_authz costs, since no Redis round trip is made.
 - **Run-to-run variation**: on this shared 2-core VM the ratios move by 0.1-0.3 between runs of identical code
