@@ -10,10 +10,12 @@ import signal
 import time
 from collections.abc import Iterator
 
+import hiredis
 import pytest
 
 from gateway.errors import StoreError, StoreTimeout
 from gateway.limits import BucketOp, BucketResult
+from gateway.store.batching import BucketBatcher
 from gateway.store.redis import RedisStore
 from gateway.store.resp import RespPipe, command
 from tests.support.procs import RedisServer, redis_server
@@ -105,3 +107,32 @@ async def test_bucket_callbacks_survive_redis_forgetting_its_scripts(redis_url: 
         assert not fourth.allowed
     finally:
         await store.close()
+
+
+async def test_a_bucket_reply_of_the_wrong_shape_is_a_store_error_not_a_hang() -> None:
+    """A server that answers every command with +OK (a proxy in the way, a wrong port): each path of the bucket
+    check (connecting, and the connected callback path) fails with StoreError, and the batcher's callers hear it."""
+
+    async def fake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = hiredis.Reader()
+        while data := await reader.read(65536):
+            parser.feed(data)
+            while parser.gets() is not False:
+                writer.write(b"+OK\r\n")
+
+    server = await asyncio.start_server(fake, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", timeout=2.0)
+    op = BucketOp(key_id="odd", dimension="requests", limit=3, window_ms=60_000, cost=1)
+    try:
+        for _ in range(2):  # the first call connects (the slow path), the second goes through the callback
+            with pytest.raises(StoreError, match="unexpected reply"):
+                await asyncio.wait_for(store.check_buckets([[op]]), 5)
+        batcher = BucketBatcher(store)
+        with pytest.raises(StoreError, match="unexpected reply"):
+            await asyncio.wait_for(batcher.check([op]), 5)
+        with pytest.raises(StoreError, match="unexpected reply"):  # the batcher is not stuck after a failed batch
+            await asyncio.wait_for(batcher.check([op]), 5)
+    finally:
+        await store.close()
+        server.close()

@@ -218,13 +218,11 @@ class RedisStore:
         if not groups:
             return []
         future: asyncio.Future[list[list[BucketResult]]] = asyncio.get_running_loop().create_future()
-
         if self.submit_buckets(groups, outcome_into(future)):
             return await future
         if self.cluster:
             return await self._check_cluster(groups)
-        flat = await self._call("buckets", lambda: self._run_buckets(groups))
-        return _unflatten(groups, flat)
+        return _results(groups, await self._call("buckets", lambda: self._run_buckets(groups)))
 
     def submit_buckets(self, groups: Sequence[Sequence[BucketOp]], done: BucketsDone) -> bool:
         """The bucket script sent on the connected RESP pipe now, its results handed to ``done`` in the loop turn
@@ -240,20 +238,26 @@ class RedisStore:
                 task = asyncio.get_running_loop().create_task(self._reload_and_check(groups, done))
                 self._fallbacks.add(task)
                 task.add_done_callback(self._fallbacks.discard)
-            elif error is not None:
-                done(None, error)
-            else:
-                done(_unflatten(groups, flat), None)
+                return
+            if error is None:
+                try:
+                    results = _results(groups, flat)
+                except StoreError as exc:  # never leave a caller without an answer
+                    error = exc
+                else:
+                    done(results, None)
+                    return
+            done(None, error)
 
         return pipe.send(self._bucket_payload(groups), [reply], "buckets")
 
     async def _reload_and_check(self, groups: Sequence[Sequence[BucketOp]], done: BucketsDone) -> None:
         try:
-            flat = await self._call("buckets", lambda: self._run_buckets(groups))
+            results = _results(groups, await self._call("buckets", lambda: self._run_buckets(groups)))
         except StoreError as exc:
             done(None, exc)
         else:
-            done(_unflatten(groups, flat), None)
+            done(results, None)
 
     async def _run_buckets(self, groups: Sequence[Sequence[BucketOp]]) -> list[int]:
         if self._pipe is not None:
@@ -306,7 +310,7 @@ class RedisStore:
         flats = await self._call("buckets", run_all)
         out: list[list[BucketResult]] = [[] for _ in groups]
         for idx, flat in zip(slots, flats, strict=True):
-            for i, results in zip(idx, _unflatten([groups[i] for i in idx], flat), strict=True):
+            for i, results in zip(idx, _results([groups[i] for i in idx], flat), strict=True):
                 out[i] = results
         return out
 
@@ -383,6 +387,14 @@ def _by_day(deltas: Sequence[UsageDelta]) -> dict[str, list[str]]:
     for d in deltas:
         out.setdefault(d.day, {})[d.key_id] = None
     return {day: list(ids) for day, ids in out.items()}
+
+
+def _results(groups: Sequence[Sequence[BucketOp]], flat: Any) -> list[list[BucketResult]]:
+    """The bucket script's flat reply as per-group results; a reply of another shape is a StoreError."""
+    try:
+        return _unflatten(groups, flat)
+    except (TypeError, ValueError, IndexError) as exc:
+        raise StoreError(f"redis buckets: unexpected reply {str(flat)[:80]!r}: {exc}") from exc
 
 
 def _unflatten(groups: Sequence[Sequence[BucketOp]], flat: Sequence[int]) -> list[list[BucketResult]]:
