@@ -5,6 +5,7 @@ of the bucket check survives Redis losing its scripts."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -113,7 +114,10 @@ async def test_a_bucket_reply_of_the_wrong_shape_is_a_store_error_not_a_hang() -
     """A server that answers every command with +OK (a proxy in the way, a wrong port): each path of the bucket
     check (connecting, and the connected callback path) fails with StoreError, and the batcher's callers hear it."""
 
+    writers: list[asyncio.StreamWriter] = []
+
     async def fake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
         parser = hiredis.Reader()
         while data := await reader.read(65536):
             parser.feed(data)
@@ -136,3 +140,8 @@ async def test_a_bucket_reply_of_the_wrong_shape_is_a_store_error_not_a_hang() -
     finally:
         await store.close()
         server.close()
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await server.wait_closed()
