@@ -53,9 +53,11 @@ class HotCache:
     MAX_ENTRIES = 100_000
 
     def __init__(self) -> None:
-        self.admissions: dict[tuple[bytes, str, str], Admission] = {}
-        """Admissions by (key digest, host, path): valid for one snapshot at one generation."""
-        self.admissions_of: tuple[object, int] = (None, -1)
+        self.admissions: dict[tuple[str, str, str], Admission] = {}
+        """Admissions by (presented key, host, path): valid for one key index, catalog and generation. Keyed by the
+        credential itself so a repeated request skips the HMAC and the index lookup; only admitted credentials are
+        kept (never a denied one), in process memory only, at most ``MAX_ENTRIES``, dropped on every change."""
+        self.admissions_of: tuple[object, object, int] = (None, None, -1)
         self.ops: dict[tuple[str, CompiledLimits], tuple[BucketOp, ...]] = {}
         self.identity: dict[tuple[KeyEntry, str, str, tuple[int, int] | None], HeaderBlock] = {}
         self.second = 0
@@ -173,6 +175,26 @@ def admit(
     token = credential(get, count)
     if isinstance(token, Denial):
         return token
+    query = path.find("?")
+    if query >= 0:
+        path = path[:query]
+    cache = policy.cache
+    seen = cache.admissions_of
+    if (
+        seen[0] is not snapshot.keys
+        or seen[1] is not snapshot.catalog
+        or seen[2] != snapshot.generation
+        or len(cache.admissions) >= HotCache.MAX_ENTRIES
+    ):
+        # a change event bumps the generation; a reload swaps the key index (whatever its generation)
+        cache.admissions.clear()
+        cache.admissions_of = (snapshot.keys, snapshot.catalog, snapshot.generation)
+    memo = (token, host, path)
+    admission = cache.admissions.get(memo)
+    if admission is not None:
+        held = admission.key
+        if held.status == STATUS_ACTIVE and (held.expires_at is None or held.expires_at > now):
+            return admission
     digest = hmac.digest(policy.pepper, token.encode("utf-8", "surrogateescape"), "sha256")
     key = snapshot.keys.get(digest)
     if key is None or key.status == STATUS_REVOKED:
@@ -181,17 +203,6 @@ def admit(
         return _denial(401, "invalid_api_key", "The API key is disabled.")
     if key.expires_at is not None and key.expires_at <= now:
         return EXPIRED_KEY
-    query = path.find("?")
-    if query >= 0:
-        path = path[:query]
-    cache = policy.cache
-    if cache.admissions_of != (snapshot, snapshot.generation) or len(cache.admissions) >= HotCache.MAX_ENTRIES:
-        cache.admissions.clear()
-        cache.admissions_of = (snapshot, snapshot.generation)
-    memo = (digest, host, path)
-    admission = cache.admissions.get(memo)
-    if admission is not None and admission.key is key:
-        return admission
     outcome = _route(snapshot, policy, key, host, path)
     if isinstance(outcome, Admission):
         cache.admissions[memo] = outcome

@@ -242,3 +242,30 @@ def test_memoised_admissions_follow_every_change_of_the_snapshot() -> None:
     fresh.keys.pop(digest)  # revoked by a change event
     fresh.generation += 1
     assert outcome(fresh) == "invalid_api_key"
+
+
+def test_a_memoised_admission_still_expires_on_time() -> None:
+    """The memo skips the key lookup, not the key's own checks: a key past its expiry is denied at once."""
+    policy = Policy(pepper=PEPPER, identity_secret=b"s" * 32, path_prefix="/check")
+    snap = make_snapshot()
+    entry = next(k for k in snap.keys.values() if k.user == platform.ADMIN.user)
+    started = time.time()
+    entry.expires_at = started + 60  # as loaded from a key record with an expiry
+    headers: CIMultiDict[str] = CIMultiDict([("Authorization", f"APIKEY {ADMIN}")])
+
+    def outcome(now: float) -> str:
+        return code(
+            admit(
+                snap,
+                policy,
+                host="gw",
+                path="/check/qwen3/v1/chat/completions",
+                get=headers.get,
+                count=lambda n: len(headers.getall(n, ())),
+                now=now,
+            )
+        )
+
+    assert outcome(started) == outcome(started + 1) == "ok"
+    assert len(policy.cache.admissions) == 1
+    assert outcome(started + 61) == "expired_api_key"
