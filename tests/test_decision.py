@@ -208,6 +208,20 @@ def test_any_input_gets_a_4xx_or_an_admission(headers: list[tuple[str, str]], pa
         assert outcome.body.startswith(b'{"error": {')
 
 
+def admitted(snapshot: Snapshot, policy: Policy, headers: CIMultiDict[str], *, path: str, now: float) -> str:
+    """The outcome code of one check of host ``gw``."""
+    outcome = admit(
+        snapshot,
+        policy,
+        host="gw",
+        path=path,
+        get=headers.get,
+        count=lambda n: len(headers.getall(n, ())),
+        now=now,
+    )
+    return code(outcome)
+
+
 def test_memoised_admissions_follow_every_change_of_the_snapshot() -> None:
     """The admission of (key, host, path) is memoised per snapshot generation: a catalog change, a key change and
     a reload are all seen by the next check."""
@@ -216,17 +230,7 @@ def test_memoised_admissions_follow_every_change_of_the_snapshot() -> None:
     headers: CIMultiDict[str] = CIMultiDict([("Authorization", f"APIKEY {ADMIN}")])
 
     def outcome(snapshot: Snapshot) -> str:
-        return code(
-            admit(
-                snapshot,
-                policy,
-                host="gw",
-                path="/check/qwen3/v1/chat/completions?x=1",
-                get=headers.get,
-                count=lambda n: len(headers.getall(n, ())),
-                now=time.time(),
-            )
-        )
+        return admitted(snapshot, policy, headers, path="/check/qwen3/v1/chat/completions?x=1", now=time.time())
 
     assert outcome(snap) == outcome(snap) == "ok"
     snap.catalog = Catalog.build(
@@ -254,17 +258,7 @@ def test_a_memoised_admission_still_expires_on_time() -> None:
     headers: CIMultiDict[str] = CIMultiDict([("Authorization", f"APIKEY {ADMIN}")])
 
     def outcome(now: float) -> str:
-        return code(
-            admit(
-                snap,
-                policy,
-                host="gw",
-                path="/check/qwen3/v1/chat/completions",
-                get=headers.get,
-                count=lambda n: len(headers.getall(n, ())),
-                now=now,
-            )
-        )
+        return admitted(snap, policy, headers, path="/check/qwen3/v1/chat/completions", now=now)
 
     assert outcome(started) == outcome(started + 1) == "ok"
     assert len(policy.cache.admissions) == 1
