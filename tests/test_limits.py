@@ -130,11 +130,36 @@ async def test_a_check_that_takes_nothing_writes_nothing(redis_url: str) -> None
     assert not await raw.exists(contract.bucket_key("quiet", "tokens"))
     take = BucketOp(key_id="quiet", dimension="requests", limit=1, window_ms=60_000, cost=1)
     ((t1,),) = await store.check_buckets([[take]])
-    stored = await raw.hgetall(contract.bucket_key("quiet", "requests"))
+    stored = await raw.get(contract.bucket_key("quiet", "requests"))
     ttl = await raw.pttl(contract.bucket_key("quiet", "requests"))
     ((t2,),) = await store.check_buckets([[take]])  # denied: nothing taken, nothing written
     assert t1.allowed and not t2.allowed and stored
-    assert await raw.hgetall(contract.bucket_key("quiet", "requests")) == stored
+    assert await raw.get(contract.bucket_key("quiet", "requests")) == stored
     assert await raw.pttl(contract.bucket_key("quiet", "requests")) <= ttl
+    await raw.aclose()
+    await store.close()
+
+
+@pytest.mark.redis
+async def test_a_bucket_stored_as_a_hash_by_an_earlier_version_is_still_read(redis_url: str) -> None:
+    """Before the one-string state, a bucket was a hash {t, ts}: such a bucket keeps its level after an upgrade,
+    and the next take rewrites it in the new form."""
+    store = RedisStore(redis_url, timeout=2.0)
+    raw = aioredis.Redis.from_url(redis_url)
+    name = contract.bucket_key("upgraded", "requests")
+    await raw.delete(name)
+    (seconds, micros) = await raw.time()
+    await raw.hset(name, mapping={"t": "2", "ts": str(seconds * 1000 + micros // 1000)})
+    take = BucketOp(key_id="upgraded", dimension="requests", limit=10, window_ms=3_600_000, cost=1)
+    gate = BucketOp(
+        key_id="upgraded", dimension="requests", limit=10, window_ms=3_600_000, cost=1, mode=BucketMode.GATE
+    )
+    ((g,),) = await store.check_buckets([[gate]])
+    assert g.allowed and g.remaining == 2 and await raw.type(name) == b"hash"  # read, not rewritten
+    ((t,),) = await store.check_buckets([[take]])
+    assert t.allowed and t.remaining == 1
+    assert await raw.type(name) == b"string"
+    ((t2,),) = await store.check_buckets([[take]])
+    assert t2.allowed and t2.remaining == 0
     await raw.aclose()
     await store.close()

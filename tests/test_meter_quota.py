@@ -178,7 +178,8 @@ async def test_a_client_that_leaves_mid_stream_pays_what_it_was_sent(redis_url: 
         sim_metrics = await stack.metrics(stack.sim_url)
         rows = await stack.store.read_usage("leaver", [ledger_day()])
         bucket = aioredis.Redis.from_url(redis_url)
-        level = float(await bucket.hget(bucket_key("leaver", "tokens"), "t") or 0)
+        state = await bucket.get(bucket_key("leaver", "tokens"))  # "<tokens> <ms timestamp>"
+        level = float(state.split()[0]) if state else 0.0
         await bucket.aclose()
     charged = rows[0].prompt_tokens + rows[0].completion_tokens
     assert (rows[0].prompt_tokens, rows[0].completion_tokens) == (engine.chat_prompt_tokens(messages), 3)

@@ -3,83 +3,95 @@
 -- all-or-nothing. KEYS: every bucket key, in order. ARGV: n_groups, then per group: n_ops, then per op:
 -- limit, window_ms, cost, mode (0 take, 1 gate, 2 reserve, 3 force), min_cost.
 -- Reply: per op, five integers: allowed, remaining, reset_ms, retry_ms, debited.
+-- A bucket's state is one string, "<tokens> <ms timestamp>", expiring when the bucket would be full again
+-- (a GET and a SET PX per take; earlier versions kept a hash {t, ts}, still read until the next take rewrites it).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local floor, ceil, min, max = math.floor, math.ceil, math.min, math.max
+local call, find, sub = redis.call, string.find, string.sub
 local out = {}
+local o = 0
 local a = 2
-local k = 1
-local n_groups = tonumber(ARGV[1])
+local k = 0
+-- per-op scratch, reused by every group
+local limit, window, cost, mode, min_cost, level, debit = {}, {}, {}, {}, {}, {}, {}
 
-local function time_to(target, tokens, limit, window)
-  if tokens >= target then return 0 end
-  if limit <= 0 then return window end
-  return math.ceil((target - tokens) * window / limit - 1e-6)
+local function state(key)
+  local st = redis.pcall('GET', key)
+  if type(st) == 'table' and st.err then
+    local h = call('HMGET', key, 't', 'ts')  -- WRONGTYPE: a bucket stored as a hash by an earlier version
+    if not h[1] then return nil end
+    return tonumber(h[1]), tonumber(h[2])
+  end
+  if not st then return nil end
+  local sp = find(st, ' ', 1, true)
+  return tonumber(sub(st, 1, sp - 1)), tonumber(sub(st, sp + 1))
 end
 
-for _ = 1, n_groups do
+local function time_to(target, tokens, lim, win)
+  if tokens >= target then return 0 end
+  if lim <= 0 then return win end
+  return ceil((target - tokens) * win / lim - 1e-6)
+end
+
+for _ = 1, tonumber(ARGV[1]) do
   local n = tonumber(ARGV[a]); a = a + 1
-  local ops = {}
   local ok = true
   for i = 1, n do
-    local op = {
-      key = KEYS[k], limit = tonumber(ARGV[a]), window = tonumber(ARGV[a + 1]),
-      cost = tonumber(ARGV[a + 2]), mode = tonumber(ARGV[a + 3]), min_cost = tonumber(ARGV[a + 4]),
-    }
-    k = k + 1; a = a + 5
-    local st = redis.call('HMGET', op.key, 't', 'ts')
-    local level
-    if not st[1] then
-      level = op.limit
-    elseif op.limit <= 0 then
-      level = math.min(tonumber(st[1]), 0)
+    local lim, win, c, m = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+    local mc = tonumber(ARGV[a + 4])
+    a = a + 5
+    limit[i], window[i], cost[i], mode[i], min_cost[i] = lim, win, c, m, mc
+    local tokens, ts = state(KEYS[k + i])
+    local lv
+    if not tokens then
+      lv = lim
+    elseif lim <= 0 then
+      lv = min(tokens, 0)
     else
-      local elapsed = math.max(0, now - tonumber(st[2]))
-      level = math.min(op.limit, tonumber(st[1]) + elapsed * op.limit / op.window)
+      lv = min(lim, tokens + max(0, now - ts) * lim / win)
     end
-    op.level = level
-    local good
-    if op.mode == 0 then
-      good = level >= op.cost and op.limit > 0
-      op.debit = good and op.cost or 0
-    elseif op.mode == 1 then
-      good = level >= op.cost and op.limit > 0
-      op.debit = 0
-    elseif op.mode == 2 then
-      op.debit = math.max(0, math.min(op.cost, math.floor(level)))
-      good = op.debit >= op.min_cost and op.debit > 0
+    level[i] = lv
+    local good, d
+    if m == 0 then
+      good = lv >= c and lim > 0; d = good and c or 0
+    elseif m == 1 then
+      good = lv >= c and lim > 0; d = 0
+    elseif m == 2 then
+      d = max(0, min(c, floor(lv))); good = d >= mc and d > 0
     else
-      good = true
-      op.debit = op.cost
+      good = true; d = c
     end
+    debit[i] = d
     ok = ok and good
-    ops[i] = op
   end
   for i = 1, n do
-    local op = ops[i]
-    local taken = ok and op.debit or 0
-    local after = math.min(op.limit, op.level - taken)
+    local lim, win, m = limit[i], window[i], mode[i]
+    local taken = ok and debit[i] or 0
+    local after = min(lim, level[i] - taken)
     local retry = 0
-    if (not ok) and op.mode ~= 3 then
-      local need = op.cost
-      if op.mode == 2 then need = math.max(op.min_cost, 1) end
-      retry = time_to(math.max(need, 1), after, op.limit, op.window)
+    if (not ok) and m ~= 3 then
+      local need = cost[i]
+      if m == 2 then need = max(min_cost[i], 1) end
+      retry = time_to(max(need, 1), after, lim, win)
     end
-    local reset = time_to(op.limit, after, op.limit, op.window)
+    local reset = time_to(lim, after, lim, win)
     if taken == 0 then
       -- nothing taken (a gate, or a denied group): the stored state already refills to the same level
-    elseif after >= op.limit then
-      redis.call('DEL', op.key)
+    elseif after >= lim then
+      call('DEL', KEYS[k + i])
     else
-      redis.call('HSET', op.key, 't', tostring(after), 'ts', tostring(now))
-      redis.call('PEXPIRE', op.key, reset + 1000)
+      call('SET', KEYS[k + i], after .. ' ' .. now, 'PX', reset + 1000)
     end
-    local remaining = math.floor(after)
+    local remaining = floor(after)
     if remaining < 0 then remaining = 0 end
-    out[#out + 1] = ok and 1 or 0
-    out[#out + 1] = remaining
-    out[#out + 1] = reset
-    out[#out + 1] = retry
-    out[#out + 1] = taken
+    out[o + 1] = ok and 1 or 0
+    out[o + 2] = remaining
+    out[o + 3] = reset
+    out[o + 4] = retry
+    out[o + 5] = taken
+    o = o + 5
   end
+  k = k + n
 end
 return out
