@@ -315,10 +315,11 @@ def markdown(results: dict[str, Any], plan: Plan) -> str:
 ANALYSIS = """### Analysis
 
 - **Where a check's CPU goes** (CPU per request from /proc at saturation, and A/B runs of old and new servers on
-  the same core): about 28-32 µs for `maas authz`, 25-28 µs for the trivial aiohttp server. About 21 µs of a
-  check is Python; a bare httptools server answering a fixed 200 costs ~8 µs in all, so the socket calls are the
-  smaller part. The py-spy table above attributes time spent in uvloop's C code (socket reads and writes,
-  callbacks) to the Python frame entered last, which is why `Runner.run` and `_flush` lead it.
+  the same core): about 22-29 µs for `maas authz` with 10 keys (34-39 µs with 10,000 keys in rotation), 25-28 µs
+  for the trivial aiohttp server, and 8-12 µs of Redis per check. About 17 µs of a check is Python; a bare
+  httptools server answering a fixed 200 costs ~8 µs in all, so the socket calls are the smaller part. The py-spy
+  table above attributes time spent in uvloop's C code (socket reads and writes, callbacks) to the Python frame
+  entered last, which is why `Runner.run` and `_flush` lead it.
 - **What was done about it**, in order of effect: the check port left aiohttp for a lean httptools protocol that
   creates no task per request and keeps only the three headers the decision reads; bucket checks of concurrent
   requests share one Lua call per loop turn, over a minimal pipelined RESP connection with pre-encoded per-key
@@ -326,14 +327,16 @@ ANALYSIS = """### Analysis
   checks right there (no task, stream reader or future per batch); admissions are memoised per (presented key,
   host, path) for one snapshot generation, so a repeated key skips the HMAC and the index lookup; bucket operations
   are memoised per key, signed identity header blocks (with their wire form) per 10 s window; per-check metrics are
-  lock-free loop counters; a token gate writes nothing to Redis; the key index is frozen out of the garbage
-  collector after a load. Together: from about 132 µs to about 25-30 µs of CPU per check.
+  lock-free loop counters; a token gate writes nothing to Redis; the bucket script keeps a bucket in one string
+  (a GET and a SET PX per take); the key index is frozen out of the garbage collector after a load. Together: from
+  about 132 µs to about 22-29 µs of CPU per check.
 - **What is left**: at saturation the server still waits part of the time: each Redis round trip for a batch
-  takes a few hundred microseconds to ~2 ms (Redis itself ~0.7 ms for ~70 checks, the rest waiting for one of the two
+  takes a few hundred microseconds to ~2 ms (Redis itself ~0.6 ms for ~70 checks, the rest waiting for one of the two
   cores that wrk, Redis, Envoy and the server share), and the batches in flight hold most outstanding requests. At
   low rates the Redis hop adds two process wake-ups and the script (~0.1-0.2 ms measured one request at a time);
-  through Envoy that is within this VM's run-to-run noise in some runs (this one) and ~0.5 ms in others
-  (`make bench-authz`, benchmarks/results/authz.md), so read single latency ratios with care.
+  through Envoy that has measured anywhere from within this VM's run-to-run noise to ~0.6 ms at the p50 over runs of
+  the same code (compare the rows above with `make bench-authz`, benchmarks/results/authz.md), so read single
+  latency ratios with care.
 - **Redis down**: `deny` answers from the snapshot without a Redis call (503s, highest throughput); `allow` and
   `local` cost about what the trivial ext_authz costs, since no Redis round trip is made.
 - **Run-to-run variation**: on this shared 2-core VM the ratios move by 0.1-0.3 between runs of identical code
