@@ -29,6 +29,8 @@ LATENCY_BUCKETS = (
     1.0,
 )
 OTHER_KEY = "_other"
+OVERFLOW_MEMO = 100_000
+"""Label sets of over-the-cap keys remembered, so their requests skip the cap check (a few MB at most)."""
 
 
 class CappedChildren:
@@ -43,18 +45,23 @@ class CappedChildren:
         self._blank = ("",) * identity
         self._children: dict[tuple[str, ...], Any] = {}
         self._keys: set[str] = set()
+        self._overflow: dict[tuple[str, ...], Any] = {}
+        """Label sets of keys past the cap, mapped to their ``_other`` child (bounded; rebuilt when full)."""
 
     def get(self, key_id: str, *labels: str) -> Any:
         full = (key_id, *labels)
-        child = self._children.get(full)
+        child = self._children.get(full) or self._overflow.get(full)
         if child is not None:
             return child
         if key_id not in self._keys:
             if len(self._keys) >= self._cap:
-                full = (OTHER_KEY, *self._blank, *labels[self._identity :])
-                child = self._children.get(full)
+                other = (OTHER_KEY, *self._blank, *labels[self._identity :])
+                child = self._children.get(other)
                 if child is None:
-                    child = self._children[full] = self._metric.labels(*full)
+                    child = self._children[other] = self._metric.labels(*other)
+                if len(self._overflow) >= OVERFLOW_MEMO:
+                    self._overflow.clear()
+                self._overflow[full] = child
                 return child
             self._keys.add(key_id)
         child = self._children[full] = self._metric.labels(*full)
