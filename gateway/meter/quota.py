@@ -61,8 +61,9 @@ def rate_headers(result: BucketResult) -> dict[str, str]:
 
 
 class Reserving:
-    """A reservation on its way. ``begin`` sends it at once when the store can (the Redis pipe), so the caller can
-    build the upstream request while Redis answers; ``outcome`` waits for the answer."""
+    """A reservation on its way: constructing it sends the bucket operation at once when the store can (the Redis
+    pipe), so the caller can build the upstream request while Redis answers; ``outcome`` waits for the answer
+    (``TokensExhausted`` when the key cannot afford even one token per choice)."""
 
     def __init__(
         self,
@@ -139,22 +140,6 @@ class Reserving:
             outcome=Outcome.CLAMPED if clamped else Outcome.GRANTED,
             remaining=result.remaining,
         )
-
-
-async def reserve(
-    store: Store,
-    identity: Identity,
-    *,
-    prompt_estimate: int,
-    choices: int,
-    wanted: int,
-    clamp: bool,
-) -> Reservation:
-    """Reserve in the key's token bucket, or raise ``TokensExhausted``; ``StoreError`` propagates."""
-    reserving = Reserving(
-        identity, prompt_estimate=prompt_estimate, choices=choices, wanted=wanted, clamp=clamp, store=store
-    )
-    return await reserving.outcome()
 
 
 async def commit(store: Store, reservation: Reservation, *, actual: int) -> int:
