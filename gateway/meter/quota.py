@@ -17,7 +17,7 @@ from gateway.identity import Identity
 from gateway.limits import BucketMode, BucketOp, BucketResult
 from gateway.meter.errors import TokensExhausted
 from gateway.store import Store
-from gateway.store.base import outcome_into
+from gateway.store.base import outcome_into, send_buckets
 
 
 class Outcome(StrEnum):
@@ -85,20 +85,11 @@ class Reserving:
         if identity.token_limit is None or identity.token_window_ms is None:
             return
         cost, self._min_cost = plan(prompt_estimate=prompt_estimate, choices=choices, wanted=wanted)
-        op = BucketOp(
-            key_id=identity.key_id,
-            dimension=TOKENS,
-            limit=identity.token_limit,
-            window_ms=identity.token_window_ms,
-            cost=cost,
-            mode=BucketMode.RESERVE,
-            min_cost=self._min_cost,
+        op = _token_op(
+            identity.key_id, identity.token_limit, identity.token_window_ms, cost, BucketMode.RESERVE, self._min_cost
         )
-        future: asyncio.Future[list[list[BucketResult]]] = asyncio.get_running_loop().create_future()
-        if store.submit_buckets([[op]], outcome_into(future)):
-            self._waiting = future
-        else:
-            self._waiting = asyncio.ensure_future(store.check_buckets([[op]]))
+        self._waiting = asyncio.get_running_loop().create_future()
+        send_buckets(store, [[op]], outcome_into(self._waiting))
 
     @property
     def expected_max_tokens(self) -> int | None:
@@ -147,13 +138,12 @@ async def commit(store: Store, reservation: Reservation, *, actual: int) -> int:
     delta = actual - reservation.reserved
     if reservation.limit <= 0 or delta == 0:
         return delta
-    op = BucketOp(
-        key_id=reservation.key_id,
-        dimension=TOKENS,
-        limit=reservation.limit,
-        window_ms=reservation.window_ms,
-        cost=delta,
-        mode=BucketMode.FORCE,
-    )
+    op = _token_op(reservation.key_id, reservation.limit, reservation.window_ms, delta, BucketMode.FORCE)
     await store.check_buckets([[op]])
     return delta
+
+
+def _token_op(key_id: str, limit: int, window_ms: int, cost: int, mode: BucketMode, min_cost: int = 0) -> BucketOp:
+    return BucketOp(
+        key_id=key_id, dimension=TOKENS, limit=limit, window_ms=window_ms, cost=cost, mode=mode, min_cost=min_cost
+    )

@@ -9,6 +9,7 @@ from types import TracebackType
 from typing import Protocol, Self, TypeVar
 
 from gateway.contract import Change, ChangeEvent, RecordKind
+from gateway.errors import StoreError
 from gateway.limits import BucketOp, BucketResult
 
 BucketsDone = Callable[[list[list[BucketResult]] | None, BaseException | None], None]
@@ -29,6 +30,32 @@ def outcome_into(future: asyncio.Future[list[T]]) -> Callable[[list[T] | None, B
             future.set_result(results or [])
 
     return done
+
+
+_checks: set[asyncio.Task[None]] = set()
+"""Bucket checks running as tasks (stores without a callback path): held here until done."""
+
+
+def send_buckets(store: Store, groups: Sequence[Sequence[BucketOp]], done: BucketsDone) -> None:
+    """Check ``groups`` and hand the outcome to ``done`` (exactly once): sent at once when the store can
+    (``submit_buckets``), else ``check_buckets`` runs as a task."""
+    if store.submit_buckets(groups, done):
+        return
+
+    async def check() -> None:
+        try:
+            results = await store.check_buckets(groups)
+        except asyncio.CancelledError:
+            done(None, StoreError("bucket check cancelled"))
+            raise
+        except Exception as exc:  # the caller must hear about the failure, whatever it is
+            done(None, exc)
+        else:
+            done(results, None)
+
+    task = asyncio.get_running_loop().create_task(check(), name="bucket-check")
+    _checks.add(task)
+    task.add_done_callback(_checks.discard)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from functools import partial
 
 from gateway.errors import StoreError
 from gateway.limits import BucketOp, BucketResult
-from gateway.store.base import Store, outcome_into
+from gateway.store.base import Store, outcome_into, send_buckets
 
 log = logging.getLogger("maas.store.batching")
 
@@ -39,7 +39,6 @@ class BucketBatcher:
         self._pending: list[Pending] = []
         self._scheduled = False
         self._inflight = 0
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def check(self, ops: Sequence[BucketOp]) -> asyncio.Future[list[BucketResult]]:
         """The group's results as a future."""
@@ -58,7 +57,6 @@ class BucketBatcher:
 
     def _flush(self) -> None:
         self._scheduled = False
-        loop = asyncio.get_running_loop()
         while self._pending and self._inflight < self._max_inflight:
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
@@ -66,21 +64,7 @@ class BucketBatcher:
             if self._on_batch is not None:
                 self._on_batch(len(batch))
             # straight onto the store's connection when it can take callbacks; a task only when it cannot
-            if not self._store.submit_buckets([ops for ops, _ in batch], partial(self._finish, batch)):
-                task = loop.create_task(self._send(batch), name="bucket-batch")
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-
-    async def _send(self, batch: list[Pending]) -> None:
-        try:
-            results = await self._store.check_buckets([ops for ops, _ in batch])
-        except asyncio.CancelledError:
-            self._finish(batch, None, StoreError("bucket check cancelled"))
-            raise
-        except Exception as exc:  # every waiter must hear about the failure, whatever it is
-            self._finish(batch, None, exc)
-        else:
-            self._finish(batch, results, None)
+            send_buckets(self._store, [ops for ops, _ in batch], partial(self._finish, batch))
 
     def _finish(
         self, batch: list[Pending], results: list[list[BucketResult]] | None, error: BaseException | None
