@@ -27,7 +27,7 @@ from controlplane.settings import ControlPlaneSettings
 from gateway import logs
 from gateway.authz.main import serve as serve_authz
 from gateway.authz.settings import AuthzSettings
-from gateway.meter.app import build_apps, build_meter
+from gateway.meter.app import build_meter, serving
 from gateway.meter.settings import MeterSettings
 from gateway.settings import load
 from gateway.sim.server import SimConfig, build_app
@@ -51,6 +51,7 @@ async def run(spec: dict[str, Any]) -> None:
         loop.add_signal_handler(sig, stop.set)
     common: dict[str, Any] = {"redis_url": "memory://", "dev": True, "log_format": "text"}
     runners: list[web.AppRunner] = []
+    meters = contextlib.AsyncExitStack()
     for m in spec["models"]:
         sim = SimConfig(served=(m["name"],), ttft_ms=spec["ttft_ms"], tokens_per_second=spec["tokens_per_second"])
         await _site(build_app(sim), "127.0.0.1", m["sim_port"], runners)
@@ -61,9 +62,10 @@ async def run(spec: dict[str, Any]) -> None:
             ops_port=m["meter_ops"],
             **common,
         )
-        proxy, ops = build_apps(build_meter(meter_settings, store=store), max_body_bytes=meter_settings.max_body_bytes)
-        await _site(proxy, "127.0.0.1", m["meter_port"], runners)
-        await _site(ops, "127.0.0.1", m["meter_ops"], runners)
+        meter = build_meter(meter_settings, store=store)
+        await meters.enter_async_context(
+            serving(meter, host="127.0.0.1", port=m["meter_port"], ops_port=m["meter_ops"], shutdown_grace=1.0)
+        )
     plane = ControlPlane(
         load(
             ControlPlaneSettings,
@@ -86,6 +88,7 @@ async def run(spec: dict[str, Any]) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await authz
     await plane.stop()
+    await meters.aclose()
     for runner in reversed(runners):
         await runner.cleanup()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import json
 import shutil
 from typing import Any
@@ -228,3 +230,40 @@ async def test_an_oversized_upstream_event_ends_the_stream_with_an_error_event(r
     finally:
         await runner.cleanup()
     assert text.endswith("data: [DONE]\n\n") and "malformed event stream" in text
+
+
+async def upload_echo(request: web.Request) -> web.Response:
+    digest = hashlib.sha256()
+    size = 0
+    async for chunk in request.content.iter_any():
+        digest.update(chunk)
+        size += len(chunk)
+    body = json.dumps({"method": request.method, "size": size, "sha256": digest.hexdigest()})
+    return web.Response(text=body, content_type="application/json", headers={"x-upstream": "yes"})
+
+
+async def test_passthrough_streams_request_bodies_and_answers_head(redis_url: str) -> None:
+    app = web.Application()
+    app.router.add_route("*", "/v1/files", upload_echo)
+    runner, url = await serve(app)
+    payload = bytes(range(256)) * (12 * 1024)  # 3 MiB, over the server's read high-water mark
+
+    async def chunks() -> Any:
+        for at in range(0, len(payload), 100_000):
+            yield payload[at : at + 100_000]
+
+    try:
+        async with running_stack(redis_url, upstream=url) as stack, aiohttp.ClientSession() as session:
+            async with session.post(stack.meter_url + "/v1/files", data=chunks()) as resp:  # chunked upload
+                uploaded = await resp.json()
+                assert resp.headers["x-upstream"] == "yes"
+            async with session.put(stack.meter_url + "/v1/files", data=io.BytesIO(payload)) as resp:  # sized upload
+                sized = await resp.json()
+            async with session.head(stack.meter_url + "/v1/files") as resp:
+                head = (resp.status, resp.headers.get("content-length"), await resp.read())
+    finally:
+        await runner.cleanup()
+    want = hashlib.sha256(payload).hexdigest()
+    assert uploaded == {"method": "POST", "size": len(payload), "sha256": want}
+    assert sized == {"method": "PUT", "size": len(payload), "sha256": want}
+    assert head[0] == 200 and head[1] is not None and int(head[1]) > 0 and head[2] == b""

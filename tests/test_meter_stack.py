@@ -9,7 +9,7 @@ import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.identity import Identity, sign
-from gateway.meter.app import build_apps, build_meter
+from gateway.meter.app import build_meter, serving
 from gateway.meter.settings import MeterSettings
 from gateway.settings import load
 from gateway.sim.server import SimConfig, build_app
@@ -46,7 +46,6 @@ class Stack:
     ops_url: str
     store: RedisStore
     sim_app: web.Application
-    runners: list[web.AppRunner] = field(default_factory=list)
 
     def headers(
         self, *, key_id: str = "key1", limit: tuple[int, int] | None = None, model: str = MODEL
@@ -87,15 +86,14 @@ async def running_stack(redis_url: str, *, sim: SimConfig | None = None, **meter
         MeterSettings, upstream=meter.pop("upstream", sim_url), redis_url=redis_url, identity_secret=SECRET, **meter
     )
     store = RedisStore(redis_url, timeout=2.0)
-    proxy, ops = build_apps(build_meter(settings, store=store), max_body_bytes=settings.max_body_bytes)
-    proxy_runner, meter_url = await serve(proxy)
-    ops_runner, ops_url = await serve(ops)
-    stack = Stack(sim_url, meter_url, ops_url, store, sim_app, [ops_runner, proxy_runner, sim_runner])
     try:
-        yield stack
+        async with serving(
+            build_meter(settings, store=store), host="127.0.0.1", port=0, ops_port=0, shutdown_grace=1.0
+        ) as ports:
+            base = "http://127.0.0.1:"
+            yield Stack(sim_url, f"{base}{ports.proxy}", f"{base}{ports.ops}", store, sim_app)
     finally:
-        for runner in stack.runners:
-            await runner.cleanup()
+        await sim_runner.cleanup()
 
 
 _VOLATILE = re.compile(rb'"(id|created)":("[^"]*"|\d+)')

@@ -1,8 +1,10 @@
-"""Assembling the meter: the proxy app, the ops app (``/healthz``, ``/readyz``, ``/metrics``) and their lifecycle."""
+"""Assembling the meter: the proxy server, the ops app (``/healthz``, ``/readyz``, ``/metrics``) and their
+lifecycle."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -12,7 +14,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.meter.estimate import Estimator
 from gateway.meter.metrics import MeterMetrics
-from gateway.meter.proxy import METER, Meter, MeterConfig, handle
+from gateway.meter.proxy import Meter, MeterConfig, handle
+from gateway.meter.server import Server
 from gateway.meter.settings import MeterSettings
 from gateway.meter.upstream import Upstream
 from gateway.store import Store, open_store
@@ -59,34 +62,51 @@ class Readiness:
     timeout: float
 
 
+METER = web.AppKey("meter", Meter)
 READINESS = web.AppKey("readiness", Readiness)
 
 
-def build_apps(
-    meter: Meter, *, readiness_timeout: float = 1.0, max_body_bytes: int = 8 * 1024 * 1024
-) -> tuple[web.Application, web.Application]:
-    """The proxy app and the ops app sharing one meter; the proxy app owns the upstream session and the store."""
-    # the metered handler bounds bodies itself (413 in the OpenAI envelope); aiohttp's own bound only backs it up
-    app = web.Application(client_max_size=max_body_bytes + 1)
-    app[METER] = meter
-    app.router.add_route("*", "/{tail:.*}", handle)
+@dataclass(frozen=True, slots=True)
+class Ports:
+    proxy: int
+    ops: int
 
-    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
-        await meter.upstream.start()
-        try:
-            yield
-        finally:
-            await meter.upstream.close()
-            await meter.store.close()
 
-    app.cleanup_ctx.append(lifecycle)
+def build_ops(meter: Meter, *, readiness_timeout: float = 1.0) -> web.Application:
     ops = web.Application()
     ops[METER] = meter
     ops[READINESS] = Readiness(timeout=readiness_timeout)
     ops.router.add_get("/healthz", healthz)
     ops.router.add_get("/readyz", readyz)
     ops.router.add_get("/metrics", metrics_handler)
-    return app, ops
+    return ops
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    meter: Meter,
+    *,
+    host: str,
+    port: int,
+    ops_port: int,
+    readiness_timeout: float = 1.0,
+    shutdown_grace: float = 25.0,
+) -> AsyncIterator[Ports]:
+    """One meter's proxy port (the lean server) and ops port (aiohttp), up while the context runs; on the way out
+    the proxy stops listening and gives requests in flight ``shutdown_grace`` seconds, then the upstream
+    connections and the store close."""
+    proxy = Server(functools.partial(handle, meter))
+    ops = web.AppRunner(build_ops(meter, readiness_timeout=readiness_timeout), access_log=None, handle_signals=False)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(meter.store.close)
+        stack.push_async_callback(meter.upstream.close)
+        await meter.upstream.start()
+        await ops.setup()
+        stack.push_async_callback(ops.cleanup)
+        await proxy.start(host, port, backlog=2048)
+        stack.push_async_callback(proxy.shutdown, shutdown_grace)
+        await web.TCPSite(ops, host, ops_port).start()
+        yield Ports(proxy.port, ops.addresses[0][1])
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -8,10 +8,9 @@ import logging
 import signal
 
 import uvloop
-from aiohttp import web
 
 from gateway import logs
-from gateway.meter.app import build_apps, build_meter
+from gateway.meter.app import build_meter, serving
 from gateway.meter.settings import MeterSettings
 from gateway.settings import add_flags, load
 
@@ -24,16 +23,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 async def serve(settings: MeterSettings) -> None:
     meter = build_meter(settings)
-    app, ops = build_apps(meter, readiness_timeout=settings.readiness_timeout, max_body_bytes=settings.max_body_bytes)
-    runners = [
-        web.AppRunner(app, access_log=None, handle_signals=False),
-        web.AppRunner(ops, access_log=None, handle_signals=False),
-    ]
-    for runner in runners:
-        await runner.setup()
-    try:
-        await web.TCPSite(runners[0], settings.host, settings.port, backlog=2048).start()
-        await web.TCPSite(runners[1], settings.host, settings.ops_port).start()
+    async with serving(
+        meter,
+        host=settings.host,
+        port=settings.port,
+        ops_port=settings.ops_port,
+        readiness_timeout=settings.readiness_timeout,
+        shutdown_grace=settings.shutdown_grace,
+    ):
         if settings.dev and settings.identity_secret is None:
             log.warning("DEVELOPMENT MODE: identity headers verified with the fixed development secret")
         if settings.trust_identity_headers:
@@ -44,9 +41,6 @@ async def serve(settings: MeterSettings) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-    finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
 
 
 def run(args: argparse.Namespace) -> int:

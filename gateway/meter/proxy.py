@@ -1,4 +1,4 @@
-"""The metering reverse proxy's request handler (aiohttp).
+"""The metering reverse proxy's request handler (on the lean server of ``gateway.meter.server``).
 
 ``POST`` to the OpenAI generation routes is metered: identity, bounded body, reservation, forwarding, usage
 reading, settlement. Everything else goes to the upstream untouched. Accounting happens before the last bytes
@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-
-from aiohttp import web
 
 from gateway import identity as ident
 from gateway.errors import StoreError
@@ -34,6 +32,7 @@ from gateway.meter.errors import (
 from gateway.meter.estimate import Estimator, Kind
 from gateway.meter.metrics import UNKNOWN, MeterMetrics
 from gateway.meter.quota import Outcome, Reservation
+from gateway.meter.server import JSON, Reply, Request, Stream
 from gateway.meter.sse import Splitter, SseError, StreamMeter, Usage, response_usage
 from gateway.meter.upstream import Upstream, request_headers, response_headers
 from gateway.store import Store
@@ -69,15 +68,11 @@ class Meter:
     metrics: MeterMetrics
 
 
-METER = web.AppKey("meter", Meter)
+def _error(exc: MeterError) -> Reply:
+    return Reply(exc.status, exc.body(), headers=exc.headers, content_type=JSON)
 
 
-def _error(exc: MeterError) -> web.Response:
-    return web.Response(status=exc.status, body=exc.body(), content_type="application/json", headers=exc.headers)
-
-
-async def handle(request: web.Request) -> web.StreamResponse:
-    meter = request.app[METER]
+async def handle(meter: Meter, request: Request) -> Reply | Stream:
     kind = req.PATHS.get(request.path) if request.method == "POST" else None
     if kind is None:
         return await passthrough(request, meter)
@@ -91,7 +86,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         meter.metrics.in_flight.dec()
 
 
-def authenticate(request: web.Request, config: MeterConfig) -> ident.Identity:
+def authenticate(request: Request, config: MeterConfig) -> ident.Identity:
     try:
         if config.trust_identity_headers:
             return ident.parse(request.headers)
@@ -100,7 +95,7 @@ def authenticate(request: web.Request, config: MeterConfig) -> ident.Identity:
         raise IdentityRejected(f"identity rejected: {exc}", code=exc.code) from exc
 
 
-async def read_body(request: web.Request, *, limit: int) -> bytes:
+async def read_body(request: Request, *, limit: int) -> bytes:
     if request.content_type not in JSON_TYPES and not request.content_type.endswith("+json"):
         raise UnsupportedMediaType(f"content-type must be application/json, got {request.content_type!r}")
     if request.content_length is not None and request.content_length > limit:
@@ -144,7 +139,7 @@ async def _reserve(meter: Meter, reserving: quota.Reserving, key_id: str) -> Res
         return quota.unlimited(key_id, outcome=Outcome.STORE_ERROR)
 
 
-async def metered(request: web.Request, meter: Meter, *, kind: Kind) -> web.StreamResponse:
+async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stream:
     started = time.perf_counter()
     config = meter.config
     identity = authenticate(request, config)
@@ -196,8 +191,8 @@ def _quota_headers(reservation: Reservation, parsed: req.Parsed) -> dict[str, st
 
 
 async def _upstream_error(
-    request: web.Request, meter: Meter, exchange: Exchange, upstream: h1.Response, extra: dict[str, str]
-) -> web.StreamResponse:
+    request: Request, meter: Meter, exchange: Exchange, upstream: h1.Response, extra: dict[str, str]
+) -> Reply:
     try:
         raw = await meter.upstream.read(upstream, limit=64 * 1024)
     except MeterError:
@@ -206,12 +201,12 @@ async def _upstream_error(
         meter.upstream.count("status_5xx")
     await settle(meter.store, meter.metrics, exchange, served=None, status=upstream.status)
     body = normalise_upstream_error(upstream.status, raw)
-    return web.Response(status=upstream.status, body=body, content_type="application/json", headers=extra)
+    return Reply(upstream.status, body, headers=extra, content_type=JSON)
 
 
 async def _whole(
-    request: web.Request, meter: Meter, exchange: Exchange, upstream: h1.Response, extra: dict[str, str]
-) -> web.StreamResponse:
+    request: Request, meter: Meter, exchange: Exchange, upstream: h1.Response, extra: dict[str, str]
+) -> Reply:
     try:
         raw = await meter.upstream.read(upstream, limit=meter.config.max_response_bytes)
     except MeterError as exc:
@@ -221,23 +216,22 @@ async def _whole(
     await settle(meter.store, meter.metrics, exchange, served=served, status=upstream.status)
     headers = response_headers(upstream.headers)
     headers.update(extra)
-    return web.Response(status=upstream.status, body=raw, headers=headers)
+    return Reply(upstream.status, raw, headers=headers)
 
 
 async def _stream(
-    request: web.Request, meter: Meter, exchange: Exchange, upstream: h1.Response, extra: dict[str, str]
-) -> web.StreamResponse:
+    request: Request, meter: Meter, exchange: Exchange, upstream: h1.Response, extra: dict[str, str]
+) -> Reply | Stream:
     parsed = exchange.parsed
     headers = response_headers(upstream.headers)
     headers.update(extra)
-    response = web.StreamResponse(status=upstream.status, headers=headers)
     try:
-        await response.prepare(request)
+        response = request.stream(upstream.status, headers)
     except ConnectionResetError:
         upstream.close()
         meter.metrics.disconnects.inc()
         await settle(meter.store, meter.metrics, exchange, served=None, status=499)
-        return response
+        return Reply(499)
     tracker = StreamMeter(
         want_usage=parsed.want_usage, want_continuous=parsed.want_continuous, null_usage=parsed.kind == "completion"
     )
@@ -291,7 +285,7 @@ def _last_event(out: bytes) -> bytes:
 
 
 async def _broken_stream(
-    response: web.StreamResponse, meter: Meter, exchange: Exchange, tracker: StreamMeter, failure: MeterError | None
+    response: Stream, meter: Meter, exchange: Exchange, tracker: StreamMeter, failure: MeterError | None
 ) -> None:
     """The upstream stream ended without ``[DONE]``: charge what was sent, tell the client as vLLM does (an error
     event, then ``[DONE]``)."""
@@ -307,7 +301,7 @@ async def _broken_stream(
         meter.metrics.disconnects.inc()
 
 
-async def passthrough(request: web.Request, meter: Meter) -> web.StreamResponse:
+async def passthrough(request: Request, meter: Meter) -> Reply | Stream:
     """Any other request: streamed to the upstream and back unchanged (bounded by the same timeouts)."""
     data = request.content if request.body_exists else None
     try:
@@ -317,18 +311,21 @@ async def passthrough(request: web.Request, meter: Meter) -> web.StreamResponse:
     except MeterError as exc:
         return _error(exc)
     try:
-        response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason, headers=response_headers(upstream.headers)
+        response = request.stream(
+            upstream.status,
+            response_headers(upstream.headers),
+            reason=upstream.reason,
+            content_length=upstream.content_length,
         )
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
-        await response.prepare(request)
         try:
             async for chunk in meter.upstream.chunks(upstream):
                 await response.write(chunk)
             await response.write_eof()
         except (MeterError, ConnectionResetError):
-            upstream.close()
+            upstream.close()  # the response stays unfinished: the server closes the client's connection
         return response
+    except ConnectionResetError:
+        upstream.close()
+        return Reply(499)
     finally:
         upstream.release()

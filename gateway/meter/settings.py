@@ -59,6 +59,9 @@ class MeterSettings(CommonSettings):
         "timeout (vLLM: 5 s); 0 opens a connection per request",
     )
     readiness_timeout: float = Field(1.0, gt=0, le=60, description="timeout of the upstream /health probe, seconds")
+    shutdown_grace: float = Field(
+        25.0, ge=0, le=3600, description="on SIGTERM, seconds requests in flight get to finish before they are cut"
+    )
 
     @field_validator("upstream")
     @classmethod

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping
 
 import aiohttp
 from multidict import CIMultiDict, MultiMapping
@@ -130,7 +130,7 @@ class Upstream:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def open(
-        self, method: str, path_qs: str, *, headers: CIMultiDict[str], data: aiohttp.StreamReader | None
+        self, method: str, path_qs: str, *, headers: CIMultiDict[str], data: AsyncIterable[bytes] | None
     ) -> aiohttp.ClientResponse:
         """A request streamed through unchanged (passthrough), on aiohttp's client: wait for the response headers
         (connect and first-byte timeouts)."""

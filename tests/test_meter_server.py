@@ -1,0 +1,320 @@
+"""The meter's lean HTTP/1.1 server (gateway/meter/server.py) on a real socket, driven by raw bytes: keep-alive and
+pipelining, HTTP/1.0, Expect: 100-continue, framing of whole and streamed responses, HEAD, malformed input, flow
+control both ways, clients that leave, idle keep-alive connections and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httptools
+import pytest
+
+from gateway.meter.server import ClientGone, Handler, Reply, Request, Server, Stream
+
+
+@dataclass
+class Answer:
+    status: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    done: bool = False
+
+
+class Responses:
+    """httptools callbacks collecting every response a connection sends."""
+
+    def __init__(self) -> None:
+        self.answers: list[Answer] = []
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_message_begin(self) -> None:
+        self.answers.append(Answer())
+
+    def on_status(self, status: bytes) -> None:
+        self.answers[-1].status = self.parser.get_status_code()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.answers[-1].headers[name.decode().lower()] = value.decode()
+
+    def on_body(self, body: bytes) -> None:
+        self.answers[-1].body += body
+
+    def on_message_complete(self) -> None:
+        self.answers[-1].done = True
+
+
+class Client:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.responses = Responses()
+        self.raw = b""
+        self.closed = False
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def read(self, count: int) -> list[Answer]:
+        """Until ``count`` complete responses (or the server closes)."""
+        async with asyncio.timeout(5):
+            while sum(a.done for a in self.responses.answers) < count and not self.closed:
+                data = await self.reader.read(65536)
+                if not data:
+                    self.closed = True
+                    with contextlib.suppress(httptools.HttpParserError):
+                        self.responses.parser.feed_data(b"")
+                    break
+                self.raw += data
+                self.responses.parser.feed_data(data)
+        return self.responses.answers
+
+    async def wait_closed(self) -> bool:
+        async with asyncio.timeout(5):
+            while data := await self.reader.read(65536):
+                self.raw += data
+        return True
+
+
+@contextlib.asynccontextmanager
+async def running(handler: Handler, **options: float) -> AsyncIterator[Server]:
+    server = Server(handler, **options)  # type: ignore[arg-type]
+    await server.start("127.0.0.1", 0)
+    try:
+        yield server
+    finally:
+        await server.shutdown(grace=0.5)
+
+
+@contextlib.asynccontextmanager
+async def connect(server: Server) -> AsyncIterator[Client]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        yield Client(reader, writer)
+    finally:
+        writer.close()
+
+
+def post(path: str, body: bytes, *extra: str, version: str = "1.1", length: int | None = None) -> bytes:
+    size = len(body) if length is None else length
+    head = [f"POST {path} HTTP/{version}", "Host: meter", f"Content-Length: {size}", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def echo(request: Request) -> Reply:
+    body = b"".join([chunk async for chunk in request.content])
+    answer = {"method": request.method, "path": request.path, "target": request.path_qs, "size": len(body)}
+    return Reply(200, json.dumps(answer).encode(), headers={"x-seen": request.headers.get("x-test", "")})
+
+
+async def test_keep_alive_requests_are_answered_in_order_on_one_connection() -> None:
+    async with running(echo) as server, connect(server) as client:
+        await client.send(post("/v1/a%20b?x=1", b"12345", "X-Test: one"))
+        first = (await client.read(1))[0]
+        await client.send(post("/two", b"", "X-Test: two") + post("/three", b"abc"))  # pipelined
+        answers = await client.read(3)
+    assert [json.loads(a.body)["target"] for a in answers] == ["/v1/a%20b?x=1", "/two", "/three"]
+    assert json.loads(first.body) == {"method": "POST", "path": "/v1/a b", "target": "/v1/a%20b?x=1", "size": 5}
+    assert first.headers["x-seen"] == "one" and first.headers["content-length"] == str(len(first.body))
+    assert "date" in first.headers and not client.closed
+
+
+async def test_pipelined_requests_wait_for_the_one_before() -> None:
+    async def slow_first(request: Request) -> Reply:
+        if request.path == "/slow":
+            await asyncio.sleep(0.1)
+        return await echo(request)
+
+    async with running(slow_first) as server, connect(server) as client:
+        await client.send(post("/slow", b"a") + post("/fast", b"b"))
+        answers = await client.read(2)
+    assert [json.loads(a.body)["path"] for a in answers] == ["/slow", "/fast"]
+
+
+async def streamer(request: Request) -> Stream:
+    stream = request.stream(200, {"content-type": "text/event-stream"})
+    for n in range(3):
+        await stream.write(f"data: {n}\n\n".encode())
+    await stream.write_eof()
+    return stream
+
+
+async def test_a_streamed_response_is_chunked_for_http_11_and_closes_for_http_10() -> None:
+    async with running(streamer) as server:
+        async with connect(server) as client:
+            await client.send(post("/s", b""))
+            answer = (await client.read(1))[0]
+            assert (
+                answer.headers["transfer-encoding"] == "chunked" and answer.body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+            )
+            assert not client.closed
+        async with connect(server) as client:
+            await client.send(post("/s", b"", "Connection: keep-alive", version="1.0"))
+            assert await client.wait_closed()
+    assert b"transfer-encoding" not in client.raw and client.raw.endswith(b"data: 2\n\n")
+    assert b"connection: close" in client.raw
+
+
+async def test_expect_continue_is_answered_when_the_body_is_read_and_not_when_refused_early() -> None:
+    async def strict(request: Request) -> Reply:
+        if (request.content_length or 0) > 10:
+            return Reply(413, b"{}", content_type="application/json")
+        return await echo(request)
+
+    async with running(strict) as server:
+        async with connect(server) as client:
+            await client.send(post("/ok", b"", "Expect: 100-continue", length=4))
+            head = await asyncio.wait_for(client.reader.readuntil(b"\r\n\r\n"), 5)
+            assert head == b"HTTP/1.1 100 Continue\r\n\r\n"
+            await client.send(b"body")
+            assert json.loads((await client.read(1))[0].body)["size"] == 4
+        async with connect(server) as client:
+            await client.send(post("/big", b"", "Expect: 100-continue", length=99))
+            raw = await asyncio.wait_for(client.reader.read(65536), 5)
+            assert raw.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in raw
+            assert b"connection: close" in raw and await client.wait_closed()  # the unread body cannot stay
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        pytest.param(b"NOT HTTP AT ALL\r\n\r\n", 400, "bad_request", id="garbage"),
+        pytest.param(
+            b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431, "request_header_too_large", id="big"
+        ),
+        pytest.param(
+            b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n", 405, "method_not_allowed", id="connect"
+        ),
+    ],
+)
+async def test_malformed_requests_get_an_error_envelope_and_the_connection_closes(
+    data: bytes, status: int, code: str
+) -> None:
+    async with running(echo) as server, connect(server) as client:
+        await client.send(post("/before", b"x") + data)
+        answers = await client.read(2)
+        assert await client.wait_closed()
+    assert answers[0].status == 200  # a request before the bad one is still answered
+    assert answers[1].status == status and json.loads(answers[1].body)["error"]["code"] == code
+
+
+async def test_an_upgrade_header_is_ignored_and_the_request_answered_in_http_11() -> None:
+    async with running(echo) as server, connect(server) as client:
+        upgrade = post(
+            "/up", b"", "Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c", "HTTP2-Settings: AAMAAABkAAQAAP__"
+        )
+        await client.send(upgrade + post("/next", b"z"))
+        answers = await client.read(2)
+    assert [json.loads(a.body)["path"] for a in answers] == ["/up", "/next"] and answers[0].status == 200
+
+
+async def test_a_failing_handler_gets_a_500_envelope_and_the_connection_lives_on() -> None:
+    async def broken(request: Request) -> Reply:
+        if request.path == "/boom":
+            raise RuntimeError("bug")
+        return await echo(request)
+
+    async with running(broken) as server, connect(server) as client:
+        await client.send(post("/boom", b"") + post("/after", b""))
+        answers = await client.read(2)
+    assert answers[0].status == 500 and json.loads(answers[0].body)["error"]["code"] == "internal_error"
+    assert answers[1].status == 200
+
+
+async def test_head_gets_the_headers_without_a_body() -> None:
+    async def sized(request: Request) -> Stream:
+        stream = request.stream(200, [("content-type", "text/plain")], content_length=5)
+        await stream.write(b"hello")
+        await stream.write_eof()
+        return stream
+
+    async with running(sized) as server, connect(server) as client:
+        await client.send(b"HEAD / HTTP/1.1\r\nHost: m\r\n\r\nGET / HTTP/1.1\r\nHost: m\r\n\r\n")
+        raw = b""
+        async with asyncio.timeout(5):
+            while not raw.endswith(b"hello"):
+                raw += await client.reader.read(65536)
+    assert raw.count(b"content-length: 5") == 2 and raw.count(b"hello") == 1
+
+
+async def test_a_large_request_body_pauses_reading_until_the_handler_catches_up() -> None:
+    paused: list[bool] = []
+
+    async def slow_reader(request: Request) -> Reply:
+        size = 0
+        while True:
+            await asyncio.sleep(0.01)
+            paused.append(any(conn._read_paused for conn in server.connections))
+            if not (chunk := await request.content.readany()):
+                break
+            size += len(chunk)
+        return Reply(200, str(size).encode())
+
+    body = b"x" * (4 << 20)
+    async with running(slow_reader) as server, connect(server) as client:
+        await client.send(post("/upload", body))
+        answer = (await client.read(1))[0]
+    assert answer.body == str(len(body)).encode() and any(paused)
+
+
+async def test_a_streamed_write_waits_for_a_client_that_does_not_read_and_fails_when_it_leaves() -> None:
+    progress: list[int] = []
+    outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def flood(request: Request) -> Stream:
+        stream = request.stream(200, {"content-type": "application/octet-stream"})
+        try:
+            for n in range(4096):
+                await stream.write(b"y" * 65536)
+                progress.append(n)
+        except ClientGone:
+            outcome.set_result("gone")
+            return stream
+        outcome.set_result("finished")
+        return stream
+
+    async with running(flood) as server:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(post("/flood", b""))
+        await asyncio.sleep(0.3)
+        stalled = len(progress)
+        await asyncio.sleep(0.2)
+        assert len(progress) == stalled < 4095  # 256 MiB would be buffered without flow control
+        writer.transport.abort()
+        assert await asyncio.wait_for(outcome, 5) == "gone"
+
+
+async def test_an_idle_keep_alive_connection_is_closed() -> None:
+    async with running(echo, keepalive_timeout=0.2) as server, connect(server) as client:
+        await client.send(post("/once", b""))
+        assert (await client.read(1))[0].status == 200
+        assert await client.wait_closed()
+
+
+async def test_shutdown_lets_a_request_in_flight_finish_and_closes_idle_connections() -> None:
+    release = asyncio.Event()
+
+    async def waits(request: Request) -> Reply:
+        if request.path == "/wait":
+            await release.wait()
+        return Reply(200, b"done")
+
+    server = Server(waits)
+    await server.start("127.0.0.1", 0)
+    port = server.port
+    async with connect(server) as busy, connect(server) as idle:
+        await idle.send(post("/quick", b""))
+        assert (await idle.read(1))[0].body == b"done"
+        await busy.send(post("/wait", b""))
+        await asyncio.sleep(0.05)
+        stopping = asyncio.create_task(server.shutdown(grace=5))
+        assert await idle.wait_closed()
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+        release.set()
+        answer = (await busy.read(1))[0]
+        await stopping
+    assert answer.body == b"done"
