@@ -7,9 +7,10 @@ reserves and commits), 64 concurrent streams from an aiohttp client. Two scenari
 - unpaced: the simulator streams as fast as it can; on a 2-core machine the client, the simulator, the meter and
   Redis share the CPUs, so this ratio shows the meter's CPU cost rather than a ceiling.
 Added time to first token: p50 and p99 of the first-token latency through the meter minus the same percentile
-direct, with the simulator's own time to first token at 0. In the paced scenario the stream starts are spread
-over one stream's duration (steady load of ~64 streams); in the unpaced one they all start at once, so its first
-tokens queue behind each other on both sides. A third measurement, one stream at a time (short paced streams, no
+direct, with the simulator's own time to first token at 0. In the paced scenario 64 workers start spread over one
+stream's duration and then stream back to back; only streams that start while all 64 workers are streaming are
+timed (steady load of 64 streams); in the unpaced one they all start at once, so its first tokens queue behind each
+other on both sides. A third measurement, one stream at a time (short paced streams, no
 other load), gives the meter's own hop without the CPU contention of 64 streams on two shared cores.
 """
 
@@ -113,25 +114,38 @@ async def _stream(
     return count, ttft
 
 
-async def _round(url: str, *, streams: int, tokens: int, stagger: float) -> Round:
+async def _round(url: str, *, streams: int, tokens: int, stagger: float, waves: int) -> Round:
+    """``streams`` workers; with a stagger, worker i starts i * stagger late and runs ``1 + waves`` streams back to
+    back, and only the streams after each worker's first are timed: each of them starts while all ``streams``
+    workers are streaming (steady load). Without a stagger, one stream per worker, all at once."""
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
         await asyncio.gather(*(_stream(session, url, index=i, tokens=2) for i in range(streams)))  # warm connections
+
+        async def worker(index: int) -> tuple[int, list[float]]:
+            count, timed = 0, []
+            for wave in range(1 + waves if stagger else 1):
+                got, ttft = await _stream(
+                    session, url, index=index, tokens=tokens, delay=index * stagger if wave == 0 else 0.0
+                )
+                count += got
+                if wave > 0 or not stagger:
+                    timed.append(ttft)
+            return count, timed
+
         started = time.perf_counter()
-        results = await asyncio.gather(
-            *(_stream(session, url, index=i, tokens=tokens, delay=i * stagger) for i in range(streams))
-        )
+        results = await asyncio.gather(*(worker(i) for i in range(streams)))
         seconds = time.perf_counter() - started
-    return Round(tokens=sum(r[0] for r in results), seconds=seconds, ttft=[r[1] for r in results])
+    return Round(tokens=sum(r[0] for r in results), seconds=seconds, ttft=[t for r in results for t in r[1]])
 
 
 async def _scenario(
-    direct: str, metered: str, *, streams: int, tokens: int, reps: int, stagger: float
+    direct: str, metered: str, *, streams: int, tokens: int, reps: int, stagger: float, waves: int
 ) -> dict[str, Any]:
     rounds: dict[str, list[Round]] = {"direct": [], "meter": []}
     for _ in range(reps):  # alternate, so drift on a shared machine hits both sides alike
-        rounds["direct"].append(await _round(direct, streams=streams, tokens=tokens, stagger=stagger))
-        rounds["meter"].append(await _round(metered, streams=streams, tokens=tokens, stagger=stagger))
+        for side, url in (("direct", direct), ("meter", metered)):
+            rounds[side].append(await _round(url, streams=streams, tokens=tokens, stagger=stagger, waves=waves))
     out: dict[str, Any] = {}
     for side, items in rounds.items():
         ttft = [t for r in items for t in r.ttft]
@@ -171,12 +185,15 @@ def run(*, quick: bool, streams: int, tps: float, log_dir: Path) -> dict[str, An
     with _processes(tps=tps, log_dir=log_dir) as (direct, metered):
         results["one_at_a_time"] = asyncio.run(_one_at_a_time(direct, metered, count=30 if quick else 100, reps=reps))
     for name, pace, tokens in (("paced", tps, 20 if quick else 200), ("unpaced", 0.0, 50 if quick else 500)):
-        # paced: starts spread over one stream's duration, so first tokens are timed under steady load, not in a
-        # burst of simultaneous arrivals; unpaced: all at once, for throughput
+        # paced: starts spread over one stream's duration and each worker streaming back to back, so first tokens
+        # are timed while all the streams run (steady load), not in a burst of simultaneous arrivals; unpaced: all
+        # at once, for throughput
         stagger = tokens / pace / streams if pace else 0.0
         with _processes(tps=pace, log_dir=log_dir) as (direct, metered):
             results[name] = asyncio.run(
-                _scenario(direct, metered, streams=streams, tokens=tokens, reps=reps, stagger=stagger)
+                _scenario(
+                    direct, metered, streams=streams, tokens=tokens, reps=reps, stagger=stagger, waves=1 if quick else 2
+                )
             )
             results[name].update(tokens_per_stream=tokens, tokens_per_second_per_stream=pace)
     return results
