@@ -156,18 +156,19 @@ async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stre
     body = req.upstream_body(raw, parsed, max_tokens=expected, inject_usage=parsed.can_inject_usage)
     headers = request_headers(request.headers, metered=True)
     reservation = await _reserve(meter, reserving, identity.key_id)
-    if reservation.outcome is not Outcome.STORE_ERROR:
-        meter.metrics.reservations[reservation.outcome].inc()
     if reservation.max_tokens != expected:
         body = req.upstream_body(raw, parsed, max_tokens=reservation.max_tokens, inject_usage=parsed.can_inject_usage)
+    overhead = time.perf_counter() - started
     exchange = Exchange(identity, parsed, reservation, identity.model or parsed.model or UNKNOWN, started)
-    extra = _quota_headers(reservation, parsed)
-    meter.metrics.overhead.observe(time.perf_counter() - started)
+    # the bookkeeping below waits until the request is upstream: it is then done while vLLM works on the answer
     try:
         upstream = await meter.upstream.send("POST", request.path_qs, headers=headers, body=body)
     except MeterError as exc:
+        _count_reservation(meter, reservation, overhead)
         await settle(meter.store, meter.metrics, exchange, served=None, status=exc.status)
         raise
+    _count_reservation(meter, reservation, overhead)
+    extra = _quota_headers(reservation, parsed)
     try:
         if upstream.status >= 400:
             return await _upstream_error(request, meter, exchange, upstream, extra)
@@ -176,6 +177,12 @@ async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stre
         return await _whole(request, meter, exchange, upstream, extra)
     finally:
         upstream.release()
+
+
+def _count_reservation(meter: Meter, reservation: Reservation, overhead: float) -> None:
+    if reservation.outcome is not Outcome.STORE_ERROR:  # store errors were counted when they happened
+        meter.metrics.reservations[reservation.outcome].inc()
+    meter.metrics.overhead.observe(overhead)
 
 
 def _quota_headers(reservation: Reservation, parsed: req.Parsed) -> dict[str, str]:
@@ -238,9 +245,9 @@ async def _stream(
     splitter = Splitter(max_event_bytes=meter.config.max_event_bytes)
     first = True
     failure: MeterError | None = None
+    sent = Usage()  # the usage of what the client has been sent
     try:
         async for data in meter.upstream.chunks(upstream):
-            sent = tracker.usage()
             out = b"".join(tracker.event(event) for event in splitter.feed(data))
             if not out:
                 continue
@@ -249,10 +256,7 @@ async def _stream(
                 # settle before the client sees [DONE]: a client that has its whole answer is already accounted
                 await settle(meter.store, meter.metrics, exchange, served=tracker.usage(), status=upstream.status)
                 out, tail = out[: -len(_last_event(out))], _last_event(out)
-            if first:
-                first = False
-                ttft = time.perf_counter() - exchange.started
-                meter.metrics.models.get((exchange.model, exchange.operation)).ttft.observe(ttft)
+            ttft = time.perf_counter() - exchange.started if first else 0.0
             try:
                 await response.write(out)
                 if tail:
@@ -263,8 +267,12 @@ async def _stream(
                 if not tracker.done:
                     await settle(meter.store, meter.metrics, exchange, served=sent, status=499)
                 return response
+            if first:  # observed once the first token is on its way to the client
+                first = False
+                meter.metrics.models.get((exchange.model, exchange.operation)).ttft.observe(ttft)
             if tracker.done:
                 break
+            sent = tracker.usage()
     except MeterError as exc:
         failure = exc
         upstream.close()
