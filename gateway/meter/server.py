@@ -319,7 +319,7 @@ class _Connection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._url = b""
-        self._headers: CIMultiDict[str] = CIMultiDict()
+        self._raw_headers: list[tuple[bytes, bytes]] = []
         self._size = 0
         self._failure: bytes | None = None
         self.write_paused = False
@@ -378,7 +378,7 @@ class _Connection(asyncio.Protocol):
             self._idle.cancel()
             self._idle = None
         self._url = b""
-        self._headers = CIMultiDict()
+        self._raw_headers = []
         self._size = 0
 
     def on_url(self, url: bytes) -> None:
@@ -386,8 +386,10 @@ class _Connection(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._grow(len(name) + len(value) + 4)
-        self._headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        self._size += len(name) + len(value) + 4
+        if self._size > self._server.max_header_bytes:
+            raise _Abort(TOO_LARGE)
+        self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -395,7 +397,7 @@ class _Connection(asyncio.Protocol):
         if method == "CONNECT":
             raise _Abort(NOT_ALLOWED)
         version = parser.get_http_version()
-        headers = self._headers
+        headers = CIMultiDict([(name.decode("latin-1"), value.decode("latin-1")) for name, value in self._raw_headers])
         request = Request(
             self,
             method=method,
