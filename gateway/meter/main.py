@@ -12,6 +12,7 @@ import uvloop
 from gateway import logs
 from gateway.meter.app import build_meter, serving
 from gateway.meter.settings import MeterSettings
+from gateway.runtime import tune_gc
 from gateway.settings import add_flags, load
 
 log = logging.getLogger("maas.meter")
@@ -46,5 +47,6 @@ async def serve(settings: MeterSettings) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = load(MeterSettings, args)
     logs.setup(fmt=settings.log_format, level=settings.log_level)
+    tune_gc()
     uvloop.run(serve(settings))
     return 0
