@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 from gateway.contract import REQUESTS, TOKENS, format_duration
 from gateway.identity import Identity, sign
@@ -33,13 +34,19 @@ class Denial:
     error_type: str = "invalid_request_error"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Admission:
+    """An admitted (key, route): memoised per presented credential, so it also carries what every allowed request
+    of it reuses: the signed identity block of the current signing window and the caller's metric cells."""
+
     key: KeyEntry
     tier: TierEntry | None
     model: str | None
     limits: CompiledLimits
     ops: tuple[BucketOp, ...]
+    block: HeaderBlock | None = None
+    block_window: int = -1
+    cells: tuple[Any, ...] | None = None
 
 
 class HotCache:
@@ -296,12 +303,15 @@ def allow_parts(
 ) -> tuple[HeaderBlock, list[tuple[str, str]]]:
     """``allow_headers`` in two parts: the block every allowed request of this identity shares in the current
     signing window (memoised with its wire form), and this request's rate-limit headers."""
+    second = int(now) // HotCache.SIGN_WINDOW * HotCache.SIGN_WINDOW
+    block = admission.block
+    if block is not None and admission.block_window == second:
+        return block, _ratelimit_headers(admission, results) if results else []
     key = admission.key
     tokens = admission.limits.tokens
     tier = admission.tier.name if admission.tier is not None else ""
     model = admission.model or ""
     cache = policy.cache
-    second = int(now) // HotCache.SIGN_WINDOW * HotCache.SIGN_WINDOW
     if second != cache.second or len(cache.identity) >= HotCache.MAX_ENTRIES:
         cache.identity.clear()
         cache.second = second
@@ -321,4 +331,5 @@ def allow_parts(
         if policy.remove_credentials:
             base.append(REMOVE_CREDENTIALS)
         block = cache.identity[memo] = HeaderBlock(tuple(base), header_lines(base))
+    admission.block, admission.block_window = block, second
     return block, _ratelimit_headers(admission, results) if results else []

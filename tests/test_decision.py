@@ -11,8 +11,8 @@ from multidict import CIMultiDict
 
 from gateway import contract
 from gateway.contract import Limit, Limits, ModelRecord, TierRecord
-from gateway.decision import Admission, Denial, Policy, admit, allow_headers, rate_limited
-from gateway.identity import verify
+from gateway.decision import Admission, Denial, HotCache, Policy, admit, allow_headers, rate_limited
+from gateway.identity import H_SIGNATURE, H_TS, verify
 from gateway.limits import BucketResult
 from gateway.snapshot import Catalog, RouteTable, Snapshot, compile_key
 from tests.support import platform
@@ -176,6 +176,23 @@ def test_allow_headers_are_signed_and_remove_the_key() -> None:
     assert headers["x-ratelimit-reset-requests"] == "3s"
     identity = verify(headers, POLICY.identity_secret)
     assert (identity.user, identity.tier, identity.model) == ("admin", "enterprise", platform.QWEN)
+
+
+def test_an_admission_reuses_its_identity_block_within_a_signing_window_only() -> None:
+    outcome = check([("x-api-key", ADMIN)])
+    assert isinstance(outcome, Admission)
+    start = 1_800_000_000.0  # the first second of a signing window
+
+    def signed(now: float) -> tuple[str, str]:
+        headers = dict(allow_headers(outcome, None, POLICY, now=now))
+        verify(headers, POLICY.identity_secret, now=now)
+        return headers[H_TS], headers[H_SIGNATURE]
+
+    first = signed(start)
+    assert signed(start + HotCache.SIGN_WINDOW - 1) == first  # same window: the block is reused
+    later = signed(start + HotCache.SIGN_WINDOW)
+    assert later[0] == str(int(start) + HotCache.SIGN_WINDOW) and later != first  # next window: signed anew
+    assert signed(start + HotCache.SIGN_WINDOW + 5) == later
 
 
 def test_rate_limited_names_the_exhausted_dimension() -> None:

@@ -152,10 +152,17 @@ class Checker:
         return self._allow(admission, results, now)
 
     def _allow(self, admission: Admission, results: list[BucketResult] | None, now: float) -> Reply:
-        tier, model = _labels(admission)
-        self._metrics.decision("allow", "ok", tier, model).inc()
-        key = admission.key
-        self._metrics.key_requests.get(key.key_id, key.user, tier, "allow").inc()
+        cells = admission.cells
+        if cells is None:  # bound once per memoised admission
+            tier, model = _labels(admission)
+            key = admission.key
+            metrics = self._metrics
+            cells = admission.cells = (
+                metrics.decision("allow", "ok", tier, model),
+                metrics.key_requests.get(key.key_id, key.user, tier, "allow"),
+            )
+        for cell in cells:
+            cell.inc()
         block, extra = allow_parts(admission, results, self._policy, now=now)
         return Reply(200, [*block.headers, *extra], shared=block)
 
