@@ -318,3 +318,16 @@ async def test_shutdown_lets_a_request_in_flight_finish_and_closes_idle_connecti
         answer = (await busy.read(1))[0]
         await stopping
     assert answer.body == b"done"
+
+
+async def test_a_client_that_half_closes_still_gets_its_answers() -> None:
+    async def slow_echo(request: Request) -> Reply:
+        await asyncio.sleep(0.05)  # the half-close arrives before the answers are ready
+        return await echo(request)
+
+    async with running(slow_echo) as server, connect(server) as client:
+        await client.send(post("/one", b"a") + post("/two", b"bc"))
+        client.writer.write_eof()
+        answers = await client.read(2)
+        assert await client.wait_closed()
+    assert [json.loads(a.body)["size"] for a in answers] == [1, 2]

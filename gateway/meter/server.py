@@ -322,6 +322,7 @@ class _Connection(asyncio.Protocol):
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._size = 0
         self._failure: bytes | None = None
+        self._eof = False
         self.write_paused = False
         self.closed = False
 
@@ -362,6 +363,15 @@ class _Connection(asyncio.Protocol):
             except httptools.HttpParserError:
                 self._fail(BAD_REQUEST)
                 return
+
+    def eof_received(self) -> bool:
+        """The client finished sending (a half-close): requests already read are still answered, then the
+        connection closes; a body cut short by it is an error for its handler."""
+        self._eof = True
+        if self._current is not None:
+            self._current.content._finish(ClientGone("client stopped sending mid-body"))
+            self._current = None
+        return not self.idle  # True keeps the transport open to write the answers
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -489,6 +499,9 @@ class _Connection(asyncio.Protocol):
                     return
             if self._failure is not None:
                 self.send(self._failure)
+                self.close()
+                return
+            if self._eof:
                 self.close()
                 return
             self._arm_idle()
