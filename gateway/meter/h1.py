@@ -48,35 +48,31 @@ class IdleTimeout(TimeoutError):
     """Nothing of the response body arrived within the time ``readany`` was given."""
 
 
-class Response:
-    """One upstream response: status and headers at once, the body through ``readany`` as it arrives."""
+class Inbox:
+    """Bytes a protocol receives for one reader: the connection feeds them in (``_feed``, ``_finish``), the reader
+    takes what has arrived so far (``_take``). ``_feed`` says when more than ``HIGH_WATER`` bytes wait, so the
+    connection can stop reading; ``_taken`` is the hook that lets it read again. Shared by the upstream client's
+    responses and the proxy server's request bodies."""
 
-    __slots__ = ("_conn", "_done", "_error", "_parts", "_size", "_waiter", "headers", "status")
+    __slots__ = ("_done", "_error", "_parts", "_size", "_waiter")
 
-    def __init__(self, conn: _Connection, status: int, headers: CIMultiDict[str]) -> None:
-        self._conn = conn
+    def __init__(self) -> None:
         self._parts: deque[bytes] = deque()
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
         self._done = False
         self._error: Exception | None = None
-        self.status = status
-        self.headers = headers
 
-    @property
-    def content_type(self) -> str:
-        value = self.headers.get("content-type", "application/octet-stream")
-        return value.partition(";")[0].strip().lower()
-
-    async def readany(self, idle: float | None = None) -> bytes:
+    async def _take(self, idle: float | None = None) -> bytes:
         """What arrived since the last call (waiting for something, at most ``idle`` seconds, else
-        ``IdleTimeout``), ``b""`` at the end of the body. One timer per wait: cheaper than ``asyncio.timeout``
-        on a path taken once per streamed token."""
+        ``IdleTimeout``), ``b""`` at the end. One timer per wait: cheaper than ``asyncio.timeout`` on a path taken
+        once per streamed token."""
         while not self._parts:
             if self._error is not None:
                 raise self._error
             if self._done:
                 return b""
+            self._waiting()
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
             timer = loop.call_later(idle, _expire, waiter, idle) if idle is not None else None
@@ -89,16 +85,14 @@ class Response:
         data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         self._parts.clear()
         self._size = 0
-        self._conn.resume()
+        self._taken()
         return data
 
-    def release(self) -> None:
-        """Done with the response: the connection goes back to the pool if the body was read to its end."""
-        self._conn.finished(self, reusable=self._done and self._error is None)
+    def _waiting(self) -> None:
+        """Called before the reader waits for more."""
 
-    def close(self) -> None:
-        """Abandon the response and its connection (the upstream sees the client go away)."""
-        self._conn.finished(self, reusable=False)
+    def _taken(self) -> None:
+        """Called once the reader has taken what waited."""
 
     # fed by the connection
     def _feed(self, data: bytes) -> bool:
@@ -119,6 +113,39 @@ class Response:
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+
+class Response(Inbox):
+    """One upstream response: status and headers at once, the body through ``readany`` as it arrives."""
+
+    __slots__ = ("_conn", "headers", "status")
+
+    def __init__(self, conn: _Connection, status: int, headers: CIMultiDict[str]) -> None:
+        super().__init__()
+        self._conn = conn
+        self.status = status
+        self.headers = headers
+
+    @property
+    def content_type(self) -> str:
+        value = self.headers.get("content-type", "application/octet-stream")
+        return value.partition(";")[0].strip().lower()
+
+    async def readany(self, idle: float | None = None) -> bytes:
+        """What arrived of the body since the last call, ``b""`` at its end; ``IdleTimeout`` after ``idle``
+        seconds of silence."""
+        return await self._take(idle)
+
+    def _taken(self) -> None:
+        self._conn.resume()
+
+    def release(self) -> None:
+        """Done with the response: the connection goes back to the pool if the body was read to its end."""
+        self._conn.finished(self, reusable=self._done and self._error is None)
+
+    def close(self) -> None:
+        """Abandon the response and its connection (the upstream sees the client go away)."""
+        self._conn.finished(self, reusable=False)
 
 
 def _expire(waiter: asyncio.Future[None], timeout: float) -> None:

@@ -16,6 +16,8 @@ What it speaks:
 - malformed HTTP gets 400, headers over ``max_header_bytes`` 431, CONNECT 405, all in the OpenAI error envelope,
   and the connection closes; an ``Upgrade`` header (h2c, websocket) is ignored and the request answered in
   HTTP/1.1; a handler that fails gets a 500 envelope (or, mid-stream, the connection closed);
+- a client that stops sending (FIN) is taken as gone: the connection closes at once, so a stream in progress is
+  charged for what was sent;
 - an idle keep-alive connection closes after ``keepalive_timeout`` seconds; ``shutdown`` stops listening, closes
   idle connections and gives requests in flight a grace period.
 """
@@ -38,10 +40,10 @@ import httptools
 from multidict import CIMultiDict
 
 from gateway.meter.errors import envelope
+from gateway.meter.h1 import HIGH_WATER, Inbox
 
 log = logging.getLogger("maas.meter.http")
 
-HIGH_WATER = 256 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 KEEPALIVE_TIMEOUT = 75.0
 JSON = "application/json"
@@ -65,19 +67,15 @@ class Reply:
     content_type: str | None = None
 
 
-class Body:
+class Body(Inbox):
     """A request body as it arrives: ``readany`` returns what came since the last call, ``b""`` at its end."""
 
-    __slots__ = ("_conn", "_continue", "_done", "_error", "_parts", "_size", "_waiter")
+    __slots__ = ("_conn", "_continue")
 
     def __init__(self, conn: _Connection, *, expect_continue: bool) -> None:
+        super().__init__()
         self._conn = conn
         self._continue = expect_continue
-        self._parts: deque[bytes] = deque()
-        self._size = 0
-        self._done = False
-        self._error: Exception | None = None
-        self._waiter: asyncio.Future[None] | None = None
 
     @property
     def complete(self) -> bool:
@@ -85,24 +83,7 @@ class Body:
         return self._done
 
     async def readany(self) -> bytes:
-        while not self._parts:
-            if self._error is not None:
-                raise self._error
-            if self._done:
-                return b""
-            if self._continue:
-                self._continue = False
-                self._conn.send(_CONTINUE)
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-        data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
-        self._parts.clear()
-        self._size = 0
-        self._conn.consumed()
-        return data
+        return await self._take()
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()
@@ -111,25 +92,13 @@ class Body:
         while data := await self.readany():
             yield data
 
-    # fed by the connection
-    def _feed(self, data: bytes) -> bool:
-        self._parts.append(data)
-        self._size += len(data)
-        self._wake()
-        return self._size > HIGH_WATER
+    def _waiting(self) -> None:
+        if self._continue:  # the client holds the body back until it is asked for
+            self._continue = False
+            self._conn.send(_CONTINUE)
 
-    def _finish(self, error: Exception | None = None) -> None:
-        if self._done or self._error is not None:
-            return
-        if error is None:
-            self._done = True
-        else:
-            self._error = error
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+    def _taken(self) -> None:
+        self._conn.consumed()
 
 
 class Request:
@@ -322,7 +291,6 @@ class _Connection(asyncio.Protocol):
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._size = 0
         self._failure: bytes | None = None
-        self._eof = False
         self.write_paused = False
         self.closed = False
 
@@ -365,13 +333,9 @@ class _Connection(asyncio.Protocol):
                 return
 
     def eof_received(self) -> bool:
-        """The client finished sending (a half-close): requests already read are still answered, then the
-        connection closes; a body cut short by it is an error for its handler."""
-        self._eof = True
-        if self._current is not None:
-            self._current.content._finish(ClientGone("client stopped sending mid-body"))
-            self._current = None
-        return not self.idle  # True keeps the transport open to write the answers
+        """The client stopped sending: taken as the client leaving (as HTTP clients and Envoy only do that when
+        they are done), so the connection closes at once and a stream in progress is charged for what was sent."""
+        return False
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -499,9 +463,6 @@ class _Connection(asyncio.Protocol):
                     return
             if self._failure is not None:
                 self.send(self._failure)
-                self.close()
-                return
-            if self._eof:
                 self.close()
                 return
             self._arm_idle()
