@@ -276,3 +276,69 @@ async def test_readany_gives_up_after_the_idle_time_and_the_response_can_still_b
             await response.readany(0.05)
         response.close()
         pool.close()
+
+
+async def test_a_prepared_request_uses_an_idle_connection_and_holds_its_slot() -> None:
+    seen: list[bytes] = []
+    async with upstream(keep_alive(seen)) as up:
+        pool = h1.Pool(up.url, limit=1, connect_timeout=1)
+        assert pool.prepare("POST", "/a", headers=[], body=b"0") is None  # no idle connection yet
+        first = await pool.request("POST", "/a", headers=[], body=b"1")
+        assert await read_all(first) == b'{"ok":true}'
+        first.release()
+
+        prepared = pool.prepare("POST", "/b", headers=[], body=b"22")
+        assert prepared is not None
+        assert pool.prepare("POST", "/c", headers=[], body=b"3") is None  # the only slot is held
+        waiting = asyncio.create_task(pool.request("POST", "/c", headers=[], body=b"333"))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        prepared.fire()  # as from a callback: on the wire before anyone awaits it
+        await asyncio.sleep(0.05)
+        assert seen[-1].endswith(b"\r\n\r\n22")
+        second = await prepared.response()
+        assert await read_all(second) == b'{"ok":true}'
+        second.release()  # the slot passes to the waiting request
+        third = await asyncio.wait_for(waiting, 2)
+        assert await read_all(third) == b'{"ok":true}'
+        third.release()
+        pool.close()
+    assert up.connections == 1 and len(seen) == 3
+
+
+async def test_an_abandoned_prepared_request_gives_its_connection_back_unsent() -> None:
+    seen: list[bytes] = []
+    async with upstream(keep_alive(seen)) as up:
+        pool = h1.Pool(up.url, limit=1, connect_timeout=1)
+        first = await pool.request("POST", "/a", headers=[], body=b"1")
+        await read_all(first)
+        first.release()
+        prepared = pool.prepare("POST", "/b", headers=[], body=b"2")
+        assert prepared is not None
+        prepared.abandon()
+        prepared.fire()  # too late: nothing is sent
+        again = pool.prepare("POST", "/c", headers=[], body=b"3")  # the same connection, the slot free again
+        assert again is not None
+        response = await again.response()
+        await read_all(response)
+        response.release()
+        pool.close()
+    assert up.connections == 1 and [r[-1:] for r in seen] == [b"1", b"3"]
+
+
+async def test_a_prepared_request_whose_idle_connection_was_closed_goes_on_a_new_one() -> None:
+    seen: list[bytes] = []
+    async with upstream(answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", seen)) as up:
+        pool = h1.Pool(up.url, limit=2, connect_timeout=1)
+        first = await pool.request("POST", "/a", headers=[], body=b"1")
+        assert await read_all(first) == b"ok"
+        first.release()
+        prepared = pool.prepare("POST", "/b", headers=[], body=b"2")
+        assert prepared is not None
+        await asyncio.sleep(0.05)  # the upstream closes the idle connection meanwhile
+        prepared.fire()
+        second = await prepared.response()
+        assert await read_all(second) == b"ok"
+        second.release()
+        pool.close()
+    assert up.connections == 2 and [r[-1:] for r in seen] == [b"1", b"2"]

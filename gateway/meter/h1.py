@@ -289,7 +289,7 @@ class Pool:
         host = f"[{self._host}]" if ":" in self._host else self._host
         self._host_header = (host if default_port else f"{host}:{self._port}").encode("idna")
         self._idle: list[_Connection] = []
-        self._slots = asyncio.Semaphore(limit)
+        self._slots = _Slots(limit)
         self._busy: set[_Connection] = set()
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive
@@ -297,22 +297,44 @@ class Pool:
     async def request(self, method: str, path_qs: str, *, headers: Iterable[tuple[str, str]], body: bytes) -> Response:
         """Send the request and wait for the response's status and headers."""
         payload = self._encode(method, path_qs, headers, body)
-        await self._slots.acquire()
+        await self._slots.take()
         conn: _Connection | None = None
         try:
             conn, reused = await self._checkout()
-            try:
-                return await conn.send(payload)
-            except UpstreamClosed:
-                if not reused or conn.received:
-                    raise
-            self._drop(conn)  # the upstream had closed the idle connection: once more on a new one
-            conn, _ = await self._connect()
-            return await conn.send(payload)
+            return await self._exchange(conn, reused, payload, conn.send(payload))
         except BaseException:
             if conn is not None:
                 self._drop(conn)
-            self._slots.release()
+            self._slots.give()
+            raise
+
+    def prepare(self, method: str, path_qs: str, *, headers: Iterable[tuple[str, str]], body: bytes) -> Prepared | None:
+        """A request on an idle connection, ready to be sent from a callback (``Prepared.fire``); None when that
+        needs waiting (no free slot or no idle connection): use ``request`` then."""
+        if not self._slots.try_take():
+            return None
+        conn = self._take_idle()
+        if conn is None:
+            self._slots.give()
+            return None
+        return Prepared(self, conn, self._encode(method, path_qs, headers, body))
+
+    async def _exchange(
+        self, conn: _Connection, reused: bool, payload: bytes, opening: asyncio.Future[Response]
+    ) -> Response:
+        """The response to ``payload`` sent on ``conn``; sent once more on a new connection when a reused one
+        turns out to have been closed by the upstream before any byte of an answer."""
+        try:
+            return await opening
+        except UpstreamClosed:
+            if not reused or conn.received:
+                raise
+        self._drop(conn)
+        fresh, _ = await self._connect()
+        try:
+            return await fresh.send(payload)
+        except BaseException:
+            self._drop(fresh)
             raise
 
     def _drop(self, conn: _Connection) -> None:
@@ -328,7 +350,7 @@ class Pool:
             self._idle.append(conn)
         elif reusable:
             conn.close()
-        self._slots.release()
+        self._slots.give()
 
     def close(self) -> None:
         for conn in (*self._idle, *self._busy):
@@ -336,6 +358,12 @@ class Pool:
         self._idle.clear()
 
     async def _checkout(self) -> tuple[_Connection, bool]:
+        conn = self._take_idle()
+        if conn is not None:
+            return conn, True
+        return await self._connect()
+
+    def _take_idle(self) -> _Connection | None:
         stale_before = time.monotonic() - self._keepalive
         while self._idle:
             conn = self._idle.pop()
@@ -343,8 +371,8 @@ class Pool:
                 conn.close()
                 continue
             self._busy.add(conn)
-            return conn, True
-        return await self._connect()
+            return conn
+        return None
 
     async def _connect(self) -> tuple[_Connection, bool]:
         loop = asyncio.get_running_loop()
@@ -367,3 +395,91 @@ class Pool:
         lines.append(b"\r\n")
         lines.append(body)
         return b"".join(lines)
+
+
+class Prepared:
+    """A request with its connection and slot taken, to be sent without waiting: ``fire`` (from any callback),
+    then ``response`` (in the task). ``abandon`` gives back what it holds: the connection to the pool when the
+    request was never sent, else closed."""
+
+    __slots__ = ("_conn", "_opening", "_payload", "_pool", "_settled")
+
+    def __init__(self, pool: Pool, conn: _Connection, payload: bytes) -> None:
+        self._pool = pool
+        self._conn = conn
+        self._payload = payload
+        self._opening: asyncio.Future[Response] | None = None
+        self._settled = False
+
+    def fire(self) -> None:
+        if self._opening is None and not self._settled and not self._conn.closed:
+            self._opening = self._conn.send(self._payload)
+
+    async def response(self) -> Response:
+        """The response's status and headers (sent now if ``fire`` was not called)."""
+        self._settled = True
+        pool, conn = self._pool, self._conn
+        try:
+            if self._opening is None:
+                if conn.closed:  # closed while it waited: a new connection, as for a stale one
+                    pool._drop(conn)
+                    conn, _ = await pool._connect()
+                    return await conn.send(self._payload)
+                self._opening = conn.send(self._payload)
+            return await pool._exchange(conn, True, self._payload, self._opening)
+        except BaseException:
+            pool._drop(conn)
+            pool._slots.give()
+            raise
+
+    def abandon(self) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        pool, conn = self._pool, self._conn
+        if self._opening is None and not conn.closed:
+            pool._busy.discard(conn)
+            conn.idle_since = time.monotonic()
+            pool._idle.append(conn)
+        else:
+            if self._opening is not None:
+                self._opening.cancel()
+            pool._drop(conn)
+        pool._slots.give()
+
+
+class _Slots:
+    """A counting limit with a synchronous ``try_take`` (``asyncio.Semaphore`` has none): slots given back go to
+    waiters first, in order."""
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, limit: int) -> None:
+        self._free = limit
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def try_take(self) -> bool:
+        if self._free > 0:
+            self._free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        if self.try_take():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.give()  # handed a slot just as the wait was cancelled: pass it on
+            raise
+
+    def give(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1

@@ -155,14 +155,26 @@ async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stre
     expected = reserving.expected_max_tokens
     body = req.upstream_body(raw, parsed, max_tokens=expected, inject_usage=parsed.can_inject_usage)
     headers = request_headers(request.headers, metered=True)
-    reservation = await _reserve(meter, reserving, identity.key_id)
+    # on an idle connection the request goes upstream from Redis's reply callback if the grant is whole
+    prepared = meter.upstream.prepare("POST", request.path_qs, headers=headers, body=body)
+    if prepared is not None:
+        reserving.when_granted_in_full(prepared.fire)
+    try:
+        reservation = await _reserve(meter, reserving, identity.key_id)
+    except BaseException:
+        if prepared is not None:
+            prepared.abandon()
+        raise
     if reservation.max_tokens != expected:
         body = req.upstream_body(raw, parsed, max_tokens=reservation.max_tokens, inject_usage=parsed.can_inject_usage)
+        if prepared is not None:
+            prepared.abandon()  # never sent: the grant was not whole
+            prepared = None
     overhead = time.perf_counter() - started
     exchange = Exchange(identity, parsed, reservation, identity.model or parsed.model or UNKNOWN, started)
     # the bookkeeping below waits until the request is upstream: it is then done while vLLM works on the answer
     try:
-        upstream = await meter.upstream.send("POST", request.path_qs, headers=headers, body=body)
+        upstream = await meter.upstream.send("POST", request.path_qs, headers=headers, body=body, prepared=prepared)
     except MeterError as exc:
         _count_reservation(meter, reservation, overhead)
         await settle(meter.store, meter.metrics, exchange, served=None, status=exc.status)

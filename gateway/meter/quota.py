@@ -9,6 +9,8 @@ negative cost refunds); an upstream failure commits ``0 - reserved``.
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -18,6 +20,8 @@ from gateway.limits import BucketMode, BucketOp, BucketResult
 from gateway.meter.errors import TokensExhausted
 from gateway.store import Store
 from gateway.store.base import outcome_into, send_buckets
+
+log = logging.getLogger("maas.meter")
 
 
 class Outcome(StrEnum):
@@ -89,7 +93,34 @@ class Reserving:
             identity.key_id, identity.token_limit, identity.token_window_ms, cost, BucketMode.RESERVE, self._min_cost
         )
         self._waiting = asyncio.get_running_loop().create_future()
-        send_buckets(store, [[op]], outcome_into(self._waiting))
+        self._settle = outcome_into(self._waiting)
+        self._on_full_grant: Callable[[], None] | None = None
+        send_buckets(store, [[op]], self._answered)
+
+    def when_granted_in_full(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` from the store's reply callback (before ``outcome`` wakes) when the bucket grants the
+        whole reservation, so the request can go upstream without waiting for the caller's next turn."""
+        self._on_full_grant = hook
+
+    def _answered(self, results: list[list[BucketResult]] | None, error: BaseException | None) -> None:
+        hook = self._on_full_grant
+        if hook is not None and error is None and results and len(results[0]) == 1:
+            result = results[0][0]
+            if result.allowed and self._limits_of(result.debited)[0] == self.expected_max_tokens:
+                try:
+                    hook()
+                except Exception:  # the caller sends the request itself then
+                    log.exception("early upstream send failed")
+        self._settle(results, error)
+
+    def _limits_of(self, granted: int) -> tuple[int | None, bool]:
+        """``max_tokens`` for the upstream and whether it is below what was wanted, for ``granted`` tokens."""
+        if self._choices <= 0:
+            return None, False
+        per_choice = (granted - self._prompt) // self._choices
+        if not self._clamp:
+            return None, False
+        return min(per_choice, self._wanted), per_choice < self._wanted
 
     @property
     def expected_max_tokens(self) -> int | None:
@@ -112,15 +143,7 @@ class Reserving:
                 headers={**rate_headers(result), "retry-after": str(retry)},
             )
         granted = result.debited
-        max_tokens: int | None = None
-        clamped = False
-        if self._choices > 0:
-            per_choice = (granted - self._prompt) // self._choices
-            clamped = per_choice < self._wanted
-            if self._clamp:
-                max_tokens = min(per_choice, self._wanted)
-            else:
-                clamped = False
+        max_tokens, clamped = self._limits_of(granted)
         return Reservation(
             key_id=identity.key_id,
             limit=identity.token_limit,

@@ -119,15 +119,32 @@ class Upstream:
         _warn.warning("upstream %s: %s", reason, exc)
         return exc
 
-    async def send(self, method: str, path_qs: str, *, headers: CIMultiDict[str], body: bytes) -> h1.Response:
+    async def send(
+        self,
+        method: str,
+        path_qs: str,
+        *,
+        headers: CIMultiDict[str],
+        body: bytes,
+        prepared: h1.Prepared | None = None,
+    ) -> h1.Response:
         """A request whose body is in memory (the metered ones), on the lean client: wait for the response
-        headers (connect and first-byte timeouts)."""
+        headers (connect and first-byte timeouts). ``prepared`` (from ``prepare``, with the same request) is
+        used instead of a new one; it may have been sent already."""
         if self._pool is None:
             raise RuntimeError("upstream session not started")
         with self._mapped_errors():
             async with asyncio.timeout(self.first_byte_timeout):
+                if prepared is not None:
+                    return await prepared.response()
                 return await self._pool.request(method, path_qs, headers=headers.items(), body=body)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def prepare(self, method: str, path_qs: str, *, headers: CIMultiDict[str], body: bytes) -> h1.Prepared | None:
+        """The request on an idle connection, to be sent from a callback; None when none is at hand."""
+        if self._pool is None:
+            return None
+        return self._pool.prepare(method, path_qs, headers=headers.items(), body=body)
 
     async def open(
         self, method: str, path_qs: str, *, headers: CIMultiDict[str], data: AsyncIterable[bytes] | None
