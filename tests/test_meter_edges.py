@@ -267,3 +267,23 @@ async def test_passthrough_streams_request_bodies_and_answers_head(redis_url: st
     assert uploaded == {"method": "POST", "size": len(payload), "sha256": want}
     assert sized == {"method": "PUT", "size": len(payload), "sha256": want}
     assert head[0] == 200 and head[1] is not None and int(head[1]) > 0 and head[2] == b""
+
+
+async def test_a_metered_body_that_arrives_in_pieces_is_read_whole_and_reserved(redis_url: str) -> None:
+    raw = json.dumps({**BODY, "messages": [{"role": "user", "content": "word " * 600}]}).encode()
+
+    async def slowly() -> Any:
+        for at in range(0, len(raw), 700):
+            yield raw[at : at + 700]
+            await asyncio.sleep(0.02)  # the handler is already waiting for the rest
+
+    async with running_stack(redis_url) as stack:
+        headers = {**stack.headers(key_id="pieces", limit=(100_000, 60_000)), "content-type": "application/json"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(stack.meter_url + "/v1/chat/completions", data=slowly(), headers=headers) as resp,
+        ):
+            answer = await resp.json()
+        rows = await stack.store.read_usage("pieces", [ledger_day()])
+    assert resp.status == 200 and answer["usage"]["completion_tokens"] == BODY["max_tokens"]
+    assert rows[0].prompt_tokens == answer["usage"]["prompt_tokens"] >= 600  # the whole prompt reached the upstream

@@ -9,6 +9,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httptools
 import pytest
@@ -80,8 +81,8 @@ class Client:
 
 
 @contextlib.asynccontextmanager
-async def running(handler: Handler, **options: float) -> AsyncIterator[Server]:
-    server = Server(handler, **options)  # type: ignore[arg-type]
+async def running(handler: Handler, **options: Any) -> AsyncIterator[Server]:
+    server = Server(handler, **options)
     await server.start("127.0.0.1", 0)
     try:
         yield server
@@ -338,3 +339,30 @@ async def test_a_client_that_stops_sending_is_taken_as_gone() -> None:
         await client.reader.readuntil(b"data: x")
         client.writer.write_eof()
         assert await asyncio.wait_for(gone, 5)
+
+
+async def test_the_early_hook_gets_a_whole_body_and_never_one_the_handler_is_reading() -> None:
+    seen: list[tuple[str, bytes | None]] = []
+
+    def early(request: Request) -> None:
+        body = request.content.read_now()
+        seen.append((request.path, body))
+        request.early = body
+
+    async def handler(request: Request) -> Reply:
+        if isinstance(request.early, bytes):
+            return Reply(200, b"early:" + request.early)
+        body = b"".join([chunk async for chunk in request.content])
+        return Reply(200, b"read:" + body)
+
+    async with running(handler, early=early) as server, connect(server) as client:
+        await client.send(post("/whole", b"abc"))
+        assert (await client.read(1))[-1].body == b"early:abc"
+        head = post("/pieces", b"", length=6)
+        await client.send(head)
+        await asyncio.sleep(0.05)  # the handler starts and waits for the body
+        await client.send(b"def")
+        await asyncio.sleep(0.05)
+        await client.send(b"ghi")
+        assert (await client.read(2))[-1].body == b"read:defghi"
+    assert seen == [("/whole", b"abc")]

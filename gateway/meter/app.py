@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.meter.estimate import Estimator
 from gateway.meter.metrics import MeterMetrics
-from gateway.meter.proxy import Meter, MeterConfig, handle
+from gateway.meter.proxy import Meter, MeterConfig, begin_early, handle
 from gateway.meter.server import Server
 from gateway.meter.settings import MeterSettings
 from gateway.meter.upstream import Upstream
@@ -95,7 +95,7 @@ async def serving(
     """One meter's proxy port (the lean server) and ops port (aiohttp), up while the context runs; on the way out
     the proxy stops listening and gives requests in flight ``shutdown_grace`` seconds, then the upstream
     connections and the store close."""
-    proxy = Server(functools.partial(handle, meter))
+    proxy = Server(functools.partial(handle, meter), early=functools.partial(begin_early, meter))
     ops = web.AppRunner(build_ops(meter, readiness_timeout=readiness_timeout), access_log=None, handle_signals=False)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(meter.store.close)

@@ -12,6 +12,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from multidict import CIMultiDict
+
 from gateway import identity as ident
 from gateway.errors import StoreError
 from gateway.meter import h1, quota
@@ -95,11 +97,15 @@ def authenticate(request: Request, config: MeterConfig) -> ident.Identity:
         raise IdentityRejected(f"identity rejected: {exc}", code=exc.code) from exc
 
 
-async def read_body(request: Request, *, limit: int) -> bytes:
+def _check_body_headers(request: Request, *, limit: int) -> None:
     if request.content_type not in JSON_TYPES and not request.content_type.endswith("+json"):
         raise UnsupportedMediaType(f"content-type must be application/json, got {request.content_type!r}")
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit} bytes")
+
+
+async def read_body(request: Request, *, limit: int) -> bytes:
+    _check_body_headers(request, limit=limit)
     parts: list[bytes] = []
     size = 0
     while True:
@@ -139,11 +145,45 @@ async def _reserve(meter: Meter, reserving: quota.Reserving, key_id: str) -> Res
         return quota.unlimited(key_id, outcome=Outcome.STORE_ERROR)
 
 
-async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stream:
+@dataclass(slots=True)
+class Begun:
+    """A metered request checked and on its way: its reservation sent, its upstream request built (and prepared on
+    an idle connection, to go out from the reservation's reply callback)."""
+
+    started: float
+    identity: ident.Identity
+    raw: bytes
+    parsed: req.Parsed
+    reserving: quota.Reserving
+    expected: int | None
+    body: bytes
+    headers: CIMultiDict[str]
+    prepared: h1.Prepared | None
+
+
+def begin_early(meter: Meter, request: Request) -> None:
+    """The server's hook for a request whose body has arrived whole: a metered one is checked and its reservation
+    sent right here, in the protocol callback, rather than when the handler's task first runs (one loop turn later,
+    behind whatever else is ready). What it finds, or the error it meets, waits on the request for the handler."""
+    kind = req.PATHS.get(request.path) if request.method == "POST" else None
+    if kind is None:
+        return
     started = time.perf_counter()
+    try:
+        identity = authenticate(request, meter.config)
+        _check_body_headers(request, limit=meter.config.max_body_bytes)
+        raw = request.content.read_now()
+        if raw is None:
+            return
+        if len(raw) > meter.config.max_body_bytes:
+            raise BodyTooLarge(f"request body exceeds the limit of {meter.config.max_body_bytes} bytes")
+        request.early = _begin(meter, request, kind, identity, raw, started)
+    except Exception as exc:  # raised again by the handler, where every error is answered
+        request.early = exc
+
+
+def _begin(meter: Meter, request: Request, kind: Kind, identity: ident.Identity, raw: bytes, started: float) -> Begun:
     config = meter.config
-    identity = authenticate(request, config)
-    raw = await read_body(request, limit=config.max_body_bytes)
     parsed = req.parse(raw, kind=kind, estimator=config.estimator, allow_unknown=config.allow_unknown)
     if config.check_model and identity.model and parsed.model and parsed.model != identity.model:
         raise ModelMismatch(
@@ -159,6 +199,28 @@ async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stre
     prepared = meter.upstream.prepare("POST", request.path_qs, headers=headers, body=body)
     if prepared is not None:
         reserving.when_granted_in_full(prepared.fire)
+    return Begun(started, identity, raw, parsed, reserving, expected, body, headers, prepared)
+
+
+async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stream:
+    early = request.early
+    if isinstance(early, BaseException):
+        raise early
+    if isinstance(early, Begun):
+        begun = early
+    else:  # the body was not whole when the head arrived: read it here
+        started = time.perf_counter()
+        identity = authenticate(request, meter.config)  # a wrong identity is refused before the body is read
+        raw = await read_body(request, limit=meter.config.max_body_bytes)
+        begun = _begin(meter, request, kind, identity, raw, started)
+    started, identity, raw, parsed = begun.started, begun.identity, begun.raw, begun.parsed
+    reserving, expected, body, headers, prepared = (
+        begun.reserving,
+        begun.expected,
+        begun.body,
+        begun.headers,
+        begun.prepared,
+    )
     try:
         reservation = await _reserve(meter, reserving, identity.key_id)
     except BaseException:

@@ -85,6 +85,16 @@ class Body(Inbox):
     async def readany(self) -> bytes:
         return await self._take()
 
+    def read_now(self) -> bytes | None:
+        """The whole body when all of it has arrived (and nothing was read yet), else None."""
+        if not self._done or self._error is not None:
+            return None
+        data = b"".join(self._parts)
+        self._parts.clear()
+        self._size = 0
+        self._taken()
+        return data
+
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()
 
@@ -104,7 +114,19 @@ class Body(Inbox):
 class Request:
     """One request: method, target, headers (case-insensitive), the body as it arrives."""
 
-    __slots__ = ("_conn", "_stream", "content", "headers", "keep_alive", "method", "path", "path_qs", "version")
+    __slots__ = (
+        "_conn",
+        "_stream",
+        "content",
+        "early",
+        "handling",
+        "headers",
+        "keep_alive",
+        "method",
+        "path",
+        "path_qs",
+        "version",
+    )
 
     def __init__(
         self,
@@ -126,6 +148,9 @@ class Request:
         self.version = version
         self.keep_alive = keep_alive
         self.content = Body(conn, expect_continue=expect_continue)
+        self.early: object = None
+        """What the server's ``early`` hook left for the handler (opaque to the server)."""
+        self.handling = False
 
     @property
     def content_type(self) -> str:
@@ -393,9 +418,17 @@ class _Connection(asyncio.Protocol):
             self._transport.pause_reading()
 
     def on_message_complete(self) -> None:
-        if self._current is not None:
-            self._current.content._finish()
-            self._current = None
+        current = self._current
+        if current is None:
+            return
+        current.content._finish()
+        self._current = None
+        early = self._server.early
+        if early is not None and not current.handling:  # else the handler may be reading the body already
+            try:
+                early(current)
+            except Exception:  # the hook's work is only an early start: the handler still answers
+                log.exception("early hook failed for %s %s", current.method, current.path)
 
     # --- for requests and responses ---------------------------------------------------------------------------
 
@@ -470,6 +503,7 @@ class _Connection(asyncio.Protocol):
             self._task = None
 
     async def _answer(self, request: Request) -> None:
+        request.handling = True
         try:
             result: Reply | Stream | None = await self._server.handler(request)
         except ConnectionResetError:  # the client left while its request was read or answered
@@ -507,10 +541,14 @@ class Server:
         self,
         handler: Handler,
         *,
+        early: Callable[[Request], None] | None = None,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         max_header_bytes: int = MAX_HEADER_BYTES,
     ) -> None:
         self.handler = handler
+        self.early = early
+        """Called in the protocol callback as soon as a request's body has arrived whole (before the handler's
+        task may have run): work that should not wait a loop turn."""
         self.keepalive_timeout = keepalive_timeout
         self.max_header_bytes = max_header_bytes
         self.connections: set[_Connection] = set()
