@@ -201,3 +201,23 @@ async def test_an_upstream_error_refunds_the_whole_reservation(redis_url: str) -
         assert not await bucket.exists(bucket_key("unlucky", "tokens"))  # refunded to full: nothing stored
         await bucket.aclose()
     assert rows == []
+
+
+async def test_a_client_that_leaves_right_after_sending_gets_its_reservation_settled(redis_url: str) -> None:
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "stream": true}' % MODEL.encode()
+    async with running_stack(redis_url) as stack:
+        headers = {**stack.headers(key_id="gone", limit=(100_000, 86_400_000)), "content-type": "application/json"}
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        request = f"POST /v1/chat/completions HTTP/1.1\r\nhost: m\r\ncontent-length: {len(body)}\r\n{head}\r\n"
+        for _ in range(3):  # the first opens the meter's upstream connection, the others can use it early
+            _, writer = await asyncio.open_connection("127.0.0.1", int(stack.meter_url.rsplit(":", 1)[1]))
+            writer.write(request.encode() + body)
+            writer.close()  # gone before any answer: the checks and the reservation may already be under way
+            await asyncio.sleep(0.3)
+        metrics = await wait_until_settled(stack)
+        bucket = aioredis.Redis.from_url(redis_url)
+        state = await bucket.get(bucket_key("gone", "tokens"))
+        await bucket.aclose()
+    reserved = metrics.get(("maas_meter_reservations_total", (("outcome", "granted"),)), 0.0)
+    level = float(state.split()[0]) if state else 100_000.0
+    assert reserved >= 1 and level >= 100_000 - 1  # every reservation made was refunded: nothing was served

@@ -424,7 +424,9 @@ class _Connection(asyncio.Protocol):
         current.content._finish()
         self._current = None
         early = self._server.early
-        if early is not None and not current.handling:  # else the handler may be reading the body already
+        # only for the request about to be handled: not one the handler may be reading already, nor one queued
+        # behind others (a connection that closes first would leave its early work unsettled)
+        if early is not None and not current.handling and self._queue and self._queue[0] is current:
             try:
                 early(current)
             except Exception:  # the hook's work is only an early start: the handler still answers
@@ -487,8 +489,13 @@ class _Connection(asyncio.Protocol):
 
     async def _serve(self) -> None:
         try:
-            while self._queue and not self.closed:
+            while self._queue:
                 request = self._queue[0]
+                if self.closed and request.early is None:
+                    self._queue.popleft()  # the client left before anything was started for it
+                    continue
+                # work the early hook started (a reservation, say) is finished by the handler even if the client
+                # has left: that is where it is settled
                 await self._answer(request)
                 self._queue.popleft()
                 if not request.keep_alive:
