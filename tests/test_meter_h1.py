@@ -103,6 +103,15 @@ async def read_all(response: h1.Response) -> bytes:
     return b"".join(parts)
 
 
+async def served(pool: h1.Pool, path: str, body: bytes) -> bytes:
+    """One request on ``pool``, its body read whole, its connection released."""
+    response = await pool.request("POST", path, headers=[], body=body)
+    try:
+        return await read_all(response)
+    finally:
+        response.release()
+
+
 async def test_request_is_one_write_with_host_and_length_and_connections_are_reused() -> None:
     seen: list[bytes] = []
     async with upstream(keep_alive(seen)) as up:
@@ -283,9 +292,7 @@ async def test_a_prepared_request_uses_an_idle_connection_and_holds_its_slot() -
     async with upstream(keep_alive(seen)) as up:
         pool = h1.Pool(up.url, limit=1, connect_timeout=1)
         assert pool.prepare("POST", "/a", headers=[], body=b"0") is None  # no idle connection yet
-        first = await pool.request("POST", "/a", headers=[], body=b"1")
-        assert await read_all(first) == b'{"ok":true}'
-        first.release()
+        assert await served(pool, "/a", b"1") == b'{"ok":true}'
 
         prepared = pool.prepare("POST", "/b", headers=[], body=b"22")
         assert prepared is not None
@@ -310,9 +317,7 @@ async def test_an_abandoned_prepared_request_gives_its_connection_back_unsent() 
     seen: list[bytes] = []
     async with upstream(keep_alive(seen)) as up:
         pool = h1.Pool(up.url, limit=1, connect_timeout=1)
-        first = await pool.request("POST", "/a", headers=[], body=b"1")
-        await read_all(first)
-        first.release()
+        await served(pool, "/a", b"1")
         prepared = pool.prepare("POST", "/b", headers=[], body=b"2")
         assert prepared is not None
         prepared.abandon()
@@ -330,9 +335,7 @@ async def test_a_prepared_request_whose_idle_connection_was_closed_goes_on_a_new
     seen: list[bytes] = []
     async with upstream(answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", seen)) as up:
         pool = h1.Pool(up.url, limit=2, connect_timeout=1)
-        first = await pool.request("POST", "/a", headers=[], body=b"1")
-        assert await read_all(first) == b"ok"
-        first.release()
+        assert await served(pool, "/a", b"1") == b"ok"
         prepared = pool.prepare("POST", "/b", headers=[], body=b"2")
         assert prepared is not None
         await asyncio.sleep(0.05)  # the upstream closes the idle connection meanwhile

@@ -82,6 +82,10 @@ class Inbox:
                 self._waiter = None
                 if timer is not None:
                     timer.cancel()
+        return self._take_waiting()
+
+    def _take_waiting(self) -> bytes:
+        """Everything that waits, now (``b""`` if nothing)."""
         data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         self._parts.clear()
         self._size = 0
@@ -320,15 +324,17 @@ class Pool:
         return Prepared(self, conn, self._encode(method, path_qs, headers, body))
 
     async def _exchange(
-        self, conn: _Connection, reused: bool, payload: bytes, opening: asyncio.Future[Response]
+        self, conn: _Connection, reused: bool, payload: bytes, opening: asyncio.Future[Response] | None
     ) -> Response:
-        """The response to ``payload`` sent on ``conn``; sent once more on a new connection when a reused one
-        turns out to have been closed by the upstream before any byte of an answer."""
-        try:
-            return await opening
-        except UpstreamClosed:
-            if not reused or conn.received:
-                raise
+        """The response to ``payload`` sent on ``conn`` (``opening``); sent once more on a new connection when a
+        reused one turns out to have been closed by the upstream before any byte of an answer, or was closed
+        before it could be sent (``opening`` None)."""
+        if opening is not None:
+            try:
+                return await opening
+            except UpstreamClosed:
+                if not reused or conn.received:
+                    raise
         self._drop(conn)
         fresh, _ = await self._connect()
         try:
@@ -420,11 +426,7 @@ class Prepared:
         self._settled = True
         pool, conn = self._pool, self._conn
         try:
-            if self._opening is None:
-                if conn.closed:  # closed while it waited: a new connection, as for a stale one
-                    pool._drop(conn)
-                    conn, _ = await pool._connect()
-                    return await conn.send(self._payload)
+            if self._opening is None and not conn.closed:
                 self._opening = conn.send(self._payload)
             return await pool._exchange(conn, True, self._payload, self._opening)
         except BaseException:

@@ -74,8 +74,12 @@ def _error(exc: MeterError) -> Reply:
     return Reply(exc.status, exc.body(), headers=exc.headers, content_type=JSON)
 
 
+def _metered_kind(request: Request) -> Kind | None:
+    return req.PATHS.get(request.path) if request.method == "POST" else None
+
+
 async def handle(meter: Meter, request: Request) -> Reply | Stream:
-    kind = req.PATHS.get(request.path) if request.method == "POST" else None
+    kind = _metered_kind(request)
     if kind is None:
         return await passthrough(request, meter)
     meter.metrics.in_flight.inc()
@@ -114,8 +118,12 @@ async def read_body(request: Request, *, limit: int) -> bytes:
             return b"".join(parts)
         size += len(data)
         if size > limit:
-            raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+            raise _too_large(limit)
         parts.append(data)
+
+
+def _too_large(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
 
 
 def _begin_reserve(meter: Meter, identity: ident.Identity, parsed: req.Parsed) -> quota.Reserving:
@@ -165,7 +173,7 @@ def begin_early(meter: Meter, request: Request) -> None:
     """The server's hook for a request whose body has arrived whole: a metered one is checked and its reservation
     sent right here, in the protocol callback, rather than when the handler's task first runs (one loop turn later,
     behind whatever else is ready). What it finds, or the error it meets, waits on the request for the handler."""
-    kind = req.PATHS.get(request.path) if request.method == "POST" else None
+    kind = _metered_kind(request)
     if kind is None:
         return
     started = time.perf_counter()
@@ -176,7 +184,7 @@ def begin_early(meter: Meter, request: Request) -> None:
         if raw is None:
             return
         if len(raw) > meter.config.max_body_bytes:
-            raise BodyTooLarge(f"request body exceeds the limit of {meter.config.max_body_bytes} bytes")
+            raise _too_large(meter.config.max_body_bytes)
         request.early = _begin(meter, request, kind, identity, raw, started)
     except Exception as exc:  # raised again by the handler, where every error is answered
         request.early = exc
@@ -213,30 +221,27 @@ async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stre
         identity = authenticate(request, meter.config)  # a wrong identity is refused before the body is read
         raw = await read_body(request, limit=meter.config.max_body_bytes)
         begun = _begin(meter, request, kind, identity, raw, started)
-    started, identity, raw, parsed = begun.started, begun.identity, begun.raw, begun.parsed
-    reserving, expected, body, headers, prepared = (
-        begun.reserving,
-        begun.expected,
-        begun.body,
-        begun.headers,
-        begun.prepared,
-    )
+    identity, parsed, body, prepared = begun.identity, begun.parsed, begun.body, begun.prepared
     try:
-        reservation = await _reserve(meter, reserving, identity.key_id)
+        reservation = await _reserve(meter, begun.reserving, identity.key_id)
     except BaseException:
         if prepared is not None:
             prepared.abandon()
         raise
-    if reservation.max_tokens != expected:
-        body = req.upstream_body(raw, parsed, max_tokens=reservation.max_tokens, inject_usage=parsed.can_inject_usage)
+    if reservation.max_tokens != begun.expected:
+        body = req.upstream_body(
+            begun.raw, parsed, max_tokens=reservation.max_tokens, inject_usage=parsed.can_inject_usage
+        )
         if prepared is not None:
             prepared.abandon()  # never sent: the grant was not whole
             prepared = None
-    overhead = time.perf_counter() - started
-    exchange = Exchange(identity, parsed, reservation, identity.model or parsed.model or UNKNOWN, started)
+    overhead = time.perf_counter() - begun.started
+    exchange = Exchange(identity, parsed, reservation, identity.model or parsed.model or UNKNOWN, begun.started)
     # the bookkeeping below waits until the request is upstream: it is then done while vLLM works on the answer
     try:
-        upstream = await meter.upstream.send("POST", request.path_qs, headers=headers, body=body, prepared=prepared)
+        upstream = await meter.upstream.send(
+            "POST", request.path_qs, headers=begun.headers, body=body, prepared=prepared
+        )
     except MeterError as exc:
         _count_reservation(meter, reservation, overhead)
         await settle(meter.store, meter.metrics, exchange, served=None, status=exc.status)

@@ -85,6 +85,7 @@ class Reserving:
         self._wanted = wanted
         self._clamp = clamp
         self._waiting: asyncio.Future[list[list[BucketResult]]] | None = None
+        self._on_full_grant: Callable[[], None] | None = None
         self._min_cost = 0
         if identity.token_limit is None or identity.token_window_ms is None:
             return
@@ -94,7 +95,6 @@ class Reserving:
         )
         self._waiting = asyncio.get_running_loop().create_future()
         self._settle = outcome_into(self._waiting)
-        self._on_full_grant: Callable[[], None] | None = None
         send_buckets(store, [[op]], self._answered)
 
     def when_granted_in_full(self, hook: Callable[[], None]) -> None:

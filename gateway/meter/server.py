@@ -89,11 +89,7 @@ class Body(Inbox):
         """The whole body when all of it has arrived (and nothing was read yet), else None."""
         if not self._done or self._error is not None:
             return None
-        data = b"".join(self._parts)
-        self._parts.clear()
-        self._size = 0
-        self._taken()
-        return data
+        return self._take_waiting()
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()
