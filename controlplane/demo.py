@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from controlplane import envoy
+from controlplane.ports import free_port
 
 SAMPLE_FILES = (
     "models/servingruntime.yaml",
@@ -64,13 +65,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _child_env() -> dict[str, str]:
     """The demo configures its children with flags only: MAAS_* variables meant for a real deployment (a pepper,
     a Redis URL) must not leak into it."""
@@ -98,9 +92,9 @@ class Child:
 @dataclass
 class Model:
     name: str
-    sim_port: int = field(default_factory=_free_port)
-    meter_port: int = field(default_factory=_free_port)
-    meter_ops: int = field(default_factory=_free_port)
+    sim_port: int = field(default_factory=free_port)
+    meter_port: int = field(default_factory=free_port)
+    meter_ops: int = field(default_factory=free_port)
 
 
 class Demo:
@@ -194,7 +188,7 @@ class Demo:
             return False
         if binary is None:
             raise SystemExit("maas demo: --store redis, but redis-server was not found (apt-get install redis-server)")
-        port = _free_port()
+        port = free_port()
         data = self.tmp / "redis"
         data.mkdir()
         self.spawn(
@@ -224,12 +218,12 @@ class Demo:
             d["metadata"]["name"]: Model(d["metadata"]["name"]) for d in docs if d.get("kind") == "InferenceService"
         }
         self.write_manifests(docs, models)
-        cp_ops, authz_port, authz_ops = _free_port(), _free_port(), _free_port()
+        cp_ops, authz_port, authz_ops = free_port(), free_port(), free_port()
         if self.start_redis():
             self.start_processes(models, cp_ops=cp_ops, authz_port=authz_port, authz_ops=authz_ops)
         else:
             self.start_single_process(models, cp_ops=cp_ops, authz_port=authz_port, authz_ops=authz_ops)
-        admin_port = _free_port()
+        admin_port = free_port()
         gateway = envoy_gateway(
             docs,
             models,

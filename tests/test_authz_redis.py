@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import time
 from asyncio.subprocess import PIPE, STDOUT
 from pathlib import Path
@@ -18,7 +17,7 @@ from gateway.contract import Limit, Limits, RecordKind
 from gateway.store.redis import RedisStore
 from tests.conftest import PEPPER
 from tests.support import platform
-from tests.support.procs import redis_server
+from tests.support.procs import free_port, redis_server
 from tests.support.stack import Authz, authz_process
 
 pytestmark = pytest.mark.redis
@@ -76,13 +75,6 @@ async def test_revoked_key_is_denied_within_a_second(redis_url: str, log_dir: Pa
     await store.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.mark.parametrize(
     ("policy", "during"),
     [
@@ -92,7 +84,7 @@ def _free_port() -> int:
     ],
 )
 async def test_redis_outage_follows_policy_and_recovers(policy: str, during: set[int], log_dir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     with redis_server(port=port) as server:
         store = await _seed(server.url)
         await store.close()

@@ -92,20 +92,32 @@ def envoy_process(
     path_prefix: str = "",
     authz_timeout_s: float = 1.0,
 ) -> Iterator[Envoy]:
-    port, admin_port = free_port(), free_port()
-    gw = envoy.Gateway(
-        listen_port=port,
-        admin_port=admin_port,
-        authz=envoy.Cluster("maas-authz", authz_port) if authz_port is not None else None,
-        routes=routes,
-        clusters=clusters,
-        path_prefix=path_prefix,
-        authz_timeout_s=authz_timeout_s,
-    )
-    config = envoy.write_config(gw, log_dir / f"envoy-{port}.json")
-    proc = start(f"envoy-{port}", envoy.command(config), log_dir=log_dir)
+    for attempt in range(3):
+        port, admin_port = free_port(), free_port()
+        gw = envoy.Gateway(
+            listen_port=port,
+            admin_port=admin_port,
+            authz=envoy.Cluster("maas-authz", authz_port) if authz_port is not None else None,
+            routes=routes,
+            clusters=clusters,
+            path_prefix=path_prefix,
+            authz_timeout_s=authz_timeout_s,
+        )
+        config = envoy.write_config(gw, log_dir / f"envoy-{port}.json")
+        proc = start(f"envoy-{port}", envoy.command(config), log_dir=log_dir)
+        try:
+            wait_http(f"http://127.0.0.1:{admin_port}/ready", proc=proc.popen)
+        except RuntimeError as exc:  # exited early: a port taken by another process is retried on new ports
+            proc.stop()
+            tail = proc.log()[-2000:]
+            if attempt == 2 or "already in use" not in tail:
+                raise RuntimeError(f"{exc}; Envoy's log ends with:\n{tail}") from exc
+            continue
+        except BaseException:
+            proc.stop()
+            raise
+        break
     try:
-        wait_http(f"http://127.0.0.1:{admin_port}/ready", proc=proc.popen)
         yield Envoy(proc=proc, port=port, admin_port=admin_port)
     finally:
         proc.stop()

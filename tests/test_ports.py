@@ -1,0 +1,18 @@
+import socket
+
+from controlplane import ports
+
+
+def test_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:
+    picked = [ports.free_port() for _ in range(200)]
+    assert len(set(picked)) == len(picked)
+    floor = ports._ephemeral_floor()
+    assert all(20000 <= p < max(floor, 21000) for p in picked)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", picked[-1]))
+
+
+def test_a_port_in_use_is_skipped() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        assert not ports._bindable(busy.getsockname()[1])
