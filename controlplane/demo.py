@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from controlplane import envoy
-from controlplane.ports import free_port
+from controlplane.ports import free_port, reserve
 
 SAMPLE_FILES = (
     "models/servingruntime.yaml",
@@ -100,6 +100,7 @@ class Model:
 class Demo:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        reserve(args.port, args.admin_port)  # the children's ports are picked around the two the user chose
         self.deploy = (args.deploy_dir or _default_deploy_dir()).resolve()
         self.tmp = Path(tempfile.mkdtemp(prefix="maas-demo-"))
         self.manifests = self.tmp / "manifests"

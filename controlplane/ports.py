@@ -2,12 +2,12 @@
 
 A port is picked below the kernel's ephemeral range: one taken from that range (bind to port 0, then close)
 can be given to an outgoing connection's source address before the child binds it, and the child then exits
-with "address already in use". One process never hands the same port out twice.
+with "address already in use". One process never hands the same port out twice, nor one it was told is taken
+(``reserve``: ports given on the command line for a child that binds them later).
 """
 
 from __future__ import annotations
 
-import os
 import random
 import socket
 from pathlib import Path
@@ -24,7 +24,7 @@ def _ephemeral_floor() -> int:
 
 _CEILING = max(_FLOOR + 1000, _ephemeral_floor())
 _handed_out: set[int] = set()
-_rng = random.Random(os.getpid())
+_rng = random.Random()
 
 
 def _bindable(port: int) -> bool:
@@ -35,6 +35,11 @@ def _bindable(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def reserve(*ports: int) -> None:
+    """Never hand these out (they are meant for a process that has not bound them yet)."""
+    _handed_out.update(ports)
 
 
 def free_port() -> int:
