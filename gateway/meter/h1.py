@@ -19,14 +19,17 @@ subclasses (or ``OSError`` from connecting) for the caller to map; a response th
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 import httptools
 from multidict import CIMultiDict
+
+log = logging.getLogger("maas.meter.h1")
 
 HIGH_WATER = 256 * 1024
 MAX_HEADER_BYTES = 64 * 1024
@@ -52,9 +55,10 @@ class Inbox:
     """Bytes a protocol receives for one reader: the connection feeds them in (``_feed``, ``_finish``), the reader
     takes what has arrived so far (``_take``). ``_feed`` says when more than ``HIGH_WATER`` bytes wait, so the
     connection can stop reading; ``_taken`` is the hook that lets it read again. Shared by the upstream client's
-    responses and the proxy server's request bodies."""
+    responses and the proxy server's request bodies. A ``listen``-er is called from the protocol's callback
+    each time something arrives or the end comes, and takes what waits with ``take_now`` (no task wakes up)."""
 
-    __slots__ = ("_done", "_error", "_parts", "_size", "_waiter")
+    __slots__ = ("_done", "_error", "_listener", "_parts", "_size", "_waiter")
 
     def __init__(self) -> None:
         self._parts: deque[bytes] = deque()
@@ -62,6 +66,20 @@ class Inbox:
         self._waiter: asyncio.Future[None] | None = None
         self._done = False
         self._error: Exception | None = None
+        self._listener: Callable[[], None] | None = None
+
+    def listen(self, listener: Callable[[], None] | None) -> None:
+        """Call ``listener`` in the protocol's callback when bytes or the end arrive (None: stop)."""
+        self._listener = listener
+
+    def take_now(self) -> bytes:
+        """What waits, without waiting: ``b""`` when nothing does (see ``ended`` for the end)."""
+        return self._take_waiting() if self._parts else b""
+
+    @property
+    def ended(self) -> bool:
+        """Everything was taken and no more will come (the end, or a failure ``_take`` raises)."""
+        return not self._parts and (self._done or self._error is not None)
 
     async def _take(self, idle: float | None = None) -> bytes:
         """What arrived since the last call (waiting for something, at most ``idle`` seconds, else
@@ -102,6 +120,8 @@ class Inbox:
     def _feed(self, data: bytes) -> bool:
         self._parts.append(data)
         self._size += len(data)
+        if self._listener is not None:
+            self._listener()
         self._wake()
         return self._size > HIGH_WATER
 
@@ -112,6 +132,8 @@ class Inbox:
             self._done = True
         else:
             self._error = error
+        if self._listener is not None:
+            self._listener()
         self._wake()
 
     def _wake(self) -> None:
@@ -168,6 +190,7 @@ class _Connection(asyncio.Protocol):
         self._header_bytes = 0
         self._name = b""
         self._opening: asyncio.Future[Response] | None = None
+        self._on_head: Callable[[Response], None] | None = None
         self._response: Response | None = None
         self._complete = False
         self._keep_alive = False
@@ -221,8 +244,14 @@ class _Connection(asyncio.Protocol):
         if opening is None or opening.done():
             raise UpstreamClosed("upstream sent a response nobody asked for")
         self._opening = None
-        self._response = Response(self, status, headers)
-        opening.set_result(self._response)
+        response = self._response = Response(self, status, headers)
+        hook, self._on_head = self._on_head, None
+        if hook is not None:
+            try:
+                hook(response)
+            except Exception:  # the caller handles the response from its task then
+                log.exception("response head hook failed")
+        opening.set_result(response)
 
     def on_body(self, body: bytes) -> None:
         if self._response is not None and self._response._feed(body) and not self._paused and self._transport:
@@ -237,9 +266,10 @@ class _Connection(asyncio.Protocol):
         self._response._finish()
 
     # used by Pool and Response
-    def send(self, payload: bytes) -> asyncio.Future[Response]:
+    def send(self, payload: bytes, on_head: Callable[[Response], None] | None = None) -> asyncio.Future[Response]:
         assert self._transport is not None
         self._opening = asyncio.get_running_loop().create_future()
+        self._on_head = on_head
         self._response = None
         self._complete = self._keep_alive = False
         self.received = False
@@ -417,9 +447,11 @@ class Prepared:
         self._opening: asyncio.Future[Response] | None = None
         self._settled = False
 
-    def fire(self) -> None:
+    def fire(self, on_head: Callable[[Response], None] | None = None) -> None:
+        """Send the request now; ``on_head`` is called with the response from the callback that reads its head
+        (before ``response`` wakes)."""
         if self._opening is None and not self._settled and not self._conn.closed:
-            self._opening = self._conn.send(self._payload)
+            self._opening = self._conn.send(self._payload, on_head)
 
     async def response(self) -> Response:
         """The response's status and headers (sent now if ``fire`` was not called)."""

@@ -8,6 +8,7 @@ in the ledger.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,9 +33,9 @@ from gateway.meter.errors import (
     normalise_upstream_error,
 )
 from gateway.meter.estimate import Estimator, Kind
-from gateway.meter.metrics import UNKNOWN, MeterMetrics
+from gateway.meter.metrics import OPERATIONS, UNKNOWN, MeterMetrics
 from gateway.meter.quota import Outcome, Reservation
-from gateway.meter.server import JSON, Reply, Request, Stream
+from gateway.meter.server import JSON, ClientGone, Reply, Request, Stream
 from gateway.meter.sse import Splitter, SseError, StreamMeter, Usage, response_usage
 from gateway.meter.upstream import Upstream, request_headers, response_headers
 from gateway.store import Store
@@ -167,6 +168,12 @@ class Begun:
     body: bytes
     headers: CIMultiDict[str]
     prepared: h1.Prepared | None
+    relay: Relay | None = None
+    """Set when the streamed answer started from the upstream connection's callback."""
+
+    @property
+    def model(self) -> str:
+        return self.identity.model or self.parsed.model or UNKNOWN
 
 
 def begin_early(meter: Meter, request: Request) -> None:
@@ -205,9 +212,32 @@ def _begin(meter: Meter, request: Request, kind: Kind, identity: ident.Identity,
     headers = request_headers(request.headers, metered=True)
     # on an idle connection the request goes upstream from Redis's reply callback if the grant is whole
     prepared = meter.upstream.prepare("POST", request.path_qs, headers=headers, body=body)
+    begun = Begun(started, identity, raw, parsed, reserving, expected, body, headers, prepared)
     if prepared is not None:
-        reserving.when_granted_in_full(prepared.fire)
-    return Begun(started, identity, raw, parsed, reserving, expected, body, headers, prepared)
+        reserving.when_granted_in_full(
+            lambda: prepared.fire(lambda upstream: _relay_early(meter, request, begun, upstream))
+        )
+    return begun
+
+
+def _streams(parsed: req.Parsed, upstream: h1.Response) -> bool:
+    return parsed.stream and upstream.status < 400 and upstream.content_type == "text/event-stream"
+
+
+def _relay_early(meter: Meter, request: Request, begun: Begun, upstream: h1.Response) -> None:
+    """The head hook of a request sent from the reservation's callback: a streamed answer starts right here (the
+    first token goes to the client as it arrives, not when the handler's task next runs)."""
+    if not _streams(begun.parsed, upstream):
+        return
+    reservation = begun.reserving.granted_in_full()
+    headers = response_headers(upstream.headers)
+    headers.update(_quota_headers(reservation, begun.parsed))
+    try:
+        response = request.stream(upstream.status, headers)
+    except ConnectionResetError:
+        return  # the task finds the client gone
+    begun.relay = relay = Relay(meter, begun.parsed, begun.model, begun.started, response, upstream)
+    relay.start()
 
 
 async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stream:
@@ -236,23 +266,27 @@ async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stre
             prepared.abandon()  # never sent: the grant was not whole
             prepared = None
     overhead = time.perf_counter() - begun.started
-    exchange = Exchange(identity, parsed, reservation, identity.model or parsed.model or UNKNOWN, begun.started)
+    exchange = Exchange(identity, parsed, reservation, begun.model, begun.started)
     # the bookkeeping below waits until the request is upstream: it is then done while vLLM works on the answer
     try:
         upstream = await meter.upstream.send(
             "POST", request.path_qs, headers=begun.headers, body=body, prepared=prepared
         )
     except MeterError as exc:
+        if begun.relay is not None:  # a response whose head came, but too late
+            begun.relay.stop()
+            begun.relay.upstream.close()
         _count_reservation(meter, reservation, overhead)
         await settle(meter.store, meter.metrics, exchange, served=None, status=exc.status)
         raise
     _count_reservation(meter, reservation, overhead)
     extra = _quota_headers(reservation, parsed)
     try:
+        relay = begun.relay if begun.relay is not None and begun.relay.upstream is upstream else None
+        if relay is not None or _streams(parsed, upstream):
+            return await _stream(request, meter, exchange, upstream, extra, relay)
         if upstream.status >= 400:
             return await _upstream_error(request, meter, exchange, upstream, extra)
-        if parsed.stream and upstream.content_type == "text/event-stream":
-            return await _stream(request, meter, exchange, upstream, extra)
         return await _whole(request, meter, exchange, upstream, extra)
     finally:
         upstream.release()
@@ -305,53 +339,174 @@ async def _whole(
     return Reply(upstream.status, raw, headers=headers)
 
 
+class Relay:
+    """A streamed answer on its way to the client: the upstream's events re-framed and counted (``StreamMeter``),
+    the usage of what the client has been sent, the time to the first token. Events are relayed from the upstream
+    connection's callback as they arrive (``pump``: no task wakes up per token); for a request sent from the
+    reservation's callback that starts with the response head, before the handler's task runs again. The relay
+    hands over to the task (``stop``) at the last event (``[DONE]`` waits for the settlement), at the end of the
+    body or a failure, when the client's buffer is full and when the client is gone."""
+
+    __slots__ = (
+        "failure",
+        "first",
+        "gone",
+        "held",
+        "last",
+        "listening",
+        "response",
+        "sent",
+        "splitter",
+        "started",
+        "tracker",
+        "ttft",
+        "upstream",
+        "waiter",
+    )
+
+    def __init__(
+        self, meter: Meter, parsed: req.Parsed, model: str, started: float, response: Stream, upstream: h1.Response
+    ) -> None:
+        self.response = response
+        self.upstream = upstream
+        self.tracker = StreamMeter(
+            want_usage=parsed.want_usage, want_continuous=parsed.want_continuous, null_usage=parsed.kind == "completion"
+        )
+        self.splitter = Splitter(max_event_bytes=meter.config.max_event_bytes)
+        self.ttft = meter.metrics.models.get((model, OPERATIONS[parsed.kind])).ttft
+        self.started = started
+        self.first = True
+        self.sent = Usage()  # the usage of what the client has been sent
+        self.held = b""  # the last events, [DONE] among them, held for the task
+        self.gone = False
+        self.failure: Exception | None = None
+        self.listening = False
+        self.last = 0.0  # when the upstream last sent something (monotonic)
+        self.waiter: asyncio.Future[None] | None = None
+
+    def events(self, data: bytes) -> bytes:
+        """The client's bytes for what arrived (``b""`` until an event is whole)."""
+        return b"".join(self.tracker.event(event) for event in self.splitter.feed(data))
+
+    def sending(self) -> float:
+        """Called just before a write of events: the time to first token, at the first."""
+        return time.perf_counter() - self.started if self.first else 0.0
+
+    def wrote(self, ttft: float) -> None:
+        if self.first:  # observed once the first token is on its way to the client
+            self.first = False
+            self.ttft.observe(ttft)
+        self.sent = self.tracker.usage()
+
+    def start(self) -> None:
+        """Relay from the upstream's callback from now on, starting with what already waits."""
+        self.listening = True
+        self.last = time.monotonic()
+        self.upstream.listen(self.pump)
+        self.pump()
+
+    def pump(self) -> None:
+        """The upstream's listener: relay what arrived at once."""
+        upstream = self.upstream
+        try:
+            data = upstream.take_now()
+            if not data:
+                if upstream.ended:  # the end, or a failure: the task meets it
+                    self.stop()
+                return
+            self.last = time.monotonic()
+            out = self.events(data)
+            if self.tracker.done:
+                self.held = out
+                self.stop()
+            elif out:
+                ttft = self.sending()
+                full = self.response.send_now(out)
+                self.wrote(ttft)
+                if full:
+                    self.stop()
+        except ConnectionResetError:
+            self.gone = True
+            self.stop()
+        except Exception as exc:  # raised again in the task
+            self.failure = exc
+            self.stop()
+
+    def stop(self) -> None:
+        if self.listening:
+            self.listening = False
+            self.upstream.listen(None)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def stopped(self, upstream: Upstream) -> None:
+        """Wait while the relay runs from the callback; ``went_silent`` when the upstream sends nothing for longer
+        than its idle timeout."""
+        waiter = self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            while self.listening:
+                remaining = self.last + upstream.idle_timeout - time.monotonic()
+                if remaining <= 0:
+                    raise upstream.went_silent()
+                await asyncio.wait((waiter,), timeout=remaining)
+        finally:
+            self.stop()
+
+
 async def _stream(
-    request: Request, meter: Meter, exchange: Exchange, upstream: h1.Response, extra: dict[str, str]
+    request: Request,
+    meter: Meter,
+    exchange: Exchange,
+    upstream: h1.Response,
+    extra: dict[str, str],
+    relay: Relay | None,
 ) -> Reply | Stream:
-    parsed = exchange.parsed
-    headers = response_headers(upstream.headers)
-    headers.update(extra)
+    if relay is None:
+        headers = response_headers(upstream.headers)
+        headers.update(extra)
+        try:
+            response = request.stream(upstream.status, headers)
+        except ConnectionResetError:
+            upstream.close()
+            meter.metrics.disconnects.inc()
+            await settle(meter.store, meter.metrics, exchange, served=None, status=499)
+            return Reply(499)
+        relay = Relay(meter, exchange.parsed, exchange.model, exchange.started, response, upstream)
+        relay.start()
+    response, tracker = relay.response, relay.tracker
+    failure: MeterError | None = None
     try:
-        response = request.stream(upstream.status, headers)
+        await relay.stopped(meter.upstream)
+        if relay.gone:
+            raise ClientGone("client closed the connection")
+        if relay.failure is not None:
+            raise relay.failure
+        out = relay.held
+        if not tracker.done:  # the client's buffer was full, or the body ended or failed: the task goes on
+            await response.drained()
+            async for data in meter.upstream.chunks(upstream):
+                out = relay.events(data)
+                if tracker.done:
+                    break
+                if out:
+                    ttft = relay.sending()
+                    await response.write(out)
+                    relay.wrote(ttft)
+        if tracker.done:
+            # settle before the client sees [DONE]: a client that has its whole answer is already accounted
+            await settle(meter.store, meter.metrics, exchange, served=tracker.usage(), status=upstream.status)
+            tail = _last_event(out)
+            ttft = relay.sending()
+            await response.write(out[: len(out) - len(tail)])
+            await response.write(tail)
+            if relay.first:
+                relay.wrote(ttft)
     except ConnectionResetError:
         upstream.close()
         meter.metrics.disconnects.inc()
-        await settle(meter.store, meter.metrics, exchange, served=None, status=499)
-        return Reply(499)
-    tracker = StreamMeter(
-        want_usage=parsed.want_usage, want_continuous=parsed.want_continuous, null_usage=parsed.kind == "completion"
-    )
-    splitter = Splitter(max_event_bytes=meter.config.max_event_bytes)
-    first = True
-    failure: MeterError | None = None
-    sent = Usage()  # the usage of what the client has been sent
-    try:
-        async for data in meter.upstream.chunks(upstream):
-            out = b"".join(tracker.event(event) for event in splitter.feed(data))
-            if not out:
-                continue
-            tail = b""
-            if tracker.done:
-                # settle before the client sees [DONE]: a client that has its whole answer is already accounted
-                await settle(meter.store, meter.metrics, exchange, served=tracker.usage(), status=upstream.status)
-                out, tail = out[: -len(_last_event(out))], _last_event(out)
-            ttft = time.perf_counter() - exchange.started if first else 0.0
-            try:
-                await response.write(out)
-                if tail:
-                    await response.write(tail)
-            except ConnectionResetError:
-                upstream.close()
-                meter.metrics.disconnects.inc()
-                if not tracker.done:
-                    await settle(meter.store, meter.metrics, exchange, served=sent, status=499)
-                return response
-            if first:  # observed once the first token is on its way to the client
-                first = False
-                meter.metrics.models.get((exchange.model, exchange.operation)).ttft.observe(ttft)
-            if tracker.done:
-                break
-            sent = tracker.usage()
+        if not tracker.done:
+            await settle(meter.store, meter.metrics, exchange, served=relay.sent, status=499)
+        return response
     except MeterError as exc:
         failure = exc
         upstream.close()

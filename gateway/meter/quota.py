@@ -135,6 +135,17 @@ class Reserving:
         if self._waiting is None or identity.token_limit is None or identity.token_window_ms is None:
             return unlimited(identity.key_id)
         [[result]] = await self._waiting
+        return self._reservation(result)
+
+    def granted_in_full(self) -> Reservation:
+        """The reservation, once the ``when_granted_in_full`` hook has run (the store's reply is in)."""
+        assert self._waiting is not None and self._waiting.done()
+        [[result]] = self._waiting.result()
+        return self._reservation(result)
+
+    def _reservation(self, result: BucketResult) -> Reservation:
+        identity = self._identity
+        assert identity.token_limit is not None and identity.token_window_ms is not None
         if not result.allowed:
             retry = max(1, -(-result.retry_ms // 1000))
             raise TokensExhausted(

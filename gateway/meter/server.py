@@ -217,19 +217,28 @@ class Stream:
         self._head = _head(status, reason, _pairs(headers) + framing, keep_alive=request.keep_alive)
 
     async def write(self, data: bytes) -> None:
+        if self.send_now(data):
+            await self._conn.drain()
+
+    def send_now(self, data: bytes) -> bool:
+        """Send ``data`` at once, from any callback; True when the client's buffer is full (``drained`` waits
+        until it is not)."""
         conn = self._conn
         if conn.closed:
             raise ClientGone("client closed the connection")
         if not data or not self._body:
-            return
+            return conn.write_paused
         self._sent += len(data)
         if self._chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         if self._head:
             data, self._head = self._head + data, b""
         conn.send(data)
-        if conn.write_paused:
-            await conn.drain()
+        return conn.write_paused
+
+    async def drained(self) -> None:
+        """Wait while the client's buffer is full; ``ClientGone`` when the client has left."""
+        await self._conn.drain()
 
     async def write_eof(self) -> None:
         if self.finished:

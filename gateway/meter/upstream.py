@@ -114,6 +114,12 @@ class Upstream:
             raise RuntimeError("upstream session not started")
         return self._session
 
+    def went_silent(self) -> MeterError:
+        """The error (counted) for a response body silent for longer than the idle timeout."""
+        return self._fail(
+            "idle_timeout", UpstreamTimeout(f"upstream went silent for {self.idle_timeout:g}s mid-response")
+        )
+
     def _fail(self, reason: str, exc: MeterError) -> MeterError:
         self._errors[reason].inc()
         _warn.warning("upstream %s: %s", reason, exc)
@@ -191,9 +197,7 @@ class Upstream:
                     async with asyncio.timeout(self.idle_timeout):
                         data = await response.content.readany()  # type: ignore[union-attr]
             except TimeoutError as exc:
-                raise self._fail(
-                    "idle_timeout", UpstreamTimeout(f"upstream went silent for {self.idle_timeout:g}s mid-response")
-                ) from exc
+                raise self.went_silent() from exc
             except (aiohttp.ClientError, OSError) as exc:
                 raise self._fail(
                     "broken", UpstreamBroken(f"upstream response broke off: {type(exc).__name__}")
