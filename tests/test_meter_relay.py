@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections import Counter
 from typing import Any
 
@@ -15,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.contract import ledger_day
-from gateway.meter import h1, proxy
+from gateway.meter import h1, proxy, server
 from gateway.meter.server import ClientGone
 from gateway.meter.sse import SseError
 from gateway.sim.server import SimConfig
@@ -37,6 +38,8 @@ def pumps(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
         first = self.first
         pump(self)
         seen["calls"] += 1
+        if not self.listening and not (self.held or self.gone or self.failure or self.upstream.ended):
+            seen["client_full"] += 1
         if first and not self.first:
             seen["first_token"] += 1
         if self.held:
@@ -99,6 +102,46 @@ async def test_an_answer_complete_in_its_first_bytes_is_settled_before_done(
                     rows = await stack.store.read_usage("whole", [ledger_day()])
                     assert rows[0].completion_tokens > 0  # in the ledger once the client has [DONE]
     assert pumps["held"] >= 1
+
+
+async def test_a_client_that_reads_slowly_gets_every_event_at_its_pace(
+    redis_url: str, pumps: Counter[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    accepted = server._Connection.connection_made
+
+    def small_send_buffer(self: server._Connection, transport: asyncio.BaseTransport) -> None:
+        # a slow network: without this, loopback's send buffer grows to megabytes and absorbs the whole answer
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        accepted(self, transport)
+
+    monkeypatch.setattr(server._Connection, "connection_made", small_send_buffer)
+    sim = SimConfig(served=(MODEL,), tokens_per_second=0)
+    body = {"model": MODEL, "messages": CHAT, "stream": True, "max_tokens": 3000, "ignore_eos": True}
+    async with running_stack(redis_url, sim=sim) as stack:
+        headers = {**stack.headers(key_id="slow", limit=LIMIT), "content-type": "application/json"}
+        port = int(stack.meter_url.rsplit(":", 1)[1])
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the meter's writes back up quickly
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        payload = json.dumps(body).encode()
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        writer.write(
+            f"POST /v1/chat/completions HTTP/1.1\r\nhost: meter\r\n{head}content-length: {len(payload)}\r\n"
+            f"connection: close\r\n\r\n".encode()
+            + payload
+        )
+        await asyncio.sleep(0.5)  # not reading: the meter's buffer for this client fills up
+        received = bytearray()
+        while chunk := await reader.read(2048):
+            received += chunk
+            await asyncio.sleep(0)
+        writer.close()
+        rows = await stack.store.read_usage("slow", [ledger_day()])
+    assert pumps["client_full"] >= 1  # the callback relay handed over to the task, which went on at the pace
+    assert received.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")  # the last chunk, then the end of the body
+    assert received.count(b'"delta":{"content":') == rows[0].completion_tokens == 3000
 
 
 async def runaway_after_one(request: web.Request) -> web.StreamResponse:
