@@ -223,6 +223,12 @@ def _relay(client: _Client, *, max_event_bytes: int = 1 << 20) -> tuple[proxy.Re
     return relay, upstream
 
 
+def feed(upstream: h1.Response, data: bytes) -> None:
+    """What the upstream connection does with one read: the body's chunks fed, then the batch delivered."""
+    upstream._feed(data)
+    upstream._delivered()
+
+
 def _event(content: str, completion: int = 1) -> bytes:
     """A chunk as vLLM writes it with continuous usage (which the meter asks for and takes out again)."""
     delta = {"content": content}
@@ -235,15 +241,15 @@ def _event(content: str, completion: int = 1) -> bytes:
 def test_the_callback_relay_writes_each_whole_event_at_once_and_holds_the_end() -> None:
     client = _Client()
     relay, upstream = _relay(client)
-    upstream._feed(_event("a")[:20])
+    feed(upstream, _event("a")[:20])
     assert client.sent == [] and relay.first
-    upstream._feed(_event("a")[20:] + _event("b", 2))
+    feed(upstream, _event("a")[20:] + _event("b", 2))
     sent = b"".join(client.sent)
     assert sent.count(b"data: ") == 2 and b'"content":"b"' in sent and b"usage" not in sent and not relay.first
     assert relay.sent.completion == 2
-    upstream._feed(b"data: [DONE]\n\n")
+    feed(upstream, b"data: [DONE]\n\n")
     assert relay.held.endswith(b"data: [DONE]\n\n") and relay.tracker.done
-    upstream._feed(_event("late", 3))  # no longer listened to: waits for the task
+    feed(upstream, _event("late", 3))  # no longer listened to: waits for the task
     assert len(client.sent) == 1 and upstream.take_now() == _event("late", 3)
 
 
@@ -256,18 +262,31 @@ def test_the_callback_relay_writes_each_whole_event_at_once_and_holds_the_end() 
 )
 def test_the_callback_relay_stops_for_the_task(client: _Client, stops: str) -> None:
     relay, upstream = _relay(client)
-    upstream._feed(_event("a"))
+    feed(upstream, _event("a"))
     assert relay.gone is (stops == "gone")
     assert relay.sent.completion == (1 if stops == "full" else 0)  # what the client was sent, and no more
-    upstream._feed(_event("b"))
+    feed(upstream, _event("b"))
     assert upstream.take_now() == _event("b")  # left for the task
 
 
 def test_the_callback_relay_keeps_a_failure_for_the_task_and_stops_at_the_end() -> None:
     relay, upstream = _relay(_Client(), max_event_bytes=64)
-    upstream._feed(b"data: " + b"x" * 100)
+    feed(upstream, b"data: " + b"x" * 100)
     assert isinstance(relay.failure, SseError)
     relay, upstream = _relay(_Client())
     upstream._finish()
-    upstream._feed(_event("a"))  # after the end nothing is relayed from the callback
+    feed(upstream, _event("a"))  # after the end nothing is relayed from the callback
     assert relay.first and upstream.take_now() == _event("a")
+
+
+def test_the_chunks_one_read_brought_go_out_in_one_write_and_the_end_hands_over() -> None:
+    client = _Client()
+    relay, upstream = _relay(client)
+    for i in range(5):  # five HTTP chunks parsed out of one read
+        upstream._feed(_event(str(i), i + 1))
+    assert client.sent == []
+    upstream._delivered()
+    assert len(client.sent) == 1 and client.sent[0].count(b"data: ") == 5
+    upstream._feed(_event("x", 6))
+    upstream._finish()  # the body ends in the same read, without [DONE]: relayed, then the task takes over
+    assert len(client.sent) == 2 and not relay.listening and relay.sent.completion == 6

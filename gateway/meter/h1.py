@@ -56,7 +56,8 @@ class Inbox:
     takes what has arrived so far (``_take``). ``_feed`` says when more than ``HIGH_WATER`` bytes wait, so the
     connection can stop reading; ``_taken`` is the hook that lets it read again. Shared by the upstream client's
     responses and the proxy server's request bodies. A ``listen``-er is called from the protocol's callback
-    each time something arrives or the end comes, and takes what waits with ``take_now`` (no task wakes up)."""
+    once per batch of bytes received (``_delivered``: all the chunks one read brought) and at the end, and takes
+    what waits with ``take_now`` (no task wakes up)."""
 
     __slots__ = ("_done", "_error", "_listener", "_parts", "_size", "_waiter")
 
@@ -120,10 +121,13 @@ class Inbox:
     def _feed(self, data: bytes) -> bool:
         self._parts.append(data)
         self._size += len(data)
-        if self._listener is not None:
-            self._listener()
         self._wake()
         return self._size > HIGH_WATER
+
+    def _delivered(self) -> None:
+        """The protocol has fed all that one read brought."""
+        if self._listener is not None and self._parts:
+            self._listener()
 
     def _finish(self, error: Exception | None = None) -> None:
         if self._done or self._error is not None:
@@ -211,6 +215,8 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamClosed("upstream switched protocols"))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamClosed(f"upstream sent invalid HTTP: {exc}"))
+        if self._response is not None:
+            self._response._delivered()  # a listener relays the read's chunks together
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -410,21 +410,22 @@ class Relay:
         upstream = self.upstream
         try:
             data = upstream.take_now()
-            if not data:
-                if upstream.ended:  # the end, or a failure: the task meets it
+            if data:
+                self.last = time.monotonic()
+                out = self.events(data)
+                if self.tracker.done:
+                    self.held = out
                     self.stop()
-                return
-            self.last = time.monotonic()
-            out = self.events(data)
-            if self.tracker.done:
-                self.held = out
+                    return
+                if out:
+                    ttft = self.sending()
+                    full = self.response.send_now(out)
+                    self.wrote(ttft)
+                    if full:
+                        self.stop()
+                        return
+            if upstream.ended:  # the end, or a failure: the task meets it
                 self.stop()
-            elif out:
-                ttft = self.sending()
-                full = self.response.send_now(out)
-                self.wrote(ttft)
-                if full:
-                    self.stop()
         except ConnectionResetError:
             self.gone = True
             self.stop()
