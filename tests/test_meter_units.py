@@ -6,6 +6,8 @@ import argparse
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.errors import ConfigError
 from gateway.meter import errors, quota
@@ -137,6 +139,34 @@ def test_splitter_reassembles_events_cut_anywhere() -> None:
         splitter = Splitter()
         events = splitter.feed(stream[:cut]) + splitter.feed(stream[cut:])
         assert b"".join(events) == stream and len(events) == 3 and splitter.pending == b""
+
+
+def _reference_events(stream: bytes) -> tuple[list[bytes], bytes]:
+    """Events cut the slow, obvious way: the earliest terminator, searched from scratch after every cut."""
+    events, start = [], 0
+    while True:
+        found = [(at, len(t)) for t in (b"\n\n", b"\r\n\r\n") if (at := stream.find(t, start)) >= 0]
+        if not found:
+            return events, stream[start:]
+        at, length = min(found)
+        events.append(stream[start : at + length])
+        start = at + length
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pieces=st.lists(st.sampled_from([b"data: x", b"\n", b"\r\n", b"\n\n", b"\r\n\r\n", b"\r", b"y"]), max_size=40),
+    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=5),
+)
+def test_splitter_cuts_any_stream_in_any_pieces_like_the_reference(pieces: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(pieces)
+    splitter = Splitter()
+    events: list[bytes] = []
+    last = 0
+    for cut in [*sorted(c for c in cuts if c <= len(stream)), len(stream)]:
+        events += splitter.feed(stream[last:cut])
+        last = cut
+    assert (events, splitter.pending) == _reference_events(stream)
 
 
 def test_splitter_bounds_a_runaway_event() -> None:

@@ -345,11 +345,13 @@ class Relay:
     connection's callback as they arrive (``pump``: no task wakes up per token); for a request sent from the
     reservation's callback that starts with the response head, before the handler's task runs again. The relay
     hands over to the task (``stop``) at the last event (``[DONE]`` waits for the settlement), at the end of the
-    body or a failure, when the client's buffer is full and when the client is gone."""
+    body or a failure, when the client is gone, and when the client's buffer is full (the task waits until the
+    client has read, then the relay goes on from the callback)."""
 
     __slots__ = (
         "failure",
         "first",
+        "full",
         "gone",
         "held",
         "last",
@@ -381,6 +383,7 @@ class Relay:
         self.gone = False
         self.failure: Exception | None = None
         self.listening = False
+        self.full = False  # stopped because the client's buffer is full
         self.last = 0.0  # when the upstream last sent something (monotonic)
         self.waiter: asyncio.Future[None] | None = None
 
@@ -400,6 +403,7 @@ class Relay:
 
     def start(self) -> None:
         """Relay from the upstream's callback from now on, starting with what already waits."""
+        self.full = False
         self.listening = True
         self.last = time.monotonic()
         self.upstream.listen(self.pump)
@@ -419,9 +423,9 @@ class Relay:
                     return
                 if out:
                     ttft = self.sending()
-                    full = self.response.send_now(out)
+                    self.full = self.response.send_now(out)
                     self.wrote(ttft)
-                    if full:
+                    if self.full:
                         self.stop()
                         return
             if upstream.ended:  # the end, or a failure: the task meets it
@@ -478,13 +482,16 @@ async def _stream(
     failure: MeterError | None = None
     try:
         await relay.stopped(meter.upstream)
+        while relay.full:  # the client's buffer was full: on from the callback once the client has read
+            await response.drained()
+            relay.start()
+            await relay.stopped(meter.upstream)
         if relay.gone:
             raise ClientGone("client closed the connection")
         if relay.failure is not None:
             raise relay.failure
         out = relay.held
-        if not tracker.done:  # the client's buffer was full, or the body ended or failed: the task goes on
-            await response.drained()
+        if not tracker.done:  # the body ended or failed before [DONE]: the task meets the end or the failure
             async for data in meter.upstream.chunks(upstream):
                 out = relay.events(data)
                 if tracker.done:
