@@ -476,16 +476,12 @@ class Prepared:
         if self._settled:
             return
         self._settled = True
-        pool, conn = self._pool, self._conn
-        if self._opening is None and not conn.closed:
-            pool._busy.discard(conn)
-            conn.idle_since = time.monotonic()
-            pool._idle.append(conn)
-        else:
+        unsent = self._opening is None and not self._conn.closed
+        if not unsent:
             if self._opening is not None:
                 self._opening.cancel()
-            pool._drop(conn)
-        pool._slots.give()
+            self._conn.close()
+        self._pool.release(self._conn, reusable=unsent)
 
 
 class _Slots:

@@ -229,15 +229,28 @@ def _relay_early(meter: Meter, request: Request, begun: Begun, upstream: h1.Resp
     first token goes to the client as it arrives, not when the handler's task next runs)."""
     if not _streams(begun.parsed, upstream):
         return
-    reservation = begun.reserving.granted_in_full()
-    headers = response_headers(upstream.headers)
-    headers.update(_quota_headers(reservation, begun.parsed))
+    extra = _quota_headers(begun.reserving.granted_in_full(), begun.parsed)
     try:
-        response = request.stream(upstream.status, headers)
+        begun.relay = _open_relay(meter, request, begun.parsed, begun.model, begun.started, upstream, extra)
     except ConnectionResetError:
         return  # the task finds the client gone
-    begun.relay = relay = Relay(meter, begun.parsed, begun.model, begun.started, response, upstream)
+
+
+def _open_relay(
+    meter: Meter,
+    request: Request,
+    parsed: req.Parsed,
+    model: str,
+    started: float,
+    upstream: h1.Response,
+    extra: dict[str, str],
+) -> Relay:
+    """The client's streamed response started (``ClientGone`` if the client has left) and relayed from now on."""
+    headers = response_headers(upstream.headers)
+    headers.update(extra)
+    relay = Relay(meter, parsed, model, started, request.stream(upstream.status, headers), upstream)
     relay.start()
+    return relay
 
 
 async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stream:
@@ -467,17 +480,13 @@ async def _stream(
     relay: Relay | None,
 ) -> Reply | Stream:
     if relay is None:
-        headers = response_headers(upstream.headers)
-        headers.update(extra)
         try:
-            response = request.stream(upstream.status, headers)
+            relay = _open_relay(meter, request, exchange.parsed, exchange.model, exchange.started, upstream, extra)
         except ConnectionResetError:
             upstream.close()
             meter.metrics.disconnects.inc()
             await settle(meter.store, meter.metrics, exchange, served=None, status=499)
             return Reply(499)
-        relay = Relay(meter, exchange.parsed, exchange.model, exchange.started, response, upstream)
-        relay.start()
     response, tracker = relay.response, relay.tracker
     failure: MeterError | None = None
     try:
