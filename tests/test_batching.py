@@ -31,7 +31,9 @@ class Counting(MemoryStore):
         return await super().check_buckets(groups)
 
 
-async def test_checks_of_one_loop_turn_share_one_store_call_and_get_their_own_results() -> None:
+async def test_a_lone_check_goes_at_once_and_checks_arriving_meanwhile_share_one_store_call() -> None:
+    """The first check on an idle batcher is sent in ``submit`` (it does not wait for the loop turn to end); the
+    checks of the same turn that follow it wait for it (``max_inflight=1``) and then go together."""
     store = Counting()
     batcher = BucketBatcher(store, max_inflight=1)
     got: dict[int, list[BucketResult] | None] = {}
@@ -51,8 +53,25 @@ async def test_checks_of_one_loop_turn_share_one_store_call_and_get_their_own_re
     future = batcher.check([op("other")])
     await asyncio.wait_for(finished.wait(), 2)
     assert (await future)[0].allowed
-    assert store.calls == [4]
+    assert store.calls == [1, 3]
     assert [got[i][0].allowed for i in range(3)] == [True, True, False]  # type: ignore[index]
+
+
+async def test_results_never_reach_a_caller_before_submit_returns() -> None:
+    """Callers (the ext_authz check) rely on ``done`` coming later, never from inside ``submit``, even when the
+    check is sent at once."""
+    batcher = BucketBatcher(Counting())
+    calls: list[str] = []
+    heard = asyncio.Event()
+
+    def done(results: list[BucketResult] | None, error: BaseException | None) -> None:
+        calls.append("done")
+        heard.set()
+
+    batcher.submit([op("k")], done)
+    calls.append("returned")
+    await asyncio.wait_for(heard.wait(), 2)
+    assert calls == ["returned", "done"]
 
 
 async def test_a_failed_batch_reaches_every_caller_and_a_raising_callback_does_not_stop_the_others() -> None:

@@ -9,7 +9,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import hiredis
 import pytest
@@ -27,6 +27,36 @@ def own_redis() -> Iterator[RedisServer]:
     """A Redis of this test's own: these tests pause and kill it."""
     with redis_server() as server:
         yield server
+
+
+@contextlib.asynccontextmanager
+async def fake_server(answer: Callable[[int], bytes | None]) -> AsyncIterator[int]:
+    """A server that parses RESP commands and answers the n-th one of each connection with ``answer(n)`` (None:
+    no answer); yields its port."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        parser = hiredis.Reader()
+        seen = 0
+        while data := await reader.read(65536):
+            parser.feed(data)
+            while parser.gets() is not False:
+                reply = answer(seen)
+                seen += 1
+                if reply is not None:
+                    writer.write(reply)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await server.wait_closed()
 
 
 def echo(value: str) -> bytes:
@@ -114,18 +144,11 @@ async def test_a_bucket_reply_of_the_wrong_shape_is_a_store_error_not_a_hang() -
     """A server that answers every command with +OK (a proxy in the way, a wrong port): each path of the bucket
     check (connecting, and the connected callback path) fails with StoreError, and the batcher's callers hear it."""
 
-    writers: list[asyncio.StreamWriter] = []
+    async with fake_server(lambda n: b"+OK\r\n") as port:
+        await _expect_unexpected_replies(port)
 
-    async def fake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        parser = hiredis.Reader()
-        while data := await reader.read(65536):
-            parser.feed(data)
-            while parser.gets() is not False:
-                writer.write(b"+OK\r\n")
 
-    server = await asyncio.start_server(fake, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+async def _expect_unexpected_replies(port: int) -> None:
     store = RedisStore(f"redis://127.0.0.1:{port}/0", timeout=2.0)
     op = BucketOp(key_id="odd", dimension="requests", limit=3, window_ms=60_000, cost=1)
     try:
@@ -139,9 +162,20 @@ async def test_a_bucket_reply_of_the_wrong_shape_is_a_store_error_not_a_hang() -
             await asyncio.wait_for(batcher.check([op]), 5)
     finally:
         await store.close()
-        server.close()
-        for writer in writers:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-        await server.wait_closed()
+
+
+async def test_each_send_keeps_its_own_deadline_when_earlier_ones_were_answered() -> None:
+    """One timer watches the oldest waiter: after an answered send, a later one that gets no reply still fails at
+    its own deadline (not at the first send's, and not never)."""
+    async with fake_server(lambda n: b"+first\r\n" if n == 0 else None) as port:
+        pipe = RespPipe(host="127.0.0.1", port=port, timeout=0.4)
+        try:
+            assert await pipe.call(echo("a")) == b"first"
+            await asyncio.sleep(0.25)  # past most of the first send's deadline window
+            started = time.monotonic()
+            with pytest.raises(StoreTimeout, match="second timed out"):
+                await asyncio.wait_for(pipe.call(echo("b"), "second"), 5)
+            waited = time.monotonic() - started
+            assert 0.35 <= waited < 3, waited  # its own 0.4 s, give or take the timer's millisecond
+        finally:
+            await pipe.close()

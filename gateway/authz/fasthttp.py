@@ -162,8 +162,8 @@ class CheckProtocol(asyncio.Protocol):
             log.exception("ext_authz check failed")
             reply = checker.deny(INTERNAL, "", "")
         slot.fill(encode(reply, keep_alive=keep_alive), close=not keep_alive)
-        checker.observe(time.perf_counter() - started)
         self._flush()
+        checker.observe(time.perf_counter() - started)
 
     def _flush(self) -> None:
         transport = self._transport

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gateway.metrics import LATENCY_BUCKETS, CappedChildren, Cell, LoopCounter, LoopHistogram
 
@@ -46,7 +46,7 @@ class AuthzMetrics:
             "maas_snapshot_skipped_records_total", "records skipped as unreadable", ("kind", "reason"), registry=r
         )
         self.snapshot_events = Counter("maas_snapshot_events_total", "change events applied", registry=r)
-        self.batch_size = Histogram(
+        self.batch_size = LoopHistogram(
             "maas_authz_bucket_batch_size",
             "checks coalesced into one store call",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),

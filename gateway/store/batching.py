@@ -1,7 +1,9 @@
 """Coalesces concurrent bucket checks into one store call per loop turn.
 
-A round trip to Redis per request costs more CPU than the whole hot-path budget. Checks that arrive while a batch
-is being sent wait for the next one; at most ``max_inflight`` batches are outstanding. Each key's group is still
+A round trip to Redis per request costs more CPU than the whole hot-path budget. A check that finds nothing in flight
+and nothing waiting is sent at once (a lone request does not wait for the end of the loop turn); checks that arrive
+while a batch is out wait for the next one, sent at the end of the loop turn; at most ``max_inflight`` batches are
+outstanding. Each key's group is still
 checked atomically by the store, so batching changes cost, never results.
 """
 
@@ -50,6 +52,9 @@ class BucketBatcher:
     def submit(self, ops: Sequence[BucketOp], done: Done) -> None:
         """The group's results handed to ``done`` as soon as its batch returns, in the same loop turn (no future
         and no extra callback per check on the hot path)."""
+        if not self._inflight and not self._pending:
+            self._send([(ops, done)])
+            return
         self._pending.append((ops, done))
         if not self._scheduled and self._inflight < self._max_inflight:
             self._scheduled = True
@@ -60,11 +65,14 @@ class BucketBatcher:
         while self._pending and self._inflight < self._max_inflight:
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
-            self._inflight += 1
-            if self._on_batch is not None:
-                self._on_batch(len(batch))
-            # straight onto the store's connection when it can take callbacks; a task only when it cannot
-            send_buckets(self._store, [ops for ops, _ in batch], partial(self._finish, batch))
+            self._send(batch)
+
+    def _send(self, batch: list[Pending]) -> None:
+        self._inflight += 1
+        # straight onto the store's connection when it can take callbacks; a task only when it cannot
+        send_buckets(self._store, [ops for ops, _ in batch], partial(self._finish, batch))
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
 
     def _finish(
         self, batch: list[Pending], results: list[list[BucketResult]] | None, error: BaseException | None

@@ -9,6 +9,8 @@ arrives in; ``call`` and ``call_many`` wrap it in a future for code that awaits.
 
 Every send carries its own deadline. A reply that does not come in time, a failed or closed socket, or a reply
 that cannot be parsed closes the connection and fails every waiting caller: an order-matched pipe must never guess.
+Deadlines are watched by one timer per pipe, set for the oldest waiter's deadline (replies come in order, so no
+later waiter can expire first), not by a timer per send: under steady traffic it fires about once per timeout.
 A caller that stops waiting (a cancelled request) does not: its waiter stays in line and drops the reply. The meter's
 usage-ledger writes share the pipe; everything else (records, events, reads, Redis Cluster) stays on redis-py.
 """
@@ -49,6 +51,17 @@ def _reply_error(reply: hiredis.ReplyError) -> StoreError:
     return NoScript(message) if message.startswith("NOSCRIPT") else StoreError(f"redis error: {message}")
 
 
+class _Waiting:
+    """A waiter in line, with the deadline of the send it belongs to (loop time) and what that send was for."""
+
+    __slots__ = ("deadline", "waiter", "what")
+
+    def __init__(self, waiter: Waiter, deadline: float, what: str) -> None:
+        self.waiter = waiter
+        self.deadline = deadline
+        self.what = what
+
+
 def _deliver(waiter: Waiter, reply: Any, error: StoreError | None) -> None:
     try:
         waiter(reply, error)
@@ -75,7 +88,7 @@ class _Protocol(asyncio.Protocol):
                     return  # reset by a callback: what is left belongs to nobody
                 if not pipe.waiters:
                     raise hiredis.ProtocolError("a reply nobody asked for")
-                waiter = pipe.waiters.popleft()
+                waiter = pipe.waiters.popleft().waiter
                 if isinstance(reply, hiredis.ReplyError):
                     _deliver(waiter, None, _reply_error(reply))
                 else:
@@ -111,8 +124,9 @@ class RespPipe:
             self._hello.append(command(b"SELECT", str(db).encode()))
         self._tls = ssl.create_default_context() if tls else None
         self._protocol: _Protocol | None = None
-        self.waiters: deque[Waiter] = deque()
+        self.waiters: deque[_Waiting] = deque()
         self._lock = asyncio.Lock()
+        self._watch: asyncio.TimerHandle | None = None
 
     @property
     def current(self) -> _Protocol | None:
@@ -145,20 +159,24 @@ class RespPipe:
         protocol = self._protocol
         if protocol is None or protocol.transport is None:
             return False
-        timer = asyncio.get_running_loop().call_later(self._timeout, self._expired, protocol, what)
-        last = waiters[-1]
-
-        def finish(reply: Any, error: StoreError | None) -> None:
-            timer.cancel()
-            last(reply, error)
-
-        waiters[-1] = finish
-        self.waiters.extend(waiters)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        self.waiters.extend([_Waiting(waiter, deadline, what) for waiter in waiters])
         protocol.transport.write(payload)
+        if self._watch is None:
+            self._watch = loop.call_at(deadline, self._check_deadline)
         return True
 
-    def _expired(self, protocol: _Protocol, what: str) -> None:
-        self.reset(StoreTimeout(f"redis {what} timed out after {self._timeout:g}s"), protocol)
+    def _check_deadline(self) -> None:
+        self._watch = None
+        if not self.waiters:
+            return
+        oldest = self.waiters[0]
+        loop = asyncio.get_running_loop()
+        if oldest.deadline <= loop.time():
+            self.reset(StoreTimeout(f"redis {oldest.what} timed out after {self._timeout:g}s"))
+        else:
+            self._watch = loop.call_at(oldest.deadline, self._check_deadline)
 
     async def call(self, payload: bytes, what: str = "call") -> Any:
         """Send one encoded command and wait for its reply (an error reply raises StoreError)."""
@@ -200,8 +218,11 @@ class RespPipe:
         if current.transport is not None:
             current.transport.close()
         waiters, self.waiters = self.waiters, deque()
-        for waiter in waiters:
-            _deliver(waiter, None, error)
+        for waiting in waiters:
+            _deliver(waiting.waiter, None, error)
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         self.reset(StoreError("closed"))
