@@ -10,8 +10,20 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from gateway import contract
+from gateway.authz.server import Reply
 from gateway.contract import Limit, Limits, ModelRecord, TierRecord
-from gateway.decision import Admission, Denial, HotCache, Policy, admit, allow_headers, rate_limited
+from gateway.decision import (
+    Admission,
+    Denial,
+    HotCache,
+    Policy,
+    admit,
+    allow_headers,
+    header_lines,
+    identity_block,
+    rate_limited,
+    ratelimit_wire,
+)
 from gateway.identity import H_SIGNATURE, H_TS, verify
 from gateway.limits import BucketResult
 from gateway.snapshot import Catalog, RouteTable, Snapshot, compile_key
@@ -176,6 +188,23 @@ def test_allow_headers_are_signed_and_remove_the_key() -> None:
     assert headers["x-ratelimit-reset-requests"] == "3s"
     identity = verify(headers, POLICY.identity_secret)
     assert (identity.user, identity.tier, identity.model) == ("admin", "enterprise", platform.QWEN)
+
+
+def test_the_wire_form_of_an_allow_is_the_header_list_encoded() -> None:
+    """The HTTP/1.1 server writes an allow from the identity block's wire form and ``ratelimit_wire``; those bytes
+    are exactly the encoded header list (which the aiohttp server and these tests read), and back."""
+    outcome = check([("x-api-key", ADMIN)])
+    assert isinstance(outcome, Admission)
+    now = time.time()
+    for results in (
+        [BucketResult(True, 50, 49, 2400, 0, 1), BucketResult(True, 100_000, 99_000, 0, 0, 0)],
+        [BucketResult(True, 7, 0, 3_725_000, 0, 1), BucketResult(True, 1, 1, 999, 0, 0)],
+    ):
+        listed = allow_headers(outcome, results, POLICY, now=now)
+        block = identity_block(outcome, POLICY, now=now)
+        wire = ratelimit_wire(outcome, results)
+        assert block.wire + wire == header_lines(listed)
+        assert Reply(200, list(block.headers), shared=block, wire=wire).header_list() == listed
 
 
 def test_an_admission_reuses_its_identity_block_within_a_signing_window_only() -> None:

@@ -179,3 +179,29 @@ async def test_each_send_keeps_its_own_deadline_when_earlier_ones_were_answered(
             assert 0.35 <= waited < 3, waited  # its own 0.4 s, give or take the timer's millisecond
         finally:
             await pipe.close()
+
+
+async def test_a_lone_check_is_sent_with_its_own_ops_not_a_remembered_command(redis_url: str) -> None:
+    """Commands of single-group checks are remembered by their ops (the hot path memoises ops per key and limits):
+    ops with new limits for the same key, or a new group equal to an old one, are checked as they are."""
+    store = RedisStore(redis_url, timeout=2.0)
+    generous = (BucketOp(key_id="pipe-memo", dimension="requests", limit=5, window_ms=60_000, cost=1),)
+    strict = (BucketOp(key_id="pipe-memo", dimension="requests", limit=2, window_ms=60_000, cost=1),)
+    try:
+        await store.reset_buckets("pipe-memo", ["requests"])
+        await store.check_buckets([generous])  # connects the pipe
+
+        async def lone(ops: tuple[BucketOp, ...]) -> BucketResult:
+            got: asyncio.Future[list[list[BucketResult]]] = asyncio.get_running_loop().create_future()
+            assert store.submit_buckets([ops], lambda r, e: got.set_exception(e) if e else got.set_result(r or []))
+            ((result,),) = await asyncio.wait_for(got, 5)
+            return result
+
+        first = await lone(generous)
+        assert (first.allowed, first.limit, first.remaining) == (True, 5, 3)
+        tighter = await lone(strict)  # the limit went down to 2: the bucket holds at most 2, one taken
+        assert (tighter.allowed, tighter.limit, tighter.remaining) == (True, 2, 1)
+        again = await lone(tuple(generous))  # an equal group built anew: limit 5 again, the one left taken
+        assert (again.allowed, again.limit, again.remaining) == (True, 5, 0)
+    finally:
+        await store.close()

@@ -48,6 +48,8 @@ def encode(reply: Reply, *, keep_alive: bool) -> bytes:
     shared = reply.shared
     if shared is None:
         return head + header_lines(reply.headers) + tail + reply.body
+    if reply.wire is not None:
+        return head + shared.wire + reply.wire + tail + reply.body
     return head + shared.wire + header_lines(reply.headers[len(shared.headers) :]) + tail + reply.body
 
 
@@ -139,7 +141,8 @@ class CheckProtocol(asyncio.Protocol):
                 path=self._url.decode("utf-8", "surrogateescape"),
                 get=headers.get,
                 count=lambda name: repeated.get(name, 1 if name in headers else 0),
-                then=lambda pending: self._settle(slot, pending, keep_alive, started),
+                then=self._settle,
+                tag=(slot, keep_alive, started),
             )
         except Exception:
             log.exception("ext_authz check failed")
@@ -154,7 +157,8 @@ class CheckProtocol(asyncio.Protocol):
 
     # --- answers ----------------------------------------------------------------------------------------------
 
-    def _settle(self, slot: _Slot, pending: Pending, keep_alive: bool, started: float) -> None:
+    def _settle(self, pending: Pending) -> None:
+        slot, keep_alive, started = cast(tuple[_Slot, bool, float], pending.tag)
         checker = self._checker
         try:
             reply = checker.finish(pending)

@@ -26,9 +26,10 @@ from gateway.decision import (
     HeaderBlock,
     Policy,
     admit,
-    allow_parts,
     error_body,
+    identity_block,
     rate_limited,
+    ratelimit_wire,
 )
 from gateway.errors import StoreError
 from gateway.limits import BucketOp, BucketResult
@@ -62,16 +63,37 @@ class Reply:
     body: bytes = b""
     shared: HeaderBlock | None = None
     """When set, ``headers`` starts with ``shared.headers``, whose wire form is ready in ``shared.wire``."""
+    wire: bytes | None = None
+    """When set, the headers after ``shared`` in wire form only (``headers`` holds just ``shared.headers``): an
+    allow answered by the HTTP/1.1 server needs no list of them."""
+
+    def header_list(self) -> list[tuple[str, str]]:
+        """All the headers as pairs, whichever form they are held in."""
+        if not self.wire:
+            return self.headers
+        pairs = list(self.headers)
+        for line in self.wire.decode().split("\r\n"):
+            if line:
+                name, _, value = line.partition(": ")
+                pairs.append((name, value))
+        return pairs
 
 
 @dataclass(slots=True)
 class Pending:
-    """A check waiting for its bucket results; handed to ``then`` with ``results`` or ``error`` filled in."""
+    """A check waiting for its bucket results: called with them (or with the error) as the batcher's ``done``,
+    then handed to ``then``. ``tag`` is the caller's, carried through unchanged."""
 
     admission: Admission
     now: float
+    then: Callable[[Pending], None]
+    tag: object = None
     results: list[BucketResult] | None = None
     error: BaseException | None = None
+
+    def __call__(self, results: list[BucketResult] | None, error: BaseException | None) -> None:
+        self.results, self.error = results, error
+        self.then(self)
 
 
 class Checker:
@@ -103,9 +125,10 @@ class Checker:
         get: Callable[[str], str | None],
         count: Callable[[str], int],
         then: Callable[[Pending], None],
+        tag: object = None,
     ) -> Reply | Pending:
-        """A reply at once, or a Pending check handed to ``then`` when its bucket results arrive (never before
-        ``begin`` returns)."""
+        """A reply at once, or a Pending check (carrying ``tag``) handed to ``then`` when its bucket results
+        arrive (never before ``begin`` returns)."""
         snapshot = self._follower.snapshot
         if not snapshot.loaded:
             return self.deny(NOT_READY, "", "")
@@ -116,13 +139,8 @@ class Checker:
         if not outcome.ops:
             return self._allow(outcome, None, now)
         if time.monotonic() >= self._store_down_until:
-            pending = Pending(outcome, now)
-
-            def done(results: list[BucketResult] | None, error: BaseException | None) -> None:
-                pending.results, pending.error = results, error
-                then(pending)
-
-            self._batcher.submit(outcome.ops, done)
+            pending = Pending(outcome, now, then, tag)
+            self._batcher.submit(outcome.ops, pending)
             return pending
         return self._decide(outcome, self._policy_results(outcome.ops), now)
 
@@ -163,8 +181,10 @@ class Checker:
             )
         for cell in cells:
             cell.inc()
-        block, extra = allow_parts(admission, results, self._policy, now=now)
-        return Reply(200, [*block.headers, *extra], shared=block)
+        block = identity_block(admission, self._policy, now=now)
+        return Reply(
+            200, list(block.headers), shared=block, wire=ratelimit_wire(admission, results) if results else None
+        )
 
     def _policy_results(self, ops: Sequence[BucketOp]) -> list[BucketResult] | None:
         """Bucket results while the store is unavailable, per ``--on-store-error``; None means deny."""
@@ -216,4 +236,4 @@ class AiohttpHandler:
             log.exception("ext_authz check failed")
             step = checker.deny(INTERNAL, "", "")
         checker.observe(time.perf_counter() - started)
-        return web.Response(status=step.status, headers=step.headers, body=step.body or None)
+        return web.Response(status=step.status, headers=step.header_list(), body=step.body or None)

@@ -89,10 +89,13 @@ class _Protocol(asyncio.Protocol):
                 if not pipe.waiters:
                     raise hiredis.ProtocolError("a reply nobody asked for")
                 waiter = pipe.waiters.popleft().waiter
-                if isinstance(reply, hiredis.ReplyError):
-                    _deliver(waiter, None, _reply_error(reply))
-                else:
-                    _deliver(waiter, reply, None)
+                try:
+                    if isinstance(reply, hiredis.ReplyError):
+                        waiter(None, _reply_error(reply))
+                    else:
+                        waiter(reply, None)
+                except Exception:  # one caller's failure must not desynchronise the pipe or keep the others waiting
+                    log.exception("redis reply callback failed")
         except hiredis.ProtocolError as exc:
             self._pipe.reset(StoreError(f"redis connection failed: {exc}"), self)
 
