@@ -71,15 +71,16 @@ class CheckProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._queue: deque[_Slot] = deque()
         self._paused = False
+        self._started = 0.0
         self._reset()
 
     def _reset(self) -> None:
+        """Ready for the next request of the connection (done when one completes: no callback per message begin)."""
         self._url = b""
         self._headers: dict[str, str] = {}
         self._repeated: dict[str, int] = {}
         self._size = 0
         self._body = 0
-        self._started = 0.0
 
     # --- asyncio.Protocol -----------------------------------------------------------------------------------
 
@@ -91,6 +92,7 @@ class CheckProtocol(asyncio.Protocol):
         self._queue.clear()
 
     def data_received(self, data: bytes) -> None:
+        self._started = time.perf_counter()  # the checks this read completes are timed from its arrival
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -100,10 +102,6 @@ class CheckProtocol(asyncio.Protocol):
             self._fail(BAD_REQUEST)
 
     # --- httptools callbacks ----------------------------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._reset()
-        self._started = time.perf_counter()
 
     def on_url(self, url: bytes) -> None:
         self._size += len(url)
@@ -135,10 +133,12 @@ class CheckProtocol(asyncio.Protocol):
         checker = self._checker
         headers, repeated = self._headers, self._repeated
         started = self._started
+        url = self._url
+        self._reset()
         try:
             step = checker.begin(
                 host=headers.get("host", ""),
-                path=self._url.decode("utf-8", "surrogateescape"),
+                path=url.decode("utf-8", "surrogateescape"),
                 get=headers.get,
                 count=lambda name: repeated.get(name, 1 if name in headers else 0),
                 then=self._settle,
@@ -149,8 +149,8 @@ class CheckProtocol(asyncio.Protocol):
             step = checker.deny(INTERNAL, "", "")
         if not isinstance(step, Pending):
             slot.fill(encode(step, keep_alive=keep_alive), close=not keep_alive)
-            checker.observe(time.perf_counter() - started)
             self._flush()
+            checker.observe(time.perf_counter() - started)
         if len(self._queue) > MAX_QUEUED and self._transport is not None and not self._paused:
             self._paused = True
             self._transport.pause_reading()
