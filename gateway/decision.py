@@ -305,10 +305,19 @@ def ratelimit_wire(admission: Admission, results: list[BucketResult]) -> bytes:
     template = admission.wire_template
     if template is None:
         template = admission.wire_template = _wire_template(tuple(op.dimension for op in admission.ops))
-    values: list[object] = []
-    for res in results:
-        values += (res.limit, res.remaining, format_duration(res.reset_ms))
-    return (template % tuple(values)).encode()
+    if len(results) == 2:  # requests and tokens, the usual pair
+        first, second = results
+        values: tuple[object, ...] = (
+            first.limit,
+            first.remaining,
+            format_duration(first.reset_ms),
+            second.limit,
+            second.remaining,
+            format_duration(second.reset_ms),
+        )
+    else:
+        values = tuple(v for res in results for v in (res.limit, res.remaining, format_duration(res.reset_ms)))
+    return (template % values).encode()
 
 
 @lru_cache(maxsize=64)

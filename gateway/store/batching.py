@@ -70,7 +70,8 @@ class BucketBatcher:
     def _send(self, batch: list[Pending]) -> None:
         self._inflight += 1
         # straight onto the store's connection when it can take callbacks; a task only when it cannot
-        send_buckets(self._store, [ops for ops, _ in batch], partial(self._finish, batch))
+        groups = [batch[0][0]] if len(batch) == 1 else [ops for ops, _ in batch]
+        send_buckets(self._store, groups, partial(self._finish, batch))
         if self._on_batch is not None:
             self._on_batch(len(batch))
 
