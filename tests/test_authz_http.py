@@ -58,6 +58,21 @@ async def test_pipelined_checks_are_answered_in_order(authz: Authz) -> None:
     assert b"invalid_api_key" in answers[1][2]
 
 
+async def test_header_names_are_read_in_any_spelling(authz: Authz) -> None:
+    """Names are case-insensitive: the spellings clients use, Envoy's lowercase and anything else; the names Envoy
+    adds that the check does not read change nothing."""
+    admin, granite = platform.ADMIN.plaintext, platform.GRANITE_ONLY.plaintext
+    checks = [
+        f"GET /qwen3/v1/chat/completions HTTP/1.1\r\nhOsT: gw\r\naUtHoRiZaTiOn: APIKEY {admin}\r\n\r\n",
+        f"GET /qwen3/v1/chat/completions HTTP/1.1\r\nhost: gw\r\nx-request-id: 1\r\nX-Api-Key: {granite}\r\n\r\n",
+        f"GET /qwen3/v1/chat/completions HTTP/1.1\r\nHOST: gw\r\nx-forwarded-proto: http\r\nX-API-KEY: {admin}\r\n"
+        f"x-API-key: {granite}\r\n\r\n",
+    ]
+    answers = await _responses(authz.port, "".join(checks).encode(), len(checks))
+    assert [a[0] for a in answers] == [200, 403, 400]  # the last sends two different keys under one name
+    assert answers[0][1]["x-maas-user"] == "admin"
+
+
 async def test_connection_is_kept_alive(authz: Authz) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", authz.port)
     for _ in range(3):

@@ -37,6 +37,30 @@ _WANTED = {
     for spelling in (name.encode(), name.title().encode(), name.upper().encode())
 }
 """The request headers the decision reads (by the spellings clients use, else lowercased)."""
+_KNOWN = {
+    **dict.fromkeys(
+        (
+            b"content-length",
+            b"content-type",
+            b"user-agent",
+            b"accept",
+            b"x-forwarded-for",
+            b"x-forwarded-proto",
+            b"x-forwarded-client-cert",
+            b"x-request-id",
+            b"x-envoy-internal",
+            b"x-envoy-expected-rq-timeout-ms",
+            b"x-envoy-original-path",
+            b"x-b3-traceid",
+            b"x-b3-spanid",
+            b"x-b3-sampled",
+            b"traceparent",
+        ),
+        "",
+    ),
+    **_WANTED,
+}
+"""Header names as Envoy spells them, mapped to the decision's name or to "" (not read): one lookup per header."""
 _STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 _KEEP = b"content-length: %d\r\n\r\n"
 _CLOSE = b"connection: close\r\ncontent-length: %d\r\n\r\n"
@@ -113,8 +137,10 @@ class CheckProtocol(asyncio.Protocol):
         self._size += len(name) + len(value) + 4
         if self._size > self._max_header:
             raise _Abort(TOO_LARGE)
-        key = _WANTED.get(name) or _WANTED.get(name.lower())
-        if key is None:  # the decision reads only these; Envoy sends a dozen more per check
+        key = _KNOWN.get(name)
+        if key is None:
+            key = _WANTED.get(name.lower())
+        if not key:  # the decision reads only these; Envoy sends a dozen more per check
             return
         if key in self._headers:
             self._repeated[key] = self._repeated.get(key, 1) + 1
