@@ -57,6 +57,25 @@ async def test_a_lone_check_goes_at_once_and_checks_arriving_meanwhile_share_one
     assert [got[i][0].allowed for i in range(3)] == [True, True, False]  # type: ignore[index]
 
 
+async def test_after_a_large_batch_an_idle_batcher_coalesces_the_turn_instead_of_sending_at_once() -> None:
+    """Sending at once is for low load: after a batch of more than LOW_LOAD_BATCH checks, the first check of a turn
+    waits for the turn's batch (else under load every turn's first check would cost a store call of its own)."""
+    store = Counting()
+    batcher = BucketBatcher(store, max_inflight=1)
+
+    async def turn(count: int) -> None:
+        futures = [batcher.check([op(f"k{len(store.calls)}-{i}", limit=100)]) for i in range(count)]
+        await asyncio.wait_for(asyncio.gather(*futures), 2)
+
+    await turn(5)  # idle and low load: the first at once, the other four together
+    assert store.calls == [1, 4]
+    await turn(3)  # the last batch held 4: the whole turn goes as one batch
+    assert store.calls == [1, 4, 3]
+    await turn(1)  # the last batch held 3: a lone check waits for the end of its turn (a batch of one either way)
+    await turn(2)  # the last batch held 1: low load again, the first goes at once
+    assert store.calls == [1, 4, 3, 1, 1, 1]
+
+
 async def test_results_never_reach_a_caller_before_submit_returns() -> None:
     """Callers (the ext_authz check) rely on ``done`` coming later, never from inside ``submit``, even when the
     check is sent at once."""
