@@ -159,7 +159,10 @@ class Checker:
             )
             results = self._policy_results(pending.admission.ops)
         else:
-            self._metrics.store_ok()
+            if not self._metrics.store_is_up:
+                self._metrics.store_ok()
+            if results and results[0].allowed:  # the usual answer, without the detour through _decide
+                return self._allow(pending.admission, results, pending.now)
         return self._decide(pending.admission, results, pending.now)
 
     def _decide(self, admission: Admission, results: list[BucketResult] | None, now: float) -> Reply:
@@ -180,7 +183,7 @@ class Checker:
                 metrics.key_requests.get(key.key_id, key.user, tier, "allow"),
             )
         for cell in cells:
-            cell.inc()
+            cell.value += 1.0  # Cell.inc, inlined: two per allowed check
         block = identity_block(admission, self._policy, now=now)
         return Reply(
             200, list(block.headers), shared=block, wire=ratelimit_wire(admission, results) if results else None

@@ -91,7 +91,10 @@ class BucketBatcher:
                     _call(done, None, failure)
             else:
                 for (_, done), result in zip(batch, results, strict=True):
-                    _call(done, result, None)
+                    try:
+                        done(result, None)
+                    except Exception:  # one caller's failure must not keep the others of the batch from their answers
+                        log.exception("bucket check callback failed")
         finally:
             self._inflight -= 1
             if self._pending and not self._scheduled:

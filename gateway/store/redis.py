@@ -406,29 +406,21 @@ def _by_day(deltas: Sequence[UsageDelta]) -> dict[str, list[str]]:
 
 
 def _results(groups: Sequence[Sequence[BucketOp]], flat: Any) -> list[list[BucketResult]]:
-    """The bucket script's flat reply as per-group results; a reply of another shape is a StoreError."""
-    try:
-        return _unflatten(groups, flat)
-    except (TypeError, ValueError, IndexError) as exc:
-        raise StoreError(f"redis buckets: unexpected reply {str(flat)[:80]!r}: {exc}") from exc
-
-
-def _unflatten(groups: Sequence[Sequence[BucketOp]], flat: Sequence[int]) -> list[list[BucketResult]]:
+    """The bucket script's flat reply (five integers per op) as per-group results; a reply of another shape is a
+    StoreError."""
     out: list[list[BucketResult]] = []
     i = 0
-    for ops in groups:
-        results = []
-        for op in ops:
-            results.append(
-                BucketResult(
-                    allowed=bool(flat[i]),
-                    limit=op.limit,
-                    remaining=int(flat[i + 1]),
-                    reset_ms=int(flat[i + 2]),
-                    retry_ms=int(flat[i + 3]),
-                    debited=int(flat[i + 4]),
+    try:
+        for ops in groups:
+            results = []
+            for op in ops:
+                results.append(
+                    BucketResult(
+                        bool(flat[i]), op.limit, int(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]), int(flat[i + 4])
+                    )
                 )
-            )
-            i += 5
-        out.append(results)
+                i += 5
+            out.append(results)
+    except (TypeError, ValueError, IndexError) as exc:
+        raise StoreError(f"redis buckets: unexpected reply {str(flat)[:80]!r}: {exc}") from exc
     return out

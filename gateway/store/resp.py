@@ -164,7 +164,10 @@ class RespPipe:
             return False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
-        self.waiters.extend([_Waiting(waiter, deadline, what) for waiter in waiters])
+        if len(waiters) == 1:
+            self.waiters.append(_Waiting(waiters[0], deadline, what))
+        else:
+            self.waiters.extend([_Waiting(waiter, deadline, what) for waiter in waiters])
         protocol.transport.write(payload)
         if self._watch is None:
             self._watch = loop.call_at(deadline, self._check_deadline)
