@@ -136,11 +136,13 @@ STORE_DOWN = _denial(
 )
 
 
-def credential(get: Callable[[str], str | None], count: Callable[[str], int]) -> str | Denial:
-    """The API key of a request (``Authorization: APIKEY|Bearer <key>`` or ``x-api-key``), or the denial."""
+def credential(get: Callable[[str], str | None], count: Callable[[str], int | None]) -> str | Denial:
+    """The API key of a request (``Authorization: APIKEY|Bearer <key>`` or ``x-api-key``), or the denial.
+    ``count(name)``: how many times the header came; None stands for "once or not at all" (so a dict of the
+    repeated headers' counts can answer with its ``get``, no function call per request)."""
     auth = get("authorization")
     api_key_header = get("x-api-key")
-    if count("authorization") > 1 or count("x-api-key") > 1:
+    if (count("authorization") or 0) > 1 or (count("x-api-key") or 0) > 1:
         return DUPLICATE_KEY
     token: str | None = None
     if auth is not None:
@@ -177,7 +179,7 @@ def admit(
     host: str,
     path: str,
     get: Callable[[str], str | None],
-    count: Callable[[str], int],
+    count: Callable[[str], int | None],
     now: float,
 ) -> Admission | Denial:
     token = credential(get, count)

@@ -166,7 +166,7 @@ class CheckProtocol(asyncio.Protocol):
                 host=headers.get("host", ""),
                 path=url.decode("utf-8", "surrogateescape"),
                 get=headers.get,
-                count=lambda name: repeated.get(name, 1 if name in headers else 0),
+                count=repeated.get,  # only the names that came more than once are in it
                 then=self._settle,
                 tag=(slot, keep_alive, started),
             )
@@ -226,13 +226,11 @@ class CheckProtocol(asyncio.Protocol):
 
 
 class _Slot:
-    """One request's place in the answer order; ``data`` is set when its answer is known."""
+    """One request's place in the answer order; ``data`` is set when its answer is known (class defaults, no
+    ``__init__`` to run per request)."""
 
-    __slots__ = ("close", "data")
-
-    def __init__(self) -> None:
-        self.data: bytes | None = None
-        self.close = False
+    data: bytes | None = None
+    close = False
 
     def fill(self, data: bytes, *, close: bool) -> None:
         self.data = data

@@ -123,7 +123,7 @@ class Checker:
         host: str,
         path: str,
         get: Callable[[str], str | None],
-        count: Callable[[str], int],
+        count: Callable[[str], int | None],
         then: Callable[[Pending], None],
         tag: object = None,
     ) -> Reply | Pending:
