@@ -24,6 +24,7 @@ from gateway.decision import (
     Admission,
     Denial,
     HeaderBlock,
+    HotCache,
     Policy,
     admit,
     error_body,
@@ -184,7 +185,9 @@ class Checker:
             )
         for cell in cells:
             cell.value += 1.0  # Cell.inc, inlined: two per allowed check
-        block = identity_block(admission, self._policy, now=now)
+        block = admission.block
+        if block is None or admission.block_window != int(now) // HotCache.SIGN_WINDOW * HotCache.SIGN_WINDOW:
+            block = identity_block(admission, self._policy, now=now)  # a new signing window (or the first check)
         return Reply(
             200, list(block.headers), shared=block, wire=ratelimit_wire(admission, results) if results else None
         )

@@ -77,7 +77,9 @@ class BucketBatcher:
         self._last_size = len(batch)
         # straight onto the store's connection when it can take callbacks; a task only when it cannot
         groups = [batch[0][0]] if len(batch) == 1 else [ops for ops, _ in batch]
-        send_buckets(self._store, groups, partial(self._finish, batch))
+        done = partial(self._finish, batch)
+        if not self._store.submit_buckets(groups, done):  # the store's connection could not take it now
+            send_buckets(self._store, groups, done)
         if self._on_batch is not None:
             self._on_batch(len(batch))
 
