@@ -61,10 +61,11 @@ class HotCache:
     MAX_ENTRIES = 100_000
 
     def __init__(self) -> None:
-        self.admissions: dict[tuple[str, str, str], Admission] = {}
-        """Admissions by (presented key, host, path): valid for one key index, catalog and generation. Keyed by the
-        credential itself so a repeated request skips the HMAC and the index lookup; only admitted credentials are
-        kept (never a denied one), in process memory only, at most ``MAX_ENTRIES``, dropped on every change."""
+        self.admissions: dict[tuple[tuple[str | None, str | None], str, str], Admission] = {}
+        """Admissions by (credential headers as presented, host, path): valid for one key index, catalog and
+        generation. Keyed by the credential itself so a repeated request skips parsing it, the HMAC and the index
+        lookup; only admitted credentials are kept (never a denied one), in process memory only, at most
+        ``MAX_ENTRIES``, dropped on every change."""
         self.admissions_of: tuple[object, object, int] = (None, None, -1)
         self.ops: dict[tuple[str, CompiledLimits], tuple[BucketOp, ...]] = {}
         self.identity: dict[tuple[KeyEntry, str, str, tuple[int, int] | None], HeaderBlock] = {}
@@ -182,9 +183,9 @@ def admit(
     count: Callable[[str], int | None],
     now: float,
 ) -> Admission | Denial:
-    token = credential(get, count)
-    if isinstance(token, Denial):
-        return token
+    if (count("authorization") or 0) > 1 or (count("x-api-key") or 0) > 1:
+        return DUPLICATE_KEY
+    presented = (get("authorization"), get("x-api-key"))
     query = path.find("?")
     if query >= 0:
         path = path[:query]
@@ -199,12 +200,15 @@ def admit(
         # a change event bumps the generation; a reload swaps the key index (whatever its generation)
         cache.admissions.clear()
         cache.admissions_of = (snapshot.keys, snapshot.catalog, snapshot.generation)
-    memo = (token, host, path)
+    memo = (presented, host, path)
     admission = cache.admissions.get(memo)
     if admission is not None:
         held = admission.key
         if held.status == STATUS_ACTIVE and (held.expires_at is None or held.expires_at > now):
             return admission
+    token = credential(get, count)
+    if isinstance(token, Denial):
+        return token
     digest = hmac.digest(policy.pepper, token.encode("utf-8", "surrogateescape"), "sha256")
     key = snapshot.keys.get(digest)
     if key is None or key.status == STATUS_REVOKED:

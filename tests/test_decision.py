@@ -105,6 +105,18 @@ def test_credentials(headers: list[tuple[str, str]], expected: str) -> None:
         assert ("www-authenticate", 'APIKEY realm="maas"') in outcome.headers
 
 
+def test_a_memoised_admission_never_answers_for_a_duplicated_or_different_credential() -> None:
+    """Admissions are memoised by the credential headers as presented: the same headers again reuse it; a second
+    copy of the header, or another header beside it, is judged anew."""
+    first = check([("Authorization", f"APIKEY {ADMIN}")])
+    assert isinstance(first, Admission)
+    assert check([("Authorization", f"APIKEY {ADMIN}")]) is first
+    doubled = [("Authorization", f"APIKEY {ADMIN}"), ("Authorization", "APIKEY other")]
+    assert code(check(doubled)) == "conflicting_credentials"
+    assert code(check([("Authorization", f"APIKEY {ADMIN}"), ("x-api-key", "other")])) == "conflicting_credentials"
+    assert code(check([("Authorization", f"APIKEY {ADMIN}x")])) == "invalid_api_key"
+
+
 @pytest.mark.parametrize(
     ("host", "path", "expected"),
     [

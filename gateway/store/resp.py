@@ -51,15 +51,8 @@ def _reply_error(reply: hiredis.ReplyError) -> StoreError:
     return NoScript(message) if message.startswith("NOSCRIPT") else StoreError(f"redis error: {message}")
 
 
-class _Waiting:
-    """A waiter in line, with the deadline of the send it belongs to (loop time) and what that send was for."""
-
-    __slots__ = ("deadline", "waiter", "what")
-
-    def __init__(self, waiter: Waiter, deadline: float, what: str) -> None:
-        self.waiter = waiter
-        self.deadline = deadline
-        self.what = what
+_Waiting = tuple[Waiter, float, str]
+"""A waiter in line, the deadline of the send it belongs to (loop time) and what that send was for."""
 
 
 def _deliver(waiter: Waiter, reply: Any, error: StoreError | None) -> None:
@@ -88,7 +81,7 @@ class _Protocol(asyncio.Protocol):
                     return  # reset by a callback: what is left belongs to nobody
                 if not pipe.waiters:
                     raise hiredis.ProtocolError("a reply nobody asked for")
-                waiter = pipe.waiters.popleft().waiter
+                waiter = pipe.waiters.popleft()[0]
                 try:
                     if isinstance(reply, hiredis.ReplyError):
                         waiter(None, _reply_error(reply))
@@ -165,9 +158,9 @@ class RespPipe:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         if len(waiters) == 1:
-            self.waiters.append(_Waiting(waiters[0], deadline, what))
+            self.waiters.append((waiters[0], deadline, what))
         else:
-            self.waiters.extend([_Waiting(waiter, deadline, what) for waiter in waiters])
+            self.waiters.extend([(waiter, deadline, what) for waiter in waiters])
         protocol.transport.write(payload)
         if self._watch is None:
             self._watch = loop.call_at(deadline, self._check_deadline)
@@ -177,12 +170,12 @@ class RespPipe:
         self._watch = None
         if not self.waiters:
             return
-        oldest = self.waiters[0]
+        _, deadline, what = self.waiters[0]
         loop = asyncio.get_running_loop()
-        if oldest.deadline <= loop.time():
-            self.reset(StoreTimeout(f"redis {oldest.what} timed out after {self._timeout:g}s"))
+        if deadline <= loop.time():
+            self.reset(StoreTimeout(f"redis {what} timed out after {self._timeout:g}s"))
         else:
-            self._watch = loop.call_at(oldest.deadline, self._check_deadline)
+            self._watch = loop.call_at(deadline, self._check_deadline)
 
     async def call(self, payload: bytes, what: str = "call") -> Any:
         """Send one encoded command and wait for its reply (an error reply raises StoreError)."""
@@ -224,8 +217,8 @@ class RespPipe:
         if current.transport is not None:
             current.transport.close()
         waiters, self.waiters = self.waiters, deque()
-        for waiting in waiters:
-            _deliver(waiting.waiter, None, error)
+        for waiter, _, _ in waiters:
+            _deliver(waiter, None, error)
 
     async def close(self) -> None:
         if self._watch is not None:
