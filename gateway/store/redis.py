@@ -252,7 +252,9 @@ class RedisStore:
                     return
             done(None, error)
 
-        return pipe.send(self._bucket_payload(groups), [reply], "buckets")
+        held = self._single.get(id(groups[0])) if len(groups) == 1 else None  # _bucket_payload's memo, inline
+        payload = held[1] if held is not None and held[0] is groups[0] else self._bucket_payload(groups)
+        return pipe.send(payload, [reply], "buckets")
 
     async def _reload_and_check(self, groups: Sequence[Sequence[BucketOp]], done: BucketsDone) -> None:
         try:

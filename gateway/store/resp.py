@@ -119,18 +119,15 @@ class RespPipe:
         if db:
             self._hello.append(command(b"SELECT", str(db).encode()))
         self._tls = ssl.create_default_context() if tls else None
-        self._protocol: _Protocol | None = None
+        self.current: _Protocol | None = None
+        """The connected protocol, None while there is none (a plain attribute: read on every send and reply)."""
         self.waiters: deque[_Waiting] = deque()
         self._lock = asyncio.Lock()
         self._watch: asyncio.TimerHandle | None = None
 
-    @property
-    def current(self) -> _Protocol | None:
-        return self._protocol
-
     async def connect(self) -> None:
         async with self._lock:
-            if self._protocol is not None:
+            if self.current is not None:
                 return
             loop = asyncio.get_running_loop()
             try:
@@ -140,7 +137,7 @@ class RespPipe:
                     )
             except (OSError, TimeoutError) as exc:
                 raise StoreError(f"cannot connect to redis at {self._host}:{self._port}: {exc!r}") from exc
-            self._protocol = protocol
+            self.current = protocol
             for hello in self._hello:
                 try:
                     await self._wait(hello, 1, "connection setup")
@@ -152,7 +149,7 @@ class RespPipe:
         """Write ``payload`` (one encoded command per waiter) now; False when not connected (``connect`` first).
         The waiters hear their replies in order, or the error that ended the connection, including a deadline
         passed (``StoreTimeout``) — never nothing."""
-        protocol = self._protocol
+        protocol = self.current
         if protocol is None or protocol.transport is None:
             return False
         loop = asyncio.get_running_loop()
@@ -188,7 +185,7 @@ class RespPipe:
         return await self._wait(payload, count, what)
 
     async def _wait(self, payload: bytes, count: int, what: str) -> list[Any]:
-        if self._protocol is None:
+        if self.current is None:
             await self.connect()
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         replies: list[Any] = []
@@ -210,10 +207,10 @@ class RespPipe:
 
     def reset(self, error: StoreError, protocol: _Protocol | None = None) -> None:
         """Close the connection (only if it is still ``protocol``'s, when given) and fail every waiting caller."""
-        current = self._protocol
+        current = self.current
         if current is None or (protocol is not None and protocol is not current):
             return
-        self._protocol = None
+        self.current = None
         if current.transport is not None:
             current.transport.close()
         waiters, self.waiters = self.waiters, deque()
