@@ -31,7 +31,13 @@ class Authz:
 
 @contextlib.contextmanager
 def authz_process(
-    *, redis_url: str, pepper: bytes, log_dir: Path, args: Sequence[str] = (), name: str = "authz"
+    *,
+    redis_url: str,
+    pepper: bytes,
+    log_dir: Path,
+    args: Sequence[str] = (),
+    name: str = "authz",
+    ready_timeout: float = 20.0,
 ) -> Iterator[Authz]:
     port, ops_port = free_port(), free_port()
     argv = maas_argv(
@@ -54,7 +60,7 @@ def authz_process(
     )
     proc = start(name, argv, log_dir=log_dir)
     try:
-        wait_http(f"http://127.0.0.1:{ops_port}/readyz", proc=proc.popen)
+        wait_http(f"http://127.0.0.1:{ops_port}/readyz", proc=proc.popen, timeout=ready_timeout)
         yield Authz(proc=proc, port=port, ops_port=ops_port)
     finally:
         proc.stop()
