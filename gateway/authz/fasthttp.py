@@ -63,8 +63,6 @@ _KNOWN = {
 """Header names as Envoy spells them, mapped to the decision's name or to "" (not read): one lookup per header."""
 _STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 _KEEP = b"content-length: %d\r\n\r\n"
-_OK = _STATUS[200]
-_EMPTY = _KEEP % 0
 _CLOSE = b"connection: close\r\ncontent-length: %d\r\n\r\n"
 
 
@@ -193,10 +191,7 @@ class CheckProtocol(asyncio.Protocol):
         except Exception:
             log.exception("ext_authz check failed")
             reply = checker.deny(INTERNAL, "", "")
-        if reply.wire is not None and keep_alive and reply.status == 200 and not reply.body:  # encode(), inline
-            slot.data = _OK + reply.shared.wire + reply.wire + _EMPTY  # type: ignore[union-attr]
-        else:
-            slot.data, slot.close = encode(reply, keep_alive=keep_alive), not keep_alive
+        slot.data, slot.close = encode(reply, keep_alive=keep_alive), not keep_alive
         self._flush()
         checker.observe(time.perf_counter() - started)
 

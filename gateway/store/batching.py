@@ -17,7 +17,7 @@ from functools import partial
 
 from gateway.errors import StoreError
 from gateway.limits import BucketOp, BucketResult
-from gateway.store.base import Store, outcome_into, send_buckets
+from gateway.store.base import Store, check_in_task, outcome_into
 
 log = logging.getLogger("maas.store.batching")
 
@@ -79,7 +79,7 @@ class BucketBatcher:
         groups = [batch[0][0]] if len(batch) == 1 else [ops for ops, _ in batch]
         done = partial(self._finish, batch)
         if not self._store.submit_buckets(groups, done):  # the store's connection could not take it now
-            send_buckets(self._store, groups, done)
+            check_in_task(self._store, groups, done)
         if self._on_batch is not None:
             self._on_batch(len(batch))
 

@@ -252,8 +252,18 @@ class RedisStore:
                     return
             done(None, error)
 
-        held = self._single.get(id(groups[0])) if len(groups) == 1 else None  # _bucket_payload's memo, inline
-        payload = held[1] if held is not None and held[0] is groups[0] else self._bucket_payload(groups)
+        if len(groups) == 1:  # a lone check (low load): its ops are memoised by the caller, so is their command
+            ops = groups[0]
+            held = self._single.get(id(ops))
+            if held is not None and held[0] is ops:
+                payload = held[1]
+            else:
+                if len(self._single) >= SINGLE_PAYLOADS:
+                    self._single.clear()
+                payload = self._encode_buckets(groups)
+                self._single[id(ops)] = (ops, payload)
+        else:
+            payload = self._encode_buckets(groups)
         return pipe.send(payload, [reply], "buckets")
 
     async def _reload_and_check(self, groups: Sequence[Sequence[BucketOp]], done: BucketsDone) -> None:
@@ -269,19 +279,6 @@ class RedisStore:
             return await self._run_buckets_resp(self._pipe, groups)
         return await self._run_buckets_redispy(groups)
 
-    def _bucket_payload(self, groups: Sequence[Sequence[BucketOp]]) -> bytes:
-        if len(groups) == 1:  # a lone check (low load): its ops are memoised by the caller, so is their command
-            ops = groups[0]
-            held = self._single.get(id(ops))
-            if held is not None and held[0] is ops:
-                return held[1]
-            if len(self._single) >= SINGLE_PAYLOADS:
-                self._single.clear()
-            payload = self._encode_buckets(groups)
-            self._single[id(ops)] = (ops, payload)
-            return payload
-        return self._encode_buckets(groups)
-
     def _encode_buckets(self, groups: Sequence[Sequence[BucketOp]]) -> bytes:
         keys: list[bytes] = []
         args: list[bytes] = [bulk(b"%d" % len(groups))]
@@ -296,7 +293,7 @@ class RedisStore:
         return head + b"".join(keys) + b"".join(args)
 
     async def _run_buckets_resp(self, pipe: RespPipe, groups: Sequence[Sequence[BucketOp]]) -> list[int]:
-        payload = self._bucket_payload(groups)
+        payload = self._encode_buckets(groups)
         try:
             result: list[int] = await pipe.call(payload, "buckets")
         except NoScript:
