@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway import contract
 from gateway.limits import BucketMode, BucketOp, evaluate, refill
@@ -163,3 +166,47 @@ async def test_a_bucket_stored_as_a_hash_by_an_earlier_version_is_still_read(red
     assert t2.allowed and t2.remaining == 0
     await raw.aclose()
     await store.close()
+
+
+_OP = st.tuples(
+    st.integers(min_value=0, max_value=40),  # limit
+    st.sampled_from([3_600_000, 86_400_000]),  # window: long, so the two clocks' drift cannot move a whole token
+    st.integers(min_value=0, max_value=50),  # cost
+    st.sampled_from(list(BucketMode)),
+    st.integers(min_value=0, max_value=8),  # min_cost
+)
+_GROUP = st.lists(st.tuples(st.sampled_from(["a", "b"]), _OP), min_size=1, max_size=3)
+
+
+@pytest.mark.redis
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(calls=st.lists(st.lists(_GROUP, min_size=1, max_size=3), min_size=1, max_size=6))
+def test_lua_and_python_agree_on_any_sequence(redis_url: str, calls: list[list[list[tuple[str, tuple]]]]) -> None:
+    """Every field of every result, for any mix of modes, limits (zero included) and groups per call; waits
+    (reset, retry) to within the milliseconds that pass between the two stores' clocks."""
+    prefix = uuid.uuid4().hex[:12]
+
+    def group(spec: list[tuple[str, tuple]]) -> list[BucketOp]:
+        dims = ("requests", "tokens", "extra")
+        return [
+            BucketOp(
+                key_id=prefix + key, dimension=dims[i], limit=lim, window_ms=win, cost=cost, mode=mode, min_cost=mc
+            )
+            for i, (key, (lim, win, cost, mode, mc)) in enumerate(spec)
+        ]
+
+    async def compare() -> None:
+        store, memory = RedisStore(redis_url, timeout=2.0), MemoryStore()
+        try:
+            for call in calls:
+                groups = [group(spec) for spec in call]
+                for r, m in zip(await store.check_buckets(groups), await memory.check_buckets(groups), strict=True):
+                    assert [(x.allowed, x.limit, x.remaining, x.debited) for x in r] == [
+                        (x.allowed, x.limit, x.remaining, x.debited) for x in m
+                    ]
+                    for x, y in zip(r, m, strict=True):
+                        assert abs(x.reset_ms - y.reset_ms) <= 1_000 and abs(x.retry_ms - y.retry_ms) <= 1_000, (x, y)
+        finally:
+            await store.close()
+
+    asyncio.run(compare())
