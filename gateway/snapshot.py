@@ -32,20 +32,26 @@ class CompiledLimits:
         """Compiled once per distinct value and shared: a million keys with the same override hold one object."""
         if limits is None:
             return None
-        compiled = _compiled.get(limits)
+        requests, tokens = limits.requests, limits.tokens
+        # memoised by plain tuples: a pydantic model's hash and equality run in Python, per key at a full load
+        memo = (
+            (requests.limit, requests.window) if requests is not None else None,
+            (tokens.limit, tokens.window) if tokens is not None else None,
+        )
+        compiled = _compiled.get(memo)
         if compiled is None:
-            req = (limits.requests.limit, parse_window(limits.requests.window)) if limits.requests else None
-            tok = (limits.tokens.limit, parse_window(limits.tokens.window)) if limits.tokens else None
+            req = (requests.limit, parse_window(requests.window)) if requests is not None else None
+            tok = (tokens.limit, parse_window(tokens.window)) if tokens is not None else None
             compiled = cls(requests=req, tokens=tok)
             if len(_compiled) < 100_000:
-                _compiled[limits] = compiled
+                _compiled[memo] = compiled
         return compiled
 
     def merged_over(self, base: CompiledLimits) -> CompiledLimits:
         return CompiledLimits(requests=self.requests or base.requests, tokens=self.tokens or base.tokens)
 
 
-_compiled: dict[Limits, CompiledLimits] = {}
+_compiled: dict[tuple[tuple[int, str] | None, tuple[int, str] | None], CompiledLimits] = {}
 
 
 class KeyEntry:

@@ -11,7 +11,7 @@ from multidict import CIMultiDict
 
 from gateway import contract
 from gateway.authz.server import Reply
-from gateway.contract import Limit, Limits, ModelRecord, TierRecord
+from gateway.contract import Limit, Limits, ModelRecord, TierRecord, parse_window
 from gateway.decision import (
     Admission,
     Denial,
@@ -26,7 +26,7 @@ from gateway.decision import (
 )
 from gateway.identity import H_SIGNATURE, H_TS, verify
 from gateway.limits import BucketResult
-from gateway.snapshot import Catalog, RouteTable, Snapshot, compile_key
+from gateway.snapshot import Catalog, CompiledLimits, RouteTable, Snapshot, compile_key
 from tests.support import platform
 
 PEPPER = b"unit-pepper-0123456789"
@@ -167,6 +167,32 @@ def test_tier_from_groups_and_limits_from_overrides() -> None:
     big = check([("x-api-key", platform.BIG.plaintext)])
     assert isinstance(big, Admission)
     assert [(op.dimension, op.limit) for op in big.ops] == [("requests", 1_000_000_000), ("tokens", 100_000)]
+
+
+def test_equal_key_limits_compile_to_one_shared_object_and_different_ones_apart() -> None:
+    """Keys' own limits are compiled once per distinct value (a million keys, one object); any field that differs,
+    the window as written included, gets its own."""
+    hour = Limits(requests=Limit(limit=5, window="1h"), tokens=Limit(limit=100, window="1m"))
+    same = Limits(requests=Limit(limit=5, window="1h"), tokens=Limit(limit=100, window="1m"))
+    a, b = CompiledLimits.of(hour), CompiledLimits.of(same)
+    assert a is b and a is not None and a.requests == (5, 3_600_000) and a.tokens == (100, 60_000)
+    for other in (
+        Limits(requests=Limit(limit=5, window="60m"), tokens=Limit(limit=100, window="1m")),
+        Limits(requests=Limit(limit=6, window="1h"), tokens=Limit(limit=100, window="1m")),
+        Limits(requests=Limit(limit=5, window="1h")),
+        Limits(tokens=Limit(limit=5, window="1h")),
+    ):
+        compiled = CompiledLimits.of(other)
+        assert compiled is not a and compiled is not None
+        assert (compiled.requests, compiled.tokens) == (
+            (other.requests.limit, parse_window(other.requests.window)) if other.requests else None,
+            (other.tokens.limit, parse_window(other.tokens.window)) if other.tokens else None,
+        )
+    assert CompiledLimits.of(None) is None
+    with pytest.raises(ValueError, match="invalid window"):
+        parse_window("5 fortnights")  # a memoised parser still refuses, every time
+    with pytest.raises(ValueError, match="invalid window"):
+        parse_window("5 fortnights")
 
 
 def test_highest_tier_level_wins() -> None:

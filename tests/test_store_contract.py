@@ -40,6 +40,20 @@ async def test_scan_many_records_in_batches(store) -> None:
     assert len({k for b in batches for k, _ in b}) == 1200
 
 
+async def test_a_scan_left_early_leaves_nothing_running(store) -> None:
+    """The Redis store asks for the next page before handing over the current one; a caller that stops reading
+    must not leave that request running (or its connection busy)."""
+    await store.apply([contract.put(_key(f"{i:064x}")) for i in range(300)])
+    before = asyncio.all_tasks()
+    scan = store.scan_records(RecordKind.KEY, batch=50)
+    first = await anext(scan)
+    assert first
+    await scan.aclose()
+    await asyncio.sleep(0)
+    assert not [t for t in asyncio.all_tasks() - before if not t.done()]
+    assert len([item async for batch in store.scan_records(RecordKind.KEY) for item in batch]) == 300
+
+
 async def test_subscription_sees_changes_in_order(store) -> None:
     async with store.subscribe() as sub:
         gen_a = await store.apply([contract.put(_key())])

@@ -186,17 +186,29 @@ class RedisStore:
         return int(value or 0)
 
     async def scan_records(self, kind: RecordKind, *, batch: int = 5000) -> AsyncIterator[list[tuple[str, bytes]]]:
+        """Pages of HSCAN, each next page asked for before this one is handed over: Redis finds and sends it while
+        the caller decodes this one (a million keys: ~200 pages)."""
         name = contract.KIND_HASHES[kind]
-        cursor: int = 0
-        while True:
-            cursor, items = await self._call(
-                "hscan",
-                lambda c=cursor: self._client.hscan(name, cursor=c, count=batch),  # type: ignore[misc]
+
+        def fetch(cursor: int) -> asyncio.Future[tuple[int, dict[bytes, bytes]]]:
+            return asyncio.ensure_future(
+                self._call("hscan", lambda: self._client.hscan(name, cursor=cursor, count=batch))
             )
-            if items:
-                yield [(k.decode(), v) for k, v in items.items()]
-            if cursor == 0:
-                return
+
+        pending = fetch(0)
+        try:
+            while True:
+                cursor, items = await pending
+                if cursor != 0:
+                    pending = fetch(cursor)
+                    await asyncio.sleep(0)  # one loop turn puts the request on the wire
+                if items:
+                    yield [(k.decode(), v) for k, v in items.items()]
+                if cursor == 0:
+                    return
+        finally:
+            if not pending.done():
+                pending.cancel()
 
     async def get_record(self, kind: RecordKind, ident: str) -> bytes | None:
         value = await self._call("hget", lambda: self._client.hget(contract.KIND_HASHES[kind], ident))
