@@ -46,6 +46,9 @@ class BucketBatcher:
         self._scheduled = False
         self._inflight = 0
         self._last_size = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop of the first check (``asyncio.get_running_loop`` costs a getpid system call per call); a batcher
+        serves one loop, as its store's connection does."""
 
     def check(self, ops: Sequence[BucketOp]) -> asyncio.Future[list[BucketResult]]:
         """The group's results as a future."""
@@ -62,8 +65,14 @@ class BucketBatcher:
             return
         self._pending.append((ops, done))
         if not self._scheduled and self._inflight < self._max_inflight:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        self._scheduled = True
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -100,8 +109,7 @@ class BucketBatcher:
         finally:
             self._inflight -= 1
             if self._pending and not self._scheduled:
-                self._scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
+                self._schedule()
 
 
 def _call(done: Done, results: list[BucketResult] | None, error: BaseException | None) -> None:

@@ -124,6 +124,8 @@ class RespPipe:
         self.waiters: deque[_Waiting] = deque()
         self._lock = asyncio.Lock()
         self._watch: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop of the current connection (``asyncio.get_running_loop`` costs a getpid system call per send)."""
 
     async def connect(self) -> None:
         async with self._lock:
@@ -138,6 +140,7 @@ class RespPipe:
             except (OSError, TimeoutError) as exc:
                 raise StoreError(f"cannot connect to redis at {self._host}:{self._port}: {exc!r}") from exc
             self.current = protocol
+            self._loop = loop
             for hello in self._hello:
                 try:
                     await self._wait(hello, 1, "connection setup")
@@ -150,9 +153,9 @@ class RespPipe:
         The waiters hear their replies in order, or the error that ended the connection, including a deadline
         passed (``StoreTimeout``) — never nothing."""
         protocol = self.current
-        if protocol is None or protocol.transport is None:
+        loop = self._loop
+        if protocol is None or protocol.transport is None or loop is None:
             return False
-        loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         if len(waiters) == 1:
             self.waiters.append((waiters[0], deadline, what))
@@ -160,19 +163,18 @@ class RespPipe:
             self.waiters.extend([(waiter, deadline, what) for waiter in waiters])
         protocol.transport.write(payload)
         if self._watch is None:
-            self._watch = loop.call_at(deadline, self._check_deadline)
+            self._watch = loop.call_at(deadline, self._check_deadline, loop)
         return True
 
-    def _check_deadline(self) -> None:
+    def _check_deadline(self, loop: asyncio.AbstractEventLoop) -> None:
         self._watch = None
         if not self.waiters:
             return
         _, deadline, what = self.waiters[0]
-        loop = asyncio.get_running_loop()
         if deadline <= loop.time():
             self.reset(StoreTimeout(f"redis {what} timed out after {self._timeout:g}s"))
         else:
-            self._watch = loop.call_at(deadline, self._check_deadline)
+            self._watch = loop.call_at(deadline, self._check_deadline, loop)
 
     async def call(self, payload: bytes, what: str = "call") -> Any:
         """Send one encoded command and wait for its reply (an error reply raises StoreError)."""
