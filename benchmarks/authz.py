@@ -37,6 +37,8 @@ PEPPER = b"bench-pepper-0123456789abcdef"
 PATH = "/qwen3/v1/chat/completions"
 SLICES_PER_REP = 4
 """The latency and 1,000,000-key comparisons run as this many short runs per repetition, in rotation."""
+LATENCY_INSTANCES_PER_REP = 2
+"""Fresh sets of processes the latency comparison is spread over, per repetition."""
 UNLIMITED = Limits(requests=Limit(limit=1_000_000_000, window="1m"), tokens=Limit(limit=1_000_000_000_000, window="1m"))
 
 
@@ -127,34 +129,44 @@ def run(s: Settings, log_dir: Path) -> dict[str, object]:
                 "authz_rps": max(float(v["authz_rps"]) for v in levels.values()),  # type: ignore[arg-type]
                 "levels": levels,
             }
-            out["latency"] = latency_through_envoy(s, log_dir, upstream_port, trivial_port, a10.port, small_plain)
+            out["latency"] = latency_through_envoy(s, log_dir, upstream_port, redis.url, small_plain)
             rss_10 = rss_bytes(a10.proc.popen.pid)
             out["scale"] = scale(s, log_dir, redis.url, a10.url, rss_10, small_plain)
     return out
 
 
 def latency_through_envoy(
-    s: Settings, log_dir: Path, upstream: int, trivial_port: int, authz_port: int, keys: list[str]
+    s: Settings, log_dir: Path, upstream: int, redis_url: str, keys: list[str]
 ) -> dict[str, object]:
+    """The three paths in rotation, on fresh sets of processes (the two ext_authz servers and the three Envoys;
+    ``LATENCY_INSTANCES_PER_REP`` per repetition), a few short runs each: identical processes differ by up to ~15%
+    here (memory layout, hash seeds, which core each lands on), so one set would measure its own luck more than the
+    servers."""
     clusters = [envoy.Cluster("upstream", upstream)]
     routes = [envoy.Route("/qwen3", "upstream", rewrite="/")]
     results: dict[str, list[WrkResult]] = {"envoy": [], "envoy+trivial": [], "envoy+authz": []}
-    with (
-        envoy_process(routes=routes, clusters=clusters, authz_port=None, log_dir=log_dir) as plain,
-        envoy_process(routes=routes, clusters=clusters, authz_port=trivial_port, log_dir=log_dir) as with_trivial,
-        envoy_process(routes=routes, clusters=clusters, authz_port=authz_port, log_dir=log_dir) as with_authz,
-    ):
-        targets = {"envoy": plain, "envoy+trivial": with_trivial, "envoy+authz": with_authz}
-        for proxy in targets.values():
-            run_wrk(proxy.url, path=PATH, keys=keys, duration=1, connections=16, rate=s.rate)
-        # many short runs in rotation rather than a few long ones: the machine's speed drifts by more than the
-        # difference measured, and a drift then lands on all three paths alike
-        slices, seconds = s.reps * SLICES_PER_REP, max(1.0, s.duration / SLICES_PER_REP)
-        for _ in range(slices):
-            for name, proxy in targets.items():
-                results[name].append(
-                    run_wrk(proxy.url, path=PATH, keys=keys, duration=seconds, connections=16, rate=s.rate)
-                )
+    instances = s.reps * LATENCY_INSTANCES_PER_REP
+    slices = max(1, SLICES_PER_REP // LATENCY_INSTANCES_PER_REP)
+    seconds = max(1.0, s.duration / SLICES_PER_REP)
+    for instance in range(instances):
+        with (
+            trivial(log_dir) as (_, trivial_port),
+            authz_process(redis_url=redis_url, pepper=PEPPER, log_dir=log_dir, name=f"authz-lat{instance}") as authz,
+            envoy_process(routes=routes, clusters=clusters, authz_port=None, log_dir=log_dir) as plain,
+            envoy_process(routes=routes, clusters=clusters, authz_port=trivial_port, log_dir=log_dir) as with_trivial,
+            envoy_process(routes=routes, clusters=clusters, authz_port=authz.port, log_dir=log_dir) as with_authz,
+        ):
+            targets = [("envoy", plain), ("envoy+trivial", with_trivial), ("envoy+authz", with_authz)]
+            for _, proxy in targets:
+                run_wrk(proxy.url, path=PATH, keys=keys, duration=1, connections=16, rate=s.rate)
+            # short runs in rotation rather than a few long ones: the machine's speed drifts by more than the
+            # difference measured, and a drift then lands on all three paths alike (the order reversed every
+            # other time, so no path always runs right after the same one)
+            for i in range(slices):
+                for name, proxy in targets if i % 2 == 0 else targets[::-1]:
+                    results[name].append(
+                        run_wrk(proxy.url, path=PATH, keys=keys, duration=seconds, connections=16, rate=s.rate)
+                    )
     summary: dict[str, object] = {}
     for name, runs in results.items():
         summary[name] = {
@@ -166,7 +178,13 @@ def latency_through_envoy(
             "non2xx": sum(r.non2xx for r in runs),
         }
     paired = [a.p50_us / t.p50_us for a, t in zip(results["envoy+authz"], results["envoy+trivial"], strict=True)]
-    summary["slices"] = {"count": slices, "seconds": seconds, "p50_ratio_median": median(paired)}
+    summary["slices"] = {
+        "count": len(paired),
+        "seconds": seconds,
+        "instances": instances,
+        "p50_ratio_median": median(paired),
+        "p50_ratios": paired,
+    }
     return summary
 
 
@@ -248,7 +266,8 @@ def report(result: dict[str, object], s: Settings) -> str:
             verdict(p99_ratio <= 1.25),
         ),
         (
-            f"p50 ratio within each of {sl['count']} interleaved {sl['seconds']:g} s runs (median)",
+            f"p50 ratio within each of {sl['count']} interleaved {sl['seconds']:g} s runs on {sl['instances']} process "
+            "sets (median)",
             "",
             f"{sl['p50_ratio_median']:.2f}x",
             "report",
