@@ -50,6 +50,8 @@ class Settings:
     rate: float
     big_keys: int
     sample: int
+    rotations: int = 4
+    """Latency: rotations of short runs over the three paths on each fresh set of processes."""
 
 
 def bench_keys(count: int) -> list[platform.Key]:
@@ -146,7 +148,7 @@ def latency_through_envoy(
     routes = [envoy.Route("/qwen3", "upstream", rewrite="/")]
     results: dict[str, list[WrkResult]] = {"envoy": [], "envoy+trivial": [], "envoy+authz": []}
     instances = s.reps * LATENCY_INSTANCES_PER_REP
-    slices = max(1, SLICES_PER_REP // LATENCY_INSTANCES_PER_REP)
+    slices = s.rotations
     seconds = max(1.0, s.duration / SLICES_PER_REP)
     for instance in range(instances):
         with (
@@ -354,6 +356,7 @@ def main(argv: list[str]) -> int:
         rate=args.rate,
         big_keys=args.keys or (20_000 if args.quick else 1_000_000),
         sample=10_000 if not args.quick else 2_000,
+        rotations=2 if args.quick else 4,
     )
     log_dir = args.log_dir or Path(__import__("tempfile").mkdtemp(prefix="maas-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
