@@ -313,15 +313,13 @@ def ratelimit_wire(admission: Admission, results: list[BucketResult]) -> bytes:
         template = admission.wire_template = _wire_template(tuple(op.dimension for op in admission.ops))
     if len(results) == 2:  # requests and tokens, the usual pair
         first, second = results
-        one, two = first.reset_ms, second.reset_ms
         values: tuple[object, ...] = (
             first.limit,
             first.remaining,
-            # format_duration's two commonest cases inline (a reset of nothing, or within a second)
-            "0s" if one <= 0 else f"{int(one + 0.999)}ms" if one < 1000 else format_duration(one),
+            format_duration(first.reset_ms),
             second.limit,
             second.remaining,
-            "0s" if two <= 0 else f"{int(two + 0.999)}ms" if two < 1000 else format_duration(two),
+            format_duration(second.reset_ms),
         )
     else:
         values = tuple(v for res in results for v in (res.limit, res.remaining, format_duration(res.reset_ms)))

@@ -191,7 +191,7 @@ class CheckProtocol(asyncio.Protocol):
         except Exception:
             log.exception("ext_authz check failed")
             reply = checker.deny(INTERNAL, "", "")
-        slot.data, slot.close = encode(reply, keep_alive=keep_alive), not keep_alive
+        slot.fill(encode(reply, keep_alive=keep_alive), close=not keep_alive)
         self._flush()
         checker.observe(time.perf_counter() - started)
 

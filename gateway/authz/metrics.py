@@ -30,7 +30,7 @@ class AuthzMetrics:
         )
         self.store_up = Gauge("maas_store_up", "1 while the last store call succeeded", registry=r)
         self.store_up.set(1)
-        self.store_is_up = True
+        self._store_is_up = True
         self.policy_applied = Counter(
             "maas_authz_store_policy_total",
             "checks answered by the --on-store-error policy while the store was unreachable",
@@ -66,11 +66,10 @@ class AuthzMetrics:
     def store_error(self, operation: str, code: str) -> None:
         self._store_errors.labels(operation, code).inc()
         self.store_up.set(0)
-        self.store_is_up = False
+        self._store_is_up = False
 
     def store_ok(self) -> None:
-        """A store call succeeded (the gauge is only written when it changes; callers on the hot path test
-        ``store_is_up`` first)."""
-        if not self.store_is_up:
-            self.store_is_up = True
+        """A store call succeeded (called per check: the gauge is only written when it changes)."""
+        if not self._store_is_up:
+            self._store_is_up = True
             self.store_up.set(1)

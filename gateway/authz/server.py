@@ -24,7 +24,6 @@ from gateway.decision import (
     Admission,
     Denial,
     HeaderBlock,
-    HotCache,
     Policy,
     admit,
     error_body,
@@ -160,8 +159,7 @@ class Checker:
             )
             results = self._policy_results(pending.admission.ops)
         else:
-            if not self._metrics.store_is_up:
-                self._metrics.store_ok()
+            self._metrics.store_ok()
             if results and results[0].allowed:  # the usual answer, without the detour through _decide
                 return self._allow(pending.admission, results, pending.now)
         return self._decide(pending.admission, results, pending.now)
@@ -185,9 +183,7 @@ class Checker:
             )
         for cell in cells:
             cell.value += 1.0  # Cell.inc, inlined: two per allowed check
-        block = admission.block
-        if block is None or admission.block_window != int(now) // HotCache.SIGN_WINDOW * HotCache.SIGN_WINDOW:
-            block = identity_block(admission, self._policy, now=now)  # a new signing window (or the first check)
+        block = identity_block(admission, self._policy, now=now)  # the admission's own block within its window
         return Reply(
             200, list(block.headers), shared=block, wire=ratelimit_wire(admission, results) if results else None
         )

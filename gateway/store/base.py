@@ -39,12 +39,8 @@ _checks: set[asyncio.Task[None]] = set()
 def send_buckets(store: Store, groups: Sequence[Sequence[BucketOp]], done: BucketsDone) -> None:
     """Check ``groups`` and hand the outcome to ``done`` (exactly once): sent at once when the store can
     (``submit_buckets``), else ``check_buckets`` runs as a task."""
-    if not store.submit_buckets(groups, done):
-        check_in_task(store, groups, done)
-
-
-def check_in_task(store: Store, groups: Sequence[Sequence[BucketOp]], done: BucketsDone) -> None:
-    """``check_buckets`` as a task, its outcome handed to ``done``: for when ``submit_buckets`` said False."""
+    if store.submit_buckets(groups, done):
+        return
 
     async def check() -> None:
         try:

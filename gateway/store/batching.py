@@ -17,7 +17,7 @@ from functools import partial
 
 from gateway.errors import StoreError
 from gateway.limits import BucketOp, BucketResult
-from gateway.store.base import Store, check_in_task, outcome_into
+from gateway.store.base import Store, outcome_into, send_buckets
 
 log = logging.getLogger("maas.store.batching")
 
@@ -86,9 +86,7 @@ class BucketBatcher:
         self._last_size = len(batch)
         # straight onto the store's connection when it can take callbacks; a task only when it cannot
         groups = [batch[0][0]] if len(batch) == 1 else [ops for ops, _ in batch]
-        done = partial(self._finish, batch)
-        if not self._store.submit_buckets(groups, done):  # the store's connection could not take it now
-            check_in_task(self._store, groups, done)
+        send_buckets(self._store, groups, partial(self._finish, batch))
         if self._on_batch is not None:
             self._on_batch(len(batch))
 
@@ -102,10 +100,7 @@ class BucketBatcher:
                     _call(done, None, failure)
             else:
                 for (_, done), result in zip(batch, results, strict=True):
-                    try:
-                        done(result, None)
-                    except Exception:  # one caller's failure must not keep the others of the batch from their answers
-                        log.exception("bucket check callback failed")
+                    _call(done, result, None)
         finally:
             self._inflight -= 1
             if self._pending and not self._scheduled:

@@ -157,10 +157,7 @@ class RespPipe:
         if protocol is None or protocol.transport is None or loop is None:
             return False
         deadline = loop.time() + self._timeout
-        if len(waiters) == 1:
-            self.waiters.append((waiters[0], deadline, what))
-        else:
-            self.waiters.extend([(waiter, deadline, what) for waiter in waiters])
+        self.waiters.extend([(waiter, deadline, what) for waiter in waiters])
         protocol.transport.write(payload)
         if self._watch is None:
             self._watch = loop.call_at(deadline, self._check_deadline, loop)
