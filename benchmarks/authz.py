@@ -6,7 +6,9 @@ targets are ratios):
   aiohttp + uvloop server, each at 32 and at 128 wrk connections, its best counted: the trivial server is saturated
   at 32 already, while a check that waits on Redis needs more requests in flight to keep the server busy (at 32,
   both batches of a round trip hold nearly every request and the server waits with them);
-- latency at a fixed rate through Envoy: no ext_authz, the trivial server as ext_authz, ``maas authz``;
+- latency at a fixed rate through Envoy: no ext_authz, the trivial server as ext_authz, ``maas authz`` (wrk's paced
+  connections on fresh sets of processes, with an interval for the ratio over those sets), and the same three paths
+  one request at a time, taking turns request by request;
 - 1,000,000 keys: cold-start load time, RSS per key, throughput vs. 10 keys.
 """
 
@@ -16,9 +18,12 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import math
+import random
+import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +41,9 @@ from tests.support.stack import authz_process, envoy_process
 PEPPER = b"bench-pepper-0123456789abcdef"
 PATH = "/qwen3/v1/chat/completions"
 SLICES_PER_REP = 4
-"""The latency and 1,000,000-key comparisons run as this many short runs per repetition, in rotation."""
-LATENCY_INSTANCES_PER_REP = 2
-"""Fresh sets of processes the latency comparison is spread over, per repetition."""
+"""The 1,000,000-key comparison runs as this many short runs per repetition, in rotation."""
+BOOTSTRAP_ROUNDS = 2000
+"""Resamples of the process sets behind the p50 ratio's interval."""
 UNLIMITED = Limits(requests=Limit(limit=1_000_000_000, window="1m"), tokens=Limit(limit=1_000_000_000_000, window="1m"))
 
 
@@ -52,6 +57,10 @@ class Settings:
     sample: int
     rotations: int = 4
     """Latency: rotations of short runs over the three paths on each fresh set of processes."""
+    sets: int = 12
+    """Latency: fresh sets of processes (both ext_authz servers and the three Envoys) the comparison is spread over."""
+    turns: int = 900
+    """Latency one request at a time: requests per set of processes, the three paths taking turns."""
 
 
 def bench_keys(count: int) -> list[platform.Key]:
@@ -140,17 +149,19 @@ def run(s: Settings, log_dir: Path) -> dict[str, object]:
 def latency_through_envoy(
     s: Settings, log_dir: Path, upstream: int, redis_url: str, keys: list[str]
 ) -> dict[str, object]:
-    """The three paths in rotation, on fresh sets of processes (the two ext_authz servers and the three Envoys;
-    ``LATENCY_INSTANCES_PER_REP`` per repetition), a few short runs each: identical processes differ by up to ~15%
-    here (memory layout, hash seeds, which core each lands on), so one set would measure its own luck more than the
-    servers."""
+    """The three paths in rotation, on ``s.sets`` fresh sets of processes (the two ext_authz servers and the three
+    Envoys), a few short runs each: identical processes differ by up to ~15% here (memory layout, hash seeds, which
+    core each lands on), so one set would measure its own luck more than the servers. Then, on the same set, the
+    three paths one request at a time, taking turns."""
     clusters = [envoy.Cluster("upstream", upstream)]
     routes = [envoy.Route("/qwen3", "upstream", rewrite="/")]
-    results: dict[str, list[WrkResult]] = {"envoy": [], "envoy+trivial": [], "envoy+authz": []}
-    instances = s.reps * LATENCY_INSTANCES_PER_REP
-    slices = s.rotations
+    names = ("envoy", "envoy+trivial", "envoy+authz")
+    results: dict[str, list[WrkResult]] = {name: [] for name in names}
+    turns: dict[str, list[float]] = {name: [] for name in names}
+    run_set: list[int] = []
+    """The set of processes of each run (the same for the three paths' runs of one rotation)."""
     seconds = max(1.0, s.duration / SLICES_PER_REP)
-    for instance in range(instances):
+    for instance in range(s.sets):
         with (
             trivial(log_dir) as (_, trivial_port),
             authz_process(redis_url=redis_url, pepper=PEPPER, log_dir=log_dir, name=f"authz-lat{instance}") as authz,
@@ -158,17 +169,21 @@ def latency_through_envoy(
             envoy_process(routes=routes, clusters=clusters, authz_port=trivial_port, log_dir=log_dir) as with_trivial,
             envoy_process(routes=routes, clusters=clusters, authz_port=authz.port, log_dir=log_dir) as with_authz,
         ):
-            targets = [("envoy", plain), ("envoy+trivial", with_trivial), ("envoy+authz", with_authz)]
+            targets = list(zip(names, (plain, with_trivial, with_authz), strict=True))
             for _, proxy in targets:
                 run_wrk(proxy.url, path=PATH, keys=keys, duration=1, connections=16, rate=s.rate)
             # short runs in rotation rather than a few long ones: the machine's speed drifts by more than the
             # difference measured, and a drift then lands on all three paths alike (the order reversed every
             # other time, so no path always runs right after the same one)
-            for i in range(slices):
+            for i in range(s.rotations):
                 for name, proxy in targets if i % 2 == 0 else targets[::-1]:
                     results[name].append(
                         run_wrk(proxy.url, path=PATH, keys=keys, duration=seconds, connections=16, rate=s.rate)
                     )
+                run_set.append(instance)
+            taken = one_at_a_time([proxy.port for _, proxy in targets], keys, requests=s.turns, rate=s.rate)
+            for name, latencies in zip(names, taken, strict=True):
+                turns[name].extend(latencies)
     summary: dict[str, object] = {}
     for name, runs in results.items():
         summary[name] = {
@@ -179,15 +194,97 @@ def latency_through_envoy(
             "p999_us": median([r.p999_us for r in runs]),
             "non2xx": sum(r.non2xx for r in runs),
         }
-    paired = [a.p50_us / t.p50_us for a, t in zip(results["envoy+authz"], results["envoy+trivial"], strict=True)]
+    authz_p50 = [r.p50_us for r in results["envoy+authz"]]
+    trivial_p50 = [r.p50_us for r in results["envoy+trivial"]]
+    paired = [a / t for a, t in zip(authz_p50, trivial_p50, strict=True)]
+    low, high = ratio_interval(authz_p50, trivial_p50, run_set)
     summary["slices"] = {
         "count": len(paired),
         "seconds": seconds,
-        "instances": instances,
+        "instances": s.sets,
         "p50_ratio_median": median(paired),
+        "p50_ratio_interval": [low, high],
         "p50_ratios": paired,
+        "sets": run_set,
+    }
+    summary["turns"] = {
+        name: {"count": len(v), "p50_us": median(v), "p99_us": percentile(v, 99)} for name, v in turns.items()
     }
     return summary
+
+
+def ratio_interval(
+    authz: Sequence[float], trivial: Sequence[float], sets: Sequence[int], *, rounds: int = BOOTSTRAP_ROUNDS
+) -> tuple[float, float]:
+    """A 90% interval for median(authz) / median(trivial) over the process sets: the sets are drawn again with
+    replacement (the runs of one set stay together, since a set's luck is shared by its runs), a fixed seed."""
+    by_set: dict[int, list[int]] = {}
+    for index, which in enumerate(sets):
+        by_set.setdefault(which, []).append(index)
+    groups = list(by_set.values())
+    draw = random.Random(20261129)
+    ratios = []
+    for _ in range(rounds):
+        chosen = [i for _ in groups for i in draw.choice(groups)]
+        ratios.append(median([authz[i] for i in chosen]) / median([trivial[i] for i in chosen]))
+    return percentile(ratios, 5), percentile(ratios, 95)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))] if ordered else 0.0
+
+
+def one_at_a_time(ports: Sequence[int], keys: Sequence[str], *, requests: int, rate: float) -> list[list[float]]:
+    """Latencies (us) of requests sent one at a time at ``rate`` in total, the paths taking turns request by request
+    (the order reversed every other round): each path meets the same moments of the machine, with nothing else in
+    flight, so the difference is each hop's own cost rather than queueing behind other requests."""
+    connections = [socket.create_connection(("127.0.0.1", port)) for port in ports]
+    heads = [f"GET {PATH} HTTP/1.1\r\nhost: bench\r\nauthorization: APIKEY {key}\r\n\r\n".encode() for key in keys]
+    latencies: list[list[float]] = [[] for _ in ports]
+    try:
+        for conn in connections:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        due = time.perf_counter()
+        for i in range(requests):
+            due += 1 / rate
+            wait = due - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            turn, place = divmod(i, len(ports))
+            path = place if turn % 2 == 0 else len(ports) - 1 - place
+            started = time.perf_counter()
+            connections[path].sendall(heads[i % len(heads)])
+            _read_response(connections[path])
+            latencies[path].append((time.perf_counter() - started) * 1e6)
+    finally:
+        for conn in connections:
+            conn.close()
+    return latencies
+
+
+def _read_response(conn: socket.socket) -> None:
+    """One keep-alive response, read to its end; anything but a 200 stops the benchmark."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise RuntimeError("the proxy closed the connection")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"not allowed: {head[:200]!r}")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise RuntimeError("the proxy closed the connection")
+        body += chunk
 
 
 def scale(s: Settings, log_dir: Path, redis_url: str, a10_url: str, rss_10: int, small: list[str]) -> dict[str, object]:
@@ -237,6 +334,8 @@ def report(result: dict[str, object], s: Settings) -> str:
     assert isinstance(sat, dict) and isinstance(lat, dict) and isinstance(sc, dict)
     ratio = sat["authz_rps"] / sat["trivial_rps"]
     e0, e1, e2, sl = lat["envoy"], lat["envoy+trivial"], lat["envoy+authz"], lat["slices"]
+    t0, t1, t2 = (lat["turns"][name] for name in ("envoy", "envoy+trivial", "envoy+authz"))
+    low, high = sl["p50_ratio_interval"]
     p50_ratio = e2["p50_us"] / e1["p50_us"]
     p99_ratio = e2["p99_us"] / e1["p99_us"]
     tput_ratio = sc["rps_big"] / sc["rps_10_keys"]
@@ -268,6 +367,13 @@ def report(result: dict[str, object], s: Settings) -> str:
             verdict(p99_ratio <= 1.25),
         ),
         (
+            f"p50 ratio, 90% interval over the {sl['instances']} process sets (drawn again with replacement)",
+            "",
+            f"{low:.2f}-{high:.2f}x",
+            "report",
+            "",
+        ),
+        (
             f"p50 ratio within each of {sl['count']} interleaved {sl['seconds']:g} s runs on {sl['instances']} process "
             "sets (median)",
             "",
@@ -275,7 +381,20 @@ def report(result: dict[str, object], s: Settings) -> str:
             "report",
             "",
         ),
-        ("p50 added over Envoy without ext_authz", f"{e2['p50_us'] - e0['p50_us']:.0f} us", "", "report", ""),
+        (
+            f"p50 one request at a time, the paths taking turns ({t1['count']:,} each), authz vs trivial",
+            f"{t2['p50_us']:.0f} / {t1['p50_us']:.0f} us",
+            f"{t2['p50_us'] / t1['p50_us']:.2f}x",
+            "report",
+            "",
+        ),
+        (
+            "p50 added over Envoy without ext_authz (one request at a time)",
+            f"{e2['p50_us'] - e0['p50_us']:.0f} us ({t2['p50_us'] - t0['p50_us']:.0f} us)",
+            "",
+            "report",
+            "",
+        ),
         (
             f"{sc['keys']:,} keys loaded, the same 10 keys in use: rps vs 10 keys loaded",
             f"{sc['rps_big_same_keys']:,.0f} / {sc['rps_10_keys']:,.0f}",
@@ -330,8 +449,13 @@ def report(result: dict[str, object], s: Settings) -> str:
             [
                 (name, v["rps"], *(f"{v[p]:.0f}" for p in ("p50_us", "p90_us", "p99_us", "p999_us")), v["non2xx"])
                 for name, v in lat.items()
-                if name != "slices"
+                if name not in ("slices", "turns")
             ],
+        ),
+        "",
+        table(
+            ("path, one request at a time", "requests", "p50 us", "p99 us"),
+            [(name, v["count"], f"{v['p50_us']:.0f}", f"{v['p99_us']:.0f}") for name, v in lat["turns"].items()],
         ),
     ]
     return "\n".join(lines)
@@ -357,6 +481,8 @@ def main(argv: list[str]) -> int:
         big_keys=args.keys or (20_000 if args.quick else 1_000_000),
         sample=10_000 if not args.quick else 2_000,
         rotations=2 if args.quick else 4,
+        sets=2 if args.quick else 12,
+        turns=300 if args.quick else 900,
     )
     log_dir = args.log_dir or Path(__import__("tempfile").mkdtemp(prefix="maas-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
