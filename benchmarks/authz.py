@@ -205,6 +205,8 @@ def latency_through_envoy(
         "p50_ratio_median": median(paired),
         "p50_ratio_interval": [low, high],
         "p50_ratios": paired,
+        "authz_p50_us": authz_p50,
+        "trivial_p50_us": trivial_p50,
         "sets": run_set,
     }
     summary["turns"] = {
