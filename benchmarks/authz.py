@@ -242,7 +242,7 @@ def one_at_a_time(ports: Sequence[int], keys: Sequence[str], *, requests: int, r
     """Latencies (us) of requests sent one at a time at ``rate`` in total, the paths taking turns request by request
     (the order reversed every other round): each path meets the same moments of the machine, with nothing else in
     flight, so the difference is each hop's own cost rather than queueing behind other requests."""
-    connections = [socket.create_connection(("127.0.0.1", port)) for port in ports]
+    connections = [socket.create_connection(("127.0.0.1", port), timeout=10.0) for port in ports]
     heads = [f"GET {PATH} HTTP/1.1\r\nhost: bench\r\nauthorization: APIKEY {key}\r\n\r\n".encode() for key in keys]
     latencies: list[list[float]] = [[] for _ in ports]
     try:
