@@ -27,7 +27,10 @@ class CommonSettings(BaseSettings):
 
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="store: redis://, rediss://, redis+cluster://, or memory:// (one process only)",
+        description=(
+            "store: redis://, rediss://, unix:// (a Redis socket on this host: unix:///run/redis/redis.sock?db=0), "
+            "redis+cluster://, or memory:// (one process only)"
+        ),
     )
     store_timeout: float = Field(0.25, gt=0, le=30, description="timeout of every store call, seconds")
     key_pepper: SecretStr | None = Field(

@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import hiredis
 import pytest
@@ -205,3 +206,31 @@ async def test_a_lone_check_is_sent_with_its_own_ops_not_a_remembered_command(re
         assert (again.allowed, again.limit, again.remaining) == (True, 5, 0)
     finally:
         await store.close()
+
+
+async def test_a_unix_socket_url_takes_the_pipe_too(tmp_path: Path) -> None:
+    """``unix://`` (Redis on the same host): bucket checks go through the pipe over the socket, callbacks
+    included, as they do over TCP; a socket that is not there is a StoreError naming it, not a hang."""
+    socket_path = tmp_path / "redis.sock"
+    with redis_server(extra=["--unixsocket", str(socket_path), "--unixsocketperm", "700"]):
+        store = RedisStore(f"unix://{socket_path}?db=3", timeout=2.0)
+        op = BucketOp(key_id="pipe-unix", dimension="requests", limit=2, window_ms=60_000, cost=1)
+        try:
+            ((first,),) = await store.check_buckets([[op]])  # connects the pipe and loads the script
+            assert store._pipe is not None and store._pipe.current is not None
+            got: asyncio.Future[list[list[BucketResult]]] = asyncio.get_running_loop().create_future()
+            assert store.submit_buckets(
+                [[op], [op]], lambda r, e: got.set_exception(e) if e else got.set_result(r or [])
+            )
+            (second,), (third,) = await asyncio.wait_for(got, 5)
+            assert [(r.allowed, r.remaining) for r in (first, second, third)] == [(True, 1), (True, 0), (False, 0)]
+            # the buckets are in the database the URL names
+            assert await store._client.exists(f"maas:b:{{k:{op.key_id}}}:{op.dimension}") == 1
+        finally:
+            await store.close()
+    missing = RedisStore(f"unix://{tmp_path / 'nothing.sock'}", timeout=0.5)
+    try:
+        with pytest.raises(StoreError, match=r"nothing\.sock"):
+            await asyncio.wait_for(missing.check_buckets([[op]]), 5)
+    finally:
+        await missing.close()

@@ -142,11 +142,12 @@ class RedisStore:
         self._apply = _Script(APPLY_SCRIPT)
         self._buckets = _Script(BUCKET_SCRIPT)
         self._pipe: RespPipe | None = None
-        if not self.cluster and self._url.startswith(("redis://", "rediss://")):
+        if not self.cluster and self._url.startswith(("redis://", "rediss://", "unix://")):
             params = parse_url(self._url)
             self._pipe = RespPipe(
                 host=str(params.get("host", "127.0.0.1")),
                 port=int(params.get("port", 6379)),
+                path=params.get("path"),
                 db=int(params.get("db", 0)),
                 username=params.get("username"),
                 password=params.get("password"),

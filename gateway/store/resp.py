@@ -101,8 +101,9 @@ class RespPipe:
     def __init__(
         self,
         *,
-        host: str,
-        port: int,
+        host: str = "127.0.0.1",
+        port: int = 6379,
+        path: str | None = None,
         db: int = 0,
         username: str | None = None,
         password: str | None = None,
@@ -111,6 +112,8 @@ class RespPipe:
     ) -> None:
         self._host = host
         self._port = port
+        self._path = path
+        """A Unix socket's path (``unix://`` URLs); host and port are not used then."""
         self._timeout = timeout
         self._hello: list[bytes] = []
         if password:
@@ -134,11 +137,15 @@ class RespPipe:
             loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(max(self._timeout, 0.05) * 4):
-                    _, protocol = await loop.create_connection(
-                        lambda: _Protocol(self), self._host, self._port, ssl=self._tls
-                    )
+                    if self._path is not None:
+                        _, protocol = await loop.create_unix_connection(lambda: _Protocol(self), self._path)
+                    else:
+                        _, protocol = await loop.create_connection(
+                            lambda: _Protocol(self), self._host, self._port, ssl=self._tls
+                        )
             except (OSError, TimeoutError) as exc:
-                raise StoreError(f"cannot connect to redis at {self._host}:{self._port}: {exc!r}") from exc
+                where = self._path if self._path is not None else f"{self._host}:{self._port}"
+                raise StoreError(f"cannot connect to redis at {where}: {exc!r}") from exc
             self.current = protocol
             self._loop = loop
             for hello in self._hello:
