@@ -61,6 +61,8 @@ class Settings:
     """Latency: fresh sets of processes (both ext_authz servers and the three Envoys) the comparison is spread over."""
     turns: int = 900
     """Latency one request at a time: requests per set of processes, the three paths taking turns."""
+    unix_socket: bool = False
+    """``maas authz`` reaches Redis over a Unix socket (Redis on the same host) instead of TCP loopback."""
 
 
 def bench_keys(count: int) -> list[platform.Key]:
@@ -117,9 +119,17 @@ def run(s: Settings, log_dir: Path) -> dict[str, object]:
     out: dict[str, object] = {}
     small = bench_keys(10)
     small_plain = [k.plaintext for k in small]
-    with redis_server() as redis, trivial(log_dir) as (_, trivial_port), trivial(log_dir) as (_, upstream_port):
+    socket_path = log_dir / "redis.sock"
+    listen = ["--unixsocket", str(socket_path), "--unixsocketperm", "700"] if s.unix_socket else []
+    with (
+        redis_server(extra=listen) as redis,
+        trivial(log_dir) as (_, trivial_port),
+        trivial(log_dir) as (_, upstream_port),
+    ):
         asyncio.run(seed_small(redis.url, small))
-        with authz_process(redis_url=redis.url, pepper=PEPPER, log_dir=log_dir, name="authz-10") as a10:
+        # what the maas authz processes are given as --redis-url (the seeding goes over TCP either way)
+        checks = f"unix://{socket_path}" if s.unix_socket else redis.url
+        with authz_process(redis_url=checks, pepper=PEPPER, log_dir=log_dir, name="authz-10") as a10:
             # warm up both
             saturate(f"http://127.0.0.1:{trivial_port}", small_plain, Settings(1, 1, s.connections, 0, 0, 0))
             saturate(a10.url, small_plain, Settings(1, 1, s.connections, 0, 0, 0))
@@ -140,9 +150,9 @@ def run(s: Settings, log_dir: Path) -> dict[str, object]:
                 "authz_rps": max(float(v["authz_rps"]) for v in levels.values()),  # type: ignore[arg-type]
                 "levels": levels,
             }
-            out["latency"] = latency_through_envoy(s, log_dir, upstream_port, redis.url, small_plain)
+            out["latency"] = latency_through_envoy(s, log_dir, upstream_port, checks, small_plain)
             rss_10 = rss_bytes(a10.proc.popen.pid)
-            out["scale"] = scale(s, log_dir, redis.url, a10.url, rss_10, small_plain)
+            out["scale"] = scale(s, log_dir, redis.url, checks, a10.url, rss_10, small_plain)
     return out
 
 
@@ -289,11 +299,15 @@ def _read_response(conn: socket.socket) -> None:
         body += chunk
 
 
-def scale(s: Settings, log_dir: Path, redis_url: str, a10_url: str, rss_10: int, small: list[str]) -> dict[str, object]:
+def scale(
+    s: Settings, log_dir: Path, redis_url: str, checks_url: str, a10_url: str, rss_10: int, small: list[str]
+) -> dict[str, object]:
     seed_seconds = seed_many(redis_url, s.big_keys)
     started = time.monotonic()
     # a cold start slower than the 20 s target is measured and reported, not cut short
-    with authz_process(redis_url=redis_url, pepper=PEPPER, log_dir=log_dir, name="authz-big", ready_timeout=180) as big:
+    with authz_process(
+        redis_url=checks_url, pepper=PEPPER, log_dir=log_dir, name="authz-big", ready_timeout=180
+    ) as big:
         load_seconds = time.monotonic() - started
         sample = [f"sk-bench-{i:08d}" for i in range(0, s.big_keys, max(1, s.big_keys // s.sample))]
         saturate(big.url, sample, Settings(1, 1, s.connections, 0, 0, 0))
@@ -435,7 +449,10 @@ def report(result: dict[str, object], s: Settings) -> str:
     ]
     levels = sat["levels"]
     assert isinstance(levels, dict)
+    transport = "a Unix socket" if s.unix_socket else "TCP loopback"
     lines = [
+        f"maas authz reaches Redis over {transport}.",
+        "",
         table(("measure", "measured", "ratio", "target", "verdict"), rows),
         "",
         table(
@@ -473,6 +490,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--connections", type=int, nargs="+", default=[32, 128], help="wrk connection counts tried for saturation"
     )
+    parser.add_argument(
+        "--unix-socket",
+        action="store_true",
+        help="maas authz reaches Redis over a Unix socket (Redis on the same host) instead of TCP loopback; "
+        "results go to authz-unix.json",
+    )
     parser.add_argument("--log-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     s = Settings(
@@ -485,6 +508,7 @@ def main(argv: list[str]) -> int:
         rotations=2 if args.quick else 4,
         sets=2 if args.quick else 12,
         turns=300 if args.quick else 900,
+        unix_socket=args.unix_socket,
     )
     log_dir = args.log_dir or Path(__import__("tempfile").mkdtemp(prefix="maas-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -492,6 +516,6 @@ def main(argv: list[str]) -> int:
     markdown = report(result, s)
     print(markdown)
     if not args.quick:
-        path = write_result("authz", {"settings": s.__dict__, **result}, markdown)
+        path = write_result("authz-unix" if s.unix_socket else "authz", {"settings": s.__dict__, **result}, markdown)
         print(f"\nraw results: {path}")
     return 0
