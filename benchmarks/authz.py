@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import contextlib
 import hmac
-import math
 import random
 import socket
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import redis as sync_redis
 
-from benchmarks.common import WrkResult, median, rss_bytes, run_wrk, table, write_result
+from benchmarks.common import WrkResult, median, percentile, rss_bytes, run_wrk, table, write_result
 from controlplane import envoy
 from gateway import contract
 from gateway.contract import Limit, Limits, ModelRecord
@@ -220,7 +219,7 @@ def latency_through_envoy(
         "sets": run_set,
     }
     summary["turns"] = {
-        name: {"count": len(v), "p50_us": median(v), "p99_us": percentile(v, 99)} for name, v in turns.items()
+        name: {"count": len(v), "p50_us": median(v), "p99_us": percentile(v, 0.99)} for name, v in turns.items()
     }
     return summary
 
@@ -239,13 +238,7 @@ def ratio_interval(
     for _ in range(rounds):
         chosen = [i for _ in groups for i in draw.choice(groups)]
         ratios.append(median([authz[i] for i in chosen]) / median([trivial[i] for i in chosen]))
-    return percentile(ratios, 5), percentile(ratios, 95)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile, nearest rank."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))] if ordered else 0.0
+    return percentile(ratios, 0.05), percentile(ratios, 0.95)
 
 
 def one_at_a_time(ports: Sequence[int], keys: Sequence[str], *, requests: int, rate: float) -> list[list[float]]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import redis as sync_redis
 
-from benchmarks.common import table, write_result
+from benchmarks.common import percentile, table, write_result
 from controlplane.runner import ControlPlane
 from controlplane.settings import ControlPlaneSettings
 from gateway import contract
@@ -62,11 +62,6 @@ def _populate(emulator: K8sEmulator, *, keys: int, isvcs: int) -> None:
         emulator.create(route)
     for i in range(keys):
         emulator.create(_secret(i, f"sk-{i}"))
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def _measure(emulator: K8sEmulator, redis_url: str, *, keys: int, isvcs: int, samples: int) -> dict[str, Any]:
@@ -125,8 +120,8 @@ async def _measure(emulator: K8sEmulator, redis_url: str, *, keys: int, isvcs: i
         "isvcs": isvcs,
         "cold_sync_seconds": cold,
         "samples": samples,
-        "p50_ms": _percentile(latencies, 0.5) * 1000,
-        "p99_ms": _percentile(latencies, 0.99) * 1000,
+        "p50_ms": percentile(latencies, 0.5) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
         "max_ms": max(latencies) * 1000,
     }
 

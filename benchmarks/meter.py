@@ -29,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.common import table, write_result
+from benchmarks.common import percentile, table, write_result
 from gateway.identity import Identity, sign
 from tests.support.procs import Proc, free_port, maas_argv, redis_binary, redis_server, start, wait_http
 
@@ -48,13 +48,6 @@ class Round:
     @property
     def rate(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 @contextlib.contextmanager
@@ -151,8 +144,8 @@ async def _scenario(
         ttft = [t for r in items for t in r.ttft]
         out[side] = {
             "tokens_per_s": statistics.median(r.rate for r in items),
-            "ttft_p50_ms": _percentile(ttft, 0.5) * 1000,
-            "ttft_p99_ms": _percentile(ttft, 0.99) * 1000,
+            "ttft_p50_ms": percentile(ttft, 0.5) * 1000,
+            "ttft_p99_ms": percentile(ttft, 0.99) * 1000,
         }
     out["ratio"] = out["meter"]["tokens_per_s"] / out["direct"]["tokens_per_s"]
     out["added_ttft_p50_ms"] = out["meter"]["ttft_p50_ms"] - out["direct"]["ttft_p50_ms"]
@@ -171,7 +164,7 @@ async def _one_at_a_time(direct: str, metered: str, *, count: int, reps: int) ->
                 for i in range(count):
                     ttft[side].append((await _stream(session, url, index=i, tokens=2))[1])
     out: dict[str, Any] = {
-        side: {"ttft_p50_ms": _percentile(v, 0.5) * 1000, "ttft_p99_ms": _percentile(v, 0.99) * 1000}
+        side: {"ttft_p50_ms": percentile(v, 0.5) * 1000, "ttft_p99_ms": percentile(v, 0.99) * 1000}
         for side, v in ttft.items()
     }
     out["added_ttft_p50_ms"] = out["meter"]["ttft_p50_ms"] - out["direct"]["ttft_p50_ms"]
