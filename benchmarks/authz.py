@@ -229,7 +229,7 @@ def latency_through_envoy(
     turns: dict[str, list[float]] = {name: [] for name in names}
     run_set: list[int] = []
     """The set of processes of each run (the same for the three paths' runs of one rotation)."""
-    seconds = max(1.0, s.duration / SLICES_PER_REP)
+    seconds = max(1, round(s.duration / SLICES_PER_REP))  # wrk runs whole seconds (-d 2.5s is not a duration)
     for instance in range(s.sets):
         with (
             trivial(log_dir) as (_, trivial_port),
