@@ -29,7 +29,10 @@ from typing import Any
 CHECK_HEADERS = ("authorization", "x-api-key")
 UPSTREAM_ON_ALLOW = ("x-maas-*",)
 DOWNSTREAM_ON_DENY = ("content-type", "www-authenticate", "retry-after", "x-ratelimit-*", "x-ext-auth-reason")
-DOWNSTREAM_ON_ALLOW = ("x-ratelimit-*",)
+DOWNSTREAM_ON_ALLOW = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
+"""On an allowed request only the request bucket's headers: the token headers of the response come from ``maas meter``,
+which charges the tokens (the authz's token state is from before the request; both reached clients as two different
+``x-ratelimit-remaining-tokens``). A denial carries all of the authz's rate-limit headers."""
 
 
 @dataclass(frozen=True)

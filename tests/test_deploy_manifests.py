@@ -607,8 +607,12 @@ def test_mesh_config_is_safe_and_complete() -> None:
     assert set(entry["headersToUpstreamOnAllow"]) == set(identity.IDENTITY_HEADERS)
     for header in ("content-type", "www-authenticate", "retry-after", "x-ratelimit-limit-requests"):
         assert covered(header, entry["headersToDownstreamOnDeny"]), header
-    for header in ("x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"):
+    for header in ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"):
         assert covered(header, entry["headersToDownstreamOnAllow"]), header
+    # the token headers of an allowed response are the meter's (after its reservation), never a second set from authz
+    for header in ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"):
+        assert not covered(header, entry["headersToDownstreamOnAllow"]), header
+        assert covered(header, entry["headersToDownstreamOnDeny"]), header
 
 
 def route_prefixes() -> dict[str, str]:

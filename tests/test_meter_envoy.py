@@ -187,3 +187,24 @@ async def _mixed_requests(chain: Chain, store: RedisStore, key_id: str, before: 
     assert (metrics_after[0] - metrics_before[0], metrics_after[1] - metrics_before[1]) == (seen[1], seen[2])
     ready = await asyncio.to_thread(lambda: urllib.request.urlopen(chain.meter_ops_url + "/readyz", timeout=5).read())
     assert json.loads(ready)["status"] == "ready"
+
+
+def test_an_allowed_response_carries_one_set_of_rate_limit_headers(chain: Chain) -> None:
+    """The request bucket's headers come from maas authz (through Envoy), the token bucket's from maas meter after
+    its reservation: one of each, never two different ``x-ratelimit-remaining-tokens``."""
+    body = json.dumps({"model": MODEL, "messages": CHAT, "max_tokens": 8}).encode()
+    request = urllib.request.Request(
+        chain.gateway_url + "/qwen3/v1/chat/completions",
+        data=body,
+        headers={"authorization": f"APIKEY {METER_KEY.plaintext}", "content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        assert resp.status == 200
+        headers = resp.headers
+    for dimension in ("requests", "tokens"):
+        for part in ("limit", "remaining", "reset"):
+            name = f"x-ratelimit-{part}-{dimension}"
+            assert len(headers.get_all(name) or []) == 1, (name, headers.items())
+    assert headers["x-ratelimit-limit-requests"] == "1000000"
+    assert headers["x-ratelimit-limit-tokens"] == "1000000"
+    assert int(headers["x-ratelimit-remaining-tokens"]) <= 1_000_000 - 8  # this request's reservation is counted

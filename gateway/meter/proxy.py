@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from multidict import CIMultiDict
 
 from gateway import identity as ident
+from gateway.contract import format_duration
 from gateway.errors import StoreError
 from gateway.meter import h1, quota
 from gateway.meter import request as req
@@ -320,6 +321,7 @@ def _quota_headers(reservation: Reservation, parsed: req.Parsed) -> dict[str, st
     if reservation.limit > 0:
         headers["x-ratelimit-limit-tokens"] = str(reservation.limit)
         headers["x-ratelimit-remaining-tokens"] = str(reservation.remaining)
+        headers["x-ratelimit-reset-tokens"] = format_duration(reservation.reset_ms)
     return headers
 
 

@@ -43,6 +43,7 @@ class Reservation:
     clamped: bool
     outcome: Outcome
     remaining: int = 0
+    reset_ms: int = 0
 
 
 def unlimited(key_id: str, *, outcome: Outcome = Outcome.UNLIMITED) -> Reservation:
@@ -164,6 +165,7 @@ class Reserving:
             clamped=clamped,
             outcome=Outcome.CLAMPED if clamped else Outcome.GRANTED,
             remaining=result.remaining,
+            reset_ms=result.reset_ms,
         )
 
 
