@@ -287,3 +287,28 @@ async def test_a_metered_body_that_arrives_in_pieces_is_read_whole_and_reserved(
         rows = await stack.store.read_usage("pieces", [ledger_day()])
     assert resp.status == 200 and answer["usage"]["completion_tokens"] == BODY["max_tokens"]
     assert rows[0].prompt_tokens == answer["usage"]["prompt_tokens"] >= 600  # the whole prompt reached the upstream
+
+
+async def test_other_methods_on_a_metered_path_get_405_in_the_openai_envelope(redis_url: str) -> None:
+    """Not passed to the model server, whose own answer would not be the OpenAI envelope (vLLM: 405 with
+    ``{"detail": ...}``); a CORS preflight still is."""
+    async with running_stack(redis_url) as stack, aiohttp.ClientSession() as session:
+        for method in ("GET", "PUT", "DELETE", "PATCH"):
+            async with session.request(method, stack.meter_url + "/v1/chat/completions") as resp:
+                body = await resp.json(content_type=None)
+                assert resp.status == 405 and resp.headers["allow"] == "POST", method
+                assert body["error"]["type"] == "invalid_request_error", body
+                assert body["error"]["code"] == "method_not_allowed" and method in body["error"]["message"]
+        async with session.head(stack.meter_url + "/v1/embeddings") as resp:
+            assert resp.status == 405 and await resp.read() == b""
+        # the keep-alive connection that answered the HEAD (no body) still serves a metered request
+        async with session.post(stack.meter_url + "/v1/chat/completions", json=BODY, headers=signed()) as resp:
+            assert resp.status == 200 and (await resp.json())["usage"]["completion_tokens"] == 5
+        async with (
+            session.options(stack.sim_url + "/v1/chat/completions") as direct,
+            session.options(stack.meter_url + "/v1/chat/completions") as metered,
+        ):
+            assert metered.status == direct.status
+        async with aiohttp.ClientSession() as fresh, fresh.get(stack.ops_url + "/metrics") as resp:
+            text = await resp.text()
+    assert 'reason="method_not_allowed"' in text

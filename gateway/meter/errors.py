@@ -46,6 +46,12 @@ class UnknownParameter(MeterError):
     code = "unknown_parameter"
 
 
+class MethodNotAllowed(MeterError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
 class UnsupportedMediaType(MeterError):
     status = 415
     type = "invalid_request_error"

@@ -1,9 +1,9 @@
 """The metering reverse proxy's request handler (on the lean server of ``gateway.meter.server``).
 
 ``POST`` to the OpenAI generation routes is metered: identity, bounded body, reservation, forwarding, usage
-reading, settlement. Everything else goes to the upstream untouched. Accounting happens before the last bytes
-(``[DONE]``, or the whole non-streaming body) reach the client, so a client that has its answer is already
-in the ledger.
+reading, settlement. Other methods on those routes get 405 (but ``OPTIONS``); everything else goes to the
+upstream untouched. Accounting happens before the last bytes (``[DONE]``, or the whole non-streaming body) reach
+the client, so a client that has its answer is already in the ledger.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from gateway.meter.errors import (
     BodyTooLarge,
     IdentityRejected,
     MeterError,
+    MethodNotAllowed,
     ModelMismatch,
     StoreUnavailable,
     TokensExhausted,
@@ -76,6 +77,10 @@ def _error(exc: MeterError) -> Reply:
     return Reply(exc.status, exc.body(), headers=exc.headers, content_type=JSON)
 
 
+PASSED_ON_METERED_PATHS = frozenset({"OPTIONS"})
+"""Methods other than POST that a metered path still passes to the upstream (a browser's CORS preflight)."""
+
+
 def _metered_kind(request: Request) -> Kind | None:
     return req.PATHS.get(request.path) if request.method == "POST" else None
 
@@ -83,6 +88,13 @@ def _metered_kind(request: Request) -> Kind | None:
 async def handle(meter: Meter, request: Request) -> Reply | Stream:
     kind = _metered_kind(request)
     if kind is None:
+        if request.path in req.PATHS and request.method not in PASSED_ON_METERED_PATHS:
+            # the upstream's answer would be its own (vLLM: 405 {"detail": ...}), not the OpenAI envelope
+            exc = MethodNotAllowed(
+                f"Invalid method for URL ({request.method} {request.path}): use POST", headers={"allow": "POST"}
+            )
+            meter.metrics.rejected(exc.code).inc()
+            return _error(exc)
         return await passthrough(request, meter)
     meter.metrics.in_flight.inc()
     try:
