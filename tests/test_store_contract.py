@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
 from gateway import contract
 from gateway.contract import KeyRecord, RecordKind
+from gateway.errors import ConfigError
 from gateway.limits import BucketMode, BucketOp
+from gateway.store import open_store
 from gateway.store.base import UsageDelta
 
 pytestmark = pytest.mark.redis
@@ -152,3 +155,14 @@ async def test_usage_index_lists_the_keys_of_a_day(store) -> None:
     assert await store.usage_key_ids("20261201") == ["ka", "kb"]
     assert await store.usage_key_ids("20261202") == ["kc"]
     assert await store.usage_key_ids("20261203") == []
+
+
+async def test_an_unsupported_store_url_names_every_scheme_that_works() -> None:
+    with pytest.raises(ConfigError) as raised:
+        open_store("foo://x")
+    schemes = re.findall(r"([a-z+]+)://", str(raised.value).split(": use ", 1)[1])
+    assert set(schemes) == {"memory", "redis", "rediss", "unix", "redis+cluster", "rediss+cluster"}
+    for scheme in schemes:  # each one named is accepted (nothing connects before the first call)
+        where = "/tmp/maas-none.sock" if scheme == "unix" else "127.0.0.1:1/0"
+        store = open_store(f"{scheme}://{where}" if scheme != "memory" else "memory://")
+        await store.close()

@@ -17,7 +17,10 @@ def open_store(url: str, *, timeout: float = 0.25) -> Store:
         from gateway.store.redis import RedisStore
 
         return RedisStore(url, timeout=timeout)
-    raise ConfigError(f"unsupported store url {url!r}: use memory://, redis://, rediss:// or redis+cluster://")
+    raise ConfigError(
+        f"unsupported store url {url!r}: use memory://, redis://, rediss://, unix://, redis+cluster:// or "
+        "rediss+cluster://"
+    )
 
 
 __all__ = ["Store", "Subscription", "UsageDelta", "UsageRow", "open_store"]
