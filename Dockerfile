@@ -1,4 +1,6 @@
-# One image for every `maas` subcommand (authz, meter, controlplane, sim, demo, keys).
+# One image for the `maas` services (authz, meter, controlplane, sim) and the `keys` CLI. `maas demo` is not meant
+# to run from it: it reads deploy/'s sample manifests and starts Envoy and redis-server, none of which the image
+# holds; run it from a source checkout (`make demo`).
 #
 # Build:  make image            (docker or podman; see deploy/image.mk)
 # Run:    docker run --rm IMAGE maas --version
