@@ -161,28 +161,28 @@ def run(s: Settings, log_dir: Path) -> dict[str, object]:
     return out
 
 
-HOP_PLACEMENTS = ("one core", "two cores", "unpinned")
-
-
 def redis_hop(s: Settings) -> dict[str, object]:
     """The bucket check's Redis round trip alone over TCP loopback (the product's client, the check of the latency
     runs, at their rate) on a Redis of its own, with Redis and the caller pinned to one core, to two cores, and
     left to the kernel, in rotation. Where waking a process on another core is dear (a VM whose idle cores halt),
     the first two differ by more than Redis's work: the part of the p50 gap that is the machine's, not the check's."""
     cores = sorted(os.sched_getaffinity(0))
-    placements = HOP_PLACEMENTS if len(cores) >= 2 else HOP_PLACEMENTS[2:]
-    ops = [
-        BucketOp("bench-hop", "requests", 1_000_000_000, 60_000, 1),
-        BucketOp("bench-hop", "tokens", 1_000_000_000_000, 60_000, 1, BucketMode.GATE),
+    pinned = {"one core": ({cores[0]}, {cores[0]})}  # name: (the caller's cores, Redis's cores)
+    if len(cores) >= 2:
+        pinned["two cores"] = ({cores[0]}, {cores[1]})
+    pinned["unpinned"] = (set(cores), set(cores))
+    placements = list(pinned)
+    requests, tokens = UNLIMITED.requests, UNLIMITED.tokens
+    assert requests is not None and tokens is not None
+    ops = [  # the bench keys' check: take a request, gate on tokens
+        BucketOp("bench-hop", "requests", requests.limit, requests.window_ms, 1),
+        BucketOp("bench-hop", "tokens", tokens.limit, tokens.window_ms, 1, BucketMode.GATE),
     ]
     count = max(100, s.turns)
     rounds = 2 if s.turns >= 900 else 1
     taken: dict[str, list[float]] = {name: [] for name in placements}
     with redis_server() as redis:
         pid = redis.proc.popen.pid
-        pinned = {"one core": ({cores[0]}, {cores[0]}), "unpinned": (set(cores), set(cores))}
-        if len(cores) >= 2:
-            pinned["two cores"] = ({cores[0]}, {cores[1]})
         try:
             order = [name for r in range(rounds) for name in (placements if r % 2 == 0 else placements[::-1])]
             for name in order:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from gateway.errors import ConfigError
 from gateway.store.base import Store, Subscription, UsageDelta, UsageRow
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+
 
 def open_store(url: str, *, timeout: float = 0.25) -> Store:
     """``memory://`` (one process only) or ``redis://``, ``rediss://``, ``unix://``; ``redis+cluster://`` and
@@ -13,14 +15,11 @@ def open_store(url: str, *, timeout: float = 0.25) -> Store:
         from gateway.store.memory import MemoryStore
 
         return MemoryStore()
-    if url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")):
+    if url.startswith(REDIS_SCHEMES):
         from gateway.store.redis import RedisStore
 
         return RedisStore(url, timeout=timeout)
-    raise ConfigError(
-        f"unsupported store url {url!r}: use memory://, redis://, rediss://, unix://, redis+cluster:// or "
-        "rediss+cluster://"
-    )
+    raise ConfigError(f"unsupported store url {url!r}: use {', '.join(('memory://', *REDIS_SCHEMES))}")
 
 
 __all__ = ["Store", "Subscription", "UsageDelta", "UsageRow", "open_store"]
