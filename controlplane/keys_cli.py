@@ -73,8 +73,23 @@ def _call(base: str, token: str, method: str, path: str, body: Any = None) -> An
         raise ApiError(exc.code, str(message)) from exc
 
 
+def _plain(value: Any) -> str:
+    """A JSON value as a person reads it: lists comma-separated, a limit as ``100/1m``, no Python reprs."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ", ".join(_plain(v) for v in value)
+    if isinstance(value, dict):
+        if value.keys() == {"limit", "window"}:
+            return f"{value['limit']}/{value['window']}"
+        return ", ".join(f"{k} {_plain(v)}" for k, v in value.items() if v is not None)
+    return str(value)
+
+
 def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    cells = [[_plain(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
@@ -118,7 +133,7 @@ def _run(args: argparse.Namespace, base: str, token: str) -> tuple[Any, str]:
     if action in ("show", "revoke"):
         method = "GET" if action == "show" else "DELETE"
         out = _call(base, token, method, f"/admin/v1/keys/{urllib.parse.quote(args.key_id)}")
-        return out, "\n".join(f"{k}: {v}" for k, v in out.items())
+        return out, "\n".join(f"{k}: {_plain(v)}" for k, v in out.items())
     if action == "rotate":
         path = f"/admin/v1/keys/{urllib.parse.quote(args.key_id)}/rotate"
         out = _call(base, token, "POST", path, {"grace_period": args.grace_period})
@@ -135,7 +150,7 @@ def _run(args: argparse.Namespace, base: str, token: str) -> tuple[Any, str]:
     }
     out = _call(base, token, "GET", "/admin/v1/usage" + _query(values))
     columns = [c for c in USAGE_COLUMNS if any(r.get(c) is not None for r in out["data"]) or c.endswith(("s",))]
-    text = _table([*out["data"], {**out["total"], "key_id": "TOTAL"}], columns)
+    text = _table([*out["data"], {**out["total"], columns[0]: "TOTAL"}], columns)
     return out, f"usage {out['from']} .. {out['to']}\n{text}"
 
 

@@ -35,12 +35,22 @@ async def test_keys_cli_round_trip(tmp_path: Path, redis_url: str) -> None:
         assert code == 0 and key_id in out and "KEY_ID" in out and created["key"] not in out
         code, out, _ = await _keys(api.base, "show", key_id)
         assert code == 0 and "tier: premium" in out
+        code, out, _ = await _keys(
+            api.base, "-o", "json", "create", "--user", "dan", "--group", "a", "--group", "b", "--request-limit", "9"
+        )
+        limited = json.loads(out)["key_id"]
+        code, out, _ = await _keys(api.base, "show", limited)
+        # values as a person reads them, not Python's reprs of the JSON
+        assert code == 0 and "groups: a, b\n" in out and "limits: requests 9/" in out and "tier_explicit: false" in out
+        assert not any(word in out for word in ("None", "True", "False", "['", "{'")), out
         code, out, _ = await _keys(api.base, "rotate", key_id, "--grace-period", "5m")
         assert code == 0 and "sk-maas-" in out
         code, out, _ = await _keys(api.base, "-o", "json", "revoke", key_id)
         assert code == 0 and json.loads(out)["status"] == "revoked"
         code, out, _ = await _keys(api.base, "usage", "--group-by", "key")
         assert code == 0 and "TOTAL" in out
+        code, out, _ = await _keys(api.base, "usage", "--group-by", "user,model")
+        assert code == 0 and out.splitlines()[-1].startswith("TOTAL"), out  # labelled without a key_id column
         code, _, err = await _keys(api.base, "show", "missing")
         assert code == 1 and "HTTP 404" in err
         code, _, err = await _keys(api.base, "list", token="wrong-token-0123456789")
