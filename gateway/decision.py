@@ -154,7 +154,7 @@ def credential(get: Callable[[str], str | None], count: Callable[[str], int | No
             if not token:
                 return MALFORMED_KEY
         elif api_key_header is None:
-            return MISSING_KEY if not auth.strip() else MALFORMED_KEY
+            return MISSING_KEY if not auth.strip() else _unsupported_scheme(scheme)
     if api_key_header is not None:
         other = api_key_header.strip()
         if token is not None and other != token:
@@ -165,6 +165,17 @@ def credential(get: Callable[[str], str | None], count: Callable[[str], int | No
     if not token or len(token) > MAX_KEY_LENGTH or not token.isprintable() or " " in token or "," in token:
         return MALFORMED_KEY
     return token
+
+
+def _unsupported_scheme(scheme: str) -> Denial:
+    """``Authorization: Basic ...``, or a bare key without a scheme: say which forms work (a key sent bare is not
+    echoed back)."""
+    shown = scheme if len(scheme) <= 16 and scheme.isalpha() else "<none>"
+    message = (
+        f"Unsupported Authorization scheme '{shown}'. Send 'Authorization: APIKEY <key>', "
+        "'Authorization: Bearer <key>' or 'x-api-key: <key>'."
+    )
+    return _denial(401, "invalid_api_key", message)
 
 
 def _split_host(host: str) -> str:

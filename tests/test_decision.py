@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -103,6 +104,17 @@ def test_credentials(headers: list[tuple[str, str]], expected: str) -> None:
     assert code(outcome) == expected
     if isinstance(outcome, Denial) and outcome.status == 401:
         assert ("www-authenticate", 'APIKEY realm="maas"') in outcome.headers
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("Basic dXNlcjpwYXNz", "'Basic'"), ("sk-maas-bare-key-without-a-scheme", "'<none>'"), ("Token abc", "'Token'")],
+)
+def test_an_unsupported_scheme_says_which_forms_work(value: str, shown: str) -> None:
+    outcome = check([("Authorization", value)])
+    assert isinstance(outcome, Denial) and outcome.code == "invalid_api_key" and outcome.status == 401
+    message = json.loads(outcome.body)["error"]["message"]
+    assert shown in message and "APIKEY <key>" in message and "sk-maas" not in message
 
 
 def test_a_memoised_admission_never_answers_for_a_duplicated_or_different_credential() -> None:
