@@ -1,5 +1,6 @@
 """The ceiling for a Python HTTP ext_authz on this machine: aiohttp's low-level server on uvloop, access log off,
-answering 200 to everything (the same server machinery ``maas authz`` uses). Also a minimal upstream.
+answering 200 to everything (the server ``maas authz --http-server aiohttp`` runs on; by default the check port
+runs on a leaner httptools server). Also a minimal upstream.
 
 Run as ``python -m benchmarks.trivial PORT``."""
 
