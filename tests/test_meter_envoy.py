@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import random
 import urllib.request
@@ -208,3 +209,24 @@ def test_an_allowed_response_carries_one_set_of_rate_limit_headers(chain: Chain)
     assert headers["x-ratelimit-limit-requests"] == "1000000"
     assert headers["x-ratelimit-limit-tokens"] == "1000000"
     assert int(headers["x-ratelimit-remaining-tokens"]) <= 1_000_000 - 8  # this request's reservation is counted
+
+
+def test_every_response_carries_one_date_the_client_can_parse(chain: Chain) -> None:
+    """The meter stamps its own ``date``; the model server's is not passed on beside it (Envoy had folded the two
+    into ``date: <d>,<d>``), on metered answers, streamed ones and pass-through ones alike."""
+    auth = {"authorization": f"APIKEY {METER_KEY.plaintext}", "content-type": "application/json"}
+    chat = {"model": MODEL, "messages": CHAT, "max_tokens": 2}
+    requests = [
+        urllib.request.Request(chain.gateway_url + "/qwen3/v1/chat/completions", json.dumps(chat).encode(), auth),
+        urllib.request.Request(
+            chain.gateway_url + "/qwen3/v1/chat/completions", json.dumps({**chat, "stream": True}).encode(), auth
+        ),
+        urllib.request.Request(chain.gateway_url + "/qwen3/v1/models", headers=auth),
+    ]
+    for request in requests:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert resp.status == 200
+            dates = resp.headers.get_all("date") or []
+            resp.read()
+        assert len(dates) == 1 and "," not in dates[0].split(", ", 1)[1], (request.full_url, dates)
+        assert email.utils.parsedate_to_datetime(dates[0]).year >= 2024

@@ -38,6 +38,9 @@ HOP_BY_HOP = frozenset(
 
 
 METERED_DROP = frozenset({"accept-encoding", "expect"})
+RESPONSE_DROP = HOP_BY_HOP | {"date"}
+"""The meter's server writes its own ``date`` on every response: the upstream's as well made two (Envoy folds them
+into one comma-joined value, which no client parses as a date)."""
 
 
 def request_headers(headers: Mapping[str, str], *, metered: bool) -> CIMultiDict[str]:
@@ -55,7 +58,7 @@ def request_headers(headers: Mapping[str, str], *, metered: bool) -> CIMultiDict
 def response_headers(headers: MultiMapping[str]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        if name.lower() not in HOP_BY_HOP:
+        if name.lower() not in RESPONSE_DROP:
             out.add(name, value)
     return out
 
