@@ -189,6 +189,14 @@ async def test_expect_continue_is_answered_when_the_body_is_read_and_not_when_re
         pytest.param(
             b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n", 405, "method_not_allowed", id="connect"
         ),
+        pytest.param(b"DELETE * HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request", id="asterisk-target"),
+        pytest.param(b"GET x/y HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request", id="relative-target"),
+        pytest.param(
+            b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: close\r\n\r\nabc", 400, "bad_request", id="te-close"
+        ),
+        pytest.param(
+            b"POST /x HTTP/1.0\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400, "bad_request", id="te-not-last"
+        ),
     ],
 )
 async def test_malformed_requests_get_an_error_envelope_and_the_connection_closes(

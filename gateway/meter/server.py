@@ -400,8 +400,14 @@ class _Connection(asyncio.Protocol):
         method = parser.get_method().decode("ascii", "replace")
         if method == "CONNECT":
             raise _Abort(NOT_ALLOWED)
+        if not self._url.startswith(b"/") and not self._url.startswith((b"http://", b"https://")):
+            raise _Abort(BAD_TARGET)  # "*" (asterisk-form) or garbage: nothing the model server could be asked
         version = parser.get_http_version()
         headers = CIMultiDict([(name.decode("latin-1"), value.decode("latin-1")) for name, value in self._raw_headers])
+        codings = headers.getall("transfer-encoding", ())
+        if codings and ",".join(codings).rsplit(",", 1)[-1].strip().lower() != "chunked":
+            # RFC 9112 6.1: the body's length cannot be determined; answer 400 and close
+            raise _Abort(BAD_TRANSFER_ENCODING)
         request = Request(
             self,
             method=method,
@@ -544,6 +550,10 @@ class _Connection(asyncio.Protocol):
 BAD_REQUEST = _error(400, "bad_request", "Malformed HTTP request.")
 TOO_LARGE = _error(431, "request_header_too_large", "Request headers are too large.")
 NOT_ALLOWED = _error(405, "method_not_allowed", "CONNECT is not supported.")
+BAD_TARGET = _error(400, "bad_request", "The request target must be a path starting with '/'.")
+BAD_TRANSFER_ENCODING = _error(
+    400, "bad_request", "A request's Transfer-Encoding must end with chunked; its body length cannot be known."
+)
 
 
 class Server:
