@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -374,3 +375,30 @@ async def test_the_early_hook_gets_a_whole_body_and_never_one_the_handler_is_rea
         await client.send(b"ghi")
         assert (await client.read(2))[-1].body == b"read:defghi"
     assert seen == [("/whole", b"abc")]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", id="aborted"),
+        pytest.param(b"NOT HTTP\r\n\r\n", id="malformed"),
+        pytest.param(post("/one", b"x") + post("/two", b"y", "Connection: close"), id="served"),
+    ],
+)
+async def test_a_closed_connection_is_freed_at_once_not_by_the_collector(data: bytes) -> None:
+    """Nothing of a connection outlives it in a reference cycle (the parser holds the protocol's callbacks; an
+    aborted parse's traceback holds the frame that caught it): a storm of short connections must not pile up
+    until the next garbage collection."""
+    async with running(echo) as server:
+        gc.collect()
+        gc.disable()
+        try:
+            async with connect(server) as client:
+                await client.send(data)
+                await client.wait_closed()
+            await asyncio.sleep(0.05)
+            assert not server.connections
+            leftovers = [o for o in gc.get_objects() if type(o).__name__ == "_Connection"]
+            assert not leftovers, [gc.get_referrers(o) for o in leftovers][:1]
+        finally:
+            gc.enable()

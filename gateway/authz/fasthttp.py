@@ -114,6 +114,7 @@ class CheckProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._queue.clear()
+        del self._parser  # it holds this protocol's callbacks: the pair is freed now, not at a later collection
 
     def data_received(self, data: bytes) -> None:
         self._started = time.perf_counter()  # the checks this read completes are timed from its arrival
@@ -122,6 +123,7 @@ class CheckProtocol(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             self._fail(cause.response if isinstance(cause, _Abort) else BAD_REQUEST)
+            del cause  # its traceback holds this frame: kept, the pair would wait for the collector
         except (httptools.HttpParserUpgrade, httptools.HttpParserError):
             self._fail(BAD_REQUEST)
 

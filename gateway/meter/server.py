@@ -335,6 +335,7 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self._transport = None
         self._server.connections.discard(self)
+        del self._parser  # it holds this protocol's callbacks: the pair is freed now, not at a later collection
         if self._idle is not None:
             self._idle.cancel()
         gone = ClientGone("client closed the connection")
@@ -357,6 +358,7 @@ class _Connection(asyncio.Protocol):
             except httptools.HttpParserCallbackError as exc:
                 cause = exc.__context__
                 self._fail(cause.response if isinstance(cause, _Abort) else BAD_REQUEST)
+                del cause  # its traceback holds this frame: kept, the pair would wait for the collector
                 return
             except httptools.HttpParserError:
                 self._fail(BAD_REQUEST)

@@ -1,0 +1,55 @@
+"""The check port's HTTP/1.1 protocol (gateway/authz/fasthttp.py) on a real socket, for what the process-level tests
+cannot see: what a closed connection leaves behind."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from typing import Any, cast
+
+import pytest
+
+from gateway.authz.fasthttp import CheckProtocol, CheckServer
+from gateway.authz.server import Checker, Reply
+
+
+class _Deny:
+    """Stands in for the checker: every check is a 401 at once (no store, no snapshot)."""
+
+    def begin(self, **_: Any) -> Reply:
+        return Reply(401, [("content-type", "application/json")], b"{}")
+
+    def observe(self, _: float) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", id="aborted"),
+        pytest.param(b"NOT HTTP\r\n\r\n", id="malformed"),
+        pytest.param(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nConnection: close\r\n\r\n", id="served"),
+    ],
+)
+async def test_a_closed_connection_is_freed_at_once_not_by_the_collector(data: bytes) -> None:
+    """The parser holds the protocol's callbacks and an aborted parse's traceback holds the frame that caught it:
+    neither may leave a reference cycle behind, or a storm of short connections piles up until the next collection
+    (the process runs young collections rarely: gateway/runtime.py)."""
+    server = CheckServer(cast(Checker, _Deny()), max_header_bytes=65536)
+    await server.start(host="127.0.0.1", port=0)
+    assert server._server is not None
+    port = server._server.sockets[0].getsockname()[1]
+    gc.collect()
+    gc.disable()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(data)
+        async with asyncio.timeout(5):
+            answer = await reader.read()  # until the server closes
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 4")
+        await asyncio.sleep(0.05)
+        assert not [o for o in gc.get_objects() if isinstance(o, CheckProtocol)]
+    finally:
+        gc.enable()
+        await server.close()
