@@ -383,13 +383,23 @@ async def test_the_early_hook_gets_a_whole_body_and_never_one_the_handler_is_rea
         pytest.param(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", id="aborted"),
         pytest.param(b"NOT HTTP\r\n\r\n", id="malformed"),
         pytest.param(post("/one", b"x") + post("/two", b"y", "Connection: close"), id="served"),
+        pytest.param(post("/stream", b"x") + post("/stream", b"y", "Connection: close"), id="streamed"),
     ],
 )
 async def test_a_closed_connection_is_freed_at_once_not_by_the_collector(data: bytes) -> None:
     """Nothing of a connection outlives it in a reference cycle (the parser holds the protocol's callbacks; an
-    aborted parse's traceback holds the frame that caught it): a storm of short connections must not pile up
-    until the next garbage collection."""
-    async with running(echo) as server:
+    aborted parse's traceback holds the frame that caught it; a stream points back at its request): a storm of
+    short connections must not pile up until the next garbage collection."""
+
+    async def answer(request: Request) -> Reply | Stream:
+        if request.path != "/stream":
+            return await echo(request)
+        stream = request.stream(200, {"content-type": "text/event-stream"})
+        await stream.write(b"data: 1\n\n")
+        await stream.write_eof()
+        return stream
+
+    async with running(answer) as server:
         gc.collect()
         gc.disable()
         try:
@@ -398,7 +408,10 @@ async def test_a_closed_connection_is_freed_at_once_not_by_the_collector(data: b
                 await client.wait_closed()
             await asyncio.sleep(0.05)
             assert not server.connections
-            leftovers = [o for o in gc.get_objects() if type(o).__name__ == "_Connection"]
-            assert not leftovers, [gc.get_referrers(o) for o in leftovers][:1]
+            ours = ("_Connection", "Request", "Stream")
+            leftovers = [
+                o for o in gc.get_objects() if type(o).__module__ == Server.__module__ and type(o).__name__ in ours
+            ]
+            assert not leftovers, [type(o).__name__ for o in leftovers]
         finally:
             gc.enable()

@@ -537,6 +537,7 @@ class _Connection(asyncio.Protocol):
             self.send(encode_reply(result, head_only=request.method == "HEAD", keep_alive=request.keep_alive))
         elif request._stream is None or not request._stream.finished:
             request.keep_alive = False  # a response that was not ended: only closing tells the client
+        request._stream = None  # the stream points back at its request: unlinked, neither waits for the collector
 
     def _arm_idle(self) -> None:
         if self._idle is not None:
