@@ -154,7 +154,7 @@ def credential(get: Callable[[str], str | None], count: Callable[[str], int | No
             if not token:
                 return MALFORMED_KEY
         elif api_key_header is None:
-            return MISSING_KEY if not auth.strip() else _unsupported_scheme(scheme)
+            return MISSING_KEY if not auth.strip() else _unsupported_scheme(scheme, bare=not rest.strip())
     if api_key_header is not None:
         other = api_key_header.strip()
         if token is not None and other != token:
@@ -167,15 +167,14 @@ def credential(get: Callable[[str], str | None], count: Callable[[str], int | No
     return token
 
 
-def _unsupported_scheme(scheme: str) -> Denial:
-    """``Authorization: Basic ...``, or a bare key without a scheme: say which forms work (a key sent bare is not
-    echoed back)."""
-    shown = scheme if len(scheme) <= 16 and scheme.isalpha() else "<none>"
-    message = (
-        f"Unsupported Authorization scheme '{shown}'. Send 'Authorization: APIKEY <key>', "
-        "'Authorization: Bearer <key>' or 'x-api-key: <key>'."
-    )
-    return _denial(401, "invalid_api_key", message)
+def _unsupported_scheme(scheme: str, *, bare: bool) -> Denial:
+    """``Authorization: Basic ...``, or a key sent bare without a scheme: say which forms work (a lone token is
+    taken for a key and never echoed back)."""
+    forms = "Send 'Authorization: APIKEY <key>', 'Authorization: Bearer <key>' or 'x-api-key: <key>'."
+    if bare:
+        return _denial(401, "invalid_api_key", f"The Authorization header has no scheme. {forms}")
+    shown = f" '{scheme}'" if len(scheme) <= 16 and scheme.isalpha() else ""
+    return _denial(401, "invalid_api_key", f"Unsupported Authorization scheme{shown}. {forms}")
 
 
 def _split_host(host: str) -> str:
