@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -345,3 +346,22 @@ async def test_a_prepared_request_whose_idle_connection_was_closed_goes_on_a_new
         second.release()
         pool.close()
     assert up.connections == 2 and [r[-1:] for r in seen] == [b"1", b"2"]
+
+
+async def test_a_connection_the_upstream_closed_is_freed_at_once_not_by_the_collector() -> None:
+    """The parser holds the connection's callbacks: a closed connection must not wait in a reference cycle for the
+    next garbage collection (vLLM closes idle keep-alive connections every few seconds)."""
+    async with upstream(answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")) as up:
+        pool = h1.Pool(up.url, limit=4, connect_timeout=1)
+        gc.collect()
+        gc.disable()
+        try:
+            assert await served(pool, "/a", b"1") == b"ok"
+            await asyncio.sleep(0.05)  # the upstream closes it
+            assert await served(pool, "/b", b"2") == b"ok"  # on a new connection; the first one is gone
+            await asyncio.sleep(0.05)
+            pool.close()
+            await asyncio.sleep(0.05)
+            assert not [o for o in gc.get_objects() if type(o) is h1._Connection]
+        finally:
+            gc.enable()

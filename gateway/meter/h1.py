@@ -220,6 +220,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        del self._parser  # it holds this protocol's callbacks: the pair is freed now, not at a later collection
         response = self._response
         if response is not None and not self._complete and self._reads_to_eof(response) and exc is None:
             self._complete = True  # a body delimited by the end of the connection
