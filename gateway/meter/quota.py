@@ -104,7 +104,7 @@ class Reserving:
         self._on_full_grant = hook
 
     def _answered(self, results: list[list[BucketResult]] | None, error: BaseException | None) -> None:
-        hook = self._on_full_grant
+        hook, self._on_full_grant = self._on_full_grant, None  # once: it holds the request that holds this
         if hook is not None and error is None and results and len(results[0]) == 1:
             result = results[0][0]
             if result.allowed and self._limits_of(result.debited)[0] == self.expected_max_tokens:

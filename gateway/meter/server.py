@@ -537,7 +537,9 @@ class _Connection(asyncio.Protocol):
             self.send(encode_reply(result, head_only=request.method == "HEAD", keep_alive=request.keep_alive))
         elif request._stream is None or not request._stream.finished:
             request.keep_alive = False  # a response that was not ended: only closing tells the client
-        request._stream = None  # the stream points back at its request: unlinked, neither waits for the collector
+        # the stream and the early hook's work point back at the request: unlinked, none of them waits for the collector
+        request._stream = None
+        request.early = None
 
     def _arm_idle(self) -> None:
         if self._idle is not None:
