@@ -17,7 +17,8 @@ from typing import Any
 DEFAULT_URL = "http://127.0.0.1:8700"
 TIMEOUT = 30.0
 KEY_COLUMNS = ("key_id", "user", "name", "tier", "status", "expires_at", "source")
-USAGE_COLUMNS = ("key_id", "user", "model", "day", "requests", "prompt_tokens", "completion_tokens", "total_tokens")
+USAGE_GROUPS = ("key_id", "user", "model", "day")
+USAGE_COLUMNS = (*USAGE_GROUPS, "requests", "prompt_tokens", "completion_tokens", "total_tokens")
 
 
 class ApiError(Exception):
@@ -149,8 +150,11 @@ def _run(args: argparse.Namespace, base: str, token: str) -> tuple[Any, str]:
         "group_by": args.group_by,
     }
     out = _call(base, token, "GET", "/admin/v1/usage" + _query(values))
-    columns = [c for c in USAGE_COLUMNS if any(r.get(c) is not None for r in out["data"]) or c.endswith(("s",))]
-    text = _table([*out["data"], {**out["total"], columns[0]: "TOTAL"}], columns)
+    groups = {"key_id" if g == "key" else g for g in out.get("group_by", [])}
+    columns = [c for c in USAGE_COLUMNS if c in groups or c not in USAGE_GROUPS]
+    # grouped: a TOTAL row under the groups; not grouped, the total is the one row (zeros when nothing was used)
+    rows = [*out["data"], {**out["total"], columns[0]: "TOTAL"}] if groups else [out["total"]]
+    text = _table(rows, columns)
     return out, f"usage {out['from']} .. {out['to']}\n{text}"
 
 

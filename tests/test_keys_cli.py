@@ -51,6 +51,10 @@ async def test_keys_cli_round_trip(tmp_path: Path, redis_url: str) -> None:
         assert code == 0 and "TOTAL" in out
         code, out, _ = await _keys(api.base, "usage", "--group-by", "user,model")
         assert code == 0 and out.splitlines()[-1].startswith("TOTAL"), out  # labelled without a key_id column
+        code, out, _ = await _keys(api.base, "usage")
+        lines = out.splitlines()
+        assert code == 0 and lines[1].startswith("REQUESTS") and len(lines) == 3, out
+        assert lines[2].split()[0].isdigit(), out  # not grouped: one row, the total, with its numbers
         code, _, err = await _keys(api.base, "show", "missing")
         assert code == 1 and "HTTP 404" in err
         code, _, err = await _keys(api.base, "list", token="wrong-token-0123456789")
