@@ -8,6 +8,7 @@ per resourceVersion and its last good translation keeps serving until it is fixe
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -20,6 +21,8 @@ from controlplane.translate.isvc import find_runtime, translate_isvc
 from controlplane.translate.secret import translate_secret
 from controlplane.translate.tiers import merge, parse_limits, parse_mapping
 from gateway.contract import KeyRecord, ModelRecord, RecordKind, RouteRecord, TierRecord, encode_record
+
+log = logging.getLogger("maas.controlplane.sync")
 
 Lookup = Callable[[Kind], dict[ObjKey, Obj]]
 Report = Callable[[Kind, Obj, TranslateError], None]
@@ -53,6 +56,10 @@ class Desired:
             value = fn()
         except TranslateError as exc:
             self._report(kind, obj, exc)
+            return self._last_good.get((kind.name, key))
+        except Exception as exc:  # a translator's blind spot must cost one object, never the sync task
+            log.exception("cannot translate %s %s/%s", kind.name, key[0], key[1])
+            self._report(kind, obj, TranslateError(f"cannot be read: {type(exc).__name__}: {exc}", reason="invalid"))
             return self._last_good.get((kind.name, key))
         self._last_good[(kind.name, key)] = value
         return value

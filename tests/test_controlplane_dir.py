@@ -132,3 +132,46 @@ async def test_dir_source_apply_and_delete(tmp_path: Path) -> None:
 def test_leader_election_needs_kubernetes(tmp_path: Path, redis_url: str) -> None:
     with pytest.raises(ConfigError, match="leader"):
         ControlPlane(dir_settings(tmp_path, redis_url, leader_election=True))
+
+
+async def test_an_object_a_translator_cannot_read_costs_that_object_not_the_sync(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A translator's unexpected exception (here a tier ConfigMap whose YAML holds 2025-02-30, which PyYAML refuses
+    with a ValueError, and an ISVC translator failing outright) skips that object with reason ``invalid``; the
+    sync task lives on and later changes still reach Redis (it used to die, leaving a ready control plane that
+    synced nothing more)."""
+    import controlplane.desired as desired
+
+    real = desired.translate_isvc
+
+    def flaky(isvc: dict[str, Any], **kwargs: Any) -> Any:
+        if isvc["metadata"]["name"] == "qwen3-0-6b-instruct":
+            raise KeyError("a field the translator did not expect")
+        return real(isvc, **kwargs)
+
+    monkeypatch.setattr(desired, "translate_isvc", flaky)
+    manifests = tmp_path / "manifests"
+    shutil.copytree(SEED, manifests)
+    store = RedisStore(redis_url, timeout=2.0)
+    plane = await started(dir_settings(manifests, redis_url))
+    try:
+        (manifests / "tier-to-group-mapping.yaml").write_text(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: tier-to-group-mapping, namespace: llm}\n"
+            "data:\n  tiers: |\n    - {name: free, description: 2025-02-30, level: 0, groups: [free]}\n"
+        )
+        keys = manifests / "07-api-key-secrets.yaml"
+        keys.write_text(keys.read_text().replace("admin-key-12345", "admin-key-after-the-bad-one"))
+        rotated = contract.digest_key("admin-key-after-the-bad-one", PEPPER)
+
+        async def synced_after() -> bool:
+            return rotated in (await records(store))[RecordKind.KEY]
+
+        await eventually(synced_after)
+        skipped = plane.metrics.skipped
+        assert skipped.labels(kind="InferenceService", reason="invalid")._value.get() >= 1
+        assert skipped.labels(kind="ConfigMap", reason="invalid_yaml")._value.get() >= 1
+        assert (await records(store))[RecordKind.TIER]  # the tiers of the other ConfigMaps stand
+    finally:
+        await plane.stop()
+        await store.close()

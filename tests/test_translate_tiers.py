@@ -67,6 +67,8 @@ def test_merge(mapping: str | None, limits: str | None, expected: list[tuple[str
     ("key", "text", "reason"),
     [
         pytest.param("tiers", "- name: free\n  groups: [a\n", "invalid_yaml", id="broken-yaml"),
+        # a scalar that looks like a timestamp but is no date: PyYAML raises ValueError, not YAMLError
+        pytest.param("tiers", "- {name: free, description: 2025-02-30}", "invalid_yaml", id="impossible-date"),
         pytest.param("tiers", "name: free", "invalid_tiers", id="not-a-list"),
         pytest.param("tiers", "- {level: 1}", "invalid_tiers", id="no-name"),
         pytest.param("tiers", "- {name: a, level: high}", "invalid_tiers", id="bad-level"),

@@ -44,7 +44,7 @@ def _load(obj: Obj | None, key: str, default: Any) -> Any:
         return default
     try:
         value = yaml.safe_load(str(as_dict(obj.get("data")).get(key) or ""))
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: a timestamp-looking scalar that is no date (2025-02-30)
         return default
     return value if isinstance(value, type(default)) else default
 

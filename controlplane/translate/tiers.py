@@ -36,7 +36,7 @@ def _load_yaml(configmap: Obj, key: str) -> Any:
         raise TranslateError(f"ConfigMap has no data.{key}", reason="missing_data")
     try:
         return yaml.safe_load(str(text))
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: a timestamp-looking scalar that is no date (2025-02-30)
         raise TranslateError(f"data.{key} is not valid YAML: {exc}", reason="invalid_yaml") from exc
 
 
