@@ -28,7 +28,14 @@ async def serve(settings: ControlPlaneSettings) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await plane.start()
-        await stop.wait()
+        stopping = asyncio.ensure_future(stop.wait())
+        failing = asyncio.ensure_future(plane.failed.wait())
+        await asyncio.wait((stopping, failing), return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        failing.cancel()
+        if plane.failed.is_set():
+            log.error("a background task failed (logged above); exiting so the process is restarted")
+            return 1
         log.info("shutting down")
     except SourceError as exc:
         log.error("cannot start: %s", exc)

@@ -59,6 +59,9 @@ class ControlPlane:
         self.ports: dict[str, int] = {}
         self.admin: AdminState | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self.failed = asyncio.Event()
+        """Set when a background task (a watch, the sync, leader election, the admin view) dies of an error: the
+        process cannot do its job any more and should exit, so Kubernetes restarts it."""
         self._runners: list[web.AppRunner] = []
 
     async def start(self) -> None:
@@ -105,6 +108,8 @@ class ControlPlane:
         self._tasks.append(spawn(syncer.run(), name="sync", log=log))
         admin = self.admin = AdminState(self.store, default_tier=settings.default_tier)
         self._tasks.append(spawn(admin.run(), name="admin-view", log=log))
+        for task in self._tasks:
+            task.add_done_callback(self._task_ended)
         parts = Parts(syncer=syncer, metrics=self.metrics, elector=self.elector, started=time.monotonic())
         self.ports["ops"] = await self._serve(ops_app(parts), settings.ops_port)
         self.ports["main"] = await self._serve(main_app(parts, self._admin_context(admin)), settings.port)
@@ -147,6 +152,10 @@ class ControlPlane:
         self.metrics.leader.set(1 if leading else 0)
         if leading and self.syncer is not None:
             self.syncer.request_full()
+
+    def _task_ended(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.failed.set()  # the task module has logged the error with its traceback
 
     def _bad_file(self, path: object, message: str) -> None:
         self.metrics.skipped.labels(kind="File", reason="invalid_yaml").inc()

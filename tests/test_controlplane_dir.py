@@ -3,6 +3,7 @@ broken files, and writing admin-issued key Secrets as manifests."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import shutil
 from pathlib import Path
@@ -175,3 +176,23 @@ async def test_an_object_a_translator_cannot_read_costs_that_object_not_the_sync
     finally:
         await plane.stop()
         await store.close()
+
+
+async def test_the_process_exits_non_zero_when_a_background_task_dies(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A control plane whose sync (or a watch, or leader election) has died cannot do its job: `maas controlplane`
+    exits 1 so Kubernetes restarts it, instead of staying up and ready while nothing is synced any more. Every
+    other task stops when asked (the admin view's change-event reader had lost the cancel and held the exit for
+    the stop's 5 s bound)."""
+    from controlplane import main
+    from controlplane.sync import Syncer
+
+    async def dies(self: Syncer) -> None:
+        raise RuntimeError("the sync met something it did not expect")
+
+    monkeypatch.setattr(Syncer, "run", dies)
+    manifests = tmp_path / "manifests"
+    shutil.copytree(SEED, manifests)
+    assert await asyncio.wait_for(main.serve(dir_settings(manifests, redis_url)), 20) == 1
+    assert "did not stop" not in caplog.text

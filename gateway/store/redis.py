@@ -103,7 +103,12 @@ class _RedisSubscription:
 
     async def _iterate(self) -> AsyncIterator[ChangeEvent]:
         idle_since = time.monotonic()
+        task = asyncio.current_task()
         while True:
+            if task is not None and task.cancelling():
+                # a cancel that redis-py's own read timeout swallowed (a cancel landing as that timeout expires,
+                # CPython 3.11): without this the consumer would not stop until its stopper gave up waiting
+                raise asyncio.CancelledError
             try:
                 message = await self._pubsub.get_message(timeout=1.0)
                 if message is None:
