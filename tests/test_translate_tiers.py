@@ -93,3 +93,11 @@ def test_bad_mapping(key: str, text: str, reason: str) -> None:
 def test_bad_limits(text: str) -> None:
     with pytest.raises(TranslateError):
         parse_limits(_cm("limits", text))
+
+
+def test_the_admin_api_reads_a_tier_configmap_with_an_impossible_date_as_empty() -> None:
+    """The admin API's own reader of the tier ConfigMaps (it rewrites them on PUT/DELETE) takes the ValueError
+    PyYAML raises for 2025-02-30 like any unreadable YAML: the default, not a 500."""
+    from controlplane.admin.tiers import _load
+
+    assert _load(_cm("tiers", "- {name: free, description: 2025-02-30}"), "tiers", []) == []
