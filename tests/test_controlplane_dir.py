@@ -196,3 +196,35 @@ async def test_the_process_exits_non_zero_when_a_background_task_dies(
     shutil.copytree(SEED, manifests)
     assert await asyncio.wait_for(main.serve(dir_settings(manifests, redis_url)), 20) == 1
     assert "did not stop" not in caplog.text
+
+
+async def test_the_admin_view_survives_an_unexpected_error_and_reloads(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As authz's snapshot follower does: a bug met while reading the store is logged and the view reloads, rather
+    than the admin API answering from a view that stopped following (or the process exiting over it)."""
+    from controlplane.admin import state
+
+    real = state._decode
+    calls = {"n": 0}
+
+    def first_fails(kind: Any, raw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a record the view did not expect")
+        return real(kind, raw)
+
+    monkeypatch.setattr(state, "_decode", first_fails)
+    manifests = tmp_path / "manifests"
+    shutil.copytree(SEED, manifests)
+    plane = await started(dir_settings(manifests, redis_url))
+    try:
+        assert plane.admin is not None
+
+        async def loaded() -> bool:
+            return plane.admin is not None and plane.admin.loaded.is_set() and bool(plane.admin.keys)
+
+        await eventually(loaded)
+        assert calls["n"] > 1 and not plane.failed.is_set()
+    finally:
+        await plane.stop()

@@ -54,6 +54,8 @@ class AdminState:
                             break
             except StoreError as exc:
                 log.warning("admin view lost the change events, will reload: %s", exc)
+            except Exception:  # as in authz's snapshot follower: a bug must not stop the view following the store
+                log.exception("admin view failed; reloading")
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 5.0)
 
