@@ -402,7 +402,7 @@ class _Connection(asyncio.Protocol):
         method = parser.get_method().decode("ascii", "replace")
         if method == "CONNECT":
             raise _Abort(NOT_ALLOWED)
-        if not self._url.startswith(b"/") and not self._url.startswith((b"http://", b"https://")):
+        if not self._url.startswith((b"/", b"http://", b"https://")):
             raise _Abort(BAD_TARGET)  # "*" (asterisk-form) or garbage: nothing the model server could be asked
         version = parser.get_http_version()
         headers = CIMultiDict([(name.decode("latin-1"), value.decode("latin-1")) for name, value in self._raw_headers])
