@@ -22,10 +22,10 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/maas
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY gateway ./gateway
 COPY controlplane ./controlplane
-RUN /opt/maas/bin/pip install --no-compile . \
+RUN /opt/maas/bin/pip install --no-compile -c constraints.txt . \
  && /opt/maas/bin/pip uninstall -y pip setuptools wheel \
  && /opt/maas/bin/python -m compileall -q -j 0 /opt/maas/lib \
  && /opt/maas/bin/maas --version

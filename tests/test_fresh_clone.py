@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -62,3 +64,35 @@ def test_make_demo_on_a_fresh_clone(tmp_path: Path) -> None:
                 os.killpg(make.pid, signal.SIGKILL)
                 make.wait(10)
         make.stdout.close()
+
+
+def pins() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            found[canonical(name)] = version
+    return found
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_installed_distribution_is_pinned() -> None:
+    """What ``make install`` put in the venv is exactly what constraints.txt pins: a dependency added to
+    pyproject.toml without a pin would float to whatever its newest release is on the next fresh checkout."""
+    pinned = pins()
+    unpinned, drifted = [], []
+    for dist in importlib.metadata.distributions():
+        name = canonical(dist.metadata["Name"])
+        if name in {"maas-gateway", "pip", "setuptools", "wheel"}:
+            continue
+        if name not in pinned:
+            unpinned.append(name)
+        elif pinned[name] != dist.version:
+            drifted.append(f"{name} {dist.version} (pinned {pinned[name]})")
+    assert not unpinned, f"installed but not in constraints.txt: {sorted(unpinned)}"
+    assert not drifted, f"installed versions differ from constraints.txt (run `make install`): {drifted}"

@@ -94,7 +94,7 @@ class _RedisSubscription:
 
     async def _close(self) -> None:
         with contextlib.suppress(*_ERRORS):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 7
         with contextlib.suppress(*_ERRORS):
             await self._client.aclose()
 
