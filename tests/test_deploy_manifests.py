@@ -350,6 +350,25 @@ def test_every_container_has_resources_and_probes() -> None:
     assert not problems, "\n".join(problems)
 
 
+def test_mounted_secrets_are_readable_by_the_process() -> None:
+    """Kubernetes writes a Secret volume's files as root:root with the volume's mode (default 0644): a mode that
+    keeps others out is readable by a non-root process only through the pod's fsGroup, which then owns the files."""
+    problems, seen = [], set()
+    for _, obj in all_objects():
+        if obj["kind"] not in {"Deployment", "StatefulSet", "DaemonSet", "Job"} or ref(obj) in seen:
+            continue
+        seen.add(ref(obj))
+        pod = obj["spec"]["template"]["spec"]
+        for volume in pod.get("volumes", []):
+            mode = volume.get("secret", {}).get("defaultMode", 0o644)
+            if "secret" not in volume or mode & 0o004:
+                continue
+            fs_group = pod.get("securityContext", {}).get("fsGroup")
+            if fs_group is None or not mode & 0o040:
+                problems.append(f"{ref(obj)}: secret volume {volume['name']} (mode {mode:o}) unreadable: no fsGroup")
+    assert not problems, "\n".join(problems)
+
+
 def test_read_only_root_filesystem_where_possible() -> None:
     problems = []
     for owner, _, containers in pod_specs():
@@ -365,6 +384,17 @@ def test_images_are_pinned() -> None:
         for c in containers:
             name, _, tag = c["image"].rpartition(":")
             assert name and tag and tag != "latest" and "/" not in tag, f"{owner}/{c['name']}: {c['image']}"
+
+
+def test_one_release_tag_set_in_one_place_per_tree() -> None:
+    """Every maas-gateway container runs the same tag; overlays inherit it from base/ (an overlay's own `images`
+    entry would keep its workloads on the old tag when an upgrade sets the new one in base/)."""
+    images = [c["image"] for _, _, containers in pod_specs() for c in containers]
+    tags = {image.rpartition(":")[2] for image in images if image.startswith("maas-gateway:")}
+    assert len(tags) == 1, tags
+    for kustomization in (DEPLOY / "overlays").glob("*/kustomization.yaml"):
+        images = yaml.safe_load(kustomization.read_text()).get("images", [])
+        assert not any(i["name"] == "maas-gateway" for i in images), f"{kustomization}: set the tag in base/ only"
 
 
 def test_probes_of_our_processes_use_the_ops_port() -> None:
@@ -478,7 +508,7 @@ def test_authz_is_highly_available() -> None:
     deployment = find(base, "Deployment", "maas-authz")
     pod = deployment["spec"]["template"]["spec"]
     labels = deployment["spec"]["selector"]["matchLabels"]
-    assert deployment["spec"]["replicas"] == 3
+    assert "replicas" not in deployment["spec"], "the HPA owns the count; a replicas here resets it on every apply"
     assert {t["topologyKey"] for t in pod["topologySpreadConstraints"]} >= {"kubernetes.io/hostname"}
     hpa = find(base, "HorizontalPodAutoscaler", "maas-authz")
     assert hpa["spec"]["scaleTargetRef"]["name"] == "maas-authz"

@@ -19,7 +19,8 @@ from gateway.contract import RecordKind
 from gateway.settings import load
 from gateway.store.redis import RedisStore
 from tests.conftest import PEPPER
-from tests.support.k8s_emulator import RESOURCES, K8sEmulator, eventually
+from tests.support.admin_api import ADMIN_TOKEN, running
+from tests.support.k8s_emulator import RESOURCES, K8sEmulator, eventually, rbac_authorizer
 from tests.support.platform import records
 from tests.test_deploy_manifests import find, render
 
@@ -129,3 +130,67 @@ async def test_rendered_models_yield_the_expected_catalog(
         assert not any(key in json.dumps(table) for key in samples for table in got.values())
     finally:
         await plane.stop()
+
+
+async def test_the_shipped_rbac_allows_everything_the_control_plane_does(
+    emulator: K8sEmulator, tmp_path: Path, redis_url: str
+) -> None:
+    """The API server enforces base/'s Roles, ClusterRoles and bindings for the maas-controlplane service account
+    while the control plane, configured as its Deployment is, elects itself leader, syncs, and serves the admin
+    API's writes: issuing, changing, rotating and revoking a key, and writing and deleting a tier."""
+    for obj in cluster_objects():
+        emulator.create(obj)
+    emulator.authorize = rbac_authorizer(render("base"), "maas-system", "maas-controlplane")
+    env = deployment_env()
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"admin ops {ADMIN_TOKEN}\n")
+    settings = load(
+        ControlPlaneSettings,
+        port=0,
+        ops_port=0,
+        host="127.0.0.1",
+        source=env["MAAS_SOURCE"],
+        namespaces=env["MAAS_NAMESPACES"],
+        leader_election=env["MAAS_LEADER_ELECTION"] == "true",
+        lease_namespace="maas-system",
+        identity="maas-controlplane-0",
+        retry_period=0.2,
+        kubeconfig=str(emulator.write_kubeconfig(tmp_path / "kubeconfig")),
+        redis_url=redis_url,
+        resync_period=3600,
+        admin_token_file=str(tokens),
+        admin_write_timeout=5.0,
+        key_pepper=PEPPER.decode(),
+        log_format="text",
+    )
+    async with running(settings) as (plane, api):
+        # the admin view may have loaded Redis before this replica won the Lease and wrote the first sync
+        await eventually(lambda: plane.admin is not None and "premium" in plane.admin.tiers)
+        status, issued = await api.call("POST", "/admin/v1/keys", json={"user": "alice", "tier": "premium"})
+        assert status == 201, (issued, emulator.forbidden)
+        key_id = issued["key_id"]
+        status, body = await api.call("PATCH", f"/admin/v1/keys/{key_id}", json={"tier": "enterprise"})
+        assert status == 200, body
+        status, body = await api.call("POST", f"/admin/v1/keys/{key_id}/rotate", json={"grace_period": "0s"})
+        assert status == 200, body
+        status, body = await api.call("DELETE", f"/admin/v1/keys/{body['key_id']}")
+        assert status == 200, body
+        gold = {"level": 3, "groups": ["gold"], "limits": {"requests": {"limit": 100, "window": "1m"}}}
+        status, body = await api.call("PUT", "/admin/v1/tiers/gold", json=gold)
+        assert status == 201, body
+        status, body = await api.call("DELETE", "/admin/v1/tiers/gold")
+        assert status == 200, body
+    assert not emulator.forbidden
+    for verb in ("watch secrets", "create secrets", "update secrets", "update configmaps", "create leases"):
+        assert emulator.requests[verb], verb
+
+
+def test_the_rbac_authorizer_refuses_what_no_rule_grants() -> None:
+    allows = rbac_authorizer(render("base"), "maas-system", "maas-controlplane")
+    assert allows("update", "", "configmaps", "maas-system", "maas-tier-limits")
+    assert not allows("update", "", "configmaps", "maas-system", "some-other-configmap")
+    assert not allows("update", "", "configmaps", "llm", "maas-tier-limits")
+    assert not allows("list", "", "secrets", "kube-system", None)
+    assert allows("list", "", "secrets", "llm", None)
+    assert not allows("get", "", "secrets", "default", "x")
+    assert not rbac_authorizer(render("base"), "maas-system", "maas-authz")("get", "", "secrets", "llm", "x")

@@ -8,7 +8,9 @@ the API server's REST protocol for kubernetes-asyncio and the control plane:
   a resourceVersion older than the compacted history gets an ERROR event with a 410 Status;
 - get, create (``generateName`` too), replace (409 on a stale resourceVersion), delete;
 - on demand: ``force_gone()`` (every open watch gets a 410 and the history is compacted) and
-  ``drop_watches()`` (open watch connections are cut without a clean end).
+  ``drop_watches()`` (open watch connections are cut without a clean end);
+- optionally RBAC: with ``authorize`` set (``rbac_authorizer`` evaluates rendered Roles, ClusterRoles and their
+  bindings for one service account), a request its rules do not allow gets the API server's 403 Forbidden.
 
 Mutations from the test thread are serialised with a lock; events are delivered in resourceVersion order.
 """
@@ -25,6 +27,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,44 @@ RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
 BY_KIND = {(g, kind): plural for (g, plural), (kind, _) in RESOURCES.items()}
 _GONE = object()
 _DROP = object()
+
+Authorizer = Callable[[str, str, str, str | None, str | None], bool]
+"""(verb, API group, plural, namespace or None, object name or None) -> whether the caller may."""
+
+
+def rbac_authorizer(objects: Iterable[Obj], namespace: str, service_account: str) -> Authorizer:
+    """What the Roles and ClusterRoles bound (RoleBinding: in its namespace; ClusterRoleBinding: everywhere) to
+    the service account allow, with resourceNames honoured as the API server does (never for list, watch or
+    create, whose requests name no object)."""
+    objs = list(objects)
+    roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in objs}
+    grants: list[tuple[str | None, Obj]] = []
+    for binding in objs:
+        if binding["kind"] not in {"RoleBinding", "ClusterRoleBinding"}:
+            continue
+        if not any(
+            s["kind"] == "ServiceAccount" and s["name"] == service_account and s.get("namespace") == namespace
+            for s in binding.get("subjects", [])
+        ):
+            continue
+        ref = binding["roleRef"]
+        scope = binding["metadata"].get("namespace") if binding["kind"] == "RoleBinding" else None
+        role = roles.get((ref["kind"], scope if ref["kind"] == "Role" else None, ref["name"]))
+        if role is not None:
+            grants += [(scope, rule) for rule in role.get("rules", [])]
+
+    def allows(verb: str, group: str, plural: str, ns: str | None, name: str | None) -> bool:
+        for scope, rule in grants:
+            if scope is not None and scope != ns:
+                continue
+            if group not in rule["apiGroups"] or plural not in rule["resources"] or verb not in rule["verbs"]:
+                continue
+            names = rule.get("resourceNames")
+            if not names or name in names:
+                return True
+        return False
+
+    return allows
 
 
 def _group(api_version: str) -> str:
@@ -126,6 +167,12 @@ class _Filter:
         return bool(self.labels(meta.get("labels") or {}))
 
 
+def _verb(method: str, name: str | None, watch: bool) -> str:
+    if name is None:
+        return {"GET": "watch" if watch else "list", "POST": "create"}.get(method, method.lower())
+    return {"GET": "get", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method, method.lower())
+
+
 def _status(code: int, reason: str, message: str) -> web.Response:
     body = {
         "kind": "Status",
@@ -151,6 +198,9 @@ class K8sEmulator:
         self._page_ids = itertools.count(1)
         self.requests: Counter[str] = Counter()
         """``"<verb> <plural>"`` -> count (verbs: list, watch, get, create, update, delete)."""
+        self.authorize: Authorizer | None = None
+        """When set, requests it refuses get 403 Forbidden (and are listed in ``forbidden``)."""
+        self.forbidden: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -356,6 +406,16 @@ class K8sEmulator:
         if not RESOURCES[resource][1]:
             namespace = None
         method = request.method
+        if self.authorize is not None:
+            verb = _verb(method, name, request.query.get("watch") in ("true", "1"))
+            if not self.authorize(verb, group, resource[1], namespace, name):
+                where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
+                message = (
+                    f'{resource[1]} "{name or ""}" is forbidden: User cannot {verb} resource "{resource[1]}" '
+                    f'in API group "{group}"{where}'
+                )
+                self.forbidden.append(f"{verb} {resource[1]} {namespace or ''}/{name or ''}")
+                return _status(403, "Forbidden", message)
         if name is None and method == "GET":
             if request.query.get("watch") in ("true", "1"):
                 self.requests[f"watch {resource[1]}"] += 1
