@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import shutil
+import time
 from asyncio.subprocess import PIPE, STDOUT
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from gateway.contract import KeyRecord, RecordKind
 from gateway.settings import load
 from gateway.store.redis import RedisStore
 from tests.conftest import PEPPER
+from tests.support.admin_api import ADMIN_TOKEN, Api
 from tests.support.k8s_emulator import K8sEmulator, eventually, load_manifests
 from tests.support.platform import records
 
@@ -348,5 +350,54 @@ async def test_kubernetes_source_applies_and_deletes_admin_key_secrets(
             return await store.get_record(RecordKind.KEY, admin_digest) is None
 
         await eventually(gone)
+    finally:
+        await plane.stop()
+
+
+async def test_admin_api_says_not_synced_until_a_sync_has_written_redis(
+    emulator: K8sEmulator, tmp_path: Path, redis_url: str, store: RedisStore
+) -> None:
+    """A new install: this replica is a follower (another holds the Lease) and Redis is still empty. Its admin API
+    answers 503 not_synced instead of "no tier named ..." or an empty key list, until the leader's first sync."""
+    emulator.create(
+        {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": "maas-controlplane", "namespace": "maas-system"},
+            "spec": {
+                "holderIdentity": "the-other-replica",
+                "leaseDurationSeconds": 3600,
+                "renewTime": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime()),
+            },
+        }
+    )
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"admin ops {ADMIN_TOKEN}\n")
+    settings = settings_for(
+        emulator,
+        tmp_path,
+        redis_url,
+        leader_election=True,
+        lease_namespace="maas-system",
+        identity="follower",
+        retry_period=0.1,
+        admin_token_file=str(tokens),
+    )
+    plane = ControlPlane(settings)
+    await plane.start()
+    try:
+        assert plane.admin is not None
+        async with aiohttp.ClientSession() as session:
+            api = Api(session=session, base=f"http://127.0.0.1:{plane.ports['main']}")
+
+            await asyncio.sleep(0.5)  # long enough for the view to have read the empty Redis
+            status, body = await api.call("POST", "/admin/v1/keys", json={"user": "alice", "tier": "premium"})
+            assert status == 503 and body["error"]["code"] == "not_synced", body
+            assert (await api.call("GET", "/admin/v1/tiers"))[0] == 503
+            # the leader (elsewhere) writes its first sync
+            await store.apply([contract.put(tier) for tier in contract.DEFAULT_TIERS])
+            await eventually(lambda: plane.admin is not None and plane.admin.loaded.is_set())
+            status, body = await api.call("GET", "/admin/v1/tiers")
+            assert status == 200 and {t["name"] for t in body["data"]} >= {"free", "premium"}, body
     finally:
         await plane.stop()

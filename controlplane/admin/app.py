@@ -32,7 +32,10 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
                 request.headers.get("authorization"), write=request.method in WRITE_METHODS
             )
         if (path.startswith("/admin/") or path in ("/v1/models", "/v1/me")) and not ctx.state.loaded.is_set():
-            raise NotSynced("The control plane has not loaded its view of Redis yet; retry shortly.")
+            raise NotSynced(
+                "The control plane has no view of the platform yet (Redis not read yet, or no sync has written it "
+                "yet); retry shortly."
+            )
         return await handler(request)
     except AdminError as exc:
         return exc.response()

@@ -82,7 +82,8 @@ class AdminState:
                 self._put_key(record)
         self.generation = generation
         self._fresh = True
-        self.loaded.set()
+        if generation:  # generation 0: no sync has written Redis yet (a new install), so there is nothing to show
+            self.loaded.set()
         self._notify()
         log.info(
             "admin view loaded",
@@ -120,6 +121,7 @@ class AdminState:
                 self.index.put(record.key_id, self._facets(record))
         self.generation = event.gen
         self._fresh = False
+        self.loaded.set()
         self._notify()
         return True
 
