@@ -7,7 +7,8 @@ What Istio generates from the mesh config's ``extensionProviders[].envoyExtAuthz
 ``allowed_client_headers`` from ``headersToDownstreamOnDeny``, ``allowed_client_headers_on_success`` from
 ``headersToDownstreamOnAllow``, and ``status_on_error`` from ``statusOnError``. Paths the policy leaves alone
 (health checks) have the filter disabled per route. HTTPRoute ``PathPrefix`` matches with a ``URLRewrite``
-``ReplacePrefixMatch`` filter become Envoy routes with ``prefix_rewrite``.
+``ReplacePrefixMatch`` filter become Envoy routes with ``prefix_rewrite``. Paths are normalised as Istio's default
+``pathNormalization: BASE`` does (``normalize_path``: dot segments resolved before ext_authz and routing).
 
 The demo and the tests use this; ``deploy/istio/`` holds the same settings as Istio configuration.
 """
@@ -158,6 +159,9 @@ def render(gw: Gateway) -> dict[str, Any]:
                                         "@type": "type.googleapis.com/envoy.extensions.filters.network."
                                         "http_connection_manager.v3.HttpConnectionManager",
                                         "stat_prefix": "gateway",
+                                        # Istio's default pathNormalization (BASE): RFC 3986 dot segments
+                                        # resolved before ext_authz and routing see the path
+                                        "normalize_path": True,
                                         "route_config": {"name": "routes", "virtual_hosts": virtual_hosts},
                                         "http_filters": http_filters,
                                         **gw.extra,

@@ -207,6 +207,11 @@ async def test_body_limits_and_content_type(tmp_path: Path, redis_url: str) -> N
             "POST", "/admin/v1/keys", data=b"{nope", headers=api.headers(**{"Content-Type": "application/json"})
         )
         assert (status, error["error"]["code"]) == (400, "invalid_json")
+        deep = b'{"user": "a", "name": ' + b"[" * 5000 + b"]" * 5000 + b"}"  # past Python's recursion limit
+        status, error = await api.call(
+            "POST", "/admin/v1/keys", data=deep, headers=api.headers(**{"Content-Type": "application/json"})
+        )
+        assert (status, error["error"]["code"]) == (400, "invalid_json")
 
 
 async def test_token_file_is_reloaded(tmp_path: Path, redis_url: str) -> None:

@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import http.client
 import json
 import random
+import socket
+import threading
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -230,3 +234,50 @@ def test_every_response_carries_one_date_the_client_can_parse(chain: Chain) -> N
             resp.read()
         assert len(dates) == 1 and "," not in dates[0].split(", ", 1)[1], (request.full_url, dates)
         assert email.utils.parsedate_to_datetime(dates[0]).year >= 2024
+
+
+def test_dot_segments_are_resolved_before_authz_and_the_meter(chain: Chain) -> None:
+    """Envoy resolves dot segments as Istio's default path normalisation does, so the request is checked, routed
+    and metered as the path it names (the meter itself refuses a path that still holds them: test_meter_server).
+    Before, ``/v1/./chat/completions`` passed the meter as "not metered" and reached the model server unmetered."""
+    body = json.dumps({"model": MODEL, "messages": CHAT, "max_tokens": 4}).encode()
+    host, _, port = chain.gateway_url.removeprefix("http://").partition(":")
+    auth = {"authorization": f"APIKEY {METER_KEY.plaintext}", "content-type": "application/json"}
+    for path in ["/qwen3/v1/./chat/completions", "/qwen3/v1/x/../chat/completions", "/qwen3/%2E/v1/chat/completions"]:
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            conn.request("POST", path, body=body, headers=auth)  # sent as written: no client-side resolution
+            resp = conn.getresponse()
+            answer = json.loads(resp.read())
+        finally:
+            conn.close()
+        assert resp.status == 200 and answer["usage"]["completion_tokens"] > 0, (path, resp.status, answer)
+        assert resp.getheader("x-ratelimit-limit-tokens") == "1000000", (path, resp.getheaders())  # metered
+
+
+def test_a_body_over_the_limit_gets_its_413_through_envoy(chain: Chain) -> None:
+    """The meter refuses a body over --max-body-bytes from its content-length and reads the rest before closing:
+    closing at once reset the connection under Envoy, which answered 503 "upstream connect error" instead. (The
+    client sends and reads at once: Envoy itself closes on the client once it has answered.)"""
+    body = json.dumps({"model": MODEL, "prompt": "x" * (9 << 20)}).encode()
+    head = (
+        f"POST /qwen3/v1/completions HTTP/1.1\r\nhost: gateway\r\nauthorization: APIKEY {METER_KEY.plaintext}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+    host, _, port = chain.gateway_url.removeprefix("http://").partition(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sender = threading.Thread(target=_send, args=(sock, head + body))
+        sender.start()
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                received += chunk
+        sender.join(30)
+    head_part, _, rest = received.partition(b"\r\n\r\n")
+    assert head_part.startswith(b"HTTP/1.1 413"), received[:300]
+    assert json.loads(rest)["error"]["code"] == "request_too_large"
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):  # Envoy closes on us once it has answered
+        sock.sendall(data)

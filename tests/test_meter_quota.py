@@ -221,3 +221,41 @@ async def test_a_client_that_leaves_right_after_sending_gets_its_reservation_set
     reserved = metrics.get(("maas_meter_reservations_total", (("outcome", "granted"),)), 0.0)
     level = float(state.split()[0]) if state else 100_000.0
     assert reserved >= 1 and level >= 100_000 - 1  # every reservation made was refunded: nothing was served
+
+
+async def test_embeddings_are_refused_when_the_bucket_cannot_pay_for_their_input(redis_url: str) -> None:
+    """Nothing of an embeddings request can be clamped, so its whole input estimate is the least it costs: on a
+    bucket with less left it gets 429 (it was served, and the key went into debt far past its limit)."""
+    async with running_stack(redis_url) as stack:
+        async with stack.client(key_id="embed", limit=(100, 600_000)) as client:
+            small = await client.embeddings.create(model=MODEL, input="a few words")
+            assert small.usage.prompt_tokens > 0
+            with pytest.raises(openai.RateLimitError) as refused:
+                await client.embeddings.create(model=MODEL, input="many words " * 40)
+        await wait_until_settled(stack)
+        rows = await stack.store.read_usage("embed", [ledger_day()])
+    assert refused.value.body["type"] == "tokens"  # type: ignore[index]
+    assert rows[0].prompt_tokens == small.usage.prompt_tokens and rows[0].requests == 1
+
+
+async def test_a_request_larger_than_the_whole_limit_is_told_so_without_a_retry_after(redis_url: str) -> None:
+    """Waiting cannot make a bucket hold more than its limit: such a request gets 429 "request too large" with no
+    retry-after (a client honouring one retried forever), and rate-limit headers that agree with each other."""
+    async with running_stack(redis_url) as stack, stack.client(key_id="tiny", limit=(100, 600_000)) as client:
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "a long question " * 20}], max_tokens=5
+            )
+        short = [{"role": "user", "content": "short"}]
+        await client.chat.completions.create(
+            model=MODEL,
+            messages=short,
+            max_tokens=75,
+            extra_body={"ignore_eos": True},  # type: ignore[arg-type]
+        )
+        with pytest.raises(openai.RateLimitError) as waits:  # one the bucket can pay once it refills still waits
+            await client.chat.completions.create(model=MODEL, messages=short, max_tokens=5)  # type: ignore[arg-type]
+    headers = refused.value.response.headers
+    assert "too large" in refused.value.body["message"] and "retry-after" not in headers  # type: ignore[index]
+    assert headers["x-ratelimit-limit-tokens"] == "100" and headers["x-ratelimit-remaining-tokens"] == "100"
+    assert "too large" not in waits.value.body["message"] and int(waits.value.response.headers["retry-after"]) > 0  # type: ignore[index]

@@ -193,6 +193,10 @@ async def test_expect_continue_is_answered_when_the_body_is_read_and_not_when_re
         ),
         pytest.param(b"DELETE * HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request", id="asterisk-target"),
         pytest.param(b"GET x/y HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request", id="relative-target"),
+        pytest.param(b"GET /v1/./models HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request", id="dot-segment"),
+        pytest.param(b"GET /v1/x/../models HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request", id="dot-dot-segment"),
+        pytest.param(b"GET /%2e%2E/v1/models HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request", id="encoded-dots"),
+        pytest.param(b"GET http://h/v1/. HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request", id="absolute-dot"),
         pytest.param(
             b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: close\r\n\r\nabc", 400, "bad_request", id="te-close"
         ),

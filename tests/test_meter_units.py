@@ -127,7 +127,7 @@ def test_upstream_body_is_untouched_unless_the_meter_must_change_it() -> None:
 
 def test_reservation_plan_needs_one_token_per_choice_beyond_the_prompt() -> None:
     assert quota.plan(prompt_estimate=30, choices=2, wanted=100) == (230, 32)
-    assert quota.plan(prompt_estimate=30, choices=0, wanted=0) == (30, 1)
+    assert quota.plan(prompt_estimate=30, choices=0, wanted=0) == (30, 30)  # embeddings: all or nothing
 
 
 # --- SSE ----------------------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def test_splitter_bounds_a_runaway_event() -> None:
         Splitter(max_event_bytes=1024).feed(b"data: " + b"x" * 2000)
 
 
-def _sim_stream(*, chat: bool, include: bool, continuous: bool, n: int = 1) -> list[bytes]:
+def _sim_stream(*, chat: bool, include: bool, continuous: bool, n: int = 1, prompts: int = 1) -> list[bytes]:
     body: dict[str, object] = {"model": "m", "max_tokens": 4, "n": n, "stream": True}
     if include or continuous:
         body["stream_options"] = {"include_usage": include, "continuous_usage_stats": continuous}
@@ -182,7 +182,7 @@ def _sim_stream(*, chat: bool, include: bool, continuous: bool, n: int = 1) -> l
         body["messages"] = [{"role": "user", "content": "hello world"}]
         job = api.parse_chat(body, served=("m",), max_model_len=100)
     else:
-        body["prompt"] = "hello world"
+        body["prompt"] = ["hello world" * (i + 1) for i in range(prompts)] if prompts > 1 else "hello world"
         job = api.parse_completion(body, served=("m",), max_model_len=100)
     job.request_id, job.created = "fixed", 1
     text = "".join(api.stream_steps(job)).encode()
@@ -197,7 +197,7 @@ def test_stream_meter_gives_the_client_what_vllm_would_send(
 ) -> None:
     upstream = _sim_stream(chat=chat, include=True, continuous=True, n=n)
     expected = _sim_stream(chat=chat, include=include, continuous=continuous, n=n)
-    meter = StreamMeter(want_usage=include, want_continuous=continuous, null_usage=not chat)
+    meter = StreamMeter(want_usage=include, want_continuous=continuous, null_usage=not chat, per_prompt=n)
     assert b"".join(meter.event(e) for e in upstream) == b"".join(expected)
     assert meter.done
     final = json.loads(upstream[-2][6:])["usage"]
@@ -206,11 +206,24 @@ def test_stream_meter_gives_the_client_what_vllm_would_send(
 
 def test_stream_meter_usage_mid_stream_is_what_was_forwarded() -> None:
     events = _sim_stream(chat=True, include=True, continuous=True, n=2)
-    meter = StreamMeter(want_usage=False, want_continuous=False, null_usage=False)
+    meter = StreamMeter(want_usage=False, want_continuous=False, null_usage=False, per_prompt=2)
     for event in events[:5]:  # two role chunks, then first tokens of both choices, then one more
         meter.event(event)
     assert meter.usage().completion == 3
     assert meter.usage().prompt == engine.chat_prompt_tokens([{"role": "user", "content": "hello world"}])
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_stream_meter_usage_mid_stream_counts_every_prompt_of_a_completion(n: int) -> None:
+    """A completion request with several prompts: each prompt's choices report that prompt's own count, so a
+    stream cut short is charged the sum over the prompts (it was charged the largest one alone)."""
+    events = _sim_stream(chat=False, include=True, continuous=True, n=n, prompts=3)
+    final = json.loads(events[-2].removeprefix(b"data: "))["usage"]
+    meter = StreamMeter(want_usage=False, want_continuous=False, null_usage=True, per_prompt=n)
+    for event in events[:-2]:  # everything but the final usage chunk and [DONE]: a client that left just before
+        meter.event(event)
+    assert meter.final is None
+    assert meter.usage() == Usage(final["prompt_tokens"], final["completion_tokens"])
 
 
 def test_usage_is_found_in_raw_bytes_and_falls_back_on_odd_layouts() -> None:

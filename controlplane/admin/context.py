@@ -70,6 +70,8 @@ async def read_body(request: web.Request, model: type[M], *, optional: bool = Fa
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidJSON(f"The body is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise InvalidJSON("The body is nested too deeply.") from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:

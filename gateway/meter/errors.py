@@ -118,7 +118,7 @@ def normalise_upstream_error(status: int, raw: bytes) -> bytes:
     code: Any = None
     try:
         parsed = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         parsed = None
     if isinstance(parsed, dict):
         inner = parsed.get("error") if isinstance(parsed.get("error"), dict) else parsed

@@ -402,7 +402,10 @@ class Relay:
         self.response = response
         self.upstream = upstream
         self.tracker = StreamMeter(
-            want_usage=parsed.want_usage, want_continuous=parsed.want_continuous, null_usage=parsed.kind == "completion"
+            want_usage=parsed.want_usage,
+            want_continuous=parsed.want_continuous,
+            null_usage=parsed.kind == "completion",
+            per_prompt=parsed.n,
         )
         self.splitter = Splitter(max_event_bytes=meter.config.max_event_bytes)
         self.ttft = meter.metrics.models.get((model, OPERATIONS[parsed.kind])).ttft

@@ -51,9 +51,11 @@ def unlimited(key_id: str, *, outcome: Outcome = Outcome.UNLIMITED) -> Reservati
 
 
 def plan(*, prompt_estimate: int, choices: int, wanted: int) -> tuple[int, int]:
-    """(cost, min_cost) of the reservation."""
+    """(cost, min_cost) of the reservation. Without choices (embeddings) nothing can be clamped: the whole input is
+    the least the request costs."""
     if choices <= 0:
-        return max(prompt_estimate, 1), 1
+        cost = max(prompt_estimate, 1)
+        return cost, cost
     return prompt_estimate + choices * wanted, prompt_estimate + choices
 
 
@@ -147,6 +149,14 @@ class Reserving:
     def _reservation(self, result: BucketResult) -> Reservation:
         identity = self._identity
         assert identity.token_limit is not None and identity.token_window_ms is not None
+        if not result.allowed and self._min_cost > identity.token_limit:
+            # more than the bucket ever holds: waiting cannot help, so no retry-after (as OpenAI's "request too large")
+            raise TokensExhausted(
+                f"request too large: it needs at least {self._min_cost} tokens, more than this key's limit of "
+                f"{identity.token_limit} per {format_duration(identity.token_window_ms)}; shorten the input or ask "
+                "for fewer completions",
+                headers=rate_headers(result),
+            )
         if not result.allowed:
             retry = max(1, -(-result.retry_ms // 1000))
             raise TokensExhausted(

@@ -150,6 +150,8 @@ class Parsed:
     """The client's per-choice completion limit (``max_completion_tokens`` wins over ``max_tokens``)."""
     choices: int
     """Completions generated: ``n`` times the number of prompts."""
+    n: int
+    """Completions per prompt."""
     prompt_estimate: int
 
     @property
@@ -167,6 +169,8 @@ def parse(raw: bytes, *, kind: Kind, estimator: Estimator, allow_unknown: bool) 
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidJson(f"request body is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise InvalidJson("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidJson("request body must be a JSON object")
     if not allow_unknown:
@@ -197,6 +201,7 @@ def parse(raw: bytes, *, kind: Kind, estimator: Estimator, allow_unknown: bool) 
         want_continuous=want_usage and want_continuous,
         max_tokens=max_tokens,
         choices=n * prompts if kind != "embeddings" else 0,
+        n=n,
         prompt_estimate=estimator.prompt_tokens(kind, body),
     )
 

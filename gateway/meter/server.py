@@ -178,6 +178,12 @@ class Request:
         return self._stream
 
 
+def _has_dot_segment(target: str) -> bool:
+    if "." not in target and "%" not in target:
+        return False
+    return any(segment in (".", "..") for segment in _path_of(target).split("/"))
+
+
 def _path_of(target: str) -> str:
     if target.startswith(("http://", "https://")):  # absolute-form, as sent to proxies
         target = urlsplit(target).path or "/"
@@ -321,6 +327,7 @@ class _Connection(asyncio.Protocol):
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._size = 0
         self._failure: bytes | None = None
+        self._lingering: asyncio.TimerHandle | None = None
         self.write_paused = False
         self.closed = False
 
@@ -338,6 +345,8 @@ class _Connection(asyncio.Protocol):
         del self._parser  # it holds this protocol's callbacks: the pair is freed now, not at a later collection
         if self._idle is not None:
             self._idle.cancel()
+        if self._lingering is not None:
+            self._lingering.cancel()
         gone = ClientGone("client closed the connection")
         for request in self._queue:
             request.content._finish(gone)
@@ -410,10 +419,15 @@ class _Connection(asyncio.Protocol):
         if codings and ",".join(codings).rsplit(",", 1)[-1].strip().lower() != "chunked":
             # RFC 9112 6.1: the body's length cannot be determined; answer 400 and close
             raise _Abort(BAD_TRANSFER_ENCODING)
+        target = self._url.decode("latin-1")
+        if _has_dot_segment(target):
+            # RFC 3986 5.2.4: resolved by the client, never sent; a path that only becomes a metered one once they
+            # are resolved (by the upstream or a client library) must not pass as another path
+            raise _Abort(DOT_SEGMENT)
         request = Request(
             self,
             method=method,
-            target=self._url.decode("latin-1"),
+            target=target,
             headers=headers,
             version=version,
             keep_alive=parser.should_keep_alive(),
@@ -425,12 +439,17 @@ class _Connection(asyncio.Protocol):
             self._task = asyncio.get_running_loop().create_task(self._serve())
 
     def on_body(self, body: bytes) -> None:
+        if self._lingering is not None:
+            return  # the rest of a body nobody reads: dropped
         current = self._current
         if current is not None and current.content._feed(body) and not self._read_paused and self._transport:
             self._read_paused = True
             self._transport.pause_reading()
 
     def on_message_complete(self) -> None:
+        if self._lingering is not None:
+            self.close()
+            raise _Abort(b"")  # parse nothing after the dropped body: the connection is closed
         current = self._current
         if current is None:
             return
@@ -512,7 +531,7 @@ class _Connection(asyncio.Protocol):
                 await self._answer(request)
                 self._queue.popleft()
                 if not request.keep_alive:
-                    self.close()
+                    self._close_after(request)
                     return
             if self._failure is not None:
                 self.send(self._failure)
@@ -541,6 +560,22 @@ class _Connection(asyncio.Protocol):
         request._stream = None
         request.early = None
 
+    def _close_after(self, request: Request) -> None:
+        """Close once the client has sent the rest of a body that was not read (an early 413, say). Closing with
+        input unread makes the kernel reset the connection, and a client (Envoy) still sending then loses the
+        answer before it reads it; so the write side is shut and the rest of the body read and dropped, for up
+        to ``LINGER_SECONDS`` (RFC 9112 9.6)."""
+        transport = self._transport
+        if transport is None or request.content.complete or self._current is not request:
+            self.close()
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._lingering = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.close)
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+
     def _arm_idle(self) -> None:
         if self._idle is not None:
             self._idle.cancel()
@@ -552,10 +587,13 @@ class _Connection(asyncio.Protocol):
             self.close()
 
 
+LINGER_SECONDS = 5.0
+"""How long the unread rest of a refused request's body is read and dropped before the connection closes."""
 BAD_REQUEST = _error(400, "bad_request", "Malformed HTTP request.")
 TOO_LARGE = _error(431, "request_header_too_large", "Request headers are too large.")
 NOT_ALLOWED = _error(405, "method_not_allowed", "CONNECT is not supported.")
 BAD_TARGET = _error(400, "bad_request", "The request target must be a path starting with '/'.")
+DOT_SEGMENT = _error(400, "bad_request", "The request path must not hold '.' or '..' segments; resolve them first.")
 BAD_TRANSFER_ENCODING = _error(
     400, "bad_request", "A request's Transfer-Encoding must end with chunked; its body length cannot be known."
 )

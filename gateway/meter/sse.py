@@ -100,7 +100,7 @@ def find_usage(data: bytes) -> _Found | None:
     try:
         text = data[value_at:].decode()
         obj, consumed = _DECODER.raw_decode(text)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     value_end = value_at + len(text[:consumed].encode())
     if data[value_end:].strip() != b"}" or not isinstance(obj, dict):
@@ -111,7 +111,7 @@ def find_usage(data: bytes) -> _Found | None:
 def _find_slow(data: bytes) -> _Found | None:
     try:
         chunk = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     usage = chunk.get("usage") if isinstance(chunk, dict) else None
     return _Found(_usage_of(usage), -1, -1, -1) if isinstance(usage, dict) else None
@@ -159,19 +159,23 @@ class StreamMeter:
     want_continuous: bool
     null_usage: bool
     """Completion chunks: vLLM writes ``"usage":null`` when it sends no per-chunk usage."""
+    per_prompt: int
+    """Choices per prompt (``n``): vLLM numbers a completion's choices prompt by prompt, ``index = prompt * n + i``."""
     final: Usage | None = None
     done: bool = False
     error: bool = False
     _per_choice: dict[int, Usage] = field(default_factory=dict)
 
     def usage(self) -> Usage:
-        """The final usage if seen, else the sum of the last usage seen per choice (prompt counted once)."""
+        """The final usage if seen, else the sum of the last usage seen per choice, each prompt counted once (a
+        completion request with several prompts reports each prompt's own count on its choices)."""
         if self.final is not None:
             return self.final
-        if not self._per_choice:
-            return Usage()
-        prompt = max(u.prompt for u in self._per_choice.values())
-        return Usage(prompt=prompt, completion=sum(u.completion for u in self._per_choice.values()))
+        prompts: dict[int, int] = {}
+        for index, usage in self._per_choice.items():
+            group = index // self.per_prompt
+            prompts[group] = max(prompts.get(group, 0), usage.prompt)
+        return Usage(prompt=sum(prompts.values()), completion=sum(u.completion for u in self._per_choice.values()))
 
     def event(self, event: bytes) -> bytes:
         parts = payload(event)

@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping
 
 import aiohttp
+import yarl
 from multidict import CIMultiDict, MultiMapping
 from prometheus_client import Counter
 
@@ -162,9 +163,10 @@ class Upstream:
         (connect and first-byte timeouts)."""
         with self._mapped_errors():
             async with asyncio.timeout(self.first_byte_timeout):
-                return await self.session.request(
-                    method, self.base_url + path_qs, headers=headers, data=data, allow_redirects=False
-                )
+                # encoded: the target goes upstream as the client sent it (yarl would resolve dot segments and
+                # re-quote; a proxy must not make one path of another)
+                url = yarl.URL(self.base_url + path_qs, encoded=True)
+                return await self.session.request(method, url, headers=headers, data=data, allow_redirects=False)
         raise AssertionError("unreachable")  # pragma: no cover
 
     @contextlib.contextmanager

@@ -74,6 +74,8 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise SimRequestError(f"Invalid JSON body: {exc}") from exc
+    except RecursionError:
+        raise SimRequestError("Invalid JSON body: nested too deeply") from None
     if not isinstance(body, dict):
         raise SimRequestError("request body must be a JSON object")
     return body
