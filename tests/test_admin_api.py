@@ -123,6 +123,29 @@ async def test_pagination_walks_every_key_once(tmp_path: Path, redis_url: str) -
         assert len(page["data"]) == 4
 
 
+async def test_list_filters_combine(tmp_path: Path, redis_url: str) -> None:
+    """Every filter applies, not only the most selective one (that one's list is walked, the others looked up)."""
+    async with running(admin_settings(tmp_path, redis_url)) as (_, api):
+        made = {}
+        for user, tier in [("alice", "free"), ("alice", "free"), ("alice", "premium"), ("bob", "premium")]:
+            status, key = await api.call("POST", "/admin/v1/keys", json={"user": user, "tier": tier})
+            assert status == 201
+            made.setdefault((user, tier), []).append(key["key_id"])
+        status, _ = await api.call("DELETE", f"/admin/v1/keys/{made['bob', 'premium'][0]}")
+        assert status == 200
+
+        async def listed(query: str) -> list[str]:
+            status, page = await api.call("GET", f"/admin/v1/keys?{query}")
+            assert status == 200, page
+            return sorted(k["key_id"] for k in page["data"])
+
+        assert await listed("user=alice&status=revoked") == []
+        assert await listed("user=bob&status=active") == []
+        assert await listed("user=alice&tier=premium") == made["alice", "premium"]
+        assert await listed("user=alice&tier=free&status=active") == sorted(made["alice", "free"])
+        assert await listed("tier=premium&status=revoked") == made["bob", "premium"]
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "token", "status", "code"),
     [

@@ -60,12 +60,13 @@ class KeyIndex:
         accept: Callable[[str], bool],
         max_examined: int,
     ) -> tuple[list[str], bool, str | None]:
-        """Up to ``limit`` key ids after ``after`` in the smallest candidate list that ``accept`` admits.
+        """Up to ``limit`` key ids after ``after`` that are in every facet's list and that ``accept`` admits (the
+        smallest list is walked, the others are looked up).
 
         Returns (ids, has_more, resume cursor). At most ``max_examined`` candidates are examined: a very selective
         combination of filters may then return a short page with ``has_more`` and a cursor to go on from."""
-        lists = [self._by.get(f, []) for f in facets]
-        candidates = min(lists, key=len) if lists else self.all
+        lists = sorted((self._by.get(f, []) for f in facets), key=len)
+        candidates, others = (lists[0], lists[1:]) if lists else (self.all, [])
         start = bisect.bisect_right(candidates, after) if after else 0
         out: list[str] = []
         examined = 0
@@ -74,12 +75,17 @@ class KeyIndex:
             if examined >= max_examined:
                 return out, True, out[-1] if out else candidates[position - 1]
             examined += 1
-            if not accept(key_id):
+            if not all(_holds(ids, key_id) for ids in others) or not accept(key_id):
                 continue
             if len(out) == limit:
                 return out, True, out[-1]
             out.append(key_id)
         return out, False, None
+
+
+def _holds(ids: list[str], key_id: str) -> bool:
+    position = bisect.bisect_left(ids, key_id)
+    return position < len(ids) and ids[position] == key_id
 
 
 def _insert(ids: list[str], key_id: str) -> None:
