@@ -3,7 +3,9 @@ auth, documented 4xx, and no plaintext key anywhere but the create and rotate re
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -294,3 +296,59 @@ async def test_tiers_quota_and_usage(tmp_path: Path, redis_url: str) -> None:
         ]
         status, error = await api.call("GET", "/admin/v1/usage", headers=api.headers(Accept="image/png"))
         assert (status, error["error"]["code"]) == (406, "not_acceptable")
+
+
+async def test_concurrent_changes_to_one_key_all_land(tmp_path: Path, redis_url: str) -> None:
+    """Each change reads the key's Secret, edits it and writes it back under the key's lock: parallel PATCHes
+    each keep their field (one was lost, and writers racing on one temporary file got 500s), and a revoke racing a
+    rotate stays revoked (the rotate had written back the Secret it read before the revoke)."""
+    async with running(admin_settings(tmp_path, redis_url)) as (_, api):
+        status, key = await api.call("POST", "/admin/v1/keys", json={"user": "racer"})
+        assert status == 201
+        path = f"/admin/v1/keys/{key['key_id']}"
+        patches = [{"name": "n1"}, {"disabled": True}, {"models": ["qwen3-0-6b-instruct"]}]
+        patches += [{"limits": {"requests": i + 1}} for i in range(10)]
+        answers = await asyncio.gather(*(api.call("PATCH", path, json=body) for body in patches))
+        assert [status for status, _ in answers] == [200] * len(patches), answers
+        status, now = await api.call("GET", path)
+        assert (now["name"], now["status"], now["models"]) == ("n1", "disabled", ["qwen3-0-6b-instruct"]), now
+
+        for _ in range(3):
+            status, key = await api.call("POST", "/admin/v1/keys", json={"user": "racer"})
+            path = f"/admin/v1/keys/{key['key_id']}"
+            (rotated, _), (revoked, _) = await asyncio.gather(
+                api.call("POST", f"{path}/rotate", json={"grace_period": "1h"}), api.call("DELETE", path)
+            )
+            assert rotated in (200, 409) and revoked == 200
+            status, after = await api.call("GET", path)
+            assert after["status"] == "revoked", after
+    assert not [f for f in os.listdir(tmp_path / "manifests") if f.endswith(".tmp")]
+
+
+async def test_concurrent_tier_writes_all_land_and_say_synced(tmp_path: Path, redis_url: str) -> None:
+    async with running(admin_settings(tmp_path, redis_url)) as (_, api):
+        names = [f"race-{i}" for i in range(4)]
+        body = {"level": 3, "groups": ["g"], "limits": {"requests": {"limit": 10, "window": "1m"}}}
+        answers = await asyncio.gather(*(api.call("PUT", f"/admin/v1/tiers/{n}", json=body) for n in names))
+        assert all(status == 201 and tier["synced"] is True for status, tier in answers), answers
+        _, listed = await api.call("GET", "/admin/v1/tiers")
+        assert set(names) <= {t["name"] for t in listed["data"]}
+        answers = await asyncio.gather(*(api.call("DELETE", f"/admin/v1/tiers/{n}") for n in names))
+        assert all(status == 200 and gone["synced"] is True for status, gone in answers), answers
+
+
+async def test_rotating_now_or_an_expired_key(tmp_path: Path, redis_url: str) -> None:
+    """grace_period "0s" ends the old key at once (it was rounded up to the next second); an expired key is not
+    rotated into a new key that is born expired."""
+    async with running(admin_settings(tmp_path, redis_url)) as (_, api):
+        status, key = await api.call("POST", "/admin/v1/keys", json={"user": "rot"})
+        status, rotated = await api.call("POST", f"/admin/v1/keys/{key['key_id']}/rotate", json={"grace_period": "0s"})
+        assert status == 200 and rotated["old"]["status"] == "expired", rotated
+        status, key = await api.call("POST", "/admin/v1/keys", json={"user": "rot", "expires_in": "1s"})
+
+        async def expired() -> bool:
+            return (await api.call("GET", f"/admin/v1/keys/{key['key_id']}"))[1]["status"] == "expired"
+
+        await eventually(expired, within=5)
+        status, refused = await api.call("POST", f"/admin/v1/keys/{key['key_id']}/rotate", json={})
+        assert (status, refused["error"]["code"]) == (409, "key_expired"), refused

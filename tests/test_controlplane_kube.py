@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from controlplane.errors import ConflictError
 from controlplane.kinds import SECRET
 from controlplane.runner import ControlPlane
 from controlplane.settings import ControlPlaneSettings
@@ -343,7 +344,15 @@ async def test_kubernetes_source_applies_and_deletes_admin_key_secrets(
             return raw is not None and json.loads(raw)["status"] == "revoked"
 
         await eventually(revoked)
+        # a write carrying the resourceVersion it read is conditional: a change in between is a conflict, not lost
+        read = await plane.source.get(SECRET, "llm", "maas-key-abc")
+        assert read is not None and read["metadata"]["resourceVersion"]
+        await plane.source.apply({**read, "metadata": {**read["metadata"], "annotations": {"maas/user-id": "x"}}})
+        with pytest.raises(ConflictError):
+            await plane.source.apply(read)
         assert await plane.source.delete(SECRET, "llm", "maas-key-abc") is True
+        with pytest.raises(ConflictError):  # and a deleted one too
+            await plane.source.apply(read)
         assert await plane.source.delete(SECRET, "llm", "maas-key-abc") is False
 
         async def gone() -> bool:

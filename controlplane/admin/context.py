@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
+import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -32,6 +34,25 @@ MAX_BODY_BYTES = 64 * 1024
 _ZERO = re.compile(r"^\s*0+\s*(ms|s|m|h|d)?\s*$")
 
 
+WRITE_ATTEMPTS = 5
+"""Read-modify-write attempts of one admin change when the object keeps changing under it (another replica)."""
+
+
+class Locks:
+    """One lock per name, alive while someone holds or waits for it: an admin change reads an object, edits it and
+    writes it back under its lock, so two changes to one object in this replica never overwrite each other (across
+    replicas the write carries the resourceVersion it read, and a conflict starts the change over)."""
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def __call__(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
+
 @dataclass(frozen=True, slots=True)
 class AdminContext:
     state: AdminState
@@ -44,6 +65,7 @@ class AdminContext:
     tier_configmap: str
     tier_limits_configmap: str
     write_timeout: float
+    locks: Locks = field(default_factory=Locks)
 
 
 ADMIN = web.AppKey("admin", AdminContext)

@@ -110,6 +110,10 @@ class KeyRevoked(Conflict):
     code = "key_revoked"
 
 
+class KeyExpired(Conflict):
+    code = "key_expired"
+
+
 class TierInUse(Conflict):
     code = "tier_in_use"
 

@@ -17,6 +17,7 @@ from controlplane import kinds
 from controlplane.admin import keysecret as ks
 from controlplane.admin.auth import audit
 from controlplane.admin.context import (
+    WRITE_ATTEMPTS,
     AdminContext,
     check_query,
     context,
@@ -30,6 +31,7 @@ from controlplane.admin.context import (
 from controlplane.admin.errors import (
     InvalidCursor,
     InvalidRequest,
+    KeyExpired,
     KeyNotFound,
     KeyRevoked,
     PageTooLarge,
@@ -38,7 +40,7 @@ from controlplane.admin.errors import (
 )
 from controlplane.admin.models import KeyCreate, KeyCreated, KeyPage, KeyPatch, KeyUpdated, Rotated, RotateRequest
 from controlplane.admin.views import key_view
-from controlplane.errors import SourceError, TranslateError
+from controlplane.errors import ConflictError, SourceError, TranslateError
 from controlplane.kinds import Obj
 from controlplane.translate import secret as tr
 from gateway.contract import KeyRecord, KeyStatus, digest_key, key_id_of
@@ -87,6 +89,8 @@ async def write_secret(ctx: AdminContext, obj: Obj) -> tuple[KeyRecord, bool]:
         raise InvalidRequest(f"The key cannot be stored: {exc}") from exc
     try:
         await ctx.source.apply(obj)
+    except ConflictError:
+        raise  # the caller reads the object again and redoes its change
     except SourceError as exc:
         raise source_failed(exc) from exc
     want = _projection(expected)
@@ -207,12 +211,27 @@ async def _current_secret(ctx: AdminContext, record: KeyRecord) -> Obj:
     return obj
 
 
+def _unchanged_since(secret: Obj, record: KeyRecord) -> None:
+    """Refuse a change to a key the Secret (read under the key's lock) says is revoked, whatever the view says."""
+    if (secret["metadata"].get("annotations") or {}).get(tr.MAAS_STATUS) == "revoked":
+        raise KeyRevoked(f"The key '{record.key_id}' is revoked.")
+
+
 async def _update(request: web.Request, updates: Mapping[str, str | None], action: str) -> web.Response:
     ctx = context(request)
     record = find_key(ctx, request.match_info["key_id"])
     writable(ctx, record)
-    obj = ks.with_annotations(await _current_secret(ctx, record), updates)
-    stored, synced = await write_secret(ctx, obj)
+    async with ctx.locks(record.key_id):
+        for attempt in range(WRITE_ATTEMPTS):
+            secret = await _current_secret(ctx, record)
+            if updates.get(tr.MAAS_STATUS) != "revoked":
+                _unchanged_since(secret, record)
+            try:
+                stored, synced = await write_secret(ctx, ks.with_annotations(secret, updates))
+                break
+            except ConflictError as exc:
+                if attempt == WRITE_ATTEMPTS - 1:
+                    raise source_failed(exc) from exc
     audit(principal(request), action, key_id=record.key_id, changes=",".join(sorted(updates)) or None)
     view = key_view(stored, ctx.state, namespace=ctx.key_namespace)
     return json_model(KeyUpdated(**view.model_dump(), synced=synced))
@@ -257,20 +276,36 @@ async def rotate_key(request: web.Request) -> web.Response:
     grace = duration_seconds(body.grace_period, param="grace_period", allow_zero=True)
     old = find_key(ctx, request.match_info["key_id"])
     writable(ctx, old)
-    old_secret = await _current_secret(ctx, old)
-    now = time.time()
-    plaintext = ks.new_api_key()
-    digest = digest_key(plaintext, ctx.pepper)
-    key_id = key_id_of(digest)
-    inherited = {k: v for k, v in (old_secret["metadata"].get("annotations") or {}).items() if k != ks.ROTATED_TO}
-    inherited[tr.MAAS_CREATED] = ks.stamp(now)
-    new_obj = ks.key_secret(digest=digest, namespace=ctx.key_namespace, key_id=key_id, annotations=inherited)
-    new_record, new_synced = await write_secret(ctx, new_obj)
-    ends = now + grace
-    if old.expires_at is not None:
-        ends = min(ends, old.expires_at)
-    old_obj = ks.with_annotations(old_secret, {tr.EXPIRES_AT: ks.stamp(ends), ks.ROTATED_TO: key_id})
-    old_record, old_synced = await write_secret(ctx, old_obj)
+    async with ctx.locks(old.key_id):
+        old_secret = await _current_secret(ctx, old)
+        _unchanged_since(old_secret, old)
+        now = time.time()
+        if old.expires_at is not None and old.expires_at <= now:
+            raise KeyExpired(
+                f"The key '{old.key_id}' expired; give it a new expiry (PATCH expires_in) before rotating it."
+            )
+        plaintext = ks.new_api_key()
+        digest = digest_key(plaintext, ctx.pepper)
+        key_id = key_id_of(digest)
+        inherited = {k: v for k, v in (old_secret["metadata"].get("annotations") or {}).items() if k != ks.ROTATED_TO}
+        inherited[tr.MAAS_CREATED] = ks.stamp(now)
+        new_obj = ks.key_secret(digest=digest, namespace=ctx.key_namespace, key_id=key_id, annotations=inherited)
+        new_record, new_synced = await write_secret(ctx, new_obj)
+        ends = now + grace
+        if old.expires_at is not None:
+            ends = min(ends, old.expires_at)
+        # stamps have whole seconds: rounded up a grace period is never cut short; "0s" is now, rounded down
+        ends_at = ks.stamp(ends) if grace else ks.stamp(int(now))
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                old_obj = ks.with_annotations(old_secret, {tr.EXPIRES_AT: ends_at, ks.ROTATED_TO: key_id})
+                old_record, old_synced = await write_secret(ctx, old_obj)
+                break
+            except ConflictError as exc:
+                if attempt == WRITE_ATTEMPTS - 1:
+                    raise source_failed(exc) from exc
+                old_secret = await _current_secret(ctx, old)
+                _unchanged_since(old_secret, old)
     audit(principal(request), "key.rotate", key_id=old.key_id, new_key_id=key_id, grace_seconds=grace)
     return json_model(
         Rotated(
@@ -278,7 +313,7 @@ async def rotate_key(request: web.Request) -> web.Response:
             key_id=key_id,
             new=key_view(new_record, ctx.state, namespace=ctx.key_namespace),
             old=key_view(old_record, ctx.state, namespace=ctx.key_namespace),
-            grace_period_ends_at=ks.stamp(ends),
+            grace_period_ends_at=ends_at,
             synced=new_synced and old_synced,
         )
     )

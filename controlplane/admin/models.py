@@ -146,9 +146,17 @@ class TierList(Output):
     data: list[TierView]
 
 
+class TierUpdated(TierView):
+    synced: bool
+
+
 class Deleted(Output):
     id: str
     deleted: bool
+
+
+class TierDeleted(Deleted):
+    synced: bool
 
 
 class QuotaDimension(Output):

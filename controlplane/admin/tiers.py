@@ -4,6 +4,7 @@ name, displayName, level, groups; ``maas-tier-limits``: limits and models), so a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -12,6 +13,7 @@ from aiohttp import web
 from controlplane import kinds
 from controlplane.admin.auth import audit
 from controlplane.admin.context import (
+    WRITE_ATTEMPTS,
     AdminContext,
     context,
     duration_seconds,
@@ -21,10 +23,10 @@ from controlplane.admin.context import (
     source_failed,
 )
 from controlplane.admin.errors import InvalidRequest, TierInUse, TierNotFound
-from controlplane.admin.models import Deleted, TierList, TierPut
+from controlplane.admin.models import TierDeleted, TierList, TierPut, TierUpdated
 from controlplane.admin.views import tier_view
-from controlplane.errors import SourceError
-from controlplane.kinds import Obj
+from controlplane.errors import ConflictError, SourceError
+from controlplane.kinds import Obj, meta
 from controlplane.translate.common import as_dict
 from controlplane.translate.tiers import LIMITS_KEY, TIERS_KEY
 from gateway.contract import DEFAULT_TIERS, Limits, TierRecord
@@ -57,8 +59,13 @@ def _limits_doc(limits: Limits) -> dict[str, Any]:
     }
 
 
-async def _read(ctx: AdminContext) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
-    """(namespace, tier mapping entries, limits document), defaulting to the built-in tiers."""
+Entries = list[dict[str, Any]]
+Edit = Callable[[Entries, dict[str, Any]], tuple[Entries, dict[str, Any]]]
+
+
+async def _read(ctx: AdminContext) -> tuple[str, Entries, dict[str, Any], list[str]]:
+    """(namespace, tier mapping entries, limits document, the two ConfigMaps' resourceVersions), defaulting to the
+    built-in tiers."""
     namespace = ctx.tier_namespace()
     try:
         mapping_obj = await ctx.source.get(kinds.CONFIGMAP, namespace, ctx.tier_configmap)
@@ -72,24 +79,44 @@ async def _read(ctx: AdminContext) -> tuple[str, list[dict[str, Any]], dict[str,
     entries = [as_dict(e) for e in _load(mapping_obj, TIERS_KEY, builtin)]
     builtin_limits = {t.name: {**_limits_doc(t.limits), "models": list(t.models)} for t in DEFAULT_TIERS}
     limits = _load(limits_obj, LIMITS_KEY, {} if limits_obj is not None else builtin_limits)
-    return namespace, entries, limits
+    versions = [str(meta(o).get("resourceVersion") or "") if o is not None else "" for o in (mapping_obj, limits_obj)]
+    return namespace, entries, limits, versions
 
 
-def _configmap(namespace: str, name: str, key: str, document: Any) -> Obj:
+def _configmap(namespace: str, name: str, key: str, document: Any, version: str) -> Obj:
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "labels": {"app.kubernetes.io/name": "maas-tiers"},
+    }
+    if version:
+        metadata["resourceVersion"] = version  # written only if unchanged since it was read
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "maas-tiers"}},
+        "metadata": metadata,
         "data": {key: yaml.safe_dump(document, sort_keys=False)},
     }
 
 
-async def _write(ctx: AdminContext, namespace: str, entries: list[dict[str, Any]], limits: dict[str, Any]) -> None:
-    try:
-        await ctx.source.apply(_configmap(namespace, ctx.tier_limits_configmap, LIMITS_KEY, limits))
-        await ctx.source.apply(_configmap(namespace, ctx.tier_configmap, TIERS_KEY, entries))
-    except SourceError as exc:
-        raise source_failed(exc) from exc
+async def _change(ctx: AdminContext, edit: Edit) -> None:
+    """Read both ConfigMaps, edit, write them back: under one lock in this replica, and started over when another
+    replica changed them in between (the writes carry the resourceVersions read)."""
+    async with ctx.locks("tiers"):
+        for attempt in range(WRITE_ATTEMPTS):
+            namespace, entries, limits, (mapping_version, limits_version) = await _read(ctx)
+            entries, limits = edit(entries, limits)
+            try:
+                await ctx.source.apply(
+                    _configmap(namespace, ctx.tier_limits_configmap, LIMITS_KEY, limits, limits_version)
+                )
+                await ctx.source.apply(_configmap(namespace, ctx.tier_configmap, TIERS_KEY, entries, mapping_version))
+                return
+            except ConflictError as exc:
+                if attempt == WRITE_ATTEMPTS - 1:
+                    raise source_failed(exc) from exc
+            except SourceError as exc:
+                raise source_failed(exc) from exc
 
 
 async def list_tiers(request: web.Request) -> web.Response:
@@ -122,15 +149,18 @@ async def put_tier(request: web.Request) -> web.Response:
         limits=Limits.model_validate(body.limits.model_dump(exclude_none=True)),
         models=tuple(body.models),
     )
-    namespace, entries, limits = await _read(ctx)
     entry = {"name": name, "displayName": expected.display_name, "level": body.level, "groups": list(expected.groups)}
-    entries = [e for e in entries if e.get("name") != name] + [entry]
-    limits = {**limits, name: {**_limits_doc(expected.limits), "models": list(expected.models)}}
+
+    def edit(entries: Entries, limits: dict[str, Any]) -> tuple[Entries, dict[str, Any]]:
+        others = [e for e in entries if e.get("name") != name]
+        return [*others, entry], {**limits, name: {**_limits_doc(expected.limits), "models": list(expected.models)}}
+
     created = name not in ctx.state.tiers
-    await _write(ctx, namespace, entries, limits)
-    await ctx.state.wait_until(lambda: ctx.state.tiers.get(name) == expected, within=ctx.write_timeout)
+    await _change(ctx, edit)
+    synced = await ctx.state.wait_until(lambda: ctx.state.tiers.get(name) == expected, within=ctx.write_timeout)
     audit(principal(request), "tier.put", tier=name)
-    return json_model(tier_view(ctx.state.tiers.get(name) or expected), status=201 if created else 200)
+    view = tier_view(ctx.state.tiers.get(name) or expected) if synced else tier_view(expected)
+    return json_model(TierUpdated(**view.model_dump(), synced=synced), status=201 if created else 200)
 
 
 async def delete_tier(request: web.Request) -> web.Response:
@@ -143,13 +173,14 @@ async def delete_tier(request: web.Request) -> web.Response:
     users = ctx.state.users_of_tier(name)
     if users:
         raise TierInUse(f"{users} key(s) use the tier '{name}'; move them to another tier first.", param="name")
-    namespace, entries, limits = await _read(ctx)
-    entries = [e for e in entries if e.get("name") != name]
-    limits = {k: v for k, v in limits.items() if k != name}
-    await _write(ctx, namespace, entries, limits)
-    await ctx.state.wait_until(lambda: name not in ctx.state.tiers, within=ctx.write_timeout)
+
+    def edit(entries: Entries, limits: dict[str, Any]) -> tuple[Entries, dict[str, Any]]:
+        return [e for e in entries if e.get("name") != name], {k: v for k, v in limits.items() if k != name}
+
+    await _change(ctx, edit)
+    synced = await ctx.state.wait_until(lambda: name not in ctx.state.tiers, within=ctx.write_timeout)
     audit(principal(request), "tier.delete", tier=name)
-    return json_model(Deleted(id=name, deleted=True))
+    return json_model(TierDeleted(id=name, deleted=True, synced=synced))
 
 
 def add_routes(app: web.Application) -> None:

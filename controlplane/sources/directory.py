@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -223,9 +224,13 @@ class DirSource:
         clean: dict[str, Any] = {k: v for k, v in obj.items() if k != "status"}
         clean["metadata"] = {k: v for k, v in meta(obj).items() if k not in ("resourceVersion", "uid")}
         clean["metadata"]["namespace"] = namespace
-        tmp = self.path / f".{target.name}.tmp"
-        await asyncio.to_thread(tmp.write_text, yaml.safe_dump(clean, sort_keys=True))
-        await asyncio.to_thread(os.replace, tmp, target)
+        # a temporary file of its own per write: concurrent writes of one object must not rename each other's
+        tmp = self.path / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            await asyncio.to_thread(tmp.write_text, yaml.safe_dump(clean, sort_keys=True))
+            await asyncio.to_thread(os.replace, tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
         self._wake()
         return normal
 

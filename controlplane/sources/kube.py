@@ -152,6 +152,11 @@ class KubeSource:
     async def apply(self, obj: Obj) -> Obj:
         kind = _kind(obj)
         namespace, name = key_of(obj)
+        if meta(obj).get("resourceVersion"):
+            try:
+                return await self.replace(obj)  # conditional: the API server refuses a stale resourceVersion
+            except NotFoundError as exc:
+                raise ConflictError(f"{kind.name} {namespace}/{name} was deleted while being changed") from exc
         for _ in range(5):
             current = await self.get(kind, namespace, name)
             try:
