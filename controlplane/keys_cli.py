@@ -130,7 +130,8 @@ def _run(args: argparse.Namespace, base: str, token: str) -> tuple[Any, str]:
                 break
             query["cursor"] = page["next_cursor"]
         more = "" if args.all or not page["has_more"] else "\n(more: use --all)"
-        return {"object": "list", "data": rows, "has_more": page["has_more"]}, _table(rows, KEY_COLUMNS) + more
+        listing = {"object": "list", "data": rows, "has_more": page["has_more"], "next_cursor": page.get("next_cursor")}
+        return listing, _table(rows, KEY_COLUMNS) + more
     if action in ("show", "revoke"):
         method = "GET" if action == "show" else "DELETE"
         out = _call(base, token, method, f"/admin/v1/keys/{urllib.parse.quote(args.key_id)}")
@@ -161,6 +162,14 @@ def _run(args: argparse.Namespace, base: str, token: str) -> tuple[Any, str]:
 def run(args: argparse.Namespace) -> int:
     base = args.url or os.environ.get("MAAS_ADMIN_URL") or DEFAULT_URL
     token = os.environ.get("MAAS_ADMIN_TOKEN", "")
+    try:
+        parts = urllib.parse.urlsplit(base)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # an unclosed IPv6 bracket, say
+        valid = False
+    if not valid:
+        print(f"maas keys: the admin URL must look like http://host:8700, not {base!r}", file=sys.stderr)
+        return 2
     if not token:
         print("maas keys: set MAAS_ADMIN_TOKEN to an admin API token", file=sys.stderr)
         return 2

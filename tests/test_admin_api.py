@@ -232,6 +232,18 @@ async def test_body_limits_and_content_type(tmp_path: Path, redis_url: str) -> N
             "POST", "/admin/v1/keys", data=b"{nope", headers=api.headers(**{"Content-Type": "application/json"})
         )
         assert (status, error["error"]["code"]) == (400, "invalid_json")
+        for not_an_object in (b"[]", b"null", b'"x"'):
+            status, error = await api.call(
+                "POST",
+                "/admin/v1/keys",
+                data=not_an_object,
+                headers=api.headers(**{"Content-Type": "application/json"}),
+            )
+            assert (status, error["error"]["message"]) == (400, "The body must be a JSON object."), error
+        status, error = await api.call(
+            "POST", "/admin/v1/keys", json={"user": "a", "expires_at": "9999-12-31T23:59:59-12:00"}
+        )
+        assert (status, error["error"]["param"]) == (400, "expires_at"), error  # year 10000 in UTC: was dropped
         deep = b'{"user": "a", "name": ' + b"[" * 5000 + b"]" * 5000 + b"}"  # past Python's recursion limit
         status, error = await api.call(
             "POST", "/admin/v1/keys", data=deep, headers=api.headers(**{"Content-Type": "application/json"})
@@ -287,6 +299,10 @@ async def test_tiers_quota_and_usage(tmp_path: Path, redis_url: str) -> None:
         assert report["total"]["requests"] == 7
         status, report = await api.call("GET", "/admin/v1/usage?user=bob&model=m1&group_by=day")
         assert [(r["day"], r["requests"]) for r in report["data"]] == [(report["to"], 2)]
+        status, report = await api.call("GET", "/admin/v1/usage?key_id=&user=&tier=&model=&from=&group_by=user")
+        assert status == 200 and report["total"]["requests"] == 7  # empty parameters filter nothing
+        status, report = await api.call("GET", "/admin/v1/usage?to=0001-01-05")  # the default span, cut at year 1
+        assert status == 200 and (report["from"], report["data"]) == ("0001-01-01", []), report
         status, text = await api.call(
             "GET", "/admin/v1/usage?group_by=key&tier=gold", headers=api.headers(Accept="text/csv")
         )
@@ -352,3 +368,21 @@ async def test_rotating_now_or_an_expired_key(tmp_path: Path, redis_url: str) ->
         await eventually(expired, within=5)
         status, refused = await api.call("POST", f"/admin/v1/keys/{key['key_id']}/rotate", json={})
         assert (status, refused["error"]["code"]) == (409, "key_expired"), refused
+
+
+async def test_a_limit_override_without_a_window_needs_a_tier_that_has_one(tmp_path: Path, redis_url: str) -> None:
+    """It was stored and silently dropped (the key had no token limit), then came back on a later tier change."""
+    async with running(admin_settings(tmp_path, redis_url)) as (_, api):
+        tier = {"level": 1, "groups": ["r"], "limits": {"requests": {"limit": 3, "window": "1m"}}}
+        assert (await api.call("PUT", "/admin/v1/tiers/reqonly", json=tier))[0] == 201
+        body = {"user": "drop", "tier": "reqonly", "limits": {"tokens": 500}}
+        status, error = await api.call("POST", "/admin/v1/keys", json=body)
+        assert (status, error["error"]["code"], error["error"]["param"]) == (400, "invalid_request", "limits.window")
+        status, key = await api.call("POST", "/admin/v1/keys", json={**body, "limits": {"tokens": 500, "window": "1h"}})
+        assert status == 201 and key["limits"]["tokens"] == {"limit": 500, "window": "1h"}, key
+        status, key = await api.call(
+            "POST", "/admin/v1/keys", json={"user": "ok", "tier": "free", "limits": {"tokens": 7}}
+        )
+        assert status == 201 and key["limits"]["tokens"] == {"limit": 7, "window": "1m"}, key  # the tier's window
+        status, error = await api.call("PATCH", f"/admin/v1/keys/{key['key_id']}", json={"tier": "reqonly"})
+        assert (status, error["error"]["param"]) == (400, "limits.window"), error

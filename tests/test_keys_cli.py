@@ -59,3 +59,18 @@ async def test_keys_cli_round_trip(tmp_path: Path, redis_url: str) -> None:
         assert code == 1 and "HTTP 404" in err
         code, _, err = await _keys(api.base, "list", token="wrong-token-0123456789")
         assert code == 1 and "HTTP 401" in err
+
+
+@pytest.mark.parametrize("url", ["maas-controlplane.maas-system.svc", "http://[::1", "ftp://host/", "http://"])
+async def test_a_malformed_admin_url_is_bad_usage_not_a_traceback(url: str) -> None:
+    code, out, err = await _keys(url, "list")
+    assert code == 2 and "admin URL" in err and "Traceback" not in err, (code, out, err)
+
+
+async def test_list_as_json_is_the_api_page(tmp_path: Path, redis_url: str) -> None:
+    async with running(admin_settings(tmp_path, redis_url)) as (_, api):
+        code, out, _ = await _keys(api.base, "-o", "json", "list", "--limit", "1")
+        page = json.loads(out)
+        assert code == 0 and page["has_more"] is True and page["next_cursor"], page
+        _, api_page = await api.call("GET", "/admin/v1/keys?limit=1")
+        assert page == api_page

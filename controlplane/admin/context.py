@@ -94,6 +94,8 @@ async def read_body(request: web.Request, model: type[M], *, optional: bool = Fa
         raise InvalidJSON(f"The body is not valid JSON: {exc}") from exc
     except RecursionError:
         raise InvalidJSON("The body is nested too deeply.") from None
+    if not isinstance(data, dict):
+        raise InvalidJSON("The body must be a JSON object.")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -144,9 +146,12 @@ def expiry(expires_in: str | None, expires_at: datetime | None, *, now: float | 
         return now + duration_seconds(expires_in, param="expires_in")
     if expires_at is not None:
         try:
-            return epoch_of(expires_at)
+            epoch = epoch_of(expires_at)
         except (OverflowError, ValueError, OSError) as exc:
             raise InvalidRequest("'expires_at' is out of range.", param="expires_at") from exc
+        if rfc3339(epoch) is None:  # 9999-12-31T23:59:59-12:00 is in year 10000 in UTC, which no stamp can hold
+            raise InvalidRequest("'expires_at' is out of range (after 9999-12-31 in UTC).", param="expires_at")
+        return epoch
     return None
 
 

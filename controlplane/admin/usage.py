@@ -85,7 +85,10 @@ def _day(text: str, *, param: str) -> date:
 def day_range(start: str | None, end: str | None) -> list[date]:
     today = datetime.now(tz=UTC).date()
     last = _day(end, param="to") if end is not None else today
-    first = _day(start, param="from") if start is not None else last - timedelta(days=DEFAULT_DAYS - 1)
+    if start is not None:
+        first = _day(start, param="from")
+    else:  # the default span, cut at the first day there is (to=0001-01-05)
+        first = last - timedelta(days=min(DEFAULT_DAYS - 1, (last - date.min).days))
     if first > last:
         raise InvalidRequest("'from' is after 'to'.", param="from")
     span = (last - first).days + 1
@@ -144,7 +147,7 @@ def _wants_csv(request: web.Request) -> bool:
 async def get_usage(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
     check_query(request, ("key_id", "user", "tier", "model", "from", "to", "group_by"))
-    query = request.query
+    query = {name: value for name, value in request.query.items() if value}  # an empty parameter filters nothing
     as_csv = _wants_csv(request)
     days = day_range(query.get("from"), query.get("to"))
     groups = _group_by(query.get("group_by"))
