@@ -5,6 +5,7 @@ was sent, upstream errors refund."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from typing import Any
@@ -14,9 +15,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.contract import bucket_key, ledger_day
+from gateway.meter import quota
 from gateway.sim import engine
 from gateway.sim.server import SimConfig
-from tests.test_meter_stack import MODEL, Stack, running_stack
+from tests.support.k8s_emulator import eventually
+from tests.test_meter_stack import MODEL, Stack, raw_post, running_stack
 
 pytestmark = pytest.mark.redis
 
@@ -259,3 +262,29 @@ async def test_a_request_larger_than_the_whole_limit_is_told_so_without_a_retry_
     assert "too large" in refused.value.body["message"] and "retry-after" not in headers  # type: ignore[index]
     assert headers["x-ratelimit-limit-tokens"] == "100" and headers["x-ratelimit-remaining-tokens"] == "100"
     assert "too large" not in waits.value.body["message"] and int(waits.value.response.headers["retry-after"]) > 0  # type: ignore[index]
+
+
+async def test_a_chat_without_max_tokens_gets_the_rest_of_the_context_as_vllm_would_give(redis_url: str) -> None:
+    """The meter learns each model's context length from the model server's /v1/models and reserves the whole
+    context for a chat request that sets no limit, leaving its body alone when the bucket pays: a long prompt is
+    served as it is straight from vLLM. (The meter had set max_tokens to --default-max-tokens, and prompt + 4096
+    over the context got vLLM's 400 "maximum context length"; directly the same request got 200.)"""
+    sim = SimConfig(served=(MODEL,), max_model_len=1024)
+    async with running_stack(redis_url, sim=sim) as stack:
+        await eventually(lambda: stack.meter.contexts == {MODEL: 1024})
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 600}]}
+        headers = {**stack.headers(key_id="ctx", limit=(100_000, 600_000)), "content-type": "application/json"}
+        status, answer_headers, raw = await raw_post(stack.meter_url + "/v1/chat/completions", body, headers)
+        direct, _, direct_raw = await raw_post(stack.sim_url + "/v1/chat/completions", body, {})
+        await wait_until_settled(stack)
+        rows = await stack.store.read_usage("ctx", [ledger_day()])
+    answer = json.loads(raw)
+    assert (status, direct) == (200, 200), raw
+    assert answer["usage"]["prompt_tokens"] == json.loads(direct_raw)["usage"]["prompt_tokens"] > 600
+    assert "x-maas-max-tokens" not in answer_headers  # the body went as the client sent it
+    assert rows[0].prompt_tokens + rows[0].completion_tokens == answer["usage"]["total_tokens"] <= 1024
+
+
+def test_a_reservation_for_the_whole_context() -> None:
+    assert quota.plan(prompt_estimate=3000, choices=1, wanted=4096, context=1024) == (3001, 3001)
+    assert quota.plan(prompt_estimate=30, choices=2, wanted=4096, context=1024) == (2048, 32)

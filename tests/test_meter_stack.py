@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.identity import Identity, sign
 from gateway.meter.app import build_meter, serving
+from gateway.meter.proxy import Meter
 from gateway.meter.settings import MeterSettings
 from gateway.settings import load
 from gateway.sim.server import SimConfig, build_app
@@ -46,6 +47,7 @@ class Stack:
     ops_url: str
     store: RedisStore
     sim_app: web.Application
+    meter: Meter
 
     def headers(
         self, *, key_id: str = "key1", limit: tuple[int, int] | None = None, model: str = MODEL
@@ -86,12 +88,11 @@ async def running_stack(redis_url: str, *, sim: SimConfig | None = None, **meter
         MeterSettings, upstream=meter.pop("upstream", sim_url), redis_url=redis_url, identity_secret=SECRET, **meter
     )
     store = RedisStore(redis_url, timeout=2.0)
+    built = build_meter(settings, store=store)
     try:
-        async with serving(
-            build_meter(settings, store=store), host="127.0.0.1", port=0, ops_port=0, shutdown_grace=1.0
-        ) as ports:
+        async with serving(built, host="127.0.0.1", port=0, ops_port=0, shutdown_grace=1.0) as ports:
             base = "http://127.0.0.1:"
-            yield Stack(sim_url, f"{base}{ports.proxy}", f"{base}{ports.ops}", store, sim_app)
+            yield Stack(sim_url, f"{base}{ports.proxy}", f"{base}{ports.ops}", store, sim_app, built)
     finally:
         await sim_runner.cleanup()
 

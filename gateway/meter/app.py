@@ -3,6 +3,7 @@ lifecycle."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -14,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.meter.estimate import Estimator
 from gateway.meter.metrics import MeterMetrics
-from gateway.meter.proxy import Meter, MeterConfig, begin_early, handle
+from gateway.meter.proxy import Meter, MeterConfig, begin_early, follow_contexts, handle
 from gateway.meter.server import Server
 from gateway.meter.settings import MeterSettings
 from gateway.meter.upstream import Upstream
@@ -101,12 +102,20 @@ async def serving(
         stack.push_async_callback(meter.store.close)
         stack.push_async_callback(meter.upstream.close)
         await meter.upstream.start()
+        contexts = asyncio.get_running_loop().create_task(follow_contexts(meter), name="meter-contexts")
+        stack.push_async_callback(_stop, contexts)
         await ops.setup()
         stack.push_async_callback(ops.cleanup)
         await proxy.start(host, port, backlog=2048)
         stack.push_async_callback(proxy.shutdown, shutdown_grace)
         await web.TCPSite(ops, host, ops_port).start()
         yield Ports(proxy.port, ops.addresses[0][1])
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def healthz(request: web.Request) -> web.Response:

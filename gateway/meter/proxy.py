@@ -71,6 +71,33 @@ class Meter:
     store: Store
     upstream: Upstream
     metrics: MeterMetrics
+    contexts: dict[str, int] = field(default_factory=dict)
+    """Served model -> context length, as the model server lists them (kept fresh by ``follow_contexts``)."""
+
+
+CONTEXT_REFRESH = 60.0
+"""Seconds between reads of the model server's context lengths once known (1 s apart until then)."""
+
+
+async def follow_contexts(meter: Meter) -> None:
+    """Keep ``meter.contexts`` as the model server's ``/v1/models`` says, for as long as the meter runs."""
+    while True:
+        found = await meter.upstream.context_lengths(within=5.0)
+        if found:
+            meter.contexts.clear()
+            meter.contexts.update(found)
+        await asyncio.sleep(CONTEXT_REFRESH if meter.contexts else 1.0)
+
+
+def _context_of(meter: Meter, identity: ident.Identity, parsed: req.Parsed) -> int | None:
+    """The context length bounding a chat request that asks for no completion limit, when the model server told."""
+    if parsed.kind != "chat" or parsed.max_tokens is not None or not meter.contexts:
+        return None
+    model = identity.model or parsed.model
+    found = meter.contexts.get(model) if model else None
+    if found is None and len(meter.contexts) == 1:
+        found = next(iter(meter.contexts.values()))
+    return found
 
 
 def _error(exc: MeterError) -> Reply:
@@ -151,6 +178,7 @@ def _begin_reserve(meter: Meter, identity: ident.Identity, parsed: req.Parsed) -
         wanted=req.wanted_completion(parsed, default_max_tokens=meter.config.default_max_tokens),
         clamp=meter.config.clamp,
         store=meter.store,
+        context=_context_of(meter, identity, parsed),
     )
 
 

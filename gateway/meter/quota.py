@@ -2,7 +2,10 @@
 
 A reservation takes ``prompt_estimate + choices x wanted`` in ``RESERVE`` mode with a minimum of
 ``prompt_estimate + choices`` (one completion token per choice): the bucket gives what it has, up to the cost,
-and the meter clamps ``max_tokens`` to what it got. The commit debits ``actual - reserved`` in ``FORCE`` mode (a
+and the meter clamps ``max_tokens`` to what it got. A chat request that sets no limit, to a model whose context
+length is known, reserves ``choices x context`` instead (prompt and completion of a choice fit in the context) and
+goes upstream unchanged when granted in full, so the model server applies its own default (the rest of the context);
+the meter then never asks for more than the context holds. The commit debits ``actual - reserved`` in ``FORCE`` mode (a
 negative cost refunds); an upstream failure commits ``0 - reserved``.
 """
 
@@ -50,13 +53,17 @@ def unlimited(key_id: str, *, outcome: Outcome = Outcome.UNLIMITED) -> Reservati
     return Reservation(key_id=key_id, limit=0, window_ms=0, reserved=0, max_tokens=None, clamped=False, outcome=outcome)
 
 
-def plan(*, prompt_estimate: int, choices: int, wanted: int) -> tuple[int, int]:
+def plan(*, prompt_estimate: int, choices: int, wanted: int, context: int | None = None) -> tuple[int, int]:
     """(cost, min_cost) of the reservation. Without choices (embeddings) nothing can be clamped: the whole input is
-    the least the request costs."""
+    the least the request costs. With ``context`` (no limit asked, the model's context length known), each choice's
+    prompt and completion fit in the context."""
     if choices <= 0:
         cost = max(prompt_estimate, 1)
         return cost, cost
-    return prompt_estimate + choices * wanted, prompt_estimate + choices
+    least = prompt_estimate + choices
+    if context is not None:
+        return max(choices * context, least), least
+    return prompt_estimate + choices * wanted, least
 
 
 def rate_headers(result: BucketResult) -> dict[str, str]:
@@ -81,18 +88,22 @@ class Reserving:
         wanted: int,
         clamp: bool,
         store: Store,
+        context: int | None = None,
     ) -> None:
         self._identity = identity
         self._prompt = prompt_estimate
         self._choices = choices
         self._wanted = wanted
         self._clamp = clamp
+        self._context = context
+        self._cost = 0
         self._waiting: asyncio.Future[list[list[BucketResult]]] | None = None
         self._on_full_grant: Callable[[], None] | None = None
         self._min_cost = 0
         if identity.token_limit is None or identity.token_window_ms is None:
             return
-        cost, self._min_cost = plan(prompt_estimate=prompt_estimate, choices=choices, wanted=wanted)
+        cost, self._min_cost = plan(prompt_estimate=prompt_estimate, choices=choices, wanted=wanted, context=context)
+        self._cost = cost
         op = _token_op(
             identity.key_id, identity.token_limit, identity.token_window_ms, cost, BucketMode.RESERVE, self._min_cost
         )
@@ -123,12 +134,17 @@ class Reserving:
         per_choice = (granted - self._prompt) // self._choices
         if not self._clamp:
             return None, False
+        if self._context is not None:
+            if granted >= self._cost:
+                return None, False  # the whole context is paid for: the request goes as the client sent it
+            # never more than the context leaves after the prompt (an upper bound of it): vLLM refuses that
+            return max(1, min(per_choice, self._context - self._prompt)), True
         return min(per_choice, self._wanted), per_choice < self._wanted
 
     @property
     def expected_max_tokens(self) -> int | None:
         """The ``max_tokens`` the outcome carries when the bucket grants the whole reservation."""
-        if self._waiting is None or self._choices <= 0 or not self._clamp:
+        if self._waiting is None or self._choices <= 0 or not self._clamp or self._context is not None:
             return None
         return self._wanted
 

@@ -35,7 +35,11 @@ class MeterSettings(CommonSettings):
     )
     clamp_max_tokens: bool = Field(True, description="lower max_tokens to what the key's token quota can still pay")
     default_max_tokens: int = Field(
-        4096, ge=1, le=10_000_000, description="completion tokens reserved for chat requests without max_tokens"
+        4096,
+        ge=1,
+        le=10_000_000,
+        description="completion tokens reserved (and set) for chat requests without max_tokens when the model's "
+        "context length is unknown",
     )
     estimate_bytes_per_token: float = Field(
         1.0, gt=0, le=16, description="prompt estimate: UTF-8 bytes per token (1.0 is an upper bound)"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping
 
@@ -224,6 +225,24 @@ class Upstream:
 
     def count(self, reason: str) -> None:
         self._errors[reason].inc()
+
+    async def context_lengths(self, *, within: float) -> dict[str, int]:
+        """Each served model's context length, from the model server's ``GET /v1/models`` (vLLM lists
+        ``max_model_len`` per model); empty when it does not answer or says nothing of them."""
+        try:
+            async with asyncio.timeout(within):
+                async with self.session.get(self.base_url + "/v1/models") as response:
+                    body = await response.read() if response.status == 200 else b"{}"
+            listed = json.loads(body).get("data")
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, RecursionError, AttributeError):
+            return {}
+        lengths: dict[str, int] = {}
+        for model in listed if isinstance(listed, list) else ():
+            if isinstance(model, dict) and isinstance(model.get("id"), str):
+                length = model.get("max_model_len")
+                if isinstance(length, int) and not isinstance(length, bool) and length > 0:
+                    lengths[model["id"]] = length
+        return lengths
 
     async def healthy(self, *, within: float) -> tuple[bool, str]:
         """The upstream's own readiness: ``GET /health`` answering 200."""
