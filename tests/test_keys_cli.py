@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.keys_cli import _table, _width
 from tests.support.admin_api import ADMIN_TOKEN, admin_settings, running
 from tests.support.procs import maas_argv
 
@@ -74,3 +75,10 @@ async def test_list_as_json_is_the_api_page(tmp_path: Path, redis_url: str) -> N
         assert code == 0 and page["has_more"] is True and page["next_cursor"], page
         _, api_page = await api.call("GET", "/admin/v1/keys?limit=1")
         assert page == api_page
+
+
+def test_table_columns_line_up_with_wide_characters() -> None:
+    rows = [{"name": "🔑 key", "user": "a"}, {"name": "plain", "user": "b"}, {"name": "日本語", "user": "c"}]
+    lines = _table(rows, ["name", "user"]).splitlines()
+    # the second column starts at the same terminal column on every line (wide characters count twice)
+    assert {_width(line[: line.rindex(" ") + 1]) for line in lines} == {_width("日本語  ")}
