@@ -15,14 +15,15 @@ from functools import lru_cache
 from typing import Any
 
 from gateway.contract import REQUESTS, TOKENS, format_duration
-from gateway.identity import Identity, sign
+from gateway.identity import H_TOKEN_LIMIT, Identity, sign
 from gateway.limits import BucketMode, BucketOp, BucketResult
 from gateway.snapshot import STATUS_ACTIVE, STATUS_REVOKED, CompiledLimits, KeyEntry, Snapshot, TierEntry
 
 MAX_KEY_LENGTH = 512
 WWW_AUTHENTICATE = ("www-authenticate", 'APIKEY realm="maas"')
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
-REMOVE_CREDENTIALS = ("x-envoy-auth-headers-to-remove", "authorization,x-api-key")
+REMOVE = "x-envoy-auth-headers-to-remove"
+CREDENTIALS = "authorization,x-api-key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +144,8 @@ def credential(get: Callable[[str], str | None], count: Callable[[str], int | No
     repeated headers' counts can answer with its ``get``, no function call per request)."""
     auth = get("authorization")
     api_key_header = get("x-api-key")
+    if api_key_header is not None and not api_key_header.strip():
+        api_key_header = None  # an empty x-api-key is no key, as an empty Authorization is none
     if (count("authorization") or 0) > 1 or (count("x-api-key") or 0) > 1:
         return DUPLICATE_KEY
     token: str | None = None
@@ -162,7 +165,9 @@ def credential(get: Callable[[str], str | None], count: Callable[[str], int | No
         token = other
     if token is None:
         return MISSING_KEY
-    if not token or len(token) > MAX_KEY_LENGTH or not token.isprintable() or " " in token or "," in token:
+    if "," in token:
+        return DUPLICATE_KEY  # a repeated header, folded into one by Envoy ("APIKEY a,APIKEY b"): keys hold no comma
+    if not token or len(token) > MAX_KEY_LENGTH or not token.isprintable() or " " in token:
         return MALFORMED_KEY
     return token
 
@@ -252,7 +257,8 @@ def _route(snapshot: Snapshot, policy: Policy, key: KeyEntry, host: str, path: s
         return Admission(key=key, tier=tier, model=None, limits=limits, ops=())
     allowed = key.models if key.models is not None else (tier.models if tier is not None else None)
     if allowed is not None and model_id not in allowed:
-        return _denial(403, "model_not_allowed", f"This API key may not use the model '{model_id}'.")
+        message = f"This API key may not use the model '{model_id}'."
+        return _denial(403, "model_not_allowed", message, "permission_error")
     model = catalog.models.get(model_id)
     if model is None or not model.ready:
         reason = f": {model.reason}" if model is not None and model.reason else ""
@@ -302,6 +308,10 @@ def rate_limited(admission: Admission, results: list[BucketResult]) -> Denial:
         message = f"Token quota exhausted: limit {culprit.limit} per {format_duration(culprit_op.window_ms)}. "
         message += f"Retry in {format_duration(culprit.retry_ms)}."
     headers = [("retry-after", str(retry_s)), ("x-ext-auth-reason", "rate_limit_exceeded")]
+    if culprit.limit <= 0:  # a limit of 0 never refills: waiting cannot help, so no retry-after
+        window = format_duration(culprit_op.window_ms)
+        message = f"This key's {dimension} limit is 0 per {window}: it is not allowed any."
+        headers = headers[1:]
     headers += _ratelimit_headers(admission, results)
     body = error_body(message, error_type=dimension, code="rate_limit_exceeded")
     return Denial(status=429, code="rate_limit_exceeded", body=body, headers=tuple(headers), error_type=dimension)
@@ -372,9 +382,14 @@ def identity_block(admission: Admission, policy: Policy, *, now: float) -> Heade
             token_limit=tokens[0] if tokens is not None else None,
             token_window_ms=tokens[1] if tokens is not None else None,
         )
-        base = list(sign(identity, policy.identity_secret, now=second).items())
-        if policy.remove_credentials:
-            base.append(REMOVE_CREDENTIALS)
+        signed = sign(identity, policy.identity_secret, now=second)
+        base = list(signed.items())
+        # Envoy sets only the headers this answer carries: an identity header the client sent that the answer does
+        # not (the token limit of a key without one) would reach the upstream as the client wrote it
+        removed = [CREDENTIALS] if policy.remove_credentials else []
+        removed += [] if H_TOKEN_LIMIT in signed else [H_TOKEN_LIMIT]
+        if removed:
+            base.append((REMOVE, ",".join(removed)))
         block = cache.identity[memo] = HeaderBlock(tuple(base), header_lines(base))
     admission.block, admission.block_window = block, second
     return block

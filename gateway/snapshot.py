@@ -192,9 +192,12 @@ class Catalog:
         return cls(tiers=tier_entries, group_tiers=group_tiers, models=model_entries, routes=RouteTable(routes))
 
     def tier_of(self, key: KeyEntry, default_tier: str) -> TierEntry | None:
-        """The key's own tier if set; else the highest-level tier among its groups; else the default tier."""
+        """The key's own tier if set and known; else the highest-level tier among its groups; else the default tier.
+        (An unknown own tier, a typo or a deleted tier, must not leave the key without limits.)"""
         if key.tier is not None:
-            return self.tiers.get(key.tier)
+            own = self.tiers.get(key.tier)
+            if own is not None:
+                return own
         best: TierEntry | None = None
         if key.groups:
             for group in key.groups.split(","):

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from controlplane.translate.secret import resolve_tier
 from gateway import contract
 from gateway.authz.server import Reply
 from gateway.contract import Limit, Limits, ModelRecord, TierRecord, parse_window
@@ -83,7 +84,13 @@ ADMIN = platform.ADMIN.plaintext
         pytest.param([("Authorization", "Bearer ")], "invalid_api_key", id="empty-bearer"),
         pytest.param([("Authorization", "Basic dXNlcjpwYXNz")], "invalid_api_key", id="basic"),
         pytest.param([("Authorization", f"APIKEY {ADMIN} extra")], "invalid_api_key", id="two-tokens"),
-        pytest.param([("Authorization", f"APIKEY {ADMIN},APIKEY other")], "invalid_api_key", id="folded-duplicate"),
+        # Envoy folds a repeated header into one, comma-joined
+        pytest.param(
+            [("Authorization", f"APIKEY {ADMIN},APIKEY other")], "conflicting_credentials", id="folded-duplicate"
+        ),
+        pytest.param([("x-api-key", f"{ADMIN},{ADMIN}")], "conflicting_credentials", id="folded-x-api-key"),
+        pytest.param([("x-api-key", "")], "missing_api_key", id="empty-x-api-key"),
+        pytest.param([("Authorization", f"APIKEY {ADMIN}"), ("x-api-key", " ")], "ok", id="valid-and-empty-x-api-key"),
         pytest.param([("Authorization", "APIKEY " + "k" * 600)], "invalid_api_key", id="oversized"),
         pytest.param([("Authorization", "APIKEY ключ")], "invalid_api_key", id="non-ascii"),
         pytest.param(
@@ -221,6 +228,19 @@ def test_highest_tier_level_wins() -> None:
     assert SNAP.catalog.tier_of(entry, "free").name == "free"  # type: ignore[union-attr]
 
 
+def test_an_unknown_own_tier_falls_back_to_the_groups_tier_never_to_no_limits() -> None:
+    """A misspelt maas/tier (or a tier deleted since) had left the key with no limits and no model allow-list."""
+    typo = platform.Key("sk-typo-tier", "zed", ("premium",), tier="fre")
+    _, entry = compile_key(typo.record(PEPPER))
+    assert SNAP.catalog.tier_of(entry, "free").name == "premium"  # type: ignore[union-attr]
+    alone = platform.Key("sk-typo-alone", "zed", tier="fre")
+    _, entry = compile_key(alone.record(PEPPER))
+    assert SNAP.catalog.tier_of(entry, "free").name == "free"  # type: ignore[union-attr]
+    tiers = [TierRecord(name="free", level=0), TierRecord(name="premium", level=1, groups=("premium",))]
+    assert resolve_tier(explicit="fre", groups=["premium"], tiers=tiers, default="free") == tiers[1]
+    assert resolve_tier(explicit="fre", groups=[], tiers=tiers, default="free") == tiers[0]
+
+
 def test_tier_models_restrict_access() -> None:
     catalog = Catalog.build(
         tiers=[TierRecord(name="free", limits=Limits(requests=Limit(limit=1, window="1m")), models=("granite-code",))],
@@ -231,6 +251,7 @@ def test_tier_models_restrict_access() -> None:
     h: CIMultiDict[str] = CIMultiDict([("x-api-key", platform.FREE.plaintext)])
     outcome = admit(snap, POLICY, host="", path="/check/qwen3", get=h.get, count=lambda n: 1, now=time.time())
     assert code(outcome) == "model_not_allowed"
+    assert isinstance(outcome, Denial) and outcome.error_type == "permission_error"  # as maas meter's 403 says
 
 
 def test_allow_headers_are_signed_and_remove_the_key() -> None:
@@ -243,6 +264,23 @@ def test_allow_headers_are_signed_and_remove_the_key() -> None:
     assert headers["x-ratelimit-reset-requests"] == "3s"
     identity = verify(headers, POLICY.identity_secret)
     assert (identity.user, identity.tier, identity.model) == ("admin", "enterprise", platform.QWEN)
+
+
+def test_a_key_without_a_token_limit_has_a_client_sent_token_limit_removed() -> None:
+    """The signed identity carries no x-maas-token-limit then; Envoy sets only the headers the answer carries, so
+    the client's own x-maas-token-limit would have reached the upstream (which then refused the identity)."""
+    catalog = Catalog.build(
+        tiers=[TierRecord(name="free", limits=Limits(requests=Limit(limit=9, window="1m")))],
+        models=[ModelRecord(id=platform.QWEN, ready=True)],
+        routes=platform.routes({"/qwen3": platform.QWEN}),
+    )
+    snap = Snapshot(keys=SNAP.keys, catalog=catalog)
+    h: CIMultiDict[str] = CIMultiDict([("x-api-key", platform.FREE.plaintext)])
+    outcome = admit(snap, POLICY, host="", path="/check/qwen3", get=h.get, count=lambda n: 1, now=time.time())
+    assert isinstance(outcome, Admission)
+    headers = dict(allow_headers(outcome, [BucketResult(True, 9, 8, 0, 0, 1)], POLICY, now=time.time()))
+    assert "x-maas-token-limit" not in headers
+    assert headers["x-envoy-auth-headers-to-remove"] == "authorization,x-api-key,x-maas-token-limit"
 
 
 def test_the_wire_form_of_an_allow_is_the_header_list_encoded() -> None:
@@ -364,3 +402,14 @@ def test_a_memoised_admission_still_expires_on_time() -> None:
     assert outcome(started) == outcome(started + 1) == "ok"
     assert len(policy.cache.admissions) == 1
     assert outcome(started + 61) == "expired_api_key"
+
+
+def test_a_limit_of_zero_is_refused_without_a_retry_after() -> None:
+    """A bucket of 0 never refills: its retry-after (60) contradicted x-ratelimit-reset-requests (0s)."""
+    outcome = check([("x-api-key", ADMIN)])
+    assert isinstance(outcome, Admission)
+    results = [BucketResult(False, 0, 0, 0, 60_000, 0), BucketResult(True, 100_000, 100_000, 0, 0, 0)]
+    denial = rate_limited(outcome, results)
+    headers = dict(denial.headers)
+    assert denial.status == 429 and "retry-after" not in headers and headers["x-ratelimit-limit-requests"] == "0"
+    assert "limit is 0" in json.loads(denial.body)["error"]["message"]

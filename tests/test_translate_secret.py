@@ -115,6 +115,9 @@ def test_secret_variants(secret: dict[str, Any], expected: dict[str, Any]) -> No
         pytest.param(_secret(annotations={"maas/status": "paused"}), "invalid_status", id="unknown-status"),
         pytest.param(_secret(annotations={"maas/request-limit": "many"}), "invalid_limit", id="bad-limit"),
         pytest.param(
+            _secret(annotations={"maas/request-limit": "100000000000000000000000"}), "invalid_limit", id="huge-limit"
+        ),
+        pytest.param(
             _secret(annotations={"maas/request-limit": "5", "maas/time-window": "soon"}),
             "invalid_limit",
             id="bad-window",
@@ -134,7 +137,9 @@ def test_malformed_secrets(secret: dict[str, Any], reason: str) -> None:
         pytest.param(None, ("premium", "enterprise"), "enterprise", id="highest-level-wins"),
         pytest.param(None, ("system:authenticated",), "free", id="group-of-free"),
         pytest.param(None, ("nobody",), "free", id="default-tier"),
-        pytest.param("gold", (), None, id="unknown-explicit-tier"),
+        # an unknown own tier (a typo, a deleted tier) is passed over as maas authz does: never no limits at all
+        pytest.param("gold", (), "free", id="unknown-explicit-tier"),
+        pytest.param("gold", ("premium",), "premium", id="unknown-explicit-tier-with-groups"),
     ],
 )
 def test_resolve_tier(explicit: str | None, groups: tuple[str, ...], expected: str | None) -> None:

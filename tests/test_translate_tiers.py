@@ -87,6 +87,7 @@ def test_bad_mapping(key: str, text: str, reason: str) -> None:
         pytest.param("[1, 2]", id="not-a-mapping"),
         pytest.param("free: {requests: {limit: 5, window: forever}}", id="bad-window"),
         pytest.param("free: {requests: {limit: -1, window: 1m}}", id="negative-limit"),
+        pytest.param("free: {tokens: {limit: 100000000000000000000000, window: 1m}}", id="above-10**15"),
         pytest.param("free: {requests: {limit: [", id="broken-yaml"),
     ],
 )

@@ -38,13 +38,20 @@ def parse_time(value: Any) -> float | None:
         return None
 
 
-def parse_int(value: Any, *, what: str, reason: str) -> int:
+MAX_LIMIT = 10**15
+"""The largest request or token limit taken (as the admin API's): bucket arithmetic and the rate-limit headers stay
+exact below it (a limit of 10**23 had answered x-ratelimit-remaining-requests: -9223372036854775808)."""
+
+
+def parse_int(value: Any, *, what: str, reason: str, maximum: int | None = None) -> int:
     try:
         number = int(str(value).strip())
     except ValueError as exc:
         raise TranslateError(f"{what} is not an integer: {value!r}", reason=reason) from exc
     if number < 0:
         raise TranslateError(f"{what} is negative: {value!r}", reason=reason)
+    if maximum is not None and number > maximum:
+        raise TranslateError(f"{what} is above {maximum}: {value!r}", reason=reason)
     return number
 
 

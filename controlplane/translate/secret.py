@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 from controlplane.errors import TranslateError
 from controlplane.kinds import Obj, annotations_of, key_of, labels_of, meta
-from controlplane.translate.common import as_dict, csv, parse_int, parse_time
+from controlplane.translate.common import MAX_LIMIT, as_dict, csv, parse_int, parse_time
 from gateway.contract import KeyRecord, KeyStatus, Limit, Limits, TierRecord, WindowError, digest_key, key_id_of
 
 API_KEY = "api_key"
@@ -79,10 +79,11 @@ def _digest(secret: Obj, pepper: bytes) -> str:
 def resolve_tier(
     *, explicit: str | None, groups: Sequence[str], tiers: Sequence[TierRecord], default: str
 ) -> TierRecord | None:
-    """``maas/tier`` if set, else the highest-level tier whose groups intersect the key's, else ``default``."""
+    """``maas/tier`` if set and known, else the highest-level tier whose groups intersect the key's, else
+    ``default`` (as maas authz resolves it: an unknown tier name never leaves a key without limits)."""
     by_name = {t.name: t for t in tiers}
-    if explicit:
-        return by_name.get(explicit)
+    if explicit and explicit in by_name:
+        return by_name[explicit]
     wanted = set(groups)
     matching = [t for t in tiers if wanted.intersection(t.groups)]
     if matching:
@@ -101,12 +102,12 @@ def _limits(values: Mapping[str, str], *, tier: TierRecord | None) -> tuple[Limi
     try:
         requests = tokens = None
         if requests_text:
-            count = parse_int(requests_text, what=MAAS_REQUEST_LIMIT, reason="invalid_limit")
+            count = parse_int(requests_text, what=MAAS_REQUEST_LIMIT, reason="invalid_limit", maximum=MAX_LIMIT)
             tier_window = tier.limits.requests.window if tier and tier.limits.requests else None
             if window or tier_window:
                 requests = Limit(limit=count, window=window or tier_window or "")
         if tokens_text:
-            count = parse_int(tokens_text, what=MAAS_TOKEN_LIMIT, reason="invalid_limit")
+            count = parse_int(tokens_text, what=MAAS_TOKEN_LIMIT, reason="invalid_limit", maximum=MAX_LIMIT)
             tier_window = tier.limits.tokens.window if tier and tier.limits.tokens else None
             if window or tier_window:
                 tokens = Limit(limit=count, window=window or tier_window or "")

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from controlplane.errors import TranslateError
 from controlplane.kinds import Obj
-from controlplane.translate.common import as_dict, as_list
+from controlplane.translate.common import MAX_LIMIT, as_dict, as_list
 from gateway.contract import DEFAULT_TIERS, Limits, TierRecord
 
 TIERS_KEY = "tiers"
@@ -73,6 +73,9 @@ def parse_limits(configmap: Obj) -> dict[str, tuple[Limits, tuple[str, ...]]]:
         entry = as_dict(raw)
         try:
             limits = Limits.model_validate({k: entry[k] for k in ("requests", "tokens") if entry.get(k)})
+            for limit in (limits.requests, limits.tokens):
+                if limit is not None and limit.limit > MAX_LIMIT:
+                    raise TranslateError(f"limits of tier {name!r}: above {MAX_LIMIT}", reason="invalid_limits")
         except ValidationError as exc:
             raise TranslateError(f"limits of tier {name!r}: {exc.errors()[0]['msg']}", reason="invalid_limits") from exc
         out[str(name)] = (limits, tuple(str(m) for m in as_list(entry.get("models"))))

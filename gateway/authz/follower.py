@@ -22,6 +22,7 @@ from gateway import contract
 from gateway.authz.metrics import AuthzMetrics
 from gateway.contract import ChangeEvent, KeyRecord, ModelRecord, RecordKind, RouteRecord, TierRecord
 from gateway.errors import StoreError
+from gateway.logs import RateLimitedLog
 from gateway.snapshot import Catalog, KeyEntry, Snapshot, compile_key
 from gateway.store.base import Store
 
@@ -55,6 +56,8 @@ class SnapshotFollower:
         self.connected = False
         self.last_event_at = 0.0
         self._fresh = False
+        self._unavailable = RateLimitedLog(log)
+        """While Redis is down the follower retries every few seconds: one warning per 10 s, as for bucket checks."""
 
     async def run(self) -> None:
         backoff = 0.1
@@ -72,7 +75,7 @@ class SnapshotFollower:
                     else:
                         reason = "subscription_ended"
             except StoreError as exc:
-                log.warning("change events unavailable, will reload: %s", exc)
+                self._unavailable.warning("change events unavailable, will reload: %s", exc)
                 self._metrics.store_error("subscribe", exc.code)
                 reason = "reconnect"
             except Exception:  # a bug must not stop the snapshot from following the store: log it, reload
