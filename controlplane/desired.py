@@ -38,8 +38,10 @@ class Desired:
         default_tier: str,
         tier_configmap: str,
         tier_limits_configmap: str,
+        gateways: frozenset[str] = frozenset(),
     ) -> None:
         self._objects = objects
+        self._gateways = gateways
         self._report = report
         self._pepper = pepper
         self._default_tier = default_tier
@@ -155,7 +157,10 @@ class Desired:
         )
         for key, route in ordered:
             entries = self._translate(
-                kinds.HTTPROUTE, key, route, partial(translate_route, route, models_by_isvc=by_isvc)
+                kinds.HTTPROUTE,
+                key,
+                route,
+                partial(translate_route, route, models_by_isvc=by_isvc, gateways=self._gateways),
             )
             for entry in entries or []:
                 if entry.model is None or entry.model in models:

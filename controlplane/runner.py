@@ -27,6 +27,7 @@ from controlplane.sources.kube import KubeSource
 from controlplane.sync import Syncer
 from controlplane.tasks import spawn
 from gateway.errors import ConfigError
+from gateway.settings import split_csv
 from gateway.store import Store, open_store
 
 log = logging.getLogger("maas.controlplane")
@@ -91,6 +92,7 @@ class ControlPlane:
             default_tier=settings.default_tier,
             tier_configmap=settings.tier_configmap,
             tier_limits_configmap=settings.tier_limits_configmap,
+            gateways=frozenset(split_csv(settings.gateways)),
         )
         if isinstance(self.source, DirSource):
             self.source.on_bad_file = self._bad_file

@@ -29,6 +29,11 @@ class ControlPlaneSettings(CommonSettings):
         DEFAULT_SECRET_SELECTORS,
         description="label selectors of API-key Secrets, ';'-separated; a Secret matching any one is a key",
     )
+    gateways: str = Field(
+        "kuadrant-gateway",
+        description="comma-separated Gateways (name or namespace/name) maas authz guards: HTTPRoutes attached to "
+        "others are skipped (empty: every route counts)",
+    )
     tier_configmap: str = Field("tier-to-group-mapping", description="name of the tier mapping ConfigMap")
     tier_limits_configmap: str = Field("maas-tier-limits", description="name of the tier limits ConfigMap")
     default_tier: str = Field("free", description="tier of a key whose groups match no tier")

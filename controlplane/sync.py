@@ -48,6 +48,7 @@ class Syncer:
         default_tier: str = "free",
         tier_configmap: str = "tier-to-group-mapping",
         tier_limits_configmap: str = "maas-tier-limits",
+        gateways: frozenset[str] = frozenset(),
     ) -> None:
         self._store = store
         self._source = source
@@ -62,6 +63,7 @@ class Syncer:
             default_tier=default_tier,
             tier_configmap=tier_configmap,
             tier_limits_configmap=tier_limits_configmap,
+            gateways=gateways,
         )
         self.ready = asyncio.Event()
         self.generation = 0

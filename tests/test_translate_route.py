@@ -103,3 +103,53 @@ def test_backend_in_other_namespace() -> None:
 def test_invalid_routes(route: dict[str, Any]) -> None:
     with pytest.raises(TranslateError):
         translate_route(route, models_by_isvc=MODELS)
+
+
+GATEWAYS = frozenset({"kuadrant-gateway"})
+
+
+def test_a_route_of_another_gateway_does_not_count() -> None:
+    """maas authz guards one gateway's paths: an HTTPRoute attached only to another must not stand for them (an
+    older route of an internal gateway had won /code over the guarded gateway's own route)."""
+    other = _route(rules=[_rule("/code", "granite-code-predictor")])
+    other["spec"]["parentRefs"] = [{"name": "internal-gateway"}]
+    with pytest.raises(TranslateError) as info:
+        translate_route(other, models_by_isvc=MODELS, gateways=GATEWAYS)
+    assert info.value.reason == "other_gateway"
+    other["spec"]["parentRefs"] = [{"name": "internal-gateway"}, {"name": "kuadrant-gateway", "namespace": "gw"}]
+    assert translate_route(other, models_by_isvc=MODELS, gateways=GATEWAYS)
+    assert translate_route(other, models_by_isvc=MODELS, gateways=frozenset({"gw/kuadrant-gateway"}))
+    with pytest.raises(TranslateError):  # the seed route's parentRef has no namespace: the route's own, llm
+        translate_route(_route(), models_by_isvc=MODELS, gateways=frozenset({"x/kuadrant-gateway"}))
+    assert translate_route(_route(), models_by_isvc=MODELS, gateways=frozenset({"llm/kuadrant-gateway"}))
+    del other["spec"]["parentRefs"]
+    assert translate_route(other, models_by_isvc=MODELS, gateways=GATEWAYS)  # none given: counts
+
+
+def test_weights_and_header_matches_that_split_a_path_between_models_are_refused() -> None:
+    """authz checks host and path only: a path whose traffic goes to two models would be checked against the
+    first one's allow-list (a granite-only key was admitted to mistral)."""
+    split = _route(
+        rules=[
+            {
+                "matches": [{"path": {"type": "PathPrefix", "value": "/code"}}],
+                "backendRefs": [
+                    {"name": "qwen3-0-6b-instruct-predictor", "port": 80, "weight": 0},
+                    {"name": "granite-code-predictor", "port": 80, "weight": 100},
+                ],
+            }
+        ]
+    )
+    [only] = translate_route(split, models_by_isvc=MODELS)
+    assert only.model == "granite"  # weight 0 gets no traffic
+    split["spec"]["rules"][0]["backendRefs"][0]["weight"] = 1
+    with pytest.raises(TranslateError) as info:
+        translate_route(split, models_by_isvc=MODELS)
+    assert info.value.reason == "ambiguous_backend"
+    by_header = _route(rules=[_rule("/v1", "granite-code-predictor"), _rule("/v1", "qwen3-0-6b-instruct-predictor")])
+    by_header["spec"]["rules"][0]["matches"][0]["headers"] = [{"name": "x-model", "value": "granite"}]
+    with pytest.raises(TranslateError) as info:
+        translate_route(by_header, models_by_isvc=MODELS)
+    assert info.value.reason == "ambiguous_backend"
+    same = _route(rules=[_rule("/v1", "granite-code-predictor"), _rule("/v1", "granite-code")])
+    assert [r.model for r in translate_route(same, models_by_isvc=MODELS)] == ["granite"]
