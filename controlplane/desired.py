@@ -18,7 +18,7 @@ from controlplane.errors import TranslateError
 from controlplane.kinds import Kind, Obj, ObjKey, meta
 from controlplane.translate.httproute import translate_route
 from controlplane.translate.isvc import find_runtime, translate_isvc
-from controlplane.translate.secret import translate_secret
+from controlplane.translate.secret import takes_tier_windows, translate_secret
 from controlplane.translate.tiers import merge, parse_limits, parse_mapping
 from gateway.contract import KeyRecord, ModelRecord, RecordKind, RouteRecord, TierRecord, encode_record
 
@@ -91,6 +91,8 @@ class Desired:
                 obj,
                 partial(translate_secret, obj, pepper=self._pepper, tiers=self.tiers, default_tier=self._default_tier),
             )
+            if takes_tier_windows(obj):
+                self._tier_dependent.add(key)  # refused or not, a tier change may give or take its limits' windows
             if result is None:
                 continue
             record, depends = result

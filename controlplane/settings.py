@@ -14,7 +14,8 @@ DEV_IDENTITY_SECRET = "maas-development-identity-secret"
 """Equal to ``maas authz --dev``'s identity secret, so the self-service API trusts the dev gateway."""
 
 DEFAULT_SECRET_SELECTORS = (
-    "authorino.kuadrant.io/managed-by=authorino;kuadrant.io/auth-secret=true;app=llm-gateway;maas.io/api-key=true"
+    "authorino.kuadrant.io/managed-by=authorino;kuadrant.io/auth-secret=true;app=llm-gateway;kuadrant.io/apikeys-by;"
+    "maas.io/api-key=true"
 )
 
 

@@ -146,3 +146,62 @@ def test_isvc_rejected(isvc: dict[str, Any], reason: str) -> None:
 def test_find_runtime(isvc: dict[str, Any], runtimes: Any, cluster: Any, expected: str | None) -> None:
     found = find_runtime(isvc, runtimes=runtimes, cluster_runtimes=cluster)
     assert (found["metadata"]["name"] if found else None) == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "served", "length"),
+    [
+        pytest.param(["--max-model-len=2k"], None, 2000, id="2k"),
+        pytest.param(["--max-model-len", "4K"], None, 4096, id="4K"),
+        pytest.param(["--max-model-len=25.6k"], None, 25600, id="25.6k"),
+        pytest.param(["--max-model-len=auto"], None, None, id="auto"),
+        pytest.param(["--max_model_len=8192", "--served_model_name=mistral-7b"], "mistral-7b", 8192, id="underscores"),
+    ],
+)
+def test_vllm_argument_spellings(args: list[str], served: str | None, length: int | None) -> None:
+    """vLLM takes human-readable lengths and either '_' or '-' in flag names: '2k' had dropped the whole model
+    (404 on its routes) and --served_model_name had been ignored (403 for the name clients send)."""
+    runtime = copy.deepcopy(RUNTIME)
+    runtime["spec"]["containers"][0]["args"] = [
+        a for a in runtime["spec"]["containers"][0].get("args", []) if "max-model-len" not in a
+    ]
+    record = translate_isvc(_isvc(spec__predictor__model__args=args), runtime=runtime)
+    assert record.max_model_len == length
+    assert record.id == (served or "qwen3-0-6b-instruct")
+
+
+def test_a_custom_container_predictor_is_read_from_its_container() -> None:
+    predictor = {
+        "containers": [
+            {
+                "name": "kserve-container",
+                "image": "vllm/vllm-openai:v0.11.0",
+                "args": ["--served-model-name=llama-3.2-1b", "--max-model-len=4096"],
+                "resources": {"limits": {"nvidia.com/gpu": "2"}},
+            }
+        ]
+    }
+    record = translate_isvc(_isvc(spec__predictor=predictor), runtime=None)
+    assert (record.id, record.image, record.max_model_len, record.gpus) == (
+        "llama-3.2-1b",
+        "vllm/vllm-openai:v0.11.0",
+        4096,
+        2,
+    )
+
+
+def test_auto_selection_skips_disabled_runtimes_and_prefers_priority() -> None:
+    def runtime(name: str, *, priority: int | None = None, disabled: bool = False) -> dict[str, Any]:
+        obj = copy.deepcopy(RUNTIME)
+        obj["metadata"]["name"] = name
+        obj["spec"]["disabled"] = disabled
+        obj["spec"]["supportedModelFormats"] = [{"name": "vLLM", "autoSelect": True, "priority": priority}]
+        return obj
+
+    runtimes = {
+        ("llm", "a-disabled"): runtime("a-disabled", priority=9, disabled=True),
+        ("llm", "b-low"): runtime("b-low", priority=1),
+        ("llm", "c-high"): runtime("c-high", priority=5),
+    }
+    found = find_runtime(_isvc(spec__predictor__model__runtime=None), runtimes=runtimes, cluster_runtimes={})
+    assert found is not None and found["metadata"]["name"] == "c-high"

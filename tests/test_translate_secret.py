@@ -7,9 +7,11 @@ from typing import Any
 
 import pytest
 
+from controlplane import kinds
+from controlplane.desired import Desired
 from controlplane.errors import TranslateError
 from controlplane.translate.secret import resolve_tier, translate_secret
-from gateway.contract import DEFAULT_TIERS, KeyStatus, Limit, digest_key
+from gateway.contract import DEFAULT_TIERS, KeyStatus, Limit, Limits, RecordKind, TierRecord, digest_key
 
 PEPPER = b"translate-test-pepper-0123"
 
@@ -117,6 +119,12 @@ def test_secret_variants(secret: dict[str, Any], expected: dict[str, Any]) -> No
         pytest.param(
             _secret(annotations={"maas/request-limit": "100000000000000000000000"}), "invalid_limit", id="huge-limit"
         ),
+        # these had made a key that never expires, without a word
+        pytest.param(
+            _secret(annotations={"maas.io/expires-at": "2024-13-01T00:00:00Z"}), "invalid_expiry", id="month-13"
+        ),
+        pytest.param(_secret(annotations={"maas.io/expires-at": "soon"}), "invalid_expiry", id="not-a-time"),
+        pytest.param(_secret(annotations={"maas.io/expires-at": "1704067200000"}), "invalid_expiry", id="epoch-ms"),
         pytest.param(
             _secret(annotations={"maas/request-limit": "5", "maas/time-window": "soon"}),
             "invalid_limit",
@@ -145,3 +153,68 @@ def test_malformed_secrets(secret: dict[str, Any], reason: str) -> None:
 def test_resolve_tier(explicit: str | None, groups: tuple[str, ...], expected: str | None) -> None:
     tier = resolve_tier(explicit=explicit, groups=groups, tiers=DEFAULT_TIERS, default="free")
     assert (tier.name if tier else None) == expected
+
+
+def test_base64_wrapped_over_lines_is_read_as_the_api_server_reads_it() -> None:
+    encoded = base64.encodebytes(b"sk-" + b"x" * 80).decode()  # wrapped at 76 columns, as `base64` prints it
+    assert "\n" in encoded.strip()
+    record, _ = translate_secret(_secret(data={"api_key": encoded}), pepper=PEPPER)
+    assert record.digest == digest_key("sk-" + "x" * 80, PEPPER)
+
+
+def test_expiry_forms() -> None:
+    for text in (
+        "2024-01-01T00:00:00Z",
+        "2024-01-01t00:00:00z",
+        "2024-01-01T01:00:00+01:00",
+        "1704067200",
+        "2024-01-01T00:00:00",
+    ):
+        record, _ = translate_secret(
+            _secret(annotations={"maas.io/expires-at": text}), pepper=PEPPER, tiers=DEFAULT_TIERS
+        )
+        assert record.expires_at == 1704067200.0, text
+
+
+def test_a_limit_without_a_window_takes_the_tiers_or_is_refused() -> None:
+    gold = TierRecord(name="gold", level=3, groups=("gold",))  # no limits: no window to give
+    secret = _secret(annotations={"kuadrant.io/groups": "gold", "maas/token-limit": "999"})
+    with pytest.raises(TranslateError) as info:
+        translate_secret(secret, pepper=PEPPER, tiers=[*DEFAULT_TIERS, gold])
+    assert info.value.reason == "invalid_limit"
+    timed = gold.model_copy(update={"limits": Limits(tokens=Limit(limit=10, window="1h"))})
+    record, depends = translate_secret(secret, pepper=PEPPER, tiers=[*DEFAULT_TIERS, timed])
+    assert depends and record.limits is not None and record.limits.tokens == Limit(limit=999, window="1h")
+
+
+def test_a_refused_window_less_limit_is_taken_once_its_tier_gets_the_window() -> None:
+    """The control plane retranslates such a Secret when the tiers change, though it was refused before."""
+    secret = _secret(annotations={"kuadrant.io/groups": "gold", "maas/token-limit": "999"})
+    mapping = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "tier-to-group-mapping", "namespace": "llm"},
+    }
+    limits = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "maas-tier-limits", "namespace": "llm"}}
+    mapping["data"] = {"tiers": "- {name: free, level: 0, groups: [x]}\n- {name: gold, level: 3, groups: [gold]}\n"}
+    limits["data"] = {"limits": "free: {requests: {limit: 5, window: 2m}}\ngold: {requests: {limit: 9, window: 1m}}\n"}
+    objects = {
+        kinds.SECRET: {("llm", "alice-key"): secret},
+        kinds.CONFIGMAP: {("llm", "tier-to-group-mapping"): mapping, ("llm", "maas-tier-limits"): limits},
+    }
+    reported: list[str] = []
+    desired = Desired(
+        objects=lambda kind: objects.get(kind, {}),
+        report=lambda kind, obj, exc: reported.append(exc.reason),
+        pepper=PEPPER,
+        default_tier="free",
+        tier_configmap="tier-to-group-mapping",
+        tier_limits_configmap="maas-tier-limits",
+    )
+    desired.update_tiers()
+    desired.update_secrets(desired.all_secrets())
+    assert reported == ["invalid_limit"] and not desired.records[RecordKind.KEY]
+    limits["data"] = {"limits": "free: {requests: {limit: 5, window: 2m}}\ngold: {tokens: {limit: 9, window: 1h}}\n"}
+    desired.update_secrets(desired.update_tiers())
+    [raw] = desired.records[RecordKind.KEY].values()
+    assert '"tokens":{"limit":999,"window":"1h"}' in raw.replace(" ", "")

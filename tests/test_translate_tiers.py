@@ -72,6 +72,7 @@ def test_merge(mapping: str | None, limits: str | None, expected: list[tuple[str
         pytest.param("tiers", "name: free", "invalid_tiers", id="not-a-list"),
         pytest.param("tiers", "- {level: 1}", "invalid_tiers", id="no-name"),
         pytest.param("tiers", "- {name: a, level: high}", "invalid_tiers", id="bad-level"),
+        pytest.param("tiers", "- {name: a, level: 2.9}", "invalid_tiers", id="fractional-level"),
         pytest.param("other", "[]", "missing_data", id="missing-key"),
     ],
 )
@@ -88,6 +89,9 @@ def test_bad_mapping(key: str, text: str, reason: str) -> None:
         pytest.param("free: {requests: {limit: 5, window: forever}}", id="bad-window"),
         pytest.param("free: {requests: {limit: -1, window: 1m}}", id="negative-limit"),
         pytest.param("free: {tokens: {limit: 100000000000000000000000, window: 1m}}", id="above-10**15"),
+        # these had left the tier without limits, without a word
+        pytest.param("free:\npremium: {requests: {limit: 5, window: 1m}}", id="empty-entry"),
+        pytest.param("enterprise: {request: {limit: 5, window: 1m}}", id="misspelt-field"),
         pytest.param("free: {requests: {limit: [", id="broken-yaml"),
     ],
 )
@@ -102,3 +106,8 @@ def test_the_admin_api_reads_a_tier_configmap_with_an_impossible_date_as_empty()
     from controlplane.admin.tiers import _load
 
     assert _load(_cm("tiers", "- {name: free, description: 2025-02-30}"), "tiers", []) == []
+
+
+def test_groups_written_as_a_string_are_the_list_they_mean() -> None:
+    [tier] = parse_mapping(_cm("tiers", "- {name: free, groups: 'free, system:authenticated'}"))
+    assert tier.groups == ("free", "system:authenticated")

@@ -86,8 +86,12 @@ async def write_secret(ctx: AdminContext, obj: Obj) -> tuple[KeyRecord, bool]:
             obj, pepper=ctx.pepper, tiers=list(ctx.state.tiers.values()), default_tier=ctx.state.default_tier
         )
     except TranslateError as exc:
+        if exc.reason == "invalid_limit" and tr.takes_tier_windows(obj):
+            raise InvalidRequest(
+                "A limit without a window takes its tier's, and the key's tier has no such limit; give limits.window.",
+                param="limits.window",
+            ) from exc
         raise InvalidRequest(f"The key cannot be stored: {exc}") from exc
-    _check_windows(obj, expected)
     try:
         await ctx.source.apply(obj)
     except ConflictError:
@@ -99,19 +103,6 @@ async def write_secret(ctx: AdminContext, obj: Obj) -> tuple[KeyRecord, bool]:
         lambda: _projection(ctx.state.key_by_digest(expected.digest)) == want, within=ctx.write_timeout
     )
     return ctx.state.key_by_digest(expected.digest) if synced else expected, synced  # type: ignore[return-value]
-
-
-def _check_windows(obj: Obj, expected: KeyRecord) -> None:
-    """A limit override without a window takes its tier's; a tier without that dimension has none to give, and the
-    override would be dropped without a word (it came back once the key moved to a tier that has one)."""
-    annotations = obj["metadata"].get("annotations") or {}
-    for dimension, annotation in (("requests", tr.MAAS_REQUEST_LIMIT), ("tokens", tr.MAAS_TOKEN_LIMIT)):
-        if annotations.get(annotation) and (expected.limits is None or getattr(expected.limits, dimension) is None):
-            raise InvalidRequest(
-                f"limits.{dimension} needs a window: the key's tier has no {dimension} limit to take one from; "
-                "give limits.window.",
-                param="limits.window",
-            )
 
 
 def _check_tier(ctx: AdminContext, tier: str | None) -> None:

@@ -22,14 +22,36 @@ _TEMPLATE = re.compile(r"\{\{\s*\.Name\s*\}\}")
 
 
 def _arg_value(args: Sequence[str], flag: str) -> str | None:
-    """Value of ``--flag=value`` or ``--flag value`` (the last occurrence wins, as in argparse)."""
+    """Value of ``--flag=value`` or ``--flag value`` (the last occurrence wins, as in argparse), with ``_`` and ``-``
+    alike in the flag's name (vLLM takes ``--max_model_len`` for ``--max-model-len``)."""
     found: str | None = None
     for index, arg in enumerate(args):
-        if arg.startswith(flag + "="):
-            found = arg[len(flag) + 1 :]
-        elif arg == flag and index + 1 < len(args):
+        if not arg.startswith("--"):
+            continue
+        name, eq, value = arg.partition("=")
+        if name.replace("_", "-") != flag:
+            continue
+        if eq:
+            found = value
+        elif index + 1 < len(args):
             found = args[index + 1]
     return found
+
+
+_HUMAN = re.compile(r"^(\d+(?:\.\d+)?)([kmgt]?)$", re.IGNORECASE)
+_UNITS = {"k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def context_length(text: str | None) -> int | None:
+    """``--max-model-len`` as vLLM reads it: ``4096``, ``4k`` (x1000), ``4K`` (x1024), ``25.6k``; ``auto`` or
+    ``-1`` (vLLM's choice) and anything else unreadable give None: the length is information, not worth the model."""
+    match = _HUMAN.match((text or "").strip())
+    if match is None:
+        return None
+    number, unit = match.groups()
+    scale = (1024 if unit.isupper() else 1000) ** _UNITS[unit.lower()] if unit else 1
+    value = int(float(number) * scale)
+    return value if value > 0 else None
 
 
 def _container_args(container: Mapping[str, Any], name: str) -> list[str]:
@@ -38,9 +60,12 @@ def _container_args(container: Mapping[str, Any], name: str) -> list[str]:
 
 
 def _runtime_container(runtime: Obj | None) -> dict[str, Any]:
-    if runtime is None:
-        return {}
-    containers = [as_dict(c) for c in as_list(spec(runtime).get("containers"))]
+    return _serving_container(spec(runtime).get("containers")) if runtime is not None else {}
+
+
+def _serving_container(listed: Any) -> dict[str, Any]:
+    """``kserve-container`` among ``containers``, else the first."""
+    containers = [as_dict(c) for c in as_list(listed)]
     for container in containers:
         if container.get("name") == "kserve-container":
             return container
@@ -49,21 +74,31 @@ def _runtime_container(runtime: Obj | None) -> dict[str, Any]:
 
 def find_runtime(isvc: Obj, *, runtimes: Mapping[ObjKey, Obj], cluster_runtimes: Mapping[ObjKey, Obj]) -> Obj | None:
     """The ServingRuntime the ISVC names (its namespace first, then cluster-wide), or, when it names none, the
-    first runtime that auto-selects its model format."""
+    runtime KServe would pick: an enabled one that auto-selects the model format, the highest ``priority`` of that
+    format first, the ISVC's namespace before cluster runtimes, then by name."""
     namespace, _ = key_of(isvc)
     model = as_dict(as_dict(spec(isvc).get("predictor")).get("model"))
     wanted = model.get("runtime")
     if wanted:
         return runtimes.get((namespace, str(wanted))) or cluster_runtimes.get(("", str(wanted)))
     fmt = str(as_dict(model.get("modelFormat")).get("name", "")).lower()
-    candidates = [r for k, r in sorted(runtimes.items()) if k[0] == namespace] + [
-        r for _, r in sorted(cluster_runtimes.items())
-    ]
-    for runtime in candidates:
-        for supported in as_list(spec(runtime).get("supportedModelFormats")):
-            entry = as_dict(supported)
-            if str(entry.get("name", "")).lower() == fmt and entry.get("autoSelect"):
-                return runtime
+    for scope in (
+        [r for k, r in sorted(runtimes.items()) if k[0] == namespace],
+        [r for _, r in sorted(cluster_runtimes.items())],
+    ):
+        best: tuple[int, Obj] | None = None
+        for runtime in scope:
+            if spec(runtime).get("disabled") is True:
+                continue
+            for supported in as_list(spec(runtime).get("supportedModelFormats")):
+                entry = as_dict(supported)
+                if str(entry.get("name", "")).lower() == fmt and entry.get("autoSelect"):
+                    priority = entry.get("priority")
+                    rank = priority if isinstance(priority, int) and not isinstance(priority, bool) else 0
+                    if best is None or rank > best[0]:
+                        best = (rank, runtime)
+        if best is not None:
+            return best[1]
     return None
 
 
@@ -115,12 +150,14 @@ def translate_isvc(isvc: Obj, *, runtime: Obj | None) -> ModelRecord:
     if not isinstance(status, dict) or not status:
         raise TranslateError("InferenceService has no status yet", reason="no_status")
     model = as_dict(predictor.get("model"))
-    rt_container = _runtime_container(runtime)
-    args = _container_args(rt_container, name) + _container_args(model, name)
+    # a custom predictor (``predictor.containers``, no runtime) is read from its serving container
+    own = model or _serving_container(predictor.get("containers"))
+    rt_container = _runtime_container(runtime) if model else {}
+    args = _container_args(rt_container, name) + _container_args(own, name)
     served = _arg_value(args, "--served-model-name")
     ready, reason = _readiness(status)
     url = as_dict(status.get("address")).get("url") or status.get("url")
-    resources = as_dict(model.get("resources")) or as_dict(rt_container.get("resources"))
+    resources = as_dict(own.get("resources")) or as_dict(rt_container.get("resources"))
     runtime_name = model.get("runtime") or (key_of(runtime)[1] if runtime is not None else None)
     max_len = _arg_value(args, "--max-model-len")
     return ModelRecord(
@@ -130,13 +167,13 @@ def translate_isvc(isvc: Obj, *, runtime: Obj | None) -> ModelRecord:
         reason=reason,
         url=str(url) if url else None,
         runtime=str(runtime_name) if runtime_name else None,
-        image=str(model.get("image") or rt_container.get("image") or "") or None,
+        image=str(own.get("image") or rt_container.get("image") or "") or None,
         model_format=str(as_dict(model.get("modelFormat")).get("name") or "") or None,
         storage_uri=str(model.get("storageUri") or predictor.get("storageUri") or "") or None,
         gpus=_gpus(resources),
         min_replicas=_optional_int(predictor.get("minReplicas"), what="minReplicas"),
         max_replicas=_optional_int(predictor.get("maxReplicas"), what="maxReplicas"),
-        max_model_len=_optional_int(max_len, what="--max-model-len"),
+        max_model_len=context_length(max_len),
         deployment_mode=annotations_of(isvc).get(DEPLOYMENT_MODE),
         isvc=f"{namespace}/{name}",
     )

@@ -14,6 +14,7 @@ import base64
 import binascii
 import re
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 
 from controlplane.errors import TranslateError
 from controlplane.kinds import Obj, annotations_of, key_of, labels_of, meta
@@ -55,7 +56,8 @@ def _data_value(secret: Obj, field: str) -> bytes | None:
     if not isinstance(raw, str):
         raise TranslateError(f"data.{field} is not a string", reason="invalid_base64")
     try:
-        return base64.b64decode(raw.encode(), validate=True)
+        # line breaks are ignored, as the API server's decoder does (`base64` wraps its output at 76 columns)
+        return base64.b64decode(raw.replace("\r", "").replace("\n", "").encode(), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise TranslateError(f"data.{field} is not valid base64", reason="invalid_base64") from exc
 
@@ -91,6 +93,45 @@ def resolve_tier(
     return by_name.get(default)
 
 
+LATEST = 253_402_300_799.0
+"""9999-12-31T23:59:59Z: an expiry past it is a misreading (epoch milliseconds read as seconds, say)."""
+
+
+def _expiry(value: str | None) -> float | None:
+    """``maas.io/expires-at``: RFC 3339 (``T``/``Z`` in either case; no offset is UTC) or epoch seconds. Unreadable
+    or out of range is an error, not "never expires": the key is skipped, as for any invalid annotation."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        epoch = float(text)
+    except ValueError:
+        try:
+            moment = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise TranslateError(f"{EXPIRES_AT} is not a time: {value!r}", reason="invalid_expiry") from exc
+        epoch = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    if not 0 <= epoch <= LATEST:
+        raise TranslateError(f"{EXPIRES_AT} is out of range (epoch seconds?): {value!r}", reason="invalid_expiry")
+    return epoch
+
+
+def takes_tier_windows(secret: Obj) -> bool:
+    """Whether the Secret's own limits take their window from its tier (so a tier change may change them)."""
+    values = {**labels_of(secret), **annotations_of(secret)}
+    return bool(values.get(MAAS_REQUEST_LIMIT) or values.get(MAAS_TOKEN_LIMIT)) and not values.get(MAAS_WINDOW)
+
+
+def _no_window(annotation: str, tier: TierRecord | None) -> str:
+    """A limit without ``maas/time-window`` takes its tier's window; a tier without that limit has none to give,
+    and the limit was dropped without a word (the key ran without it): the Secret is refused instead."""
+    raise TranslateError(
+        f"{annotation} needs {MAAS_WINDOW}: tier {tier.name if tier else '(none)'!r} has no such limit to take a "
+        "window from",
+        reason="invalid_limit",
+    )
+
+
 def _limits(values: Mapping[str, str], *, tier: TierRecord | None) -> tuple[Limits | None, bool]:
     """(per-key limit overrides, whether they depend on the tier's windows)."""
     requests_text = values.get(MAAS_REQUEST_LIMIT)
@@ -104,13 +145,11 @@ def _limits(values: Mapping[str, str], *, tier: TierRecord | None) -> tuple[Limi
         if requests_text:
             count = parse_int(requests_text, what=MAAS_REQUEST_LIMIT, reason="invalid_limit", maximum=MAX_LIMIT)
             tier_window = tier.limits.requests.window if tier and tier.limits.requests else None
-            if window or tier_window:
-                requests = Limit(limit=count, window=window or tier_window or "")
+            requests = Limit(limit=count, window=window or tier_window or _no_window(MAAS_REQUEST_LIMIT, tier))
         if tokens_text:
             count = parse_int(tokens_text, what=MAAS_TOKEN_LIMIT, reason="invalid_limit", maximum=MAX_LIMIT)
             tier_window = tier.limits.tokens.window if tier and tier.limits.tokens else None
-            if window or tier_window:
-                tokens = Limit(limit=count, window=window or tier_window or "")
+            tokens = Limit(limit=count, window=window or tier_window or _no_window(MAAS_TOKEN_LIMIT, tier))
     except (WindowError, ValueError) as exc:
         raise TranslateError(f"invalid {MAAS_WINDOW}: {window!r}", reason="invalid_limit") from exc
     return Limits(requests=requests, tokens=tokens), depends
@@ -139,7 +178,7 @@ def translate_secret(
         tier=explicit_tier,
         models=csv(values.get(MAAS_MODELS)),
         status=status,
-        expires_at=parse_time(values.get(EXPIRES_AT)),
+        expires_at=_expiry(values.get(EXPIRES_AT)),
         limits=limits,
         name=values.get(KEY_NAME) or name,
         source=f"secret:{namespace}/{name}",

@@ -23,11 +23,12 @@ from pydantic import ValidationError
 
 from controlplane.errors import TranslateError
 from controlplane.kinds import Obj
-from controlplane.translate.common import MAX_LIMIT, as_dict, as_list
+from controlplane.translate.common import MAX_LIMIT, as_dict, as_list, csv
 from gateway.contract import DEFAULT_TIERS, Limits, TierRecord
 
 TIERS_KEY = "tiers"
 LIMITS_KEY = "limits"
+LIMIT_FIELDS = frozenset({"requests", "tokens", "models"})
 
 
 def _load_yaml(configmap: Obj, key: str) -> Any:
@@ -51,12 +52,18 @@ def parse_mapping(configmap: Obj) -> list[TierRecord]:
         name = str(entry.get("name") or "").strip()
         if not name:
             raise TranslateError("a tier has no name", reason="invalid_tiers")
+        level = entry.get("level") or 0
+        if not isinstance(level, int) or isinstance(level, bool):  # 2.9 had become 2
+            raise TranslateError(f"tier {name!r}: level must be an integer, not {level!r}", reason="invalid_tiers")
+        groups = entry.get("groups")
+        # a comma-separated string is read as the list it means (it had become no groups at all)
+        listed = csv(groups) if isinstance(groups, str) else tuple(str(g) for g in as_list(groups))
         try:
             tiers[name] = TierRecord(
                 name=name,
                 display_name=str(entry.get("displayName") or entry.get("description") or name),
-                level=int(entry.get("level") or 0),
-                groups=tuple(str(g) for g in as_list(entry.get("groups"))),
+                level=level,
+                groups=listed,
             )
         except (ValidationError, ValueError, TypeError) as exc:
             raise TranslateError(f"tier {name!r}: {exc}", reason="invalid_tiers") from exc
@@ -70,6 +77,12 @@ def parse_limits(configmap: Obj) -> dict[str, tuple[Limits, tuple[str, ...]]]:
         raise TranslateError("data.limits must be a YAML mapping of tier name to limits", reason="invalid_limits")
     out: dict[str, tuple[Limits, tuple[str, ...]]] = {}
     for name, raw in document.items():
+        if not isinstance(raw, dict) or set(raw) - LIMIT_FIELDS:
+            # "free:" with nothing under it, or "request:" for "requests": the tier would run without limits
+            raise TranslateError(
+                f"limits of tier {name!r} must be a mapping of {', '.join(sorted(LIMIT_FIELDS))}, not {raw!r}",
+                reason="invalid_limits",
+            )
         entry = as_dict(raw)
         try:
             limits = Limits.model_validate({k: entry[k] for k in ("requests", "tokens") if entry.get(k)})
