@@ -130,20 +130,39 @@ def normalise_prefix(prefix: str) -> str:
 
 class RouteTable:
     """(host, path prefix) -> route, longest prefix wins, matched on whole path segments as Gateway API does;
-    routes for a named host win over routes for any host (``*``)."""
+    routes for the host itself win over those of the most specific wildcard hostname (``*.example.com``: any
+    subdomain, not example.com itself), which win over routes for any host (``*``)."""
 
     def __init__(self, routes: Iterable[RouteRecord]) -> None:
         self._by_host: dict[str, dict[str, Route]] = {}
+        self._wild: dict[str, dict[str, Route]] = {}
+        """".example.com" (from "*.example.com") -> its routes"""
         self._any: dict[str, Route] = {}
         for r in routes:
             prefix = normalise_prefix(r.prefix)
-            table = self._any if r.host in ("*", "") else self._by_host.setdefault(r.host.lower(), {})
+            host = r.host.lower()
+            if host in ("*", ""):
+                table = self._any
+            elif host.startswith("*."):
+                table = self._wild.setdefault(host[1:], {})
+            else:
+                table = self._by_host.setdefault(host, {})
             table[prefix] = Route(model=r.model, prefix=prefix)
-        self.size = len(self._any) + sum(len(t) for t in self._by_host.values())
+        self.size = len(self._any) + sum(len(t) for t in (*self._by_host.values(), *self._wild.values()))
+
+    def _wildcard(self, host: str) -> dict[str, Route] | None:
+        dot = host.find(".")
+        while dot > 0:  # "a.b.example.com": .b.example.com, then .example.com, then .com
+            table = self._wild.get(host[dot:])
+            if table is not None:
+                return table
+            dot = host.find(".", dot + 1)
+        return None
 
     def lookup(self, host: str, path: str) -> Route | None:
         named = self._by_host.get(host) if self._by_host else None
-        for table in (named, self._any):
+        wild = self._wildcard(host) if self._wild else None
+        for table in (named, wild, self._any):
             if not table:
                 continue
             p = path

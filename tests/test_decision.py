@@ -170,6 +170,26 @@ def test_longest_prefix_wins() -> None:
     assert table.lookup("h", "/z").model == "root"  # type: ignore[union-attr]
 
 
+def test_wildcard_hostnames_match_subdomains_between_exact_hosts_and_any_host() -> None:
+    """Gateway API's *.example.com matches any subdomain (it was stored as written and matched nothing: 404)."""
+    route = contract.RouteRecord
+    table = RouteTable(
+        [
+            route(id="1", host="*.models.maas.local", prefix="/mistral", model="wild"),
+            route(id="2", host="*.maas.local", prefix="/mistral", model="wider"),
+            route(id="3", host="exact.models.maas.local", prefix="/mistral", model="exact"),
+            route(id="4", host="*", prefix="/", model="any"),
+        ]
+    )
+    assert table.lookup("mistral.models.maas.local", "/mistral/v1").model == "wild"  # type: ignore[union-attr]
+    assert table.lookup("a.b.models.maas.local", "/mistral").model == "wild"  # type: ignore[union-attr]
+    assert table.lookup("other.maas.local", "/mistral").model == "wider"  # type: ignore[union-attr]
+    assert table.lookup("exact.models.maas.local", "/mistral").model == "exact"  # type: ignore[union-attr]
+    assert table.lookup("models.maas.local", "/mistral").model == "wider"  # type: ignore[union-attr]
+    assert table.lookup("maas.local", "/mistral").model == "any"  # type: ignore[union-attr]
+    assert table.lookup("mistral.models.maas.local", "/x").model == "any"  # type: ignore[union-attr]
+
+
 def test_model_checks() -> None:
     granite_only = [("x-api-key", platform.GRANITE_ONLY.plaintext)]
     denied = check(granite_only)
