@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from controlplane.errors import SourceError
 from controlplane.kinds import SECRET
 from controlplane.runner import ControlPlane
 from controlplane.settings import ControlPlaneSettings
-from controlplane.sources import Stream
+from controlplane.sources import Stream, directory
 from controlplane.sources.directory import DirSource
 from gateway import contract
 from gateway.contract import RecordKind
@@ -232,3 +233,38 @@ async def test_the_admin_view_survives_an_unexpected_error_and_reloads(
         assert calls["n"] > 1 and not plane.failed.is_set()
     finally:
         await plane.stop()
+
+
+async def test_dir_source_streams_share_scans_and_an_unchanged_folder_is_not_parsed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With thousands of Secrets every stream re-read and re-hashed the whole folder every poll (a core busy with
+    nothing changing): now streams polling together share one scan, and a scan that finds no file changed reuses
+    the objects it has. A write through apply, or a file changed by hand, is still seen."""
+    shutil.copy(SEED / "07-api-key-secrets.yaml", tmp_path)
+    source = DirSource(tmp_path, poll_interval=10.0)
+    normalised = 0
+    real = directory._normalise
+
+    def counting(doc: dict[str, Any], kind: Any) -> dict[str, Any]:
+        nonlocal normalised
+        normalised += 1
+        return real(doc, kind)
+
+    monkeypatch.setattr(directory, "_normalise", counting)
+    streams = [Stream(SECRET, "llm", label_selector=s) for s in ("app=llm-gateway", "maas.io/api-key=true", "")]
+    first = [await source.list(stream) for stream in streams]
+    assert normalised == 3 and len({listing.resource_version for listing in first}) == 1  # one scan for all three
+    source._last_at = -math.inf  # as after half a poll interval: the folder is walked again, nothing changed
+    await source.list(streams[0])
+    assert normalised == 3
+    await source.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "k2", "namespace": "llm"},
+            "stringData": {"api_key": "x"},
+        }
+    )
+    after = await source.list(streams[2])
+    assert "k2" in {o["metadata"]["name"] for o in after.items} and after.resource_version != first[0].resource_version

@@ -17,8 +17,10 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -78,6 +80,12 @@ class DirSource:
         self._files: dict[Path, tuple[tuple[int, int], list[Obj]]] = {}
         self._snapshots: OrderedDict[str, dict[ObjId, Obj]] = OrderedDict()
         self._scan_lock = asyncio.Lock()
+        self._built: tuple[str, dict[ObjId, Obj]] | None = None
+        """The objects of the last scan, kept while no file changes (thousands of Secrets are not re-normalised
+        and re-hashed every poll)."""
+        self._last_at = -math.inf
+        """When the last scan ended: the streams (one per kind, selector and namespace) share a scan made in the
+        last half poll interval instead of each walking the folder (any write through ``apply`` starts afresh)."""
         self._wakers: set[asyncio.Event] = set()
         self.on_bad_file: Callable[[Path, str], None] | None = None
         """Called with a file that failed to parse (the control plane counts it as a skipped object)."""
@@ -100,6 +108,7 @@ class DirSource:
         if not self.path.is_dir():
             raise SourceError(f"manifest directory {self.path} does not exist")
         seen: dict[Path, tuple[tuple[int, int], list[Obj]]] = {}
+        changed = False
         for root, dirs, files in os.walk(self.path):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
@@ -115,6 +124,7 @@ class DirSource:
                 if cached is not None and cached[0] == signature:
                     seen[file] = cached
                     continue
+                changed = True
                 try:
                     seen[file] = (signature, self._read(file))
                 except (OSError, ValueError, yaml.YAMLError) as exc:
@@ -122,6 +132,8 @@ class DirSource:
                     if self.on_bad_file is not None:
                         self.on_bad_file(file, str(exc))
                     seen[file] = (signature, cached[1] if cached else [])
+        if not changed and self._built is not None and seen.keys() == self._files.keys():
+            return self._built
         self._files = seen
         objects: dict[ObjId, Obj] = {}
         # Managed files (written by ``apply``) last, so they override a user manifest of the same object.
@@ -136,11 +148,17 @@ class DirSource:
         version = hashlib.sha256(
             json.dumps(sorted((k, meta(o)["resourceVersion"]) for k, o in objects.items())).encode()
         ).hexdigest()[:16]
+        self._built = (version, objects)
         return version, objects
 
     async def _scan(self) -> tuple[str, dict[ObjId, Obj]]:
         async with self._scan_lock:
+            if self._built is not None and time.monotonic() - self._last_at < self._poll / 2:
+                version = self._built[0]
+                if version in self._snapshots:
+                    return version, self._snapshots[version]
             version, objects = await asyncio.to_thread(self._scan_sync)
+            self._last_at = time.monotonic()
             if version not in self._snapshots:
                 self._snapshots[version] = objects
                 while len(self._snapshots) > SNAPSHOTS:
@@ -211,6 +229,7 @@ class DirSource:
         return file.parent == self.path and file.name.startswith(("maas-secret-", "maas-configmap-"))
 
     def _wake(self) -> None:
+        self._last_at = -math.inf  # the next scan reads the folder again
         for waker in self._wakers:
             waker.set()
 
