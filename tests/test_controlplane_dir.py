@@ -7,6 +7,7 @@ import asyncio
 import base64
 import math
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -268,3 +269,27 @@ async def test_dir_source_streams_share_scans_and_an_unchanged_folder_is_not_par
     )
     after = await source.list(streams[2])
     assert "k2" in {o["metadata"]["name"] for o in after.items} and after.resource_version != first[0].resource_version
+
+
+async def test_a_write_during_a_scan_is_seen_by_the_next_read(tmp_path: Path) -> None:
+    """A scan already under way when apply writes must not stand for the folder after the write: two admin
+    changes read-modify-writing one ConfigMap lost one of them when the second read that older scan."""
+    shutil.copy(SEED / "07-api-key-secrets.yaml", tmp_path)
+    source = DirSource(tmp_path, poll_interval=10.0)
+    real = source._scan_sync
+    written = threading.Event()
+
+    def slow_scan() -> Any:
+        result = real()  # reads the folder before the write below
+        written.wait(5)
+        return result
+
+    source._scan_sync = slow_scan  # type: ignore[method-assign]
+    under_way = asyncio.create_task(source.list(Stream(SECRET, "llm")))
+    await asyncio.sleep(0.1)
+    added = {"name": "k-new", "namespace": "llm"}
+    await source.apply({"apiVersion": "v1", "kind": "Secret", "metadata": added, "stringData": {"api_key": "x"}})
+    written.set()
+    await under_way
+    source._scan_sync = real  # type: ignore[method-assign]
+    assert await source.get(SECRET, "llm", "k-new") is not None

@@ -85,7 +85,11 @@ class DirSource:
         and re-hashed every poll)."""
         self._last_at = -math.inf
         """When the last scan ended: the streams (one per kind, selector and namespace) share a scan made in the
-        last half poll interval instead of each walking the folder (any write through ``apply`` starts afresh)."""
+        last half poll interval instead of each walking the folder ..."""
+        self._writes = 0
+        self._scanned_writes = -1
+        """... unless a write through ``apply``/``delete`` came since that scan began (a read-modify-write must read
+        what was just written, not a scan that was already under way)."""
         self._wakers: set[asyncio.Event] = set()
         self.on_bad_file: Callable[[Path, str], None] | None = None
         """Called with a file that failed to parse (the control plane counts it as a skipped object)."""
@@ -153,12 +157,14 @@ class DirSource:
 
     async def _scan(self) -> tuple[str, dict[ObjId, Obj]]:
         async with self._scan_lock:
-            if self._built is not None and time.monotonic() - self._last_at < self._poll / 2:
+            recent = time.monotonic() - self._last_at < self._poll / 2
+            if self._built is not None and recent and self._scanned_writes == self._writes:
                 version = self._built[0]
                 if version in self._snapshots:
                     return version, self._snapshots[version]
+            writes = self._writes
             version, objects = await asyncio.to_thread(self._scan_sync)
-            self._last_at = time.monotonic()
+            self._last_at, self._scanned_writes = time.monotonic(), writes
             if version not in self._snapshots:
                 self._snapshots[version] = objects
                 while len(self._snapshots) > SNAPSHOTS:
@@ -229,7 +235,7 @@ class DirSource:
         return file.parent == self.path and file.name.startswith(("maas-secret-", "maas-configmap-"))
 
     def _wake(self) -> None:
-        self._last_at = -math.inf  # the next scan reads the folder again
+        self._writes += 1  # the next scan reads the folder again
         for waker in self._wakers:
             waker.set()
 
