@@ -63,6 +63,23 @@ def deployment_env() -> dict[str, str]:
     return {e["name"]: e["value"] for e in container["env"] if "value" in e}
 
 
+def deployed_settings(emulator: K8sEmulator, tmp_path: Path, redis_url: str, **overrides: Any) -> ControlPlaneSettings:
+    """maas controlplane as base/'s Deployment configures it, on local ports, the emulator and a test Redis."""
+    env = deployment_env()
+    values: dict[str, Any] = {
+        "port": 0,
+        "ops_port": 0,
+        "host": "127.0.0.1",
+        "source": env["MAAS_SOURCE"],
+        "namespaces": env["MAAS_NAMESPACES"],
+        "kubeconfig": str(emulator.write_kubeconfig(tmp_path / "kubeconfig")),
+        "redis_url": redis_url,
+        "resync_period": 3600,
+        "log_format": "text",
+    }
+    return load(ControlPlaneSettings, **{**values, **overrides})
+
+
 @pytest.fixture
 async def store(redis_url: str) -> AsyncIterator[RedisStore]:
     red = RedisStore(redis_url, timeout=2.0)
@@ -75,21 +92,7 @@ async def test_rendered_models_yield_the_expected_catalog(
 ) -> None:
     for obj in cluster_objects():
         emulator.create(obj)
-    env = deployment_env()
-    settings = load(
-        ControlPlaneSettings,
-        port=0,
-        ops_port=0,
-        host="127.0.0.1",
-        source=env["MAAS_SOURCE"],
-        namespaces=env["MAAS_NAMESPACES"],
-        kubeconfig=str(emulator.write_kubeconfig(tmp_path / "kubeconfig")),
-        redis_url=redis_url,
-        leader_election=False,
-        resync_period=3600,
-        log_format="text",
-    )
-    plane = ControlPlane(settings)
+    plane = ControlPlane(deployed_settings(emulator, tmp_path, redis_url, leader_election=False))
     await plane.start()
     try:
         assert plane.syncer is not None
@@ -141,27 +144,19 @@ async def test_the_shipped_rbac_allows_everything_the_control_plane_does(
     for obj in cluster_objects():
         emulator.create(obj)
     emulator.authorize = rbac_authorizer(render("base"), "maas-system", "maas-controlplane")
-    env = deployment_env()
     tokens = tmp_path / "tokens"
     tokens.write_text(f"admin ops {ADMIN_TOKEN}\n")
-    settings = load(
-        ControlPlaneSettings,
-        port=0,
-        ops_port=0,
-        host="127.0.0.1",
-        source=env["MAAS_SOURCE"],
-        namespaces=env["MAAS_NAMESPACES"],
-        leader_election=env["MAAS_LEADER_ELECTION"] == "true",
+    settings = deployed_settings(
+        emulator,
+        tmp_path,
+        redis_url,
+        leader_election=deployment_env()["MAAS_LEADER_ELECTION"] == "true",
         lease_namespace="maas-system",
         identity="maas-controlplane-0",
         retry_period=0.2,
-        kubeconfig=str(emulator.write_kubeconfig(tmp_path / "kubeconfig")),
-        redis_url=redis_url,
-        resync_period=3600,
         admin_token_file=str(tokens),
         admin_write_timeout=5.0,
         key_pepper=PEPPER.decode(),
-        log_format="text",
     )
     async with running(settings) as (plane, api):
         # the admin view may have loaded Redis before this replica won the Lease and wrote the first sync

@@ -130,6 +130,7 @@ class Request:
         *,
         method: str,
         target: str,
+        path: str,
         headers: CIMultiDict[str],
         version: str,
         keep_alive: bool,
@@ -139,7 +140,7 @@ class Request:
         self._stream: Stream | None = None
         self.method = method
         self.path_qs = target
-        self.path = _path_of(target)
+        self.path = path
         self.headers = headers
         self.version = version
         self.keep_alive = keep_alive
@@ -178,10 +179,8 @@ class Request:
         return self._stream
 
 
-def _has_dot_segment(target: str) -> bool:
-    if "." not in target and "%" not in target:
-        return False
-    return any(segment in (".", "..") for segment in _path_of(target).split("/"))
+def _has_dot_segment(path: str) -> bool:
+    return "." in path and any(segment in (".", "..") for segment in path.split("/"))
 
 
 def _path_of(target: str) -> str:
@@ -420,7 +419,8 @@ class _Connection(asyncio.Protocol):
             # RFC 9112 6.1: the body's length cannot be determined; answer 400 and close
             raise _Abort(BAD_TRANSFER_ENCODING)
         target = self._url.decode("latin-1")
-        if _has_dot_segment(target):
+        path = _path_of(target)
+        if _has_dot_segment(path):
             # RFC 3986 5.2.4: resolved by the client, never sent; a path that only becomes a metered one once they
             # are resolved (by the upstream or a client library) must not pass as another path
             raise _Abort(DOT_SEGMENT)
@@ -428,6 +428,7 @@ class _Connection(asyncio.Protocol):
             self,
             method=method,
             target=target,
+            path=path,
             headers=headers,
             version=version,
             keep_alive=parser.should_keep_alive(),
