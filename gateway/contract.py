@@ -103,25 +103,32 @@ def key_id_of(digest: str) -> str:
 
 # --- windows -------------------------------------------------------------------------------------------------
 
-_WINDOW_RE = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)\s*$")
+_WINDOW_RE = re.compile(r"(?:\d+\s*(?:ms|s|m|h|d)\s*)+")
+_WINDOW_PART = re.compile(r"(\d+)\s*(ms|s|m|h|d)")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 MAX_WINDOW_MS = 366 * 86_400_000
 
 
 class WindowError(ValueError):
-    """A window string that is not ``<n><unit>`` with unit ``s``, ``m``, ``h`` or ``d``."""
+    """A window string that is not ``<n><unit>`` (or several, ``1m30s``) with unit ``ms``, ``s``, ``m``, ``h`` or
+    ``d``, or one out of range (``out_of_range``)."""
+
+    def __init__(self, message: str, *, out_of_range: bool = False) -> None:
+        super().__init__(message)
+        self.out_of_range = out_of_range
 
 
 @lru_cache(maxsize=1024)
 def parse_window(text: str) -> int:
-    """Kuadrant-style window (``30s``, ``2m``, ``1h``, ``1d``) to milliseconds (memoised: a full load of a million
-    keys with their own limits validates two windows per key, out of a handful of distinct ones)."""
-    match = _WINDOW_RE.match(text)
-    if match is None:
-        raise WindowError(f"invalid window {text!r}: expected a number and a unit (s, m, h, d), like '2m'")
-    value = int(match.group(1)) * _UNIT_MS[match.group(2)]
+    """Kuadrant-style window (``30s``, ``2m``, ``1h``, ``1d``, or parts in a row as Kuadrant's ``1m30s``) to
+    milliseconds (memoised: a full load of a million keys with their own limits validates two windows per key, out
+    of a handful of distinct ones)."""
+    compact = text.strip()
+    if len(compact) > 64 or _WINDOW_RE.fullmatch(compact) is None:
+        raise WindowError(f"invalid window {text!r}: expected a number and a unit (ms, s, m, h, d), like '2m', '1m30s'")
+    value = sum(int(n) * _UNIT_MS[unit] for n, unit in _WINDOW_PART.findall(compact))
     if value <= 0 or value > MAX_WINDOW_MS:
-        raise WindowError(f"invalid window {text!r}: must be between 1ms and 366d")
+        raise WindowError(f"invalid window {text!r}: must be between 1ms and 366d", out_of_range=True)
     return value
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import redis as sync_redis
 
+from controlplane.admin.context import duration_seconds
+from controlplane.admin.errors import InvalidDuration
 from gateway.contract import ledger_day
 from gateway.limits import BucketOp
 from gateway.store.base import UsageDelta
@@ -386,3 +388,11 @@ async def test_a_limit_override_without_a_window_needs_a_tier_that_has_one(tmp_p
         assert status == 201 and key["limits"]["tokens"] == {"limit": 7, "window": "1m"}, key  # the tier's window
         status, error = await api.call("PATCH", f"/admin/v1/keys/{key['key_id']}", json={"tier": "reqonly"})
         assert (status, error["error"]["param"]) == (400, "limits.window"), error
+
+
+def test_a_duration_error_says_what_is_wrong_with_it() -> None:
+    with pytest.raises(InvalidDuration, match="between 1ms and 366d"):
+        duration_seconds("400d", param="expires_in")
+    with pytest.raises(InvalidDuration, match="a number and a unit"):
+        duration_seconds("30 years", param="expires_in")
+    assert duration_seconds("1h30m", param="expires_in") == 5400.0

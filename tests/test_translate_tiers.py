@@ -10,7 +10,7 @@ import yaml
 
 from controlplane.errors import TranslateError
 from controlplane.translate.tiers import merge, parse_limits, parse_mapping
-from gateway.contract import DEFAULT_TIERS, Limit
+from gateway.contract import DEFAULT_TIERS, Limit, parse_window
 
 SEED = Path(__file__).parent / "fixtures" / "seed"
 MAPPING: dict[str, Any] = yaml.safe_load((SEED / "tier-to-group-mapping.yaml").read_text())
@@ -111,3 +111,27 @@ def test_the_admin_api_reads_a_tier_configmap_with_an_impossible_date_as_empty()
 def test_groups_written_as_a_string_are_the_list_they_mean() -> None:
     [tier] = parse_mapping(_cm("tiers", "- {name: free, groups: 'free, system:authenticated'}"))
     assert tier.groups == ("free", "system:authenticated")
+
+
+@pytest.mark.parametrize(
+    ("window", "ms"),
+    [
+        ("2m", 120_000),
+        ("1m30s", 90_000),
+        ("1h30m", 5_400_000),
+        ("1m 30s", 90_000),
+        ("2 m", 120_000),
+        ("5m1ms", 300_001),
+    ],
+)
+def test_windows_are_read_as_kuadrant_writes_them_parts_in_a_row_included(window: str, ms: int) -> None:
+    limits = parse_limits(_cm("limits", f"free:\n  requests: {{limit: 5, window: '{window}'}}\n"))
+    assert limits["free"][0].requests == Limit(limit=5, window=window)
+    assert parse_window(window) == ms
+
+
+@pytest.mark.parametrize("window", ["m", "1x", "1ms5", "30", "0s", "367d", "1s" * 40])
+def test_windows_that_are_not_windows_refuse_the_limits(window: str) -> None:
+    with pytest.raises(TranslateError) as caught:
+        parse_limits(_cm("limits", f"free:\n  requests: {{limit: 5, window: '{window}'}}\n"))
+    assert caught.value.reason == "invalid_limits"

@@ -126,9 +126,8 @@ def duration_seconds(text: str, *, param: str, allow_zero: bool = False) -> floa
     try:
         return parse_window(text) / 1000.0
     except WindowError as exc:
-        raise InvalidDuration(
-            f"Invalid duration {text!r} for '{param}': use a number and a unit (s, m, h, d), like '30d'.", param=param
-        ) from exc
+        advice = "it must be between 1ms and 366d" if exc.out_of_range else "use a number and a unit, like '30d'"
+        raise InvalidDuration(f"Invalid duration {text!r} for '{param}': {advice}.", param=param) from exc
 
 
 def epoch_of(moment: datetime) -> float:
