@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 
-from controlplane.errors import SourceError
-from controlplane.kinds import SECRET
+from controlplane.errors import SourceError, TranslateError
+from controlplane.kinds import CONFIGMAP, SECRET
 from controlplane.runner import ControlPlane
 from controlplane.settings import ControlPlaneSettings
 from controlplane.sources import Stream, directory
 from controlplane.sources.directory import DirSource
+from controlplane.translate.secret import translate_secret
 from gateway import contract
 from gateway.contract import RecordKind
 from gateway.errors import ConfigError
@@ -293,3 +294,49 @@ async def test_a_write_during_a_scan_is_seen_by_the_next_read(tmp_path: Path) ->
     await under_way
     source._scan_sync = real  # type: ignore[method-assign]
     assert await source.get(SECRET, "llm", "k-new") is not None
+
+
+async def test_manifests_the_api_server_would_refuse_or_fold_cost_their_file_not_the_scan(tmp_path: Path) -> None:
+    source = DirSource(tmp_path, poll_interval=0.05)
+    bad: list[Path] = []
+    source.on_bad_file = lambda file, _: bad.append(file)
+    (tmp_path / "no-metadata.yaml").write_text("apiVersion: v1\nkind: Secret\nmetadata:\ndata: {api_key: eA==}\n")
+    (tmp_path / "date-keys.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes, namespace: llm}\n"
+        "data:\n  2025-01-01: release notes\n  8080: port\n  when: 2025-01-01T10:00:00Z\n"
+    )
+    (tmp_path / "blank-key.yaml").write_text(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: blank, namespace: llm}\nstringData:\n  api_key:\n"
+    )
+    objects = await source.list(Stream(SECRET, "llm"))
+    assert [o["metadata"]["name"] for o in objects.items] == ["blank"]
+    assert objects.items[0]["data"] == {"api_key": ""}  # as the API server stores it: empty, not "None"
+    notes = await source.get(CONFIGMAP, "llm", "notes")
+    assert notes is not None and notes["data"] == {
+        "2025-01-01": "release notes",
+        "8080": "port",
+        "when": "2025-01-01 10:00:00+00:00",
+    }
+    assert bad == [tmp_path / "no-metadata.yaml"]
+    with pytest.raises(TranslateError) as refused:
+        translate_secret(objects.items[0], pepper=PEPPER)
+    assert refused.value.reason == "empty_api_key"
+
+
+async def test_a_blank_string_data_key_is_skipped_not_the_key_none(tmp_path: Path, redis_url: str) -> None:
+    (tmp_path / "blank-key.yaml").write_text(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: blank\n  namespace: llm\n  labels: {app: llm-gateway}\n"
+        "  annotations: {secret.kuadrant.io/user-id: someone}\nstringData:\n  api_key:\n"
+    )
+    store = RedisStore(redis_url, timeout=2.0)
+    plane = await started(dir_settings(tmp_path, redis_url))
+    try:
+
+        async def skipped() -> bool:
+            return plane.metrics.skipped.labels(kind="Secret", reason="empty_api_key")._value.get() >= 1
+
+        await eventually(skipped)
+        assert await store.get_record(RecordKind.KEY, contract.digest_key("None", PEPPER)) is None
+    finally:
+        await plane.stop()
+        await store.close()

@@ -3,7 +3,8 @@ included, dotfiles ignored), rescanned every ``poll_interval`` seconds, so the p
 
 Objects are normalised the way the API server would store them: namespaced objects without a namespace go to
 ``default`` and Secrets' ``stringData`` is folded into base64 ``data``; so the translators see the same objects
-as from the ``kubernetes`` source. A file that fails to parse keeps its last good content and is reported.
+as from the ``kubernetes`` source. A file that fails to parse, or holds an object the API server would refuse (no
+``metadata.name``), keeps its last good content and is reported.
 ``apply`` writes ``maas-<kind>-<namespace>-<name>.yaml`` into the directory (such a managed file wins over a user
 manifest of the same object, so the admin API can edit a tier ConfigMap that came from a user file) and wakes the
 watches at once; ``delete`` removes such a file.
@@ -41,9 +42,25 @@ ObjId = tuple[str, str, str]
 """(kind name, namespace, name)"""
 
 
+def _plain(value: Any) -> Any:
+    """YAML as JSON would carry it: mapping keys as strings (``2025-01-01:`` and ``8080:`` are keys a ConfigMap may
+    hold), dates and other scalars JSON lacks as text."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
 def _normalise(doc: Obj, kind: Kind) -> Obj:
-    obj: Obj = json.loads(json.dumps(doc, default=str))
-    metadata = obj.setdefault("metadata", {})
+    obj: Obj = _plain(doc)
+    if not isinstance(obj.get("metadata"), dict):
+        obj["metadata"] = {}  # "metadata:" with nothing under it
+    metadata = obj["metadata"]
+    if not metadata.get("name") or not isinstance(metadata["name"], str):
+        raise ValueError(f"a {kind.name} without metadata.name")  # the API server would not take it either
     if kind.namespaced:
         metadata["namespace"] = metadata.get("namespace") or "default"
     else:
@@ -53,7 +70,8 @@ def _normalise(doc: Obj, kind: Kind) -> Obj:
             obj["data"] = {}
         data = obj["data"]
         for field, value in obj.pop("stringData").items():
-            data[field] = base64.b64encode(str(value).encode()).decode()
+            text = "" if value is None else str(value)  # "api_key:" with nothing after it is empty, not "None"
+            data[field] = base64.b64encode(text.encode()).decode()
     digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
     metadata["resourceVersion"] = digest[:16]
     metadata.setdefault("uid", hashlib.sha256(f"{kind.name}/{key_of(obj)}".encode()).hexdigest()[:32])
@@ -77,7 +95,7 @@ class DirSource:
     def __init__(self, path: str | Path, *, poll_interval: float = 1.0) -> None:
         self.path = Path(path)
         self._poll = poll_interval
-        self._files: dict[Path, tuple[tuple[int, int], list[Obj]]] = {}
+        self._files: dict[Path, tuple[tuple[int, int], list[tuple[Kind, Obj]]]] = {}
         self._snapshots: OrderedDict[str, dict[ObjId, Obj]] = OrderedDict()
         self._scan_lock = asyncio.Lock()
         self._built: tuple[str, dict[ObjId, Obj]] | None = None
@@ -97,21 +115,27 @@ class DirSource:
     async def close(self) -> None:
         self._snapshots.clear()
 
-    def _read(self, file: Path) -> list[Obj]:
+    def _read(self, file: Path) -> list[tuple[Kind, Obj]]:
+        """The file's objects of the kinds we read, normalised (a file that fails here keeps its last good content)."""
         text = file.read_text()
         docs = list(yaml.safe_load_all(text)) if file.suffix != ".json" else [json.loads(text)]
-        out: list[Obj] = []
+        found: list[Obj] = []
         for doc in docs:
             if isinstance(doc, dict) and doc.get("kind") == "List":
-                out += [d for d in doc.get("items") or [] if isinstance(d, dict)]
+                found += [d for d in doc.get("items") or [] if isinstance(d, dict)]
             elif isinstance(doc, dict):
-                out.append(doc)
+                found.append(doc)
+        out: list[tuple[Kind, Obj]] = []
+        for doc in found:
+            kind = kind_of(doc)
+            if kind is not None:
+                out.append((kind, _normalise(doc, kind)))
         return out
 
     def _scan_sync(self) -> tuple[str, dict[ObjId, Obj]]:
         if not self.path.is_dir():
             raise SourceError(f"manifest directory {self.path} does not exist")
-        seen: dict[Path, tuple[tuple[int, int], list[Obj]]] = {}
+        seen: dict[Path, tuple[tuple[int, int], list[tuple[Kind, Obj]]]] = {}
         changed = False
         for root, dirs, files in os.walk(self.path):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -131,7 +155,7 @@ class DirSource:
                 changed = True
                 try:
                     seen[file] = (signature, self._read(file))
-                except (OSError, ValueError, yaml.YAMLError) as exc:
+                except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError) as exc:
                     log.warning("skipping unreadable manifest file %s: %s", file, exc)
                     if self.on_bad_file is not None:
                         self.on_bad_file(file, str(exc))
@@ -142,12 +166,8 @@ class DirSource:
         objects: dict[ObjId, Obj] = {}
         # Managed files (written by ``apply``) last, so they override a user manifest of the same object.
         ordered = sorted(seen.items(), key=lambda item: self._is_managed(item[0]))
-        for _, (_, docs) in ordered:
-            for doc in docs:
-                kind = kind_of(doc)
-                if kind is None:
-                    continue
-                obj = _normalise(doc, kind)
+        for _, (_, found) in ordered:
+            for kind, obj in found:
                 objects[(kind.name, *key_of(obj))] = obj
         version = hashlib.sha256(
             json.dumps(sorted((k, meta(o)["resourceVersion"]) for k, o in objects.items())).encode()

@@ -48,7 +48,8 @@ def _data_value(secret: Obj, field: str) -> bytes | None:
     """``data[field]`` base64-decoded (``stringData`` as the API server folds it, for raw manifests)."""
     string_data = as_dict(secret.get("stringData"))
     if field in string_data:
-        return str(string_data[field]).encode()
+        value = string_data[field]
+        return b"" if value is None else str(value).encode()  # "api_key:" with nothing after it is empty
     data = as_dict(secret.get("data"))
     if field not in data:
         return None
