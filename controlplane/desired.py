@@ -3,7 +3,8 @@ the latest state of the objects, so the order in which changes of different obje
 
 Keys are maintained per Secret (10,000s of them: only changed Secrets are retranslated); tiers, models and routes
 are recomputed as a whole when any of their objects changed (they are few). A malformed object is reported once
-per resourceVersion and its last good translation keeps serving until it is fixed or deleted.
+per resourceVersion and its last good translation keeps serving until it is fixed or deleted; an object that is
+well formed but stands for nothing (``NotServed``: a route of another gateway, say) has no records.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from functools import partial
 from typing import Any
 
 from controlplane import kinds
-from controlplane.errors import TranslateError
+from controlplane.errors import NotServed, TranslateError
 from controlplane.kinds import Kind, Obj, ObjKey, meta
 from controlplane.translate.httproute import translate_route
 from controlplane.translate.isvc import find_runtime, translate_isvc
@@ -56,6 +57,10 @@ class Desired:
     def _translate(self, kind: Kind, key: ObjKey, obj: Obj, fn: Callable[[], Any]) -> Any:
         try:
             value = fn()
+        except NotServed as exc:
+            self._report(kind, obj, exc)
+            self.forget(kind, key)
+            return None
         except TranslateError as exc:
             self._report(kind, obj, exc)
             return self._last_good.get((kind.name, key))
@@ -158,12 +163,15 @@ class Desired:
             key=lambda item: (str(meta(item[1]).get("creationTimestamp") or ""), item[0]),
         )
         for key, route in ordered:
+            notes: list[TranslateError] = []
             entries = self._translate(
                 kinds.HTTPROUTE,
                 key,
                 route,
-                partial(translate_route, route, models_by_isvc=by_isvc, gateways=self._gateways),
+                partial(translate_route, route, models_by_isvc=by_isvc, gateways=self._gateways, notes=notes),
             )
+            for note in notes:  # parts left out of a route that otherwise counts
+                self._report(kinds.HTTPROUTE, route, note)
             for entry in entries or []:
                 if entry.model is None or entry.model in models:
                     routes.setdefault(entry.id, entry)

@@ -40,3 +40,10 @@ class TranslateError(ControlPlaneError):
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class NotServed(TranslateError):
+    """An object that is well formed but, as it stands, stands for nothing maas authz can decide on (a route of
+    another gateway, one the gateway rejected, one that splits a path between models). Unlike a malformed object,
+    whose last good records keep serving, it has no records: the state follows the object, and a restart gives the
+    same records as a running control plane."""

@@ -121,7 +121,12 @@ class Syncer:
         self._reported.add(ident)
         self._metrics.skipped.labels(kind=kind.name, reason=error.reason).inc()
         log.warning(
-            "skipping %s %s: %s", kind.name, "/".join(p for p in key if p), error, extra={"reason": error.reason}
+            "skipping %s %s (%s): %s",
+            kind.name,
+            "/".join(p for p in key if p),
+            error.reason,
+            error,
+            extra={"reason": error.reason},
         )
         if self._is_leader():
             spawn(self._emit(obj, error), name=f"event-{kind.name}-{key[0]}-{key[1]}", log=log)

@@ -264,8 +264,13 @@ def encode_record(record: _Record) -> str:
     return record.model_dump_json(exclude_defaults=False)
 
 
+def normalise_prefix(prefix: str) -> str:
+    """A path prefix as Gateway API matches it: a trailing ``/`` is ignored (``/abc/`` is ``/abc``)."""
+    return "/" + prefix.strip("/")
+
+
 def route_id(host: str, prefix: str) -> str:
-    return f"{host}|{prefix}"
+    return f"{host}|{normalise_prefix(prefix)}"
 
 
 DEFAULT_TIERS: tuple[TierRecord, ...] = (

@@ -12,7 +12,16 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from gateway.contract import KeyRecord, KeyStatus, Limits, ModelRecord, RouteRecord, TierRecord, parse_window
+from gateway.contract import (
+    KeyRecord,
+    KeyStatus,
+    Limits,
+    ModelRecord,
+    RouteRecord,
+    TierRecord,
+    normalise_prefix,
+    parse_window,
+)
 
 STATUS_ACTIVE = 0
 STATUS_DISABLED = 1
@@ -121,11 +130,6 @@ class ModelEntry:
 class Route:
     model: str | None
     prefix: str
-
-
-def normalise_prefix(prefix: str) -> str:
-    prefix = "/" + prefix.strip("/")
-    return prefix
 
 
 class RouteTable:

@@ -248,18 +248,18 @@ async def test_malformed_objects_are_skipped_reported_and_the_rest_keeps_syncing
     try:
         got = await records(store)
         assert set(got[RecordKind.KEY]) == {digest("sk-good")}
-        assert set(got[RecordKind.MODEL]) == {"qwen3-0-6b-instruct"}
+        assert set(got[RecordKind.MODEL]) == {"qwen3-0-6b-instruct", "pending-model"}
+        assert not got[RecordKind.MODEL]["pending-model"]["ready"]  # known, not ready: 503, not 404, for its routes
         assert set(got[RecordKind.TIER]) == {t.name for t in contract.DEFAULT_TIERS}
 
         def events() -> dict[str, str]:
             return {e["involvedObject"]["name"]: e["reason"] for e in emulator.objects("v1", "Event")}
 
-        await eventually(lambda: len(events()) == 5)
+        await eventually(lambda: len(events()) == 4)
         assert events() == {
             "no-api-key": "MaasSkippedMissingApiKey",
             "not-base64": "MaasSkippedInvalidBase64",
             "empty": "MaasSkippedEmptyApiKey",
-            "pending-model": "MaasSkippedNoStatus",
             "tier-to-group-mapping": "MaasSkippedInvalidYaml",
         }
         metrics = await fetch(f"http://127.0.0.1:{plane.ports['ops']}/metrics")
@@ -267,7 +267,6 @@ async def test_malformed_objects_are_skipped_reported_and_the_rest_keeps_syncing
             ("Secret", "missing_api_key"),
             ("Secret", "invalid_base64"),
             ("Secret", "empty_api_key"),
-            ("InferenceService", "no_status"),
             ("ConfigMap", "invalid_yaml"),
         ]:
             assert f'maas_controlplane_skipped_objects_total{{kind="{kind}",reason="{reason}"}} 1.0' in metrics

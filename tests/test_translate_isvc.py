@@ -104,11 +104,15 @@ def test_isvc_variants(isvc: dict[str, Any], runtime: dict[str, Any] | None, exp
     assert {k: getattr(record, k) for k in expected} == expected
 
 
+@pytest.mark.parametrize("status", [None, {}])
+def test_an_isvc_kserve_has_not_reconciled_is_a_model_not_ready_yet(status: dict[str, Any] | None) -> None:
+    record = translate_isvc(_isvc(status=status), runtime=RUNTIME)
+    assert (record.ready, record.reason, record.url) == (False, "KServe has not reported a status yet", None)
+
+
 @pytest.mark.parametrize(
     ("isvc", "reason"),
     [
-        pytest.param(_isvc(status=None), "no_status", id="no-status"),
-        pytest.param(_isvc(status={}), "no_status", id="empty-status"),
         pytest.param(_isvc(spec=None), "invalid_spec", id="no-spec"),
         pytest.param(
             _isvc(spec__predictor__model__resources={"limits": {"nvidia.com/gpu": "a"}}), "invalid_spec", id="bad-gpu"

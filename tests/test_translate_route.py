@@ -9,8 +9,12 @@ from typing import Any
 import pytest
 import yaml
 
-from controlplane.errors import TranslateError
+from controlplane import kinds
+from controlplane.desired import Desired
+from controlplane.errors import NotServed, TranslateError
+from controlplane.kinds import key_of
 from controlplane.translate.httproute import translate_route
+from gateway.contract import RecordKind
 
 SEED = Path(__file__).parent / "fixtures" / "seed"
 ROUTE: dict[str, Any] = yaml.safe_load((SEED / "05-model-routing.yaml").read_text())
@@ -153,3 +157,96 @@ def test_weights_and_header_matches_that_split_a_path_between_models_are_refused
     assert info.value.reason == "ambiguous_backend"
     same = _route(rules=[_rule("/v1", "granite-code-predictor"), _rule("/v1", "granite-code")])
     assert [r.model for r in translate_route(same, models_by_isvc=MODELS)] == ["granite"]
+
+
+def test_a_mesh_route_attached_only_to_services_does_not_count() -> None:
+    mesh = _route(rules=[_rule("/mesh", "granite-code-predictor")])
+    mesh["spec"]["parentRefs"] = [{"kind": "Service", "group": "", "name": "granite-code-predictor"}]
+    for gateways in (GATEWAYS, frozenset()):
+        with pytest.raises(NotServed) as info:
+            translate_route(mesh, models_by_isvc=MODELS, gateways=gateways)
+        assert info.value.reason == "other_gateway"
+
+
+def _status(*parents: tuple[str, str]) -> dict[str, Any]:
+    """status.parents as the gateway controller writes it: (gateway name, Accepted status)."""
+    return {
+        "parents": [
+            {
+                "parentRef": {"name": name},
+                "controllerName": "istio.io/gateway-controller",
+                "conditions": [{"type": "Accepted", "status": accepted, "reason": "NotAllowedByListeners"}],
+            }
+            for name, accepted in parents
+        ]
+    }
+
+
+def test_a_route_its_gateway_refused_does_not_count() -> None:
+    """A route the gateway does not serve had taken /qwen3 from the route it does serve (it was older)."""
+    refused = _route(rules=[_rule("/qwen3", "granite-code-predictor")])
+    refused["status"] = _status(("kuadrant-gateway", "False"))
+    with pytest.raises(NotServed) as info:
+        translate_route(refused, models_by_isvc=MODELS, gateways=GATEWAYS)
+    assert info.value.reason == "not_accepted"
+    refused["status"] = _status(("kuadrant-gateway", "True"))
+    assert translate_route(refused, models_by_isvc=MODELS, gateways=GATEWAYS)
+    refused["status"] = _status(("other-gateway", "False"))  # refused elsewhere only
+    assert translate_route(refused, models_by_isvc=MODELS, gateways=GATEWAYS)
+    del refused["status"]  # not reconciled yet: counts
+    assert translate_route(refused, models_by_isvc=MODELS, gateways=GATEWAYS)
+
+
+def test_a_trailing_slash_names_the_same_prefix() -> None:
+    """Gateway API ignores a trailing '/': '/alpha' and '/alpha/' are one prefix, so one route record (two records
+    had left authz to pick one by Redis hash order)."""
+    [record] = translate_route(_route(rules=[_rule("/alpha/", "granite-code-predictor")]), models_by_isvc=MODELS)
+    assert (record.id, record.prefix) == ("*|/alpha", "/alpha")
+
+
+def test_matches_and_backends_authz_cannot_check_are_reported_and_the_rest_counts() -> None:
+    rules = [
+        _rule("/mistral/v1/chat/completions", "granite-code-predictor", match_type="Exact"),
+        _rule("^/re/.*", "granite-code-predictor", match_type="RegularExpression"),
+        _rule("/code", "granite-code-predictor"),
+        {"matches": [{"path": {"value": "/pool"}}], "backendRefs": [{"kind": "InferencePool", "name": "p"}]},
+    ]
+    rules[3]["backendRefs"][0]["group"] = "inference.networking.x-k8s.io"
+    notes: list[TranslateError] = []
+    records = translate_route(_route(rules=rules), models_by_isvc=MODELS, notes=notes)
+    assert [r.id for r in records] == ["*|/code"]
+    assert [n.reason for n in notes] == ["unsupported_match", "unsupported_match", "unsupported_backend"]
+
+
+def test_a_route_that_stops_counting_loses_its_records_a_malformed_one_keeps_them() -> None:
+    """Level-triggered: a route moved to another gateway has no records at once (its last good records had kept
+    serving until a restart dropped them); a malformed edit keeps the last good ones, as documented."""
+    isvc = yaml.safe_load((SEED / "qwen3-0.6b-vllm-raw.yaml").read_text())
+    runtime = yaml.safe_load((SEED / "vllm-latest-runtime.yaml").read_text())
+    route = copy.deepcopy(ROUTE)
+    objects: dict[kinds.Kind, dict[tuple[str, str], dict[str, Any]]] = {
+        kinds.ISVC: {key_of(isvc): isvc},
+        kinds.RUNTIME: {key_of(runtime): runtime},
+        kinds.HTTPROUTE: {key_of(route): route},
+    }
+    reported: list[str] = []
+    desired = Desired(
+        objects=lambda kind: objects.get(kind, {}),
+        report=lambda kind, obj, exc: reported.append(exc.reason),
+        pepper=b"p" * 16,
+        default_tier="free",
+        tier_configmap="tier-to-group-mapping",
+        tier_limits_configmap="maas-tier-limits",
+        gateways=GATEWAYS,
+    )
+    desired.update_models()
+    assert set(desired.records[RecordKind.ROUTE]) == {"*|/qwen3"}
+    route["spec"]["parentRefs"] = [{"name": "internal-gateway"}]
+    desired.update_models()
+    assert (desired.records[RecordKind.ROUTE], reported) == ({}, ["other_gateway"])
+    route["spec"]["parentRefs"] = [{"name": "kuadrant-gateway", "namespace": "llm"}]
+    desired.update_models()
+    assert set(desired.records[RecordKind.ROUTE]) == {"*|/qwen3"}
+    route["spec"]["rules"][0]["matches"][0]["path"]["value"] = "qwen3"  # relative: malformed
+    desired.update_models()
+    assert set(desired.records[RecordKind.ROUTE]) == {"*|/qwen3"} and reported[-1] == "invalid_spec"

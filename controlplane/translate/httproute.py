@@ -1,13 +1,21 @@
 """HTTPRoute (gateway.networking.k8s.io/v1) -> route table entries.
 
-A rule's ``PathPrefix`` matches (no match means ``/``) on each of the route's hostnames (none means any host,
-``*``) become entries pointing at the model behind the rule's backendRef, when that Service belongs to a known
-InferenceService (``<isvc>-predictor``, ``<isvc>``). A ``URLRewrite`` filter with ``ReplacePrefixMatch`` is
-recorded so the gateway knows the upstream path. Other match types and Services that serve no model are ignored.
+A rule's ``PathPrefix`` matches (no match means ``/``; a trailing ``/`` is ignored, as Gateway API does) on each
+of the route's hostnames (none means any host, ``*``) become entries pointing at the model behind the rule's
+backendRef, when that Service belongs to a known InferenceService (``<isvc>-predictor``, ``<isvc>``). A
+``URLRewrite`` filter with ``ReplacePrefixMatch`` is recorded so the gateway knows the upstream path. Services
+that serve no model are ignored; ``Exact`` and ``RegularExpression`` matches (the route table holds prefixes) and
+backends other than Services (an InferencePool) are left out and reported (``unsupported_match``,
+``unsupported_backend``), while the rest of the route still counts.
 
-maas authz decides on host and path alone, so a route only counts where those name one model:
-- it must be attached to a gateway maas authz guards (``--gateways``; a route without ``parentRefs`` counts), else
-  it is skipped as ``other_gateway`` (a route of another gateway must not stand for this one's paths);
+maas authz decides on host and path alone, so a route only counts where those name one model (otherwise it has
+no records at all, reported as below; ``NotServed``):
+- it must be attached to a gateway maas authz guards (``--gateways``; a route without ``parentRefs`` counts, one
+  attached only to Services, a mesh route, does not), else it is skipped as ``other_gateway`` (a route of another
+  gateway must not stand for this one's paths);
+- that gateway must not have refused it: a route whose ``status.parents`` entry for each of those gateways says
+  ``Accepted: "False"`` is skipped as ``not_accepted`` (the gateway does not serve it, so its paths belong to
+  whichever route it does serve; a route with no status yet counts);
 - a rule's backendRefs with a positive weight (default 1) must all be one model's Services (weights or
   header/query/method matches that split one path between models are skipped as ``ambiguous_backend``: authz
   would check the request against the wrong model's allow-list).
@@ -21,10 +29,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from controlplane.errors import TranslateError
+from controlplane.errors import NotServed, TranslateError
 from controlplane.kinds import Obj, ObjKey, key_of, labels_of
 from controlplane.translate.common import as_dict, as_list, spec
-from gateway.contract import RouteRecord, route_id
+from gateway.contract import RouteRecord, normalise_prefix, route_id
 
 SERVICE_SUFFIXES = ("-predictor", "")
 SELF_SERVICE_LABEL = "maas.io/self-service"
@@ -55,21 +63,46 @@ def _rewrite(rule: Mapping[str, object]) -> str | None:
     return None
 
 
-def _attached(route: Obj, namespace: str, gateways: frozenset[str]) -> bool:
-    """Whether a parentRef names one of ``gateways`` (``name`` or ``namespace/name``); no parentRefs counts."""
+def _ours(route: Obj, namespace: str, gateways: frozenset[str]) -> list[tuple[str, str]] | None:
+    """The parentRefs naming one of ``gateways`` (``name`` or ``namespace/name``; any Gateway when none are set) as
+    (namespace, name); None for a route without parentRefs (it counts), [] for one attached elsewhere."""
     refs = [as_dict(r) for r in as_list(spec(route).get("parentRefs"))]
-    refs = [r for r in refs if r.get("kind", "Gateway") == "Gateway"]
-    if not gateways or not refs:
-        return True
+    if not refs:
+        return None
+    ours = []
     for ref in refs:
+        if ref.get("kind", "Gateway") != "Gateway" or ref.get("group", "gateway.networking.k8s.io") not in (
+            "gateway.networking.k8s.io",
+            "",
+        ):
+            continue  # a Service (a mesh route) or another kind of parent: not a gateway authz guards
         name = str(ref.get("name") or "")
-        if name in gateways or f"{ref.get('namespace') or namespace}/{name}" in gateways:
-            return True
-    return False
+        ns = str(ref.get("namespace") or namespace)
+        if not gateways or name in gateways or f"{ns}/{name}" in gateways:
+            ours.append((ns, name))
+    return ours
+
+
+def _refused_by_all(route: Obj, namespace: str, ours: list[tuple[str, str]]) -> bool:
+    """Whether every one of ``ours`` has a ``status.parents`` entry saying ``Accepted: "False"``."""
+    refused: set[tuple[str, str]] = set()
+    for raw in as_list(as_dict(route.get("status")).get("parents")):
+        entry = as_dict(raw)
+        ref = as_dict(entry.get("parentRef"))
+        parent = (str(ref.get("namespace") or namespace), str(ref.get("name") or ""))
+        accepted = [as_dict(c) for c in as_list(entry.get("conditions")) if as_dict(c).get("type") == "Accepted"]
+        if accepted and str(accepted[0].get("status")) == "False":
+            refused.add(parent)
+    return bool(ours) and set(ours) <= refused
 
 
 def _backend(
-    rule: Mapping[str, object], namespace: str, *, models_by_isvc: Mapping[ObjKey, str], self_service: bool
+    rule: Mapping[str, object],
+    namespace: str,
+    *,
+    models_by_isvc: Mapping[ObjKey, str],
+    self_service: bool,
+    notes: list[TranslateError],
 ) -> tuple[str | None, str] | None:
     """(model, first backend) of a rule; None when no backend serves a model. Raises when the rule's weighted
     backends serve more than one model, or a model and something else."""
@@ -77,6 +110,12 @@ def _backend(
     for raw_ref in as_list(rule.get("backendRefs")):
         ref = as_dict(raw_ref)
         if ref.get("kind", "Service") != "Service" or ref.get("group", "") not in ("", "core"):
+            notes.append(
+                TranslateError(
+                    f"backendRef {ref.get('kind')} {ref.get('name')!r}: only Services are mapped to models",
+                    reason="unsupported_backend",
+                )
+            )
             continue
         weight = ref.get("weight", 1)
         if isinstance(weight, int) and weight <= 0:
@@ -90,22 +129,34 @@ def _backend(
     models = {model for model, _ in found}
     if len(models) > 1:
         shown = ", ".join(sorted(m or "(no model)" for m in models))
-        raise TranslateError(f"one rule splits its traffic between {shown}", reason="ambiguous_backend")
+        raise NotServed(f"one rule splits its traffic between {shown}", reason="ambiguous_backend")
     return found[0] if found and found[0][0] is not None else None
 
 
 def translate_route(
-    route: Obj, *, models_by_isvc: Mapping[ObjKey, str], gateways: frozenset[str] = frozenset()
+    route: Obj,
+    *,
+    models_by_isvc: Mapping[ObjKey, str],
+    gateways: frozenset[str] = frozenset(),
+    notes: list[TranslateError] | None = None,
 ) -> list[RouteRecord]:
+    """The route's entries; parts left out of an otherwise good route are added to ``notes`` when given."""
     namespace, name = key_of(route)
     body = spec(route)
+    notes = notes if notes is not None else []
     if not isinstance(route.get("spec"), dict):
         raise TranslateError(f"HTTPRoute {namespace}/{name} has no spec", reason="invalid_spec")
-    if not _attached(route, namespace, gateways):
-        raise TranslateError(
+    ours = _ours(route, namespace, gateways)
+    if ours is not None and not ours:
+        raise NotServed(
             f"HTTPRoute {namespace}/{name} is attached to none of the gateways maas authz guards "
-            f"({', '.join(sorted(gateways))})",
+            f"({', '.join(sorted(gateways)) or 'any Gateway'})",
             reason="other_gateway",
+        )
+    if ours and _refused_by_all(route, namespace, ours):
+        raise NotServed(
+            f"HTTPRoute {namespace}/{name} is not accepted by its gateway (status.parents: Accepted False)",
+            reason="not_accepted",
         )
     hosts = [str(h) for h in as_list(body.get("hostnames")) if h] or ["*"]
     self_service = labels_of(route).get(SELF_SERVICE_LABEL, "").lower() == "true"
@@ -113,18 +164,26 @@ def translate_route(
     seen: dict[str, RouteRecord] = {}
     for raw_rule in as_list(body.get("rules")):
         rule = as_dict(raw_rule)
-        found = _backend(rule, namespace, models_by_isvc=models_by_isvc, self_service=self_service)
+        found = _backend(rule, namespace, models_by_isvc=models_by_isvc, self_service=self_service, notes=notes)
         if found is None:
             continue
         backend = found
         matches = [as_dict(m) for m in as_list(rule.get("matches"))] or [{}]
         for match in matches:
             path = as_dict(match.get("path")) or {"type": "PathPrefix", "value": "/"}
-            if path.get("type", "PathPrefix") != "PathPrefix":
+            kind = path.get("type", "PathPrefix")
+            if kind != "PathPrefix":
+                notes.append(
+                    TranslateError(
+                        f"path match {kind} {path.get('value')!r} left out: only PathPrefix matches are checked",
+                        reason="unsupported_match",
+                    )
+                )
                 continue
-            prefix = str(path.get("value") or "/")
-            if not prefix.startswith("/"):
-                raise TranslateError(f"HTTPRoute {namespace}/{name}: path {prefix!r}", reason="invalid_spec")
+            raw_prefix = str(path.get("value") or "/")
+            if not raw_prefix.startswith("/"):
+                raise TranslateError(f"HTTPRoute {namespace}/{name}: path {raw_prefix!r}", reason="invalid_spec")
+            prefix = normalise_prefix(raw_prefix)
             for host in hosts:
                 record = RouteRecord(
                     id=route_id(host, prefix),
@@ -136,7 +195,7 @@ def translate_route(
                 )
                 earlier = seen.setdefault(record.id, record)
                 if earlier.model != record.model:  # rules told apart by headers, query or method: not by authz
-                    raise TranslateError(
+                    raise NotServed(
                         f"{host}{prefix} leads to {earlier.model} and to {record.model} (matches on more than the "
                         "path)",
                         reason="ambiguous_backend",

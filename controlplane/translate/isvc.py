@@ -2,7 +2,8 @@
 
 The model id is the name vLLM serves: ``--served-model-name`` in the predictor's args, else in the runtime's args
 (after expanding ``{{.Name}}`` to the ISVC name), else the ISVC name. An ISVC without status has not been seen
-by KServe yet: it is reported and skipped until KServe writes one.
+by KServe yet: its model is known and not ready (503 ``model_not_ready`` for its routes, not 404) until KServe
+writes one.
 """
 
 from __future__ import annotations
@@ -146,16 +147,14 @@ def translate_isvc(isvc: Obj, *, runtime: Obj | None) -> ModelRecord:
     predictor = as_dict(spec(isvc).get("predictor"))
     if not predictor:
         raise TranslateError("InferenceService has no spec.predictor", reason="invalid_spec")
-    status = isvc.get("status")
-    if not isinstance(status, dict) or not status:
-        raise TranslateError("InferenceService has no status yet", reason="no_status")
+    status = as_dict(isvc.get("status"))
     model = as_dict(predictor.get("model"))
     # a custom predictor (``predictor.containers``, no runtime) is read from its serving container
     own = model or _serving_container(predictor.get("containers"))
     rt_container = _runtime_container(runtime) if model else {}
     args = _container_args(rt_container, name) + _container_args(own, name)
     served = _arg_value(args, "--served-model-name")
-    ready, reason = _readiness(status)
+    ready, reason = _readiness(status) if status else (False, "KServe has not reported a status yet")
     url = as_dict(status.get("address")).get("url") or status.get("url")
     resources = as_dict(own.get("resources")) or as_dict(rt_container.get("resources"))
     runtime_name = model.get("runtime") or (key_of(runtime)[1] if runtime is not None else None)
