@@ -21,7 +21,7 @@ from controlplane.translate.httproute import translate_route
 from controlplane.translate.isvc import find_runtime, translate_isvc
 from controlplane.translate.secret import takes_tier_windows, translate_secret
 from controlplane.translate.tiers import merge, parse_limits, parse_mapping
-from gateway.contract import KeyRecord, ModelRecord, RecordKind, RouteRecord, TierRecord, encode_record
+from gateway.contract import EVERYONE, KeyRecord, ModelRecord, RecordKind, RouteRecord, TierRecord, encode_record
 
 log = logging.getLogger("maas.controlplane.sync")
 
@@ -126,13 +126,23 @@ class Desired:
         """Recompute the tiers; returns the Secrets to retranslate because the tiers changed."""
         mapping_name, limits_name = self._tier_names
         mapping: list[TierRecord] | None = None
+        mapping_obj: Obj | None = None
         limits: dict[str, Any] | None = None
         for key, obj in sorted(self._objects(kinds.CONFIGMAP).items()):
             if key[1] == mapping_name and mapping is None:
                 mapping = self._translate(kinds.CONFIGMAP, key, obj, partial(parse_mapping, obj))
+                mapping_obj = obj
             elif key[1] == limits_name and limits is None:
                 limits = self._translate(kinds.CONFIGMAP, key, obj, partial(parse_limits, obj))
         tiers = merge(mapping, limits)
+        if mapping_obj is not None and not any(t.name == self._default_tier or EVERYONE in t.groups for t in tiers):
+            # (the built-in tiers have both)
+            problem = TranslateError(
+                f"no tier is named {self._default_tier!r} (--default-tier) and none lists {EVERYONE!r}: keys in "
+                "no tier's groups are refused (403 no_tier)",
+                reason="unknown_default_tier",
+            )
+            self._report(kinds.CONFIGMAP, mapping_obj, problem)
         changed = tiers != self.tiers
         self.tiers = tiers
         self.records[RecordKind.TIER] = {t.name: encode_record(t) for t in tiers}

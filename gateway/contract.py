@@ -264,6 +264,11 @@ def encode_record(record: _Record) -> str:
     return record.model_dump_json(exclude_defaults=False)
 
 
+EVERYONE = "system:authenticated"
+"""The group every key is in, as every authenticated identity is in Kubernetes: a tier listing it (the seed's
+``free``) takes the keys of no other tier's groups."""
+
+
 def normalise_prefix(prefix: str) -> str:
     """A path prefix as Gateway API matches it: a trailing ``/`` is ignored (``/abc/`` is ``/abc``)."""
     return "/" + prefix.strip("/")

@@ -131,7 +131,14 @@ MISSING_KEY = _denial(
 INVALID_KEY = _denial(401, "invalid_api_key", "Incorrect API key provided.")
 MALFORMED_KEY = _denial(401, "invalid_api_key", "Malformed API key: expected one printable token.")
 EXPIRED_KEY = _denial(401, "expired_api_key", "The API key has expired.")
-DUPLICATE_KEY = _denial(400, "conflicting_credentials", "More than one different API key was sent; send exactly one.")
+DUPLICATE_KEY = _denial(400, "conflicting_credentials", "More than one API key was sent; send exactly one.")
+NO_TIER = _denial(
+    403,
+    "no_tier",
+    "This API key belongs to no tier (its tier, groups and the default tier match none defined); ask the platform "
+    "team to define the tier.",
+    "permission_error",
+)
 NO_ROUTE = _denial(404, "route_not_found", "No model is served at this host and path.")
 STORE_DOWN = _denial(
     503, "rate_limit_unavailable", "Rate limits cannot be checked right now; retry shortly.", "server_error"
@@ -246,6 +253,8 @@ def _route(snapshot: Snapshot, policy: Policy, key: KeyEntry, host: str, path: s
         path = path[len(prefix) :] or "/"
     route = catalog.routes.lookup(_split_host(host), path)
     tier = catalog.tier_of(key, policy.default_tier)
+    if tier is None and route is not None and route.model is not None:
+        return NO_TIER  # a key of no tier would run without limits: refused, loudly
     base = tier.limits if tier is not None else CompiledLimits()
     limits = key.limits.merged_over(base) if key.limits is not None else base
     if route is None:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from gateway.contract import (
+    EVERYONE,
     KeyRecord,
     KeyStatus,
     Limits,
@@ -215,13 +216,14 @@ class Catalog:
         return cls(tiers=tier_entries, group_tiers=group_tiers, models=model_entries, routes=RouteTable(routes))
 
     def tier_of(self, key: KeyEntry, default_tier: str) -> TierEntry | None:
-        """The key's own tier if set and known; else the highest-level tier among its groups; else the default tier.
-        (An unknown own tier, a typo or a deleted tier, must not leave the key without limits.)"""
+        """The key's own tier if set and known; else the highest-level tier among its groups (every key is in
+        ``system:authenticated``); else the default tier; None when that does not exist either (the decision refuses
+        such a key: an unknown own tier, a typo or a deleted tier, must not leave the key without limits)."""
         if key.tier is not None:
             own = self.tiers.get(key.tier)
             if own is not None:
                 return own
-        best: TierEntry | None = None
+        best: TierEntry | None = self.group_tiers.get(EVERYONE)
         if key.groups:
             for group in key.groups.split(","):
                 tier = self.group_tiers.get(group)

@@ -13,7 +13,7 @@ from multidict import CIMultiDict
 from controlplane.translate.secret import resolve_tier
 from gateway import contract
 from gateway.authz.server import Reply
-from gateway.contract import Limit, Limits, ModelRecord, TierRecord, parse_window
+from gateway.contract import EVERYONE, Limit, Limits, ModelRecord, TierRecord, parse_window
 from gateway.decision import (
     Admission,
     Denial,
@@ -259,6 +259,34 @@ def test_an_unknown_own_tier_falls_back_to_the_groups_tier_never_to_no_limits() 
     tiers = [TierRecord(name="free", level=0), TierRecord(name="premium", level=1, groups=("premium",))]
     assert resolve_tier(explicit="fre", groups=["premium"], tiers=tiers, default="free") == tiers[1]
     assert resolve_tier(explicit="fre", groups=[], tiers=tiers, default="free") == tiers[0]
+
+
+def test_every_key_is_in_system_authenticated_and_a_key_of_no_tier_is_refused_not_unlimited() -> None:
+    """A mapping without the default tier had left keys without groups with no limits and no allow-list at all."""
+    basic = TierRecord(
+        name="basic", level=0, groups=("basic", EVERYONE), limits=Limits(requests=Limit(limit=1, window="1m"))
+    )
+    pro = TierRecord(name="pro", level=1, groups=("pro",))
+    nobody = platform.Key("sk-nobody", "zed")
+    pro_key = platform.Key("sk-pro", "zed", ("pro",))
+    keys = dict(compile_key(k.record(PEPPER)) for k in (nobody, pro_key))
+    routes = [*platform.routes({"/qwen3": platform.QWEN}), contract.RouteRecord(id="me", prefix="/v1/me", model=None)]
+
+    def outcome(tiers: list[TierRecord], key: platform.Key, path: str = "/check/qwen3") -> Admission | Denial:
+        catalog = Catalog.build(tiers=tiers, models=[ModelRecord(id=platform.QWEN, ready=True)], routes=routes)
+        snap = Snapshot(keys=keys, catalog=catalog)
+        h: CIMultiDict[str] = CIMultiDict([("x-api-key", key.plaintext)])
+        return admit(snap, POLICY, host="", path=path, get=h.get, count=lambda n: 1, now=time.time())
+
+    caught = outcome([basic, pro], nobody)
+    assert isinstance(caught, Admission) and caught.tier is not None and caught.tier.name == "basic"
+    assert resolve_tier(explicit=None, groups=[], tiers=[basic, pro], default="free") == basic
+    got = outcome([basic, pro], pro_key)  # a higher tier of its own groups still wins
+    assert isinstance(got, Admission) and got.tier is not None and got.tier.name == "pro"
+    alone = TierRecord(name="basic", level=0, groups=("basic",))
+    refused = outcome([alone, pro], nobody)
+    assert isinstance(refused, Denial) and (refused.status, refused.code) == (403, "no_tier")
+    assert code(outcome([alone, pro], nobody, "/check/v1/me")) == "ok"  # the self-service API needs a valid key only
 
 
 def test_tier_models_restrict_access() -> None:

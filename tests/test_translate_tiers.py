@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
+from controlplane import kinds
+from controlplane.desired import Desired
 from controlplane.errors import TranslateError
 from controlplane.translate.tiers import merge, parse_limits, parse_mapping
 from gateway.contract import DEFAULT_TIERS, Limit, parse_window
@@ -135,3 +137,22 @@ def test_windows_that_are_not_windows_refuse_the_limits(window: str) -> None:
     with pytest.raises(TranslateError) as caught:
         parse_limits(_cm("limits", f"free:\n  requests: {{limit: 5, window: '{window}'}}\n"))
     assert caught.value.reason == "invalid_limits"
+
+
+def test_a_mapping_without_the_default_tier_or_a_catch_all_is_reported() -> None:
+    mapping = _cm("tiers", "- {name: basic, level: 0, groups: [basic]}\n- {name: pro, level: 1, groups: [pro]}\n")
+    mapping["metadata"]["name"] = "tier-to-group-mapping"
+    reported: list[str] = []
+    desired = Desired(
+        objects=lambda kind: {("llm", "tier-to-group-mapping"): mapping} if kind is kinds.CONFIGMAP else {},
+        report=lambda kind, obj, exc: reported.append(exc.reason),
+        pepper=b"p" * 16,
+        default_tier="free",
+        tier_configmap="tier-to-group-mapping",
+        tier_limits_configmap="maas-tier-limits",
+    )
+    desired.update_tiers()
+    assert reported == ["unknown_default_tier"]
+    mapping["data"]["tiers"] = "- {name: basic, level: 0, groups: [basic, system:authenticated]}\n"
+    desired.update_tiers()
+    assert reported == ["unknown_default_tier"]  # a catch-all tier takes those keys

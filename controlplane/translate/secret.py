@@ -19,7 +19,17 @@ from datetime import UTC, datetime
 from controlplane.errors import TranslateError
 from controlplane.kinds import Obj, annotations_of, key_of, labels_of, meta
 from controlplane.translate.common import MAX_LIMIT, as_dict, csv, parse_int, parse_time
-from gateway.contract import KeyRecord, KeyStatus, Limit, Limits, TierRecord, WindowError, digest_key, key_id_of
+from gateway.contract import (
+    EVERYONE,
+    KeyRecord,
+    KeyStatus,
+    Limit,
+    Limits,
+    TierRecord,
+    WindowError,
+    digest_key,
+    key_id_of,
+)
 
 API_KEY = "api_key"
 DIGEST = "digest"
@@ -82,12 +92,13 @@ def _digest(secret: Obj, pepper: bytes) -> str:
 def resolve_tier(
     *, explicit: str | None, groups: Sequence[str], tiers: Sequence[TierRecord], default: str
 ) -> TierRecord | None:
-    """``maas/tier`` if set and known, else the highest-level tier whose groups intersect the key's, else
-    ``default`` (as maas authz resolves it: an unknown tier name never leaves a key without limits)."""
+    """``maas/tier`` if set and known, else the highest-level tier whose groups intersect the key's (every key is in
+    ``system:authenticated``), else ``default`` (as maas authz resolves it: an unknown tier name never leaves a key
+    without limits)."""
     by_name = {t.name: t for t in tiers}
     if explicit and explicit in by_name:
         return by_name[explicit]
-    wanted = set(groups)
+    wanted = {*groups, EVERYONE}
     matching = [t for t in tiers if wanted.intersection(t.groups)]
     if matching:
         return max(matching, key=lambda t: (t.level, t.name))
