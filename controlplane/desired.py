@@ -39,6 +39,7 @@ class Desired:
         default_tier: str,
         tier_configmap: str,
         tier_limits_configmap: str,
+        tier_namespace: str = "",
         gateways: frozenset[str] = frozenset(),
     ) -> None:
         self._objects = objects
@@ -47,6 +48,8 @@ class Desired:
         self._pepper = pepper
         self._default_tier = default_tier
         self._tier_names = (tier_configmap, tier_limits_configmap)
+        self._tier_namespace = tier_namespace
+        """The namespace whose tier ConfigMaps win when several namespaces hold them (else the first by name)."""
         self.records: dict[RecordKind, dict[str, str]] = {k: {} for k in RecordKind}
         self.tiers: list[TierRecord] = []
         self._keys: dict[ObjKey, KeyRecord] = {}
@@ -122,17 +125,34 @@ class Desired:
 
     # --- tiers ---------------------------------------------------------------------------------------------
 
+    def tier_namespace(self) -> str | None:
+        """The namespace of the tier ConfigMaps in use: ``tier_namespace`` if it holds any, else the first by name
+        that does; None when there are none."""
+        found = sorted({ns for ns, name in self._objects(kinds.CONFIGMAP) if name in self._tier_names})
+        if self._tier_namespace in found:
+            return self._tier_namespace
+        return found[0] if found else None
+
     def update_tiers(self) -> set[ObjKey]:
         """Recompute the tiers; returns the Secrets to retranslate because the tiers changed."""
-        mapping_name, limits_name = self._tier_names
+        mapping_name = self._tier_names[0]
         mapping: list[TierRecord] | None = None
         mapping_obj: Obj | None = None
         limits: dict[str, Any] | None = None
+        used = self.tier_namespace()
         for key, obj in sorted(self._objects(kinds.CONFIGMAP).items()):
-            if key[1] == mapping_name and mapping is None:
+            if key[1] not in self._tier_names:
+                continue
+            if key[0] != used:  # the same tiers defined twice: one set counts, and the other is said to be ignored
+                self._report(
+                    kinds.CONFIGMAP,
+                    obj,
+                    TranslateError(f"ignored: the tier ConfigMaps of namespace {used!r} are used", reason="duplicate"),
+                )
+            elif key[1] == mapping_name:
                 mapping = self._translate(kinds.CONFIGMAP, key, obj, partial(parse_mapping, obj))
                 mapping_obj = obj
-            elif key[1] == limits_name and limits is None:
+            else:
                 limits = self._translate(kinds.CONFIGMAP, key, obj, partial(parse_limits, obj))
         tiers = merge(mapping, limits)
         if mapping_obj is not None and not any(t.name == self._default_tier or EVERYONE in t.groups for t in tiers):

@@ -92,6 +92,7 @@ class ControlPlane:
             default_tier=settings.default_tier,
             tier_configmap=settings.tier_configmap,
             tier_limits_configmap=settings.tier_limits_configmap,
+            tier_namespace=settings.tier_namespace,
             gateways=frozenset(split_csv(settings.gateways)),
         )
         if isinstance(self.source, DirSource):
@@ -123,9 +124,8 @@ class ControlPlane:
         syncer = self.syncer
 
         def tier_namespace() -> str:
-            names = (settings.tier_configmap, settings.tier_limits_configmap)
-            found = sorted(ns for ns, name in syncer.objects(kinds.CONFIGMAP) if name in names)
-            return found[0] if found else settings.tier_namespace or settings.key_namespace_name
+            """Where the tiers in use live (so a write edits those), else where new ones go."""
+            return syncer.desired.tier_namespace() or settings.tier_namespace or settings.key_namespace_name
 
         return AdminContext(
             state=admin,

@@ -57,7 +57,9 @@ class ControlPlaneSettings(CommonSettings):
         "", description="namespace of admin-issued key Secrets (default: the first of --namespaces, else default)"
     )
     tier_namespace: str = Field(
-        "", description="namespace for new tier ConfigMaps (default: where they exist, else the key namespace)"
+        "",
+        description="namespace whose tier ConfigMaps count when several hold them, and where new ones go (default: "
+        "the first by name that holds them, else the key namespace)",
     )
     admin_write_timeout: float = Field(
         10.0, gt=0, le=120, description="seconds an admin write waits for its record to reach Redis"

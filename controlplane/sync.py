@@ -48,6 +48,7 @@ class Syncer:
         default_tier: str = "free",
         tier_configmap: str = "tier-to-group-mapping",
         tier_limits_configmap: str = "maas-tier-limits",
+        tier_namespace: str = "",
         gateways: frozenset[str] = frozenset(),
     ) -> None:
         self._store = store
@@ -63,6 +64,7 @@ class Syncer:
             default_tier=default_tier,
             tier_configmap=tier_configmap,
             tier_limits_configmap=tier_limits_configmap,
+            tier_namespace=tier_namespace,
             gateways=gateways,
         )
         self.ready = asyncio.Event()

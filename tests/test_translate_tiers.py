@@ -156,3 +156,34 @@ def test_a_mapping_without_the_default_tier_or_a_catch_all_is_reported() -> None
     mapping["data"]["tiers"] = "- {name: basic, level: 0, groups: [basic, system:authenticated]}\n"
     desired.update_tiers()
     assert reported == ["unknown_default_tier"]  # a catch-all tier takes those keys
+
+
+def test_tiers_defined_in_two_namespaces_use_the_tier_namespace_and_report_the_other() -> None:
+    """The seed guide's copy in llm had silently won over the deployed one in maas-system (first by name)."""
+
+    def mapping(namespace: str, tiers: str) -> dict[str, Any]:
+        obj = _cm("tiers", tiers)
+        obj["metadata"] = {"name": "tier-to-group-mapping", "namespace": namespace}
+        return obj
+
+    objects = {
+        ("llm", "tier-to-group-mapping"): mapping("llm", "- {name: free, level: 0, groups: [free]}\n"),
+        ("maas-system", "tier-to-group-mapping"): mapping(
+            "maas-system", "- {name: free, level: 0, groups: [free]}\n- {name: gold, level: 5, groups: [gold]}\n"
+        ),
+    }
+    for preferred, used, names in (("maas-system", "maas-system", ["free", "gold"]), ("", "llm", ["free"])):
+        reported: list[tuple[str, str]] = []
+        desired = Desired(
+            objects=lambda kind: objects if kind is kinds.CONFIGMAP else {},
+            report=lambda kind, obj, exc, into=reported: into.append((obj["metadata"]["namespace"], exc.reason)),
+            pepper=b"p" * 16,
+            default_tier="free",
+            tier_configmap="tier-to-group-mapping",
+            tier_limits_configmap="maas-tier-limits",
+            tier_namespace=preferred,
+        )
+        desired.update_tiers()
+        assert [t.name for t in desired.tiers] == names
+        assert desired.tier_namespace() == used
+        assert reported == [(({"llm", "maas-system"} - {used}).pop(), "duplicate")]
