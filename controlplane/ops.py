@@ -56,7 +56,7 @@ async def status(request: web.Request) -> web.Response:
         "leader": parts.elector.is_leader(),
         "generation": syncer.generation,
         "uptime_seconds": round(time.monotonic() - parts.started, 3),
-        "objects": {name: sum(len(r.items) for r in rs) for name, rs in syncer.reflectors.items()},
+        "objects": {name: syncer.count(name) for name in syncer.reflectors},
         "records": {kind.value: len(table) for kind, table in syncer.desired.records.items()},
         "streams": {
             r.stream.name: {"synced": r.synced.is_set(), "objects": len(r.items)}

@@ -95,6 +95,13 @@ class Syncer:
                 merged.setdefault(key, obj)
         return merged
 
+    def count(self, kind_name: str) -> int:
+        """How many distinct objects of a kind the reflectors hold (a Secret matched by two selectors is one)."""
+        streams = self.reflectors.get(kind_name, [])
+        if len(streams) == 1:
+            return len(streams[0].items)
+        return len(set().union(*(r.items.keys() for r in streams)))
+
     def on_change(self, kind: Kind, key: ObjKey, event_type: str) -> None:
         if kind.name == kinds.SECRET.name:
             self._dirty_secrets.add(key)
@@ -184,8 +191,8 @@ class Syncer:
             self.desired.update_models()
         for kind in RecordKind:
             self._metrics.records.labels(kind=kind.value).set(len(self.desired.records[kind]))
-        for name, streams in self.reflectors.items():
-            self._metrics.objects.labels(kind=name).set(sum(len(r.items) for r in streams))
+        for name in self.reflectors:
+            self._metrics.objects.labels(kind=name).set(self.count(name))
 
     async def _load_mirror(self) -> dict[RecordKind, dict[str, str]]:
         mirror: dict[RecordKind, dict[str, str]] = {}

@@ -285,7 +285,9 @@ async def test_malformed_objects_are_skipped_reported_and_the_rest_keeps_syncing
 
 
 async def test_ops_port_and_status(emulator: K8sEmulator, tmp_path: Path, redis_url: str) -> None:
-    emulator.create(key_secret("one", "sk-one"))
+    one = key_secret("one", "sk-one")
+    one["metadata"]["labels"]["kuadrant.io/apikeys-by"] = "rhcl-keys"  # matched by two default selectors: counted once
+    emulator.create(one)
     plane = await started(settings_for(emulator, tmp_path, redis_url, namespaces="llm,other"))
     try:
         base = f"http://127.0.0.1:{plane.ports['ops']}"
@@ -293,7 +295,7 @@ async def test_ops_port_and_status(emulator: K8sEmulator, tmp_path: Path, redis_
         assert json.loads(await fetch(f"{base}/readyz")) == {"status": "ready", "leader": True}
         text = await fetch(f"{base}/metrics")
         for name in (
-            'maas_controlplane_watch_events_total{kind="Secret",type="ADDED"} 1.0',
+            'maas_controlplane_watch_events_total{kind="Secret",type="ADDED"} 2.0',  # one per watch that sees it
             'maas_controlplane_objects{kind="Secret"} 1.0',
             "maas_controlplane_sync_lag_seconds_count",
             "maas_controlplane_last_full_sync_timestamp_seconds",
@@ -309,7 +311,7 @@ async def test_ops_port_and_status(emulator: K8sEmulator, tmp_path: Path, redis_
             output, _ = await proc.communicate(text.encode())
             assert proc.returncode == 0, output.decode()
         status = json.loads(await fetch(f"http://127.0.0.1:{plane.ports['main']}/v1/sync"))
-        assert status["ready"] is True and status["records"]["key"] == 1
+        assert status["ready"] is True and status["records"]["key"] == 1 and status["objects"]["Secret"] == 1
         assert "secrets/other/app=llm-gateway" in status["streams"]
     finally:
         await plane.stop()
