@@ -209,3 +209,21 @@ def test_auto_selection_skips_disabled_runtimes_and_prefers_priority() -> None:
     }
     found = find_runtime(_isvc(spec__predictor__model__runtime=None), runtimes=runtimes, cluster_runtimes={})
     assert found is not None and found["metadata"]["name"] == "c-high"
+
+
+def test_a_framework_specific_predictor_is_read_as_the_model_spec_kserve_makes_of_it() -> None:
+    """``predictor.huggingface`` had lost its served name, storage URI, GPUs and context length."""
+    isvc = _isvc(spec__predictor__model=None)
+    isvc["spec"]["predictor"]["huggingface"] = {
+        "args": ["--model_name=hf-qwen", "--backend=vllm", "--max-model-len=2048"],
+        "storageUri": "hf://Qwen/Qwen3-0.6B",
+        "resources": {"limits": {"nvidia.com/gpu": "2"}},
+    }
+    record = translate_isvc(isvc, runtime=None)
+    assert (record.id, record.model_format, record.storage_uri) == ("hf-qwen", "huggingface", "hf://Qwen/Qwen3-0.6B")
+    assert (record.gpus, record.max_model_len) == (2, 2048)
+    hf_runtime = copy.deepcopy(RUNTIME)
+    hf_runtime["metadata"]["name"] = "kserve-huggingfaceserver"
+    hf_runtime["spec"]["supportedModelFormats"] = [{"name": "huggingface", "autoSelect": True}]
+    found = find_runtime(isvc, runtimes={("llm", "kserve-huggingfaceserver"): hf_runtime}, cluster_runtimes={})
+    assert found is hf_runtime

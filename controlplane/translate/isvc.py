@@ -1,7 +1,9 @@
 """InferenceService (+ its ServingRuntime / ClusterServingRuntime) -> ModelRecord.
 
-The model id is the name vLLM serves: ``--served-model-name`` in the predictor's args, else in the runtime's args
-(after expanding ``{{.Name}}`` to the ISVC name), else the ISVC name. An ISVC without status has not been seen
+The model id is the name vLLM serves: ``--served-model-name`` (or the Hugging Face server's ``--model_name``) in the
+predictor's args, else in the runtime's args (after expanding ``{{.Name}}`` to the ISVC name), else the ISVC name.
+The predictor is ``spec.predictor.model``, or a framework-specific field (``huggingface``, ``pytorch``, ...) read
+as a model of that format, or custom ``containers``. An ISVC without status has not been seen
 by KServe yet: its model is known and not ready (503 ``model_not_ready`` for its routes, not 404) until KServe
 writes one.
 """
@@ -60,6 +62,35 @@ def _container_args(container: Mapping[str, Any], name: str) -> list[str]:
     return [_TEMPLATE.sub(name, w) for w in words]
 
 
+FRAMEWORKS = (
+    "huggingface",
+    "sklearn",
+    "xgboost",
+    "lightgbm",
+    "pytorch",
+    "tensorflow",
+    "onnx",
+    "triton",
+    "pmml",
+    "paddle",
+)
+"""KServe's framework-specific predictor fields (``predictor.huggingface: {...}``), the older way to write
+``predictor.model`` with that ``modelFormat``."""
+
+
+def model_spec(isvc: Obj) -> dict[str, Any]:
+    """``spec.predictor.model``, or a framework-specific predictor read as the model spec KServe makes of it."""
+    predictor = as_dict(spec(isvc).get("predictor"))
+    model = as_dict(predictor.get("model"))
+    if model:
+        return model
+    for framework in FRAMEWORKS:
+        legacy = as_dict(predictor.get(framework))
+        if legacy:
+            return {**legacy, "modelFormat": {"name": framework}}
+    return {}
+
+
 def _runtime_container(runtime: Obj | None) -> dict[str, Any]:
     return _serving_container(spec(runtime).get("containers")) if runtime is not None else {}
 
@@ -78,7 +109,7 @@ def find_runtime(isvc: Obj, *, runtimes: Mapping[ObjKey, Obj], cluster_runtimes:
     runtime KServe would pick: an enabled one that auto-selects the model format, the highest ``priority`` of that
     format first, the ISVC's namespace before cluster runtimes, then by name."""
     namespace, _ = key_of(isvc)
-    model = as_dict(as_dict(spec(isvc).get("predictor")).get("model"))
+    model = model_spec(isvc)
     wanted = model.get("runtime")
     if wanted:
         return runtimes.get((namespace, str(wanted))) or cluster_runtimes.get(("", str(wanted)))
@@ -148,12 +179,13 @@ def translate_isvc(isvc: Obj, *, runtime: Obj | None) -> ModelRecord:
     if not predictor:
         raise TranslateError("InferenceService has no spec.predictor", reason="invalid_spec")
     status = as_dict(isvc.get("status"))
-    model = as_dict(predictor.get("model"))
+    model = model_spec(isvc)
     # a custom predictor (``predictor.containers``, no runtime) is read from its serving container
     own = model or _serving_container(predictor.get("containers"))
     rt_container = _runtime_container(runtime) if model else {}
     args = _container_args(rt_container, name) + _container_args(own, name)
-    served = _arg_value(args, "--served-model-name")
+    # vLLM's flag, else KServe's Hugging Face server's (``--model_name``, which names the model it serves)
+    served = _arg_value(args, "--served-model-name") or _arg_value(args, "--model-name")
     ready, reason = _readiness(status) if status else (False, "KServe has not reported a status yet")
     url = as_dict(status.get("address")).get("url") or status.get("url")
     resources = as_dict(own.get("resources")) or as_dict(rt_container.get("resources"))
