@@ -5,11 +5,13 @@ was sent, upstream errors refund."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
 from typing import Any
 
+import httpx2
 import openai
 import pytest
 import redis.asyncio as aioredis
@@ -18,6 +20,7 @@ from gateway.contract import bucket_key, ledger_day
 from gateway.meter import quota
 from gateway.sim import engine
 from gateway.sim.server import SimConfig
+from gateway.store.redis import RedisStore
 from tests.support.k8s_emulator import eventually
 from tests.test_meter_stack import MODEL, Stack, raw_post, running_stack
 
@@ -288,3 +291,67 @@ async def test_a_chat_without_max_tokens_gets_the_rest_of_the_context_as_vllm_wo
 def test_a_reservation_for_the_whole_context() -> None:
     assert quota.plan(prompt_estimate=3000, choices=1, wanted=4096, context=1024) == (3001, 3001)
     assert quota.plan(prompt_estimate=30, choices=2, wanted=4096, context=1024) == (2048, 32)
+
+
+async def test_a_client_that_leaves_before_a_whole_answer_stops_the_generation_and_pays_nothing(
+    redis_url: str,
+) -> None:
+    """Without a stream the meter did not notice the client leaving: vLLM generated the whole answer for nobody and
+    the key paid for all of it."""
+    sim = SimConfig(served=(MODEL,), tokens_per_second=5)
+    async with running_stack(redis_url, sim=sim) as stack:
+        async with stack.client(key_id="walker", limit=(100_000, 86_400_000)) as client:
+            with pytest.raises(openai.APITimeoutError):
+                await client.with_options(timeout=1.0).chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": "a long answer please"}],
+                    max_tokens=500,
+                    extra_body={"ignore_eos": True},
+                )
+        metrics = await wait_until_settled(stack, sim_aborted=1)
+        sim_metrics = await stack.metrics(stack.sim_url)
+        rows = await stack.store.read_usage("walker", [ledger_day()])
+        bucket = aioredis.Redis.from_url(redis_url)
+        state = await bucket.get(bucket_key("walker", "tokens"))
+        await bucket.aclose()
+    assert metrics[("maas_meter_client_disconnects_total", ())] == 1
+    assert sim_metrics[("maas_sim_aborted_generations_total", ())] == 1
+    assert not rows or rows[0].requests == 0
+    assert state is None  # refunded whole: a full bucket is forgotten
+
+
+async def test_a_stream_cut_by_shutdown_is_charged_what_was_sent(redis_url: str) -> None:
+    """Streams still running when the grace period ends were cut without settling: the tokens served were never in
+    the ledger and the whole reservation stayed taken."""
+    sim = SimConfig(served=(MODEL,), tokens_per_second=20)
+    messages = [{"role": "user", "content": "stream until the meter stops"}]
+    received = 0
+
+    async def read(client: openai.AsyncOpenAI) -> None:
+        nonlocal received
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=messages, stream=True, max_tokens=300, extra_body={"ignore_eos": True}
+        )  # type: ignore[arg-type]
+        with contextlib.suppress(openai.APIError, httpx2.HTTPError):
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    received += 1
+
+    async with running_stack(redis_url, sim=sim) as stack:
+        client = stack.client(key_id="cut", limit=(100_000, 86_400_000))
+        reader = asyncio.create_task(read(client))
+        await eventually(lambda: received >= 3)
+    # the meter has shut down (grace 1 s), cutting the stream
+    await asyncio.wait_for(reader, 10)
+    await client.close()
+    store = RedisStore(redis_url, timeout=2.0)
+    rows = await store.read_usage("cut", [ledger_day()])
+    await store.close()
+    bucket = aioredis.Redis.from_url(redis_url)
+    state = await bucket.get(bucket_key("cut", "tokens"))
+    await bucket.aclose()
+    assert 3 <= received < 300
+    assert (rows[0].prompt_tokens, rows[0].completion_tokens) == (engine.chat_prompt_tokens(messages), received)
+    level = float(state.split()[0]) if state else 0.0
+    charged = rows[0].prompt_tokens + rows[0].completion_tokens
+    assert 100_000 - charged <= level < 100_000 - charged + 5  # (plus a few seconds' refill)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.contract import ledger_day
@@ -31,6 +32,11 @@ class Exchange:
     reservation: Reservation
     model: str
     started: float
+    settled: bool = False
+    """Set as settling begins: a request cut after that (its client left, the meter stops) is not settled again,
+    and is not cut while it settles."""
+    sent: Callable[[], Usage] | None = None
+    """What the client has been sent so far, for a stream (a cut stream is charged that)."""
 
     @property
     def operation(self) -> str:
@@ -40,6 +46,7 @@ class Exchange:
 async def settle(store: Store, metrics: MeterMetrics, exchange: Exchange, *, served: Usage | None, status: int) -> None:
     """Commit ``served`` (None: nothing was served, refund everything), write the ledger, count the tokens. The
     bucket commit and the ledger write are independent and go to the store together (one round trip on Redis)."""
+    exchange.settled = True
     model_children = metrics.models.get((exchange.model, exchange.operation))
     model_children.requests(status).inc()
     if served is None:

@@ -324,6 +324,34 @@ async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stre
             prepared = None
     overhead = time.perf_counter() - begun.started
     exchange = Exchange(identity, parsed, reservation, begun.model, begun.started)
+    # From here the request is cut when its client leaves or the meter stops (the server cancels it): the upstream
+    # connection closes, so vLLM stops generating, and what the client was served is settled, as always.
+    request.cuttable = lambda: not exchange.settled
+    try:
+        return await _forward(request, meter, begun, exchange, body, prepared, overhead)
+    except asyncio.CancelledError:
+        if begun.relay is not None:
+            begun.relay.stop()
+            begun.relay.upstream.close()
+        if not exchange.settled:
+            meter.metrics.disconnects.inc()
+            served = exchange.sent() if exchange.sent is not None else None
+            await settle(meter.store, meter.metrics, exchange, served=served, status=499)
+        raise
+    finally:
+        request.cuttable = None
+
+
+async def _forward(
+    request: Request,
+    meter: Meter,
+    begun: Begun,
+    exchange: Exchange,
+    body: bytes,
+    prepared: h1.Prepared | None,
+    overhead: float,
+) -> Reply | Stream:
+    reservation = exchange.reservation
     # the bookkeeping below waits until the request is upstream: it is then done while vLLM works on the answer
     try:
         upstream = await meter.upstream.send(
@@ -337,10 +365,10 @@ async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stre
         await settle(meter.store, meter.metrics, exchange, served=None, status=exc.status)
         raise
     _count_reservation(meter, reservation, overhead)
-    extra = _quota_headers(reservation, parsed)
+    extra = _quota_headers(reservation, exchange.parsed)
     try:
         relay = begun.relay if begun.relay is not None and begun.relay.upstream is upstream else None
-        if relay is not None or _streams(parsed, upstream):
+        if relay is not None or _streams(exchange.parsed, upstream):
             return await _stream(request, meter, exchange, upstream, extra, relay)
         if upstream.status >= 400:
             return await _upstream_error(request, meter, exchange, upstream, extra)
@@ -536,6 +564,7 @@ async def _stream(
             await settle(meter.store, meter.metrics, exchange, served=None, status=499)
             return Reply(499)
     response, tracker = relay.response, relay.tracker
+    exchange.sent = lambda: relay.sent
     failure: MeterError | None = None
     try:
         await relay.stopped(meter.upstream)

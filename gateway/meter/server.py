@@ -114,6 +114,7 @@ class Request:
         "_conn",
         "_stream",
         "content",
+        "cuttable",
         "early",
         "handling",
         "headers",
@@ -147,6 +148,9 @@ class Request:
         self.content = Body(conn, expect_continue=expect_continue)
         self.early: object = None
         """What the server's ``early`` hook left for the handler (opaque to the server)."""
+        self.cuttable: Callable[[], bool] | None = None
+        """Set by a handler whose wait may be cut when the client leaves (it settles what it started on the
+        ``CancelledError``); called then, it says whether cutting is still safe (not while the handler settles)."""
         self.handling = False
 
     @property
@@ -349,6 +353,10 @@ class _Connection(asyncio.Protocol):
         gone = ClientGone("client closed the connection")
         for request in self._queue:
             request.content._finish(gone)
+        current = self._queue[0] if self._queue else None
+        cut = current.cuttable if current is not None and current.handling else None
+        if cut is not None and self._task is not None and cut():
+            self._task.cancel()  # a metered request waiting on vLLM: it stops (and vLLM with it) and is settled
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(gone)
             self._drain.exception()  # retrieved here: a writer that stopped waiting must not warn
@@ -588,6 +596,8 @@ class _Connection(asyncio.Protocol):
             self.close()
 
 
+SETTLE_SECONDS = 3.0
+"""At shutdown, how long requests cut at the end of the grace period have to settle (bucket commit, ledger)."""
 LINGER_SECONDS = 5.0
 """How long the unread rest of a refused request's body is read and dropped before the connection closes."""
 BAD_REQUEST = _error(400, "bad_request", "Malformed HTTP request.")
@@ -632,7 +642,8 @@ class Server:
 
     async def shutdown(self, grace: float = 10.0) -> None:
         """Stop listening, close idle connections, let requests in flight finish for ``grace`` seconds, then close
-        what is left."""
+        what is left: a metered request cut then settles what it served (as when its client leaves), for up to
+        ``SETTLE_SECONDS``, before anything still running is cancelled."""
         if self._server is not None:
             self._server.close()
         deadline = asyncio.get_running_loop().time() + grace
@@ -644,10 +655,13 @@ class Server:
             if not busy or asyncio.get_running_loop().time() >= deadline:
                 break
             await asyncio.wait(busy, timeout=max(0.0, min(0.1, deadline - asyncio.get_running_loop().time())))
+        busy = [conn._task for conn in self.connections if conn._task is not None]
         for conn in list(self.connections):
-            task = conn._task
             conn.close()
-            if task is not None:
+        if busy:
+            await asyncio.wait(busy, timeout=SETTLE_SECONDS)
+        for task in busy:
+            if not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task

@@ -101,7 +101,10 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
     metrics.running[job.model].inc()
     try:
         if not job.stream:
-            await _pace(config.ttft_ms / 1000 + _token_delay(config) * max(job.steps - 1, 0))
+            delay = config.ttft_ms / 1000 + _token_delay(config) * max(job.steps - 1, 0)
+            if not await _pace_while_connected(request, delay):  # vLLM aborts a request whose client left
+                _aborted(metrics, job)
+                return web.Response(status=499)
             _count(metrics, job, aborted=False)
             return web.Response(text=api.full_response(job), content_type=JSON)
         return await _stream(request, job, config=config, metrics=metrics)
@@ -116,6 +119,17 @@ def _token_delay(config: SimConfig) -> float:
 async def _pace(delay: float) -> None:
     if delay > 0:
         await asyncio.sleep(delay)
+
+
+async def _pace_while_connected(request: web.Request, delay: float) -> bool:
+    """Wait ``delay`` seconds; False as soon as the client's connection is gone (looked at every 50 ms)."""
+    end = time.monotonic() + delay
+    while (left := end - time.monotonic()) > 0:
+        await asyncio.sleep(min(left, 0.05))
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return False
+    return True
 
 
 async def _stream(request: web.Request, job: api.Job, *, config: SimConfig, metrics: SimMetrics) -> web.StreamResponse:
