@@ -55,7 +55,8 @@ class SnapshotFollower:
         self._routes: dict[str, RouteRecord] = {}
         self.connected = False
         self.last_event_at = 0.0
-        self._fresh = False
+        self._floor = 0
+        """The store's generation just before the last subscribe (see ``run``)."""
         self._unavailable = RateLimitedLog(log)
         """While Redis is down the follower retries every few seconds: one warning per 10 s, as for bucket checks."""
 
@@ -64,8 +65,12 @@ class SnapshotFollower:
         reason = "start"
         while True:
             try:
+                # read before subscribing: events at or below our generation but above this one were published
+                # between the subscribe and the load (already loaded); one at or below it means a store reset
+                floor = await self.store.generation()
                 async with self.store.subscribe() as subscription:
                     await self.reload(reason=reason)
+                    self._floor = min(floor, self.snapshot.generation)
                     self.connected = True
                     backoff = 0.1
                     async for event in subscription:
@@ -107,7 +112,6 @@ class SnapshotFollower:
         self.snapshot.catalog = self._catalog()
         self.snapshot.generation = generation
         self.snapshot.loaded = True
-        self._fresh = True
         del keys
         _release_memory()
         self._metrics.snapshot_reloads.labels(reason).inc()
@@ -161,11 +165,11 @@ class SnapshotFollower:
         return Catalog.build(tiers=self._tiers.values(), models=self._models.values(), routes=self._routes.values())
 
     def apply_event(self, event: ChangeEvent) -> bool:
-        """Apply one event; False when events were missed and a reload is needed."""
+        """Apply one event; False when events were missed or the store went back, and a reload is needed."""
         current = self.snapshot.generation
         if event.gen <= current:
-            if self._fresh:
-                return True  # published between our subscribe and our scan: already loaded
+            if event.gen > self._floor:
+                return True  # published between our subscribe and our load: already loaded
             log.warning("generation went back from %d to %d (store reset?): reloading", current, event.gen)
             return False
         if event.gen != current + 1:
@@ -201,7 +205,6 @@ class SnapshotFollower:
         if catalog_changed:
             self.snapshot.catalog = self._catalog()
         self.snapshot.generation = event.gen
-        self._fresh = False
         self.last_event_at = time.time()
         self._metrics.snapshot_events.inc()
         self._update_gauges()
