@@ -60,13 +60,17 @@ class HotCache:
     SIGN_WINDOW = 10
 
     MAX_ENTRIES = 100_000
+    MAX_ADMISSIONS = 50_000
+    MAX_MEMO_TARGET = 512
+    """Longer host + path are not memoised: a key's holder choosing paths of 60 KiB (any path under a routed prefix
+    is admitted) had grown the memo to gigabytes, 429s included, past the pod's memory limit."""
 
     def __init__(self) -> None:
         self.admissions: dict[tuple[tuple[str | None, str | None], str, str], Admission] = {}
         """Admissions by (credential headers as presented, host, path): valid for one key index, catalog and
         generation. Keyed by the credential itself so a repeated request skips parsing it, the HMAC and the index
         lookup; only admitted credentials are kept (never a denied one), in process memory only, at most
-        ``MAX_ENTRIES``, dropped on every change."""
+        ``MAX_ADMISSIONS`` of at most ``MAX_MEMO_TARGET`` characters of host and path, dropped on every change."""
         self.admissions_of: tuple[object, object, int] = (None, None, -1)
         self.ops: dict[tuple[str, CompiledLimits], tuple[BucketOp, ...]] = {}
         self.identity: dict[tuple[KeyEntry, str, str, tuple[int, int] | None], HeaderBlock] = {}
@@ -217,7 +221,7 @@ def admit(
         seen[0] is not snapshot.keys
         or seen[1] is not snapshot.catalog
         or seen[2] != snapshot.generation
-        or len(cache.admissions) >= HotCache.MAX_ENTRIES
+        or len(cache.admissions) >= HotCache.MAX_ADMISSIONS
     ):
         # a change event bumps the generation; a reload swaps the key index (whatever its generation)
         cache.admissions.clear()
@@ -240,7 +244,7 @@ def admit(
     if key.expires_at is not None and key.expires_at <= now:
         return EXPIRED_KEY
     outcome = _route(snapshot, policy, key, host, path)
-    if isinstance(outcome, Admission):
+    if isinstance(outcome, Admission) and len(host) + len(path) <= HotCache.MAX_MEMO_TARGET:
         cache.admissions[memo] = outcome
     return outcome
 

@@ -461,3 +461,16 @@ def test_a_limit_of_zero_is_refused_without_a_retry_after() -> None:
     headers = dict(denial.headers)
     assert denial.status == 429 and "retry-after" not in headers and headers["x-ratelimit-limit-requests"] == "0"
     assert "limit is 0" in json.loads(denial.body)["error"]["message"]
+
+
+def test_the_memo_holds_no_long_targets_and_a_bounded_number_of_entries() -> None:
+    """Any path under a routed prefix is admitted: 60 KiB paths had grown the memo past the pod's memory limit."""
+    snap = make_snapshot()
+    policy = Policy(pepper=PEPPER, identity_secret=b"s" * 32, path_prefix="/check")
+    h: CIMultiDict[str] = CIMultiDict([("x-api-key", ADMIN)])
+    long_path = "/check/qwen3/v1/" + "a" * 40_000
+    outcome = admit(snap, policy, host="gw", path=long_path, get=h.get, count=lambda n: 1, now=time.time())
+    assert isinstance(outcome, Admission) and not policy.cache.admissions
+    for i in range(HotCache.MAX_ADMISSIONS + 10):
+        admit(snap, policy, host="gw", path=f"/check/qwen3/v1/{i}", get=h.get, count=lambda n: 1, now=time.time())
+    assert 0 < len(policy.cache.admissions) <= HotCache.MAX_ADMISSIONS
