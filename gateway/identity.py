@@ -2,12 +2,17 @@
 
 The signature is HMAC-SHA256 under a secret shared by authz and meter, over a canonical string of every identity
 header and a timestamp, so the meter can reject identity headers a client forged or replayed long after.
+
+Values go on the wire as printable ASCII: anything else (a user id ``josé``, a newline in a group name) and ``%``
+are percent-encoded as UTF-8, and the signature covers the encoded form, so what authz signs is byte for byte what
+the meter reads (Envoy and HTTP servers disagree on non-ASCII header bytes); ``parse`` decodes them again.
 """
 
 from __future__ import annotations
 
 import hmac
 import time
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -47,29 +52,38 @@ class IdentityError(ValueError):
         self.code = code
 
 
-def _canonical(identity: Identity, ts: str) -> bytes:
-    parts = (
-        SIGNATURE_VERSION,
-        ts,
-        identity.key_id,
-        identity.user,
-        identity.groups,
-        identity.tier,
-        identity.model,
-        identity.token_limit_header,
-    )
-    return "\n".join(parts).encode()
+_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def wire(value: str) -> str:
+    """A header value as printable ASCII (percent-encoded UTF-8 for anything else, and for ``%``)."""
+    if value.isascii() and value.isprintable() and "%" not in value:
+        return value
+    return urllib.parse.quote(value, safe=_SAFE)
+
+
+def unwire(value: str) -> str:
+    return urllib.parse.unquote(value, errors="replace") if "%" in value else value
+
+
+def _canonical(ts: str, key_id: str, user: str, groups: str, tier: str, model: str, limit: str) -> bytes:
+    """The signed string, of the header values as they are on the wire."""
+    return "\n".join((SIGNATURE_VERSION, ts, key_id, user, groups, tier, model, limit)).encode()
 
 
 def sign(identity: Identity, secret: bytes, *, now: float | None = None) -> dict[str, str]:
     ts = str(int(time.time() if now is None else now))
-    signature = hmac.digest(secret, _canonical(identity, ts), "sha256").hex()
+    values = [wire(v) for v in (identity.key_id, identity.user, identity.groups, identity.tier, identity.model)]
+    key_id, user, groups, tier, model = values
+    signature = hmac.digest(
+        secret, _canonical(ts, key_id, user, groups, tier, model, identity.token_limit_header), "sha256"
+    ).hex()
     headers = {
-        H_USER: identity.user,
-        H_GROUPS: identity.groups,
-        H_TIER: identity.tier,
-        H_KEY_ID: identity.key_id,
-        H_MODEL: identity.model,
+        H_USER: user,
+        H_GROUPS: groups,
+        H_TIER: tier,
+        H_KEY_ID: key_id,
+        H_MODEL: model,
         H_TS: ts,
         H_SIGNATURE: f"{SIGNATURE_VERSION}={signature}",
     }
@@ -96,11 +110,11 @@ def parse(headers: Mapping[str, str]) -> Identity:
         if limit < 0 or window <= 0:
             raise IdentityError("malformed token limit header", code="invalid_identity")
     return Identity(
-        key_id=key_id,
-        user=headers.get(H_USER, ""),
-        groups=headers.get(H_GROUPS, ""),
-        tier=headers.get(H_TIER, ""),
-        model=headers.get(H_MODEL, ""),
+        key_id=unwire(key_id),
+        user=unwire(headers.get(H_USER, "")),
+        groups=unwire(headers.get(H_GROUPS, "")),
+        tier=unwire(headers.get(H_TIER, "")),
+        model=unwire(headers.get(H_MODEL, "")),
         token_limit=limit,
         token_window_ms=window,
     )
@@ -117,7 +131,16 @@ def verify(headers: Mapping[str, str], secret: bytes, *, max_age: float = 60.0, 
         age = (time.time() if now is None else now) - int(ts)
     except ValueError as exc:
         raise IdentityError("malformed identity timestamp", code="invalid_identity") from exc
-    expected = f"{SIGNATURE_VERSION}=" + hmac.digest(secret, _canonical(identity, ts), "sha256").hex()
+    signed = _canonical(
+        ts,
+        headers.get(H_KEY_ID, ""),
+        headers.get(H_USER, ""),
+        headers.get(H_GROUPS, ""),
+        headers.get(H_TIER, ""),
+        headers.get(H_MODEL, ""),
+        headers.get(H_TOKEN_LIMIT, ""),
+    )
+    expected = f"{SIGNATURE_VERSION}=" + hmac.digest(secret, signed, "sha256").hex()
     if not hmac.compare_digest(expected.encode(), signature.encode()):
         raise IdentityError("identity signature does not match", code="invalid_identity")
     if abs(age) > max_age:

@@ -26,7 +26,7 @@ from gateway.decision import (
     rate_limited,
     ratelimit_wire,
 )
-from gateway.identity import H_SIGNATURE, H_TS, verify
+from gateway.identity import H_SIGNATURE, H_TS, Identity, sign, verify
 from gateway.limits import BucketResult
 from gateway.snapshot import Catalog, CompiledLimits, RouteTable, Snapshot, compile_key
 from tests.support import platform
@@ -474,3 +474,17 @@ def test_the_memo_holds_no_long_targets_and_a_bounded_number_of_entries() -> Non
     for i in range(HotCache.MAX_ADMISSIONS + 10):
         admit(snap, policy, host="gw", path=f"/check/qwen3/v1/{i}", get=h.get, count=lambda n: 1, now=time.time())
     assert 0 < len(policy.cache.admissions) <= HotCache.MAX_ADMISSIONS
+
+
+def test_identity_values_outside_printable_ascii_are_signed_as_sent_and_read_back() -> None:
+    """A user id 'josé-日本' (or one with a newline) was signed as text but sent as UTF-8 bytes (a newline became a
+    space): the meter read other bytes and refused every request of the key as forged."""
+    identity = Identity(key_id="abc", user="josé-日本\nline", groups="grüne,%team", tier="free", model="m")
+    headers = sign(identity, b"s" * 32)
+    assert all(value.isascii() and value.isprintable() for value in headers.values())
+    # the bytes as the meter's server reads them (latin-1, as HTTP allows) are the ones signed
+    on_the_wire = {name: value.encode("latin-1").decode("latin-1") for name, value in headers.items()}
+    got = verify(on_the_wire, b"s" * 32)
+    assert (got.user, got.groups) == ("josé-日本\nline", "grüne,%team")
+    plain = sign(Identity(key_id="abc", user="alice", groups="free", tier="free", model="m"), b"s" * 32)
+    assert plain["x-maas-user"] == "alice"  # printable ASCII goes as it is
