@@ -7,20 +7,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import hiredis
 import pytest
+import redis as sync_redis
 
+from gateway.contract import bucket_key
 from gateway.errors import StoreError, StoreTimeout
 from gateway.limits import BucketOp, BucketResult
 from gateway.store.batching import BucketBatcher
 from gateway.store.redis import RedisStore
 from gateway.store.resp import RespPipe, command
-from tests.support.procs import RedisServer, redis_server
+from tests.support.procs import RedisServer, free_port, redis_server
 
 
 @pytest.fixture
@@ -234,3 +238,76 @@ async def test_a_unix_socket_url_takes_the_pipe_too(tmp_path: Path) -> None:
             await asyncio.wait_for(missing.check_buckets([[op]]), 5)
     finally:
         await missing.close()
+
+
+def _self_signed(folder: Path) -> Path:
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    names = "subjectAltName=DNS:localhost,IP:127.0.0.1"
+    argv = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(
+        [*argv, "-days", "1", "-subj", "/CN=localhost", "-addext", names],
+        check=True,
+        capture_output=True,
+    )
+    return folder
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+async def test_a_rediss_url_with_a_private_ca_reaches_the_hot_path_connection_too(tmp_path: Path) -> None:
+    """The bucket connection took only 'TLS or not' from the URL: with a private CA every check failed (503)
+    while the snapshot, on redis-py, loaded and /readyz said ready."""
+    folder = _self_signed(tmp_path)
+    tls_port = free_port()
+    tls = ["--tls-port", str(tls_port), "--tls-cert-file", str(folder / "cert.pem")]
+    tls += ["--tls-key-file", str(folder / "key.pem"), "--tls-ca-cert-file", str(folder / "cert.pem")]
+    tls += ["--tls-auth-clients", "no", "--requirepass", "pw"]
+    with redis_server(extra=tls):
+        url = f"rediss://:pw@127.0.0.1:{tls_port}/3?ssl_ca_certs={folder / 'cert.pem'}"
+        for query in (url, url.replace("ssl_ca_certs=", "ssl_cert_reqs=none&x=")):
+            store = RedisStore(query, timeout=5.0)
+            try:
+                op = BucketOp("tls-key", "requests", 5, 60_000, 1)
+                assert (await store.check_buckets([[op]]))[0][0].allowed
+                arrived: asyncio.Future[list[list[BucketResult]] | None] = asyncio.get_running_loop().create_future()
+                assert store.submit_buckets([[op]], lambda results, error, into=arrived: into.set_result(results))
+                results = await arrived
+                assert results is not None and results[0][0].remaining == 3
+            finally:
+                await store.close()
+            # the buckets are in database 3, where the URL points
+            client = sync_redis.Redis(
+                host="127.0.0.1", port=tls_port, password="pw", db=3, ssl=True, ssl_ca_certs=str(folder / "cert.pem")
+            )
+            assert client.exists(bucket_key("tls-key", "requests"))
+            client.flushall()
+            client.close()
+
+
+async def test_auth_and_select_go_before_anything_sent_while_they_are_answered() -> None:
+    """SELECT was sent only once AUTH's reply came: a bucket check sent in between ran in database 0."""
+    order: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = hiredis.Reader()
+        while data := await reader.read(65536):
+            parser.feed(data)
+            while (cmd := parser.gets()) is not False:
+                order.append(cmd[0])
+                await asyncio.sleep(0.05)  # a slow answer: others send meanwhile
+                writer.write(b"+OK\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pipe = RespPipe(host="127.0.0.1", port=server.sockets[0].getsockname()[1], password="pw", db=3, timeout=2.0)
+    try:
+        connecting = asyncio.create_task(pipe.connect())
+        await asyncio.sleep(0.02)  # connected, AUTH's answer not in yet
+        answered: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        assert pipe.send(echo("check"), [lambda reply, error: answered.set_result(reply)], "check")
+        await connecting
+        await answered
+        assert order == [b"AUTH", b"SELECT", b"ECHO"]
+    finally:
+        await pipe.close()
+        server.close()
+        await server.wait_closed()

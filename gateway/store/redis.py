@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -156,7 +157,7 @@ class RedisStore:
                 db=int(params.get("db", 0)),
                 username=params.get("username"),
                 password=params.get("password"),
-                tls=self._url.startswith("rediss://"),
+                tls=tls_context(params) if self._url.startswith("rediss://") else None,
                 timeout=timeout,
             )
         self._fallbacks: set[asyncio.Task[None]] = set()
@@ -394,6 +395,26 @@ class RedisStore:
     async def usage_key_ids(self, day: str) -> list[str]:
         members = await self._call("usage index", lambda: self._client.smembers(contract.ledger_index_key(day)))
         return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+
+
+def tls_context(params: Mapping[str, Any]) -> ssl.SSLContext:
+    """The TLS settings of a ``rediss://`` URL's query, as redis-py reads them (``ssl_ca_certs``, ``ssl_ca_path``,
+    ``ssl_cert_reqs=none|optional|required``, ``ssl_check_hostname``, ``ssl_certfile``/``ssl_keyfile``), so the hot
+    path's connection trusts what redis-py's does (a private CA had failed every bucket check while /readyz said
+    ready)."""
+    context = ssl.create_default_context(cafile=params.get("ssl_ca_certs"), capath=params.get("ssl_ca_path"))
+    reqs = params.get("ssl_cert_reqs")
+    mode = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}.get(
+        str(reqs).lower() if isinstance(reqs, str) else "", reqs if isinstance(reqs, ssl.VerifyMode) else None
+    )
+    if params.get("ssl_check_hostname") is False or mode == ssl.CERT_NONE:
+        context.check_hostname = False
+    if mode is not None:
+        context.verify_mode = mode
+    certfile = params.get("ssl_certfile")
+    if certfile:
+        context.load_cert_chain(certfile, params.get("ssl_keyfile"), password=params.get("ssl_password"))
+    return context
 
 
 def _usage_commands(deltas: Sequence[UsageDelta]) -> list[tuple[bytes, ...]]:

@@ -107,7 +107,7 @@ class RespPipe:
         db: int = 0,
         username: str | None = None,
         password: str | None = None,
-        tls: bool = False,
+        tls: ssl.SSLContext | None = None,
         timeout: float = 0.25,
     ) -> None:
         self._host = host
@@ -121,7 +121,7 @@ class RespPipe:
             self._hello.append(command(*auth))
         if db:
             self._hello.append(command(b"SELECT", str(db).encode()))
-        self._tls = ssl.create_default_context() if tls else None
+        self._tls = tls
         self.current: _Protocol | None = None
         """The connected protocol, None while there is none (a plain attribute: read on every send and reply)."""
         self.waiters: deque[_Waiting] = deque()
@@ -148,9 +148,11 @@ class RespPipe:
                 raise StoreError(f"cannot connect to redis at {where}: {exc!r}") from exc
             self.current = protocol
             self._loop = loop
-            for hello in self._hello:
+            if self._hello:
+                # AUTH and SELECT in one write, before anything else can be sent: a command another caller sent
+                # while AUTH's reply was awaited had gone ahead of SELECT, into database 0
                 try:
-                    await self._wait(hello, 1, "connection setup")
+                    await self._wait(b"".join(self._hello), len(self._hello), "connection setup")
                 except StoreError as exc:
                     self.reset(StoreError(f"redis refused the connection setup: {exc}"), protocol)
                     raise StoreError(f"redis refused the connection setup: {exc}") from exc
