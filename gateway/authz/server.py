@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -32,7 +32,7 @@ from gateway.decision import (
     ratelimit_wire,
 )
 from gateway.errors import StoreError
-from gateway.limits import BucketOp, BucketResult
+from gateway.limits import BucketResult
 from gateway.logs import RateLimitedLog
 from gateway.store.base import Store
 from gateway.store.batching import BucketBatcher
@@ -142,7 +142,7 @@ class Checker:
             pending = Pending(outcome, now, then, tag)
             self._batcher.submit(outcome.ops, pending)
             return pending
-        return self._decide(outcome, self._policy_results(outcome.ops), now)
+        return self._by_policy(outcome, now)
 
     def finish(self, pending: Pending) -> Reply:
         """The answer once the bucket check is done; raises what the check raised, but for store failures."""
@@ -157,7 +157,7 @@ class Checker:
             self._store_log.warning(
                 "store unavailable, limits follow --on-store-error=%s: %s", self._on_store_error, exc
             )
-            results = self._policy_results(pending.admission.ops)
+            return self._by_policy(pending.admission, pending.now)
         else:
             self._metrics.store_ok()
             if results and results[0].allowed:  # the usual answer, without the detour through _decide
@@ -188,14 +188,16 @@ class Checker:
             200, list(block.headers), shared=block, wire=ratelimit_wire(admission, results) if results else None
         )
 
-    def _policy_results(self, ops: Sequence[BucketOp]) -> list[BucketResult] | None:
-        """Bucket results while the store is unavailable, per ``--on-store-error``; None means deny."""
-        self._metrics.policy_applied.labels(self._on_store_error).inc()
-        if self._on_store_error == "allow":
-            return [BucketResult(True, op.limit, op.limit, 0, 0, 0) for op in ops]
-        if self._on_store_error == "local":
-            return self._local.check_now([ops])[0]
-        return None
+    def _by_policy(self, admission: Admission, now: float) -> Reply:
+        """The answer while the store is unavailable, per ``--on-store-error``: ``allow`` admits without limits and
+        without rate-limit headers (there is no bucket state to tell), ``local`` checks process-local buckets,
+        ``deny`` refuses."""
+        policy = self._on_store_error
+        self._metrics.policy_applied.labels(policy).inc()
+        if policy == "allow":
+            return self._allow(admission, None, now)
+        results = self._local.check_now([admission.ops])[0] if policy == "local" else None
+        return self._decide(admission, results, now)
 
     def deny(self, denial: Denial, tier: str, model: str, *, key: Admission | None = None) -> Reply:
         self._metrics.decision("deny", denial.code, tier, model).inc()
