@@ -264,7 +264,8 @@ def _route(snapshot: Snapshot, policy: Policy, key: KeyEntry, host: str, path: s
     if route is None:
         if not policy.allow_unrouted:
             return NO_ROUTE
-        return Admission(key=key, tier=tier, model=None, limits=limits, ops=())
+        # no model to check, but the key's limits hold: a catch-all upstream is not a way around them
+        return Admission(key=key, tier=tier, model=None, limits=limits, ops=_ops(policy.cache, key.key_id, limits))
     model_id = route.model
     if model_id is None:
         return Admission(key=key, tier=tier, model=None, limits=limits, ops=())

@@ -488,3 +488,11 @@ def test_identity_values_outside_printable_ascii_are_signed_as_sent_and_read_bac
     assert (got.user, got.groups) == ("josé-日本\nline", "grüne,%team")
     plain = sign(Identity(key_id="abc", user="alice", groups="free", tier="free", model="m"), b"s" * 32)
     assert plain["x-maas-user"] == "alice"  # printable ASCII goes as it is
+
+
+def test_a_path_admitted_unrouted_still_takes_from_the_keys_limits() -> None:
+    policy = Policy(pepper=PEPPER, identity_secret=b"s" * 32, path_prefix="/check", allow_unrouted=True)
+    h: CIMultiDict[str] = CIMultiDict([("x-api-key", platform.FREE.plaintext)])
+    outcome = admit(SNAP, policy, host="gw", path="/check/nothing/here", get=h.get, count=lambda n: 1, now=time.time())
+    assert isinstance(outcome, Admission) and outcome.model is None
+    assert [op.dimension for op in outcome.ops] == ["requests", "tokens"]

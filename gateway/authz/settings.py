@@ -23,7 +23,10 @@ class AuthzSettings(CommonSettings):
     )
     metrics_max_keys: int = Field(1000, ge=0, description='distinct key_id series; more go to key_id="_other"')
     default_tier: str = Field("free", description="tier of a key with no tier and no group that maps to one")
-    allow_unrouted: bool = Field(False, description="admit valid keys on paths no route matches (no model checks)")
+    allow_unrouted: bool = Field(
+        False,
+        description="admit valid keys on paths no route matches (no model checks; the key's limits still apply)",
+    )
     forward_api_key: bool = Field(False, description="keep the API key on the upstream request")
     bucket_max_inflight: int = Field(2, ge=1, le=64, description="concurrent bucket batches in flight to Redis")
     max_header_bytes: int = Field(65536, ge=8190, le=1 << 20, description="largest request header accepted")
