@@ -4,12 +4,13 @@ cannot see: what a closed connection leaves behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from typing import Any, cast
 
 import pytest
 
-from gateway.authz.fasthttp import CheckProtocol, CheckServer
+from gateway.authz.fasthttp import CheckProtocol, CheckServer, encode
 from gateway.authz.server import Checker, Reply
 from tests.support.k8s_emulator import eventually
 
@@ -53,4 +54,35 @@ async def test_a_closed_connection_is_freed_at_once_not_by_the_collector(data: b
         await eventually(lambda: not [o for o in gc.get_objects() if isinstance(o, CheckProtocol)], within=5)
     finally:
         gc.enable()
+        await server.close()
+
+
+async def test_a_client_that_pipelines_without_reading_its_answers_does_not_fill_the_memory() -> None:
+    """Only unanswered requests were bounded: answers piled up in the write buffer (a gigabyte from one
+    connection that never read). Reading now stops while the client is behind."""
+    server = CheckServer(cast(Checker, _Deny()), max_header_bytes=65536)
+    await server.start(host="127.0.0.1", port=0)
+    assert server._server is not None
+    port = server._server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        requests = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 10_000
+        for _ in range(40):  # 10 MB of requests, as fast as the socket takes them, answers never read
+            writer.write(requests)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await writer.drain()
+        [protocol] = list(server._connections)
+        assert protocol._transport is not None
+        assert protocol._transport.get_write_buffer_size() < 1 << 20  # the high-water mark, not the whole backlog
+        answer = encode(_Deny().begin(), keep_alive=True)
+        received = 0
+        async with asyncio.timeout(30):  # and it answers every request once the client reads
+            while received < 400_000 * len(answer):
+                chunk = await reader.read(1 << 20)
+                assert chunk
+                received += len(chunk)
+        assert received == 400_000 * len(answer)
+    finally:
+        writer.close()
         await server.close()

@@ -95,6 +95,9 @@ class CheckProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._queue: deque[_Slot] = deque()
         self._paused = False
+        self._write_paused = False
+        """The client reads its answers slower than it pipelines requests: reading stops until it catches up
+        (answered requests had piled up in the write buffer without bound, a gigabyte from one connection)."""
         self._started = 0.0
         self._reset()
 
@@ -115,6 +118,16 @@ class CheckProtocol(asyncio.Protocol):
         self._transport = None
         self._queue.clear()
         del self._parser  # it holds this protocol's callbacks: the pair is freed now, not at a later collection
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._transport is not None and not self._paused:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._transport is not None and not self._paused:
+            self._transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         self._started = time.perf_counter()  # the checks this read completes are timed from its arrival
@@ -181,7 +194,8 @@ class CheckProtocol(asyncio.Protocol):
             checker.observe(time.perf_counter() - started)
         if len(self._queue) > MAX_QUEUED and self._transport is not None and not self._paused:
             self._paused = True
-            self._transport.pause_reading()
+            if not self._write_paused:
+                self._transport.pause_reading()
 
     # --- answers ----------------------------------------------------------------------------------------------
 
@@ -212,7 +226,8 @@ class CheckProtocol(asyncio.Protocol):
                 return
         if self._paused and len(queue) <= MAX_QUEUED // 2:
             self._paused = False
-            transport.resume_reading()
+            if not self._write_paused:
+                transport.resume_reading()
 
     def close(self) -> None:
         if self._transport is not None:
