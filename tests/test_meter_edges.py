@@ -321,3 +321,23 @@ async def test_other_methods_on_a_metered_path_get_405_in_the_openai_envelope(re
         async with aiohttp.ClientSession() as fresh, fresh.get(stack.ops_url + "/metrics") as resp:
             text = await resp.text()
     assert 'reason="method_not_allowed"' in text
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        pytest.param(
+            "/v1/chat/completions",
+            b'{"model":"%s","max_tokens":5,"messages":[{"role":"user","content":"cut emoji \\ud83d"}]}',
+            id="chat-clamped",
+        ),
+        pytest.param("/v1/embeddings", b'{"model":"%s","input":"x \\udc00"}', id="embeddings"),
+    ],
+)
+async def test_a_lone_surrogate_in_valid_json_is_served_not_a_500(redis_url: str, path: str, body: bytes) -> None:
+    """Half an emoji (a string a client cut) is valid JSON: the estimate and the rewritten body had crashed on it."""
+    async with running_stack(redis_url) as stack:
+        headers = {**stack.headers(key_id="emoji", limit=(100_000, 60_000)), "content-type": "application/json"}
+        got, answer = await post(stack.meter_url + path, headers=headers, data=body.replace(b"%s", MODEL.encode()))
+    assert got == 200, answer
+    assert answer["usage"]["prompt_tokens"] > 0

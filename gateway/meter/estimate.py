@@ -25,6 +25,10 @@ from typing import Any, Literal
 Kind = Literal["chat", "completion", "embeddings"]
 
 
+EXTRAS = ("tools", "functions", "documents", "chat_template", "chat_template_kwargs")
+"""Chat fields besides the messages that vLLM renders into the prompt."""
+
+
 @dataclass(frozen=True, slots=True)
 class Estimator:
     bytes_per_token: float = 1.0
@@ -44,15 +48,16 @@ class Estimator:
     def _chat(self, body: dict[str, Any]) -> int:
         messages = body.get("messages")
         items = messages if isinstance(messages, list) else []
-        n_bytes = sum(len(s.encode()) for s in strings(items))
-        for extra in ("tools", "functions"):
+        # (a lone surrogate, half an emoji cut by a client, is valid JSON: counted, not a crash)
+        n_bytes = sum(len(s.encode("utf-8", "surrogatepass")) for s in strings(items))
+        for extra in EXTRAS:
             if body.get(extra):
-                n_bytes += len(json.dumps(body[extra], ensure_ascii=False).encode())
+                n_bytes += len(json.dumps(body[extra]))  # (escaped: an upper bound of its UTF-8 size)
         return self._tokens(n_bytes) + self.overhead * (len(items) + 1)
 
     def _prompts(self, value: Any) -> int:
         if isinstance(value, str):
-            return self._tokens(len(value.encode())) + self.overhead
+            return self._tokens(len(value.encode("utf-8", "surrogatepass"))) + self.overhead
         if isinstance(value, list) and value and all(_is_int(v) for v in value):
             return len(value) + self.overhead
         if isinstance(value, list):

@@ -261,4 +261,8 @@ def upstream_body(raw: bytes, parsed: Parsed, *, max_tokens: int | None, inject_
         changes["stream_options"] = options
     if not changes:
         return raw
-    return json.dumps({**body, **changes}, ensure_ascii=False, separators=(",", ":")).encode()
+    text = json.dumps({**body, **changes}, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate (half an emoji): sent escaped, as the client wrote it
+        return json.dumps({**body, **changes}, separators=(",", ":")).encode()

@@ -114,7 +114,7 @@ def prompt_tokens(prompt: str | list[int]) -> int:
 
 
 def _seed(model: str, text: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{model}\x00{text}".encode()).digest()[:8], "big")
+    return int.from_bytes(hashlib.sha256(f"{model}\x00{text}".encode("utf-8", "surrogatepass")).digest()[:8], "big")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +149,7 @@ def embedding(*, model: str, text: str, dimensions: int) -> list[float]:
     values: list[float] = []
     counter = 0
     while len(values) < dimensions:
-        block = hashlib.sha256(f"{model}\x00{counter}\x00{text}".encode()).digest()
+        block = hashlib.sha256(f"{model}\x00{counter}\x00{text}".encode("utf-8", "surrogatepass")).digest()
         values += [(b - 127.5) / 127.5 for b in block]
         counter += 1
     values = values[:dimensions]
