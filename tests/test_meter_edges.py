@@ -262,7 +262,8 @@ async def test_passthrough_streams_request_bodies_and_answers_head(redis_url: st
             yield payload[at : at + 100_000]
 
     try:
-        async with running_stack(redis_url, upstream=url) as stack, aiohttp.ClientSession() as session:
+        stack_cm = running_stack(redis_url, upstream=url, passthrough_posts="/v1/files")
+        async with stack_cm as stack, aiohttp.ClientSession() as session:
             async with session.post(stack.meter_url + "/v1/files", data=chunks()) as resp:  # chunked upload
                 uploaded = await resp.json()
                 assert resp.headers["x-upstream"] == "yes"
@@ -341,3 +342,22 @@ async def test_a_lone_surrogate_in_valid_json_is_served_not_a_500(redis_url: str
         got, answer = await post(stack.meter_url + path, headers=headers, data=body.replace(b"%s", MODEL.encode()))
     assert got == 200, answer
     assert answer["usage"]["prompt_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v1/responses"), ("POST", "/invocations"), ("POST", "/v1/load_lora_adapter"), ("DELETE", "/v1/x")],
+)
+async def test_requests_that_would_go_unmetered_are_refused(redis_url: str, method: str, path: str) -> None:
+    """vLLM generates on /v1/responses and /invocations, and loads adapters on others: passed on, a key's holder had
+    generated tokens no bucket or ledger saw."""
+    async with running_stack(redis_url) as stack, aiohttp.ClientSession() as session:
+        headers = stack.headers(key_id="sneaky", limit=(1000, 60_000))
+        async with session.request(method, stack.meter_url + path, json={"model": MODEL}, headers=headers) as resp:
+            got, body = resp.status, await resp.json()
+        async with session.post(stack.meter_url + "/tokenize", json={"model": MODEL, "prompt": "hi"}) as resp:
+            tokenize = await resp.text()  # a harmless POST of vLLM's, passed on by default (the sim lacks it)
+        metrics = await stack.metrics()
+    assert (got, body["error"]["code"]) == (404, "unsupported_endpoint")
+    assert metrics[("maas_meter_rejected_total", (("reason", "unsupported_endpoint"),))] == 1
+    assert "unsupported_endpoint" not in tokenize

@@ -19,6 +19,7 @@ from gateway.meter.proxy import Meter, MeterConfig, begin_early, follow_contexts
 from gateway.meter.server import Server
 from gateway.meter.settings import MeterSettings
 from gateway.meter.upstream import Upstream
+from gateway.settings import split_csv
 from gateway.store import Store, open_store
 
 
@@ -36,6 +37,7 @@ def config_of(settings: MeterSettings) -> MeterConfig:
         default_max_tokens=settings.default_max_tokens,
         deny_on_store_error=settings.store_failure_policy == "deny",
         estimator=Estimator(bytes_per_token=settings.estimate_bytes_per_token, overhead=settings.estimate_overhead),
+        passthrough_posts=frozenset(split_csv(settings.passthrough_posts)),
     )
 
 

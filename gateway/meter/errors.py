@@ -52,6 +52,12 @@ class MethodNotAllowed(MeterError):
     code = "method_not_allowed"
 
 
+class UnsupportedEndpoint(MeterError):
+    status = 404
+    type = "invalid_request_error"
+    code = "unsupported_endpoint"
+
+
 class UnsupportedMediaType(MeterError):
     status = 415
     type = "invalid_request_error"

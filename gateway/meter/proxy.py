@@ -29,6 +29,7 @@ from gateway.meter.errors import (
     ModelMismatch,
     StoreUnavailable,
     TokensExhausted,
+    UnsupportedEndpoint,
     UnsupportedMediaType,
     UpstreamBroken,
     envelope,
@@ -63,6 +64,7 @@ class MeterConfig:
     default_max_tokens: int = 4096
     deny_on_store_error: bool = False
     estimator: Estimator = field(default_factory=Estimator)
+    passthrough_posts: frozenset[str] = frozenset({"/tokenize", "/detokenize"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,8 @@ def _error(exc: MeterError) -> Reply:
 
 PASSED_ON_METERED_PATHS = frozenset({"OPTIONS"})
 """Methods other than POST that a metered path still passes to the upstream (a browser's CORS preflight)."""
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+"""Methods passed to the upstream on any other path; others only on ``passthrough_posts``."""
 
 
 def _metered_kind(request: Request) -> Kind | None:
@@ -122,6 +126,15 @@ async def handle(meter: Meter, request: Request) -> Reply | Stream:
             )
             meter.metrics.rejected(exc.code).inc()
             return _error(exc)
+        if request.method not in READ_METHODS and request.path not in meter.config.passthrough_posts:
+            # vLLM generates on /v1/responses, /invocations, /pooling ... and loads adapters on others: passed on,
+            # they would be neither metered nor limited
+            refused = UnsupportedEndpoint(
+                f"{request.method} {request.path} is not served through the gateway: only the metered endpoints "
+                f"({', '.join(req.PATHS)}) take requests that generate"
+            )
+            meter.metrics.rejected(refused.code).inc()
+            return _error(refused)
         return await passthrough(request, meter)
     meter.metrics.in_flight.inc()
     try:

@@ -33,6 +33,12 @@ class MeterSettings(CommonSettings):
     unknown_fields: Literal["reject", "allow"] = Field(
         "reject", description="request fields neither OpenAI nor vLLM define: reject (400) or pass on"
     )
+    passthrough_posts: str = Field(
+        "/tokenize,/detokenize",
+        description="paths besides the metered ones that take POST and the like, passed to the upstream unmetered "
+        "(comma-separated; others get 404: vLLM's /v1/responses, /invocations, /pooling or LoRA loading would "
+        "go unmetered or unguarded)",
+    )
     clamp_max_tokens: bool = Field(True, description="lower max_tokens to what the key's token quota can still pay")
     default_max_tokens: int = Field(
         4096,
