@@ -471,8 +471,32 @@ def _prefix(model: str) -> str:
     return {"qwen3-0-6b-instruct": "qwen3", "granite-code": "granite", "nomic-embed": "nomic"}.get(model, model)
 
 
+def _taken(host: str, port: int) -> bool:
+    """Whether something listens on ``host:port`` already (a bind fails)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return False  # an unknown host: the part that binds it says so
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError:
+                return True
+    return False
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    for flag, port in (("--port", args.port), ("--admin-port", args.admin_port)):
+        if _taken(args.host, port):
+            print(
+                f"maas demo: port {port} on {args.host} is in use (another maas demo, or another program); "
+                f"choose another with {flag}",
+                file=sys.stderr,
+            )
+            return 2
     demo = Demo(args)
     stopping = False
 

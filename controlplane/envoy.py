@@ -150,6 +150,9 @@ def render(gw: Gateway) -> dict[str, Any]:
                 {
                     "name": "gateway",
                     "address": {"socket_address": {"address": gw.listen_host, "port_value": gw.listen_port}},
+                    # Envoy shares a port with another process by default (SO_REUSEPORT): a second gateway on a
+                    # taken port then got half of the first one's requests; now it fails to start
+                    "enable_reuse_port": False,
                     "filter_chains": [
                         {
                             "filters": [

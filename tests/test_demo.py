@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from typing import Any
 import openai
 import pytest
 
+from controlplane import envoy
 from gateway import contract
 from gateway.store.redis import RedisStore
 from tests.support.procs import free_port
@@ -268,3 +270,28 @@ def test_without_redis_everything_runs_in_one_process_on_the_memory_store() -> N
             while any(_alive(pid) for pid in children):
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
+
+
+@pytest.mark.parametrize("flag", ["--port", "--admin-port"])
+def test_a_taken_port_stops_the_demo_at_once_with_a_clear_message(flag: str) -> None:
+    """A second demo on a taken --port had said ready and shared the port with the first (Envoy's SO_REUSEPORT):
+    requests went to either stack. A taken --admin-port ended in a traceback."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        ports = {"--port": str(free_port()), "--admin-port": str(free_port()), flag: str(taken)}
+        proc = subprocess.run(
+            [sys.executable, "-m", "controlplane.cli", "demo", *[x for pair in ports.items() for x in pair]],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert proc.returncode == 2, proc.stderr
+    assert f"port {taken} on 127.0.0.1 is in use" in proc.stderr and flag in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_gateway_listener_does_not_share_its_port() -> None:
+    config = envoy.render(envoy.Gateway(listen_port=8000, admin_port=9000, authz=None, clusters=[], routes=[]))
+    assert config["static_resources"]["listeners"][0]["enable_reuse_port"] is False
