@@ -56,6 +56,7 @@ CUSTOM_GROUPS = {
 # Containers allowed a writable root filesystem, and why.
 WRITABLE_ROOT = {
     ("ServingRuntime/vllm-latest", "kserve-container"): "vLLM writes kernel and compile caches below its install tree",
+    ("ServingRuntime/vllm-latest-unmetered", "kserve-container"): "the same vLLM, without the meter (kuadrant/)",
 }
 
 SAMPLE_KEY = re.compile(r"^(SAMPLE-[A-Za-z0-9-]+|admin-key-12345)$")
@@ -753,3 +754,30 @@ def test_models_are_the_seed_models() -> None:
         assert rule["filters"][0]["urlRewrite"]["path"] == {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}
         (backend,) = rule["backendRefs"]
         assert backend["name"].removesuffix("-predictor") in isvcs and backend["port"] == 80, name
+
+
+def test_models_kuadrant_guards_run_without_the_meter_and_the_others_with_it() -> None:
+    """Behind Kuadrant no identity headers are signed: the meter sidecar had answered 401 to every request Kuadrant
+    admitted to /nomic."""
+    objs = render("kuadrant")
+    guarded = {o["spec"]["targetRef"]["name"] for o in objs if o["kind"] == "AuthPolicy"}
+    runtimes = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ServingRuntime"}
+    metered = {
+        name
+        for name, runtime in runtimes.items()
+        if any(c["name"] == "maas-meter" for c in runtime["spec"]["containers"])
+    }
+    by_service: dict[str, str] = {}
+    for obj in objs:
+        if obj["kind"] == "HTTPRoute":
+            by_service[obj["spec"]["rules"][0]["backendRefs"][0]["name"]] = obj["metadata"]["name"]
+    checked = 0
+    for isvc in (o for o in objs if o["kind"] == "InferenceService"):
+        route = by_service[isvc["metadata"]["name"] + "-predictor"]
+        runtime = isvc["spec"]["predictor"]["model"]["runtime"]
+        assert runtime in runtimes
+        assert (runtime in metered) == (route not in guarded), (isvc["metadata"]["name"], runtime, route)
+        checked += 1
+    assert checked == 4 and guarded
+    unmetered = runtimes["vllm-latest-unmetered"]["spec"]["containers"][0]
+    assert unmetered["ports"][0]["containerPort"] == 8080 and "--port=8080" in unmetered["args"]
