@@ -42,6 +42,7 @@ SAMPLE_FILES = (
 )
 DEMO_NAMESPACE = "llm"
 SELF_SERVICE_PATHS = ("/v1/models", "/v1/me")
+SELF_SERVICE_FILE = "istio/self-service.yaml"
 
 
 def _default_deploy_dir() -> Path:
@@ -172,7 +173,7 @@ class Demo:
                 ]
                 doc = {**doc, "status": {"url": url, "address": {"url": url}, "conditions": conditions}}
             out.append(doc)
-        out.append(self_service_route())
+        out.append(self_service_route(self.deploy))
         (self.manifests / "demo.yaml").write_text(yaml.safe_dump_all(out, sort_keys=False))
 
     def start_redis(self) -> bool:
@@ -348,26 +349,16 @@ class ChildDied(Exception):
         self.child = child
 
 
-def self_service_route() -> dict[str, Any]:
-    """An HTTPRoute that exposes the key holders' self-service API (``/v1/models``, ``/v1/me``) on the gateway."""
-    return {
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "kind": "HTTPRoute",
-        "metadata": {
-            "name": "maas-self-service",
-            "namespace": DEMO_NAMESPACE,
-            "labels": {"maas.io/self-service": "true"},
-        },
-        "spec": {
-            "parentRefs": [{"name": "kuadrant-gateway", "namespace": DEMO_NAMESPACE}],
-            "rules": [
-                {
-                    "matches": [{"path": {"type": "PathPrefix", "value": p}} for p in SELF_SERVICE_PATHS],
-                    "backendRefs": [{"name": "maas-controlplane", "namespace": "maas-system", "port": 8700}],
-                }
-            ],
-        },
-    }
+def self_service_route(deploy: Path | None = None) -> dict[str, Any]:
+    """The HTTPRoute that exposes the key holders' self-service API (``/v1/models``, ``/v1/me``) on the gateway:
+    deploy/istio/self-service.yaml's, as on a cluster."""
+    path = (deploy or _default_deploy_dir()) / SELF_SERVICE_FILE
+    if not path.exists():
+        raise SystemExit(f"maas demo: manifest {path} is missing (run from the source tree)")
+    for doc in yaml.safe_load_all(path.read_text()):
+        if isinstance(doc, dict) and doc.get("kind") == "HTTPRoute":
+            return doc
+    raise SystemExit(f"maas demo: {path} holds no HTTPRoute")
 
 
 def envoy_gateway(
