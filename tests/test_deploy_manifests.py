@@ -812,4 +812,4 @@ def test_the_self_service_api_is_routed_checked_and_reachable_on_a_cluster() -> 
         assert grant["spec"]["to"] == [{"group": "", "kind": "Service", "name": "maas-controlplane"}]
     records = translate_route(route, models_by_isvc={}, gateways=frozenset({"kuadrant-gateway"}))
     assert {r.prefix for r in records} == SELF_SERVICE_PATHS and all(r.model is None for r in records)
-    assert set(demo.SELF_SERVICE_PATHS) == SELF_SERVICE_PATHS and demo.self_service_route() == route
+    assert set(demo.SELF_SERVICE_PATHS) == SELF_SERVICE_PATHS and demo.self_service_route()["spec"] == route["spec"]
