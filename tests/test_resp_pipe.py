@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import hiredis
 import pytest
@@ -286,16 +287,22 @@ async def test_a_rediss_url_with_a_private_ca_reaches_the_hot_path_connection_to
 async def test_auth_and_select_go_before_anything_sent_while_they_are_answered() -> None:
     """SELECT was sent only once AUTH's reply came: a bucket check sent in between ran in database 0."""
     order: list[bytes] = []
+    handlers: list[asyncio.Task[Any]] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.append(task)
         parser = hiredis.Reader()
-        while data := await reader.read(65536):
-            parser.feed(data)
-            while (cmd := parser.gets()) is not False:
-                order.append(cmd[0])
-                await asyncio.sleep(0.05)  # a slow answer: others send meanwhile
-                writer.write(b"+OK\r\n")
-        writer.close()
+        try:
+            while data := await reader.read(65536):
+                parser.feed(data)
+                while (cmd := parser.gets()) is not False:
+                    order.append(cmd[0])
+                    await asyncio.sleep(0.05)  # a slow answer: others send meanwhile
+                    writer.write(b"+OK\r\n")
+        finally:
+            writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     pipe = RespPipe(host="127.0.0.1", port=server.sockets[0].getsockname()[1], password="pw", db=3, timeout=2.0)
@@ -310,4 +317,5 @@ async def test_auth_and_select_go_before_anything_sent_while_they_are_answered()
     finally:
         await pipe.close()
         server.close()
+        await asyncio.wait(handlers, timeout=5)
         await server.wait_closed()
