@@ -15,8 +15,11 @@ from typing import Any
 import httptools
 import pytest
 
+from gateway.meter import server as meter_server
 from gateway.meter.server import ClientGone, Handler, Reply, Request, Server, Stream
 from tests.support.k8s_emulator import eventually
+
+LATER = "Thu, 01 Jan 2099 00:00:00 GMT"
 
 
 @dataclass
@@ -206,14 +209,17 @@ async def test_expect_continue_is_answered_when_the_body_is_read_and_not_when_re
     ],
 )
 async def test_malformed_requests_get_an_error_envelope_and_the_connection_closes(
-    data: bytes, status: int, code: str
+    data: bytes, status: int, code: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(meter_server, "_date", lambda: LATER.encode())
     async with running(echo) as server, connect(server) as client:
         await client.send(post("/before", b"x") + data)
         answers = await client.read(2)
         assert await client.wait_closed()
     assert answers[0].status == 200  # a request before the bad one is still answered
     assert answers[1].status == status and json.loads(answers[1].body)["error"]["code"] == code
+    # the meter's own date, of the moment it answers: the canned answers had carried the time the process started
+    assert answers[1].headers["date"] == LATER
 
 
 async def test_an_upgrade_header_is_ignored_and_the_request_answered_in_http_11() -> None:

@@ -300,13 +300,13 @@ def encode_reply(reply: Reply, *, head_only: bool, keep_alive: bool) -> bytes:
     return head if head_only or reply.status in _NO_BODY else head + reply.body
 
 
-def _error(status: int, code: str, message: str) -> bytes:
-    body = envelope(message, type_="invalid_request_error", code=code)
-    return encode_reply(Reply(status, body, content_type=JSON), head_only=False, keep_alive=False)
+def _error(status: int, code: str, message: str) -> Reply:
+    """A canned answer to malformed input (encoded when sent: its ``date`` is the time it is sent)."""
+    return Reply(status, envelope(message, type_="invalid_request_error", code=code), content_type=JSON)
 
 
 class _Abort(Exception):
-    def __init__(self, response: bytes) -> None:
+    def __init__(self, response: Reply | bytes) -> None:
         super().__init__()
         self.response = response
 
@@ -513,8 +513,10 @@ class _Connection(asyncio.Protocol):
         if self._size > self._server.max_header_bytes:
             raise _Abort(TOO_LARGE)
 
-    def _fail(self, response: bytes) -> None:
+    def _fail(self, response: Reply | bytes) -> None:
         """Malformed input: answered once, after the responses already owed, then the connection closes."""
+        if isinstance(response, Reply):
+            response = encode_reply(response, head_only=False, keep_alive=False)
         if self._current is not None:
             self._current.content._finish(ClientGone("the request was malformed"))
             self._current = None
