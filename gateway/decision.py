@@ -33,6 +33,9 @@ class Denial:
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
     error_type: str = "invalid_request_error"
+    tier: str = ""
+    model: str = ""
+    """The metric labels of a denial decided once the key's tier and the model were known."""
 
 
 @dataclass(slots=True, eq=False)
@@ -114,7 +117,9 @@ def error_body(message: str, *, error_type: str, code: str, param: str | None = 
 
 
 @lru_cache(maxsize=64)
-def _denial(status: int, code: str, message: str, error_type: str = "invalid_request_error") -> Denial:
+def _denial(
+    status: int, code: str, message: str, error_type: str = "invalid_request_error", tier: str = "", model: str = ""
+) -> Denial:
     headers: tuple[tuple[str, str], ...] = (("x-ext-auth-reason", code),)
     if status == 401:
         headers = (WWW_AUTHENTICATE, *headers)
@@ -124,6 +129,8 @@ def _denial(status: int, code: str, message: str, error_type: str = "invalid_req
         body=error_body(message, error_type=error_type, code=code),
         headers=headers,
         error_type=error_type,
+        tier=tier,
+        model=model,
     )
 
 
@@ -196,7 +203,8 @@ def _unsupported_scheme(scheme: str, *, bare: bool) -> Denial:
 def _split_host(host: str) -> str:
     if host.startswith("["):
         return host.split("]", 1)[0].lower() + "]"
-    return host.rsplit(":", 1)[0].lower() if ":" in host else host.lower()
+    name = host.rsplit(":", 1)[0].lower() if ":" in host else host.lower()
+    return name[:-1] if name.endswith(".") else name  # "example.com." is example.com (a fully qualified name)
 
 
 def admit(
@@ -272,11 +280,12 @@ def _route(snapshot: Snapshot, policy: Policy, key: KeyEntry, host: str, path: s
     allowed = key.models if key.models is not None else (tier.models if tier is not None else None)
     if allowed is not None and model_id not in allowed:
         message = f"This API key may not use the model '{model_id}'."
-        return _denial(403, "model_not_allowed", message, "permission_error")
+        return _denial(403, "model_not_allowed", message, "permission_error", tier.name if tier else "", model_id)
     model = catalog.models.get(model_id)
     if model is None or not model.ready:
         reason = f": {model.reason}" if model is not None and model.reason else ""
-        return _denial(503, "model_not_ready", f"The model '{model_id}' is not ready{reason}.", "server_error")
+        message = f"The model '{model_id}' is not ready{reason}."
+        return _denial(503, "model_not_ready", message, "server_error", tier.name if tier else "", model_id)
     return Admission(key=key, tier=tier, model=model_id, limits=limits, ops=_ops(policy.cache, key.key_id, limits))
 
 

@@ -496,3 +496,11 @@ def test_a_path_admitted_unrouted_still_takes_from_the_keys_limits() -> None:
     outcome = admit(SNAP, policy, host="gw", path="/check/nothing/here", get=h.get, count=lambda n: 1, now=time.time())
     assert isinstance(outcome, Admission) and outcome.model is None
     assert [op.dimension for op in outcome.ops] == ["requests", "tokens"]
+
+
+def test_model_denials_carry_their_tier_and_model_and_a_dotted_host_is_the_host() -> None:
+    refused = check([("x-api-key", platform.GRANITE_ONLY.plaintext)])
+    assert isinstance(refused, Denial) and refused.code == "model_not_allowed"
+    assert (refused.tier, refused.model) == ("premium", platform.QWEN)  # the labels of its decision metric
+    absolute = check([("x-api-key", ADMIN)], path="/check/v1/chat/completions", host="QWEN3.maas.local.:443")
+    assert isinstance(absolute, Admission) and absolute.model == platform.QWEN

@@ -135,7 +135,7 @@ class Checker:
         now = time.time()
         outcome = admit(snapshot, self._policy, host=host, path=path, get=get, count=count, now=now)
         if isinstance(outcome, Denial):
-            return self.deny(outcome, "", "")
+            return self.deny(outcome, outcome.tier, outcome.model)
         if not outcome.ops:
             return self._allow(outcome, None, now)
         if time.monotonic() >= self._store_down_until:
