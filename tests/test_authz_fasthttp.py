@@ -86,3 +86,29 @@ async def test_a_client_that_pipelines_without_reading_its_answers_does_not_fill
     finally:
         writer.close()
         await server.close()
+
+
+async def test_an_upgrade_header_is_ignored_and_an_http_10_keep_alive_is_said() -> None:
+    """A request asking to upgrade (h2c, websocket) got its answer and then an unasked 400; an HTTP/1.0 client that
+    asked for keep-alive got no ``connection: keep-alive``, so it waited for a close."""
+    server = CheckServer(cast(Checker, _Deny()), max_header_bytes=65536)
+    await server.start(host="127.0.0.1", port=0)
+    assert server._server is not None
+    port = server._server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+        writer.write(b"GET /b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        answer = encode(_Deny().begin(), keep_alive=True)
+        async with asyncio.timeout(5):
+            first = await reader.readexactly(len(answer))
+            second = await reader.readuntil(b"\r\n\r\n")
+        assert first == answer
+        assert second.startswith(b"HTTP/1.1 401") and b"connection: keep-alive\r\n" in second
+        await reader.readexactly(2)  # its body, "{}"
+        writer.write(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")  # the connection is still open for more
+        async with asyncio.timeout(5):
+            assert await reader.readexactly(len(answer)) == answer
+    finally:
+        writer.close()
+        await server.close()

@@ -63,12 +63,15 @@ _KNOWN = {
 """Header names as Envoy spells them, mapped to the decision's name or to "" (not read): one lookup per header."""
 _STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 _KEEP = b"content-length: %d\r\n\r\n"
+_KEEP_10 = b"connection: keep-alive\r\ncontent-length: %d\r\n\r\n"
 _CLOSE = b"connection: close\r\ncontent-length: %d\r\n\r\n"
+KEEP_ALIVE_10 = 2
+"""``keep_alive`` for an HTTP/1.0 client that asked to keep the connection: the answer says it keeps it."""
 
 
-def encode(reply: Reply, *, keep_alive: bool) -> bytes:
+def encode(reply: Reply, *, keep_alive: bool | int) -> bytes:
     head = _STATUS.get(reply.status) or f"HTTP/1.1 {reply.status} Unknown\r\n".encode()
-    tail = (_KEEP if keep_alive else _CLOSE) % len(reply.body)
+    tail = (_KEEP_10 if keep_alive == KEEP_ALIVE_10 else _KEEP if keep_alive else _CLOSE) % len(reply.body)
     shared = reply.shared
     if shared is None:
         return head + header_lines(reply.headers) + tail + reply.body
@@ -131,14 +134,24 @@ class CheckProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._started = time.perf_counter()  # the checks this read completes are timed from its arrival
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            self._fail(cause.response if isinstance(cause, _Abort) else BAD_REQUEST)
-            del cause  # its traceback holds this frame: kept, the pair would wait for the collector
-        except (httptools.HttpParserUpgrade, httptools.HttpParserError):
-            self._fail(BAD_REQUEST)
+        while data:
+            try:
+                self._parser.feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as exc:
+                # an Upgrade header (h2c, websocket) is ignored: the request was answered in HTTP/1.1, and parsing
+                # goes on after it (it had been answered twice: its answer, then a 400)
+                offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+                self._parser = httptools.HttpRequestParser(self)
+                data = data[offset:]
+            except httptools.HttpParserCallbackError as exc:
+                cause = exc.__context__
+                self._fail(cause.response if isinstance(cause, _Abort) else BAD_REQUEST)
+                del cause  # its traceback holds this frame: kept, the pair would wait for the collector
+                return
+            except httptools.HttpParserError:
+                self._fail(BAD_REQUEST)
+                return
 
     # --- httptools callbacks ----------------------------------------------------------------------------------
 
@@ -168,7 +181,9 @@ class CheckProtocol(asyncio.Protocol):
             raise _Abort(BODY_TOO_LARGE)
 
     def on_message_complete(self) -> None:
-        keep_alive = self._parser.should_keep_alive()
+        keep_alive: bool | int = self._parser.should_keep_alive()
+        if keep_alive and self._parser.get_http_version() == "1.0":
+            keep_alive = KEEP_ALIVE_10
         slot = _Slot()
         self._queue.append(slot)
         checker = self._checker
