@@ -4,6 +4,7 @@ keep-alive, pipelined requests in order, bounded headers, malformed HTTP."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -118,3 +119,41 @@ async def test_odd_requests(authz: Authz, payload: bytes, status: set[int]) -> N
     line = await asyncio.wait_for(reader.readline(), 5)
     writer.close()
     assert int(line.split()[1]) in status
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "code"),
+    [
+        pytest.param(
+            b"GET / HTTP/1.1\r\nHost: x\r\nx-junk: " + b"j" * 70000 + b"\r\n\r\n",
+            431,
+            "request_header_too_large",
+            id="huge-header",
+        ),
+        pytest.param(
+            b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"x-h%d: v\r\n" % i for i in range(6000)) + b"\r\n",
+            431,
+            "request_header_too_large",
+            id="too-many-headers",
+        ),
+        pytest.param(b"NOT HTTP AT ALL\r\n\r\n", 400, "bad_request", id="garbage"),
+        pytest.param(b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", 400, "bad_request", id="bad-version"),
+    ],
+)
+async def test_malformed_requests_get_the_openai_envelope_from_either_server(
+    authz: Authz, payload: bytes, status: int, code: str
+) -> None:
+    """aiohttp's own answers were plain text (some echoing the request line), and a header over the limit a 400."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", authz.port)
+    writer.write(payload)
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    headers: dict[str, str] = {}
+    while (line := await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    writer.close()
+    assert int(status_line.split()[1]) == status
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(body)["error"]["code"] == code

@@ -15,7 +15,7 @@ from gateway import __version__, logs
 from gateway.authz.fasthttp import CheckServer
 from gateway.authz.follower import SnapshotFollower
 from gateway.authz.metrics import AuthzMetrics
-from gateway.authz.server import AiohttpHandler, Checker
+from gateway.authz.server import AiohttpHandler, Checker, EnvelopeServer
 from gateway.authz.settings import AuthzSettings
 from gateway.decision import Policy
 from gateway.ops import ops_app
@@ -80,7 +80,7 @@ async def serve(settings: AuthzSettings, *, stop: asyncio.Event | None = None, s
         fast_server = CheckServer(checker, max_header_bytes=settings.max_header_bytes)
         await fast_server.start(host=settings.host, port=settings.port)
     else:
-        server = web.Server(
+        server = EnvelopeServer(
             AiohttpHandler(checker),
             access_log=None,
             max_field_size=settings.max_header_bytes,

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import http_exceptions, web, web_protocol
 
 from gateway.authz.follower import SnapshotFollower
 from gateway.authz.metrics import AuthzMetrics
@@ -241,3 +241,36 @@ class AiohttpHandler:
             step = checker.deny(INTERNAL, "", "")
         checker.observe(time.perf_counter() - started)
         return web.Response(status=step.status, headers=step.header_list(), body=step.body or None)
+
+
+class _EnvelopeHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, answering what it cannot parse in the OpenAI envelope (aiohttp's own answers are
+    plain text, some echoing the request line): 431 for headers over ``--max-header-bytes``, 400 otherwise."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response was sent already: the connection is closed")
+        if isinstance(exc, http_exceptions.LineTooLong) or "too many headers" in str(exc).lower():
+            status, code, text = 431, "request_header_too_large", "Request headers are too large."
+        elif status < 500:
+            status, code, text = 400, "bad_request", "Malformed HTTP request."
+        else:
+            log.error("ext_authz connection failed", exc_info=exc)
+            status, code, text = 503, "internal_error", "The gateway failed to check this request."
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        response = web.Response(status=status, body=error_body(text, error_type=kind, code=code), content_type=JSON)
+        response.force_close()
+        return response
+
+
+class EnvelopeServer(web.Server):
+    """``web.Server`` whose connections answer malformed requests in the OpenAI envelope."""
+
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _EnvelopeHandler(self, loop=self._loop, **self._kwargs)
