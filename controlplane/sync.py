@@ -33,6 +33,8 @@ log = logging.getLogger("maas.controlplane.sync")
 
 MODEL_KINDS = frozenset({kinds.ISVC.name, kinds.RUNTIME.name, kinds.CLUSTER_RUNTIME.name, kinds.HTTPROUTE.name})
 REPORTED_CAP = 50_000
+PROBE_SECONDS = 5.0
+"""How often the leader checks that the store still holds what it wrote (its generation did not go back)."""
 
 
 class Syncer:
@@ -152,12 +154,17 @@ class Syncer:
         await asyncio.gather(*(r.synced.wait() for streams in self.reflectors.values() for r in streams))
         backoff = Backoff(base=0.1, cap=5.0)
         next_full = time.monotonic()
+        next_probe = time.monotonic() + PROBE_SECONDS
         while True:
-            timeout = max(0.0, next_full - time.monotonic())
+            timeout = max(0.0, min(next_full, next_probe) - time.monotonic())
             if not self._wake.is_set():
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=timeout)
                 except TimeoutError:
+                    if time.monotonic() >= next_probe:
+                        next_probe = time.monotonic() + PROBE_SECONDS
+                        if not await self._store_went_back():
+                            continue
                     self._full_due = True
             self._wake.clear()
             full = self._full_due or time.monotonic() >= next_full
@@ -175,6 +182,22 @@ class Syncer:
             backoff.reset()
             if full:
                 next_full = time.monotonic() + self._resync_period
+
+    async def _store_went_back(self) -> bool:
+        """Whether the store's generation is below the last one written here: Redis lost its data (restarted without
+        persistence, flushed, restored from an old backup). Then a full sync rewrites it at once, instead of at the
+        next ``resync_period`` (until then maas authz knew no key)."""
+        if not self._is_leader() or self.generation <= 0:
+            return False
+        try:
+            current = await self._store.generation()
+        except StoreError:
+            return False  # unreachable: the next write fails and brings the full sync
+        if current >= self.generation:
+            return False
+        log.warning("the store's generation went back from %d to %d (data lost?): full sync", self.generation, current)
+        self.generation = current
+        return True
 
     def _update_desired(self, *, full: bool) -> None:
         if self._tiers_dirty or full:
@@ -195,6 +218,7 @@ class Syncer:
             self._metrics.objects.labels(kind=name).set(self.count(name))
 
     async def _load_mirror(self) -> dict[RecordKind, dict[str, str]]:
+        self.generation = await self._store.generation()  # what the store holds now (the probe compares with it)
         mirror: dict[RecordKind, dict[str, str]] = {}
         for kind in RecordKind:
             table: dict[str, str] = {}

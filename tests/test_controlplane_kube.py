@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from controlplane import sync as sync_module
 from controlplane.errors import ConflictError
 from controlplane.kinds import SECRET
 from controlplane.runner import ControlPlane
@@ -217,6 +218,28 @@ async def test_restart_with_stale_redis_converges_to_exactly_the_desired_state(
         assert await records(store) == desired
     finally:
         await second.stop()
+
+
+async def test_a_store_that_lost_its_data_is_written_again_without_waiting_for_the_resync(
+    emulator: K8sEmulator, tmp_path: Path, redis_url: str, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle control plane learnt of a Redis restarted empty at its next resync (5 minutes by default): until
+    then maas authz knew no key and answered 401 to everyone."""
+    monkeypatch.setattr(sync_module, "PROBE_SECONDS", 0.1)
+    for obj in load_manifests(SEED):
+        emulator.create(obj)
+    plane = await started(settings_for(emulator, tmp_path, redis_url, resync_period=3600))
+    try:
+        desired = await records(store)
+        assert desired[RecordKind.KEY]
+        await store._client.flushall()
+
+        async def rewritten() -> bool:
+            return await records(store) == desired
+
+        await eventually(rewritten, within=5)
+    finally:
+        await plane.stop()
 
 
 async def test_malformed_objects_are_skipped_reported_and_the_rest_keeps_syncing(
