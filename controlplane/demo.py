@@ -428,7 +428,9 @@ def banner(demo: Demo, models: dict[str, Model], started: float) -> Iterator[str
     admin = f"http://localhost:{demo.args.admin_port}"
     yield f"ready {base} in {time.monotonic() - started:.1f}s"
     yield ""
-    yield "maas-gateway demo: Envoy + maas authz + maas meter + maas sim + maas controlplane + Redis"
+    parts = "Envoy + maas authz + maas meter + maas sim + maas controlplane"
+    in_memory = demo.redis_url.startswith("memory:")
+    yield f"maas-gateway demo: {parts}" + (" (one process, in-memory store)" if in_memory else " + Redis")
     yield f"  gateway (Envoy):   {base}     models: " + ", ".join(f"/{_prefix(n)}" for n in models)
     yield f"  admin API:         {admin}   (development admin token: maas-dev-admin-token)"
     yield f"  store:             {demo.redis_url}   manifests: {demo.manifests}   logs: {demo.logs}"

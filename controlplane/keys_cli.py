@@ -31,6 +31,10 @@ class ApiError(Exception):
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=None, help=f"admin API base URL [env MAAS_ADMIN_URL, default {DEFAULT_URL}]")
     parser.add_argument("--output", "-o", choices=("table", "json"), default="table", help="output format")
+    parser.epilog = (
+        "The admin token comes from the environment, MAAS_ADMIN_TOKEN (never a flag: it would show in the process "
+        "list and the shell history); a read-only token is enough for list, show and usage."
+    )
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     create = sub.add_parser("create", help="issue a key (prints the key once)")
     create.add_argument("--user", required=True)

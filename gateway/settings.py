@@ -34,7 +34,9 @@ class CommonSettings(BaseSettings):
     )
     store_timeout: float = Field(0.25, gt=0, le=30, description="timeout of every store call, seconds")
     key_pepper: SecretStr | None = Field(
-        None, description="HMAC pepper for API-key digests (shared by all processes); required unless --dev"
+        None,
+        description="HMAC pepper for API-key digests (shared by all processes, at least 16 characters); required "
+        "unless --dev",
     )
     dev: bool = Field(False, description="development mode: a fixed, loudly logged pepper and secrets")
     log_format: Literal["json", "text"] = Field("json", description="log line format")

@@ -20,7 +20,9 @@ class MeterSettings(CommonSettings):
     port: int = Field(8600, ge=0, le=65535, description="port of the proxy")
     ops_port: int = Field(9600, ge=0, le=65535, description="port of /healthz, /readyz and /metrics")
     identity_secret: SecretStr | None = Field(
-        None, description="secret shared with maas authz to verify identity headers; required unless --dev"
+        None,
+        description="secret shared with maas authz to verify identity headers; required unless --dev or "
+        "--trust-identity-headers",
     )
     identity_max_age: float = Field(60.0, gt=0, le=3600, description="oldest accepted identity signature, seconds")
     trust_identity_headers: bool = Field(False, description="accept identity headers without a valid signature")
@@ -31,7 +33,7 @@ class MeterSettings(CommonSettings):
     )
     max_event_bytes: int = Field(1 << 20, ge=1024, le=1 << 28, description="largest single SSE event from upstream")
     unknown_fields: Literal["reject", "allow"] = Field(
-        "reject", description="request fields neither OpenAI nor vLLM define: reject (400) or pass on"
+        "reject", description="request fields neither OpenAI nor vLLM define: reject (400) or allow (passed on)"
     )
     passthrough_posts: str = Field(
         "/tokenize,/detokenize",
