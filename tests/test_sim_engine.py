@@ -59,6 +59,10 @@ def test_streamed_text_and_usage_match_the_full_response() -> None:
             id="options-no-stream",
         ),
         pytest.param({"model": "m", "messages": CHAT, "max_tokens": "5"}, 400, "max_tokens", id="max-tokens-type"),
+        pytest.param({"model": "m", "messages": CHAT, "n": 1_000_000}, 400, "n", id="a-million-choices"),
+        pytest.param(
+            {"model": "m", "messages": CHAT, "max_tokens": 5, "min_tokens": 9}, 400, "min_tokens", id="min-over-max"
+        ),
     ],
 )
 def test_vllm_refusals(body: dict[str, object], status: int, param: str | None) -> None:

@@ -51,6 +51,9 @@ class Job:
         return max((len(c.generation.tokens) for c in self.choices), default=0)
 
 
+MAX_CHOICES = 128
+"""The most choices (``n``) one request may ask for (the meter refuses more too)."""
+
 def _model(body: dict[str, Any], served: tuple[str, ...]) -> str:
     model = body.get("model")
     if model is None:
@@ -66,7 +69,13 @@ def _generation_params(body: dict[str, Any], *, chat: bool) -> tuple[int | None,
         newer = engine.int_param(body, "max_completion_tokens", minimum=1)
         max_tokens = newer if newer is not None else max_tokens
     n = engine.int_param(body, "n", minimum=1) or 1
+    if n > MAX_CHOICES:  # a million choices had held the simulator's loop for seconds and taken half a gigabyte
+        raise SimRequestError(f"n must be at most {MAX_CHOICES}, got {n}.", param="n")
     min_tokens = engine.int_param(body, "min_tokens") or 0
+    if max_tokens is not None and min_tokens > max_tokens:  # as vLLM's sampling parameters refuse it
+        raise SimRequestError(
+            f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}.", param="min_tokens"
+        )
     return max_tokens, n, body.get("ignore_eos") is True, min_tokens
 
 
