@@ -295,3 +295,19 @@ def test_sim_served_model_names_from_repeated_flags_or_a_comma_separated_variabl
     assert (settings.served_model_name, settings.ttft_ms) == (("a", "b"), 5.0)
     monkeypatch.setenv("MAAS_SERVED_MODEL_NAME", "x, y")
     assert load(sim_main.SimSettings).served_model_name == ("x", "y")  # type: ignore[type-var]
+
+
+def test_stream_meter_reads_an_upstream_that_writes_spaced_json() -> None:
+    """The final usage chunk and the choice index were found only in compact JSON: an upstream writing
+    ``"choices": []`` got that chunk forwarded, stripped, to a client that never asked for usage, and every choice
+    of a cut stream counted as choice 0."""
+    events = [
+        json.loads(e[6:]) if e.startswith(b"data: {") else e
+        for e in _sim_stream(chat=True, include=True, continuous=True, n=2)
+    ]
+    spaced = [b"data: " + json.dumps(e).encode() + b"\n\n" if isinstance(e, dict) else e for e in events]
+    meter = StreamMeter(want_usage=False, want_continuous=False, null_usage=False, per_prompt=2)
+    out = [meter.event(e) for e in spaced[:-2]]  # all but the final usage chunk and [DONE]
+    assert meter.usage() == Usage(events[-2]["usage"]["prompt_tokens"], events[-2]["usage"]["completion_tokens"])
+    assert all(b'"usage"' not in o or b'"usage": null' in o for o in out)
+    assert meter.event(spaced[-2]) == b"" and meter.final is not None  # usage not asked for: dropped

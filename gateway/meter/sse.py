@@ -12,12 +12,17 @@ usage object is the last member of vLLM's chunk) and re-encoded only if its layo
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 _DECODER = json.JSONDecoder()
 _USAGE = b'"usage":'
 _INDEX = b'"choices":[{"index":'
 _EMPTY_CHOICES = b'"choices":[]'
+_CHOICES = b'"choices":['
+# vLLM writes compact JSON; an upstream that does not ("choices": [], as json.dumps writes it) is read slowly
+_INDEX_RE = re.compile(rb'"choices"\s*:\s*\[\s*\{\s*"index"\s*:\s*(\d+)')
+_EMPTY_RE = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 DONE = b"[DONE]"
 
 
@@ -129,7 +134,8 @@ def _usage_of(obj: dict[str, object]) -> Usage:
 def _choice_index(data: bytes) -> int:
     at = data.find(_INDEX)
     if at < 0:
-        return 0
+        spaced = _INDEX_RE.search(data) if _CHOICES not in data else None
+        return int(spaced.group(1)) if spaced is not None else 0
     at += len(_INDEX)
     end = at
     while data[end : end + 1].isdigit():
@@ -190,7 +196,7 @@ class StreamMeter:
             if data.startswith(b'{"error"') or b'"object":"error"' in data[:64]:
                 self.error = True
             return event
-        if _EMPTY_CHOICES in data:
+        if _EMPTY_CHOICES in data or (_CHOICES not in data and _EMPTY_RE.search(data) is not None):
             self.final = found.usage
             return event if self.want_usage else b""
         self._per_choice[_choice_index(data)] = found.usage
