@@ -141,13 +141,17 @@ async def test_upstream_down_is_503_and_not_ready(redis_url: str) -> None:
         metrics = await stack.metrics()
     assert (status, body["error"]["code"]) == (503, "upstream_unavailable")
     assert metrics[("maas_meter_upstream_errors_total", (("reason", "connect"),))] == 1
+    # forwarded, then failed: not "refused before forwarding"
+    assert metrics.get(("maas_meter_rejected_total", (("reason", "upstream_unavailable"),)), 0) == 0
 
 
 async def test_slow_upstream_is_504(redis_url: str) -> None:
     sim = SimConfig(served=(MODEL,), ttft_ms=1_000)
     async with running_stack(redis_url, sim=sim, upstream_first_byte_timeout=0.2) as stack:
         status, body = await post(stack.meter_url + "/v1/chat/completions", headers=signed())
+        metrics = await stack.metrics()
     assert (status, body["error"]["code"]) == (504, "upstream_timeout")
+    assert metrics.get(("maas_meter_rejected_total", (("reason", "upstream_timeout"),)), 0) == 0
 
 
 async def test_stream_that_goes_silent_ends_with_an_error_event_and_is_charged_what_was_sent(redis_url: str) -> None:

@@ -355,3 +355,20 @@ async def test_a_stream_cut_by_shutdown_is_charged_what_was_sent(redis_url: str)
     level = float(state.split()[0]) if state else 0.0
     charged = rows[0].prompt_tokens + rows[0].completion_tokens
     assert 100_000 - charged <= level < 100_000 - charged + 5  # (plus a few seconds' refill)
+
+
+async def test_a_stream_left_before_its_first_token_writes_no_ledger_row(redis_url: str) -> None:
+    """The ledger holds requests that served tokens: a client gone before the first one had added a request."""
+    sim = SimConfig(served=(MODEL,), ttft_ms=3_000)
+    async with running_stack(redis_url, sim=sim) as stack:
+        async with stack.client(key_id="impatient", limit=(100_000, 86_400_000)) as client:
+            with pytest.raises(openai.APITimeoutError):
+                stream = await client.with_options(timeout=0.5).chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+                async for _ in stream:
+                    pass
+        metrics = await wait_until_settled(stack)
+        rows = await stack.store.read_usage("impatient", [ledger_day()])
+    assert metrics[("maas_meter_client_disconnects_total", ())] == 1
+    assert not rows or rows[0].requests == 0

@@ -49,6 +49,8 @@ async def settle(store: Store, metrics: MeterMetrics, exchange: Exchange, *, ser
     exchange.settled = True
     model_children = metrics.models.get((exchange.model, exchange.operation))
     model_children.requests(status).inc()
+    if served is not None and served.total == 0 and status == 499:
+        served = None  # the client left before anything was sent: nothing served, no ledger row
     if served is None:
         await _commit(store, metrics, exchange, actual=0)
         return

@@ -32,6 +32,8 @@ from gateway.meter.errors import (
     UnsupportedEndpoint,
     UnsupportedMediaType,
     UpstreamBroken,
+    UpstreamTimeout,
+    UpstreamUnavailable,
     envelope,
     normalise_upstream_error,
 )
@@ -109,6 +111,7 @@ def _error(exc: MeterError) -> Reply:
 PASSED_ON_METERED_PATHS = frozenset({"OPTIONS"})
 """Methods other than POST that a metered path still passes to the upstream (a browser's CORS preflight)."""
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+UPSTREAM_FAILURES = (UpstreamUnavailable, UpstreamTimeout, UpstreamBroken)
 """Methods passed to the upstream on any other path; others only on ``passthrough_posts``."""
 
 
@@ -140,7 +143,8 @@ async def handle(meter: Meter, request: Request) -> Reply | Stream:
     try:
         return await metered(request, meter, kind=kind)
     except MeterError as exc:
-        meter.metrics.rejected(exc.code).inc()
+        if not isinstance(exc, UPSTREAM_FAILURES):  # forwarded, then failed: counted as upstream errors instead
+            meter.metrics.rejected(exc.code).inc()
         # an expected refusal needs no traceback: without it the frames that hold the exception (the early hook's,
         # the handler's) and the exception free each other at once, not at the next collection
         exc.__traceback__ = None
