@@ -95,6 +95,10 @@ async def test_redis_outage_follows_policy_and_recovers(policy: str, during: set
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
                 assert await _status(http, authz, platform.ADMIN.plaintext) == 200
+                async with http.get(authz.ops_url + "/metrics") as resp:
+                    before = await resp.text()  # the series alerts wait for are there, at 0, before any error
+                assert f'maas_authz_store_policy_total{{policy="{policy}"}} 0.0' in before
+                assert 'maas_store_errors_total{code="store_timeout",operation="buckets"} 0.0' in before
                 server.kill()
                 started = time.monotonic()
                 statuses = [await _status(http, authz, platform.ADMIN.plaintext) for _ in range(20)]

@@ -37,6 +37,13 @@ class AuthzMetrics:
             ("policy",),
             registry=r,
         )
+        # the series a dashboard or an alert waits for exist at 0 from the start (they had appeared at the first
+        # error, so `rate(...)` or `increase(...)` saw nothing before it)
+        for operation in ("buckets", "subscribe"):
+            for code in ("store_unavailable", "store_timeout"):
+                self._store_errors.labels(operation, code)
+        for policy in ("deny", "allow", "local"):
+            self.policy_applied.labels(policy)
         self.snapshot_records = Gauge("maas_snapshot_records", "records in the snapshot", ("kind",), registry=r)
         self.snapshot_generation = Gauge("maas_snapshot_generation", "generation the snapshot is at", registry=r)
         self.snapshot_reloads = Counter(
