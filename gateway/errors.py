@@ -22,6 +22,11 @@ class StoreTimeout(StoreError):
     code = "store_timeout"
 
 
+class StoreNotSent(StoreError):
+    """The call never reached the store (no connection could be made): it certainly did not happen, so it can be
+    made again later without counting twice."""
+
+
 class RecordError(MaasError):
     """A record in the store that this version cannot read (malformed, or of another schema version)."""
 

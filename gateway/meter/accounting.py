@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.contract import ledger_day
-from gateway.errors import StoreError
+from gateway.errors import StoreError, StoreNotSent
 from gateway.identity import Identity
 from gateway.logs import RateLimitedLog
 from gateway.meter import quota
@@ -43,7 +43,74 @@ class Exchange:
         return OPERATIONS[self.parsed.kind]
 
 
-async def settle(store: Store, metrics: MeterMetrics, exchange: Exchange, *, served: Usage | None, status: int) -> None:
+class UsageBacklog:
+    """Ledger rows whose write never left the meter (no connection to Redis): kept, merged per (key, model, day),
+    and written once the store answers again, so an outage loses no usage. A write that was sent and then timed out
+    may have landed: it is counted as a failed write and not made again (a usage ledger must not count twice)."""
+
+    MAX_ROWS = 100_000
+    """Distinct (key, model, day) rows held at most; past it a new row is dropped and counted as a failed write."""
+    RETRY_SECONDS = 1.0
+
+    def __init__(self, metrics: MeterMetrics) -> None:
+        self._metrics = metrics
+        self._rows: dict[tuple[str, str, str], UsageDelta] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def hold(self, rows: list[UsageDelta]) -> None:
+        for row in rows:
+            ident = (row.key_id, row.model, row.day)
+            held = self._rows.get(ident)
+            if held is not None:
+                self._rows[ident] = UsageDelta(
+                    key_id=row.key_id,
+                    model=row.model,
+                    day=row.day,
+                    requests=held.requests + row.requests,
+                    prompt_tokens=held.prompt_tokens + row.prompt_tokens,
+                    completion_tokens=held.completion_tokens + row.completion_tokens,
+                )
+            elif len(self._rows) < self.MAX_ROWS:
+                self._rows[ident] = row
+            else:
+                self._metrics.store_errors["ledger"].inc()
+                _warn.warning("usage ledger backlog full (%d rows): key %s's row is lost", self.MAX_ROWS, row.key_id)
+        self._metrics.backlog.set(len(self._rows))
+
+    async def flush(self, store: Store) -> bool:
+        """Write what is held; True when nothing is left."""
+        if not self._rows:
+            return True
+        rows, self._rows = list(self._rows.values()), {}
+        try:
+            await store.add_usage(rows)
+        except StoreNotSent:
+            self.hold(rows)
+            return False
+        except StoreError as exc:
+            self._metrics.store_errors["ledger"].inc()
+            _warn.warning("usage ledger backlog write failed (%d rows, may have landed): %s", len(rows), exc)
+        self._metrics.backlog.set(len(self._rows))
+        return not self._rows
+
+    async def run(self, store: Store) -> None:
+        """Write the backlog whenever it holds rows, for as long as the meter runs."""
+        while True:
+            await asyncio.sleep(self.RETRY_SECONDS)
+            await self.flush(store)
+
+
+async def settle(
+    store: Store,
+    metrics: MeterMetrics,
+    exchange: Exchange,
+    *,
+    served: Usage | None,
+    status: int,
+    backlog: UsageBacklog | None = None,
+) -> None:
     """Commit ``served`` (None: nothing was served, refund everything), write the ledger, count the tokens. The
     bucket commit and the ledger write are independent and go to the store together (one round trip on Redis)."""
     exchange.settled = True
@@ -69,7 +136,9 @@ async def settle(store: Store, metrics: MeterMetrics, exchange: Exchange, *, ser
         prompt_tokens=served.prompt,
         completion_tokens=served.completion,
     )
-    await asyncio.gather(_commit(store, metrics, exchange, actual=served.total), _ledger(store, metrics, delta_row))
+    await asyncio.gather(
+        _commit(store, metrics, exchange, actual=served.total), _ledger(store, metrics, delta_row, backlog)
+    )
 
 
 async def _commit(store: Store, metrics: MeterMetrics, exchange: Exchange, *, actual: int) -> None:
@@ -85,9 +154,12 @@ async def _commit(store: Store, metrics: MeterMetrics, exchange: Exchange, *, ac
         metrics.debited.inc(delta)
 
 
-async def _ledger(store: Store, metrics: MeterMetrics, row: UsageDelta) -> None:
+async def _ledger(store: Store, metrics: MeterMetrics, row: UsageDelta, backlog: UsageBacklog | None) -> None:
     try:
         await store.add_usage([row])
     except StoreError as exc:
+        if isinstance(exc, StoreNotSent) and backlog is not None:  # never sent: written once the store answers
+            backlog.hold([row])
+            return
         metrics.store_errors["ledger"].inc()
         _warn.warning("usage ledger write failed for key %s: %s", row.key_id, exc)

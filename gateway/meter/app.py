@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.meter.accounting import UsageBacklog
 from gateway.meter.estimate import Estimator
 from gateway.meter.metrics import MeterMetrics
 from gateway.meter.proxy import Meter, MeterConfig, begin_early, follow_contexts, handle
@@ -57,6 +58,7 @@ def build_meter(settings: MeterSettings, *, store: Store | None = None) -> Meter
         store=store if store is not None else open_store(settings.redis_url, timeout=settings.store_timeout),
         upstream=upstream,
         metrics=metrics,
+        backlog=UsageBacklog(metrics),
     )
 
 
@@ -106,6 +108,11 @@ async def serving(
         await meter.upstream.start()
         contexts = asyncio.get_running_loop().create_task(follow_contexts(meter), name="meter-contexts")
         stack.push_async_callback(_stop, contexts)
+        if meter.backlog is not None:
+            # last thing before the store closes: one more try at what the ledger still holds
+            stack.push_async_callback(meter.backlog.flush, meter.store)
+            backlog = asyncio.get_running_loop().create_task(meter.backlog.run(meter.store), name="meter-backlog")
+            stack.push_async_callback(_stop, backlog)
         await ops.setup()
         stack.push_async_callback(ops.cleanup)
         await proxy.start(host, port, backlog=2048)

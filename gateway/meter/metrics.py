@@ -117,6 +117,9 @@ class MeterMetrics:
         self.rejected_children: dict[str, Counter] = {}
         self.disconnects = Counter("maas_meter_client_disconnects", "Streams the client left early", registry=r)
         self.in_flight = Gauge("maas_meter_requests_in_flight", "Metered requests being served", registry=r)
+        self.backlog = Gauge(
+            "maas_meter_ledger_backlog_rows", "Usage ledger rows waiting for the store to come back", registry=r
+        )
         self.overhead = Histogram(
             "maas_meter_overhead_seconds",
             "Time the meter spends before forwarding (body, identity, reservation)",

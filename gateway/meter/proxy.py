@@ -20,7 +20,7 @@ from gateway.contract import format_duration
 from gateway.errors import StoreError
 from gateway.meter import h1, quota
 from gateway.meter import request as req
-from gateway.meter.accounting import Exchange, settle
+from gateway.meter.accounting import Exchange, UsageBacklog, settle
 from gateway.meter.errors import (
     BodyTooLarge,
     IdentityRejected,
@@ -77,6 +77,8 @@ class Meter:
     metrics: MeterMetrics
     contexts: dict[str, int] = field(default_factory=dict)
     """Served model -> context length, as the model server lists them (kept fresh by ``follow_contexts``)."""
+    backlog: UsageBacklog | None = None
+    """Ledger rows waiting for the store (written by ``UsageBacklog.run``, which ``serving`` starts)."""
 
 
 CONTEXT_REFRESH = 60.0
@@ -353,7 +355,7 @@ async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stre
         if not exchange.settled:
             meter.metrics.disconnects.inc()
             served = exchange.sent() if exchange.sent is not None else None
-            await settle(meter.store, meter.metrics, exchange, served=served, status=499)
+            await settle(meter.store, meter.metrics, exchange, backlog=meter.backlog, served=served, status=499)
         raise
     finally:
         request.cuttable = None
@@ -379,7 +381,7 @@ async def _forward(
             begun.relay.stop()
             begun.relay.upstream.close()
         _count_reservation(meter, reservation, overhead)
-        await settle(meter.store, meter.metrics, exchange, served=None, status=exc.status)
+        await settle(meter.store, meter.metrics, exchange, backlog=meter.backlog, served=None, status=exc.status)
         raise
     _count_reservation(meter, reservation, overhead)
     extra = _quota_headers(reservation, exchange.parsed)
@@ -422,7 +424,7 @@ async def _upstream_error(
         raw = b""
     if upstream.status >= 500:
         meter.upstream.count("status_5xx")
-    await settle(meter.store, meter.metrics, exchange, served=None, status=upstream.status)
+    await settle(meter.store, meter.metrics, exchange, backlog=meter.backlog, served=None, status=upstream.status)
     body = normalise_upstream_error(upstream.status, raw)
     return Reply(upstream.status, body, headers=extra, content_type=JSON)
 
@@ -433,10 +435,10 @@ async def _whole(
     try:
         raw = await meter.upstream.read(upstream, limit=meter.config.max_response_bytes)
     except MeterError as exc:
-        await settle(meter.store, meter.metrics, exchange, served=None, status=exc.status)
+        await settle(meter.store, meter.metrics, exchange, backlog=meter.backlog, served=None, status=exc.status)
         raise
     served = response_usage(raw) or Usage()
-    await settle(meter.store, meter.metrics, exchange, served=served, status=upstream.status)
+    await settle(meter.store, meter.metrics, exchange, backlog=meter.backlog, served=served, status=upstream.status)
     headers = response_headers(upstream.headers)
     headers.update(extra)
     return Reply(upstream.status, raw, headers=headers)
@@ -578,7 +580,7 @@ async def _stream(
         except ConnectionResetError:
             upstream.close()
             meter.metrics.disconnects.inc()
-            await settle(meter.store, meter.metrics, exchange, served=None, status=499)
+            await settle(meter.store, meter.metrics, exchange, backlog=meter.backlog, served=None, status=499)
             return Reply(499)
     response, tracker = relay.response, relay.tracker
     exchange.sent = lambda: relay.sent
@@ -605,7 +607,14 @@ async def _stream(
                     relay.wrote(ttft)
         if tracker.done:
             # settle before the client sees [DONE]: a client that has its whole answer is already accounted
-            await settle(meter.store, meter.metrics, exchange, served=tracker.usage(), status=upstream.status)
+            await settle(
+                meter.store,
+                meter.metrics,
+                exchange,
+                backlog=meter.backlog,
+                served=tracker.usage(),
+                status=upstream.status,
+            )
             tail = _last_event(out)
             ttft = relay.sending()
             await response.write(out[: len(out) - len(tail)])
@@ -616,7 +625,7 @@ async def _stream(
         upstream.close()
         meter.metrics.disconnects.inc()
         if not tracker.done:
-            await settle(meter.store, meter.metrics, exchange, served=relay.sent, status=499)
+            await settle(meter.store, meter.metrics, exchange, backlog=meter.backlog, served=relay.sent, status=499)
         return response
     except MeterError as exc:
         failure = exc
@@ -645,7 +654,9 @@ async def _broken_stream(
     if failure is None:  # a clean end of the body, but without [DONE]
         meter.upstream.count("broken")
         failure = UpstreamBroken("upstream closed the stream before it was complete")
-    await settle(meter.store, meter.metrics, exchange, served=tracker.usage(), status=failure.status)
+    await settle(
+        meter.store, meter.metrics, exchange, backlog=meter.backlog, served=tracker.usage(), status=failure.status
+    )
     event = envelope(str(failure), type_=failure.type, code=failure.code)
     try:
         await response.write(b"data: " + event + b"\n\ndata: [DONE]\n\n")

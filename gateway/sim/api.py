@@ -54,6 +54,7 @@ class Job:
 MAX_CHOICES = 128
 """The most choices (``n``) one request may ask for (the meter refuses more too)."""
 
+
 def _model(body: dict[str, Any], served: tuple[str, ...]) -> str:
     model = body.get("model")
     if model is None:

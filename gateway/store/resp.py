@@ -26,7 +26,7 @@ from typing import Any, cast
 
 import hiredis
 
-from gateway.errors import StoreError, StoreTimeout
+from gateway.errors import StoreError, StoreNotSent, StoreTimeout
 
 log = logging.getLogger("maas.store.resp")
 
@@ -145,7 +145,7 @@ class RespPipe:
                         )
             except (OSError, TimeoutError) as exc:
                 where = self._path if self._path is not None else f"{self._host}:{self._port}"
-                raise StoreError(f"cannot connect to redis at {where}: {exc!r}") from exc
+                raise StoreNotSent(f"cannot connect to redis at {where}: {exc!r}") from exc
             self.current = protocol
             self._loop = loop
             if self._hello:
@@ -210,7 +210,7 @@ class RespPipe:
                     future.set_result(replies)
 
         if not self.send(payload, [one] * count, what):
-            raise StoreError("redis connection closed")
+            raise StoreNotSent("redis connection closed")
         return await future
 
     def reset(self, error: StoreError, protocol: _Protocol | None = None) -> None:
