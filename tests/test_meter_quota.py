@@ -380,27 +380,29 @@ async def test_usage_served_while_redis_is_down_reaches_the_ledger_once_it_retur
     was missing from the usage and the bills made of it."""
     port = free_port()
     with redis_server(port=port) as first:
-        async with running_stack(first.url, store_timeout=0.2) as stack:
-            async with stack.client(key_id="outage", limit=(100_000, 86_400_000)) as client:
-                first.kill()
-                seen = []
-                for _ in range(3):  # served: the default failure policy forwards without a reservation
-                    chat = await client.chat.completions.create(
-                        model=MODEL, messages=[{"role": "user", "content": "during the outage"}], max_tokens=4
-                    )
-                    assert chat.usage is not None
-                    seen.append(chat.usage.total_tokens)
-                metrics = await stack.metrics()
-                assert metrics[("maas_meter_ledger_backlog_rows", ())] == 1  # three requests, one merged row
-                with redis_server(port=port) as again:
-                    store = RedisStore(again.url, timeout=2.0)
+        async with (
+            running_stack(first.url, store_timeout=0.2) as stack,
+            stack.client(key_id="outage", limit=(100_000, 86_400_000)) as client,
+        ):
+            first.kill()
+            seen = []
+            for _ in range(3):  # served: the default failure policy forwards without a reservation
+                chat = await client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "during the outage"}], max_tokens=4
+                )
+                assert chat.usage is not None
+                seen.append(chat.usage.total_tokens)
+            metrics = await stack.metrics()
+            assert metrics[("maas_meter_ledger_backlog_rows", ())] == 1  # three requests, one merged row
+            with redis_server(port=port) as again:
+                store = RedisStore(again.url, timeout=2.0)
 
-                    async def landed() -> bool:
-                        rows = await store.read_usage("outage", [ledger_day()])
-                        return bool(rows) and rows[0].requests == 3
-
-                    await eventually(landed, within=10)
+                async def landed() -> bool:
                     rows = await store.read_usage("outage", [ledger_day()])
-                    await store.close()
-                    assert rows[0].prompt_tokens + rows[0].completion_tokens == sum(seen)
-                    assert (await stack.metrics())[("maas_meter_ledger_backlog_rows", ())] == 0
+                    return bool(rows) and rows[0].requests == 3
+
+                await eventually(landed, within=10)
+                rows = await store.read_usage("outage", [ledger_day()])
+                await store.close()
+                assert rows[0].prompt_tokens + rows[0].completion_tokens == sum(seen)
+                assert (await stack.metrics())[("maas_meter_ledger_backlog_rows", ())] == 0
