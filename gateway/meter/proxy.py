@@ -347,6 +347,11 @@ async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stre
     # connection closes, so vLLM stops generating, and what the client was served is settled, as always.
     request.cuttable = lambda: not exchange.settled
     try:
+        if request.gone:  # it left while the reservation was taken (nothing cuts that wait): not sent on
+            if prepared is not None:
+                prepared.abandon()  # (sent early, when the grant came: closed, so vLLM stops)
+            _count_reservation(meter, reservation, overhead)
+            raise asyncio.CancelledError
         return await _forward(request, meter, begun, exchange, body, prepared, overhead)
     except asyncio.CancelledError:
         if begun.relay is not None:

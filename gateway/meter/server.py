@@ -167,6 +167,11 @@ class Request:
     def body_exists(self) -> bool:
         return "transfer-encoding" in self.headers or (self.content_length or 0) > 0
 
+    @property
+    def gone(self) -> bool:
+        """Whether the client's connection has closed."""
+        return self._conn.closed
+
     def stream(
         self,
         status: int,
