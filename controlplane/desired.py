@@ -27,6 +27,7 @@ log = logging.getLogger("maas.controlplane.sync")
 
 Lookup = Callable[[Kind], dict[ObjKey, Obj]]
 Report = Callable[[Kind, Obj, TranslateError], None]
+Clear = Callable[[Kind, ObjKey], None]
 
 
 class Desired:
@@ -41,8 +42,11 @@ class Desired:
         tier_limits_configmap: str,
         tier_namespace: str = "",
         gateways: frozenset[str] = frozenset(),
+        clear: Clear | None = None,
     ) -> None:
         self._objects = objects
+        self._clear = clear
+        """Called when an object translates (again): whatever was reported about it no longer holds."""
         self._gateways = gateways
         self._report = report
         self._pepper = pepper
@@ -72,10 +76,14 @@ class Desired:
             self._report(kind, obj, TranslateError(f"cannot be read: {type(exc).__name__}: {exc}", reason="invalid"))
             return self._last_good.get((kind.name, key))
         self._last_good[(kind.name, key)] = value
+        if self._clear is not None:
+            self._clear(kind, key)
         return value
 
     def forget(self, kind: Kind, key: ObjKey) -> None:
         self._last_good.pop((kind.name, key), None)
+        if self._clear is not None:
+            self._clear(kind, key)
 
     # --- keys ----------------------------------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ async def status(request: web.Request) -> web.Response:
         "uptime_seconds": round(time.monotonic() - parts.started, 3),
         "objects": {name: syncer.count(name) for name in syncer.reflectors},
         "records": {kind.value: len(table) for kind, table in syncer.desired.records.items()},
+        "skipped": syncer.skipped_now(),
         "streams": {
             r.stream.name: {"synced": r.synced.is_set(), "objects": len(r.items)}
             for rs in syncer.reflectors.values()

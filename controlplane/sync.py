@@ -33,6 +33,8 @@ log = logging.getLogger("maas.controlplane.sync")
 
 MODEL_KINDS = frozenset({kinds.ISVC.name, kinds.RUNTIME.name, kinds.CLUSTER_RUNTIME.name, kinds.HTTPROUTE.name})
 REPORTED_CAP = 50_000
+SKIPPED_CAP = 1000
+"""Skipped objects remembered for ``/v1/sync`` at most (the log, the metric and the Events have every one)."""
 PROBE_SECONDS = 5.0
 """How often the leader checks that the store still holds what it wrote (its generation did not go back)."""
 
@@ -68,7 +70,10 @@ class Syncer:
             tier_limits_configmap=tier_limits_configmap,
             tier_namespace=tier_namespace,
             gateways=gateways,
+            clear=self._clear_skipped,
         )
+        self.skipped: dict[tuple[str, ObjKey], dict[str, str]] = {}
+        """What was last reported about each object still skipped (``/v1/sync`` lists them)."""
         self.ready = asyncio.Event()
         self.generation = 0
         self._mirror: dict[RecordKind, dict[str, str]] | None = None
@@ -97,6 +102,17 @@ class Syncer:
                 merged.setdefault(key, obj)
         return merged
 
+    def _clear_skipped(self, kind: Kind, key: ObjKey) -> None:
+        self.skipped.pop((kind.name, key), None)
+
+    def skipped_now(self) -> list[dict[str, str]]:
+        """The objects skipped (or with parts left out) as reported, of those the reflectors still hold."""
+        out = []
+        for (kind_name, (namespace, name)), report in sorted(self.skipped.items()):
+            if any((namespace, name) in r.items for r in self.reflectors.get(kind_name, ())):
+                out.append({"kind": kind_name, "namespace": namespace, "name": name, **report})
+        return out
+
     def count(self, kind_name: str) -> int:
         """How many distinct objects of a kind the reflectors hold (a Secret matched by two selectors is one)."""
         streams = self.reflectors.get(kind_name, [])
@@ -124,6 +140,8 @@ class Syncer:
     def report(self, kind: Kind, obj: Obj, error: TranslateError) -> None:
         """A malformed object: a warning log, a metric, a Kubernetes Event (leader only), once per version."""
         key = key_of(obj)
+        if len(self.skipped) < SKIPPED_CAP or (kind.name, key) in self.skipped:
+            self.skipped[(kind.name, key)] = {"reason": error.reason, "message": str(error)}
         ident = (kind.name, key, str(meta(obj).get("resourceVersion") or ""), error.reason)
         if ident in self._reported:
             return

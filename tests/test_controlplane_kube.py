@@ -294,15 +294,32 @@ async def test_malformed_objects_are_skipped_reported_and_the_rest_keeps_syncing
         ]:
             assert f'maas_controlplane_skipped_objects_total{{kind="{kind}",reason="{reason}"}} 1.0' in metrics
 
+        # /v1/sync names them, with their reasons (it had only counts)
+        sync_url = f"http://127.0.0.1:{plane.ports['main']}/v1/sync"
+        skipped = {(s["kind"], s["name"]): s["reason"] for s in json.loads(await fetch(sync_url))["skipped"]}
+        assert skipped == {
+            ("Secret", "no-api-key"): "missing_api_key",
+            ("Secret", "not-base64"): "invalid_base64",
+            ("Secret", "empty"): "empty_api_key",
+            ("ConfigMap", "tier-to-group-mapping"): "invalid_yaml",
+        }
+
         # the loop keeps going: a fix and a new key both land
         emulator.replace(key_secret("empty", "sk-fixed"))
         emulator.create(key_secret("newer", "sk-newer"))
+        emulator.delete("v1", "Secret", "llm", "no-api-key")
 
         async def both() -> bool:
             keys = (await records(store))[RecordKind.KEY]
             return {digest("sk-fixed"), digest("sk-newer")} <= set(keys)
 
         await eventually(both)
+
+        async def only_the_broken_left() -> bool:  # fixed and deleted ones are gone
+            names = {s["name"] for s in json.loads(await fetch(sync_url))["skipped"]}
+            return names == {"not-base64", "tier-to-group-mapping"}
+
+        await eventually(only_the_broken_left)
     finally:
         await plane.stop()
 
