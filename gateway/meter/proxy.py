@@ -113,8 +113,9 @@ def _error(exc: MeterError) -> Reply:
 PASSED_ON_METERED_PATHS = frozenset({"OPTIONS"})
 """Methods other than POST that a metered path still passes to the upstream (a browser's CORS preflight)."""
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-UPSTREAM_FAILURES = (UpstreamUnavailable, UpstreamTimeout, UpstreamBroken)
 """Methods passed to the upstream on any other path; others only on ``passthrough_posts``."""
+UPSTREAM_FAILURES = (UpstreamUnavailable, UpstreamTimeout, UpstreamBroken)
+"""Errors of a request that was forwarded (counted as upstream errors, not as refusals)."""
 
 
 def _metered_kind(request: Request) -> Kind | None:
