@@ -250,3 +250,42 @@ def test_a_route_that_stops_counting_loses_its_records_a_malformed_one_keeps_the
     route["spec"]["rules"][0]["matches"][0]["path"]["value"] = "qwen3"  # relative: malformed
     desired.update_models()
     assert set(desired.records[RecordKind.ROUTE]) == {"*|/qwen3"} and reported[-1] == "invalid_spec"
+
+
+def test_two_routes_that_split_a_path_between_models_by_headers_leave_it_unrecorded() -> None:
+    """Within one route such a split was refused, across two it was not: the older route's model was checked for
+    requests Envoy sent to the other route's (a granite-only key reached qwen3 by sending the header)."""
+    qwen = yaml.safe_load((SEED / "qwen3-0.6b-vllm-raw.yaml").read_text())
+    granite = copy.deepcopy(qwen)
+    granite["metadata"]["name"] = "granite-code"
+    runtime = yaml.safe_load((SEED / "vllm-latest-runtime.yaml").read_text())
+    older = _route(rules=[_rule("/v1", "granite-code-predictor")])
+    older["metadata"].update(name="plain", creationTimestamp="2024-01-01T00:00:00Z")
+    newer = _route(rules=[_rule("/v1", "qwen3-0-6b-instruct-predictor")])
+    newer["metadata"].update(name="by-header", creationTimestamp="2025-01-01T00:00:00Z")
+    newer["spec"]["rules"][0]["matches"][0]["headers"] = [{"name": "x-model", "value": "qwen"}]
+    objects: dict[kinds.Kind, dict[tuple[str, str], dict[str, Any]]] = {
+        kinds.ISVC: {key_of(qwen): qwen, key_of(granite): granite},
+        kinds.RUNTIME: {key_of(runtime): runtime},
+        kinds.HTTPROUTE: {key_of(older): older, key_of(newer): newer},
+    }
+    reported: list[tuple[str, str]] = []
+    desired = Desired(
+        objects=lambda kind: objects.get(kind, {}),
+        report=lambda kind, obj, exc: reported.append((obj["metadata"]["name"], exc.reason)),
+        pepper=b"p" * 16,
+        default_tier="free",
+        tier_configmap="tier-to-group-mapping",
+        tier_limits_configmap="maas-tier-limits",
+    )
+    desired.update_models()
+    assert "*|/v1" not in desired.records[RecordKind.ROUTE]
+    assert sorted(reported) == [("by-header", "ambiguous_backend"), ("plain", "ambiguous_backend")]
+    newer["spec"]["rules"][0]["backendRefs"][0]["name"] = "granite-code-predictor"  # both to one model: fine
+    reported.clear()
+    desired.update_models()
+    assert "*|/v1" in desired.records[RecordKind.ROUTE] and not reported
+    del newer["spec"]["rules"][0]["matches"][0]["headers"]  # plain paths: the older route wins, as documented
+    newer["spec"]["rules"][0]["backendRefs"][0]["name"] = "qwen3-0-6b-instruct-predictor"
+    desired.update_models()
+    assert '"model":"granite-code"' in desired.records[RecordKind.ROUTE]["*|/v1"].replace(" ", "")

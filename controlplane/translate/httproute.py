@@ -139,8 +139,10 @@ def translate_route(
     models_by_isvc: Mapping[ObjKey, str],
     gateways: frozenset[str] = frozenset(),
     notes: list[TranslateError] | None = None,
+    conditional: set[str] | None = None,
 ) -> list[RouteRecord]:
-    """The route's entries; parts left out of an otherwise good route are added to ``notes`` when given."""
+    """The route's entries; parts left out of an otherwise good route are added to ``notes`` when given, and the
+    ids of entries whose match also needs headers, query parameters or a method to ``conditional``."""
     namespace, name = key_of(route)
     body = spec(route)
     notes = notes if notes is not None else []
@@ -184,6 +186,7 @@ def translate_route(
             if not raw_prefix.startswith("/"):
                 raise TranslateError(f"HTTPRoute {namespace}/{name}: path {raw_prefix!r}", reason="invalid_spec")
             prefix = normalise_prefix(raw_prefix)
+            more_than_the_path = bool(match.get("headers") or match.get("queryParams") or match.get("method"))
             for host in hosts:
                 record = RouteRecord(
                     id=route_id(host, prefix),
@@ -193,6 +196,8 @@ def translate_route(
                     rewrite=_rewrite(rule),
                     backend=backend[1],
                 )
+                if conditional is not None and more_than_the_path:
+                    conditional.add(record.id)
                 earlier = seen.setdefault(record.id, record)
                 if earlier.model != record.model:  # rules told apart by headers, query or method: not by authz
                     raise NotServed(
