@@ -253,7 +253,9 @@ def _self_signed(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+@pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="openssl is not installed (apt-get install openssl; .ci/run installs it)"
+)
 async def test_a_rediss_url_with_a_private_ca_reaches_the_hot_path_connection_too(tmp_path: Path) -> None:
     """The bucket connection took only 'TLS or not' from the URL: with a private CA every check failed (503)
     while the snapshot, on redis-py, loaded and /readyz said ready."""
