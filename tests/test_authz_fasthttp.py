@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest
@@ -25,6 +26,18 @@ class _Deny:
         return None
 
 
+@contextlib.asynccontextmanager
+async def _denying_server() -> AsyncIterator[tuple[CheckServer, int]]:
+    """A check port whose every check is a 401, on a free port: (server, port)."""
+    server = CheckServer(cast(Checker, _Deny()), max_header_bytes=65536)
+    await server.start(host="127.0.0.1", port=0)
+    try:
+        assert server._server is not None
+        yield server, server._server.sockets[0].getsockname()[1]
+    finally:
+        await server.close()
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -37,78 +50,66 @@ async def test_a_closed_connection_is_freed_at_once_not_by_the_collector(data: b
     """The parser holds the protocol's callbacks and an aborted parse's traceback holds the frame that caught it:
     neither may leave a reference cycle behind, or a storm of short connections piles up until the next collection
     (the process runs young collections rarely: gateway/runtime.py)."""
-    server = CheckServer(cast(Checker, _Deny()), max_header_bytes=65536)
-    await server.start(host="127.0.0.1", port=0)
-    assert server._server is not None
-    port = server._server.sockets[0].getsockname()[1]
-    gc.collect()
-    gc.disable()
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(data)
-        async with asyncio.timeout(5):
-            answer = await reader.read()  # until the server closes
-        writer.close()
-        assert answer.startswith(b"HTTP/1.1 4")
-        # polled: on a busy machine the connection may still be closing; with a cycle it never goes
-        await eventually(lambda: not [o for o in gc.get_objects() if isinstance(o, CheckProtocol)], within=5)
-    finally:
-        gc.enable()
-        await server.close()
+    async with _denying_server() as (_, port):
+        gc.collect()
+        gc.disable()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(data)
+            async with asyncio.timeout(5):
+                answer = await reader.read()  # until the server closes
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 4")
+            # polled: on a busy machine the connection may still be closing; with a cycle it never goes
+            await eventually(lambda: not [o for o in gc.get_objects() if isinstance(o, CheckProtocol)], within=5)
+        finally:
+            gc.enable()
 
 
 async def test_a_client_that_pipelines_without_reading_its_answers_does_not_fill_the_memory() -> None:
     """Only unanswered requests were bounded: answers piled up in the write buffer (a gigabyte from one
     connection that never read). Reading now stops while the client is behind."""
-    server = CheckServer(cast(Checker, _Deny()), max_header_bytes=65536)
-    await server.start(host="127.0.0.1", port=0)
-    assert server._server is not None
-    port = server._server.sockets[0].getsockname()[1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        requests = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 10_000
-        for _ in range(40):  # 10 MB of requests, as fast as the socket takes them, answers never read
-            writer.write(requests)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.2):
-                    await writer.drain()
-        [protocol] = list(server._connections)
-        assert protocol._transport is not None
-        assert protocol._transport.get_write_buffer_size() < 1 << 20  # the high-water mark, not the whole backlog
-        answer = encode(_Deny().begin(), keep_alive=True)
-        received = 0
-        async with asyncio.timeout(30):  # and it answers every request once the client reads
-            while received < 400_000 * len(answer):
-                chunk = await reader.read(1 << 20)
-                assert chunk
-                received += len(chunk)
-        assert received == 400_000 * len(answer)
-    finally:
-        writer.close()
-        await server.close()
+    async with _denying_server() as (server, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            requests = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 10_000
+            for _ in range(40):  # 10 MB of requests, as fast as the socket takes them, answers never read
+                writer.write(requests)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        await writer.drain()
+            [protocol] = list(server._connections)
+            assert protocol._transport is not None
+            assert protocol._transport.get_write_buffer_size() < 1 << 20  # the high-water mark, not the whole backlog
+            answer = encode(_Deny().begin(), keep_alive=True)
+            received = 0
+            async with asyncio.timeout(30):  # and it answers every request once the client reads
+                while received < 400_000 * len(answer):
+                    chunk = await reader.read(1 << 20)
+                    assert chunk
+                    received += len(chunk)
+            assert received == 400_000 * len(answer)
+        finally:
+            writer.close()
 
 
 async def test_an_upgrade_header_is_ignored_and_an_http_10_keep_alive_is_said() -> None:
     """A request asking to upgrade (h2c, websocket) got its answer and then an unasked 400; an HTTP/1.0 client that
     asked for keep-alive got no ``connection: keep-alive``, so it waited for a close."""
-    server = CheckServer(cast(Checker, _Deny()), max_header_bytes=65536)
-    await server.start(host="127.0.0.1", port=0)
-    assert server._server is not None
-    port = server._server.sockets[0].getsockname()[1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
-        writer.write(b"GET /b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-        answer = encode(_Deny().begin(), keep_alive=True)
-        async with asyncio.timeout(5):
-            first = await reader.readexactly(len(answer))
-            second = await reader.readuntil(b"\r\n\r\n")
-        assert first == answer
-        assert second.startswith(b"HTTP/1.1 401") and b"connection: keep-alive\r\n" in second
-        await reader.readexactly(2)  # its body, "{}"
-        writer.write(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")  # the connection is still open for more
-        async with asyncio.timeout(5):
-            assert await reader.readexactly(len(answer)) == answer
-    finally:
-        writer.close()
-        await server.close()
+    async with _denying_server() as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+            writer.write(b"GET /b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            answer = encode(_Deny().begin(), keep_alive=True)
+            async with asyncio.timeout(5):
+                first = await reader.readexactly(len(answer))
+                second = await reader.readuntil(b"\r\n\r\n")
+            assert first == answer
+            assert second.startswith(b"HTTP/1.1 401") and b"connection: keep-alive\r\n" in second
+            await reader.readexactly(2)  # its body, "{}"
+            writer.write(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")  # the connection is still open for more
+            async with asyncio.timeout(5):
+                assert await reader.readexactly(len(answer)) == answer
+        finally:
+            writer.close()

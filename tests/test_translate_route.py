@@ -10,11 +10,11 @@ import pytest
 import yaml
 
 from controlplane import kinds
-from controlplane.desired import Desired
 from controlplane.errors import NotServed, TranslateError
 from controlplane.kinds import key_of
 from controlplane.translate.httproute import translate_route
 from gateway.contract import RecordKind
+from tests.support.desired import desired_over
 
 SEED = Path(__file__).parent / "fixtures" / "seed"
 ROUTE: dict[str, Any] = yaml.safe_load((SEED / "05-model-routing.yaml").read_text())
@@ -230,15 +230,7 @@ def test_a_route_that_stops_counting_loses_its_records_a_malformed_one_keeps_the
         kinds.HTTPROUTE: {key_of(route): route},
     }
     reported: list[str] = []
-    desired = Desired(
-        objects=lambda kind: objects.get(kind, {}),
-        report=lambda kind, obj, exc: reported.append(exc.reason),
-        pepper=b"p" * 16,
-        default_tier="free",
-        tier_configmap="tier-to-group-mapping",
-        tier_limits_configmap="maas-tier-limits",
-        gateways=GATEWAYS,
-    )
+    desired = desired_over(objects, lambda kind, obj, exc: reported.append(exc.reason), gateways=GATEWAYS)
     desired.update_models()
     assert set(desired.records[RecordKind.ROUTE]) == {"*|/qwen3"}
     route["spec"]["parentRefs"] = [{"name": "internal-gateway"}]
@@ -270,14 +262,7 @@ def test_two_routes_that_split_a_path_between_models_by_headers_leave_it_unrecor
         kinds.HTTPROUTE: {key_of(older): older, key_of(newer): newer},
     }
     reported: list[tuple[str, str]] = []
-    desired = Desired(
-        objects=lambda kind: objects.get(kind, {}),
-        report=lambda kind, obj, exc: reported.append((obj["metadata"]["name"], exc.reason)),
-        pepper=b"p" * 16,
-        default_tier="free",
-        tier_configmap="tier-to-group-mapping",
-        tier_limits_configmap="maas-tier-limits",
-    )
+    desired = desired_over(objects, lambda kind, obj, exc: reported.append((obj["metadata"]["name"], exc.reason)))
     desired.update_models()
     assert "*|/v1" not in desired.records[RecordKind.ROUTE]
     assert sorted(reported) == [("by-header", "ambiguous_backend"), ("plain", "ambiguous_backend")]

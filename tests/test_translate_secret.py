@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 
 from controlplane import kinds
-from controlplane.desired import Desired
 from controlplane.errors import TranslateError
 from controlplane.translate.secret import resolve_tier, translate_secret
 from gateway.contract import DEFAULT_TIERS, KeyStatus, Limit, Limits, RecordKind, TierRecord, digest_key
+from tests.support.desired import desired_over
 
 PEPPER = b"translate-test-pepper-0123"
 
@@ -203,14 +203,7 @@ def test_a_refused_window_less_limit_is_taken_once_its_tier_gets_the_window() ->
         kinds.CONFIGMAP: {("llm", "tier-to-group-mapping"): mapping, ("llm", "maas-tier-limits"): limits},
     }
     reported: list[str] = []
-    desired = Desired(
-        objects=lambda kind: objects.get(kind, {}),
-        report=lambda kind, obj, exc: reported.append(exc.reason),
-        pepper=PEPPER,
-        default_tier="free",
-        tier_configmap="tier-to-group-mapping",
-        tier_limits_configmap="maas-tier-limits",
-    )
+    desired = desired_over(objects, lambda kind, obj, exc: reported.append(exc.reason), pepper=PEPPER)
     desired.update_tiers()
     desired.update_secrets(desired.all_secrets())
     assert reported == ["invalid_limit"] and not desired.records[RecordKind.KEY]

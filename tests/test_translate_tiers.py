@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from controlplane import kinds
-from controlplane.desired import Desired
 from controlplane.errors import TranslateError
 from controlplane.translate.tiers import merge, parse_limits, parse_mapping
 from gateway.contract import DEFAULT_TIERS, Limit, parse_window
+from tests.support.desired import desired_over
 
 SEED = Path(__file__).parent / "fixtures" / "seed"
 MAPPING: dict[str, Any] = yaml.safe_load((SEED / "tier-to-group-mapping.yaml").read_text())
@@ -143,14 +143,8 @@ def test_a_mapping_without_the_default_tier_or_a_catch_all_is_reported() -> None
     mapping = _cm("tiers", "- {name: basic, level: 0, groups: [basic]}\n- {name: pro, level: 1, groups: [pro]}\n")
     mapping["metadata"]["name"] = "tier-to-group-mapping"
     reported: list[str] = []
-    desired = Desired(
-        objects=lambda kind: {("llm", "tier-to-group-mapping"): mapping} if kind is kinds.CONFIGMAP else {},
-        report=lambda kind, obj, exc: reported.append(exc.reason),
-        pepper=b"p" * 16,
-        default_tier="free",
-        tier_configmap="tier-to-group-mapping",
-        tier_limits_configmap="maas-tier-limits",
-    )
+    objects = {kinds.CONFIGMAP: {("llm", "tier-to-group-mapping"): mapping}}
+    desired = desired_over(objects, lambda kind, obj, exc: reported.append(exc.reason))
     desired.update_tiers()
     assert reported == ["unknown_default_tier"]
     mapping["data"]["tiers"] = "- {name: basic, level: 0, groups: [basic, system:authenticated]}\n"
@@ -174,13 +168,9 @@ def test_tiers_defined_in_two_namespaces_use_the_tier_namespace_and_report_the_o
     }
     for preferred, used, names in (("maas-system", "maas-system", ["free", "gold"]), ("", "llm", ["free"])):
         reported: list[tuple[str, str]] = []
-        desired = Desired(
-            objects=lambda kind: objects if kind is kinds.CONFIGMAP else {},
-            report=lambda kind, obj, exc, into=reported: into.append((obj["metadata"]["namespace"], exc.reason)),
-            pepper=b"p" * 16,
-            default_tier="free",
-            tier_configmap="tier-to-group-mapping",
-            tier_limits_configmap="maas-tier-limits",
+        desired = desired_over(
+            {kinds.CONFIGMAP: objects},
+            lambda kind, obj, exc, into=reported: into.append((obj["metadata"]["namespace"], exc.reason)),
             tier_namespace=preferred,
         )
         desired.update_tiers()

@@ -24,6 +24,7 @@ import httptools
 
 from gateway.authz.server import INTERNAL, JSON, Checker, Pending, Reply
 from gateway.decision import error_body, header_lines
+from gateway.httpparse import feed
 
 log = logging.getLogger("maas.authz.http")
 
@@ -134,24 +135,10 @@ class CheckProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._started = time.perf_counter()  # the checks this read completes are timed from its arrival
-        while data:
-            try:
-                self._parser.feed_data(data)
-                return
-            except httptools.HttpParserUpgrade as exc:
-                # an Upgrade header (h2c, websocket) is ignored: the request was answered in HTTP/1.1, and parsing
-                # goes on after it (it had been answered twice: its answer, then a 400)
-                offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
-                self._parser = httptools.HttpRequestParser(self)
-                data = data[offset:]
-            except httptools.HttpParserCallbackError as exc:
-                cause = exc.__context__
-                self._fail(cause.response if isinstance(cause, _Abort) else BAD_REQUEST)
-                del cause  # its traceback holds this frame: kept, the pair would wait for the collector
-                return
-            except httptools.HttpParserError:
-                self._fail(BAD_REQUEST)
-                return
+        failure = feed(self, data)
+        if failure is not None:
+            self._fail(failure.response if isinstance(failure, _Abort) else BAD_REQUEST)
+            del failure  # its traceback holds this frame: kept, the pair would wait for the collector
 
     # --- httptools callbacks ----------------------------------------------------------------------------------
 

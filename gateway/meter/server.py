@@ -39,6 +39,7 @@ from urllib.parse import unquote, urlsplit
 import httptools
 from multidict import CIMultiDict
 
+from gateway.httpparse import feed
 from gateway.meter.errors import envelope
 from gateway.meter.h1 import HIGH_WATER, Inbox
 
@@ -367,23 +368,10 @@ class _Connection(asyncio.Protocol):
             self._drain.exception()  # retrieved here: a writer that stopped waiting must not warn
 
     def data_received(self, data: bytes) -> None:
-        while data:
-            try:
-                self._parser.feed_data(data)
-                return
-            except httptools.HttpParserUpgrade as exc:
-                # the Upgrade header is ignored (the request is answered in HTTP/1.1); parsing goes on after it
-                offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
-                self._parser = httptools.HttpRequestParser(self)
-                data = data[offset:]
-            except httptools.HttpParserCallbackError as exc:
-                cause = exc.__context__
-                self._fail(cause.response if isinstance(cause, _Abort) else BAD_REQUEST)
-                del cause  # its traceback holds this frame: kept, the pair would wait for the collector
-                return
-            except httptools.HttpParserError:
-                self._fail(BAD_REQUEST)
-                return
+        failure = feed(self, data)
+        if failure is not None:
+            self._fail(failure.response if isinstance(failure, _Abort) else BAD_REQUEST)
+            del failure  # its traceback holds this frame: kept, the pair would wait for the collector
 
     def eof_received(self) -> bool:
         """The client stopped sending: taken as the client leaving (as HTTP clients and Envoy only do that when
