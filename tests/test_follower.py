@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis as sync_redis
 
+from controlplane.admin.state import AdminState
 from gateway import contract
 from gateway.authz.follower import RELOAD_SLICE, SnapshotFollower
 from gateway.authz.metrics import AuthzMetrics
@@ -94,6 +97,99 @@ async def test_a_store_that_lost_its_data_is_reloaded_even_by_a_follower_that_ap
         await store.apply([contract.put(records[1])])  # generation 1: records[0] is gone with the data
         gone = bytes.fromhex(records[0].digest)
         await eventually(lambda: gone not in follower.snapshot.keys and follower.snapshot.generation == 1)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.close()
+
+
+def _records(prefix: str, count: int) -> list[KeyRecord]:
+    out = []
+    for i in range(count):
+        digest = hmac.digest(PEPPER, f"sk-{prefix}-{i}".encode(), "sha256").hex()
+        out.append(KeyRecord(key_id=contract.key_id_of(digest), digest=digest, user=f"{prefix}{i}"))
+    return out
+
+
+@contextlib.asynccontextmanager
+async def _following(store: RedisStore) -> AsyncIterator[SnapshotFollower]:
+    follower = SnapshotFollower(store, metrics=AuthzMetrics(max_keys=10))
+    task = asyncio.create_task(follower.run())
+    try:
+        yield follower
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.close()
+
+
+async def test_a_store_that_lost_its_data_is_reloaded_by_a_follower_that_followed_it_from_empty(
+    redis_url: str,
+) -> None:
+    """A follower that loaded an empty store (it started before the control plane) and then applied events took the
+    events of a store counting again from 1 for ones published during its load: revocations and new keys after a
+    FLUSHALL were ignored until the generation passed its old value."""
+    store = RedisStore(redis_url, timeout=5.0)
+    old, new = _records("before", 1)[0], _records("after", 1)[0]
+    async with _following(store) as follower:
+        await eventually(lambda: follower.connected and follower.snapshot.loaded)
+        for _ in range(4):
+            await store.apply([contract.put(old)])  # generation 4, applied as events
+        await eventually(lambda: follower.snapshot.generation == 4)
+        await store._client.flushall()
+        await store.apply([contract.put(new)])  # generation 1 of a store that lost its data
+        await eventually(
+            lambda: (
+                bytes.fromhex(new.digest) in follower.snapshot.keys
+                and bytes.fromhex(old.digest) not in follower.snapshot.keys
+            )
+        )
+
+
+async def test_a_store_found_empty_after_a_restart_keeps_the_snapshot_until_it_is_written_again(
+    redis_url: str,
+) -> None:
+    """Reloading an empty store (Redis restarted without its data) refused every key with a 401 until the control
+    plane wrote it again; the snapshot now keeps serving meanwhile, and the control plane's write replaces it."""
+    store = RedisStore(redis_url, timeout=5.0)
+    kept, written = _records("kept", 2), _records("written", 1)[0]
+    for record in kept:
+        await store.apply([contract.put(record)])  # generation 2
+    async with _following(store) as follower:
+        await eventually(lambda: follower.connected and follower.snapshot.generation == 2)
+        reloads = []
+        reload = follower.reload
+
+        async def counted(**options: Any) -> None:
+            await reload(**options)
+            reloads.append(options)
+
+        follower.reload = counted  # type: ignore[method-assign]
+        await store._client.flushall()
+        await store._client.client_kill_filter(_type="pubsub")  # as a restart would: the subscription is lost
+        await eventually(lambda: bool(reloads) and follower.connected)
+        assert {bytes.fromhex(r.digest) for r in kept} <= set(follower.snapshot.keys)
+        await store.apply([contract.put(written)])  # the control plane writes again: generation 1
+        await eventually(lambda: set(follower.snapshot.keys) == {bytes.fromhex(written.digest)})
+
+
+async def test_the_admin_view_reloads_a_store_that_lost_its_data_right_after_its_load(redis_url: str) -> None:
+    """The control plane's admin view, fresh from its load, took every event at or below its generation for one
+    published during the load: after a FLUSHALL the store's new records stayed out of the view (and the old ones in)
+    until its generation passed the old one."""
+    store = RedisStore(redis_url, timeout=5.0)
+    old, new = _records("view-old", 1)[0], _records("view-new", 1)[0]
+    for _ in range(5):
+        await store.apply([contract.put(old)])  # generation 5
+    view = AdminState(store, default_tier="free")
+    task = asyncio.create_task(view.run())
+    try:
+        await eventually(lambda: view.generation == 5 and old.key_id in view.keys)
+        await store._client.flushall()
+        await store.apply([contract.put(new)])  # generation 1
+        await eventually(lambda: new.key_id in view.keys and old.key_id not in view.keys)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

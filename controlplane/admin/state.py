@@ -37,7 +37,9 @@ class AdminState:
         self.routes: dict[str, RouteRecord] = {}
         self.generation = 0
         self.loaded = asyncio.Event()
-        self._fresh = False
+        self._skip = (0, 0)
+        """Events with a generation in (low, high] were published between the subscribe and the last load (already
+        in it); empty once an event is applied, as in authz's snapshot follower."""
         self._waiters: set[asyncio.Event] = set()
 
     # --- following the store -------------------------------------------------------------------------------
@@ -46,8 +48,9 @@ class AdminState:
         backoff = 0.1
         while True:
             try:
+                floor = await self.store.generation()
                 async with self.store.subscribe() as subscription:
-                    await self.reload()
+                    await self.reload(floor=floor)
                     backoff = 0.1
                     async for event in subscription:
                         if not self.apply_event(event):
@@ -59,7 +62,7 @@ class AdminState:
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 5.0)
 
-    async def reload(self) -> None:
+    async def reload(self, *, floor: int | None = None) -> None:
         started = time.monotonic()
         generation = await self.store.generation()
         tables: dict[RecordKind, dict[str, object]] = {}
@@ -81,7 +84,7 @@ class AdminState:
             if isinstance(record, KeyRecord) and record.digest == ident:
                 self._put_key(record)
         self.generation = generation
-        self._fresh = True
+        self._skip = (min(floor, generation), generation) if floor is not None else (0, 0)
         if generation:  # generation 0: no sync has written Redis yet (a new install), so there is nothing to show
             self.loaded.set()
         self._notify()
@@ -93,7 +96,13 @@ class AdminState:
     def apply_event(self, event: ChangeEvent) -> bool:
         """Apply one event; False when events were missed and a reload is needed."""
         if event.gen <= self.generation:
-            return self._fresh
+            low, high = self._skip
+            if low < event.gen <= high:
+                return True  # published between the subscribe and the load: already loaded
+            log.warning(
+                "the store's generation went back from %d to %d (data lost?): reloading", self.generation, event.gen
+            )
+            return False
         if event.gen != self.generation + 1:
             log.warning("admin view missed change events (at %d, got %d): reloading", self.generation, event.gen)
             return False
@@ -120,7 +129,7 @@ class AdminState:
             for record in self.keys.values():
                 self.index.put(record.key_id, self._facets(record))
         self.generation = event.gen
-        self._fresh = False
+        self._skip = (0, 0)
         self.loaded.set()
         self._notify()
         return True

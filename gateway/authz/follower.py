@@ -1,8 +1,12 @@
 """Keeps the authz snapshot equal to the store: full load at start, then change events.
 
-Order of a (re)load: subscribe first, then read the generation G, then scan every record. Events with a
-generation <= G are already in the scan and skipped; later ones are applied in order (records are whole, so
-re-applying one is harmless). A gap in generations or a lost subscription means events were missed: reload.
+Order of a (re)load: read the generation F, subscribe, then read the generation G and scan every record. Events
+with a generation in (F, G] were published between the subscribe and the scan: already in it, skipped. Later ones
+are applied in order (records are whole, so re-applying one is harmless). Once one is applied, an event at or below
+the snapshot's generation means the store lost its data and counts again: reload. A gap in generations or a lost
+subscription means events were missed: reload too. A store found empty (generation 0, Redis restarted without its
+data) does not replace a loaded snapshot: the snapshot keeps serving until the control plane writes again (its
+first event is then a generation gone back, and the reload reads what it wrote).
 """
 
 from __future__ import annotations
@@ -55,8 +59,9 @@ class SnapshotFollower:
         self._routes: dict[str, RouteRecord] = {}
         self.connected = False
         self.last_event_at = 0.0
-        self._floor = 0
-        """The store's generation just before the last subscribe (see ``run``)."""
+        self._skip = (0, 0)
+        """Events with a generation in (low, high] are already in the last load (see ``run``); empty once an event
+        is applied."""
         self._unavailable = RateLimitedLog(log)
         """While Redis is down the follower retries every few seconds: one warning per 10 s, as for bucket checks."""
 
@@ -65,12 +70,11 @@ class SnapshotFollower:
         reason = "start"
         while True:
             try:
-                # read before subscribing: events at or below our generation but above this one were published
+                # read before subscribing: events above it and at or below the load's generation were published
                 # between the subscribe and the load (already loaded); one at or below it means a store reset
                 floor = await self.store.generation()
                 async with self.store.subscribe() as subscription:
-                    await self.reload(reason=reason)
-                    self._floor = min(floor, self.snapshot.generation)
+                    await self.reload(reason=reason, floor=floor)
                     self.connected = True
                     backoff = 0.1
                     async for event in subscription:
@@ -90,9 +94,20 @@ class SnapshotFollower:
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 5.0)
 
-    async def reload(self, *, reason: str) -> None:
+    async def reload(self, *, reason: str, floor: int | None = None) -> None:
+        """Load every record; with ``floor`` (the generation read before subscribing), events published between the
+        subscribe and this load are skipped when they arrive."""
         started = time.monotonic()
         generation = await self.store.generation()
+        self._skip = (0, 0)
+        if generation == 0 and self.snapshot.loaded and self.snapshot.generation > 0:
+            # an empty snapshot would answer 401 to every key until the control plane writes the store again
+            log.warning(
+                "the store is empty (generation 0: Redis lost its data?); serving the snapshot of generation %d "
+                "until the control plane writes it again",
+                self.snapshot.generation,
+            )
+            return
         keys: dict[bytes, KeyEntry] = {}
         decoded = 0
         async for batch in self.store.scan_records(RecordKind.KEY):
@@ -112,6 +127,8 @@ class SnapshotFollower:
         self.snapshot.catalog = self._catalog()
         self.snapshot.generation = generation
         self.snapshot.loaded = True
+        if floor is not None:
+            self._skip = (min(floor, generation), generation)
         del keys
         _release_memory()
         self._metrics.snapshot_reloads.labels(reason).inc()
@@ -168,7 +185,8 @@ class SnapshotFollower:
         """Apply one event; False when events were missed or the store went back, and a reload is needed."""
         current = self.snapshot.generation
         if event.gen <= current:
-            if event.gen > self._floor:
+            low, high = self._skip
+            if low < event.gen <= high:
                 return True  # published between our subscribe and our load: already loaded
             log.warning("generation went back from %d to %d (store reset?): reloading", current, event.gen)
             return False
@@ -205,6 +223,7 @@ class SnapshotFollower:
         if catalog_changed:
             self.snapshot.catalog = self._catalog()
         self.snapshot.generation = event.gen
+        self._skip = (0, 0)  # events come in order: none from before the load can follow this one
         self.last_event_at = time.time()
         self._metrics.snapshot_events.inc()
         self._update_gauges()
