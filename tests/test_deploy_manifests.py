@@ -29,6 +29,8 @@ import yaml
 from controlplane import demo
 from controlplane.translate.httproute import translate_route
 from gateway import contract, identity
+from gateway.meter.server import SETTLE_SECONDS
+from gateway.meter.settings import MeterSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -739,6 +741,51 @@ def test_models_route_to_the_meter_and_the_meter_to_vllm() -> None:
     assert upstream
     assert f"--port={upstream[1]}" in vllm["args"] and "--host=127.0.0.1" in vllm["args"]
     assert "--served-model-name={{.Name}}" in vllm["args"]
+
+
+ENDPOINT_REMOVAL_SECONDS = 5
+"""What the authz Deployment waits in preStop for gateways to drop a terminating endpoint; the model pods too."""
+EXIT_SECONDS = 5
+"""Least time a container gets between SIGTERM (its preStop over) and the pod's SIGKILL."""
+
+
+def pre_stop_seconds(container: dict[str, Any]) -> int:
+    seconds: int = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    return seconds
+
+
+def meter_shutdown_grace(container: dict[str, Any]) -> float:
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    default = MeterSettings.model_fields["shutdown_grace"].default
+    return float(env.get("MAAS_SHUTDOWN_GRACE") or default)
+
+
+@pytest.mark.parametrize("layout", ["models", "kuadrant"])
+def test_rolling_a_model_pod_drains_before_vllm_stops(layout: str) -> None:
+    """Kubernetes signals every container of a pod at once. The pod had no preStop: the meter closed its port while
+    gateways still sent (503s), and vLLM cancelled its requests at once, cutting the streams the meter was draining
+    for its --shutdown-grace; and the default 30 s termination grace ended before that drain."""
+    objs = render(layout)
+    runtimes = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ServingRuntime"}
+    needed: dict[str, float] = {}
+    for name, runtime in runtimes.items():
+        containers = {c["name"]: c for c in runtime["spec"]["containers"]}
+        for container in containers.values():
+            assert pre_stop_seconds(container) >= ENDPOINT_REMOVAL_SECONDS, f"{name}/{container['name']}: preStop"
+        vllm = containers["kserve-container"]
+        ends = [pre_stop_seconds(vllm) + EXIT_SECONDS]
+        if "maas-meter" in containers:
+            meter = containers["maas-meter"]
+            drained = pre_stop_seconds(meter) + meter_shutdown_grace(meter) + SETTLE_SECONDS
+            assert pre_stop_seconds(vllm) >= drained, f"{name}: vLLM stops before the meter has drained"
+            ends.append(drained + EXIT_SECONDS)
+        needed[name] = max(ends)
+    isvcs = [o for o in objs if o["kind"] == "InferenceService"]
+    assert isvcs
+    for isvc in isvcs:
+        predictor = isvc["spec"]["predictor"]
+        grace = predictor.get("terminationGracePeriodSeconds", 30)
+        assert grace >= needed[predictor["model"]["runtime"]], f"{isvc['metadata']['name']}: {grace} s"
 
 
 def test_models_are_the_seed_models() -> None:
