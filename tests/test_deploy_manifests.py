@@ -665,28 +665,68 @@ def route_prefixes() -> dict[str, str]:
     return out
 
 
-def custom_paths(objs: tuple[dict[str, Any], ...]) -> set[str]:
-    policy = find(objs, "AuthorizationPolicy", "maas-authz")
-    return {p for rule in policy["spec"]["rules"] for op in rule["to"] for p in op["operation"]["paths"]}
+def istio_match(pattern: str, path: str) -> bool:
+    """Istio's string match of an operation's paths: exact, prefix (``/a/*``), suffix (``*.js``) or ``*``."""
+    if pattern == "*":
+        return True
+    if pattern.endswith("*"):
+        return path.startswith(pattern[:-1])
+    if pattern.startswith("*"):
+        return path.endswith(pattern[1:])
+    return path == pattern
 
 
-def test_authorization_policy_guards_every_model_route() -> None:
+def checked(objs: tuple[dict[str, Any], ...], path: str) -> bool:
+    """Whether the gateway asks maas-authz about a request for ``path`` (the CUSTOM policy's rules match it)."""
+    policy = find(objs, "AuthorizationPolicy", "maas-authz")["spec"]
+    for rule in policy["rules"]:
+        assert set(rule) == {"to"}, "only path conditions are evaluated here"
+        for to in rule["to"]:
+            operation = to["operation"]
+            assert set(operation) <= {"paths", "notPaths"}, operation
+            if "paths" in operation and not any(istio_match(p, path) for p in operation["paths"]):
+                continue
+            if any(istio_match(p, path) for p in operation.get("notPaths", [])):
+                continue
+            return True
+    return False
+
+
+def test_istio_match_follows_istio() -> None:
+    assert istio_match("/nomic/*", "/nomic/v1/embeddings") and not istio_match("/nomic/*", "/nomic")
+    assert istio_match("/nomic", "/nomic") and not istio_match("/nomic", "/nomic2")
+    assert istio_match("*", "/x") and istio_match("*.js", "/a.js")
+
+
+HEALTH_PATHS = ["/healthz", "/healthz/ready", "/readyz"]
+# Requests that reach a model without an HTTPRoute of ours: KServe's Gateway API ingress (`<isvc>` and
+# `<isvc>-predictor` routes by hostname, RegularExpression paths), or any route added to the gateway later.
+UNLISTED_PATHS = ["/", "/v1/chat/completions", "/v1/embeddings", "/openai/v1/completions", "/metrics", "/qwen3x"]
+
+
+def test_authorization_policy_checks_everything_but_health() -> None:
+    """The policy had listed the model prefixes: a request on any other route of the gateway (KServe's own
+    HTTPRoutes when its Gateway API ingress points at kuadrant-gateway) reached its model without a key."""
     objs = render("istio")
     policy = find(objs, "AuthorizationPolicy", "maas-authz")["spec"]
     assert policy["action"] == "CUSTOM" and policy["provider"]["name"] == "maas-authz"
     assert policy["targetRefs"] == [
         {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "kuadrant-gateway"}
     ]
-    paths = custom_paths(objs)
-    model_paths = {p for prefix in route_prefixes().values() for p in (prefix, prefix + "/*")}
-    assert paths == model_paths | SELF_SERVICE_PATHS
-    assert not any(p.startswith(("/healthz", "/readyz", "/metrics")) for p in paths)
+    for prefix in route_prefixes().values():
+        assert checked(objs, prefix) and checked(objs, prefix + "/v1/chat/completions"), prefix
+    for path in [*SELF_SERVICE_PATHS, *UNLISTED_PATHS]:
+        assert checked(objs, path), path
+    for path in HEALTH_PATHS:
+        assert not checked(objs, path), path
 
 
 def test_kuadrant_and_maas_never_guard_the_same_route() -> None:
     objs = render("kuadrant")
     prefixes = route_prefixes()
-    maas_routes = {name for name, prefix in prefixes.items() if prefix in custom_paths(objs)}
+    maas_routes = {name for name, prefix in prefixes.items() if checked(objs, prefix)}
+    for name, prefix in prefixes.items():  # a route is one system's on all its paths
+        assert checked(objs, prefix + "/v1/embeddings") == (name in maas_routes), name
     kuadrant_routes: dict[str, set[str]] = {}
     for obj in objs:
         if obj["apiVersion"].startswith("kuadrant.io/"):
@@ -698,6 +738,11 @@ def test_kuadrant_and_maas_never_guard_the_same_route() -> None:
     assert kuadrant_routes["RateLimitPolicy"] <= guarded and kuadrant_routes["TokenRateLimitPolicy"] <= guarded
     assert not maas_routes & guarded
     assert maas_routes | guarded == set(prefixes)
+    # the rest of the gateway stays maas-authz's: only /nomic moved
+    for path in [*SELF_SERVICE_PATHS, *UNLISTED_PATHS]:
+        assert checked(objs, path), path
+    for path in HEALTH_PATHS:
+        assert not checked(objs, path), path
 
 
 def test_kuadrant_limits_match_the_default_tiers() -> None:
@@ -847,7 +892,8 @@ def test_the_self_service_api_is_routed_checked_and_reachable_on_a_cluster() -> 
         route = find(objs, "HTTPRoute", "maas-self-service")
         assert route["metadata"]["labels"]["maas.io/self-service"] == "true"
         (rule,) = route["spec"]["rules"]
-        assert {m["path"]["value"] for m in rule["matches"]} == SELF_SERVICE_PATHS <= custom_paths(objs)
+        assert {m["path"]["value"] for m in rule["matches"]} == SELF_SERVICE_PATHS
+        assert all(checked(objs, path) for path in SELF_SERVICE_PATHS)
         (backend,) = rule["backendRefs"]
         assert backend["namespace"] == service["metadata"]["namespace"] and backend["name"] == "maas-controlplane"
         assert backend["port"] in {p["port"] for p in service["spec"]["ports"]}
