@@ -745,6 +745,39 @@ def test_kuadrant_and_maas_never_guard_the_same_route() -> None:
         assert not checked(objs, path), path
 
 
+# The seed guide's step 5 (models-aas deployment/kuadrant: 08-auth-policies-apikey.yaml, 06-rate-limit-policies.yaml).
+SEED_POLICIES = {
+    "authpolicy": {
+        "qwen-auth-policy",
+        "qwen3-auth-policy",
+        "granite-auth-policy",
+        "mistral-auth-policy",
+        "nomic-auth-policy",
+    },
+    "ratelimitpolicy": {
+        "qwen-rate-limit",
+        "qwen3-rate-limit",
+        "granite-rate-limit",
+        "mistral-rate-limit",
+        "nomic-rate-limit",
+    },
+}
+
+
+@pytest.mark.parametrize("readme", ["README.md", "deploy/README.md"])
+def test_install_removes_the_seed_guides_kuadrant_policies(readme: str) -> None:
+    """The install never said to delete them: every request then passed Authorino and Limitador as well as
+    maas-authz (admin-issued keys refused, two rate limits), against one enforcement point per route."""
+    text = (ROOT / readme).read_text().replace("\\\n", " ")
+    ours = {o["metadata"]["name"] for o in render("kuadrant") if o["apiVersion"].startswith("kuadrant.io/")}
+    for kind, names in SEED_POLICIES.items():
+        commands = re.findall(rf"kubectl -n llm delete {kind} ([^`\n]*)", text)
+        assert commands, f"{readme}: no `kubectl -n llm delete {kind}`"
+        deleted = {word for command in commands for word in command.split() if not word.startswith("-")}
+        assert deleted == names, (readme, kind, deleted)
+        assert not deleted & ours, "deploy/kuadrant's own policies must stay"
+
+
 def test_kuadrant_limits_match_the_default_tiers() -> None:
     objs = render("kuadrant")
     requests = find(objs, "RateLimitPolicy", "nomic-requests")["spec"]["limits"]
