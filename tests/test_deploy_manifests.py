@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from controlplane import demo
+from controlplane.settings import ControlPlaneSettings
 from controlplane.translate.httproute import translate_route
 from gateway import contract, identity
 from gateway.meter.server import SETTLE_SECONDS
@@ -458,6 +459,29 @@ def test_secrets_are_readable_only_in_bound_namespaces() -> None:
     controlplane = find(base, "Deployment", "maas-controlplane")
     env = {e["name"]: e.get("value") for e in controlplane["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert set(env["MAAS_NAMESPACES"].split(",")) == bound
+
+
+def test_secrets_are_written_only_in_the_key_namespace() -> None:
+    """The watch ClusterRole had granted create/update/patch/delete on Secrets in every bound namespace, maas-system
+    (maas-secrets, maas-redis, maas-admin-tokens) included; the code writes key Secrets in the key namespace only,
+    with POST and PUT, and never patches or deletes them."""
+    base = render("base")
+    roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in base}
+    writes = {"create", "update", "patch", "delete", "deletecollection"}
+    written_in: set[str] = set()
+    for binding in (o for o in base if o["kind"] in {"RoleBinding", "ClusterRoleBinding"}):
+        ref_ = binding["roleRef"]
+        scope = binding["metadata"].get("namespace")
+        role = roles[(ref_["kind"], scope if ref_["kind"] == "Role" else None, ref_["name"])]
+        for rule in role["rules"]:
+            if "" in rule["apiGroups"] and "secrets" in rule["resources"] and writes & set(rule["verbs"]):
+                assert binding["kind"] == "RoleBinding", f"{ref(binding)} grants Secret writes cluster-wide"
+                assert set(rule["verbs"]) <= {"get", "create", "update"}, f"{ref(role)}: {rule['verbs']}"
+                written_in.add(scope)
+    container = find(base, "Deployment", "maas-controlplane")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    settings = ControlPlaneSettings(namespaces=env["MAAS_NAMESPACES"], key_namespace=env.get("MAAS_KEY_NAMESPACE", ""))
+    assert written_in == {settings.key_namespace_name} == {"llm"}
 
 
 def test_controlplane_rbac_covers_what_it_watches() -> None:
