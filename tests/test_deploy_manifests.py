@@ -30,6 +30,7 @@ from controlplane import demo
 from controlplane.settings import ControlPlaneSettings
 from controlplane.translate.httproute import translate_route
 from gateway import contract, identity
+from gateway.authz.settings import AuthzSettings
 from gateway.meter.server import SETTLE_SECONDS
 from gateway.meter.settings import MeterSettings
 
@@ -822,6 +823,10 @@ def test_sidecar_service_entry_points_into_the_pod() -> None:
     container = next(c for c in sidecar_patch()["spec"]["template"]["spec"]["containers"] if c["name"] == "maas-authz")
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert int(env["MAAS_PORT"]) == entry["port"]
+    # the check port is the local Envoy's only; the ops port serves the kubelet's probes and Prometheus
+    settings = AuthzSettings(dev=True, host=env["MAAS_HOST"], ops_host=env.get("MAAS_OPS_HOST", ""))
+    assert settings.host == "127.0.0.1" and settings.ops_listen_host == "0.0.0.0"
+    assert entry["port"] not in {p["containerPort"] for p in container["ports"]}
     kinds = {o["kind"] for o in objs if o["metadata"]["name"] == "maas-authz"}
     assert not kinds & {"Deployment", "Service", "HorizontalPodAutoscaler"}
 
