@@ -567,10 +567,31 @@ def test_controlplane_runs_two_replicas_with_leader_election() -> None:
     assert env["MAAS_LEASE_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
 
 
+MEBIBYTES = {"Mi": 1, "Gi": 1024, "mb": 1, "gb": 1024}
+
+
+def mebibytes(quantity: str) -> float:
+    match = re.fullmatch(r"(\d+)([A-Za-z]+)", quantity)
+    assert match, quantity
+    return int(match[1]) * MEBIBYTES[match[2]]
+
+
 def test_redis_persists_with_aof() -> None:
     base = render("base")
     config = find(base, "ConfigMap", "maas-redis-config")["data"]["redis.conf"]
     assert "appendonly yes" in config and "maxmemory-policy noeviction" in config
+
+
+def test_redis_leaves_room_for_forks() -> None:
+    """maxmemory had been 768mb under a 1Gi limit: the copy-on-write pages of an AOF rewrite or RDB save (forks)
+    are charged to the same cgroup, and Redis was OOM-killed under load."""
+    base = render("base")
+    config = find(base, "ConfigMap", "maas-redis-config")["data"]["redis.conf"]
+    (maxmemory,) = re.findall(r"^maxmemory (\S+)$", config, flags=re.MULTILINE)
+    container = find(base, "StatefulSet", "maas-redis")["spec"]["template"]["spec"]["containers"][0]
+    assert container["name"] == "redis"
+    limit = mebibytes(container["resources"]["limits"]["memory"])
+    assert mebibytes(maxmemory) <= 0.6 * limit, (maxmemory, limit)
     statefulset = find(base, "StatefulSet", "maas-redis")
     assert statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     assert not [o for o in render("overlays/external-redis") if o["metadata"]["name"] == "maas-redis"]
