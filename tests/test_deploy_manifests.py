@@ -27,8 +27,12 @@ import pytest
 import yaml
 
 from controlplane import demo
+from controlplane.settings import ControlPlaneSettings
 from controlplane.translate.httproute import translate_route
 from gateway import contract, identity
+from gateway.authz.settings import AuthzSettings
+from gateway.meter.server import SETTLE_SECONDS
+from gateway.meter.settings import MeterSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -458,6 +462,29 @@ def test_secrets_are_readable_only_in_bound_namespaces() -> None:
     assert set(env["MAAS_NAMESPACES"].split(",")) == bound
 
 
+def test_secrets_are_written_only_in_the_key_namespace() -> None:
+    """The watch ClusterRole had granted create/update/patch/delete on Secrets in every bound namespace, maas-system
+    (maas-secrets, maas-redis, maas-admin-tokens) included; the code writes key Secrets in the key namespace only,
+    with POST and PUT, and never patches or deletes them."""
+    base = render("base")
+    roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in base}
+    writes = {"create", "update", "patch", "delete", "deletecollection"}
+    written_in: set[str] = set()
+    for binding in (o for o in base if o["kind"] in {"RoleBinding", "ClusterRoleBinding"}):
+        ref_ = binding["roleRef"]
+        scope = binding["metadata"].get("namespace")
+        role = roles[(ref_["kind"], scope if ref_["kind"] == "Role" else None, ref_["name"])]
+        for rule in role["rules"]:
+            if "" in rule["apiGroups"] and "secrets" in rule["resources"] and writes & set(rule["verbs"]):
+                assert binding["kind"] == "RoleBinding", f"{ref(binding)} grants Secret writes cluster-wide"
+                assert set(rule["verbs"]) <= {"get", "create", "update"}, f"{ref(role)}: {rule['verbs']}"
+                written_in.add(scope)
+    container = find(base, "Deployment", "maas-controlplane")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    settings = ControlPlaneSettings(namespaces=env["MAAS_NAMESPACES"], key_namespace=env.get("MAAS_KEY_NAMESPACE", ""))
+    assert written_in == {settings.key_namespace_name} == {"llm"}
+
+
 def test_controlplane_rbac_covers_what_it_watches() -> None:
     base = render("base")
     granted: dict[tuple[str, str], set[str]] = {}
@@ -540,10 +567,31 @@ def test_controlplane_runs_two_replicas_with_leader_election() -> None:
     assert env["MAAS_LEASE_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
 
 
+MEBIBYTES = {"Mi": 1, "Gi": 1024, "mb": 1, "gb": 1024}
+
+
+def mebibytes(quantity: str) -> float:
+    match = re.fullmatch(r"(\d+)([A-Za-z]+)", quantity)
+    assert match, quantity
+    return int(match[1]) * MEBIBYTES[match[2]]
+
+
 def test_redis_persists_with_aof() -> None:
     base = render("base")
     config = find(base, "ConfigMap", "maas-redis-config")["data"]["redis.conf"]
     assert "appendonly yes" in config and "maxmemory-policy noeviction" in config
+
+
+def test_redis_leaves_room_for_forks() -> None:
+    """maxmemory had been 768mb under a 1Gi limit: the copy-on-write pages of an AOF rewrite or RDB save (forks)
+    are charged to the same cgroup, and Redis was OOM-killed under load."""
+    base = render("base")
+    config = find(base, "ConfigMap", "maas-redis-config")["data"]["redis.conf"]
+    (maxmemory,) = re.findall(r"^maxmemory (\S+)$", config, flags=re.MULTILINE)
+    container = find(base, "StatefulSet", "maas-redis")["spec"]["template"]["spec"]["containers"][0]
+    assert container["name"] == "redis"
+    limit = mebibytes(container["resources"]["limits"]["memory"])
+    assert mebibytes(maxmemory) <= 0.6 * limit, (maxmemory, limit)
     statefulset = find(base, "StatefulSet", "maas-redis")
     assert statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     assert not [o for o in render("overlays/external-redis") if o["metadata"]["name"] == "maas-redis"]
@@ -663,28 +711,68 @@ def route_prefixes() -> dict[str, str]:
     return out
 
 
-def custom_paths(objs: tuple[dict[str, Any], ...]) -> set[str]:
-    policy = find(objs, "AuthorizationPolicy", "maas-authz")
-    return {p for rule in policy["spec"]["rules"] for op in rule["to"] for p in op["operation"]["paths"]}
+def istio_match(pattern: str, path: str) -> bool:
+    """Istio's string match of an operation's paths: exact, prefix (``/a/*``), suffix (``*.js``) or ``*``."""
+    if pattern == "*":
+        return True
+    if pattern.endswith("*"):
+        return path.startswith(pattern[:-1])
+    if pattern.startswith("*"):
+        return path.endswith(pattern[1:])
+    return path == pattern
 
 
-def test_authorization_policy_guards_every_model_route() -> None:
+def checked(objs: tuple[dict[str, Any], ...], path: str) -> bool:
+    """Whether the gateway asks maas-authz about a request for ``path`` (the CUSTOM policy's rules match it)."""
+    policy = find(objs, "AuthorizationPolicy", "maas-authz")["spec"]
+    for rule in policy["rules"]:
+        assert set(rule) == {"to"}, "only path conditions are evaluated here"
+        for to in rule["to"]:
+            operation = to["operation"]
+            assert set(operation) <= {"paths", "notPaths"}, operation
+            if "paths" in operation and not any(istio_match(p, path) for p in operation["paths"]):
+                continue
+            if any(istio_match(p, path) for p in operation.get("notPaths", [])):
+                continue
+            return True
+    return False
+
+
+def test_istio_match_follows_istio() -> None:
+    assert istio_match("/nomic/*", "/nomic/v1/embeddings") and not istio_match("/nomic/*", "/nomic")
+    assert istio_match("/nomic", "/nomic") and not istio_match("/nomic", "/nomic2")
+    assert istio_match("*", "/x") and istio_match("*.js", "/a.js")
+
+
+HEALTH_PATHS = ["/healthz", "/healthz/ready", "/readyz"]
+# Requests that reach a model without an HTTPRoute of ours: KServe's Gateway API ingress (`<isvc>` and
+# `<isvc>-predictor` routes by hostname, RegularExpression paths), or any route added to the gateway later.
+UNLISTED_PATHS = ["/", "/v1/chat/completions", "/v1/embeddings", "/openai/v1/completions", "/metrics", "/qwen3x"]
+
+
+def test_authorization_policy_checks_everything_but_health() -> None:
+    """The policy had listed the model prefixes: a request on any other route of the gateway (KServe's own
+    HTTPRoutes when its Gateway API ingress points at kuadrant-gateway) reached its model without a key."""
     objs = render("istio")
     policy = find(objs, "AuthorizationPolicy", "maas-authz")["spec"]
     assert policy["action"] == "CUSTOM" and policy["provider"]["name"] == "maas-authz"
     assert policy["targetRefs"] == [
         {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "kuadrant-gateway"}
     ]
-    paths = custom_paths(objs)
-    model_paths = {p for prefix in route_prefixes().values() for p in (prefix, prefix + "/*")}
-    assert paths == model_paths | SELF_SERVICE_PATHS
-    assert not any(p.startswith(("/healthz", "/readyz", "/metrics")) for p in paths)
+    for prefix in route_prefixes().values():
+        assert checked(objs, prefix) and checked(objs, prefix + "/v1/chat/completions"), prefix
+    for path in [*SELF_SERVICE_PATHS, *UNLISTED_PATHS]:
+        assert checked(objs, path), path
+    for path in HEALTH_PATHS:
+        assert not checked(objs, path), path
 
 
 def test_kuadrant_and_maas_never_guard_the_same_route() -> None:
     objs = render("kuadrant")
     prefixes = route_prefixes()
-    maas_routes = {name for name, prefix in prefixes.items() if prefix in custom_paths(objs)}
+    maas_routes = {name for name, prefix in prefixes.items() if checked(objs, prefix)}
+    for name, prefix in prefixes.items():  # a route is one system's on all its paths
+        assert checked(objs, prefix + "/v1/embeddings") == (name in maas_routes), name
     kuadrant_routes: dict[str, set[str]] = {}
     for obj in objs:
         if obj["apiVersion"].startswith("kuadrant.io/"):
@@ -696,6 +784,44 @@ def test_kuadrant_and_maas_never_guard_the_same_route() -> None:
     assert kuadrant_routes["RateLimitPolicy"] <= guarded and kuadrant_routes["TokenRateLimitPolicy"] <= guarded
     assert not maas_routes & guarded
     assert maas_routes | guarded == set(prefixes)
+    # the rest of the gateway stays maas-authz's: only /nomic moved
+    for path in [*SELF_SERVICE_PATHS, *UNLISTED_PATHS]:
+        assert checked(objs, path), path
+    for path in HEALTH_PATHS:
+        assert not checked(objs, path), path
+
+
+# The seed guide's step 5 (models-aas deployment/kuadrant: 08-auth-policies-apikey.yaml, 06-rate-limit-policies.yaml).
+SEED_POLICIES = {
+    "authpolicy": {
+        "qwen-auth-policy",
+        "qwen3-auth-policy",
+        "granite-auth-policy",
+        "mistral-auth-policy",
+        "nomic-auth-policy",
+    },
+    "ratelimitpolicy": {
+        "qwen-rate-limit",
+        "qwen3-rate-limit",
+        "granite-rate-limit",
+        "mistral-rate-limit",
+        "nomic-rate-limit",
+    },
+}
+
+
+@pytest.mark.parametrize("readme", ["README.md", "deploy/README.md"])
+def test_install_removes_the_seed_guides_kuadrant_policies(readme: str) -> None:
+    """The install never said to delete them: every request then passed Authorino and Limitador as well as
+    maas-authz (admin-issued keys refused, two rate limits), against one enforcement point per route."""
+    text = (ROOT / readme).read_text().replace("\\\n", " ")
+    ours = {o["metadata"]["name"] for o in render("kuadrant") if o["apiVersion"].startswith("kuadrant.io/")}
+    for kind, names in SEED_POLICIES.items():
+        commands = re.findall(rf"kubectl -n llm delete {kind} ([^`\n]*)", text)
+        assert commands, f"{readme}: no `kubectl -n llm delete {kind}`"
+        deleted = {word for command in commands for word in command.split() if not word.startswith("-")}
+        assert deleted == names, (readme, kind, deleted)
+        assert not deleted & ours, "deploy/kuadrant's own policies must stay"
 
 
 def test_kuadrant_limits_match_the_default_tiers() -> None:
@@ -718,6 +844,10 @@ def test_sidecar_service_entry_points_into_the_pod() -> None:
     container = next(c for c in sidecar_patch()["spec"]["template"]["spec"]["containers"] if c["name"] == "maas-authz")
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert int(env["MAAS_PORT"]) == entry["port"]
+    # the check port is the local Envoy's only; the ops port serves the kubelet's probes and Prometheus
+    settings = AuthzSettings(dev=True, host=env["MAAS_HOST"], ops_host=env.get("MAAS_OPS_HOST", ""))
+    assert settings.host == "127.0.0.1" and settings.ops_listen_host == "0.0.0.0"
+    assert entry["port"] not in {p["containerPort"] for p in container["ports"]}
     kinds = {o["kind"] for o in objs if o["metadata"]["name"] == "maas-authz"}
     assert not kinds & {"Deployment", "Service", "HorizontalPodAutoscaler"}
 
@@ -739,6 +869,51 @@ def test_models_route_to_the_meter_and_the_meter_to_vllm() -> None:
     assert upstream
     assert f"--port={upstream[1]}" in vllm["args"] and "--host=127.0.0.1" in vllm["args"]
     assert "--served-model-name={{.Name}}" in vllm["args"]
+
+
+ENDPOINT_REMOVAL_SECONDS = 5
+"""What the authz Deployment waits in preStop for gateways to drop a terminating endpoint; the model pods too."""
+EXIT_SECONDS = 5
+"""Least time a container gets between SIGTERM (its preStop over) and the pod's SIGKILL."""
+
+
+def pre_stop_seconds(container: dict[str, Any]) -> int:
+    seconds: int = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    return seconds
+
+
+def meter_shutdown_grace(container: dict[str, Any]) -> float:
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    default = MeterSettings.model_fields["shutdown_grace"].default
+    return float(env.get("MAAS_SHUTDOWN_GRACE") or default)
+
+
+@pytest.mark.parametrize("layout", ["models", "kuadrant"])
+def test_rolling_a_model_pod_drains_before_vllm_stops(layout: str) -> None:
+    """Kubernetes signals every container of a pod at once. The pod had no preStop: the meter closed its port while
+    gateways still sent (503s), and vLLM cancelled its requests at once, cutting the streams the meter was draining
+    for its --shutdown-grace; and the default 30 s termination grace ended before that drain."""
+    objs = render(layout)
+    runtimes = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ServingRuntime"}
+    needed: dict[str, float] = {}
+    for name, runtime in runtimes.items():
+        containers = {c["name"]: c for c in runtime["spec"]["containers"]}
+        for container in containers.values():
+            assert pre_stop_seconds(container) >= ENDPOINT_REMOVAL_SECONDS, f"{name}/{container['name']}: preStop"
+        vllm = containers["kserve-container"]
+        ends = [pre_stop_seconds(vllm) + EXIT_SECONDS]
+        if "maas-meter" in containers:
+            meter = containers["maas-meter"]
+            drained = pre_stop_seconds(meter) + meter_shutdown_grace(meter) + SETTLE_SECONDS
+            assert pre_stop_seconds(vllm) >= drained, f"{name}: vLLM stops before the meter has drained"
+            ends.append(drained + EXIT_SECONDS)
+        needed[name] = max(ends)
+    isvcs = [o for o in objs if o["kind"] == "InferenceService"]
+    assert isvcs
+    for isvc in isvcs:
+        predictor = isvc["spec"]["predictor"]
+        grace = predictor.get("terminationGracePeriodSeconds", 30)
+        assert grace >= needed[predictor["model"]["runtime"]], f"{isvc['metadata']['name']}: {grace} s"
 
 
 def test_models_are_the_seed_models() -> None:
@@ -800,7 +975,8 @@ def test_the_self_service_api_is_routed_checked_and_reachable_on_a_cluster() -> 
         route = find(objs, "HTTPRoute", "maas-self-service")
         assert route["metadata"]["labels"]["maas.io/self-service"] == "true"
         (rule,) = route["spec"]["rules"]
-        assert {m["path"]["value"] for m in rule["matches"]} == SELF_SERVICE_PATHS <= custom_paths(objs)
+        assert {m["path"]["value"] for m in rule["matches"]} == SELF_SERVICE_PATHS
+        assert all(checked(objs, path) for path in SELF_SERVICE_PATHS)
         (backend,) = rule["backendRefs"]
         assert backend["namespace"] == service["metadata"]["namespace"] and backend["name"] == "maas-controlplane"
         assert backend["port"] in {p["port"] for p in service["spec"]["ports"]}

@@ -72,6 +72,7 @@ def deployed_settings(emulator: K8sEmulator, tmp_path: Path, redis_url: str, **o
         "host": "127.0.0.1",
         "source": env["MAAS_SOURCE"],
         "namespaces": env["MAAS_NAMESPACES"],
+        "key_namespace": env.get("MAAS_KEY_NAMESPACE", ""),
         "kubeconfig": str(emulator.write_kubeconfig(tmp_path / "kubeconfig")),
         "redis_url": redis_url,
         "resync_period": 3600,
@@ -188,4 +189,8 @@ def test_the_rbac_authorizer_refuses_what_no_rule_grants() -> None:
     assert not allows("list", "", "secrets", "kube-system", None)
     assert allows("list", "", "secrets", "llm", None)
     assert not allows("get", "", "secrets", "default", "x")
+    assert allows("create", "", "secrets", "llm", None) and allows("update", "", "secrets", "llm", "x")
+    for verb in ("create", "update", "patch", "delete"):  # maas-system holds maas-secrets, maas-redis, admin tokens
+        assert not allows(verb, "", "secrets", "maas-system", None if verb == "create" else "maas-secrets"), verb
+    assert not allows("delete", "", "secrets", "llm", "x") and not allows("patch", "", "secrets", "llm", "x")
     assert not rbac_authorizer(render("base"), "maas-system", "maas-authz")("get", "", "secrets", "llm", "x")

@@ -177,6 +177,9 @@ class KubeSource:
 
     async def report(self, obj: Obj, *, reason: str, message: str) -> None:
         namespace, name = key_of(obj)
+        # The API server takes a core Event only in its involved object's namespace, or, for a cluster-scoped
+        # object, in `default`. The sync reports namespaced objects only (a ClusterServingRuntime's problem is
+        # reported on the InferenceService using it), so deploy/ grants Events in the watched namespaces alone.
         namespace = namespace or "default"
         now = micro_time()
         event = {

@@ -89,8 +89,16 @@ async def serve(settings: AuthzSettings, *, stop: asyncio.Event | None = None, s
         authz_runner = web.ServerRunner(server, handle_signals=False)
         await authz_runner.setup()
         await web.TCPSite(authz_runner, settings.host, settings.port, reuse_port=True, backlog=1024).start()
-    await web.TCPSite(ops_runner, settings.host, settings.ops_port).start()
-    log.info("listening", extra={"port": settings.port, "ops_port": settings.ops_port})
+    await web.TCPSite(ops_runner, settings.ops_listen_host, settings.ops_port).start()
+    log.info(
+        "listening",
+        extra={
+            "host": settings.host,
+            "port": settings.port,
+            "ops_host": settings.ops_listen_host,
+            "ops_port": settings.ops_port,
+        },
+    )
 
     stop = stop or _stop_on_signals()
     await stop.wait()

@@ -14,6 +14,11 @@ DEV_IDENTITY_SECRET = "maas-development-identity-secret"
 class AuthzSettings(CommonSettings):
     port: int = Field(8500, ge=0, le=65535, description="ext_authz HTTP port (a catch-all: every path is a check)")
     ops_port: int = Field(9500, ge=0, le=65535, description="ops port: /healthz, /readyz, /metrics")
+    ops_host: str = Field(
+        "",
+        description="address the ops port listens on (empty: --host); lets the check port listen on 127.0.0.1 "
+        "while probes and Prometheus reach the ops port",
+    )
     identity_secret: SecretStr | None = Field(
         None, description="HMAC secret signing the identity headers for maas meter; required unless --dev"
     )
@@ -41,6 +46,10 @@ class AuthzSettings(CommonSettings):
         if self.path_prefix and not self.path_prefix.startswith("/"):
             raise ValueError("path_prefix must start with '/'")
         return self
+
+    @property
+    def ops_listen_host(self) -> str:
+        return self.ops_host or self.host
 
     @property
     def identity_key(self) -> bytes:

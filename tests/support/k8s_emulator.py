@@ -7,6 +7,8 @@ the API server's REST protocol for kubernetes-asyncio and the control plane:
   matching a label selector arrive as ADDED / DELETED; ``allowWatchBookmarks``; ``timeoutSeconds``;
   a resourceVersion older than the compacted history gets an ERROR event with a 410 Status;
 - get, create (``generateName`` too), replace (409 on a stale resourceVersion), delete;
+- the API server's rule for a core Event's namespace (422 otherwise): its ``involvedObject``'s namespace, or
+  ``default`` for a cluster-scoped object;
 - on demand: ``force_gone()`` (every open watch gets a 410 and the history is compacted) and
   ``drop_watches()`` (open watch connections are cut without a clean end);
 - optionally RBAC: with ``authorize`` set (``rbac_authorizer`` evaluates rendered Roles, ClusterRoles and their
@@ -165,6 +167,18 @@ class _Filter:
         if any(fields.get(k) != v for k, v in self.fields.items()):
             return False
         return bool(self.labels(meta.get("labels") or {}))
+
+
+def _event_namespace_problem(event: Obj) -> str | None:
+    """As the API server validates a core/v1 Event without ``eventTime``: in its involved object's namespace, or
+    for a cluster-scoped object (no namespace) in ``default`` (or none)."""
+    involved = str((event.get("involvedObject") or {}).get("namespace") or "")
+    namespace = str(event["metadata"].get("namespace") or "")
+    allowed = {involved} if involved else {"", "default"}
+    if namespace in allowed:
+        return None
+    name = event["metadata"].get("name") or event["metadata"].get("generateName", "")
+    return f"Event {name!r} is invalid: involvedObject.namespace: does not match event.namespace"
 
 
 def _verb(method: str, name: str | None, watch: bool) -> str:
@@ -426,6 +440,8 @@ class K8sEmulator:
             self.requests[f"create {resource[1]}"] += 1
             body = await request.json()
             body.setdefault("metadata", {}).setdefault("namespace", namespace)
+            if resource == ("", "events") and (problem := _event_namespace_problem(body)):
+                return _status(422, "Invalid", problem)
             try:
                 return web.json_response(self.create(body), status=201)
             except KeyError as exc:
