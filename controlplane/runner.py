@@ -138,6 +138,7 @@ class ControlPlane:
             tier_configmap=settings.tier_configmap,
             tier_limits_configmap=settings.tier_limits_configmap,
             write_timeout=settings.admin_write_timeout,
+            window_borrowers=lambda tier: syncer.desired.window_borrowers(tier, now=time.time()),
         )
 
     async def _serve(self, app: web.Application, port: int) -> int:

@@ -26,7 +26,7 @@ from controlplane.admin.errors import (
 from controlplane.admin.state import AdminState
 from controlplane.errors import SourceError
 from controlplane.sources.base import Source
-from gateway.contract import WindowError, parse_window
+from gateway.contract import TierRecord, WindowError, parse_window
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -65,6 +65,9 @@ class AdminContext:
     tier_configmap: str
     tier_limits_configmap: str
     write_timeout: float
+    window_borrowers: Callable[[TierRecord], list[str]]
+    """Key ids of the active keys that take a limit's window from their tier and would find none were this tier
+    written (the sync path's view of the Secrets)."""
     locks: Locks = field(default_factory=Locks)
 
 

@@ -79,8 +79,9 @@ def _projection(record: KeyRecord | None) -> tuple[object, ...] | None:
     return (record.status, record.tier, record.models, expires, record.user, record.groups, record.name, counts)
 
 
-async def write_secret(ctx: AdminContext, obj: Obj) -> tuple[KeyRecord, bool]:
-    """Apply the Secret; wait until Redis holds the record derived from it. (expected record, synced)."""
+async def write_secret(ctx: AdminContext, obj: Obj, *, no_window: str = "give limits.window") -> tuple[KeyRecord, bool]:
+    """Apply the Secret; wait until Redis holds the record derived from it. (expected record, synced).
+    ``no_window`` says what to do about a limit that has no window of its own and none from its tier."""
     try:
         expected, _ = tr.translate_secret(
             obj, pepper=ctx.pepper, tiers=list(ctx.state.tiers.values()), default_tier=ctx.state.default_tier
@@ -88,7 +89,7 @@ async def write_secret(ctx: AdminContext, obj: Obj) -> tuple[KeyRecord, bool]:
     except TranslateError as exc:
         if exc.reason == "invalid_limit" and tr.takes_tier_windows(obj):
             raise InvalidRequest(
-                "A limit without a window takes its tier's, and the key's tier has no such limit; give limits.window.",
+                f"A limit without a window takes its tier's, and the key's tier has no such limit; {no_window}.",
                 param="limits.window",
             ) from exc
         raise InvalidRequest(f"The key cannot be stored: {exc}") from exc
@@ -295,7 +296,9 @@ async def rotate_key(request: web.Request) -> web.Response:
         inherited = {k: v for k, v in (old_secret["metadata"].get("annotations") or {}).items() if k != ks.ROTATED_TO}
         inherited[tr.MAAS_CREATED] = ks.stamp(now)
         new_obj = ks.key_secret(digest=digest, namespace=ctx.key_namespace, key_id=key_id, annotations=inherited)
-        new_record, new_synced = await write_secret(ctx, new_obj)
+        new_record, new_synced = await write_secret(
+            ctx, new_obj, no_window="give the key limits.window (PATCH) before rotating it"
+        )
         ends = now + grace
         if old.expires_at is not None:
             ends = min(ends, old.expires_at)

@@ -21,7 +21,8 @@ ERRORS = {
     404: "no such key or tier (key_not_found, tier_not_found, not_found)",
     405: "method not allowed on this path",
     406: "unsupported Accept (not_acceptable)",
-    409: "read-only key, revoked or expired key, or tier in use (read_only_key, key_revoked, key_expired, tier_in_use)",
+    409: "read-only key, revoked or expired key, or tier in use, by keys or by the windows their limits take from it "
+    "(read_only_key, key_revoked, key_expired, tier_in_use)",
     413: "body over 64 KiB (body_too_large)",
     415: "body is not application/json (unsupported_media_type)",
     503: "store or cluster unavailable, or the view of Redis not loaded yet (store_unavailable, source_unavailable, "
