@@ -18,7 +18,7 @@ from controlplane.admin.context import AdminContext
 from controlplane.admin.state import AdminState
 from controlplane.leader import AlwaysLeader, LeaseElector
 from controlplane.metrics import Metrics
-from controlplane.ops import Parts, ops_app
+from controlplane.ops import ApiRunner, Parts, ops_app
 from controlplane.reflector import Reflector
 from controlplane.settings import ControlPlaneSettings
 from controlplane.sources import Source, Stream, open_source
@@ -142,7 +142,7 @@ class ControlPlane:
         )
 
     async def _serve(self, app: web.Application, port: int) -> int:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = ApiRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, self.settings.host, port)
         await site.start()

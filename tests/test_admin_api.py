@@ -4,6 +4,8 @@ auth, documented 4xx, and no plaintext key anywhere but the create and rotate re
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import logging
 import os
 from pathlib import Path
@@ -251,6 +253,76 @@ async def test_body_limits_and_content_type(tmp_path: Path, redis_url: str) -> N
             "POST", "/admin/v1/keys", data=deep, headers=api.headers(**{"Content-Type": "application/json"})
         )
         assert (status, error["error"]["code"]) == (400, "invalid_json")
+
+
+async def test_what_aiohttp_answers_itself_is_in_the_envelope(
+    tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body that does not decompress was a plain-text 500; an encoding aiohttp cannot decode, an over-long line
+    and malformed HTTP were aiohttp's plain-text 400s, on both ports."""
+    async with running(admin_settings(tmp_path, redis_url)) as (plane, api):
+        as_json = {"Content-Type": "application/json"}
+        status, key = await api.call(
+            "POST",
+            "/admin/v1/keys",
+            data=gzip.compress(b'{"user": "zip"}'),
+            headers=api.headers(**as_json, **{"Content-Encoding": "gzip"}),
+        )
+        assert status == 201 and key["user"] == "zip", key
+        ops = f"http://127.0.0.1:{plane.ports['ops']}"
+        for base, method, path, data, headers, status, code in (
+            (
+                api.base,
+                "POST",
+                "/admin/v1/keys",
+                b'{"user":"x"}',
+                {**as_json, "Content-Encoding": "gzip"},
+                400,
+                "invalid_json",
+            ),
+            (
+                api.base,
+                "POST",
+                "/admin/v1/keys",
+                b'{"user":"x"}',
+                {**as_json, "Content-Encoding": "deflate"},
+                400,
+                "invalid_json",
+            ),
+            (
+                api.base,
+                "POST",
+                "/admin/v1/keys",
+                b"x" * 60_000,
+                {**as_json, "Content-Encoding": "gzip"},
+                400,
+                "invalid_json",
+            ),
+            (
+                api.base,
+                "POST",
+                "/admin/v1/keys",
+                b'{"user":"x"}',
+                {**as_json, "Content-Encoding": "br"},
+                415,
+                "unsupported_media_type",
+            ),
+            (api.base, "GET", "/admin/v1/keys", None, {"X-Big": "a" * 9000}, 431, "request_header_too_large"),
+            (api.base, "GET", "/admin/v1/keys?user=" + "a" * 9000, None, {}, 431, "request_header_too_large"),
+            (ops, "GET", "/healthz", None, {"X-Big": "a" * 9000}, 431, "request_header_too_large"),
+        ):
+            async with api.session.request(method, base + path, data=data, headers=api.headers(**headers)) as resp:
+                assert resp.content_type == "application/json", (path, headers, await resp.text())
+                body = await resp.json()
+            assert (resp.status, body["error"]["code"]) == (status, code), (path, headers, body)
+            assert set(body["error"]) == {"message", "type", "param", "code"}
+        reader, writer = await asyncio.open_connection("127.0.0.1", plane.ports["main"])
+        writer.write(b"GET /admin/v1/keys HTTP/1.1\r\nHost: cp\r\nBad Header: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        head, _, body_bytes = answer.partition(b"\r\n\r\n")
+        assert head.split()[1] == b"400" and json.loads(body_bytes)["error"]["code"] == "invalid_request", answer
+    assert "Traceback" not in caplog.text and "Unhandled exception" not in caplog.text
 
 
 async def test_token_file_is_reloaded(tmp_path: Path, redis_url: str) -> None:

@@ -21,6 +21,7 @@ from controlplane.admin.errors import (
     InvalidJSON,
     InvalidRequest,
     SourceUnavailable,
+    UndecodableBody,
     UnsupportedMediaType,
 )
 from controlplane.admin.state import AdminState
@@ -85,8 +86,16 @@ def principal(request: web.Request) -> Principal:
 
 async def read_body(request: web.Request, model: type[M], *, optional: bool = False) -> M:
     """The JSON body as ``model``: 415 unless JSON, 400 ``invalid_json`` or ``invalid_request``; 413 above the cap
-    (aiohttp enforces ``client_max_size``)."""
-    raw = await request.read()
+    (aiohttp enforces ``client_max_size``, decompressed)."""
+    try:
+        raw = await request.read()
+    except web.RequestPayloadError as exc:  # a gzip or deflate body that does not decompress, broken chunking
+        # the rest of the body is not read (aiohttp would read on to reuse the connection, and fail, logging a
+        # traceback): the answer closes the connection instead
+        request.content.feed_eof()
+        encoding = request.headers.get("content-encoding")
+        what = f"decompressed (Content-Encoding: {encoding})" if encoding else "read"
+        raise UndecodableBody(f"The body cannot be {what}.") from exc
     if not raw.strip() and optional:
         return model()
     if request.content_type != "application/json":
