@@ -202,6 +202,9 @@ async def test_list_filters_combine(tmp_path: Path, redis_url: str) -> None:
         ),
         pytest.param("DELETE", "/admin/v1/tiers/free", None, ADMIN_TOKEN, 409, "tier_in_use", id="tier-in-use"),
         pytest.param(
+            "PUT", "/admin/v1/tiers/x", {"level": 1}, ADMIN_TOKEN, 400, "invalid_request", id="tier-without-limits"
+        ),
+        pytest.param(
             "GET",
             "/admin/v1/usage?from=2020-01-01&to=2022-01-01",
             None,
@@ -348,6 +351,10 @@ async def test_tiers_quota_and_usage(tmp_path: Path, redis_url: str) -> None:
             json={"level": 7, "groups": ["gold"], "limits": {"requests": {"limit": 2, "window": "1m"}}},
         )
         assert status == 201 and tier["limits"]["requests"] == {"limit": 2, "window": "1m"}
+        status, error = await api.call("PUT", "/admin/v1/tiers/gold", json={"level": 7, "groups": ["gold"]})
+        assert (status, error["error"]["param"]) == (400, "limits"), error  # it had made the tier unlimited
+        status, tier = await api.call("PUT", "/admin/v1/tiers/open", json={"limits": {}})
+        assert status == 201 and tier["limits"] == {"requests": None, "tokens": None}, tier
         status, created = await api.call("POST", "/admin/v1/keys", json={"user": "bob", "groups": ["gold"]})
         key_id = created["key_id"]
         assert created["tier"] == "gold" and created["tier_explicit"] is False

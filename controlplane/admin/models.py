@@ -71,7 +71,7 @@ class TierPut(Input):
     display_name: Label = ""
     level: Annotated[int, Field(ge=0, le=1000)] = 0
     groups: Annotated[list[Name], Field(max_length=MAX_LIST_ITEMS)] = []
-    limits: LimitsBody = LimitsBody()
+    limits: LimitsBody = Field(description="the tier's limits, required as a PUT replaces the tier ({}: none)")
     models: Annotated[list[Name], Field(max_length=MAX_LIST_ITEMS)] = []
 
 
