@@ -227,6 +227,76 @@ async def test_documented_errors(
         assert set(error["error"]) == {"message", "type", "param", "code"}
 
 
+async def test_values_are_read_as_documented_and_never_converted(tmp_path: Path, redis_url: str) -> None:
+    """Strings were taken for numbers and booleans, epoch numbers and dates for times, non-ASCII digits and spaces
+    in durations (a tier stored "5 m", which Kuadrant cannot read); a PATCH took an expiry in the past."""
+    async with running(admin_settings(tmp_path, redis_url)) as (_, api):
+        status, key = await api.call(
+            "POST", "/admin/v1/keys", json={"user": "t", "expires_at": "2030-01-01T00:00:00+02:00"}
+        )
+        assert status == 201 and key["expires_at"] == "2029-12-31T22:00:00Z", key
+        path = f"/admin/v1/keys/{key['key_id']}"
+        cases = [
+            (
+                "POST",
+                "/admin/v1/keys",
+                {"user": "a", "limits": {"requests": "5"}},
+                "invalid_request",
+                "limits.requests",
+            ),
+            ("POST", "/admin/v1/keys", {"user": "a", "limits": {"tokens": 5.0}}, "invalid_request", "limits.tokens"),
+            ("POST", "/admin/v1/keys", {"user": 7}, "invalid_request", "user"),
+            ("POST", "/admin/v1/keys", {"user": "a", "expires_at": 1900000000}, "invalid_request", "expires_at"),
+            ("POST", "/admin/v1/keys", {"user": "a", "expires_at": "2030-01-01"}, "invalid_request", "expires_at"),
+            (
+                "POST",
+                "/admin/v1/keys",
+                {"user": "a", "expires_at": "2030-01-01T00:00:00"},
+                "invalid_request",
+                "expires_at",
+            ),
+            ("POST", "/admin/v1/keys", {"user": "a", "expires_in": "\uff11h"}, "invalid_duration", "expires_in"),
+            ("POST", "/admin/v1/keys", {"user": "a", "expires_in": "1 h"}, "invalid_duration", "expires_in"),
+            (
+                "POST",
+                "/admin/v1/keys",
+                {"user": "a", "limits": {"requests": 1, "window": "5 m"}},
+                "invalid_duration",
+                "limits.window",
+            ),
+            ("PATCH", path, {"disabled": "yes"}, "invalid_request", "disabled"),
+            ("PATCH", path, {"disabled": 1}, "invalid_request", "disabled"),
+            ("PATCH", path, {"expires_at": "2001-01-01T00:00:00Z"}, "invalid_request", "expires_at"),
+            ("POST", f"{path}/rotate", {"grace_period": " 0 s"}, "invalid_duration", "grace_period"),
+            ("PUT", "/admin/v1/tiers/t", {"level": "3", "limits": {}}, "invalid_request", "level"),
+            (
+                "PUT",
+                "/admin/v1/tiers/t",
+                {"limits": {"requests": {"limit": 5, "window": "5 m"}}},
+                "invalid_duration",
+                "limits.requests.window",
+            ),
+            (
+                "PUT",
+                "/admin/v1/tiers/t",
+                {"limits": {"tokens": {"limit": 5, "window": "\u0665m"}}},
+                "invalid_duration",
+                "limits.tokens.window",
+            ),
+        ]
+        for method, where, body, code, param in cases:
+            status, error = await api.call(method, where, json=body)
+            assert (status, error["error"]["code"], error["error"]["param"]) == (400, code, param), (body, error)
+        status, now = await api.call("GET", path)
+        assert (now["status"], now["expires_at"]) == ("active", "2029-12-31T22:00:00Z"), now
+        status, now = await api.call("PATCH", path, json={"expires_at": "2035-06-30T12:00:00.5z", "disabled": True})
+        assert status == 200 and (now["status"], now["expires_at"]) == ("disabled", "2035-06-30T12:00:01Z"), now
+        status, tier = await api.call(
+            "PUT", "/admin/v1/tiers/t", json={"limits": {"requests": {"limit": 5, "window": "1m30s"}}}
+        )
+        assert status == 201 and tier["limits"]["requests"] == {"limit": 5, "window": "1m30s"}, tier
+
+
 async def test_body_limits_and_content_type(tmp_path: Path, redis_url: str) -> None:
     async with running(admin_settings(tmp_path, redis_url)) as (_, api):
         status, error = await api.call(

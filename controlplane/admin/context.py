@@ -32,7 +32,10 @@ from gateway.contract import TierRecord, WindowError, parse_window
 M = TypeVar("M", bound=BaseModel)
 
 MAX_BODY_BYTES = 64 * 1024
-_ZERO = re.compile(r"^\s*0+\s*(ms|s|m|h|d)?\s*$")
+_DURATION = re.compile(r"(?:[0-9]+(?:ms|s|m|h|d))+")
+"""The documented grammar, which Kuadrant reads too: ASCII digits, no spaces (``parse_window``, which also reads
+what the cluster holds, takes any digits and spaces)."""
+_ZERO = re.compile(r"0+(?:ms|s|m|h|d)?")
 
 
 WRITE_ATTEMPTS = 5
@@ -133,9 +136,11 @@ def check_query(request: web.Request, allowed: Iterable[str]) -> None:
 
 
 def duration_seconds(text: str, *, param: str, allow_zero: bool = False) -> float:
-    if allow_zero and _ZERO.match(text):
+    if allow_zero and _ZERO.fullmatch(text):
         return 0.0
     try:
+        if _DURATION.fullmatch(text) is None:
+            raise WindowError(f"invalid duration {text!r}")
         return parse_window(text) / 1000.0
     except WindowError as exc:
         advice = "it must be between 1ms and 366d" if exc.out_of_range else "use a number and a unit, like '30d'"

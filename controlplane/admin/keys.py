@@ -259,7 +259,10 @@ async def patch_key(request: web.Request) -> web.Response:
             duration_seconds(body.limits.window, param="limits.window")
         updates.update(ks.limit_annotations(body.limits))
     if given & {"expires_in", "expires_at"}:
-        expires_at = expiry(body.expires_in, body.expires_at)
+        now = time.time()
+        expires_at = expiry(body.expires_in, body.expires_at, now=now)
+        if expires_at is not None and expires_at <= now:
+            raise InvalidRequest("'expires_at' is in the past.", param="expires_at")  # as when a key is issued
         updates[tr.EXPIRES_AT] = ks.stamp(expires_at) if expires_at is not None else None
     if "disabled" in given and body.disabled is not None:
         updates[tr.MAAS_STATUS] = "disabled" if body.disabled else "active"
