@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis as sync_redis
 
+from controlplane.admin.auth import Principal, Role, TokenBook
 from controlplane.admin.context import duration_seconds
 from controlplane.admin.errors import InvalidDuration
 from gateway.contract import ledger_day
@@ -396,6 +397,18 @@ async def test_what_aiohttp_answers_itself_is_in_the_envelope(
         head, _, body_bytes = answer.partition(b"\r\n\r\n")
         assert head.split()[1] == b"400" and json.loads(body_bytes)["error"]["code"] == "invalid_request", answer
     assert "Traceback" not in caplog.text and "Unhandled exception" not in caplog.text
+
+
+def test_token_file_comments_may_end_a_line(tmp_path: Path) -> None:
+    """A trailing comment had made the whole file fail to parse (and the previous tokens, or none, stay)."""
+    path = tmp_path / "tokens"
+    path.write_text(
+        "# admin tokens\n  # indented\nadmin ops tok#en-0123456789abcdef   # rotated 2025-06\n"
+        "read-only auditor abcdef0123456789abcdef\t# billing\n"
+    )
+    book = TokenBook(path=str(path), dev=False)
+    assert book.check("Bearer tok#en-0123456789abcdef", write=True) == Principal(name="ops", role=Role.ADMIN)
+    assert book.check("Bearer abcdef0123456789abcdef", write=False).role is Role.READ_ONLY
 
 
 async def test_token_file_is_reloaded(tmp_path: Path, redis_url: str) -> None:
