@@ -151,6 +151,8 @@ async def test_list_filters_combine(tmp_path: Path, redis_url: str) -> None:
         assert await listed("user=alice&tier=premium") == made["alice", "premium"]
         assert await listed("user=alice&tier=free&status=active") == sorted(made["alice", "free"])
         assert await listed("tier=premium&status=revoked") == made["bob", "premium"]
+        # an empty parameter filters nothing, as in usage reports (user= had listed no key)
+        assert await listed("user=&tier=&status=&limit=&cursor=") == await listed("") != []
 
 
 @pytest.mark.parametrize(

@@ -174,13 +174,13 @@ def page_limit(query: Mapping[str, str]) -> int:
 async def list_keys(request: web.Request) -> web.Response:
     ctx = context(request)
     check_query(request, ("user", "tier", "status", "limit", "cursor"))
-    query = request.query
+    query = {name: value for name, value in request.query.items() if value}  # an empty parameter filters nothing
     limit = page_limit(query)
     after = _cursor(query["cursor"]) if "cursor" in query else ""
     status = query.get("status")
     if status is not None and status not in STATUSES:
         raise InvalidRequest(f"'status' must be one of {', '.join(STATUSES)}.", param="status")
-    facets = [(name, query[name]) for name in ("user", "tier") if name in query]
+    facets: list[tuple[str, str]] = [(name, query[name]) for name in ("user", "tier") if name in query]
     if status is not None:
         facets.append(("status", "active" if status == "expired" else status))
     now = time.time()
