@@ -480,6 +480,33 @@ async def test_tiers_quota_and_usage(tmp_path: Path, redis_url: str) -> None:
         assert (status, error["error"]["code"]) == (406, "not_acceptable")
 
 
+async def test_csv_cells_never_run_as_formulas(tmp_path: Path, redis_url: str) -> None:
+    """User names and model ids come from outside; a cell starting with = + - @ ran as a formula in a spreadsheet."""
+    async with running(admin_settings(tmp_path, redis_url)) as (plane, api):
+        status, key = await api.call("POST", "/admin/v1/keys", json={"user": "@A1:B9"})
+        assert status == 201, key
+        assert plane.store is not None
+        day = ledger_day()
+        await plane.store.add_usage(
+            [
+                UsageDelta(key_id=key["key_id"], model="=HYPERLINK(x)", day=day, requests=1),
+                UsageDelta(key_id=key["key_id"], model="-2+3", day=day, requests=2),
+                UsageDelta(key_id=key["key_id"], model="qwen3", day=day, requests=4),
+            ]
+        )
+        status, text = await api.call(
+            "GET", "/admin/v1/usage?group_by=user,model", headers=api.headers(Accept="text/csv")
+        )
+        assert status == 200 and text.splitlines() == [
+            "user,model,requests,prompt_tokens,completion_tokens,total_tokens",
+            "'@A1:B9,'-2+3,2,0,0,0",
+            "'@A1:B9,'=HYPERLINK(x),1,0,0,0",
+            "'@A1:B9,qwen3,4,0,0,0",
+        ], text
+        status, report = await api.call("GET", "/admin/v1/usage?group_by=model")
+        assert {r["model"] for r in report["data"]} == {"=HYPERLINK(x)", "-2+3", "qwen3"}  # JSON as it is
+
+
 async def test_concurrent_changes_to_one_key_all_land(tmp_path: Path, redis_url: str) -> None:
     """Each change reads the key's Secret, edits it and writes it back under the key's lock: parallel PATCHes
     each keep their field (one was lost, and writers racing on one temporary file got 500s), and a revoke racing a
