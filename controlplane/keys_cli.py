@@ -29,7 +29,7 @@ EXIT_BROKEN_PIPE = 128 + 13
 UNSYNCED = {
     "create": "the key is stored, but maas authz refuses it until the control plane's next sync writes it to Redis",
     "rotate": "the change is stored, but until the control plane's next sync writes it to Redis maas authz refuses "
-    "the new key and the old one's grace period has not begun",
+    "the new key, and the old one works on past the end of its grace period",
     "revoke": "the key is revoked in the cluster, but maas authz admits it until the control plane's next sync "
     "writes that to Redis",
 }
