@@ -21,7 +21,16 @@ from controlplane.translate.httproute import translate_route
 from controlplane.translate.isvc import find_runtime, translate_isvc
 from controlplane.translate.secret import takes_tier_windows, translate_secret
 from controlplane.translate.tiers import merge, parse_limits, parse_mapping
-from gateway.contract import EVERYONE, KeyRecord, ModelRecord, RecordKind, RouteRecord, TierRecord, encode_record
+from gateway.contract import (
+    EVERYONE,
+    KeyRecord,
+    KeyStatus,
+    ModelRecord,
+    RecordKind,
+    RouteRecord,
+    TierRecord,
+    encode_record,
+)
 
 log = logging.getLogger("maas.controlplane.sync")
 
@@ -130,6 +139,30 @@ class Desired:
 
     def all_secrets(self) -> set[ObjKey]:
         return set(self._keys) | set(self._objects(kinds.SECRET))
+
+    def window_borrowers(self, tier: TierRecord, *, now: float) -> list[str]:
+        """Key ids of the active keys whose limits take their window from their tier and would find none if ``tier``
+        replaced the tier of its name: their Secrets would be refused, and the keys kept on their last limits."""
+        before = self.tiers
+        after = [t for t in before if t.name != tier.name] + [tier]
+        secrets = self._objects(kinds.SECRET)
+        found: set[str] = set()
+        for key in self._tier_dependent:
+            obj = secrets.get(key)
+            if obj is None:
+                continue
+            try:
+                record, _ = translate_secret(obj, pepper=self._pepper, tiers=before, default_tier=self._default_tier)
+            except TranslateError:
+                continue  # refused already, not by this change
+            if record.status is not KeyStatus.ACTIVE or (record.expires_at is not None and record.expires_at <= now):
+                continue  # denied whatever its limits
+            try:
+                translate_secret(obj, pepper=self._pepper, tiers=after, default_tier=self._default_tier)
+            except TranslateError as exc:
+                if exc.reason == "invalid_limit":
+                    found.add(record.key_id)
+        return sorted(found)
 
     # --- tiers ---------------------------------------------------------------------------------------------
 

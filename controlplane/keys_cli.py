@@ -1,6 +1,10 @@
 """``maas keys``: the admin API from the shell. Reads ``MAAS_ADMIN_URL`` (default ``http://127.0.0.1:8700``) and
 ``MAAS_ADMIN_TOKEN``; prints a table, or the API's JSON with ``--output json``. Exit codes: 0 ok, 1 the API
-answered an error (its message is printed), 2 bad usage or the API cannot be reached."""
+answered an error (its message is printed), 2 bad usage, the API cannot be reached or what answers is not the API
+(no JSON), 141 the reader of the output went away (``| head``), as for a program killed by SIGPIPE.
+
+A change the API answers with ``"synced": false`` (it had not reached Redis, so maas authz, in time) is done, so the
+exit code is 0, and a warning on stderr says what that means for the key."""
 
 from __future__ import annotations
 
@@ -20,12 +24,26 @@ TIMEOUT = 30.0
 KEY_COLUMNS = ("key_id", "user", "name", "tier", "status", "expires_at", "source")
 USAGE_GROUPS = ("key_id", "user", "model", "day")
 USAGE_COLUMNS = (*USAGE_GROUPS, "requests", "prompt_tokens", "completion_tokens", "total_tokens")
+EXIT_BROKEN_PIPE = 128 + 13
+"""128 + SIGPIPE: what a shell reports for a program the signal ended."""
+UNSYNCED = {
+    "create": "the key is stored, but maas authz refuses it until the control plane's next sync writes it to Redis",
+    "rotate": "the change is stored, but until the control plane's next sync writes it to Redis maas authz refuses "
+    "the new key, and the old one works on past the end of its grace period",
+    "revoke": "the key is revoked in the cluster, but maas authz admits it until the control plane's next sync "
+    "writes that to Redis",
+}
+"""What ``"synced": false`` means for each change (the write did not reach Redis within the API's write timeout)."""
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class NotTheApi(Exception):
+    """An answer that is not the admin API's JSON: the URL points at some other server."""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -70,13 +88,21 @@ def _call(base: str, token: str, method: str, path: str, body: Any = None) -> An
         request.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-            return json.loads(response.read() or b"null")
+            raw = response.read()
+            status, content_type = response.status, response.headers.get_content_type()
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read())["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = exc.reason
         raise ApiError(exc.code, str(message)) from exc
+    try:
+        out = json.loads(raw)
+    except ValueError:  # UnicodeDecodeError is one too
+        out = None
+    if not isinstance(out, dict):
+        raise NotTheApi(f"{method} {path} answered HTTP {status} with {content_type}, not the admin API's JSON")
+    return out
 
 
 def _plain(value: Any) -> str:
@@ -175,7 +201,29 @@ def _run(args: argparse.Namespace, base: str, token: str) -> tuple[Any, str]:
     return out, f"usage {out['from']} .. {out['to']}\n{text}"
 
 
+def _usage_error(args: argparse.Namespace) -> str | None:
+    if args.action == "create" and args.window and args.request_limit is None and args.token_limit is None:
+        return "--window is the window of --request-limit and --token-limit; give one of them with it"
+    return None
+
+
+def _print(text: str) -> bool:
+    """Print to stdout; False when its reader went away (| head), stdout then quietly dropped."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # without a stdout to write to, the interpreter's own flush at exit would fail again, loudly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
+    problem = _usage_error(args)
+    if problem is not None:
+        print(f"maas keys {args.action}: {problem}", file=sys.stderr)
+        return 2
     base = args.url or os.environ.get("MAAS_ADMIN_URL") or DEFAULT_URL
     token = os.environ.get("MAAS_ADMIN_TOKEN", "")
     try:
@@ -197,5 +245,13 @@ def run(args: argparse.Namespace) -> int:
     except (urllib.error.URLError, OSError) as exc:
         print(f"maas keys: cannot reach the admin API at {base}: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(out, indent=2) if args.output == "json" else text)
+    except NotTheApi as exc:
+        print(
+            f"maas keys: {base} does not answer as the admin API ({exc}); check --url / MAAS_ADMIN_URL", file=sys.stderr
+        )
+        return 2
+    if not _print(json.dumps(out, indent=2) if args.output == "json" else text):
+        return EXIT_BROKEN_PIPE
+    if args.action in UNSYNCED and out.get("synced") is False:
+        print(f"maas keys: warning: not synced yet: {UNSYNCED[args.action]}.", file=sys.stderr)
     return 0

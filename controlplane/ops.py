@@ -1,18 +1,23 @@
-"""HTTP surfaces: the ops port (``/healthz``, ``/readyz``, ``/metrics``) and the main port's sync status."""
+"""HTTP surfaces: the ops port (``/healthz``, ``/readyz``, ``/metrics``), the main port's sync status, and the
+runner both ports are served with."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controlplane.metrics import Metrics
 from controlplane.sync import Syncer
+from gateway.authz.server import EnvelopeServer
+
+log = logging.getLogger("maas.controlplane.http")
 
 
 class Elector(Protocol):
@@ -93,3 +98,32 @@ def main_app(parts: Parts) -> web.Application:
     app[PARTS] = parts
     app.router.add_get("/v1/sync", status)
     return app
+
+
+class ApiServer(EnvelopeServer):
+    """What aiohttp answers itself, before any handler runs, in the OpenAI envelope as the admin API answers the
+    rest (aiohttp's answers are plain text): a body in an encoding it cannot decode, an over-long line, malformed
+    HTTP; and a handler's failure."""
+
+    def answer(self, status: int, exc: BaseException | None) -> tuple[int, str, str]:
+        if isinstance(exc, http_exceptions.ContentEncodingError):
+            return 415, "unsupported_media_type", "Unsupported Content-Encoding: send the body as is, gzip or deflate."
+        if isinstance(exc, http_exceptions.LineTooLong) or "too many headers" in str(exc).lower():
+            return 431, "request_header_too_large", "The request line or a header is too long, or there are too many."
+        if status < 500:
+            return 400, "invalid_request", "Malformed HTTP request."
+        log.error("request failed", exc_info=exc)
+        return 500, "internal_error", "The control plane failed to answer this request; its log has the details."
+
+
+class ApiRunner(web.AppRunner):
+    """``web.AppRunner`` over an ``ApiServer``."""
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        return ApiServer(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            **plain._kwargs,
+        )

@@ -18,7 +18,7 @@ from controlplane.admin.context import AdminContext
 from controlplane.admin.state import AdminState
 from controlplane.leader import AlwaysLeader, LeaseElector
 from controlplane.metrics import Metrics
-from controlplane.ops import Parts, ops_app
+from controlplane.ops import ApiRunner, Parts, ops_app
 from controlplane.reflector import Reflector
 from controlplane.settings import ControlPlaneSettings
 from controlplane.sources import Source, Stream, open_source
@@ -138,10 +138,11 @@ class ControlPlane:
             tier_configmap=settings.tier_configmap,
             tier_limits_configmap=settings.tier_limits_configmap,
             write_timeout=settings.admin_write_timeout,
+            window_borrowers=lambda tier: syncer.desired.window_borrowers(tier, now=time.time()),
         )
 
     async def _serve(self, app: web.Application, port: int) -> int:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = ApiRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, self.settings.host, port)
         await site.start()

@@ -4,6 +4,8 @@ auth, documented 4xx, and no plaintext key anywhere but the create and rotate re
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import logging
 import os
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis as sync_redis
 
+from controlplane.admin.auth import Principal, Role, TokenBook
 from controlplane.admin.context import duration_seconds
 from controlplane.admin.errors import InvalidDuration
 from gateway.contract import ledger_day
@@ -148,6 +151,8 @@ async def test_list_filters_combine(tmp_path: Path, redis_url: str) -> None:
         assert await listed("user=alice&tier=premium") == made["alice", "premium"]
         assert await listed("user=alice&tier=free&status=active") == sorted(made["alice", "free"])
         assert await listed("tier=premium&status=revoked") == made["bob", "premium"]
+        # an empty parameter filters nothing, as in usage reports (user= had listed no key)
+        assert await listed("user=&tier=&status=&limit=&cursor=") == await listed("") != []
 
 
 @pytest.mark.parametrize(
@@ -200,6 +205,9 @@ async def test_list_filters_combine(tmp_path: Path, redis_url: str) -> None:
         ),
         pytest.param("DELETE", "/admin/v1/tiers/free", None, ADMIN_TOKEN, 409, "tier_in_use", id="tier-in-use"),
         pytest.param(
+            "PUT", "/admin/v1/tiers/x", {"level": 1}, ADMIN_TOKEN, 400, "invalid_request", id="tier-without-limits"
+        ),
+        pytest.param(
             "GET",
             "/admin/v1/usage?from=2020-01-01&to=2022-01-01",
             None,
@@ -220,6 +228,76 @@ async def test_documented_errors(
         got, error = await api.call(method, path, json=body, headers=headers)
         assert (got, error["error"]["code"]) == (status, code), error
         assert set(error["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_values_are_read_as_documented_and_never_converted(tmp_path: Path, redis_url: str) -> None:
+    """Strings were taken for numbers and booleans, epoch numbers and dates for times, non-ASCII digits and spaces
+    in durations (a tier stored "5 m", which Kuadrant cannot read); a PATCH took an expiry in the past."""
+    async with running(admin_settings(tmp_path, redis_url)) as (_, api):
+        status, key = await api.call(
+            "POST", "/admin/v1/keys", json={"user": "t", "expires_at": "2030-01-01T00:00:00+02:00"}
+        )
+        assert status == 201 and key["expires_at"] == "2029-12-31T22:00:00Z", key
+        path = f"/admin/v1/keys/{key['key_id']}"
+        cases = [
+            (
+                "POST",
+                "/admin/v1/keys",
+                {"user": "a", "limits": {"requests": "5"}},
+                "invalid_request",
+                "limits.requests",
+            ),
+            ("POST", "/admin/v1/keys", {"user": "a", "limits": {"tokens": 5.0}}, "invalid_request", "limits.tokens"),
+            ("POST", "/admin/v1/keys", {"user": 7}, "invalid_request", "user"),
+            ("POST", "/admin/v1/keys", {"user": "a", "expires_at": 1900000000}, "invalid_request", "expires_at"),
+            ("POST", "/admin/v1/keys", {"user": "a", "expires_at": "2030-01-01"}, "invalid_request", "expires_at"),
+            (
+                "POST",
+                "/admin/v1/keys",
+                {"user": "a", "expires_at": "2030-01-01T00:00:00"},
+                "invalid_request",
+                "expires_at",
+            ),
+            ("POST", "/admin/v1/keys", {"user": "a", "expires_in": "\uff11h"}, "invalid_duration", "expires_in"),
+            ("POST", "/admin/v1/keys", {"user": "a", "expires_in": "1 h"}, "invalid_duration", "expires_in"),
+            (
+                "POST",
+                "/admin/v1/keys",
+                {"user": "a", "limits": {"requests": 1, "window": "5 m"}},
+                "invalid_duration",
+                "limits.window",
+            ),
+            ("PATCH", path, {"disabled": "yes"}, "invalid_request", "disabled"),
+            ("PATCH", path, {"disabled": 1}, "invalid_request", "disabled"),
+            ("PATCH", path, {"expires_at": "2001-01-01T00:00:00Z"}, "invalid_request", "expires_at"),
+            ("POST", f"{path}/rotate", {"grace_period": " 0 s"}, "invalid_duration", "grace_period"),
+            ("PUT", "/admin/v1/tiers/t", {"level": "3", "limits": {}}, "invalid_request", "level"),
+            (
+                "PUT",
+                "/admin/v1/tiers/t",
+                {"limits": {"requests": {"limit": 5, "window": "5 m"}}},
+                "invalid_duration",
+                "limits.requests.window",
+            ),
+            (
+                "PUT",
+                "/admin/v1/tiers/t",
+                {"limits": {"tokens": {"limit": 5, "window": "\u0665m"}}},
+                "invalid_duration",
+                "limits.tokens.window",
+            ),
+        ]
+        for method, where, body, code, param in cases:
+            status, error = await api.call(method, where, json=body)
+            assert (status, error["error"]["code"], error["error"]["param"]) == (400, code, param), (body, error)
+        status, now = await api.call("GET", path)
+        assert (now["status"], now["expires_at"]) == ("active", "2029-12-31T22:00:00Z"), now
+        status, now = await api.call("PATCH", path, json={"expires_at": "2035-06-30T12:00:00.5z", "disabled": True})
+        assert status == 200 and (now["status"], now["expires_at"]) == ("disabled", "2035-06-30T12:00:01Z"), now
+        status, tier = await api.call(
+            "PUT", "/admin/v1/tiers/t", json={"limits": {"requests": {"limit": 5, "window": "1m30s"}}}
+        )
+        assert status == 201 and tier["limits"]["requests"] == {"limit": 5, "window": "1m30s"}, tier
 
 
 async def test_body_limits_and_content_type(tmp_path: Path, redis_url: str) -> None:
@@ -253,6 +331,88 @@ async def test_body_limits_and_content_type(tmp_path: Path, redis_url: str) -> N
         assert (status, error["error"]["code"]) == (400, "invalid_json")
 
 
+async def test_what_aiohttp_answers_itself_is_in_the_envelope(
+    tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body that does not decompress was a plain-text 500; an encoding aiohttp cannot decode, an over-long line
+    and malformed HTTP were aiohttp's plain-text 400s, on both ports."""
+    async with running(admin_settings(tmp_path, redis_url)) as (plane, api):
+        as_json = {"Content-Type": "application/json"}
+        status, key = await api.call(
+            "POST",
+            "/admin/v1/keys",
+            data=gzip.compress(b'{"user": "zip"}'),
+            headers=api.headers(**as_json, **{"Content-Encoding": "gzip"}),
+        )
+        assert status == 201 and key["user"] == "zip", key
+        ops = f"http://127.0.0.1:{plane.ports['ops']}"
+        for base, method, path, data, headers, status, code in (
+            (
+                api.base,
+                "POST",
+                "/admin/v1/keys",
+                b'{"user":"x"}',
+                {**as_json, "Content-Encoding": "gzip"},
+                400,
+                "invalid_json",
+            ),
+            (
+                api.base,
+                "POST",
+                "/admin/v1/keys",
+                b'{"user":"x"}',
+                {**as_json, "Content-Encoding": "deflate"},
+                400,
+                "invalid_json",
+            ),
+            (
+                api.base,
+                "POST",
+                "/admin/v1/keys",
+                b"x" * 60_000,
+                {**as_json, "Content-Encoding": "gzip"},
+                400,
+                "invalid_json",
+            ),
+            (
+                api.base,
+                "POST",
+                "/admin/v1/keys",
+                b'{"user":"x"}',
+                {**as_json, "Content-Encoding": "br"},
+                415,
+                "unsupported_media_type",
+            ),
+            (api.base, "GET", "/admin/v1/keys", None, {"X-Big": "a" * 9000}, 431, "request_header_too_large"),
+            (api.base, "GET", "/admin/v1/keys?user=" + "a" * 9000, None, {}, 431, "request_header_too_large"),
+            (ops, "GET", "/healthz", None, {"X-Big": "a" * 9000}, 431, "request_header_too_large"),
+        ):
+            async with api.session.request(method, base + path, data=data, headers=api.headers(**headers)) as resp:
+                assert resp.content_type == "application/json", (path, headers, await resp.text())
+                body = await resp.json()
+            assert (resp.status, body["error"]["code"]) == (status, code), (path, headers, body)
+            assert set(body["error"]) == {"message", "type", "param", "code"}
+        reader, writer = await asyncio.open_connection("127.0.0.1", plane.ports["main"])
+        writer.write(b"GET /admin/v1/keys HTTP/1.1\r\nHost: cp\r\nBad Header: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        head, _, body_bytes = answer.partition(b"\r\n\r\n")
+        assert head.split()[1] == b"400" and json.loads(body_bytes)["error"]["code"] == "invalid_request", answer
+    assert "Traceback" not in caplog.text and "Unhandled exception" not in caplog.text
+
+
+def test_token_file_comments_may_end_a_line(tmp_path: Path) -> None:
+    """A trailing comment had made the whole file fail to parse (and the previous tokens, or none, stay)."""
+    path = tmp_path / "tokens"
+    path.write_text(
+        "# admin tokens\n  # indented\nadmin ops tok#en-0123456789abcdef   # rotated 2025-06\n"
+        "read-only auditor abcdef0123456789abcdef\t# billing\n"
+    )
+    book = TokenBook(path=str(path), dev=False)
+    assert book.check("Bearer tok#en-0123456789abcdef", write=True) == Principal(name="ops", role=Role.ADMIN)
+    assert book.check("Bearer abcdef0123456789abcdef", write=False).role is Role.READ_ONLY
+
+
 async def test_token_file_is_reloaded(tmp_path: Path, redis_url: str) -> None:
     settings = admin_settings(tmp_path, redis_url)
     async with running(settings) as (_, api):
@@ -276,6 +436,10 @@ async def test_tiers_quota_and_usage(tmp_path: Path, redis_url: str) -> None:
             json={"level": 7, "groups": ["gold"], "limits": {"requests": {"limit": 2, "window": "1m"}}},
         )
         assert status == 201 and tier["limits"]["requests"] == {"limit": 2, "window": "1m"}
+        status, error = await api.call("PUT", "/admin/v1/tiers/gold", json={"level": 7, "groups": ["gold"]})
+        assert (status, error["error"]["param"]) == (400, "limits"), error  # it had made the tier unlimited
+        status, tier = await api.call("PUT", "/admin/v1/tiers/open", json={"limits": {}})
+        assert status == 201 and tier["limits"] == {"requests": None, "tokens": None}, tier
         status, created = await api.call("POST", "/admin/v1/keys", json={"user": "bob", "groups": ["gold"]})
         key_id = created["key_id"]
         assert created["tier"] == "gold" and created["tier_explicit"] is False
@@ -314,6 +478,33 @@ async def test_tiers_quota_and_usage(tmp_path: Path, redis_url: str) -> None:
         ]
         status, error = await api.call("GET", "/admin/v1/usage", headers=api.headers(Accept="image/png"))
         assert (status, error["error"]["code"]) == (406, "not_acceptable")
+
+
+async def test_csv_cells_never_run_as_formulas(tmp_path: Path, redis_url: str) -> None:
+    """User names and model ids come from outside; a cell starting with = + - @ ran as a formula in a spreadsheet."""
+    async with running(admin_settings(tmp_path, redis_url)) as (plane, api):
+        status, key = await api.call("POST", "/admin/v1/keys", json={"user": "@A1:B9"})
+        assert status == 201, key
+        assert plane.store is not None
+        day = ledger_day()
+        await plane.store.add_usage(
+            [
+                UsageDelta(key_id=key["key_id"], model="=HYPERLINK(x)", day=day, requests=1),
+                UsageDelta(key_id=key["key_id"], model="-2+3", day=day, requests=2),
+                UsageDelta(key_id=key["key_id"], model="qwen3", day=day, requests=4),
+            ]
+        )
+        status, text = await api.call(
+            "GET", "/admin/v1/usage?group_by=user,model", headers=api.headers(Accept="text/csv")
+        )
+        assert status == 200 and text.splitlines() == [
+            "user,model,requests,prompt_tokens,completion_tokens,total_tokens",
+            "'@A1:B9,'-2+3,2,0,0,0",
+            "'@A1:B9,'=HYPERLINK(x),1,0,0,0",
+            "'@A1:B9,qwen3,4,0,0,0",
+        ], text
+        status, report = await api.call("GET", "/admin/v1/usage?group_by=model")
+        assert {r["model"] for r in report["data"]} == {"=HYPERLINK(x)", "-2+3", "qwen3"}  # JSON as it is
 
 
 async def test_concurrent_changes_to_one_key_all_land(tmp_path: Path, redis_url: str) -> None:

@@ -76,10 +76,13 @@ async def test_admin_keys_through_envoy_and_authz(tmp_path: Path, redis_url: str
                 status, me = await _status(session, f"{gw.url}/v1/me", key)
                 assert status == 200 and me["key_id"] == key_id and me["tier"] == "gold"
 
-                await api.call("PUT", "/admin/v1/tiers/gold", json={"level": 9, "models": ["another-model"]})
+                limits = {"requests": {"limit": 1000, "window": "1m"}}
+                await api.call(
+                    "PUT", "/admin/v1/tiers/gold", json={"level": 9, "limits": limits, "models": ["another-model"]}
+                )
                 status, body = await _status(session, chat, key)
                 assert status == 403 and body["error"]["code"] == "model_not_allowed"  # type: ignore[index]
-                await api.call("PUT", "/admin/v1/tiers/gold", json={"level": 9})
+                await api.call("PUT", "/admin/v1/tiers/gold", json={"level": 9, "limits": limits})
                 assert (await _status(session, chat, key))[0] == 200
 
                 status, rotated = await api.call("POST", f"/admin/v1/keys/{key_id}/rotate", json={"grace_period": "2s"})

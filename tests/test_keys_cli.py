@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from controlplane.keys_cli import _table, _width
 from tests.support.admin_api import ADMIN_TOKEN, admin_settings, running
-from tests.support.procs import maas_argv
+from tests.support.procs import free_port, maas_argv
 
 pytestmark = pytest.mark.redis
 
@@ -82,3 +84,64 @@ def test_table_columns_line_up_with_wide_characters() -> None:
     lines = _table(rows, ["name", "user"]).splitlines()
     # the second column starts at the same terminal column on every line (wide characters count twice)
     assert {_width(line[: line.rindex(" ") + 1]) for line in lines} == {_width("日本語  ")}
+
+
+async def test_a_change_not_synced_yet_is_done_with_a_warning(tmp_path: Path, redis_url: str) -> None:
+    """The table left out the API's "synced": false: a key handed out that authz refused until the next sync."""
+    async with running(admin_settings(tmp_path, redis_url, admin_write_timeout=0.001)) as (_, api):
+        code, out, err = await _keys(api.base, "create", "--user", "slow")
+        assert code == 0 and "sk-maas-" in out, (out, err)
+        assert "warning: not synced yet" in err and "refuses it until" in err, err
+        key_id = out.splitlines()[1].split()[0]
+        code, out, err = await _keys(api.base, "rotate", key_id)
+        assert code == 0 and "warning: not synced yet" in err and "refuses the new key" in err, (out, err)
+        code, out, err = await _keys(api.base, "-o", "json", "revoke", key_id)
+        assert code == 0 and json.loads(out)["synced"] is False and "admits it until" in err, (out, err)
+        code, _, err = await _keys(api.base, "list")
+        assert code == 0 and "warning" not in err
+
+
+async def test_a_closed_pipe_ends_quietly(tmp_path: Path, redis_url: str) -> None:
+    """``maas keys list --all | head -1`` printed a BrokenPipeError traceback."""
+    async with running(admin_settings(tmp_path, redis_url)) as (_, api):
+        env = {**os.environ, "MAAS_ADMIN_URL": api.base, "MAAS_ADMIN_TOKEN": ADMIN_TOKEN}
+
+        def listing_into_a_closed_pipe() -> tuple[int, str]:
+            proc = subprocess.Popen(
+                maas_argv("keys", "list", "--all"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            assert proc.stdout is not None and proc.stderr is not None
+            proc.stdout.close()  # the reader is gone before the listing is printed
+            with proc.stderr:
+                err = proc.stderr.read().decode()
+            return proc.wait(timeout=30), err
+
+        code, err = await asyncio.to_thread(listing_into_a_closed_pipe)
+        assert (code, err) == (141, ""), err
+
+
+async def test_an_answer_that_is_not_the_api_is_a_clear_error(tmp_path: Path) -> None:
+    """A URL pointing at some web page: the HTML it answers was a JSONDecodeError traceback."""
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="<html>hello</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        for args in (("list",), ("create", "--user", "a")):
+            code, out, err = await _keys(f"http://127.0.0.1:{port}", *args)
+            assert code == 2 and "does not answer as the admin API" in err and "text/html" in err, (out, err)
+            assert "Traceback" not in err
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_window_without_a_limit_is_bad_usage() -> None:
+    """``--window`` alone was dropped without a word: the key had the tier's limits."""
+    code, out, err = await _keys("http://127.0.0.1:9", "-o", "json", "create", "--user", "w", "--window", "1h")
+    assert code == 2 and "--window" in err and not out, (out, err)

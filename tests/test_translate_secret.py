@@ -211,3 +211,53 @@ def test_a_refused_window_less_limit_is_taken_once_its_tier_gets_the_window() ->
     desired.update_secrets(desired.update_tiers())
     [raw] = desired.records[RecordKind.KEY].values()
     assert '"tokens":{"limit":999,"window":"1h"}' in raw.replace(" ", "")
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        pytest.param("revoked", KeyStatus.REVOKED, id="revoked"),
+        pytest.param("disabled", KeyStatus.DISABLED, id="disabled"),
+        pytest.param("inactive", KeyStatus.DISABLED, id="inactive"),
+    ],
+)
+def test_a_denied_key_is_read_whatever_its_limits_say(status: str, expected: KeyStatus) -> None:
+    """Its tier lost the limit the key took its window from: the Secret was refused, and the last good record, still
+    active, kept the key admitted; a revoked or disabled key needs no limits to be denied."""
+    gold = TierRecord(name="gold", level=3, groups=("gold",))
+    for limit in ({"maas/token-limit": "999"}, {"maas/request-limit": "many"}):
+        secret = _secret(annotations={"kuadrant.io/groups": "gold", "maas/status": status, **limit})
+        record, _ = translate_secret(secret, pepper=PEPPER, tiers=[*DEFAULT_TIERS, gold])
+        assert (record.status, record.limits) == (expected, None)
+    active = _secret(annotations={"kuadrant.io/groups": "gold", "maas/token-limit": "999"})
+    with pytest.raises(TranslateError):
+        translate_secret(active, pepper=PEPPER, tiers=[*DEFAULT_TIERS, gold])
+
+
+def test_revoking_a_key_whose_tier_lost_its_window_reaches_the_store() -> None:
+    """Through the sync path: the revoked Secret replaces the last good, active record."""
+    secret = _secret(annotations={"maas/tier": "gold", "maas/token-limit": "999"})
+    mapping = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "tier-to-group-mapping", "namespace": "llm"},
+        "data": {"tiers": "- {name: free, level: 0, groups: [x]}\n- {name: gold, level: 3, groups: [gold]}\n"},
+    }
+    limits = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "maas-tier-limits", "namespace": "llm"}}
+    limits["data"] = {"limits": "free: {requests: {limit: 5, window: 2m}}\ngold: {tokens: {limit: 9, window: 1h}}\n"}
+    objects = {
+        kinds.SECRET: {("llm", "alice-key"): secret},
+        kinds.CONFIGMAP: {("llm", "tier-to-group-mapping"): mapping, ("llm", "maas-tier-limits"): limits},
+    }
+    reported: list[str] = []
+    desired = desired_over(objects, lambda kind, obj, exc: reported.append(exc.reason), pepper=PEPPER)
+    desired.update_tiers()
+    desired.update_secrets(desired.all_secrets())
+    limits["data"] = {"limits": "free: {requests: {limit: 5, window: 2m}}\ngold: {requests: {limit: 9, window: 1m}}\n"}
+    desired.update_secrets(desired.update_tiers())
+    [raw] = desired.records[RecordKind.KEY].values()
+    assert reported == ["invalid_limit"] and '"status":"active"' in raw.replace(" ", "")  # the last good record
+    secret["metadata"]["annotations"]["maas/status"] = "revoked"
+    desired.update_secrets([("llm", "alice-key")])
+    [raw] = desired.records[RecordKind.KEY].values()
+    assert '"status":"revoked"' in raw.replace(" ", "") and '"limits":null' in raw.replace(" ", "")

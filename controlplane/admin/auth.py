@@ -1,11 +1,12 @@
 """Admin bearer tokens: the token file, its reload on change, the constant-time check, and the audit log.
 
 Token file format (``--admin-token-file``, ``MAAS_ADMIN_TOKEN_FILE``): one token a line, blank lines and ``#``
-comments ignored. A line is ``<token>`` (an admin token), ``<role> <token>`` or ``<role> <name> <token>``, where
-role is ``admin`` (read and write) or ``read-only`` (``GET`` only) and name is what the audit log calls the token
-(default ``<role>-<line number>``). Tokens must be at least 16 characters. The file is re-read when its
-modification time or size changes (checked at most once a second), so a rotated Kubernetes Secret applies without a
-restart; a file that fails to parse keeps the previous tokens and logs an error.
+comments ignored (a comment starts at a ``#`` that begins a line or follows a space or tab, so a trailing comment
+is fine and a token may hold a ``#``). A line is ``<token>`` (an admin token), ``<role> <token>`` or
+``<role> <name> <token>``, where role is ``admin`` (read and write) or ``read-only`` (``GET`` only) and name is what
+the audit log calls the token (default ``<role>-<line number>``). Tokens must be at least 16 characters. The file is
+re-read when its modification time or size changes (checked at most once a second), so a rotated Kubernetes Secret
+applies without a restart; a file that fails to parse keeps the previous tokens and logs an error.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -28,6 +30,7 @@ DEV_ADMIN_TOKEN = "maas-dev-admin-token"
 MIN_TOKEN_LENGTH = 16
 MAX_TOKEN_FILE_BYTES = 1 << 20
 RELOAD_CHECK_SECONDS = 1.0
+_COMMENT = re.compile(r"(?:^|[ \t])#.*")
 
 
 class Role(StrEnum):
@@ -61,7 +64,7 @@ def _digest(token: str) -> bytes:
 def parse_tokens(text: str) -> list[_Token]:
     tokens: list[_Token] = []
     for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip() if raw.lstrip().startswith("#") else raw.strip()
+        line = _COMMENT.sub("", raw, count=1).strip()
         if not line:
             continue
         fields = line.split()

@@ -21,17 +21,21 @@ from controlplane.admin.errors import (
     InvalidJSON,
     InvalidRequest,
     SourceUnavailable,
+    UndecodableBody,
     UnsupportedMediaType,
 )
 from controlplane.admin.state import AdminState
 from controlplane.errors import SourceError
 from controlplane.sources.base import Source
-from gateway.contract import WindowError, parse_window
+from gateway.contract import TierRecord, WindowError, parse_window
 
 M = TypeVar("M", bound=BaseModel)
 
 MAX_BODY_BYTES = 64 * 1024
-_ZERO = re.compile(r"^\s*0+\s*(ms|s|m|h|d)?\s*$")
+_DURATION = re.compile(r"(?:[0-9]+(?:ms|s|m|h|d))+")
+"""The documented grammar, which Kuadrant reads too: ASCII digits, no spaces (``parse_window``, which also reads
+what the cluster holds, takes any digits and spaces)."""
+_ZERO = re.compile(r"0+(?:ms|s|m|h|d)?")
 
 
 WRITE_ATTEMPTS = 5
@@ -65,6 +69,9 @@ class AdminContext:
     tier_configmap: str
     tier_limits_configmap: str
     write_timeout: float
+    window_borrowers: Callable[[TierRecord], list[str]]
+    """Key ids of the active keys that take a limit's window from their tier and would find none were this tier
+    written (the sync path's view of the Secrets)."""
     locks: Locks = field(default_factory=Locks)
 
 
@@ -82,8 +89,16 @@ def principal(request: web.Request) -> Principal:
 
 async def read_body(request: web.Request, model: type[M], *, optional: bool = False) -> M:
     """The JSON body as ``model``: 415 unless JSON, 400 ``invalid_json`` or ``invalid_request``; 413 above the cap
-    (aiohttp enforces ``client_max_size``)."""
-    raw = await request.read()
+    (aiohttp enforces ``client_max_size``, decompressed)."""
+    try:
+        raw = await request.read()
+    except web.RequestPayloadError as exc:  # a gzip or deflate body that does not decompress, broken chunking
+        # the rest of the body is not read (aiohttp would read on to reuse the connection, and fail, logging a
+        # traceback): the answer closes the connection instead
+        request.content.feed_eof()
+        encoding = request.headers.get("content-encoding")
+        what = f"decompressed (Content-Encoding: {encoding})" if encoding else "read"
+        raise UndecodableBody(f"The body cannot be {what}.") from exc
     if not raw.strip() and optional:
         return model()
     if request.content_type != "application/json":
@@ -121,9 +136,11 @@ def check_query(request: web.Request, allowed: Iterable[str]) -> None:
 
 
 def duration_seconds(text: str, *, param: str, allow_zero: bool = False) -> float:
-    if allow_zero and _ZERO.match(text):
+    if allow_zero and _ZERO.fullmatch(text):
         return 0.0
     try:
+        if _DURATION.fullmatch(text) is None:
+            raise WindowError(f"invalid duration {text!r}")
         return parse_window(text) / 1000.0
     except WindowError as exc:
         advice = "it must be between 1ms and 366d" if exc.out_of_range else "use a number and a unit, like '30d'"

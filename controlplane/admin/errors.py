@@ -54,6 +54,16 @@ class InvalidJSON(AdminError):
     code = "invalid_json"
 
 
+class UndecodableBody(InvalidJSON):
+    """A body that cannot be read to its end (it does not decompress): the connection cannot carry another
+    request."""
+
+    def response(self) -> web.Response:
+        response = super().response()
+        response.force_close()
+        return response
+
+
 class InvalidDuration(AdminError):
     code = "invalid_duration"
 

@@ -79,8 +79,9 @@ def _projection(record: KeyRecord | None) -> tuple[object, ...] | None:
     return (record.status, record.tier, record.models, expires, record.user, record.groups, record.name, counts)
 
 
-async def write_secret(ctx: AdminContext, obj: Obj) -> tuple[KeyRecord, bool]:
-    """Apply the Secret; wait until Redis holds the record derived from it. (expected record, synced)."""
+async def write_secret(ctx: AdminContext, obj: Obj, *, no_window: str = "give limits.window") -> tuple[KeyRecord, bool]:
+    """Apply the Secret; wait until Redis holds the record derived from it. (expected record, synced).
+    ``no_window`` says what to do about a limit that has no window of its own and none from its tier."""
     try:
         expected, _ = tr.translate_secret(
             obj, pepper=ctx.pepper, tiers=list(ctx.state.tiers.values()), default_tier=ctx.state.default_tier
@@ -88,7 +89,7 @@ async def write_secret(ctx: AdminContext, obj: Obj) -> tuple[KeyRecord, bool]:
     except TranslateError as exc:
         if exc.reason == "invalid_limit" and tr.takes_tier_windows(obj):
             raise InvalidRequest(
-                "A limit without a window takes its tier's, and the key's tier has no such limit; give limits.window.",
+                f"A limit without a window takes its tier's, and the key's tier has no such limit; {no_window}.",
                 param="limits.window",
             ) from exc
         raise InvalidRequest(f"The key cannot be stored: {exc}") from exc
@@ -173,13 +174,13 @@ def page_limit(query: Mapping[str, str]) -> int:
 async def list_keys(request: web.Request) -> web.Response:
     ctx = context(request)
     check_query(request, ("user", "tier", "status", "limit", "cursor"))
-    query = request.query
+    query = {name: value for name, value in request.query.items() if value}  # an empty parameter filters nothing
     limit = page_limit(query)
     after = _cursor(query["cursor"]) if "cursor" in query else ""
     status = query.get("status")
     if status is not None and status not in STATUSES:
         raise InvalidRequest(f"'status' must be one of {', '.join(STATUSES)}.", param="status")
-    facets = [(name, query[name]) for name in ("user", "tier") if name in query]
+    facets: list[tuple[str, str]] = [(name, query[name]) for name in ("user", "tier") if name in query]
     if status is not None:
         facets.append(("status", "active" if status == "expired" else status))
     now = time.time()
@@ -258,7 +259,10 @@ async def patch_key(request: web.Request) -> web.Response:
             duration_seconds(body.limits.window, param="limits.window")
         updates.update(ks.limit_annotations(body.limits))
     if given & {"expires_in", "expires_at"}:
-        expires_at = expiry(body.expires_in, body.expires_at)
+        now = time.time()
+        expires_at = expiry(body.expires_in, body.expires_at, now=now)
+        if expires_at is not None and expires_at <= now:
+            raise InvalidRequest("'expires_at' is in the past.", param="expires_at")  # as when a key is issued
         updates[tr.EXPIRES_AT] = ks.stamp(expires_at) if expires_at is not None else None
     if "disabled" in given and body.disabled is not None:
         updates[tr.MAAS_STATUS] = "disabled" if body.disabled else "active"
@@ -295,7 +299,9 @@ async def rotate_key(request: web.Request) -> web.Response:
         inherited = {k: v for k, v in (old_secret["metadata"].get("annotations") or {}).items() if k != ks.ROTATED_TO}
         inherited[tr.MAAS_CREATED] = ks.stamp(now)
         new_obj = ks.key_secret(digest=digest, namespace=ctx.key_namespace, key_id=key_id, annotations=inherited)
-        new_record, new_synced = await write_secret(ctx, new_obj)
+        new_record, new_synced = await write_secret(
+            ctx, new_obj, no_window="give the key limits.window (PATCH) before rotating it"
+        )
         ends = now + grace
         if old.expires_at is not None:
             ends = min(ends, old.expires_at)

@@ -1,11 +1,13 @@
-"""Request and response bodies of the admin and self-service APIs. Inputs forbid unknown fields."""
+"""Request and response bodies of the admin and self-service APIs. Inputs forbid unknown fields and are strict: a
+value of the wrong JSON type is refused, not converted (``"5"`` for 5, ``"yes"`` for true)."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints
 
 MAX_LIST_ITEMS = 256
 Name = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._:@/+\-]+$")]
@@ -13,10 +15,26 @@ Name = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=r"
 Label = Annotated[str, StringConstraints(max_length=253, pattern=r"^[^\x00-\x1f\x7f]*$")]
 Duration = Annotated[str, StringConstraints(min_length=1, max_length=32)]
 Count = Annotated[int, Field(ge=0, le=10**15)]
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"  # date and time
+    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"  # offset
+)
+
+
+def _rfc3339(value: object) -> object:
+    """Only an RFC 3339 string, offset included, is a time here (pydantic would also read epoch numbers, dates
+    alone and times without an offset)."""
+    if value is not None and (not isinstance(value, str) or _RFC3339.fullmatch(value) is None):
+        raise ValueError("expected an RFC 3339 time with its offset, like '2025-06-30T00:00:00Z'")
+    return value
+
+
+Time = Annotated[datetime, Strict(False), BeforeValidator(_rfc3339)]
+"""Strict JSON has no time type: the string is checked here, then read into a datetime."""
 
 
 class Input(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Output(BaseModel):
@@ -39,7 +57,7 @@ class KeyCreate(Input):
     tier: Name | None = None
     models: Annotated[list[Name], Field(max_length=MAX_LIST_ITEMS)] = []
     expires_in: Duration | None = None
-    expires_at: datetime | None = None
+    expires_at: Time | None = None
     limits: LimitOverrides | None = None
 
 
@@ -49,7 +67,7 @@ class KeyPatch(Input):
     models: Annotated[list[Name], Field(max_length=MAX_LIST_ITEMS)] | None = None
     limits: LimitOverrides | None = None
     expires_in: Duration | None = None
-    expires_at: datetime | None = None
+    expires_at: Time | None = None
     disabled: bool | None = None
 
 
@@ -71,7 +89,7 @@ class TierPut(Input):
     display_name: Label = ""
     level: Annotated[int, Field(ge=0, le=1000)] = 0
     groups: Annotated[list[Name], Field(max_length=MAX_LIST_ITEMS)] = []
-    limits: LimitsBody = LimitsBody()
+    limits: LimitsBody = Field(description="the tier's limits, required as a PUT replaces the tier ({}: none)")
     models: Annotated[list[Name], Field(max_length=MAX_LIST_ITEMS)] = []
 
 

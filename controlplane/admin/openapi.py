@@ -15,20 +15,22 @@ from gateway import __version__
 REF = "#/components/schemas/{model}"
 ERRORS = {
     400: "invalid request (code: invalid_request, invalid_json, invalid_duration, invalid_cursor, page_too_large, "
-    "unknown_tier)",
+    "unknown_tier; invalid_json also for a body that does not decompress, invalid_request for malformed HTTP)",
     401: "missing or wrong credentials (missing_admin_token, invalid_admin_token; invalid_api_key for self-service)",
     403: "a read-only admin token on a change (read_only_token)",
     404: "no such key or tier (key_not_found, tier_not_found, not_found)",
     405: "method not allowed on this path",
     406: "unsupported Accept (not_acceptable)",
-    409: "read-only key, revoked or expired key, or tier in use (read_only_key, key_revoked, key_expired, tier_in_use)",
+    409: "read-only key, revoked or expired key, or tier in use, by keys or by the windows their limits take from it "
+    "(read_only_key, key_revoked, key_expired, tier_in_use)",
     413: "body over 64 KiB (body_too_large)",
-    415: "body is not application/json (unsupported_media_type)",
+    415: "body is not application/json, or in a Content-Encoding other than gzip and deflate (unsupported_media_type)",
+    431: "the request line or a header over 8190 bytes (request_header_too_large)",
     503: "store or cluster unavailable, or the view of Redis not loaded yet (store_unavailable, source_unavailable, "
     "not_synced)",
 }
-READ = (400, 401, 404, 405, 503)
-WRITE = (400, 401, 403, 404, 405, 409, 413, 415, 503)
+READ = (400, 401, 404, 405, 431, 503)
+WRITE = (400, 401, 403, 404, 405, 409, 413, 415, 431, 503)
 KEY_ID = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
 TIER = {
     "name": "name",
@@ -193,7 +195,7 @@ OPS: tuple[Op, ...] = (
         "myModels",
         "The models this API key may use (OpenAI list shape)",
         (200, m.OpenAIModelList),
-        (400, 401, 405, 503),
+        (400, 401, 405, 431, 503),
         security="apiKey",
     ),
     Op(
@@ -202,7 +204,7 @@ OPS: tuple[Op, ...] = (
         "me",
         "This API key: user, tier, limits, remaining quota, usage this month",
         (200, m.Me),
-        (400, 401, 405, 503),
+        (400, 401, 405, 431, 503),
         security="apiKey",
     ),
 )

@@ -31,6 +31,8 @@ from controlplane.translate.common import as_dict
 from controlplane.translate.tiers import LIMITS_KEY, TIERS_KEY
 from gateway.contract import DEFAULT_TIERS, Limits, TierRecord
 
+BORROWERS_SHOWN = 5
+"""Key ids named in the refusal of a tier change that would leave keys without the window they take from it."""
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
@@ -149,6 +151,15 @@ async def put_tier(request: web.Request) -> web.Response:
         limits=Limits.model_validate(body.limits.model_dump(exclude_none=True)),
         models=tuple(body.models),
     )
+    borrowers = ctx.window_borrowers(expected)
+    if borrowers:
+        shown = ", ".join(borrowers[:BORROWERS_SHOWN]) + (", ..." if len(borrowers) > BORROWERS_SHOWN else "")
+        raise TierInUse(
+            f"{len(borrowers)} active key(s) take a limit's window from their tier, which this change would leave "
+            f"without that limit ({shown}); give them their own window (PATCH limits.window), or disable or revoke "
+            "them, first.",
+            param="limits",
+        )
     entry = {"name": name, "displayName": expected.display_name, "level": body.level, "groups": list(expected.groups)}
 
     def edit(entries: Entries, limits: dict[str, Any]) -> tuple[Entries, dict[str, Any]]:

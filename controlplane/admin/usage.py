@@ -1,5 +1,5 @@
 """Quota state from the live buckets (``/admin/v1/keys/{id}/quota``) and usage reports from the ledger
-(``/admin/v1/usage``, JSON or CSV).
+(``/admin/v1/usage``, JSON or CSV; text cells that a spreadsheet would run as formulas get a ``'`` in front).
 
 The ledger is per key, model and UTC day. Filters ``user`` and ``tier`` use each key's current user and tier.
 Without ``key_id`` the report reads the per-day index of keys with usage, never the whole keyspace.
@@ -32,6 +32,8 @@ DEFAULT_DAYS = 30
 GROUPS = ("key", "user", "model", "day")
 READ_CONCURRENCY = 32
 CSV_FIELDS = ("key_id", "user", "model", "day", "requests", "prompt_tokens", "completion_tokens", "total_tokens")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""A spreadsheet reads a cell starting with one of these as a formula: such a text cell gets a ``'`` in front."""
 
 
 async def quota_of(ctx: AdminContext, record: KeyRecord) -> Quota:
@@ -212,13 +214,23 @@ def _csv(report: UsageReport) -> web.Response:
     writer.writerow(columns)
     for row in report.data:
         values = row.model_dump()
-        writer.writerow(["" if values[c] is None else values[c] for c in columns])
+        writer.writerow([_cell(values[c]) for c in columns])
     name = f"usage-{report.from_date}-{report.to_date}.csv"
     return web.Response(
         text=buffer.getvalue(),
         content_type="text/csv",
         headers={"content-disposition": f'attachment; filename="{name}"'},
     )
+
+
+def _cell(value: object) -> object:
+    """A CSV cell; user names and model ids come from outside, and one like ``=HYPERLINK(...)`` or ``@SUM(...)``
+    would run as a formula where the file is opened."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def _grouped(report: UsageReport, column: str) -> bool:

@@ -5,7 +5,8 @@ Reads Kuadrant-format Secrets as they are (``data.api_key``; annotations ``secre
 Secrets (label ``maas.io/api-key=true``) that hold only the digest in ``data.digest``.
 
 ``maas/request-limit`` / ``maas/token-limit`` override the tier's limits over ``maas/time-window``; without a
-window they use the window of the key's tier, which is why the translator takes the tiers.
+window they use the window of the key's tier, which is why the translator takes the tiers. A revoked or disabled key
+needs no limits to be denied: limits that cannot be read leave it without them rather than refused.
 """
 
 from __future__ import annotations
@@ -181,7 +182,15 @@ def translate_secret(
     if status is None:
         raise TranslateError(f"unknown {MAAS_STATUS} {status_text!r}", reason="invalid_status")
     tier = resolve_tier(explicit=explicit_tier, groups=groups, tiers=tiers, default=default_tier)
-    limits, depends = _limits(values, tier=tier)
+    try:
+        limits, depends = _limits(values, tier=tier)
+    except TranslateError:
+        if status is KeyStatus.ACTIVE:
+            raise
+        # a revoked or disabled key is denied whatever its limits say: limits that cannot be read (a window its
+        # tier no longer gives) must not keep the denial out of the store, where the last good record, active,
+        # would go on admitting the key
+        limits, depends = None, takes_tier_windows(secret)
     record = KeyRecord(
         key_id=key_id_of(digest),
         digest=digest,

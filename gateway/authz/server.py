@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import http_exceptions, web, web_protocol
 
@@ -244,8 +245,12 @@ class AiohttpHandler:
 
 
 class _EnvelopeHandler(web_protocol.RequestHandler):
-    """aiohttp's connection handler, answering what it cannot parse in the OpenAI envelope (aiohttp's own answers are
-    plain text, some echoing the request line): 431 for headers over ``--max-header-bytes``, 400 otherwise."""
+    """aiohttp's connection handler, answering what it cannot parse, and a handler's failure, in the OpenAI envelope
+    (aiohttp's own answers are plain text, some echoing the request line), as its server's ``answer`` says."""
+
+    def __init__(self, manager: EnvelopeServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._answer = manager.answer
 
     def handle_error(
         self,
@@ -256,13 +261,7 @@ class _EnvelopeHandler(web_protocol.RequestHandler):
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("the response was sent already: the connection is closed")
-        if isinstance(exc, http_exceptions.LineTooLong) or "too many headers" in str(exc).lower():
-            status, code, text = 431, "request_header_too_large", "Request headers are too large."
-        elif status < 500:
-            status, code, text = 400, "bad_request", "Malformed HTTP request."
-        else:
-            log.error("ext_authz connection failed", exc_info=exc)
-            status, code, text = 503, "internal_error", "The gateway failed to check this request."
+        status, code, text = self._answer(status, exc)
         kind = "server_error" if status >= 500 else "invalid_request_error"
         response = web.Response(status=status, body=error_body(text, error_type=kind, code=code), content_type=JSON)
         response.force_close()
@@ -270,7 +269,17 @@ class _EnvelopeHandler(web_protocol.RequestHandler):
 
 
 class EnvelopeServer(web.Server):
-    """``web.Server`` whose connections answer malformed requests in the OpenAI envelope."""
+    """``web.Server`` whose connections answer malformed requests in the OpenAI envelope: 431 for headers over
+    ``--max-header-bytes``, 400 otherwise."""
 
     def __call__(self) -> web_protocol.RequestHandler:
         return _EnvelopeHandler(self, loop=self._loop, **self._kwargs)
+
+    def answer(self, status: int, exc: BaseException | None) -> tuple[int, str, str]:
+        """(status, code, message) for what aiohttp could not parse (``status`` < 500) or a handler that raised."""
+        if isinstance(exc, http_exceptions.LineTooLong) or "too many headers" in str(exc).lower():
+            return 431, "request_header_too_large", "Request headers are too large."
+        if status < 500:
+            return 400, "bad_request", "Malformed HTTP request."
+        log.error("ext_authz connection failed", exc_info=exc)
+        return 503, "internal_error", "The gateway failed to check this request."
