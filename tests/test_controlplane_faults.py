@@ -1,0 +1,107 @@
+"""The control plane against a misbehaving API server (the emulator's faults) and at scale: many namespaces, objects
+recreated during an outage, watches that end at once or keep expiring, an Event storm, a CRD removed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane import kinds
+from controlplane.errors import SourceError
+from controlplane.sources import Stream, kube
+from controlplane.sources.kube import KubeSource
+from gateway.contract import RecordKind
+from gateway.store.redis import RedisStore
+from tests.support.k8s_emulator import K8sEmulator, eventually
+from tests.support.platform import records
+from tests.test_controlplane_kube import digest, key_secret, settings_for, started
+
+pytestmark = pytest.mark.redis
+
+LEASE = {"lease_duration": 2.0, "renew_deadline": 1.5, "retry_period": 0.2, "identity": "solo"}
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[RedisStore]:
+    red = RedisStore(redis_url, timeout=2.0)
+    yield red
+    await red.close()
+
+
+@pytest.fixture
+def quiet_emulator() -> Iterator[K8sEmulator]:
+    """Bookmarks rarely: a hundred watches sending five a second each would only load the test machine."""
+    emu = K8sEmulator(bookmark_interval=30.0).start()
+    yield emu
+    emu.stop()
+
+
+def lease_spec(emulator: K8sEmulator) -> dict[str, Any]:
+    lease = emulator.get("coordination.k8s.io/v1", "Lease", "default", "maas-controlplane")
+    return dict((lease or {}).get("spec") or {})
+
+
+def warning_events(emulator: K8sEmulator) -> list[tuple[str, str]]:
+    return sorted((e["involvedObject"]["name"], e["reason"]) for e in emulator.objects("v1", "Event"))
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_the_lease_is_renewed_and_changes_arrive_with_many_namespaces(
+    quiet_emulator: K8sEmulator, tmp_path: Path, redis_url: str, store: RedisStore
+) -> None:
+    """Ten streams a namespace: with 12 namespaces, 121 watches held every connection of one pool of 100, so the
+    Lease requests waited behind them (and timed out) and one watch never opened: nothing reached Redis."""
+    emulator = quiet_emulator
+    namespaces = [f"ns{i:02d}" for i in range(12)]
+    for ns in namespaces:
+        emulator.create(key_secret("k", f"sk-{ns}", namespace=ns))
+    settings = settings_for(
+        emulator, tmp_path, redis_url, namespaces=",".join(namespaces), leader_election=True, **LEASE
+    )
+    plane = await started(settings)
+    try:
+        await eventually(lambda: plane.elector.is_leader() and lease_spec(emulator).get("holderIdentity") == "solo")
+        renewed = lease_spec(emulator)["renewTime"]
+        await eventually(lambda: lease_spec(emulator)["renewTime"] != renewed, within=5)
+        await eventually(lambda: emulator.open_watches() == 10 * len(namespaces) + 1)
+        emulator.create(key_secret("late", "sk-late", namespace=namespaces[-1]))
+        await eventually(lambda: store.get_record(RecordKind.KEY, digest("sk-late")))
+        assert len((await records(store))[RecordKind.KEY]) == len(namespaces) + 1
+    finally:
+        await plane.stop()
+
+
+async def test_a_watch_left_without_a_connection_fails_instead_of_waiting_silently(
+    emulator: K8sEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing bounded a watch's wait for a free connection: one stream too many never opened, and said nothing."""
+    monkeypatch.setattr(kube, "REQUEST_TIMEOUT", 0.5)
+    source = await KubeSource.connect(kubeconfig=str(emulator.write_kubeconfig(tmp_path / "kubeconfig")), streams=1)
+    stream = Stream(kinds.SECRET, "llm")
+
+    async def hold() -> None:
+        async for _ in source.watch(stream, resource_version=version):
+            pass
+
+    holders: list[asyncio.Task[None]] = []
+    try:
+        version = (await source.list(stream)).resource_version
+        holders = [asyncio.create_task(hold()) for _ in range(1 + kube.STREAM_POOL_HEADROOM)]
+        await eventually(lambda: emulator.open_watches() == len(holders))
+        with pytest.raises(SourceError, match="timeout"):
+            await asyncio.wait_for(anext(aiter(source.watch(stream, resource_version=version))), timeout=5)
+    finally:
+        for task in holders:
+            task.cancel()
+        await asyncio.gather(*holders, return_exceptions=True)
+        await source.close()
