@@ -1,7 +1,8 @@
 """One reflector per stream: list, then watch from the list's resourceVersion; re-list on 410 Gone; reconnect
 with capped exponential backoff and jitter. It keeps the stream's objects and tells the sync loop about every
 change, in the order the source delivered them. A re-list is diffed against what it had, so objects deleted
-while the watch was down are reported as deleted and nothing is reported twice."""
+while the watch was down are reported as deleted and nothing is reported twice; an object found under a name it
+held with another uid was deleted and recreated meanwhile, and is reported as such (DELETED, then ADDED)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,11 @@ class Reflector:
             old = self.items.get(key)
             if old is not None and meta(old).get("resourceVersion") == meta(obj).get("resourceVersion"):
                 return
+            if old is not None and meta(old).get("uid") != meta(obj).get("uid"):
+                # Deleted and recreated under the same name: nothing of the old object (its last good records
+                # above all) may carry over to the new one.
+                self._set(old, "DELETED")
+                kind = "ADDED"
             self.items[key] = obj
         self._metrics.events.labels(kind=self._kind, type=kind).inc()
         self._on_change(self.stream.kind, key, kind)

@@ -4,6 +4,7 @@ recreated during an outage, watches that end at once or keep expiring, an Event 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from gateway.contract import RecordKind
 from gateway.store.redis import RedisStore
 from tests.support.k8s_emulator import K8sEmulator, eventually
 from tests.support.platform import records
-from tests.test_controlplane_kube import digest, key_secret, settings_for, started
+from tests.test_controlplane_kube import digest, fetch, key_secret, settings_for, started
 
 pytestmark = pytest.mark.redis
 
@@ -105,3 +106,29 @@ async def test_a_watch_left_without_a_connection_fails_instead_of_waiting_silent
             task.cancel()
         await asyncio.gather(*holders, return_exceptions=True)
         await source.close()
+
+
+async def test_a_secret_deleted_and_recreated_during_an_outage_loses_its_key(
+    emulator: K8sEmulator, tmp_path: Path, redis_url: str, store: RedisStore
+) -> None:
+    """The re-list after the outage found a Secret of the same name (another uid, without api_key): it was taken
+    for a change of the old one, whose key kept its last good record, so a key revoked by deleting its Secret
+    kept working."""
+    emulator.create(key_secret("alice", "sk-alice"))
+    plane = await started(settings_for(emulator, tmp_path, redis_url))
+    try:
+        await eventually(lambda: store.get_record(RecordKind.KEY, digest("sk-alice")))
+        emulator.disconnect()
+        emulator.delete("v1", "Secret", "llm", "alice")
+        emulator.create({**key_secret("alice", "unused"), "data": {}})
+        emulator.force_gone()
+        emulator.reconnect()
+
+        async def revoked() -> bool:
+            return await store.get_record(RecordKind.KEY, digest("sk-alice")) is None
+
+        await eventually(revoked)
+        skipped = json.loads(await fetch(f"http://127.0.0.1:{plane.ports['main']}/v1/sync"))["skipped"]
+        assert [(s["name"], s["reason"]) for s in skipped] == [("alice", "missing_api_key")]
+    finally:
+        await plane.stop()
