@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 
 from controlplane.errors import GoneError, NotFoundError, SourceError
@@ -20,6 +21,10 @@ log = logging.getLogger("maas.controlplane.reflector")
 
 OnChange = Callable[[Kind, ObjKey, str], None]
 """(kind, object key, event type) after the reflector's items were updated."""
+
+SHORT_WATCH_SECONDS = 1.0
+"""A watch that ends sooner than this without a single event (bookmarks count) failed, as client-go sees it: the
+next one waits for the backoff, or a server that ends every watch at once would be asked again and again."""
 
 
 class Backoff:
@@ -82,16 +87,27 @@ class Reflector:
 
     async def run(self) -> None:
         version: str | None = None
+        gone_in_a_row = 0
+        """410s with no event in between: the first re-lists at once, the next ones only after the backoff."""
         while True:
             try:
                 if version is None:
                     version = await self._relist()
+                started, seen = time.monotonic(), 0
                 async for event in self.source.watch(self.stream, resource_version=version):
+                    seen += 1
+                    gone_in_a_row = 0
                     self._backoff.reset()
                     if event.type != "BOOKMARK":
                         self._set(event.obj, event.type)
                     version = event.resource_version or version
-                self._metrics.watch_restarts.labels(kind=self._kind, reason="timeout").inc()
+                if seen == 0 and time.monotonic() - started < SHORT_WATCH_SECONDS:
+                    delay = self._backoff.next()
+                    log.warning("watch %s ended at once with no event; retrying in %.2fs", self.stream.name, delay)
+                    self._metrics.watch_restarts.labels(kind=self._kind, reason="error").inc()
+                    await asyncio.sleep(delay)
+                else:
+                    self._metrics.watch_restarts.labels(kind=self._kind, reason="timeout").inc()
             except NotFoundError as exc:
                 # The kind is not served (its CRD is not installed): nothing to wait for; look again later.
                 log.warning("cannot list %s (%s); retrying in %.0fs", self.stream.name, exc, self._backoff_max)
@@ -100,9 +116,15 @@ class Reflector:
                 version = None
                 await asyncio.sleep(self._backoff_max)
             except GoneError as exc:
-                log.info("watch %s expired (%s): re-listing", self.stream.name, exc)
                 self._metrics.watch_restarts.labels(kind=self._kind, reason="gone").inc()
                 version = None
+                gone_in_a_row += 1
+                if gone_in_a_row == 1:
+                    log.info("watch %s expired (%s): re-listing", self.stream.name, exc)
+                else:
+                    delay = self._backoff.next()
+                    log.warning("watch %s expired again (%s): re-listing in %.2fs", self.stream.name, exc, delay)
+                    await asyncio.sleep(delay)
             except SourceError as exc:
                 delay = self._backoff.next()
                 log.warning("watch %s failed: %s; retrying in %.2fs", self.stream.name, exc, delay)

@@ -132,3 +132,36 @@ async def test_a_secret_deleted_and_recreated_during_an_outage_loses_its_key(
         assert [(s["name"], s["reason"]) for s in skipped] == [("alice", "missing_api_key")]
     finally:
         await plane.stop()
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param("eof", id="watch-ends-at-once"),
+        pytest.param("gone", id="watch-always-410"),
+    ],
+)
+async def test_watches_that_end_at_once_or_keep_expiring_back_off(
+    emulator: K8sEmulator, tmp_path: Path, redis_url: str, store: RedisStore, fault: str
+) -> None:
+    """A server that ended every watch at once was asked again at once (over a thousand watches a second), one
+    that answered every watch with 410 was re-listed at once (hundreds of full lists a second)."""
+    plane = await started(settings_for(emulator, tmp_path, redis_url, backoff_max=1.0))
+    try:
+
+        def requests() -> int:
+            return sum(n for name, n in emulator.requests.items() if name.split()[0] in ("list", "watch"))
+
+        emulator.watch_fault = fault
+        emulator.drop_watches()
+        await asyncio.sleep(0.5)
+        before = requests()
+        await asyncio.sleep(2.0)
+        made = requests() - before
+        # 11 streams; with the backoff each makes a few requests in 2 s (a list and a watch per 410): ~60 in all
+        assert made < 200, f"{made} list and watch requests in 2 s"
+        emulator.watch_fault = None
+        emulator.create(key_secret("after", "sk-after"))
+        await eventually(lambda: store.get_record(RecordKind.KEY, digest("sk-after")))
+    finally:
+        await plane.stop()
