@@ -85,6 +85,10 @@ class Reflector:
         log.info("listed %s: %d objects at resourceVersion %s", self.stream.name, len(fresh), listing.resource_version)
         return listing.resource_version
 
+    def _drop_all(self) -> None:
+        for key in list(self.items):
+            self._set(self.items[key], "DELETED")
+
     async def run(self) -> None:
         version: str | None = None
         gone_in_a_row = 0
@@ -109,9 +113,11 @@ class Reflector:
                 else:
                     self._metrics.watch_restarts.labels(kind=self._kind, reason="timeout").inc()
             except NotFoundError as exc:
-                # The kind is not served (its CRD is not installed): nothing to wait for; look again later.
+                # The kind is not served (its CRD is not installed, or was removed): it has no objects; look again
+                # later.
                 log.warning("cannot list %s (%s); retrying in %.0fs", self.stream.name, exc, self._backoff_max)
                 self._metrics.watch_restarts.labels(kind=self._kind, reason="not_found").inc()
+                self._drop_all()
                 self.synced.set()
                 version = None
                 await asyncio.sleep(self._backoff_max)

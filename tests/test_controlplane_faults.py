@@ -17,9 +17,9 @@ from controlplane.sources import Stream, kube
 from controlplane.sources.kube import KubeSource
 from gateway.contract import RecordKind
 from gateway.store.redis import RedisStore
-from tests.support.k8s_emulator import K8sEmulator, eventually
+from tests.support.k8s_emulator import K8sEmulator, eventually, load_manifests
 from tests.support.platform import records
-from tests.test_controlplane_kube import digest, fetch, key_secret, settings_for, started
+from tests.test_controlplane_kube import SEED, digest, fetch, key_secret, settings_for, started
 
 pytestmark = pytest.mark.redis
 
@@ -163,5 +163,29 @@ async def test_watches_that_end_at_once_or_keep_expiring_back_off(
         emulator.watch_fault = None
         emulator.create(key_secret("after", "sk-after"))
         await eventually(lambda: store.get_record(RecordKind.KEY, digest("sk-after")))
+    finally:
+        await plane.stop()
+
+
+async def test_a_crd_removed_during_an_outage_takes_its_objects_along(
+    emulator: K8sEmulator, tmp_path: Path, redis_url: str, store: RedisStore
+) -> None:
+    """The re-list after the outage got 404 (KServe uninstalled): the reflector kept what it held, so the models
+    stayed in Redis."""
+    for obj in load_manifests(SEED):
+        emulator.create(obj)
+    plane = await started(settings_for(emulator, tmp_path, redis_url))
+    try:
+        assert (await records(store))[RecordKind.MODEL]
+        emulator.disconnect()
+        emulator.uninstall("serving.kserve.io/v1beta1", "InferenceService")
+        emulator.reconnect()
+
+        async def no_models() -> bool:
+            got = await records(store)
+            return not got[RecordKind.MODEL] and not got[RecordKind.ROUTE]
+
+        await eventually(no_models)
+        assert (await records(store))[RecordKind.KEY]  # the other kinds are untouched
     finally:
         await plane.stop()
