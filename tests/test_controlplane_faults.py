@@ -135,6 +135,43 @@ async def test_a_secret_deleted_and_recreated_during_an_outage_loses_its_key(
 
 
 @pytest.mark.parametrize(
+    "other_holder",
+    [
+        pytest.param(False, id="leader-from-the-start"),
+        pytest.param(True, id="follower-that-takes-over"),
+    ],
+)
+async def test_objects_malformed_before_a_replica_leads_get_exactly_one_event(
+    emulator: K8sEmulator, tmp_path: Path, redis_url: str, other_holder: bool
+) -> None:
+    """A problem seen while this replica was not (yet) the leader was marked as reported: its Event never came."""
+    if other_holder:  # a replica killed a moment ago: this one follows until the Lease expires
+        emulator.create(
+            {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": "maas-controlplane", "namespace": "default"},
+                "spec": {"holderIdentity": "gone", "leaseDurationSeconds": 3, "leaseTransitions": 0},
+            }
+        )
+    emulator.create({**key_secret("nokey", "unused"), "data": {}})
+    emulator.create(key_secret("good", "sk-good"))
+    settings = settings_for(emulator, tmp_path, redis_url, leader_election=True, resync_period=0.3, **LEASE)
+    plane = await started(settings)
+    try:
+        if other_holder:
+            assert not plane.elector.is_leader() and warning_events(emulator) == []
+        await eventually(plane.elector.is_leader)
+        want = [("nokey", "MaasSkippedMissingApiKey")]
+        await eventually(lambda: warning_events(emulator) == want)
+        emulator.force_gone()  # a re-list, and full syncs every 0.3 s: no second Event
+        await asyncio.sleep(1.5)
+        assert warning_events(emulator) == want
+    finally:
+        await plane.stop()
+
+
+@pytest.mark.parametrize(
     "fault",
     [
         pytest.param("eof", id="watch-ends-at-once"),
