@@ -110,6 +110,7 @@ class ControlPlane:
             self._tasks.append(spawn(reflector.run(), name=f"watch:{stream.name}", log=log))
         self._tasks.append(spawn(self.elector.run(), name="leader-election", log=log))
         self._tasks.append(spawn(syncer.run(), name="sync", log=log))
+        self._tasks.append(spawn(syncer.events.run(), name="events", log=log))
         admin = self.admin = AdminState(self.store, default_tier=settings.default_tier)
         self._tasks.append(spawn(admin.run(), name="admin-view", log=log))
         for task in self._tasks:

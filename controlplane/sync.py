@@ -15,16 +15,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from controlplane import kinds
 from controlplane.desired import Desired
-from controlplane.errors import SourceError, TranslateError
+from controlplane.errors import TranslateError
+from controlplane.events import EventQueue
 from controlplane.kinds import Kind, Obj, ObjKey, key_of, meta
 from controlplane.metrics import Metrics
 from controlplane.reflector import Backoff, Reflector
 from controlplane.sources.base import Source
-from controlplane.tasks import spawn
 from gateway.contract import Change, RecordKind
 from gateway.errors import StoreError
 from gateway.store import Store
@@ -85,8 +85,10 @@ class Syncer:
         self._pending_since: float | None = None
         self._wake = asyncio.Event()
         self._logged: set[tuple[str, ObjKey, str, str]] = set()
-        self._reported: set[tuple[str, ObjKey, str, str]] = set()
-        """Problems whose Event the leader sent (or is sending)."""
+        self._reported: set[Hashable] = set()
+        """Problems whose Event the leader queued or sent."""
+        self.events = EventQueue(source=source, metrics=metrics, lost=self._reported.discard)
+        """Its ``run`` sends the Events (the control plane runs it as a task of its own)."""
 
     # --- inputs --------------------------------------------------------------------------------------------
 
@@ -164,15 +166,8 @@ class Syncer:
             return
         if len(self._reported) > REPORTED_CAP:
             self._reported.clear()
-        self._reported.add(ident)
-        spawn(self._emit(ident, obj, error), name=f"event-{kind.name}-{key[0]}-{key[1]}", log=log)
-
-    async def _emit(self, ident: tuple[str, ObjKey, str, str], obj: Obj, error: TranslateError) -> None:
-        try:
-            await self._source.report(obj, reason=f"MaasSkipped{_camel(error.reason)}", message=str(error))
-        except SourceError as exc:
-            log.warning("cannot record a Kubernetes Event for %s: %s", key_of(obj), exc)
-            self._reported.discard(ident)  # a full sync tries again
+        self._reported.add(ident)  # taken back by the queue if the Event is dropped or fails: a full sync retries
+        self.events.submit(ident, obj, reason=f"MaasSkipped{_camel(error.reason)}", message=str(error))
 
     # --- the loop ------------------------------------------------------------------------------------------
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from controlplane import events as events_module
 from controlplane import kinds
 from controlplane.errors import SourceError
+from controlplane.runner import ControlPlane
 from controlplane.sources import Stream, kube
 from controlplane.sources.kube import KubeSource
 from gateway.contract import RecordKind
@@ -200,6 +203,39 @@ async def test_watches_that_end_at_once_or_keep_expiring_back_off(
         emulator.watch_fault = None
         emulator.create(key_secret("after", "sk-after"))
         await eventually(lambda: store.get_record(RecordKind.KEY, digest("sk-after")))
+    finally:
+        await plane.stop()
+
+
+async def test_an_event_storm_is_capped_and_does_not_cost_the_lease(
+    quiet_emulator: K8sEmulator, tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every malformed object's Event was sent at once, one task each: thousands of requests in flight delayed the
+    Lease renewal past its deadline and the leader stepped down."""
+    emulator = quiet_emulator
+    monkeypatch.setattr(events_module, "QUEUE_SIZE", 20)
+    monkeypatch.setattr(events_module, "BURST", 5)
+    monkeypatch.setattr(events_module, "RATE", 10.0)
+    for i in range(300):
+        emulator.create({**key_secret(f"bad-{i:03d}", "unused"), "data": {}})
+    settings = settings_for(emulator, tmp_path, redis_url, leader_election=True, **LEASE)
+    plane = ControlPlane(settings)
+    leading: list[bool] = []
+    began = time.monotonic()
+    try:
+        await plane.start()
+        await eventually(plane.elector.is_leader)
+        started_at = time.monotonic()
+        while time.monotonic() - started_at < 2.5:
+            leading.append(plane.elector.is_leader())
+            await asyncio.sleep(0.05)
+        assert all(leading), "the leader stepped down during the Event storm"
+        assert lease_spec(emulator)["leaseTransitions"] == 0
+        sent = len(emulator.objects("v1", "Event"))
+        assert 0 < sent <= 5 + 10.0 * (time.monotonic() - began) + 2  # burst + rate x time (+ one per worker)
+        text = await fetch(f"http://127.0.0.1:{plane.ports['ops']}/metrics")
+        # the queue holds 20: the rest is dropped (and tried again at the next full sync)
+        assert metric(text, 'maas_controlplane_warning_events_total{result="dropped"}') >= 300 - 20
     finally:
         await plane.stop()
 
