@@ -23,6 +23,12 @@ class Metrics:
             ["kind", "reason"],
             registry=r,
         )
+        self.warning_events = Counter(
+            f"{PREFIX}_warning_events",
+            "Kubernetes Warning Events about skipped objects, by result (sent, failed, dropped: the queue was full)",
+            ["result"],
+            registry=r,
+        )
         self.sync_lag = Histogram(
             f"{PREFIX}_sync_lag_seconds",
             "Time from an object change being seen to its records being written",

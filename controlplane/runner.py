@@ -68,12 +68,13 @@ class ControlPlane:
     async def start(self) -> None:
         settings = self.settings
         self.store = self.store or open_store(settings.redis_url, timeout=max(settings.store_timeout, 2.0))
-        self.source = self.source or await open_source(settings)
+        wanted = streams(settings)
+        self.source = self.source or await open_source(settings, streams=len(wanted))
         if settings.elect:
             if not isinstance(self.source, KubeSource):
                 raise ConfigError("leader election needs the kubernetes source")
             self.elector = LeaseElector(
-                client=self.source,
+                client=self.source.lease_client,
                 name=settings.lease_name,
                 namespace=settings.lease_namespace,
                 identity=settings.holder_identity,
@@ -97,7 +98,7 @@ class ControlPlane:
         )
         if isinstance(self.source, DirSource):
             self.source.on_bad_file = self._bad_file
-        for stream in streams(settings):
+        for stream in wanted:
             reflector = Reflector(
                 source=self.source,
                 stream=stream,
@@ -109,6 +110,7 @@ class ControlPlane:
             self._tasks.append(spawn(reflector.run(), name=f"watch:{stream.name}", log=log))
         self._tasks.append(spawn(self.elector.run(), name="leader-election", log=log))
         self._tasks.append(spawn(syncer.run(), name="sync", log=log))
+        self._tasks.append(spawn(syncer.events.run(), name="events", log=log))
         admin = self.admin = AdminState(self.store, default_tier=settings.default_tier)
         self._tasks.append(spawn(admin.run(), name="admin-view", log=log))
         for task in self._tasks:

@@ -15,16 +15,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from controlplane import kinds
 from controlplane.desired import Desired
-from controlplane.errors import SourceError, TranslateError
+from controlplane.errors import TranslateError
+from controlplane.events import EventQueue
 from controlplane.kinds import Kind, Obj, ObjKey, key_of, meta
 from controlplane.metrics import Metrics
 from controlplane.reflector import Backoff, Reflector
 from controlplane.sources.base import Source
-from controlplane.tasks import spawn
 from gateway.contract import Change, RecordKind
 from gateway.errors import StoreError
 from gateway.store import Store
@@ -84,7 +84,11 @@ class Syncer:
         self._touched: dict[RecordKind, set[str]] = {k: set() for k in RecordKind}
         self._pending_since: float | None = None
         self._wake = asyncio.Event()
-        self._reported: set[tuple[str, ObjKey, str, str]] = set()
+        self._logged: set[tuple[str, ObjKey, str, str]] = set()
+        self._reported: set[Hashable] = set()
+        """Problems whose Event the leader queued or sent."""
+        self.events = EventQueue(source=source, metrics=metrics, lost=self._reported.discard)
+        """Its ``run`` sends the Events (the control plane runs it as a task of its own)."""
 
     # --- inputs --------------------------------------------------------------------------------------------
 
@@ -138,33 +142,32 @@ class Syncer:
         self._wake.set()
 
     def report(self, kind: Kind, obj: Obj, error: TranslateError) -> None:
-        """A malformed object: a warning log, a metric, a Kubernetes Event (leader only), once per version."""
+        """A malformed object: a warning log and a metric once per version, and a Kubernetes Event once per version
+        by the leader (a problem seen as a follower is sent on becoming leader: that brings a full sync, which
+        reports every current problem again)."""
         key = key_of(obj)
         if len(self.skipped) < SKIPPED_CAP or (kind.name, key) in self.skipped:
             self.skipped[(kind.name, key)] = {"reason": error.reason, "message": str(error)}
         ident = (kind.name, key, str(meta(obj).get("resourceVersion") or ""), error.reason)
-        if ident in self._reported:
+        if ident not in self._logged:
+            if len(self._logged) > REPORTED_CAP:
+                self._logged.clear()
+            self._logged.add(ident)
+            self._metrics.skipped.labels(kind=kind.name, reason=error.reason).inc()
+            log.warning(
+                "skipping %s %s (%s): %s",
+                kind.name,
+                "/".join(p for p in key if p),
+                error.reason,
+                error,
+                extra={"reason": error.reason},
+            )
+        if ident in self._reported or not self._is_leader():
             return
         if len(self._reported) > REPORTED_CAP:
             self._reported.clear()
-        self._reported.add(ident)
-        self._metrics.skipped.labels(kind=kind.name, reason=error.reason).inc()
-        log.warning(
-            "skipping %s %s (%s): %s",
-            kind.name,
-            "/".join(p for p in key if p),
-            error.reason,
-            error,
-            extra={"reason": error.reason},
-        )
-        if self._is_leader():
-            spawn(self._emit(obj, error), name=f"event-{kind.name}-{key[0]}-{key[1]}", log=log)
-
-    async def _emit(self, obj: Obj, error: TranslateError) -> None:
-        try:
-            await self._source.report(obj, reason=f"MaasSkipped{_camel(error.reason)}", message=str(error))
-        except SourceError as exc:
-            log.warning("cannot record a Kubernetes Event for %s: %s", key_of(obj), exc)
+        self._reported.add(ident)  # taken back by the queue if the Event is dropped or fails: a full sync retries
+        self.events.submit(ident, obj, reason=f"MaasSkipped{_camel(error.reason)}", message=str(error))
 
     # --- the loop ------------------------------------------------------------------------------------------
 

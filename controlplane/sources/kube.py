@@ -1,6 +1,9 @@
 """The ``kubernetes`` source: kubernetes-asyncio's ApiClient (in-cluster config or a kubeconfig) speaking the
 list/watch protocol directly, so objects stay plain dicts exactly as the API server sends them.
 
+Lists and watches, writes (Events, admin-issued Secrets and tiers) and the leader-election Lease each have a
+connection pool of their own: a watch holds its connection for minutes, and the Lease must never wait for one.
+
 Only this module catches aiohttp's and kubernetes-asyncio's exceptions; they leave it as ``SourceError``.
 """
 
@@ -26,6 +29,10 @@ log = logging.getLogger("maas.controlplane.kube")
 
 PAGE_SIZE = 500
 REQUEST_TIMEOUT = 30.0
+STREAM_POOL_HEADROOM = 4
+"""Connections beyond one per stream (a reflector lists or watches, one request at a time)."""
+WRITE_POOL = 16
+LEASE_POOL = 2
 COMPONENT = "maas-controlplane"
 
 
@@ -35,25 +42,48 @@ def micro_time(epoch: float | None = None) -> str:
 
 
 class KubeSource:
-    def __init__(self, api: k8s.ApiClient, *, watch_timeout: int = 290) -> None:
+    def __init__(
+        self,
+        api: k8s.ApiClient,
+        *,
+        watch_timeout: int = 290,
+        writes: k8s.ApiClient | None = None,
+        lease: KubeSource | None = None,
+    ) -> None:
         self._api = api
+        """Lists and watches."""
+        self._writes = writes or api
+        """Everything else: gets and writes."""
+        self.lease_client = lease or self
+        """The leader election's client (on a pool of its own)."""
         self._watch_timeout = watch_timeout
 
     @classmethod
-    async def connect(cls, *, kubeconfig: str | None = None, watch_timeout: int = 290) -> Self:
+    async def connect(cls, *, kubeconfig: str | None = None, watch_timeout: int = 290, streams: int = 1) -> Self:
+        """``streams``: how many streams will be listed and watched at once (the size of their pool)."""
+        configuration = k8s.Configuration()
         try:
             if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-                configuration = k8s.Configuration()
                 k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-                api = k8s.ApiClient(configuration)
             else:
-                api = await k8s_config.new_client_from_config(config_file=kubeconfig)
+                await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
         except (k8s_config.ConfigException, OSError, ValueError) as exc:
             raise SourceError(f"cannot load Kubernetes configuration: {exc}") from exc
-        return cls(api, watch_timeout=watch_timeout)
+
+        def client(pool: int) -> k8s.ApiClient:
+            configuration.connection_pool_maxsize = pool  # read when the client's connector is made
+            return k8s.ApiClient(configuration)
+
+        lease = cls(client(LEASE_POOL), watch_timeout=watch_timeout)
+        streams_api = client(streams + STREAM_POOL_HEADROOM)
+        return cls(streams_api, watch_timeout=watch_timeout, writes=client(WRITE_POOL), lease=lease)
 
     async def close(self) -> None:
         await self._api.close()
+        if self._writes is not self._api:
+            await self._writes.close()
+        if self.lease_client is not self:
+            await self.lease_client.close()
 
     async def _open(
         self,
@@ -63,9 +93,10 @@ class KubeSource:
         query: Sequence[tuple[str, str]] = (),
         body: Obj | None = None,
         limit: aiohttp.ClientTimeout | float = REQUEST_TIMEOUT,
+        api: k8s.ApiClient | None = None,
     ) -> aiohttp.ClientResponse:
         try:
-            response: aiohttp.ClientResponse = await self._api.call_api(
+            response: aiohttp.ClientResponse = await (api or self._writes).call_api(
                 path,
                 method,
                 query_params=list(query),
@@ -80,9 +111,15 @@ class KubeSource:
         return response
 
     async def _call(
-        self, method: str, path: str, *, query: Sequence[tuple[str, str]] = (), body: Obj | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Sequence[tuple[str, str]] = (),
+        body: Obj | None = None,
+        api: k8s.ApiClient | None = None,
     ) -> Obj:
-        response = await self._open(method, path, query=query, body=body)
+        response = await self._open(method, path, query=query, body=body, api=api)
         try:
             async with response:
                 text = await response.text()
@@ -102,7 +139,7 @@ class KubeSource:
             query = [*_selectors(stream), ("limit", str(PAGE_SIZE))]
             if token:
                 query.append(("continue", token))
-            page = await self._call("GET", stream.kind.base_path(stream.namespace), query=query)
+            page = await self._call("GET", stream.kind.base_path(stream.namespace), query=query, api=self._api)
             for item in page.get("items") or []:
                 item.setdefault("kind", stream.kind.name)
                 item.setdefault("apiVersion", stream.kind.api_version)
@@ -120,9 +157,13 @@ class KubeSource:
             ("allowWatchBookmarks", "true"),
             ("timeoutSeconds", str(self._watch_timeout)),
         ]
-        # The server ends the watch after timeoutSeconds; a connection that stays silent longer is dead.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=REQUEST_TIMEOUT, sock_read=self._watch_timeout + 30)
-        response = await self._open("GET", stream.kind.base_path(stream.namespace), query=query, limit=timeout)
+        # The server ends the watch after timeoutSeconds; a connection that stays silent longer is dead. ``connect``
+        # bounds the wait for a free connection too: a watch starved of one fails (logged, counted, retried).
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=REQUEST_TIMEOUT, sock_connect=REQUEST_TIMEOUT, sock_read=self._watch_timeout + 30
+        )
+        path = stream.kind.base_path(stream.namespace)
+        response = await self._open("GET", path, query=query, limit=timeout, api=self._api)
         async with response:
             if response.status != 200:
                 _raise_for_status(response.status, await _safe_text(response), what=f"watch {stream.name}")

@@ -9,8 +9,10 @@ the API server's REST protocol for kubernetes-asyncio and the control plane:
 - get, create (``generateName`` too), replace (409 on a stale resourceVersion), delete;
 - the API server's rule for a core Event's namespace (422 otherwise): its ``involvedObject``'s namespace, or
   ``default`` for a cluster-scoped object;
-- on demand: ``force_gone()`` (every open watch gets a 410 and the history is compacted) and
-  ``drop_watches()`` (open watch connections are cut without a clean end);
+- on demand: ``force_gone()`` (every open watch gets a 410 and the history is compacted),
+  ``drop_watches()`` (open watch connections are cut without a clean end), ``disconnect()``/``reconnect()`` (an
+  outage: watches cut, every request answered 503 until reconnected), ``uninstall()`` (a CRD removed: its kind
+  answers 404) and ``watch_fault`` (every watch ends at once, cleanly or with a 410);
 - optionally RBAC: with ``authorize`` set (``rbac_authorizer`` evaluates rendered Roles, ClusterRoles and their
   bindings for one service account), a request its rules do not allow gets the API server's 403 Forbidden.
 
@@ -215,6 +217,12 @@ class K8sEmulator:
         self.authorize: Authorizer | None = None
         """When set, requests it refuses get 403 Forbidden (and are listed in ``forbidden``)."""
         self.forbidden: list[str] = []
+        self.watch_fault: str | None = None
+        """``"eof"``: every watch ends at once with a clean 200 and no event; ``"gone"``: every watch gets a 410."""
+        self.down = False
+        """During an outage (``disconnect``) every request gets 503."""
+        self.unserved: set[tuple[str, str]] = set()
+        """(group, plural) of kinds whose CRD was removed (``uninstall``): 404, as for an unknown resource."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -393,6 +401,22 @@ class K8sEmulator:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._signal, _DROP)
 
+    def disconnect(self) -> None:
+        """An outage: open watches are cut and every request gets 503 until ``reconnect``."""
+        self.down = True
+        self.drop_watches()
+
+    def reconnect(self) -> None:
+        self.down = False
+
+    def uninstall(self, api_version: str, kind: str) -> None:
+        """Remove a kind's CRD: its objects go with it and its API answers 404."""
+        with self._lock:
+            group = _group(api_version)
+            resource = (group, BY_KIND[(group, kind)])
+            self._objects[resource].clear()
+            self.unserved.add(resource)
+
     def _signal(self, what: object) -> None:
         for _, queue in list(self._watchers):
             queue.put_nowait(what)
@@ -409,11 +433,13 @@ class K8sEmulator:
         return await self._dispatch(request, request.match_info["group"], request.match_info["rest"])
 
     async def _dispatch(self, request: web.Request, group: str, rest: str) -> web.StreamResponse:
+        if self.down:
+            return _status(503, "ServiceUnavailable", "the API server is unavailable")
         parts = [p for p in rest.split("/") if p]
         namespace: str | None = None
         if len(parts) >= 2 and parts[0] == "namespaces":
             namespace, parts = parts[1], parts[2:]
-        if not parts or (group, parts[0]) not in RESOURCES:
+        if not parts or (group, parts[0]) not in RESOURCES or (group, parts[0]) in self.unserved:
             return _status(404, "NotFound", f"the server could not find the requested resource {request.path}")
         resource = (group, parts[0])
         name = parts[1] if len(parts) > 1 else None
@@ -532,10 +558,13 @@ class K8sEmulator:
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
         await response.prepare(request)
+        if self.watch_fault == "eof":
+            await response.write_eof()
+            return response
         with self._lock:
             if since_text in ("", "0"):
                 backlog = [("ADDED", copy.deepcopy(o)) for o in self._objects[resource].values() if filt.matches(o)]
-            elif int(since_text) < self._compacted:
+            elif self.watch_fault == "gone" or int(since_text) < self._compacted:
                 status = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410, "reason": "Expired"}
                 await response.write(
                     self._frame("ERROR", {**status, "message": f"too old resource version: {since_text}"})
