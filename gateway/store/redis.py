@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from importlib import resources
 from types import TracebackType
 from typing import Any, Self, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
@@ -68,41 +69,57 @@ class _Script:
 
 class _RedisSubscription:
     """Pub/sub on a connection of its own, with no automatic reconnect: a lost connection must surface so the
-    consumer reloads (events published while it was away are gone)."""
+    consumer reloads (events published while it was away are gone). Entering tries ``urls`` in turn and keeps the
+    first that subscribes: in a cluster every node carries every event, so any node that answers will do."""
 
-    def __init__(self, client: aioredis.Redis, *, timeout: float, idle_ping: float = 5.0) -> None:
-        self._client = client
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+    def __init__(
+        self, urls: Sequence[str], *, timeout: float, on_subscribed: Callable[[str], None] | None = None
+    ) -> None:
+        self._urls = urls
         self._timeout = timeout
-        self._idle_ping = idle_ping
+        self._on_subscribed = on_subscribed
+        self._idle_ping = 5.0
+        self._client: aioredis.Redis | None = None
+        self._pubsub: Any = None
 
     async def __aenter__(self) -> Self:
-        try:
-            async with asyncio.timeout(max(self._timeout, 1.0)):
-                await self._pubsub.subscribe(contract.EVENTS_CHANNEL)
-        except TimeoutError as exc:
-            await self._close()
-            raise StoreTimeout("timed out subscribing to change events") from exc
-        except _ERRORS as exc:
-            await self._close()
-            raise StoreError(f"cannot subscribe to change events: {exc}") from exc
-        return self
+        failures: list[str] = []
+        timed_out = 0
+        for url in self._urls:
+            client = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                async with asyncio.timeout(max(self._timeout, 1.0)):
+                    await pubsub.subscribe(contract.EVENTS_CHANNEL)
+            except TimeoutError:
+                timed_out += 1
+                failures.append(f"{_where(url)}: timed out")
+            except _ERRORS as exc:
+                failures.append(f"{_where(url)}: {exc}")
+            else:
+                self._client, self._pubsub = client, pubsub
+                if self._on_subscribed is not None:
+                    self._on_subscribed(url)
+                return self
+            await _close_pubsub(client, pubsub)
+        if timed_out == len(self._urls):
+            raise StoreTimeout(f"timed out subscribing to change events ({'; '.join(failures)})")
+        raise StoreError(f"cannot subscribe to change events: {'; '.join(failures)}")
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self._close()
-
-    async def _close(self) -> None:
-        with contextlib.suppress(*_ERRORS):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 7
-        with contextlib.suppress(*_ERRORS):
-            await self._client.aclose()
+        if self._client is not None:
+            await _close_pubsub(self._client, self._pubsub)
+            self._client = self._pubsub = None
 
     def __aiter__(self) -> AsyncIterator[ChangeEvent]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[ChangeEvent]:
+        pubsub = self._pubsub
+        if pubsub is None:
+            raise StoreError("the change-event subscription is not entered")
         idle_since = time.monotonic()
         task = asyncio.current_task()
         while True:
@@ -111,11 +128,11 @@ class _RedisSubscription:
                 # CPython 3.11): without this the consumer would not stop until its stopper gave up waiting
                 raise asyncio.CancelledError
             try:
-                message = await self._pubsub.get_message(timeout=1.0)
+                message = await pubsub.get_message(timeout=1.0)
                 if message is None:
                     if time.monotonic() - idle_since > self._idle_ping:
                         async with asyncio.timeout(max(self._timeout, 1.0)):
-                            await self._pubsub.ping()
+                            await pubsub.ping()
                         idle_since = time.monotonic()
                     continue
             except TimeoutError as exc:
@@ -126,6 +143,26 @@ class _RedisSubscription:
             if message.get("type") != "message":
                 continue
             yield contract.decode_event(message["data"])
+
+
+async def _close_pubsub(client: aioredis.Redis, pubsub: Any) -> None:
+    with contextlib.suppress(*_ERRORS):
+        await pubsub.aclose()
+    with contextlib.suppress(*_ERRORS):
+        await client.aclose()
+
+
+def _where(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port}"
+
+
+def _with_node(url: str, host: str, port: int) -> str:
+    """``url`` pointing at another node: the same credentials, database and options."""
+    parts = urlsplit(url)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{address}"))
 
 
 class RedisStore:
@@ -160,6 +197,8 @@ class RedisStore:
                 tls=tls_context(params) if self._url.startswith("rediss://") else None,
                 timeout=timeout,
             )
+        self._events_url = ""
+        """In a cluster, the node the last change-event subscription was made on (tried first next time)."""
         self._fallbacks: set[asyncio.Task[None]] = set()
         self._single: dict[int, tuple[Sequence[BucketOp], bytes]] = {}
         """EVALSHA commands of single-group batches by the identity of their ops (held, so the id stays theirs)."""
@@ -232,9 +271,20 @@ class RedisStore:
         return gen
 
     def subscribe(self) -> _RedisSubscription:
-        # In a cluster PUBLISH reaches every node, so the node named in the URL carries the events too.
-        client = aioredis.Redis.from_url(self._url, retry=Retry(NoBackoff(), 0))
-        return _RedisSubscription(client, timeout=self._timeout)
+        if not self.cluster:
+            return _RedisSubscription([self._url], timeout=self._timeout)
+        return _RedisSubscription(self._event_urls(), timeout=self._timeout, on_subscribed=self._subscribed_at)
+
+    def _event_urls(self) -> list[str]:
+        """Where to subscribe in a cluster, where PUBLISH reaches every node: the node that served last, the URL's,
+        then every other node the cluster client knows (so the events survive the failure of any one node)."""
+        urls = dict.fromkeys([self._events_url, self._url])
+        for node in self._client.get_nodes():
+            urls[_with_node(self._url, node.host, node.port)] = None
+        return [url for url in urls if url]
+
+    def _subscribed_at(self, url: str) -> None:
+        self._events_url = url
 
     async def check_buckets(self, groups: Sequence[Sequence[BucketOp]]) -> list[list[BucketResult]]:
         if not groups:
