@@ -9,12 +9,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import pytest
+import redis as sync_redis
+from redis.crc import key_slot
 
 from gateway import contract
 from gateway.contract import RecordKind
 from gateway.errors import StoreError
+from gateway.meter import accounting
+from gateway.meter.accounting import UsageBacklog
+from gateway.meter.metrics import MeterMetrics
+from gateway.store.base import UsageDelta
 from gateway.store.redis import RedisStore
-from tests.support.procs import redis_cluster
+from tests.support.procs import RedisCluster, RedisServer, redis_cluster
 
 pytestmark = pytest.mark.redis
 
@@ -56,3 +62,89 @@ async def test_change_events_survive_the_loss_of_the_urls_node() -> None:
             assert event.changes[0].id == "gone"
         finally:
             await store.close()
+
+
+DAY = "20250101"
+
+
+def _serving(cluster: RedisCluster, key: str) -> RedisServer:
+    """The node whose slots hold ``key``."""
+    slot = key_slot(key.encode())
+    client = sync_redis.Redis(port=cluster.nodes[0].port)
+    try:
+        ranges = client.execute_command("CLUSTER", "SLOTS")
+    finally:
+        client.close()
+    port = next(int(r[2][1]) for r in ranges if int(r[0]) <= slot <= int(r[1]))
+    return next(n for n in cluster.nodes if n.port == port)
+
+
+def _key_apart_from_index(cluster: RedisCluster) -> str:
+    """A key id whose ledger row sits on another node than the day's key index."""
+    index = _serving(cluster, contract.ledger_index_key(DAY))
+    return next(
+        k for k in (f"key{i}" for i in range(100)) if _serving(cluster, contract.ledger_key(k, DAY)) is not index
+    )
+
+
+def _row(key_id: str) -> UsageDelta:
+    return UsageDelta(key_id=key_id, model="m", day=DAY, requests=1, prompt_tokens=3, completion_tokens=4)
+
+
+def _ledger_failures(metrics: MeterMetrics) -> float | None:
+    return metrics.registry.get_sample_value("maas_meter_store_errors_total", {"operation": "ledger"})
+
+
+async def test_ledger_rows_for_a_dead_shard_are_held_and_written_when_it_returns() -> None:
+    """A refused connection to one master was a failed write: every row of its keys was dropped."""
+    with redis_cluster() as cluster:
+        store = RedisStore(cluster.url, timeout=0.5)
+        metrics = MeterMetrics(max_keys=10)
+        backlog = UsageBacklog(metrics)
+        key_id = _key_apart_from_index(cluster)
+        shard = _serving(cluster, contract.ledger_key(key_id, DAY))
+        try:
+            await store.generation()
+            shard.kill()
+            await accounting._ledger(store, metrics, _row(key_id), backlog)
+            assert len(backlog) == 1
+            assert _ledger_failures(metrics) == 0
+            assert not await backlog.flush(store)  # still down: still held
+            shard.restart()
+            await _eventually(lambda: _flushed(backlog, store))
+            (row,) = await store.read_usage(key_id, [DAY])
+            assert (row.requests, row.prompt_tokens, row.completion_tokens) == (1, 3, 4)
+            assert await store.usage_key_ids(DAY) == [key_id]
+        finally:
+            await store.close()
+
+
+async def test_a_ledger_row_is_kept_and_indexed_later_when_only_the_index_node_is_down() -> None:
+    """The day index sits on a node of its own: its failure had failed the key's row too (counted, logged), and the
+    key was missing from usage reports over all keys for good."""
+    with redis_cluster() as cluster:
+        store = RedisStore(cluster.url, timeout=0.5)
+        metrics = MeterMetrics(max_keys=10)
+        backlog = UsageBacklog(metrics)
+        key_id = _key_apart_from_index(cluster)
+        index_node = _serving(cluster, contract.ledger_index_key(DAY))
+        try:
+            await store.generation()
+            index_node.kill()
+            await accounting._ledger(store, metrics, _row(key_id), backlog)
+            assert _ledger_failures(metrics) == 0
+            (row,) = await store.read_usage(key_id, [DAY])  # the row landed
+            assert row.requests == 1
+            assert len(backlog) == 1  # its index entry is held
+            index_node.restart()
+            await _eventually(lambda: _flushed(backlog, store))
+            assert await store.usage_key_ids(DAY) == [key_id]
+            (row,) = await store.read_usage(key_id, [DAY])
+            assert (row.requests, row.prompt_tokens, row.completion_tokens) == (1, 3, 4)  # counted once
+        finally:
+            await store.close()
+
+
+async def _flushed(backlog: UsageBacklog, store: RedisStore) -> None:
+    if not await backlog.flush(store):
+        raise StoreError("backlog not written yet")

@@ -70,6 +70,26 @@ class UsageDelta:
     completion_tokens: int = 0
 
 
+class UsageNotWritten(StoreError):
+    """A usage-ledger write that did not all land. ``unsent``: rows (or the counters of them) certainly not counted,
+    to write again; ``uncertain``: rows that may or may not have been counted (never written again: the ledger must
+    not count twice); ``unindexed``: rows whose key is not known to be in its day's index (adding it again is
+    harmless, and ``add_usage`` of a row with no counts does just that)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        unsent: Sequence[UsageDelta] = (),
+        uncertain: Sequence[UsageDelta] = (),
+        unindexed: Sequence[UsageDelta] = (),
+    ) -> None:
+        super().__init__(message)
+        self.unsent = list(unsent)
+        self.uncertain = list(uncertain)
+        self.unindexed = [UsageDelta(key_id=d.key_id, model=d.model, day=d.day) for d in unindexed]
+
+
 @dataclass(frozen=True, slots=True)
 class UsageRow:
     key_id: str
@@ -124,7 +144,10 @@ class Store(Protocol):
     async def reset_buckets(self, key_id: str, dimensions: Sequence[str]) -> None: ...
 
     # usage ledger
-    async def add_usage(self, deltas: Sequence[UsageDelta]) -> None: ...
+    async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
+        """Add the deltas to the ledger and their keys to their days' index. Raises ``UsageNotWritten`` for what did
+        not land when that is known (``StoreNotSent``: none of it did; another ``StoreError``: it may have)."""
+        ...
 
     async def read_usage(self, key_id: str, days: Sequence[str]) -> list[UsageRow]: ...
 
