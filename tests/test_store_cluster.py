@@ -13,18 +13,25 @@ import redis as sync_redis
 from redis.crc import key_slot
 
 from gateway import contract
-from gateway.contract import RecordKind
+from gateway.authz.follower import SnapshotFollower
+from gateway.authz.metrics import AuthzMetrics
+from gateway.authz.server import Checker, Pending, Reply
+from gateway.contract import Limit, Limits, RecordKind
+from gateway.decision import Policy
 from gateway.errors import StoreError
 from gateway.meter import accounting
 from gateway.meter.accounting import UsageBacklog
 from gateway.meter.metrics import MeterMetrics
 from gateway.store.base import UsageDelta
 from gateway.store.redis import RedisStore
+from tests.conftest import PEPPER
+from tests.support import platform
 from tests.support.procs import RedisCluster, RedisServer, redis_cluster
 
 pytestmark = pytest.mark.redis
 
 T = TypeVar("T")
+PATH = "/qwen3/v1/chat/completions"
 
 
 async def _eventually(make: Callable[[], Awaitable[T]], *, within: float = 10.0) -> T:
@@ -148,3 +155,54 @@ async def test_a_ledger_row_is_kept_and_indexed_later_when_only_the_index_node_i
 async def _flushed(backlog: UsageBacklog, store: RedisStore) -> None:
     if not await backlog.flush(store):
         raise StoreError("backlog not written yet")
+
+
+async def test_a_dead_master_fails_only_the_checks_of_its_keys() -> None:
+    """One failed shard had denied every key: its failure failed the whole batch, and the store-failure skip window
+    was process-wide, so keys on healthy masters got 503 rate_limit_unavailable too."""
+    with redis_cluster() as cluster:
+        store = RedisStore(cluster.url, timeout=0.5)
+        keys = [
+            platform.Key(
+                f"sk-shard-{i:04d}", f"u{i}", tier="enterprise", limits=Limits(requests=Limit(limit=1000, window="1m"))
+            )
+            for i in range(40)
+        ]
+        home = {k: _serving(cluster, contract.bucket_key(k.key_id(PEPPER), "")) for k in keys}
+        dead_node = cluster.nodes[1]
+        dead = next(k for k in keys if home[k] is dead_node)
+        alive = next(k for k in keys if home[k] is not dead_node)
+        metrics = AuthzMetrics(max_keys=100)
+        follower = SnapshotFollower(store, metrics=metrics)
+        checker = Checker(
+            follower=follower,
+            store=store,
+            policy=Policy(pepper=PEPPER, identity_secret=b"s" * 32),
+            metrics=metrics,
+            on_store_error="deny",
+        )
+        try:
+            await platform.seed(store, PEPPER, keys=(dead, alive))
+            await follower.reload(reason="start")
+            assert await _statuses(checker, [dead, alive]) == [200, 200]
+            dead_node.kill()
+            # the first alone (an idle batcher sends at once), the next two in one batch: the dead key fails its
+            # own group only
+            assert await _statuses(checker, [dead, alive, dead]) == [503, 200, 503]
+            # within the dead node's skip window, the healthy node's keys are still checked
+            assert await _statuses(checker, [alive, dead]) == [200, 503]
+        finally:
+            await store.close()
+
+
+async def _statuses(checker: Checker, keys: list[platform.Key]) -> list[int]:
+    """Begin every check in one loop turn, then the answers in order."""
+    loop = asyncio.get_running_loop()
+    steps: list[Reply | asyncio.Future[Pending]] = []
+    for key in keys:
+        arrived: asyncio.Future[Pending] = loop.create_future()
+        headers = {"authorization": f"APIKEY {key.plaintext}"}
+        step = checker.begin(host="gw", path=PATH, get=headers.get, count=lambda name: 1, then=arrived.set_result)
+        steps.append(step if isinstance(step, Reply) else arrived)
+    replies = [s if isinstance(s, Reply) else checker.finish(await asyncio.wait_for(s, 5)) for s in steps]
+    return [r.status for r in replies]

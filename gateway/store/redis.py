@@ -29,7 +29,7 @@ from gateway import contract
 from gateway.contract import Change, ChangeEvent, RecordKind
 from gateway.errors import StoreError, StoreNotSent, StoreTimeout
 from gateway.limits import BucketOp, BucketResult
-from gateway.store.base import BucketsDone, UsageDelta, UsageNotWritten, UsageRow, outcome_into
+from gateway.store.base import BucketsDone, GroupsFailed, UsageDelta, UsageNotWritten, UsageRow, outcome_into
 from gateway.store.resp import NoScript, RespPipe, bulk, command
 
 T = TypeVar("T")
@@ -396,20 +396,39 @@ class RedisStore:
         return result
 
     async def _check_cluster(self, groups: Sequence[Sequence[BucketOp]]) -> list[list[BucketResult]]:
+        """One script call per slot, each with its own deadline: a slot whose node fails fails only its groups."""
         by_slot: dict[int, list[int]] = {}
         for index, ops in enumerate(groups):
             by_slot.setdefault(key_slot(contract.bucket_key(ops[0].key_id, "").encode()), []).append(index)
+
+        async def run(idx: list[int]) -> list[list[BucketResult]]:
+            part = [groups[i] for i in idx]
+            return _results(part, await self._call("buckets", lambda: self._run_buckets_redispy(part)))
+
         slots = list(by_slot.values())
-
-        async def run_all() -> list[list[int]]:
-            return await asyncio.gather(*(self._run_buckets_redispy([groups[i] for i in idx]) for idx in slots))
-
-        flats = await self._call("buckets", run_all)
+        outcomes = await asyncio.gather(*(run(idx) for idx in slots), return_exceptions=True)
         out: list[list[BucketResult]] = [[] for _ in groups]
-        for idx, flat in zip(slots, flats, strict=True):
-            for i, results in zip(idx, _results([groups[i] for i in idx], flat), strict=True):
+        errors: dict[int, BaseException] = {}
+        for idx, outcome in zip(slots, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome  # a cancel
+                errors.update(dict.fromkeys(idx, outcome))
+                continue
+            for i, results in zip(idx, outcome, strict=True):
                 out[i] = results
+        if len(errors) == len(groups):
+            raise next(iter(errors.values()))
+        if errors:
+            raise GroupsFailed(out, errors)
         return out
+
+    @property
+    def sharded(self) -> bool:
+        return self.cluster
+
+    def shard_of(self, key_id: str) -> str:
+        return self._node_of(contract.bucket_key(key_id, "").encode()) if self.cluster else ""
 
     async def reset_buckets(self, key_id: str, dimensions: Sequence[str]) -> None:
         names = [contract.bucket_key(key_id, d) for d in dimensions]
