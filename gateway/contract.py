@@ -21,7 +21,8 @@ Per-key data shares the hash tag ``{k:<key_id>}`` so all buckets of one key sit 
 
 Index of the ledger, so usage reports over all keys never scan the keyspace:
 
-- ``maas:ui:<YYYYMMDD>``   set of the key ids with usage on that day
+- ``maas:ui:<YYYYMMDD>``   set of the key ids with usage on that day (no hash tag: in a cluster it sits apart from
+  the rows, and the meter adds a key to it again until it lands)
 """
 
 from __future__ import annotations

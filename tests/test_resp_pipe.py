@@ -22,6 +22,10 @@ import redis as sync_redis
 from gateway.contract import bucket_key
 from gateway.errors import StoreError, StoreTimeout
 from gateway.limits import BucketOp, BucketResult
+from gateway.meter import accounting
+from gateway.meter.accounting import UsageBacklog
+from gateway.meter.metrics import MeterMetrics
+from gateway.store.base import UsageDelta
 from gateway.store.batching import BucketBatcher
 from gateway.store.redis import RedisStore
 from gateway.store.resp import RespPipe, command
@@ -321,3 +325,45 @@ async def test_auth_and_select_go_before_anything_sent_while_they_are_answered()
         server.close()
         await asyncio.wait(handlers, timeout=5)
         await server.wait_closed()
+
+
+async def test_a_refused_password_holds_ledger_rows_until_redis_takes_it() -> None:
+    """A refused AUTH (nothing sent on the connection ran) had dropped the row as a failed write."""
+    with redis_server() as server:
+        store = RedisStore(f"redis://:right@127.0.0.1:{server.port}/0", timeout=1.0)
+        metrics = MeterMetrics(max_keys=10)
+        backlog = UsageBacklog(metrics)
+        row = UsageDelta(key_id="k1", model="m", day="20250101", requests=1, prompt_tokens=3, completion_tokens=4)
+        try:
+            await accounting._ledger(store, metrics, row, backlog)
+            assert len(backlog) == 1
+            assert metrics.registry.get_sample_value("maas_meter_store_errors_total", {"operation": "ledger"}) == 0
+            admin = sync_redis.Redis(port=server.port)
+            admin.config_set("requirepass", "right")
+            admin.close()
+            assert await backlog.flush(store)
+            (landed,) = await store.read_usage("k1", ["20250101"])
+            assert (landed.requests, landed.prompt_tokens, landed.completion_tokens) == (1, 3, 4)
+            assert await store.usage_key_ids("20250101") == ["k1"]
+        finally:
+            await store.close()
+
+
+async def test_a_ledger_write_redis_refuses_for_memory_is_held() -> None:
+    """OOM: Redis rejected the write before running it, so it can be made again without counting twice."""
+    with redis_server(extra=("--maxmemory", "1")) as server:
+        store = RedisStore(server.url, timeout=1.0)
+        metrics = MeterMetrics(max_keys=10)
+        backlog = UsageBacklog(metrics)
+        row = UsageDelta(key_id="k1", model="m", day="20250101", requests=1, prompt_tokens=3)
+        try:
+            await accounting._ledger(store, metrics, row, backlog)
+            assert len(backlog) == 1
+            admin = sync_redis.Redis(port=server.port)
+            admin.config_set("maxmemory", "0")
+            admin.close()
+            assert await backlog.flush(store)
+            (landed,) = await store.read_usage("k1", ["20250101"])
+            assert (landed.requests, landed.prompt_tokens) == (1, 3)
+        finally:
+            await store.close()

@@ -42,7 +42,8 @@ from gateway.store.memory import MemoryStore
 log = logging.getLogger("maas.authz")
 
 STORE_RETRY_AFTER = 0.5
-"""After a store failure, checks skip the store for this long (seconds) and follow the failure policy."""
+"""After a store failure, checks skip the store for this long (seconds) and follow the failure policy: all checks
+with a single Redis, the checks of keys on the failed node in Redis Cluster."""
 
 NOT_READY = Denial(
     status=503,
@@ -91,6 +92,8 @@ class Pending:
     tag: object = None
     results: list[BucketResult] | None = None
     error: BaseException | None = None
+    shard: str | None = None
+    """The store node of the key's buckets, when the store has several (Redis Cluster)."""
 
     def __call__(self, results: list[BucketResult] | None, error: BaseException | None) -> None:
         self.results, self.error = results, error
@@ -115,6 +118,9 @@ class Checker:
         self._batcher = BucketBatcher(store, max_inflight=max_inflight, on_batch=metrics.batch_size.observe)
         self._local = MemoryStore()
         self._store_down_until = 0.0
+        self._shard_of = store.shard_of if store.sharded else None
+        self._shards_down_until: dict[str, float] = {}
+        """Per store node (Redis Cluster): a failed node's keys skip the store, the other nodes' keys do not."""
         self._store_log = RateLimitedLog(log, interval=10.0)
         self.observe = metrics.check_seconds.observe
 
@@ -139,8 +145,15 @@ class Checker:
             return self.deny(outcome, outcome.tier, outcome.model)
         if not outcome.ops:
             return self._allow(outcome, None, now)
-        if time.monotonic() >= self._store_down_until:
-            pending = Pending(outcome, now, then, tag)
+        if self._shard_of is None:
+            if time.monotonic() >= self._store_down_until:
+                pending = Pending(outcome, now, then, tag)
+                self._batcher.submit(outcome.ops, pending)
+                return pending
+            return self._by_policy(outcome, now)
+        shard = self._shard_of(outcome.key.key_id)
+        if time.monotonic() >= self._shards_down_until.get(shard, 0.0):
+            pending = Pending(outcome, now, then, tag, shard=shard)
             self._batcher.submit(outcome.ops, pending)
             return pending
         return self._by_policy(outcome, now)
@@ -153,7 +166,10 @@ class Checker:
                 raise pending.error
             results = pending.results
         except StoreError as exc:
-            self._store_down_until = time.monotonic() + STORE_RETRY_AFTER
+            if pending.shard is None:
+                self._store_down_until = time.monotonic() + STORE_RETRY_AFTER
+            else:
+                self._shards_down_until[pending.shard] = time.monotonic() + STORE_RETRY_AFTER
             self._metrics.store_error("buckets", exc.code)
             self._store_log.warning(
                 "store unavailable, limits follow --on-store-error=%s: %s", self._on_store_error, exc

@@ -18,6 +18,7 @@ from gateway.meter.quota import Reservation
 from gateway.meter.request import Parsed
 from gateway.meter.sse import Usage
 from gateway.store import Store, UsageDelta
+from gateway.store.base import UsageNotWritten
 
 log = logging.getLogger("maas.meter")
 _warn = RateLimitedLog(log)
@@ -44,9 +45,11 @@ class Exchange:
 
 
 class UsageBacklog:
-    """Ledger rows whose write never left the meter (no connection to Redis): kept, merged per (key, model, day),
-    and written once the store answers again, so an outage loses no usage. A write that was sent and then timed out
-    may have landed: it is counted as a failed write and not made again (a usage ledger must not count twice)."""
+    """Ledger rows whose write certainly did not happen (no connection to Redis, a node of the cluster down, a write
+    Redis refused): kept, merged per (key, model, day), and written once the store answers again, so an outage loses
+    no usage. A write that was sent and then timed out may have landed: it is counted as a failed write and not made
+    again (a usage ledger must not count twice). A row that landed while its day's key index did not is held with
+    no counts, which adds the key to the index again (harmless if it was there)."""
 
     MAX_ROWS = 100_000
     """Distinct (key, model, day) rows held at most; past it a new row is dropped and counted as a failed write."""
@@ -86,12 +89,8 @@ class UsageBacklog:
         rows, self._rows = list(self._rows.values()), {}
         try:
             await store.add_usage(rows)
-        except StoreNotSent:
-            self.hold(rows)
-            return False
         except StoreError as exc:
-            self._metrics.store_errors["ledger"].inc()
-            _warn.warning("usage ledger backlog write failed (%d rows, may have landed): %s", len(rows), exc)
+            _kept(self._metrics, rows, exc, self)
         self._metrics.backlog.set(len(self._rows))
         return not self._rows
 
@@ -158,8 +157,22 @@ async def _ledger(store: Store, metrics: MeterMetrics, row: UsageDelta, backlog:
     try:
         await store.add_usage([row])
     except StoreError as exc:
-        if isinstance(exc, StoreNotSent) and backlog is not None:  # never sent: written once the store answers
-            backlog.hold([row])
-            return
+        _kept(metrics, [row], exc, backlog)
+
+
+def _kept(metrics: MeterMetrics, rows: list[UsageDelta], exc: StoreError, backlog: UsageBacklog | None) -> None:
+    """Hold what certainly did not land (written once the store answers), count and log what may have."""
+    if isinstance(exc, UsageNotWritten):
+        unsent, uncertain, unindexed = exc.unsent, exc.uncertain, exc.unindexed
+    elif isinstance(exc, StoreNotSent):
+        unsent, uncertain, unindexed = rows, [], []
+    else:
+        unsent, uncertain, unindexed = [], rows, []
+    if backlog is not None:
+        backlog.hold(unsent + unindexed)
+    else:
+        uncertain = uncertain + unsent
+    if uncertain or (backlog is None and unindexed):
         metrics.store_errors["ledger"].inc()
-        _warn.warning("usage ledger write failed for key %s: %s", row.key_id, exc)
+        keys = ", ".join(sorted({d.key_id for d in uncertain or unindexed}))
+        _warn.warning("usage ledger write failed for key %s: %s", keys[:200], exc)

@@ -13,7 +13,21 @@ from gateway.errors import StoreError
 from gateway.limits import BucketOp, BucketResult
 
 BucketsDone = Callable[[list[list[BucketResult]] | None, BaseException | None], None]
-"""Called once with every group's results, or with the error that failed the call."""
+"""Called once with every group's results, or with the error that failed the call (``GroupsFailed``: only some
+groups failed, the others have their results)."""
+
+
+class GroupsFailed(StoreError):
+    """A bucket check of which some groups failed (in Redis Cluster, the node of their slot did not answer) and the
+    others were checked: ``results`` holds every group's results (empty for a failed one), ``errors`` the failure of
+    each failed group by its index."""
+
+    def __init__(self, results: list[list[BucketResult]], errors: dict[int, BaseException]) -> None:
+        first = next(iter(errors.values()))
+        super().__init__(f"{len(errors)} of {len(results)} bucket groups failed: {first}")
+        self.results = results
+        self.errors = errors
+
 
 T = TypeVar("T")
 
@@ -70,6 +84,26 @@ class UsageDelta:
     completion_tokens: int = 0
 
 
+class UsageNotWritten(StoreError):
+    """A usage-ledger write that did not all land. ``unsent``: rows (or the counters of them) certainly not counted,
+    to write again; ``uncertain``: rows that may or may not have been counted (never written again: the ledger must
+    not count twice); ``unindexed``: rows whose key is not known to be in its day's index (adding it again is
+    harmless, and ``add_usage`` of a row with no counts does just that)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        unsent: Sequence[UsageDelta] = (),
+        uncertain: Sequence[UsageDelta] = (),
+        unindexed: Sequence[UsageDelta] = (),
+    ) -> None:
+        super().__init__(message)
+        self.unsent = list(unsent)
+        self.uncertain = list(uncertain)
+        self.unindexed = [UsageDelta(key_id=d.key_id, model=d.model, day=d.day) for d in unindexed]
+
+
 @dataclass(frozen=True, slots=True)
 class UsageRow:
     key_id: str
@@ -112,8 +146,19 @@ class Store(Protocol):
     def subscribe(self) -> Subscription: ...
 
     # buckets
+    @property
+    def sharded(self) -> bool:
+        """True when keys' buckets live on several nodes that fail apart (Redis Cluster): see ``shard_of``."""
+        ...
+
+    def shard_of(self, key_id: str) -> str:
+        """The node that holds ``key_id``'s buckets as far as the store knows ("" for a store of one node, or when
+        it does not know): a failure of one node's checks says nothing of another's."""
+        ...
+
     async def check_buckets(self, groups: Sequence[Sequence[BucketOp]]) -> list[list[BucketResult]]:
-        """Each group is the buckets of one key, checked all-or-nothing; groups are independent."""
+        """Each group is the buckets of one key, checked all-or-nothing; groups are independent (when only some fail,
+        ``GroupsFailed`` carries the others' results)."""
         ...
 
     def submit_buckets(self, groups: Sequence[Sequence[BucketOp]], done: BucketsDone) -> bool:
@@ -124,7 +169,10 @@ class Store(Protocol):
     async def reset_buckets(self, key_id: str, dimensions: Sequence[str]) -> None: ...
 
     # usage ledger
-    async def add_usage(self, deltas: Sequence[UsageDelta]) -> None: ...
+    async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
+        """Add the deltas to the ledger and their keys to their days' index. Raises ``UsageNotWritten`` for what did
+        not land when that is known (``StoreNotSent``: none of it did; another ``StoreError``: it may have)."""
+        ...
 
     async def read_usage(self, key_id: str, days: Sequence[str]) -> list[UsageRow]: ...
 

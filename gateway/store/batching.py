@@ -17,7 +17,7 @@ from functools import partial
 
 from gateway.errors import StoreError
 from gateway.limits import BucketOp, BucketResult
-from gateway.store.base import Store, outcome_into, send_buckets
+from gateway.store.base import GroupsFailed, Store, outcome_into, send_buckets
 
 log = logging.getLogger("maas.store.batching")
 
@@ -94,7 +94,11 @@ class BucketBatcher:
         self, batch: list[Pending], results: list[list[BucketResult]] | None, error: BaseException | None
     ) -> None:
         try:
-            if error is not None or results is None:
+            if isinstance(error, GroupsFailed):  # some groups failed, the others have their answers
+                for i, (_, done) in enumerate(batch):
+                    failed = error.errors.get(i)
+                    _call(done, None if failed is not None else error.results[i], failed)
+            elif error is not None or results is None:
                 failure = error or StoreError("the store returned no results")
                 for _, done in batch:
                     _call(done, None, failure)

@@ -100,6 +100,11 @@ class MemoryStore:
         self._check()
         return _MemorySubscription(self)
 
+    sharded = False
+
+    def shard_of(self, key_id: str) -> str:
+        return ""
+
     async def check_buckets(self, groups: Sequence[Sequence[BucketOp]]) -> list[list[BucketResult]]:
         self._check()
         return self.check_now(groups)

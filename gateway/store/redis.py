@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from importlib import resources
 from types import TracebackType
 from typing import Any, Self, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
@@ -26,9 +27,9 @@ from redis.crc import key_slot
 
 from gateway import contract
 from gateway.contract import Change, ChangeEvent, RecordKind
-from gateway.errors import StoreError, StoreTimeout
+from gateway.errors import StoreError, StoreNotSent, StoreTimeout
 from gateway.limits import BucketOp, BucketResult
-from gateway.store.base import BucketsDone, UsageDelta, UsageRow, outcome_into
+from gateway.store.base import BucketsDone, GroupsFailed, UsageDelta, UsageNotWritten, UsageRow, outcome_into
 from gateway.store.resp import NoScript, RespPipe, bulk, command
 
 T = TypeVar("T")
@@ -56,7 +57,20 @@ _COUNTS = tuple(b"%d" % i for i in range(16))
 APPLY_CHUNK = 500
 SINGLE_PAYLOADS = 10_000
 USAGE_TTL_SECONDS = 400 * 86400
-_ERRORS = (rexc.RedisError, OSError)
+_ERRORS = (rexc.RedisError, rexc.RedisClusterException, OSError)
+_REFUSED = (
+    rexc.AuthenticationError,  # the connection's setup was refused: nothing after it ran
+    rexc.AuthorizationError,
+    rexc.MaxConnectionsError,
+    rexc.MaxClientsReachedError,
+    rexc.BusyLoadingError,
+    rexc.ClusterDownError,  # and MASTERDOWN
+    rexc.TryAgainError,
+    rexc.SlotNotCoveredError,
+    rexc.OutOfMemoryError,  # a write Redis rejected before running it
+    rexc.ReadOnlyError,
+)
+"""redis-py's errors that say the command was certainly not run (they become ``StoreNotSent``)."""
 
 
 class _Script:
@@ -68,41 +82,57 @@ class _Script:
 
 class _RedisSubscription:
     """Pub/sub on a connection of its own, with no automatic reconnect: a lost connection must surface so the
-    consumer reloads (events published while it was away are gone)."""
+    consumer reloads (events published while it was away are gone). Entering tries ``urls`` in turn and keeps the
+    first that subscribes: in a cluster every node carries every event, so any node that answers will do."""
 
-    def __init__(self, client: aioredis.Redis, *, timeout: float, idle_ping: float = 5.0) -> None:
-        self._client = client
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+    def __init__(
+        self, urls: Sequence[str], *, timeout: float, on_subscribed: Callable[[str], None] | None = None
+    ) -> None:
+        self._urls = urls
         self._timeout = timeout
-        self._idle_ping = idle_ping
+        self._on_subscribed = on_subscribed
+        self._idle_ping = 5.0
+        self._client: aioredis.Redis | None = None
+        self._pubsub: Any = None
 
     async def __aenter__(self) -> Self:
-        try:
-            async with asyncio.timeout(max(self._timeout, 1.0)):
-                await self._pubsub.subscribe(contract.EVENTS_CHANNEL)
-        except TimeoutError as exc:
-            await self._close()
-            raise StoreTimeout("timed out subscribing to change events") from exc
-        except _ERRORS as exc:
-            await self._close()
-            raise StoreError(f"cannot subscribe to change events: {exc}") from exc
-        return self
+        failures: list[str] = []
+        timed_out = 0
+        for url in self._urls:
+            client = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                async with asyncio.timeout(max(self._timeout, 1.0)):
+                    await pubsub.subscribe(contract.EVENTS_CHANNEL)
+            except TimeoutError:
+                timed_out += 1
+                failures.append(f"{_where(url)}: timed out")
+            except _ERRORS as exc:
+                failures.append(f"{_where(url)}: {exc}")
+            else:
+                self._client, self._pubsub = client, pubsub
+                if self._on_subscribed is not None:
+                    self._on_subscribed(url)
+                return self
+            await _close_pubsub(client, pubsub)
+        if timed_out == len(self._urls):
+            raise StoreTimeout(f"timed out subscribing to change events ({'; '.join(failures)})")
+        raise StoreError(f"cannot subscribe to change events: {'; '.join(failures)}")
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self._close()
-
-    async def _close(self) -> None:
-        with contextlib.suppress(*_ERRORS):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 7
-        with contextlib.suppress(*_ERRORS):
-            await self._client.aclose()
+        if self._client is not None:
+            await _close_pubsub(self._client, self._pubsub)
+            self._client = self._pubsub = None
 
     def __aiter__(self) -> AsyncIterator[ChangeEvent]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[ChangeEvent]:
+        pubsub = self._pubsub
+        if pubsub is None:
+            raise StoreError("the change-event subscription is not entered")
         idle_since = time.monotonic()
         task = asyncio.current_task()
         while True:
@@ -111,11 +141,11 @@ class _RedisSubscription:
                 # CPython 3.11): without this the consumer would not stop until its stopper gave up waiting
                 raise asyncio.CancelledError
             try:
-                message = await self._pubsub.get_message(timeout=1.0)
+                message = await pubsub.get_message(timeout=1.0)
                 if message is None:
                     if time.monotonic() - idle_since > self._idle_ping:
                         async with asyncio.timeout(max(self._timeout, 1.0)):
-                            await self._pubsub.ping()
+                            await pubsub.ping()
                         idle_since = time.monotonic()
                     continue
             except TimeoutError as exc:
@@ -126,6 +156,26 @@ class _RedisSubscription:
             if message.get("type") != "message":
                 continue
             yield contract.decode_event(message["data"])
+
+
+async def _close_pubsub(client: aioredis.Redis, pubsub: Any) -> None:
+    with contextlib.suppress(*_ERRORS):
+        await pubsub.aclose()
+    with contextlib.suppress(*_ERRORS):
+        await client.aclose()
+
+
+def _where(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port}"
+
+
+def _with_node(url: str, host: str, port: int) -> str:
+    """``url`` pointing at another node: the same credentials, database and options."""
+    parts = urlsplit(url)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{address}"))
 
 
 class RedisStore:
@@ -160,6 +210,8 @@ class RedisStore:
                 tls=tls_context(params) if self._url.startswith("rediss://") else None,
                 timeout=timeout,
             )
+        self._events_url = ""
+        """In a cluster, the node the last change-event subscription was made on (tried first next time)."""
         self._fallbacks: set[asyncio.Task[None]] = set()
         self._single: dict[int, tuple[Sequence[BucketOp], bytes]] = {}
         """EVALSHA commands of single-group batches by the identity of their ops (held, so the id stays theirs)."""
@@ -171,7 +223,7 @@ class RedisStore:
         except TimeoutError as exc:
             raise StoreTimeout(f"redis {what} timed out after {self._timeout:g}s") from exc
         except _ERRORS as exc:
-            raise StoreError(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
+            raise _store_error(what, exc) from exc
 
     async def _evalsha(self, script: _Script, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
         try:
@@ -232,9 +284,20 @@ class RedisStore:
         return gen
 
     def subscribe(self) -> _RedisSubscription:
-        # In a cluster PUBLISH reaches every node, so the node named in the URL carries the events too.
-        client = aioredis.Redis.from_url(self._url, retry=Retry(NoBackoff(), 0))
-        return _RedisSubscription(client, timeout=self._timeout)
+        if not self.cluster:
+            return _RedisSubscription([self._url], timeout=self._timeout)
+        return _RedisSubscription(self._event_urls(), timeout=self._timeout, on_subscribed=self._subscribed_at)
+
+    def _event_urls(self) -> list[str]:
+        """Where to subscribe in a cluster, where PUBLISH reaches every node: the node that served last, the URL's,
+        then every other node the cluster client knows (so the events survive the failure of any one node)."""
+        urls = dict.fromkeys([self._events_url, self._url])
+        for node in self._client.get_nodes():
+            urls[_with_node(self._url, node.host, node.port)] = None
+        return [url for url in urls if url]
+
+    def _subscribed_at(self, url: str) -> None:
+        self._events_url = url
 
     async def check_buckets(self, groups: Sequence[Sequence[BucketOp]]) -> list[list[BucketResult]]:
         if not groups:
@@ -333,20 +396,39 @@ class RedisStore:
         return result
 
     async def _check_cluster(self, groups: Sequence[Sequence[BucketOp]]) -> list[list[BucketResult]]:
+        """One script call per slot, each with its own deadline: a slot whose node fails fails only its groups."""
         by_slot: dict[int, list[int]] = {}
         for index, ops in enumerate(groups):
             by_slot.setdefault(key_slot(contract.bucket_key(ops[0].key_id, "").encode()), []).append(index)
+
+        async def run(idx: list[int]) -> list[list[BucketResult]]:
+            part = [groups[i] for i in idx]
+            return _results(part, await self._call("buckets", lambda: self._run_buckets_redispy(part)))
+
         slots = list(by_slot.values())
-
-        async def run_all() -> list[list[int]]:
-            return await asyncio.gather(*(self._run_buckets_redispy([groups[i] for i in idx]) for idx in slots))
-
-        flats = await self._call("buckets", run_all)
+        outcomes = await asyncio.gather(*(run(idx) for idx in slots), return_exceptions=True)
         out: list[list[BucketResult]] = [[] for _ in groups]
-        for idx, flat in zip(slots, flats, strict=True):
-            for i, results in zip(idx, _results([groups[i] for i in idx], flat), strict=True):
+        errors: dict[int, BaseException] = {}
+        for idx, outcome in zip(slots, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome  # a cancel
+                errors.update(dict.fromkeys(idx, outcome))
+                continue
+            for i, results in zip(idx, outcome, strict=True):
                 out[i] = results
+        if len(errors) == len(groups):
+            raise next(iter(errors.values()))
+        if errors:
+            raise GroupsFailed(out, errors)
         return out
+
+    @property
+    def sharded(self) -> bool:
+        return self.cluster
+
+    def shard_of(self, key_id: str) -> str:
+        return self._node_of(contract.bucket_key(key_id, "").encode()) if self.cluster else ""
 
     async def reset_buckets(self, key_id: str, dimensions: Sequence[str]) -> None:
         names = [contract.bucket_key(key_id, d) for d in dimensions]
@@ -354,21 +436,61 @@ class RedisStore:
             await self._call("del", lambda: self._client.delete(*names))
 
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
+        """Each row's counters and each day's index entry land or fail on their own (in a cluster the index sits on
+        another node than the rows): what did not land is raised as ``UsageNotWritten``."""
         if not deltas:
             return
-        commands = _usage_commands(deltas)
+        write = _UsageWrite(deltas)
         if self._pipe is not None:
-            payload = b"".join(command(*parts) for parts in commands)
-            await self._pipe.call_many(payload, len(commands), "usage")
-            return
+            outcomes = await self._each_resp(self._pipe, write.commands)
+        else:
+            outcomes = await self._each_redispy(write.commands)
+        write.check(outcomes)
 
-        async def run() -> None:
-            pipe = self._client.pipeline(transaction=False)
-            for parts in commands:
-                pipe.execute_command(parts[0].decode(), *parts[1:])
-            await pipe.execute()
+    async def _each_resp(self, pipe: RespPipe, commands: Sequence[tuple[bytes, ...]]) -> list[StoreError | None]:
+        payload = b"".join(command(*parts) for parts in commands)
+        try:
+            return [error for _, error in await pipe.call_each(payload, len(commands), "usage")]
+        except StoreError as exc:  # nothing was sent
+            return [exc] * len(commands)
 
-        await self._call("usage", run)
+    async def _each_redispy(self, commands: Sequence[tuple[bytes, ...]]) -> list[StoreError | None]:
+        """One pipeline per node (by the cluster client's slot map), so a node that fails fails only its commands."""
+        by_node: dict[str, list[int]] = {}
+        for i, parts in enumerate(commands):
+            by_node.setdefault(self._node_of(parts[1]), []).append(i)
+        outcomes: list[StoreError | None] = [None] * len(commands)
+
+        async def run(indexes: list[int]) -> None:
+            async def send() -> list[Any]:
+                pipe = self._client.pipeline(transaction=False)
+                for i in indexes:
+                    pipe.execute_command(commands[i][0].decode(), *commands[i][1:])
+                result: list[Any] = await pipe.execute(raise_on_error=False)
+                return result
+
+            try:
+                replies = await self._call("usage", send)
+            except StoreError as exc:
+                replies = [exc] * len(indexes)
+            for i, reply in zip(indexes, replies, strict=True):
+                if isinstance(reply, StoreError):
+                    outcomes[i] = reply
+                elif isinstance(reply, BaseException):
+                    outcomes[i] = _store_error("usage", reply)
+
+        await asyncio.gather(*(run(indexes) for indexes in by_node.values()))
+        return outcomes
+
+    def _node_of(self, key: bytes) -> str:
+        """The name of the node serving ``key`` in a cluster, as far as the client knows ("" when it does not)."""
+        if not self.cluster:
+            return ""
+        try:
+            node = self._client.get_node_from_key(key)
+        except _ERRORS:
+            return ""
+        return "" if node is None else str(node.name)
 
     async def read_usage(self, key_id: str, days: Sequence[str]) -> list[UsageRow]:
         async def run() -> list[dict[bytes, bytes]]:
@@ -397,6 +519,26 @@ class RedisStore:
         return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
 
 
+def _store_error(what: str, exc: BaseException) -> StoreError:
+    """Ours for redis-py's ``exc``: ``StoreNotSent`` when the command certainly did not run (it can be made again
+    without running twice), else ``StoreError`` (a timeout or a connection lost after sending: it may have run)."""
+    text = f"redis {what} failed: {type(exc).__name__}: {exc}"
+    return StoreNotSent(text) if _not_run(exc) else StoreError(text)
+
+
+def _not_run(exc: BaseException) -> bool:
+    if isinstance(exc, _REFUSED):
+        return True
+    if isinstance(exc, rexc.RedisClusterUnreachableError):  # no node reachable: as the last attempt's error says
+        cause = exc.__cause__ or exc.__context__
+        return cause is not None and _not_run(cause)
+    if isinstance(exc, rexc.TimeoutError | rexc.ConnectionError):
+        # redis-py's connect failures ("Error 111 connecting to host:port", "Timeout connecting to server"): the
+        # command was never written. A connection lost or a read timed out after writing says otherwise.
+        return "connecting to" in str(exc) or isinstance(exc.__cause__, ConnectionRefusedError)
+    return False
+
+
 def tls_context(params: Mapping[str, Any]) -> ssl.SSLContext:
     """The TLS settings of a ``rediss://`` URL's query, as redis-py reads them (``ssl_ca_certs``, ``ssl_ca_path``,
     ``ssl_cert_reqs=none|optional|required``, ``ssl_check_hostname``, ``ssl_certfile``/``ssl_keyfile``), so the hot
@@ -417,23 +559,56 @@ def tls_context(params: Mapping[str, Any]) -> ssl.SSLContext:
     return context
 
 
-def _usage_commands(deltas: Sequence[UsageDelta]) -> list[tuple[bytes, ...]]:
-    """The ledger write: HINCRBY per non-zero counter, the day's key index, a TTL on everything touched."""
-    ttl = b"%d" % USAGE_TTL_SECONDS
-    out: list[tuple[bytes, ...]] = []
-    for d in deltas:
-        name = contract.ledger_key(d.key_id, d.day).encode()
-        model = d.model.encode()
-        counters = ((b"requests", d.requests), (b"prompt", d.prompt_tokens), (b"completion", d.completion_tokens))
-        for field, value in counters:
-            if value:
-                out.append((b"HINCRBY", name, model + b"|" + field, b"%d" % value))
-        out.append((b"EXPIRE", name, ttl))
-    for day, key_ids in _by_day(deltas).items():
-        index = contract.ledger_index_key(day).encode()
-        out.append((b"SADD", index, *(k.encode() for k in key_ids)))
-        out.append((b"EXPIRE", index, ttl))
-    return out
+class _UsageWrite:
+    """A ledger write as commands: per row, HINCRBY per non-zero counter and a TTL; per day, the key index (SADD) and
+    its TTL. ``check`` turns the commands' outcomes into what did not land."""
+
+    COUNTERS = ((b"requests", "requests"), (b"prompt", "prompt_tokens"), (b"completion", "completion_tokens"))
+
+    def __init__(self, deltas: Sequence[UsageDelta]) -> None:
+        ttl = b"%d" % USAGE_TTL_SECONDS
+        self.deltas = deltas
+        self.commands: list[tuple[bytes, ...]] = []
+        self.counters: list[list[tuple[str, int]]] = []
+        """Per row: (field name, command index) of each counter sent."""
+        for d in deltas:
+            name = contract.ledger_key(d.key_id, d.day).encode()
+            model = d.model.encode()
+            sent = []
+            for field, attr in self.COUNTERS:
+                value = getattr(d, attr)
+                if value:
+                    sent.append((attr, len(self.commands)))
+                    self.commands.append((b"HINCRBY", name, model + b"|" + field, b"%d" % value))
+            self.counters.append(sent)
+            self.commands.append((b"EXPIRE", name, ttl))
+        self.index: dict[str, int] = {}
+        """Day -> the index of its SADD."""
+        for day, key_ids in _by_day(deltas).items():
+            index = contract.ledger_index_key(day).encode()
+            self.index[day] = len(self.commands)
+            self.commands.append((b"SADD", index, *(k.encode() for k in key_ids)))
+            self.commands.append((b"EXPIRE", index, ttl))
+
+    def check(self, outcomes: Sequence[StoreError | None]) -> None:
+        unsent: list[UsageDelta] = []
+        uncertain: list[UsageDelta] = []
+        errors = [e for e in outcomes if e is not None]
+        if not errors:
+            return
+        for d, sent in zip(self.deltas, self.counters, strict=True):
+            failed = {attr: outcomes[i] for attr, i in sent if outcomes[i] is not None}
+            not_run = [attr for attr, error in failed.items() if isinstance(error, StoreNotSent)]
+            if not_run:  # only those counters: the others of the row were counted
+                kept: dict[str, int] = {attr: getattr(d, attr) for attr in not_run}
+                unsent.append(UsageDelta(key_id=d.key_id, model=d.model, day=d.day, **kept))
+            if len(not_run) < len(failed):
+                uncertain.append(d)
+        unindexed = [d for d in self.deltas if outcomes[self.index[d.day]] is not None]
+        if unsent or uncertain or unindexed:
+            raise UsageNotWritten(
+                f"usage ledger write incomplete: {errors[0]}", unsent=unsent, uncertain=uncertain, unindexed=unindexed
+            )
 
 
 def _by_day(deltas: Sequence[UsageDelta]) -> dict[str, list[str]]:

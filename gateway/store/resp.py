@@ -46,9 +46,18 @@ class NoScript(StoreError):
     """The server does not have the script (it restarted or was flushed): load it and retry."""
 
 
+REFUSED = (b"OOM", b"READONLY", b"LOADING", b"MASTERDOWN", b"NOAUTH", b"WRONGPASS", b"NOPERM", b"BUSY ")
+"""Error replies of a command Redis refused before running it (out of memory, a replica, still loading, not
+authenticated, a script running): ``StoreNotSent``, as it can be made again without running twice."""
+
+
 def _reply_error(reply: hiredis.ReplyError) -> StoreError:
     message = str(reply)
-    return NoScript(message) if message.startswith("NOSCRIPT") else StoreError(f"redis error: {message}")
+    if message.startswith("NOSCRIPT"):
+        return NoScript(message)
+    if message.encode().startswith(REFUSED):
+        return StoreNotSent(f"redis refused the command: {message}")
+    return StoreError(f"redis error: {message}")
 
 
 _Waiting = tuple[Waiter, float, str]
@@ -154,8 +163,13 @@ class RespPipe:
                 try:
                     await self._wait(b"".join(self._hello), len(self._hello), "connection setup")
                 except StoreError as exc:
-                    self.reset(StoreError(f"redis refused the connection setup: {exc}"), protocol)
-                    raise StoreError(f"redis refused the connection setup: {exc}") from exc
+                    # An error reply (the connection still up) means nothing sent on this connection ran: Redis
+                    # answers whatever followed a refused AUTH with NOAUTH. A connection lost or timed out meanwhile
+                    # says nothing of the kind.
+                    kind = StoreNotSent if self.current is protocol else StoreError
+                    refused = kind(f"redis refused the connection setup: {exc}")
+                    self.reset(refused, protocol)
+                    raise refused from exc
 
     def send(self, payload: bytes, waiters: list[Waiter], what: str) -> bool:
         """Write ``payload`` (one encoded command per waiter) now; False when not connected (``connect`` first).
@@ -192,26 +206,29 @@ class RespPipe:
         StoreError once all have arrived: the connection stays in step)."""
         return await self._wait(payload, count, what)
 
-    async def _wait(self, payload: bytes, count: int, what: str) -> list[Any]:
+    async def call_each(self, payload: bytes, count: int, what: str = "call") -> list[tuple[Any, StoreError | None]]:
+        """``call_many`` with each command's own outcome: its reply, or the error it got (an error reply, or the one
+        that ended the connection). Raises only when nothing was sent (``StoreNotSent``)."""
         if self.current is None:
             await self.connect()
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        replies: list[Any] = []
-        failure: list[StoreError] = []
+        future: asyncio.Future[list[tuple[Any, StoreError | None]]] = asyncio.get_running_loop().create_future()
+        outcomes: list[tuple[Any, StoreError | None]] = []
 
         def one(reply: Any, error: StoreError | None) -> None:
-            if error is not None:
-                failure.append(error)
-            replies.append(reply)
-            if len(replies) == count and not future.done():
-                if failure:
-                    future.set_exception(failure[0])
-                else:
-                    future.set_result(replies)
+            outcomes.append((reply, error))
+            if len(outcomes) == count and not future.done():
+                future.set_result(outcomes)
 
         if not self.send(payload, [one] * count, what):
             raise StoreNotSent("redis connection closed")
         return await future
+
+    async def _wait(self, payload: bytes, count: int, what: str) -> list[Any]:
+        outcomes = await self.call_each(payload, count, what)
+        for _, error in outcomes:
+            if error is not None:
+                raise error
+        return [reply for reply, _ in outcomes]
 
     def reset(self, error: StoreError, protocol: _Protocol | None = None) -> None:
         """Close the connection (only if it is still ``protocol``'s, when given) and fail every waiting caller."""

@@ -14,7 +14,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +93,7 @@ class RedisServer:
     port: int
     proc: Proc
     data_dir: Path
+    argv: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -100,6 +101,12 @@ class RedisServer:
 
     def kill(self) -> None:
         self.proc.stop(sig=signal.SIGKILL)
+
+    def restart(self) -> None:
+        """Start the killed server again with the same arguments and directory (a cluster node keeps its nodes
+        file, so it comes back with its slots; its data is gone)."""
+        self.proc = start(f"redis-{self.port}", self.argv, log_dir=self.data_dir)
+        wait_port(self.port, proc=self.proc.popen)
 
 
 def redis_binary() -> str | None:
@@ -127,12 +134,12 @@ def redis_server(*, port: int | None = None, extra: Sequence[str] = ()) -> Itera
         str(data_dir),
         *extra,
     ]
-    proc = start(f"redis-{port}", argv, log_dir=data_dir)
+    server = RedisServer(port=port, proc=start(f"redis-{port}", argv, log_dir=data_dir), data_dir=data_dir, argv=argv)
     try:
-        wait_port(port, proc=proc.popen)
-        yield RedisServer(port=port, proc=proc, data_dir=data_dir)
+        wait_port(port, proc=server.proc.popen)
+        yield server
     finally:
-        proc.stop(sig=signal.SIGKILL)
+        server.proc.stop(sig=signal.SIGKILL)
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
@@ -160,44 +167,70 @@ def _cluster_port() -> int:
 
 
 @contextlib.contextmanager
-def redis_cluster(*, size: int = 3) -> Iterator[RedisCluster]:
-    """A real Redis Cluster of ``size`` masters (no replicas) on free ports."""
+def redis_cluster(
+    *, size: int = 3, replica_of_first: bool = False, node_timeout_ms: int = 15000
+) -> Iterator[RedisCluster]:
+    """A real Redis Cluster of ``size`` masters on free ports; with ``replica_of_first`` one more node, the last,
+    replicates the first (the URL's node). ``node_timeout_ms``: how long a silent node takes to be failed."""
     with contextlib.ExitStack() as stack:
         nodes = [
             stack.enter_context(
                 redis_server(
                     port=_cluster_port(),
-                    extra=("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{i}.conf"),
+                    extra=(
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        f"nodes-{i}.conf",
+                        "--cluster-node-timeout",
+                        str(node_timeout_ms),
+                        "--repl-diskless-sync-delay",
+                        "0",
+                    ),
                 )
             )
-            for i in range(size)
+            for i in range(size + int(replica_of_first))
         ]
         cli = shutil.which("redis-cli") or "redis-cli"
-        subprocess.run(
-            [
-                cli,
-                "--cluster",
-                "create",
-                *(f"127.0.0.1:{n.port}" for n in nodes),
-                "--cluster-replicas",
-                "0",
-                "--cluster-yes",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=30,
+
+        def run(*args: str) -> str:
+            done = subprocess.run([cli, *args], check=True, capture_output=True, text=True, timeout=30)
+            return done.stdout
+
+        run(
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{n.port}" for n in nodes[:size]),
+            "--cluster-replicas",
+            "0",
+            "--cluster-yes",
         )
-        deadline = time.monotonic() + 20
-        while True:
-            states = [
-                subprocess.run(
-                    [cli, "-p", str(n.port), "cluster", "info"], capture_output=True, text=True, timeout=5, check=False
-                ).stdout
-                for n in nodes
-            ]
-            if all("cluster_state:ok" in s for s in states):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError("redis cluster did not become ok")
-            time.sleep(0.1)
+        if replica_of_first:
+            master = run("-p", str(nodes[0].port), "cluster", "myid").strip()
+            run("-p", str(nodes[-1].port), "cluster", "meet", "127.0.0.1", str(nodes[0].port))
+            _wait_cluster(cli, nodes, lambda info, n: f"cluster_known_nodes:{len(nodes)}" in info)
+            run("-p", str(nodes[-1].port), "cluster", "replicate", master)
+            # a replica that has not synced yet would not take over
+            _wait_cluster(
+                cli,
+                nodes[-1:],
+                lambda info, n: "master_link_status:up" in run("-p", str(n.port), "info", "replication"),
+            )
+        _wait_cluster(cli, nodes, lambda info, n: "cluster_state:ok" in info)
         yield RedisCluster(nodes=nodes)
+
+
+def _wait_cluster(cli: str, nodes: Sequence[RedisServer], ok: Callable[[str, RedisServer], bool]) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        infos = [
+            subprocess.run(
+                [cli, "-p", str(n.port), "cluster", "info"], capture_output=True, text=True, timeout=5, check=False
+            ).stdout
+            for n in nodes
+        ]
+        if all(ok(info, n) for info, n in zip(infos, nodes, strict=True)):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError("redis cluster did not become ok")
+        time.sleep(0.05)
