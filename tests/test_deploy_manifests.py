@@ -811,9 +811,17 @@ SEED_POLICIES = {
 
 
 @pytest.mark.parametrize("readme", ["README.md", "deploy/README.md"])
-def test_install_removes_the_seed_guides_kuadrant_policies(readme: str) -> None:
+def test_install_removes_the_seed_guides_kuadrant_policies_by_file(readme: str) -> None:
     """The install never said to delete them: every request then passed Authorino and Limitador as well as
-    maas-authz (admin-issued keys refused, two rate limits), against one enforcement point per route."""
+    maas-authz (admin-issued keys refused, two rate limits), against one enforcement point per route. The files are
+    the ones the seed guide's step 5 applies."""
+    text = (ROOT / readme).read_text()
+    assert "kubectl delete -f 08-auth-policies-apikey.yaml -f 06-rate-limit-policies.yaml" in text, readme
+    assert "kubectl -n llm get authpolicy,ratelimitpolicy" in text, readme
+
+
+def test_install_removes_the_seed_guides_kuadrant_policies_by_name() -> None:
+    readme = "deploy/README.md"
     text = (ROOT / readme).read_text().replace("\\\n", " ")
     ours = {o["metadata"]["name"] for o in render("kuadrant") if o["apiVersion"].startswith("kuadrant.io/")}
     for kind, names in SEED_POLICIES.items():
