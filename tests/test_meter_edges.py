@@ -365,3 +365,17 @@ async def test_requests_that_would_go_unmetered_are_refused(redis_url: str, meth
     assert (got, body["error"]["code"]) == (404, "unsupported_endpoint")
     assert metrics[("maas_meter_rejected_total", (("reason", "unsupported_endpoint"),))] == 1
     assert "unsupported_endpoint" not in tokenize
+
+
+async def test_a_body_without_a_model_is_sent_naming_the_routed_one(redis_url: str) -> None:
+    """vLLM serves its own model to a body that names none: the meter names the routed model, so a request admitted
+    for another model and sent to this model's server (a route the check and the proxy saw differently) is refused
+    by the model server instead of served by it."""
+    unnamed = {"messages": CHAT, "max_tokens": 5}
+    async with running_stack(redis_url, sim=SimConfig(served=(MODEL,))) as stack:
+        headers = {**stack.headers(key_id="unnamed"), "content-type": "application/json"}
+        status, body = await post(stack.meter_url + "/v1/chat/completions", headers=headers, body=unnamed)
+        assert (status, body["model"]) == (200, MODEL)
+        elsewhere = {**stack.headers(key_id="elsewhere", model="granite-code"), "content-type": "application/json"}
+        status, body = await post(stack.meter_url + "/v1/chat/completions", headers=elsewhere, body=unnamed)
+        assert status == 404 and body["error"]["param"] == "model", body

@@ -272,7 +272,9 @@ def _begin(meter: Meter, request: Request, kind: Kind, identity: ident.Identity,
     # the bucket grants it in full (DESIGN §5: nothing is forwarded before the grant)
     reserving = _begin_reserve(meter, identity, parsed)
     expected = reserving.expected_max_tokens
-    body = req.upstream_body(raw, parsed, max_tokens=expected, inject_usage=parsed.can_inject_usage)
+    body = req.upstream_body(
+        raw, parsed, max_tokens=expected, inject_usage=parsed.can_inject_usage, model=_routed(config, identity)
+    )
     headers = request_headers(request.headers, metered=True)
     # on an idle connection the request goes upstream from Redis's reply callback if the grant is whole
     prepared = meter.upstream.prepare("POST", request.path_qs, headers=headers, body=body)
@@ -282,6 +284,13 @@ def _begin(meter: Meter, request: Request, kind: Kind, identity: ident.Identity,
             lambda: prepared.fire(lambda upstream: _relay_early(meter, request, begun, upstream))
         )
     return begun
+
+
+def _routed(config: MeterConfig, identity: ident.Identity) -> str | None:
+    """The model a body without one is sent naming (with ``--check-model``): the routed model, so vLLM serves or
+    refuses exactly that one (without it, vLLM serves whatever model it has: a request admitted for one model and
+    sent to another model's server passed the model check by naming none)."""
+    return identity.model or None if config.check_model else None
 
 
 def _streams(parsed: req.Parsed, upstream: h1.Response) -> bool:
@@ -337,7 +346,11 @@ async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stre
         raise
     if reservation.max_tokens != begun.expected:
         body = req.upstream_body(
-            begun.raw, parsed, max_tokens=reservation.max_tokens, inject_usage=parsed.can_inject_usage
+            begun.raw,
+            parsed,
+            max_tokens=reservation.max_tokens,
+            inject_usage=parsed.can_inject_usage,
+            model=_routed(meter.config, identity),
         )
         if prepared is not None:
             prepared.abandon()  # never sent: the grant was not whole
