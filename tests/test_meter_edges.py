@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -379,3 +380,44 @@ async def test_a_body_without_a_model_is_sent_naming_the_routed_one(redis_url: s
         elsewhere = {**stack.headers(key_id="elsewhere", model="granite-code"), "content-type": "application/json"}
         status, body = await post(stack.meter_url + "/v1/chat/completions", headers=elsewhere, body=unnamed)
         assert status == 404 and body["error"]["param"] == "model", body
+
+
+async def test_a_passthrough_body_is_bounded_like_a_metered_one(redis_url: str) -> None:
+    """``/tokenize`` passes unmetered: a body of any size had gone on to the model server's tokenizer."""
+    received: list[int] = []
+
+    async def count(request: web.Request) -> web.Response:
+        size = 0
+        async for data in request.content.iter_any():
+            size += len(data)
+        received.append(size)
+        return web.json_response({"size": size})
+
+    app = web.Application(client_max_size=1 << 30)
+    app.router.add_route("*", "/tokenize", count)
+    runner, url = await serve(app)
+    payload = b"x" * 20_000
+
+    async def chunks() -> Any:
+        for at in range(0, len(payload), 1000):
+            yield payload[at : at + 1000]
+
+    try:
+        async with (
+            running_stack(redis_url, upstream=url, max_body_bytes=8192) as stack,
+            aiohttp.ClientSession() as session,
+        ):
+            async with session.post(stack.meter_url + "/tokenize", data=payload) as resp:  # sized
+                sized = (resp.status, (await resp.json())["error"]["code"])
+            chunked: tuple[int, str] | None = None
+            with contextlib.suppress(aiohttp.ClientError):  # the meter may close before the upload ends
+                async with session.post(stack.meter_url + "/tokenize", data=chunks()) as resp:  # chunked
+                    chunked = (resp.status, (await resp.json())["error"]["code"])
+            async with session.post(stack.meter_url + "/tokenize", data=b"y" * 100) as resp:
+                small = await resp.json()
+    finally:
+        await runner.cleanup()
+    assert sized == (413, "request_too_large")
+    assert chunked in (None, (413, "request_too_large"))
+    assert small == {"size": 100}
+    assert all(size <= 8192 for size in received), received  # the chunked one never reached the upstream whole
