@@ -8,7 +8,8 @@ What Istio generates from the mesh config's ``extensionProviders[].envoyExtAuthz
 ``headersToDownstreamOnAllow``, and ``status_on_error`` from ``statusOnError``. Paths the policy leaves alone
 (health checks) have the filter disabled per route. HTTPRoute ``PathPrefix`` matches with a ``URLRewrite``
 ``ReplacePrefixMatch`` filter become Envoy routes with ``prefix_rewrite``. Paths are normalised as Istio's default
-``pathNormalization: BASE`` does (``normalize_path``: dot segments resolved before ext_authz and routing).
+``pathNormalization: BASE`` does (``normalize_path``: dot segments resolved before ext_authz and routing), and the
+Host's port is stripped before both (as ``maas authz`` ignores it; Istio lists each host as ``host`` and ``host:*``).
 
 The demo and the tests use this; ``deploy/istio/`` holds the same settings as Istio configuration.
 """
@@ -167,6 +168,11 @@ def render(gw: Gateway) -> dict[str, Any]:
                                         # Istio's default pathNormalization (BASE): RFC 3986 dot segments
                                         # resolved before ext_authz and routing see the path
                                         "normalize_path": True,
+                                        # maas authz drops the Host's port before matching (Istio's virtual
+                                        # hosts list `host` and `host:*`): without this, `Host: a.example:80`
+                                        # fell through to the `*` routes while the check had admitted it for
+                                        # a.example's model; stripped here, both see the same host
+                                        "strip_any_host_port": True,
                                         "route_config": {"name": "routes", "virtual_hosts": virtual_hosts},
                                         "http_filters": http_filters,
                                         **gw.extra,

@@ -201,10 +201,13 @@ def _unsupported_scheme(scheme: str, *, bare: bool) -> Denial:
 
 
 def _split_host(host: str) -> str:
+    """The host as Envoy matches it to a virtual host: lowercased, the port dropped (Istio's virtual hosts list
+    ``host`` and ``host:*``). A trailing dot stays: Envoy routes ``example.com.`` as another host (to the ``*``
+    routes), unless ``strip_trailing_host_dot`` strips it, and then before the check too; taken here for
+    ``example.com``, a request admitted for that host's model was routed by Envoy to another model."""
     if host.startswith("["):
         return host.split("]", 1)[0].lower() + "]"
-    name = host.rsplit(":", 1)[0].lower() if ":" in host else host.lower()
-    return name[:-1] if name.endswith(".") else name  # "example.com." is example.com (a fully qualified name)
+    return host.rsplit(":", 1)[0].lower() if ":" in host else host.lower()
 
 
 def admit(

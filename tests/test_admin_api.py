@@ -413,6 +413,26 @@ def test_token_file_comments_may_end_a_line(tmp_path: Path) -> None:
     assert book.check("Bearer abcdef0123456789abcdef", write=False).role is Role.READ_ONLY
 
 
+@pytest.mark.parametrize(
+    ("mode", "warned"),
+    [
+        pytest.param(0o644, True, id="world-readable"),
+        pytest.param(0o600, False, id="owner-only"),
+        pytest.param(0o440, False, id="group-readable"),  # the deploy manifests' defaultMode, with fsGroup
+    ],
+)
+def test_a_token_file_every_user_can_read_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: int, warned: bool
+) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("admin ops admin-token-0123456789abcdef\n")
+    path.chmod(mode)
+    with caplog.at_level(logging.WARNING, logger="maas.controlplane.admin"):
+        TokenBook(path=str(path), dev=False)
+    assert ("readable by every user" in caplog.text) is warned
+    assert "admin-token-0123456789abcdef" not in caplog.text
+
+
 async def test_token_file_is_reloaded(tmp_path: Path, redis_url: str) -> None:
     settings = admin_settings(tmp_path, redis_url)
     async with running(settings) as (_, api):

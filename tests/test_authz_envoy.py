@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from controlplane import envoy
+from gateway import contract
 from gateway.identity import H_KEY_ID, H_MODEL, H_SIGNATURE, H_TIER, H_USER, verify
 from gateway.store.redis import RedisStore
 from tests.conftest import PEPPER
@@ -20,6 +21,7 @@ from tests.support.stack import IDENTITY_SECRET, Envoy, authz_process, echo_proc
 pytestmark = [pytest.mark.redis, pytest.mark.envoy]
 
 PREFIX = "/ext-authz"
+GRANITE_HOST = "granite.maas.local"
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,11 @@ def stack(redis_session: RedisServer, tmp_path_factory: pytest.TempPathFactory) 
         store = RedisStore(redis_session.url, timeout=2.0)
         await store._client.flushall()
         await platform.seed(store, PEPPER)
+        # a host-named route beside the path-prefixed ones for any host
+        granite_host = contract.RouteRecord(
+            id=contract.route_id(GRANITE_HOST, "/"), host=GRANITE_HOST, prefix="/", model=platform.GRANITE
+        )
+        await store.apply([contract.put(granite_host)])
         await store.close()
 
     asyncio.run(prepare())
@@ -41,6 +48,7 @@ def stack(redis_session: RedisServer, tmp_path_factory: pytest.TempPathFactory) 
     ):
         clusters = [envoy.Cluster("echo", echo_port)]
         routes = [
+            envoy.Route("/", "echo", hosts=(GRANITE_HOST,)),
             envoy.Route("/qwen3", "echo", rewrite="/"),
             envoy.Route("/granite", "echo", rewrite="/v1"),
             envoy.Route("/mistral", "echo", rewrite="/"),
@@ -172,3 +180,25 @@ async def test_model_less_route_needs_only_a_key(stack: Envoy, http: aiohttp.Cli
 async def test_health_path_is_not_checked(stack: Envoy, http: aiohttp.ClientSession) -> None:
     async with http.get(stack.url + "/healthz") as resp:
         assert resp.status == 200
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        pytest.param(GRANITE_HOST, id="named"),
+        pytest.param(f"{GRANITE_HOST}.", id="trailing-dot"),
+        pytest.param(f"{GRANITE_HOST}:80", id="port"),
+        pytest.param(f"{GRANITE_HOST.upper()}.:80", id="dot-port-case"),
+    ],
+)
+async def test_a_request_goes_where_the_check_admitted_it(stack: Envoy, http: aiohttp.ClientSession, host: str) -> None:
+    """A key that may use only granite, at granite's named host, on a path that the routes for any host send to
+    qwen3: the check and Envoy must pick the same route (a trailing dot or a port had the check take granite's
+    route while Envoy sent the request on to qwen3)."""
+    auth = {"Authorization": f"APIKEY {platform.GRANITE_ONLY.plaintext}", "Host": host}
+    status, _, body = await _call(http, stack, "/qwen3/v1/chat/completions", auth)
+    if status == 200:  # admitted for granite's host: it must have been routed there (no rewrite: the path as sent)
+        assert body["path"] == "/qwen3/v1/chat/completions", body
+        assert body["headers"][H_MODEL] == platform.GRANITE
+    else:
+        assert (status, body["error"]["code"]) == (403, "model_not_allowed")

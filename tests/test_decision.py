@@ -498,9 +498,23 @@ def test_a_path_admitted_unrouted_still_takes_from_the_keys_limits() -> None:
     assert [op.dimension for op in outcome.ops] == ["requests", "tokens"]
 
 
-def test_model_denials_carry_their_tier_and_model_and_a_dotted_host_is_the_host() -> None:
+def test_model_denials_carry_their_tier_and_model() -> None:
     refused = check([("x-api-key", platform.GRANITE_ONLY.plaintext)])
     assert isinstance(refused, Denial) and refused.code == "model_not_allowed"
     assert (refused.tier, refused.model) == ("premium", platform.QWEN)  # the labels of its decision metric
-    absolute = check([("x-api-key", ADMIN)], path="/check/v1/chat/completions", host="QWEN3.maas.local.:443")
-    assert isinstance(absolute, Admission) and absolute.model == platform.QWEN
+
+
+@pytest.mark.parametrize(
+    ("host", "model"),
+    [
+        pytest.param("QWEN3.maas.local:443", platform.QWEN, id="case-and-port"),
+        pytest.param("[::1]:8080", platform.GRANITE, id="ipv6"),
+        # Envoy routes 'qwen3.maas.local.' to the '*' routes (the dot stays, without strip_trailing_host_dot): the
+        # check must pick the route Envoy sends the request to, not the one of qwen3.maas.local
+        pytest.param("qwen3.maas.local.", platform.GRANITE, id="trailing-dot-is-another-host"),
+        pytest.param("qwen3.maas.local.:443", platform.GRANITE, id="trailing-dot-and-port"),
+    ],
+)
+def test_the_host_is_matched_as_envoy_matches_it(host: str, model: str) -> None:
+    outcome = check([("x-api-key", ADMIN)], path="/check/granite/v1/chat/completions", host=host)
+    assert isinstance(outcome, Admission) and outcome.model == model

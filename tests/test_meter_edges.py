@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -365,3 +366,58 @@ async def test_requests_that_would_go_unmetered_are_refused(redis_url: str, meth
     assert (got, body["error"]["code"]) == (404, "unsupported_endpoint")
     assert metrics[("maas_meter_rejected_total", (("reason", "unsupported_endpoint"),))] == 1
     assert "unsupported_endpoint" not in tokenize
+
+
+async def test_a_body_without_a_model_is_sent_naming_the_routed_one(redis_url: str) -> None:
+    """vLLM serves its own model to a body that names none: the meter names the routed model, so a request admitted
+    for another model and sent to this model's server (a route the check and the proxy saw differently) is refused
+    by the model server instead of served by it."""
+    unnamed = {"messages": CHAT, "max_tokens": 5}
+    async with running_stack(redis_url, sim=SimConfig(served=(MODEL,))) as stack:
+        headers = {**stack.headers(key_id="unnamed"), "content-type": "application/json"}
+        status, body = await post(stack.meter_url + "/v1/chat/completions", headers=headers, body=unnamed)
+        assert (status, body["model"]) == (200, MODEL)
+        elsewhere = {**stack.headers(key_id="elsewhere", model="granite-code"), "content-type": "application/json"}
+        status, body = await post(stack.meter_url + "/v1/chat/completions", headers=elsewhere, body=unnamed)
+        assert status == 404 and body["error"]["param"] == "model", body
+
+
+async def test_a_passthrough_body_is_bounded_like_a_metered_one(redis_url: str) -> None:
+    """``/tokenize`` passes unmetered: a body of any size had gone on to the model server's tokenizer."""
+    received: list[int] = []
+
+    async def count(request: web.Request) -> web.Response:
+        size = 0
+        async for data in request.content.iter_any():
+            size += len(data)
+        received.append(size)
+        return web.json_response({"size": size})
+
+    app = web.Application(client_max_size=1 << 30)
+    app.router.add_route("*", "/tokenize", count)
+    runner, url = await serve(app)
+    payload = b"x" * 20_000
+
+    async def chunks() -> Any:
+        for at in range(0, len(payload), 1000):
+            yield payload[at : at + 1000]
+
+    try:
+        async with (
+            running_stack(redis_url, upstream=url, max_body_bytes=8192) as stack,
+            aiohttp.ClientSession() as session,
+        ):
+            async with session.post(stack.meter_url + "/tokenize", data=payload) as resp:  # sized
+                sized = (resp.status, (await resp.json())["error"]["code"])
+            chunked: tuple[int, str] | None = None
+            with contextlib.suppress(aiohttp.ClientError):  # the meter may close before the upload ends
+                async with session.post(stack.meter_url + "/tokenize", data=chunks()) as resp:  # chunked
+                    chunked = (resp.status, (await resp.json())["error"]["code"])
+            async with session.post(stack.meter_url + "/tokenize", data=b"y" * 100) as resp:
+                small = await resp.json()
+    finally:
+        await runner.cleanup()
+    assert sized == (413, "request_too_large")
+    assert chunked in (None, (413, "request_too_large"))
+    assert small == {"size": 100}
+    assert all(size <= 8192 for size in received), received  # the chunked one never reached the upstream whole

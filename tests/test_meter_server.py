@@ -222,6 +222,22 @@ async def test_malformed_requests_get_an_error_envelope_and_the_connection_close
     assert answers[1].headers["date"] == LATER
 
 
+@pytest.mark.parametrize(
+    ("target", "path", "origin"),
+    [
+        pytest.param("http://other.example:8080/v1/models?x=1", "/v1/models", "/v1/models?x=1", id="host-port-query"),
+        pytest.param("https://other.example", "/", "/", id="no-path"),
+        pytest.param("http://u@other.example/v1/a%20b", "/v1/a b", "/v1/a%20b", id="userinfo-escaped"),
+    ],
+)
+async def test_an_absolute_target_is_passed_on_in_origin_form(target: str, path: str, origin: str) -> None:
+    """A proxy's request form names a host: appended to the upstream's URL, it had made another URL altogether."""
+    async with running(echo) as server, connect(server) as client:
+        await client.send(post(target, b"x"))
+        answer = (await client.read(1))[0]
+    assert json.loads(answer.body) == {"method": "POST", "path": path, "target": origin, "size": 1}
+
+
 async def test_an_upgrade_header_is_ignored_and_the_request_answered_in_http_11() -> None:
     async with running(echo) as server, connect(server) as client:
         upgrade = post(

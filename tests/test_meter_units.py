@@ -115,6 +115,13 @@ def test_upstream_body_is_untouched_unless_the_meter_must_change_it() -> None:
     raw = b'{"model": "m", "messages": [], "max_tokens": 5}'
     parsed = req.parse(raw, kind="chat", estimator=EST, allow_unknown=False)
     assert req.upstream_body(raw, parsed, max_tokens=5, inject_usage=False) is raw
+    assert req.upstream_body(raw, parsed, max_tokens=5, inject_usage=False, model="routed") is raw  # it names one
+    unnamed = parse({"messages": [], "max_tokens": 5})
+    assert json.loads(req.upstream_body(b"", unnamed, max_tokens=5, inject_usage=False, model="routed")) == {
+        "messages": [],
+        "max_tokens": 5,
+        "model": "routed",
+    }
     clamped = json.loads(req.upstream_body(raw, parsed, max_tokens=3, inject_usage=False))
     assert clamped["max_tokens"] == 3
     newer = parse(

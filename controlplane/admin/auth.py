@@ -120,6 +120,12 @@ class TokenBook:
         self._signature = signature
         self._tokens = tokens
         log.info("admin tokens loaded", extra={"path": str(self._path), "tokens": len(tokens)})
+        if stat.st_mode & 0o007:
+            log.warning(
+                "admin token file %s is readable by every user of this host (mode %o): make it 0600 or 0440",
+                self._path,
+                stat.st_mode & 0o777,
+            )
 
     def maybe_reload(self, *, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now

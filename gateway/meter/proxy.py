@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 
 from multidict import CIMultiDict
@@ -272,7 +273,9 @@ def _begin(meter: Meter, request: Request, kind: Kind, identity: ident.Identity,
     # the bucket grants it in full (DESIGN §5: nothing is forwarded before the grant)
     reserving = _begin_reserve(meter, identity, parsed)
     expected = reserving.expected_max_tokens
-    body = req.upstream_body(raw, parsed, max_tokens=expected, inject_usage=parsed.can_inject_usage)
+    body = req.upstream_body(
+        raw, parsed, max_tokens=expected, inject_usage=parsed.can_inject_usage, model=_routed(config, identity)
+    )
     headers = request_headers(request.headers, metered=True)
     # on an idle connection the request goes upstream from Redis's reply callback if the grant is whole
     prepared = meter.upstream.prepare("POST", request.path_qs, headers=headers, body=body)
@@ -282,6 +285,32 @@ def _begin(meter: Meter, request: Request, kind: Kind, identity: ident.Identity,
             lambda: prepared.fire(lambda upstream: _relay_early(meter, request, begun, upstream))
         )
     return begun
+
+
+class _Bounded:
+    """A chunked body passed on, cut when it grows past ``limit`` bytes: the upstream request fails unfinished, and
+    ``over`` says why (aiohttp reports it as a broken connection)."""
+
+    def __init__(self, content: AsyncIterable[bytes], limit: int) -> None:
+        self._content = content
+        self._limit = limit
+        self.over = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        size = 0
+        async for data in self._content:
+            size += len(data)
+            if size > self._limit:
+                self.over = True
+                raise _too_large(self._limit)
+            yield data
+
+
+def _routed(config: MeterConfig, identity: ident.Identity) -> str | None:
+    """The model a body without one is sent naming (with ``--check-model``): the routed model, so vLLM serves or
+    refuses exactly that one (without it, vLLM serves whatever model it has: a request admitted for one model and
+    sent to another model's server passed the model check by naming none)."""
+    return identity.model or None if config.check_model else None
 
 
 def _streams(parsed: req.Parsed, upstream: h1.Response) -> bool:
@@ -337,7 +366,11 @@ async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stre
         raise
     if reservation.max_tokens != begun.expected:
         body = req.upstream_body(
-            begun.raw, parsed, max_tokens=reservation.max_tokens, inject_usage=parsed.can_inject_usage
+            begun.raw,
+            parsed,
+            max_tokens=reservation.max_tokens,
+            inject_usage=parsed.can_inject_usage,
+            model=_routed(meter.config, identity),
         )
         if prepared is not None:
             prepared.abandon()  # never sent: the grant was not whole
@@ -672,13 +705,26 @@ async def _broken_stream(
 
 
 async def passthrough(request: Request, meter: Meter) -> Reply | Stream:
-    """Any other request: streamed to the upstream and back unchanged (bounded by the same timeouts)."""
-    data = request.content if request.body_exists else None
+    """Any other request: streamed to the upstream and back unchanged (bounded by the same timeouts, its body by
+    ``--max-body-bytes``: ``/tokenize`` of a gigabyte prompt is unmetered tokenizer work on the model server)."""
+    limit = meter.config.max_body_bytes
+    data: AsyncIterable[bytes] | None = None
+    if request.body_exists:
+        length = request.content_length
+        if length is not None and length > limit:
+            refused = BodyTooLarge(f"request body of {length} bytes exceeds the limit of {limit} bytes")
+            meter.metrics.rejected(refused.code).inc()
+            return _error(refused)
+        data = request.content if length is not None else _Bounded(request.content, limit)
     try:
         upstream = await meter.upstream.open(
             request.method, request.path_qs, headers=request_headers(request.headers, metered=False), data=data
         )
     except MeterError as exc:
+        if isinstance(data, _Bounded) and data.over:
+            refused = _too_large(limit)
+            meter.metrics.rejected(refused.code).inc()
+            return _error(refused)
         return _error(exc)
     try:
         response = request.stream(

@@ -246,10 +246,15 @@ def wanted_completion(parsed: Parsed, *, default_max_tokens: int) -> int:
     return COMPLETIONS_DEFAULT_MAX_TOKENS if parsed.kind == "completion" else default_max_tokens
 
 
-def upstream_body(raw: bytes, parsed: Parsed, *, max_tokens: int | None, inject_usage: bool) -> bytes:
-    """The body to send upstream: ``raw`` unless the meter has to set ``max_tokens`` or ask for usage."""
+def upstream_body(
+    raw: bytes, parsed: Parsed, *, max_tokens: int | None, inject_usage: bool, model: str | None = None
+) -> bytes:
+    """The body to send upstream: ``raw`` unless the meter has to set ``max_tokens``, ask for usage, or name
+    ``model`` (the routed model, set when the body names none: vLLM would serve whatever model it has)."""
     body = parsed.body
     changes: dict[str, Any] = {}
+    if model and not parsed.model:
+        changes["model"] = model
     if max_tokens is not None and max_tokens != parsed.max_tokens:
         if parsed.kind == "chat" and body.get("max_completion_tokens") is not None:
             changes["max_completion_tokens"] = max_tokens

@@ -193,9 +193,17 @@ def _has_dot_segment(path: str) -> bool:
     return "." in path and any(segment in (".", "..") for segment in path.split("/"))
 
 
+def _origin_form(target: str) -> str:
+    """The target as the upstream is asked for it: absolute-form (``http://host/path?q``, as sent to proxies) becomes
+    ``/path?q``; the upstream is the meter's, never the host a client names (appended to the upstream's URL, an
+    absolute target had made ``http://vllmhttp://host/...``: a 500, or a connection to another host)."""
+    if target.startswith(("http://", "https://")):
+        parts = urlsplit(target)
+        return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return target
+
+
 def _path_of(target: str) -> str:
-    if target.startswith(("http://", "https://")):  # absolute-form, as sent to proxies
-        target = urlsplit(target).path or "/"
     return unquote(target.partition("?")[0])
 
 
@@ -420,6 +428,8 @@ class _Connection(asyncio.Protocol):
             # RFC 9112 6.1: the body's length cannot be determined; answer 400 and close
             raise _Abort(BAD_TRANSFER_ENCODING)
         target = self._url.decode("latin-1")
+        if target[0] != "/":
+            target = _origin_form(target)
         path = _path_of(target)
         if _has_dot_segment(path):
             # RFC 3986 5.2.4: resolved by the client, never sent; a path that only becomes a metered one once they
