@@ -49,14 +49,58 @@ def _default_deploy_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "deploy"
 
 
+def _port(text: str) -> int:
+    """A TCP port the user picks: a bad one is a usage error here, not an Envoy config dump later."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, not {port}")
+    return port
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, not {text}")
+    return value
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port", type=int, default=8000, help="Envoy gateway port (the guide's port-forward)")
-    parser.add_argument("--admin-port", type=int, default=8001, help="admin API port (maas controlplane)")
-    parser.add_argument("--host", default="127.0.0.1", help="address Envoy and the admin API listen on")
-    parser.add_argument("--deploy-dir", type=Path, default=None, help="deploy/ folder with the sample manifests")
-    parser.add_argument("--ttft-ms", type=float, default=30.0, help="simulated time to first token")
-    parser.add_argument("--tokens-per-second", type=float, default=200.0, help="simulated generation speed")
-    parser.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for every part")
+    parser.add_argument(
+        "--port", type=_port, default=8000, help="Envoy gateway port (the guide's port-forward; default %(default)s)"
+    )
+    parser.add_argument(
+        "--admin-port", type=_port, default=8001, help="admin API port (maas controlplane; default %(default)s)"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address Envoy and the admin API listen on (default %(default)s)"
+    )
+    parser.add_argument(
+        "--deploy-dir",
+        type=Path,
+        default=None,
+        help="deploy/ folder with the sample manifests (default: the one of this checkout)",
+    )
+    parser.add_argument(
+        "--ttft-ms",
+        type=_non_negative,
+        default=30.0,
+        help="simulated time to first token, milliseconds (default %(default)g)",
+    )
+    parser.add_argument(
+        "--tokens-per-second",
+        type=_non_negative,
+        default=200.0,
+        help="simulated tokens per second per stream (default %(default)g)",
+    )
+    parser.add_argument(
+        "--ready-timeout", type=_non_negative, default=60.0, help="seconds to wait for every part (default %(default)g)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (manifests, logs)")
     parser.add_argument(
         "--store",
@@ -482,6 +526,9 @@ def _taken(host: str, port: int) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    if args.port == args.admin_port:
+        print(f"maas demo: --port and --admin-port are both {args.port}; give them different ports", file=sys.stderr)
+        return 2
     envoy.envoy_binary()  # before anything starts: without Envoy (the 'demo' extra) say so, naming the extra
     for flag, port in (("--port", args.port), ("--admin-port", args.admin_port)):
         if _taken(args.host, port):

@@ -19,6 +19,9 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 DEFAULT_URL = "http://127.0.0.1:8700"
 TIMEOUT = 30.0
 KEY_COLUMNS = ("key_id", "user", "name", "tier", "status", "expires_at", "source")
@@ -34,6 +37,31 @@ UNSYNCED = {
     "writes that to Redis",
 }
 """What ``"synced": false`` means for each change (the write did not reach Redis within the API's write timeout)."""
+
+
+class KeysSettings(BaseSettings):
+    """The client's settings: the environment only (the token is never a flag); an empty variable is unset."""
+
+    model_config = SettingsConfigDict(env_prefix="MAAS_", env_ignore_empty=True, frozen=True)
+
+    admin_url: str = Field(DEFAULT_URL, description="admin API base URL")
+    admin_token: SecretStr = Field(SecretStr(""), description="admin API token")
+
+
+def _url_problem(base: str) -> str | None:
+    """What is wrong with the admin URL, without repeating it (user info would hold a password)."""
+    try:
+        parts = urllib.parse.urlsplit(base)
+        port = parts.port
+    except ValueError:  # an unclosed IPv6 bracket, a port that is not a number from 0 to 65535
+        return "the admin URL is malformed (an unclosed '[', or a port that is not a number from 1 to 65535)"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "the admin URL must look like http://host:8700"
+    if port == 0:
+        return "the admin URL's port must be a number from 1 to 65535"
+    if "@" in parts.netloc:
+        return "the admin URL must not hold user info (user:password@): the token goes in MAAS_ADMIN_TOKEN"
+    return None
 
 
 class ApiError(Exception):
@@ -224,15 +252,12 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"maas keys {args.action}: {problem}", file=sys.stderr)
         return 2
-    base = args.url or os.environ.get("MAAS_ADMIN_URL") or DEFAULT_URL
-    token = os.environ.get("MAAS_ADMIN_TOKEN", "")
-    try:
-        parts = urllib.parse.urlsplit(base)
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:  # an unclosed IPv6 bracket, say
-        valid = False
-    if not valid:
-        print(f"maas keys: the admin URL must look like http://host:8700, not {base!r}", file=sys.stderr)
+    settings = KeysSettings()
+    base = args.url or settings.admin_url
+    token = settings.admin_token.get_secret_value()
+    problem = _url_problem(base)
+    if problem is not None:
+        print(f"maas keys: {problem} (--url / MAAS_ADMIN_URL)", file=sys.stderr)
         return 2
     if not token:
         print("maas keys: set MAAS_ADMIN_TOKEN to an admin API token", file=sys.stderr)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import socket
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from controlplane.selectors import split_union
-from gateway.settings import CommonSettings, split_csv
+from gateway.settings import CommonSettings, check_secret, split_csv
 
 DEV_IDENTITY_SECRET = "maas-development-identity-secret"
 """Equal to ``maas authz --dev``'s identity secret, so the self-service API trusts the dev gateway."""
@@ -65,7 +65,9 @@ class ControlPlaneSettings(CommonSettings):
         10.0, gt=0, le=120, description="seconds an admin write waits for its record to reach Redis"
     )
     identity_secret: SecretStr | None = Field(
-        None, description="secret of maas authz's identity headers (self-service through the gateway); dev default"
+        None,
+        description="secret of maas authz's identity headers (self-service through the gateway; at least 16 "
+        "characters); dev default",
     )
 
     @field_validator("source")
@@ -81,6 +83,27 @@ class ControlPlaneSettings(CommonSettings):
         if not split_union(value):
             raise ValueError("at least one selector is required")
         return value
+
+    @model_validator(mode="after")
+    def _check_identity_secret(self) -> ControlPlaneSettings:
+        check_secret("identity_secret", self.identity_secret)
+        return self
+
+    @model_validator(mode="after")
+    def _check_election_timing(self) -> ControlPlaneSettings:
+        # as client-go: a leader must give up (renew deadline) before others may take over (lease duration), and
+        # must get more than one renewal attempt (retry period) within its deadline
+        if self.renew_deadline >= self.lease_duration:
+            raise ValueError(
+                f"--renew-deadline / MAAS_RENEW_DEADLINE ({self.renew_deadline:g}) must be less than "
+                f"--lease-duration / MAAS_LEASE_DURATION ({self.lease_duration:g})"
+            )
+        if self.retry_period >= self.renew_deadline:
+            raise ValueError(
+                f"--retry-period / MAAS_RETRY_PERIOD ({self.retry_period:g}) must be less than "
+                f"--renew-deadline / MAAS_RENEW_DEADLINE ({self.renew_deadline:g})"
+            )
+        return self
 
     @property
     def namespace_list(self) -> tuple[str, ...]:

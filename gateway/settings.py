@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar, get_args, get_origin
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway import contract
@@ -20,6 +23,54 @@ from gateway.errors import ConfigError
 log = logging.getLogger("maas.settings")
 
 S = TypeVar("S", bound=BaseSettings)
+
+MIN_SECRET_LENGTH = 16
+STORE_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "memory")
+_QUERY_SECRET = re.compile(r"(?i)([?&][a-z_]*(?:password|passwd|secret|token)=)[^&#]*")
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit for a log line or an error message: no user info, no password in the query."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        # up to the last '@' before the query: a password may hold '/' (unix:// puts the path right after the '@')
+        head, mark, query = rest.partition("?")
+        if "@" in head:
+            head = "***@" + head.rsplit("@", 1)[1]
+        url = f"{scheme}{sep}{head}{mark}{query}"
+    return _QUERY_SECRET.sub(r"\1***", url)
+
+
+def check_secret(name: str, value: SecretStr | None) -> None:
+    """A secret that is given must be long enough to be one (an empty variable is not "no secret")."""
+    if value is not None and len(value.get_secret_value()) < MIN_SECRET_LENGTH:
+        flag = name.replace("_", "-")
+        raise ValueError(f"--{flag} / MAAS_{name.upper()} must be at least {MIN_SECRET_LENGTH} characters")
+
+
+def _store_url_problem(value: str) -> str | None:
+    """What is wrong with a store URL, without repeating it (it may hold a password)."""
+    scheme, sep, _ = value.partition("://")
+    if not sep or scheme not in STORE_SCHEMES:
+        named = f"{scheme}://" if sep and scheme else "none"
+        return f"scheme must be one of {', '.join(s + '://' for s in STORE_SCHEMES)} (got {named})"
+    if scheme == "memory":
+        return None
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
+    except ValueError:
+        return "malformed URL: the port must be a number from 1 to 65535"
+    if scheme == "unix":
+        return None if parts.path else "unix:// needs the socket's path: unix:///run/redis/redis.sock"
+    if not parts.hostname:
+        return f"{scheme}:// needs a host: {scheme}://HOST:PORT/DB"
+    if parts.port == 0:
+        return "the port must be a number from 1 to 65535"
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        return "the path must be a database number: /0"
+    return None
 
 
 class CommonSettings(BaseSettings):
@@ -38,17 +89,33 @@ class CommonSettings(BaseSettings):
         description="HMAC pepper for API-key digests (shared by all processes, at least 16 characters); required "
         "unless --dev",
     )
-    dev: bool = Field(False, description="development mode: a fixed, loudly logged pepper and secrets")
+    dev: bool = Field(
+        False, description="development mode: a fixed, loudly logged pepper and secrets (refused with --key-pepper)"
+    )
     log_format: Literal["json", "text"] = Field("json", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     host: str = Field("0.0.0.0", description="address to listen on")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        problem = _store_url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _pepper_required(self) -> CommonSettings:
         if self.key_pepper is None and not self.dev:
             raise ValueError("key_pepper is required (set --key-pepper or MAAS_KEY_PEPPER), or run with --dev")
-        if self.key_pepper is not None and len(self.key_pepper.get_secret_value()) < 16:
-            raise ValueError("key_pepper must be at least 16 characters")
+        if self.key_pepper is not None and self.dev:
+            # --dev turns on public development secrets (the controlplane's admin token among them): with a real
+            # pepper that is a production process with a back door, so refuse rather than guess which was meant
+            raise ValueError(
+                "--dev / MAAS_DEV cannot be combined with --key-pepper / MAAS_KEY_PEPPER: development mode uses "
+                "fixed, public secrets; drop one of them"
+            )
+        check_secret("key_pepper", self.key_pepper)
         return self
 
     @property
@@ -61,9 +128,8 @@ class CommonSettings(BaseSettings):
         out: dict[str, Any] = {}
         for name, value in self.model_dump().items():
             out[name] = "**********" if isinstance(value, SecretStr) and value else value
-        if "://" in str(out.get("redis_url", "")) and "@" in str(out["redis_url"]):
-            scheme, rest = str(out["redis_url"]).split("://", 1)
-            out["redis_url"] = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+        if "redis_url" in out:
+            out["redis_url"] = redact_url(str(out["redis_url"]))
         return out
 
 
@@ -82,12 +148,23 @@ def _flag_type(annotation: Any) -> tuple[Any, list[Any] | None, bool]:
     return str, None, False
 
 
+def _help_default(value: Any) -> str:
+    """The default as ``--help`` shows it; none for a secret, a required setting or an empty one."""
+    if value is None or value is PydanticUndefined or value == "" or isinstance(value, SecretStr):
+        return ""
+    if isinstance(value, bool):
+        return ", default on" if value else ", default off"
+    if isinstance(value, tuple):
+        value = ",".join(map(str, value))
+    return f", default {value}"
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type[BaseSettings]) -> None:
     for name, field in cls.model_fields.items():
         flag = "--" + name.replace("_", "-")
         kind, choices, is_bool = _flag_type(field.annotation)
         env = f"MAAS_{name.upper()}"
-        help_text = f"{field.description or ''} [env {env}]"
+        help_text = f"{field.description or ''} [env {env}{_help_default(field.default)}]".replace("%", "%%")
         if is_bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -105,9 +182,10 @@ def load(cls: type[S], namespace: argparse.Namespace | None = None, **overrides:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "settings"
-            flag = f"--{where.replace('_', '-')} / MAAS_{where.upper()}" if where != "settings" else where
-            problems.append(f"{flag}: {err['msg']}")
+            where = ".".join(str(p) for p in err["loc"])
+            message = err["msg"].removeprefix("Value error, ")
+            # a check across settings names its flags in the message itself
+            problems.append(f"--{where.replace('_', '-')} / MAAS_{where.upper()}: {message}" if where else message)
         raise ConfigError("invalid settings: " + "; ".join(problems)) from exc
 
 

@@ -19,7 +19,9 @@ from gateway.store.memory import MemoryStore
 
 @contextlib.asynccontextmanager
 async def running(**values: object) -> AsyncIterator[AuthzSettings]:
-    settings = load(AuthzSettings, dev=True, port=free_port(), ops_port=free_port(), log_format="text", **values)
+    settings = load(
+        AuthzSettings, dev=True, key_pepper=None, port=free_port(), ops_port=free_port(), log_format="text", **values
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(serve(settings, stop=stop, store=MemoryStore()))
     try:

@@ -853,7 +853,7 @@ def test_sidecar_service_entry_points_into_the_pod() -> None:
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert int(env["MAAS_PORT"]) == entry["port"]
     # the check port is the local Envoy's only; the ops port serves the kubelet's probes and Prometheus
-    settings = AuthzSettings(dev=True, host=env["MAAS_HOST"], ops_host=env.get("MAAS_OPS_HOST", ""))
+    settings = AuthzSettings(dev=True, key_pepper=None, host=env["MAAS_HOST"], ops_host=env.get("MAAS_OPS_HOST", ""))
     assert settings.host == "127.0.0.1" and settings.ops_listen_host == "0.0.0.0"
     assert entry["port"] not in {p["containerPort"] for p in container["ports"]}
     kinds = {o["kind"] for o in objs if o["metadata"]["name"] == "maas-authz"}

@@ -64,10 +64,24 @@ async def test_keys_cli_round_trip(tmp_path: Path, redis_url: str) -> None:
         assert code == 1 and "HTTP 401" in err
 
 
-@pytest.mark.parametrize("url", ["maas-controlplane.maas-system.svc", "http://[::1", "ftp://host/", "http://"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "maas-controlplane.maas-system.svc",
+        "http://[::1",
+        "ftp://host/",
+        "http://",
+        "http://127.0.0.1:port/",
+        "http://127.0.0.1:99999",
+        "http://127.0.0.1:0",
+        "http://admin:pa55word-pa55word@127.0.0.1:8700",
+        "ftp://admin:pa55word-pa55word@127.0.0.1:8700",
+    ],
+)
 async def test_a_malformed_admin_url_is_bad_usage_not_a_traceback(url: str) -> None:
     code, out, err = await _keys(url, "list")
     assert code == 2 and "admin URL" in err and "Traceback" not in err, (code, out, err)
+    assert "MAAS_ADMIN_URL" in err and "pa55word" not in err and len(err.strip().splitlines()) == 1, err
 
 
 async def test_list_as_json_is_the_api_page(tmp_path: Path, redis_url: str) -> None:

@@ -288,8 +288,8 @@ def test_meter_settings_name_what_is_wrong() -> None:
     with pytest.raises(ConfigError, match="identity_secret is required"):
         load(MeterSettings, upstream="http://vllm:8080")
     with pytest.raises(ConfigError, match="http"):
-        load(MeterSettings, upstream="vllm:8080", dev=True)
-    assert load(MeterSettings, upstream="http://vllm:8080/", dev=True).upstream == "http://vllm:8080"
+        load(MeterSettings, upstream="vllm:8080", dev=True, key_pepper=None)
+    assert load(MeterSettings, upstream="http://vllm:8080/", dev=True, key_pepper=None).upstream == "http://vllm:8080"
 
 
 def test_sim_served_model_names_from_repeated_flags_or_a_comma_separated_variable(

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 
-from gateway.settings import CommonSettings
+from gateway.settings import CommonSettings, check_secret
 
 DEV_IDENTITY_SECRET = "maas-development-identity-secret"
 
@@ -20,7 +20,9 @@ class AuthzSettings(CommonSettings):
         "while probes and Prometheus reach the ops port",
     )
     identity_secret: SecretStr | None = Field(
-        None, description="HMAC secret signing the identity headers for maas meter; required unless --dev"
+        None,
+        description="HMAC secret signing the identity headers for maas meter (at least 16 characters); required "
+        "unless --dev",
     )
     path_prefix: str = Field("", description="Istio pathPrefix of the provider, stripped before routing")
     on_store_error: Literal["deny", "allow", "local"] = Field(
@@ -43,6 +45,7 @@ class AuthzSettings(CommonSettings):
     def _identity_secret_required(self) -> AuthzSettings:
         if self.identity_secret is None and not self.dev:
             raise ValueError("identity_secret is required (--identity-secret or MAAS_IDENTITY_SECRET), or --dev")
+        check_secret("identity_secret", self.identity_secret)
         if self.path_prefix and not self.path_prefix.startswith("/"):
             raise ValueError("path_prefix must start with '/'")
         return self

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from gateway.settings import CommonSettings
+from gateway.settings import CommonSettings, check_secret, split_csv
 
 log = logging.getLogger("maas.meter")
 
@@ -16,7 +16,11 @@ DEV_IDENTITY_SECRET = "maas-development-identity-secret"  # the same as maas aut
 
 
 class MeterSettings(CommonSettings):
-    upstream: str = Field(..., description="URL of the OpenAI-compatible server (vLLM), e.g. http://127.0.0.1:8080")
+    upstream: str = Field(
+        ...,
+        description="URL of the OpenAI-compatible server (vLLM), e.g. http://127.0.0.1:8080 (a path prefix may follow; "
+        "no user info, query or fragment)",
+    )
     port: int = Field(8600, ge=0, le=65535, description="port of the proxy")
     ops_port: int = Field(9600, ge=0, le=65535, description="port of /healthz, /readyz and /metrics")
     identity_secret: SecretStr | None = Field(
@@ -38,8 +42,8 @@ class MeterSettings(CommonSettings):
     passthrough_posts: str = Field(
         "/tokenize,/detokenize",
         description="paths besides the metered ones that take POST and the like, passed to the upstream unmetered "
-        "(comma-separated; others get 404: vLLM's /v1/responses, /invocations, /pooling or LoRA loading would "
-        "go unmetered or unguarded)",
+        "(comma-separated, each starting with /; others get 404: vLLM's /v1/responses, /invocations, /pooling or "
+        "LoRA loading would go unmetered or unguarded)",
     )
     clamp_max_tokens: bool = Field(True, description="lower max_tokens to what the key's token quota can still pay")
     default_max_tokens: int = Field(
@@ -78,10 +82,29 @@ class MeterSettings(CommonSettings):
     @field_validator("upstream")
     @classmethod
     def _url(cls, value: str) -> str:
-        parts = urlsplit(value)
+        # the messages never repeat the value: a URL with user info holds a password
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError:
+            raise ValueError("malformed URL: the port must be a number from 1 to 65535") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"upstream must be an http(s) URL, got {value!r}")
+            raise ValueError("must be an http(s) URL with a host, e.g. http://127.0.0.1:8080")
+        if port == 0:
+            raise ValueError("the port must be a number from 1 to 65535")
+        if "@" in parts.netloc:
+            raise ValueError("must not hold user info (user:password@): the meter sends no credentials upstream")
+        if parts.query or parts.fragment or value.endswith(("?", "#")):
+            raise ValueError("must not have a query or a fragment (a path prefix is fine: http://host:8080/base)")
         return value.rstrip("/")
+
+    @field_validator("passthrough_posts")
+    @classmethod
+    def _paths(cls, value: str) -> str:
+        # matched against the request path as is: an entry without its '/' (or a JSON list) would never match
+        if any(not path.startswith("/") for path in split_csv(value)):
+            raise ValueError("each path must start with '/' (comma-separated: /tokenize,/detokenize)")
+        return value
 
     @model_validator(mode="after")
     def _secret_required(self) -> MeterSettings:
@@ -90,8 +113,7 @@ class MeterSettings(CommonSettings):
                 "identity_secret is required (set --identity-secret or MAAS_IDENTITY_SECRET, shared with maas authz), "
                 "or run with --dev or --trust-identity-headers"
             )
-        if self.identity_secret is not None and len(self.identity_secret.get_secret_value()) < 16:
-            raise ValueError("identity_secret must be at least 16 characters")
+        check_secret("identity_secret", self.identity_secret)
         return self
 
     @property

@@ -55,7 +55,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         dest="served_model_name",
         action="append",
         default=None,
-        help="model name to serve, repeatable (default sim-model) [env MAAS_SERVED_MODEL_NAME, comma-separated]",
+        help="model name to serve, repeatable [env MAAS_SERVED_MODEL_NAME, comma-separated, default sim-model]",
     )
 
 

@@ -19,7 +19,8 @@ def open_store(url: str, *, timeout: float = 0.25) -> Store:
         from gateway.store.redis import RedisStore
 
         return RedisStore(url, timeout=timeout)
-    raise ConfigError(f"unsupported store url {url!r}: use {', '.join(('memory://', *REDIS_SCHEMES))}")
+    scheme = url.partition("://")[0] + "://" if "://" in url else "none"  # never the URL: it may hold a password
+    raise ConfigError(f"unsupported store url scheme {scheme}: use {', '.join(('memory://', *REDIS_SCHEMES))}")
 
 
 __all__ = ["Store", "Subscription", "UsageDelta", "UsageRow", "open_store"]

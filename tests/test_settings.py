@@ -1,0 +1,186 @@
+"""Settings are validated at start: a bad value is refused with a message naming the flag and the variable, and a
+secret never shows in that message or in the effective configuration that is logged."""
+
+from __future__ import annotations
+
+import pytest
+
+from controlplane.settings import ControlPlaneSettings
+from gateway import settings as common
+from gateway.authz.settings import AuthzSettings
+from gateway.errors import ConfigError
+from gateway.meter.settings import MeterSettings
+from gateway.settings import CommonSettings, load
+from gateway.store import open_store
+
+PEPPER = "p" * 16
+SECRET = "s" * 16
+PASSWORD = "hunter2-hunter2"
+SERVERS = [
+    pytest.param(AuthzSettings, {}, id="authz"),
+    pytest.param(MeterSettings, {"upstream": "http://127.0.0.1:8080"}, id="meter"),
+    pytest.param(ControlPlaneSettings, {}, id="controlplane"),
+]
+
+
+@pytest.mark.parametrize(("cls", "extra"), SERVERS)
+@pytest.mark.parametrize("secret", ["", "short"])
+def test_identity_secret_shorter_than_16_is_refused(
+    cls: type[CommonSettings], extra: dict[str, str], secret: str
+) -> None:
+    """An empty MAAS_IDENTITY_SECRET (a Secret key that is missing) would sign or accept identity headers with an
+    empty HMAC key, which anyone can forge."""
+    with pytest.raises(ConfigError, match="--identity-secret / MAAS_IDENTITY_SECRET must be at least 16"):
+        load(cls, key_pepper=PEPPER, identity_secret=secret, **extra)
+
+
+@pytest.mark.parametrize(("cls", "extra"), SERVERS)
+def test_dev_mode_with_a_real_pepper_is_refused(cls: type[CommonSettings], extra: dict[str, str]) -> None:
+    """--dev turns on public secrets (the control plane accepts a fixed admin token): a process given a production
+    pepper must not run that way by a left-over MAAS_DEV."""
+    with pytest.raises(ConfigError, match="--dev / MAAS_DEV cannot be combined with --key-pepper / MAAS_KEY_PEPPER"):
+        load(cls, dev=True, key_pepper=PEPPER, identity_secret=SECRET, **extra)
+    assert load(cls, dev=True, key_pepper=None, **extra).dev
+
+
+def test_a_short_pepper_names_its_flag() -> None:
+    with pytest.raises(ConfigError, match="--key-pepper / MAAS_KEY_PEPPER must be at least 16"):
+        load(AuthzSettings, key_pepper="short", identity_secret=SECRET)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        pytest.param(f"redis://u:{PASSWORD}@127.0.0.1:abc/0", "port", id="port-not-a-number"),
+        pytest.param(f"redis://u:{PASSWORD}@127.0.0.1:99999/0", "port", id="port-out-of-range"),
+        pytest.param(f"redis://u:{PASSWORD}@127.0.0.1:0/0", "port", id="port-zero"),
+        pytest.param(f"http://u:{PASSWORD}@127.0.0.1/0", "scheme must be one of", id="http"),
+        pytest.param(f"127.0.0.1:6379?password={PASSWORD}", "scheme must be one of", id="no-scheme"),
+        pytest.param("", "scheme must be one of", id="empty"),
+        pytest.param(f"redis://:{PASSWORD}@/0", "needs a host", id="no-host"),
+        pytest.param("unix://", "socket's path", id="unix-without-path"),
+        pytest.param("redis://127.0.0.1:6379/zero", "database number", id="db-not-a-number"),
+        pytest.param("redis+cluster://a:7000,b:7001", "port", id="cluster-two-hosts"),
+    ],
+)
+def test_bad_redis_url_is_refused_at_start_without_echoing_it(url: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match="--redis-url / MAAS_REDIS_URL") as caught:
+        load(AuthzSettings, key_pepper=PEPPER, identity_secret=SECRET, redis_url=url)
+    assert problem in str(caught.value)
+    assert PASSWORD not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "redis://redis",
+        f"redis://default:{PASSWORD}@redis.maas-system.svc:6379/2",
+        "rediss://redis:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/ssl/ca.pem",
+        "unix:///run/redis/redis.sock?db=0",
+        f"unix://:{PASSWORD}@/run/redis/redis.sock",
+        "redis+cluster://redis-0.redis:7000",
+        "rediss+cluster://[::1]:7000/0",
+        "memory://",
+    ],
+)
+def test_store_urls_of_every_scheme_are_accepted(url: str) -> None:
+    assert load(AuthzSettings, key_pepper=PEPPER, identity_secret=SECRET, redis_url=url).redis_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        pytest.param(f"redis://u:{PASSWORD}@h:6379/0", "redis://***@h:6379/0", id="userinfo"),
+        pytest.param(f"redis://h:6379/0?password={PASSWORD}&db=1", "redis://h:6379/0?password=***&db=1", id="query"),
+        pytest.param(f"unix://:{PASSWORD}@/run/r.sock?db=2", "unix://***@/run/r.sock?db=2", id="unix"),
+        pytest.param("rediss://h/0?ssl_cert_reqs=none", "rediss://h/0?ssl_cert_reqs=none", id="nothing-secret"),
+    ],
+)
+def test_logged_configuration_hides_redis_passwords(url: str, shown: str) -> None:
+    settings = load(AuthzSettings, key_pepper=PEPPER, identity_secret=SECRET, redis_url=url)
+    logged = settings.redacted()
+    assert logged["redis_url"] == shown == common.redact_url(url)
+    assert PASSWORD not in repr(logged) and PEPPER not in repr(logged) and SECRET not in repr(logged)
+
+
+def test_unsupported_store_url_error_does_not_echo_the_url() -> None:
+    with pytest.raises(ConfigError, match="scheme http://") as caught:
+        open_store(f"http://u:{PASSWORD}@127.0.0.1/0")
+    assert PASSWORD not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        pytest.param(f"http://u:{PASSWORD}@vllm:abc", "port", id="port-not-a-number"),
+        pytest.param("http://vllm:0", "port", id="port-zero"),
+        pytest.param(f"http://u:{PASSWORD}@vllm:8080", "user info", id="userinfo"),
+        pytest.param(f"ftp://u:{PASSWORD}@vllm", "http(s) URL", id="ftp"),
+        pytest.param("http://vllm:8080/?x=1", "query", id="query"),
+        pytest.param("http://vllm:8080#top", "fragment", id="fragment"),
+    ],
+)
+def test_bad_upstream_is_refused_without_echoing_it(url: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match="--upstream / MAAS_UPSTREAM") as caught:
+        load(MeterSettings, upstream=url, key_pepper=PEPPER, identity_secret=SECRET)
+    assert problem in str(caught.value)
+    assert PASSWORD not in str(caught.value)
+
+
+def test_upstream_with_a_path_prefix_is_kept() -> None:
+    settings = load(MeterSettings, upstream="https://vllm:8443/base/", key_pepper=PEPPER, identity_secret=SECRET)
+    assert settings.upstream == "https://vllm:8443/base"
+
+
+@pytest.mark.parametrize("value", ["tokenize", '["/tokenize","/detokenize"]', "/tokenize,detokenize"])
+def test_passthrough_posts_must_be_paths(value: str) -> None:
+    """A path without its '/' (or a JSON list) would never match a request: refused rather than ignored."""
+    with pytest.raises(ConfigError, match=r"--passthrough-posts / MAAS_PASSTHROUGH_POSTS: .*start with '/'"):
+        load(MeterSettings, upstream="http://vllm", passthrough_posts=value, key_pepper=PEPPER, identity_secret=SECRET)
+    settings = load(
+        MeterSettings, upstream="http://vllm", passthrough_posts=" /tokenize, /pooling ,", dev=True, key_pepper=None
+    )
+    assert settings.passthrough_posts == " /tokenize, /pooling ,"
+
+
+def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAAS_PORT", "27005")
+    monkeypatch.setenv("MAAS_ON_STORE_ERROR", "allow")
+    settings = load(AuthzSettings, key_pepper=PEPPER, identity_secret=SECRET, port=27006)
+    assert settings.port == 27006 and settings.on_store_error == "allow"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("0", False), ("false", False), ("no", False), ("off", False), ("1", True), ("true", True), ("yes", True)],
+)
+def test_switch_variables(monkeypatch: pytest.MonkeyPatch, value: str, expected: bool) -> None:
+    monkeypatch.setenv("MAAS_ALLOW_UNROUTED", value)
+    assert load(AuthzSettings, key_pepper=PEPPER, identity_secret=SECRET).allow_unrouted is expected
+
+
+@pytest.mark.parametrize("value", ["", "maybe"])
+def test_switch_variable_that_is_no_boolean_is_refused(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("MAAS_ALLOW_UNROUTED", value)
+    with pytest.raises(ConfigError, match="--allow-unrouted / MAAS_ALLOW_UNROUTED: Input should be a valid boolean"):
+        load(AuthzSettings, key_pepper=PEPPER, identity_secret=SECRET)
+
+
+@pytest.mark.parametrize(
+    ("timing", "named"),
+    [
+        pytest.param(
+            {"lease_duration": 5.0}, "--renew-deadline / MAAS_RENEW_DEADLINE (10) must be less than", id="deadline"
+        ),
+        pytest.param({"renew_deadline": 15.0}, "--lease-duration / MAAS_LEASE_DURATION (15)", id="deadline-equal"),
+        pytest.param({"retry_period": 10.0}, "--retry-period / MAAS_RETRY_PERIOD (10) must be less than", id="retry"),
+    ],
+)
+def test_leader_election_timing_that_cannot_work_is_refused(timing: dict[str, float], named: str) -> None:
+    """Such timing was clamped in silence (a deadline equal to the lease leaves no margin before another replica
+    may take over; a retry period past the deadline makes the leader drop out between renewals)."""
+    with pytest.raises(ConfigError) as caught:
+        load(ControlPlaneSettings, key_pepper=PEPPER, **timing)
+    assert named in str(caught.value)
+    assert load(ControlPlaneSettings, key_pepper=PEPPER, lease_duration=2.0, renew_deadline=1.5, retry_period=0.2)
