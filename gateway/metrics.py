@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -31,14 +32,52 @@ LATENCY_BUCKETS = (
 OTHER_KEY = "_other"
 OVERFLOW_MEMO = 100_000
 """Label sets of over-the-cap keys remembered, so their requests skip the cap check (a few MB at most)."""
+KEY_IDLE_SECONDS = 600.0
+"""A key's series is dropped, once the cap is full and a new key comes, after it has not moved for this long (at
+least two scrapes of any usual interval): revoked, deleted and rotated keys used to hold their places under the cap
+for the life of the process, so after enough key churn every new key was counted under ``_other`` only."""
+
+
+def child_value(child: Any) -> float:
+    """The value of a counter child: a ``Cell``'s, or a prometheus_client child's."""
+    return float(child.value) if isinstance(child, Cell) else float(child._value.get())
+
+
+class IdleKeys:
+    """Finds the keys whose series have not moved between two looks at least ``idle`` seconds apart. Nothing runs
+    per request: ``look`` is called only when the cap is full and a key without a series of its own comes, and
+    does its work at most once per ``idle`` seconds (a pass over the capped series, no more than ``cap`` keys)."""
+
+    def __init__(self, *, idle: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._idle = idle
+        self._clock = clock
+        self._last = clock()
+        self._seen: dict[str, float] = {}
+
+    def look(self, totals: Callable[[], Iterable[tuple[str, float]]]) -> list[str]:
+        """The keys whose total is what it was at the last look (none on the first look, or within ``idle``)."""
+        now = self._clock()
+        if now - self._last < self._idle:
+            return []
+        self._last = now
+        seen, self._seen = self._seen, {}
+        idle: list[str] = []
+        for key, total in totals():
+            if seen.get(key) == total:
+                idle.append(key)
+            else:
+                self._seen[key] = total
+        return idle
 
 
 class CappedChildren:
     """Label children of ``metric`` (labels: ``key_id``, then ``identity`` labels such as user and tier, then
     bounded labels such as model), bound once per label set. At most ``cap`` distinct key ids get series of their
-    own; the rest share the ``key_id="_other"`` series, whose identity labels are empty."""
+    own; the rest share the ``key_id="_other"`` series, whose identity labels are empty. When the cap is full, the
+    series of keys idle for ``KEY_IDLE_SECONDS`` are dropped to make room (``on_evict`` is told, so that whoever
+    holds children bound earlier binds them again)."""
 
-    def __init__(self, metric: Any, *, cap: int, identity: int) -> None:
+    def __init__(self, metric: Any, *, cap: int, identity: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._metric = metric
         self._cap = cap
         self._identity = identity
@@ -47,6 +86,8 @@ class CappedChildren:
         self._keys: set[str] = set()
         self._overflow: dict[tuple[str, ...], Any] = {}
         """Label sets of keys past the cap, mapped to their ``_other`` child (bounded; rebuilt when full)."""
+        self._idle = IdleKeys(idle=KEY_IDLE_SECONDS, clock=clock)
+        self.on_evict: Callable[[], None] | None = None
 
     def get(self, key_id: str, *labels: str) -> Any:
         full = (key_id, *labels)
@@ -54,7 +95,7 @@ class CappedChildren:
         if child is not None:
             return child
         if key_id not in self._keys:
-            if len(self._keys) >= self._cap:
+            if len(self._keys) >= self._cap and not self._evict_idle():
                 other = (OTHER_KEY, *self._blank, *labels[self._identity :])
                 child = self._children.get(other)
                 if child is None:
@@ -66,6 +107,28 @@ class CappedChildren:
             self._keys.add(key_id)
         child = self._children[full] = self._metric.labels(*full)
         return child
+
+    def _evict_idle(self) -> bool:
+        """Drop the series of idle keys; True when that made room."""
+        idle = self._idle.look(self._totals)
+        if not idle:
+            return False
+        gone = set(idle)
+        for labels in [labels for labels in self._children if labels[0] in gone]:
+            del self._children[labels]
+            self._metric.remove(*labels)
+        self._keys -= gone
+        self._overflow.clear()  # keys sent to _other may have a series of their own now
+        if self.on_evict is not None:
+            self.on_evict()
+        return len(self._keys) < self._cap
+
+    def _totals(self) -> Iterator[tuple[str, float]]:
+        totals: dict[str, float] = dict.fromkeys(self._keys, 0.0)
+        for labels, child in self._children.items():
+            if labels[0] in totals:
+                totals[labels[0]] += child_value(child)
+        return iter(totals.items())
 
 
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:
@@ -101,6 +164,9 @@ class LoopCounter(Collector):
                 raise ValueError(f"{self._name} takes labels {self._labelnames}, got {values}")
             cell = self._cells[values] = Cell()
         return cell
+
+    def remove(self, *values: str) -> None:
+        self._cells.pop(values, None)
 
     def describe(self) -> Iterator[Metric]:
         yield CounterMetricFamily(self._name, self._doc, labels=self._labelnames)

@@ -27,9 +27,9 @@ class _Deny:
 
 
 @contextlib.asynccontextmanager
-async def _denying_server() -> AsyncIterator[tuple[CheckServer, int]]:
+async def _denying_server(**options: Any) -> AsyncIterator[tuple[CheckServer, int]]:
     """A check port whose every check is a 401, on a free port: (server, port)."""
-    server = CheckServer(cast(Checker, _Deny()), max_header_bytes=65536)
+    server = CheckServer(cast(Checker, _Deny()), max_header_bytes=65536, **options)
     await server.start(host="127.0.0.1", port=0)
     try:
         assert server._server is not None
@@ -111,5 +111,52 @@ async def test_an_upgrade_header_is_ignored_and_an_http_10_keep_alive_is_said() 
             writer.write(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")  # the connection is still open for more
             async with asyncio.timeout(5):
                 assert await reader.readexactly(len(answer)) == answer
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "then"),
+    [
+        pytest.param(b"GET /a HTTP/1.1\r\nHost: x\r\n", b"X-Pad: y\r\n" * 5_000, id="headers-trickled"),
+        pytest.param(b"POST /a HTTP/1.1\r\nContent-Length: 100000\r\n\r\n", b"a" * 100_000, id="body-trickled"),
+        pytest.param(b"G", b"", id="request-line-unfinished"),
+    ],
+)
+async def test_a_request_that_never_completes_is_answered_408_and_closed(head: bytes, then: bytes) -> None:
+    """A client trickling its headers (or body) a byte at a time held its connection, parser and descriptor for
+    ever: the check port had no timeout at all."""
+    async with _denying_server(stall_seconds=0.2) as (server, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def trickle() -> None:
+            with contextlib.suppress(ConnectionError):
+                writer.write(head)
+                for byte in then:
+                    await asyncio.sleep(0.01)
+                    writer.write(bytes([byte]))
+
+        sender = asyncio.create_task(trickle())
+        try:
+            async with asyncio.timeout(5):
+                answer = await reader.read()  # until the server closes
+        finally:
+            sender.cancel()
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+        await eventually(lambda: not list(server._connections), within=5)
+
+
+async def test_an_idle_keep_alive_connection_outlives_the_stall_sweeps() -> None:
+    """Envoy keeps its connections to the check port open between checks: only requests in progress are timed."""
+    async with _denying_server(stall_seconds=0.1) as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        answer = encode(_Deny().begin(), keep_alive=True)
+        try:
+            for _ in range(3):
+                writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+                async with asyncio.timeout(5):
+                    assert await reader.readexactly(len(answer)) == answer
+                await asyncio.sleep(0.3)  # several sweeps pass while it is idle
         finally:
             writer.close()

@@ -331,6 +331,47 @@ async def test_an_idle_keep_alive_connection_is_closed() -> None:
         assert await client.wait_closed()
 
 
+async def test_headers_trickled_a_byte_at_a_time_do_not_hold_the_connection() -> None:
+    """A slowloris client keeps every read short of a whole head: the idle timer must still close it."""
+    async with running(echo, keepalive_timeout=0.2) as server, connect(server) as client:
+        head = b"GET /v1/models HTTP/1.1\r\n" + b"x-pad: y\r\n" * 10_000
+
+        async def trickle() -> None:
+            with contextlib.suppress(ConnectionError):
+                for byte in head:
+                    await client.send(bytes([byte]))
+                    await asyncio.sleep(0.01)
+
+        sender = asyncio.create_task(trickle())
+        try:
+            answers = await client.read(1)
+            assert client.closed or await client.wait_closed()
+        finally:
+            sender.cancel()
+        assert [a.status for a in answers] == [408]
+        assert json.loads(answers[0].body)["error"]["code"] == "request_timeout"
+        assert not server.connections
+
+
+async def test_a_request_body_that_stops_arriving_gets_408_and_the_connection_closes() -> None:
+    async with running(echo, body_timeout=0.2) as server, connect(server) as client:
+        await client.send(post("/v1/chat/completions", b'{"model":', length=100))
+        answers = await client.read(1)
+        assert client.closed or await client.wait_closed()
+        assert [a.status for a in answers] == [408]
+        assert not server.connections
+
+
+async def test_a_slow_body_that_keeps_arriving_is_read_whole() -> None:
+    async with running(echo, body_timeout=0.5) as server, connect(server) as client:
+        await client.send(post("/slow", b"", length=6))
+        for byte in b"abcdef":
+            await asyncio.sleep(0.05)
+            await client.send(bytes([byte]))
+        answers = await client.read(1)
+        assert answers[0].status == 200 and json.loads(answers[0].body)["size"] == 6
+
+
 async def test_shutdown_lets_a_request_in_flight_finish_and_closes_idle_connections() -> None:
     release = asyncio.Event()
 

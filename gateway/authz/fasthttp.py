@@ -31,6 +31,11 @@ log = logging.getLogger("maas.authz.http")
 MAX_BODY_BYTES = 1 << 20
 MAX_QUEUED = 128
 """Pipelined requests answered in order; past this many outstanding ones the connection stops reading."""
+STALL_SECONDS = 30.0
+"""A request begun and not complete for this long (checked every half of it) is answered 408 and its connection
+closed: Envoy sends a check in one write, and a client trickling its headers or never finishing a body held the
+connection, its parser and a file descriptor for ever. Idle keep-alive connections are left alone (Envoy's pool
+keeps them; closing one as Envoy sends on it would fail that check)."""
 
 _WANTED = {
     spelling: name
@@ -89,6 +94,7 @@ def _error(status: int, code: str, message: str) -> bytes:
 BAD_REQUEST = _error(400, "bad_request", "Malformed HTTP request.")
 TOO_LARGE = _error(431, "request_header_too_large", "Request headers are too large.")
 BODY_TOO_LARGE = _error(413, "request_too_large", "The check request body is too large.")
+STALLED = _error(408, "request_timeout", "The check request did not arrive in time.")
 
 
 class CheckProtocol(asyncio.Protocol):
@@ -103,6 +109,8 @@ class CheckProtocol(asyncio.Protocol):
         """The client reads its answers slower than it pipelines requests: reading stops until it catches up
         (answered requests had piled up in the write buffer without bound, a gigabyte from one connection)."""
         self._started = 0.0
+        self._pending = False
+        """Bytes of a request not yet complete were received (set per read, cleared per request)."""
         self._reset()
 
     def _reset(self) -> None:
@@ -135,6 +143,7 @@ class CheckProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._started = time.perf_counter()  # the checks this read completes are timed from its arrival
+        self._pending = True
         failure = feed(self, data)
         if failure is not None:
             self._fail(failure.response if isinstance(failure, _Abort) else BAD_REQUEST)
@@ -168,6 +177,7 @@ class CheckProtocol(asyncio.Protocol):
             raise _Abort(BODY_TOO_LARGE)
 
     def on_message_complete(self) -> None:
+        self._pending = False
         keep_alive: bool | int = self._parser.should_keep_alive()
         if keep_alive and self._parser.get_http_version() == "1.0":
             keep_alive = KEEP_ALIVE_10
@@ -236,6 +246,19 @@ class CheckProtocol(asyncio.Protocol):
             self._transport.close()
             self._transport = None
 
+    @property
+    def partial(self) -> object | None:
+        """A token of the request being received (the same until it completes), or None between requests."""
+        return self._headers if self._pending or self._size else None
+
+    def stalled(self) -> None:
+        """The request being received did not complete in time: answered 408 (after those owed), then closed."""
+        self._pending = False
+        if self._transport is not None and not self._paused:
+            self._paused = True  # nothing more is read from it
+            self._transport.pause_reading()
+        self._fail(STALLED)
+
     def _fail(self, response: bytes) -> None:
         """Answer a request we cannot parse (after the ones before it) and close the connection."""
         slot = _Slot()
@@ -265,11 +288,29 @@ class _Abort(Exception):
 class CheckServer:
     """The listening socket and its open connections (Envoy keeps them open: shutdown closes them)."""
 
-    def __init__(self, checker: Checker, *, max_header_bytes: int) -> None:
+    def __init__(self, checker: Checker, *, max_header_bytes: int, stall_seconds: float = STALL_SECONDS) -> None:
         self._checker = checker
         self._max_header = max_header_bytes
         self._connections: weakref.WeakSet[CheckProtocol] = weakref.WeakSet()
         self._server: asyncio.Server | None = None
+        self._stall = stall_seconds
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._suspects: weakref.WeakKeyDictionary[CheckProtocol, object] = weakref.WeakKeyDictionary()
+
+    def _sweep(self) -> None:
+        """Close the connections whose request was already in progress, the same request, at the last sweep: one
+        timer for the server, nothing per request."""
+        suspects: weakref.WeakKeyDictionary[CheckProtocol, object] = weakref.WeakKeyDictionary()
+        for protocol in list(self._connections):
+            partial = protocol.partial
+            if partial is None:
+                continue
+            if self._suspects.get(protocol) is partial:
+                protocol.stalled()
+            else:
+                suspects[protocol] = partial
+        self._suspects = suspects
+        self._sweeper = asyncio.get_running_loop().call_later(self._stall / 2, self._sweep)
 
     def _protocol(self) -> CheckProtocol:
         protocol = CheckProtocol(self._checker, max_header_bytes=self._max_header)
@@ -279,8 +320,12 @@ class CheckServer:
     async def start(self, *, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._protocol, host=host, port=port, reuse_port=True, backlog=1024)
+        self._sweeper = loop.call_later(self._stall / 2, self._sweep)
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._suspects.clear()
         if self._server is not None:
             self._server.close()
         for protocol in list(self._connections):

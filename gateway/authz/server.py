@@ -114,6 +114,8 @@ class Checker:
         self._follower = follower
         self._policy = policy
         self._metrics = metrics
+        # memoised admissions hold their key's metric cells: when an idle key's series is dropped, they are bound anew
+        metrics.key_requests.on_evict = policy.cache.admissions.clear
         self._on_store_error = on_store_error
         self._batcher = BucketBatcher(store, max_inflight=max_inflight, on_batch=metrics.batch_size.observe)
         self._local = MemoryStore()

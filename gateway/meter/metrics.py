@@ -3,12 +3,14 @@ start, per-key and per-model children on first use into bounded caches (overflow
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway.meter.quota import Outcome
+from gateway.metrics import KEY_IDLE_SECONDS, IdleKeys, child_value
 
 OTHER = "_other"
 UNKNOWN = "_unknown"
@@ -46,6 +48,12 @@ class BoundedChildren(Generic[K, C]):
     def __len__(self) -> int:
         return len(self._children)
 
+    def items(self) -> list[tuple[K, C]]:
+        return list(self._children.items())
+
+    def drop(self, key: K) -> None:
+        self._children.pop(key, None)
+
 
 class TokenChildren:
     __slots__ = ("completion", "prompt")
@@ -78,7 +86,7 @@ class ModelChildren:
 
 
 class MeterMetrics:
-    def __init__(self, *, max_keys: int, max_models: int = 64) -> None:
+    def __init__(self, *, max_keys: int, max_models: int = 64, clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = r = CollectorRegistry()
         self.tokens = Counter(
             "maas_tokens",
@@ -131,6 +139,7 @@ class MeterMetrics:
         )
         self._key_ids: set[str] = set()
         self._max_keys = max_keys
+        self._idle_keys = IdleKeys(idle=KEY_IDLE_SECONDS, clock=clock)
         self.models = BoundedChildren[tuple[str, str], ModelChildren](
             lambda k: ModelChildren(self, k[0], k[1]), cap=max_models * 3, overflow=(OTHER, OTHER)
         )
@@ -143,9 +152,30 @@ class MeterMetrics:
         return child
 
     def key(self, *, key_id: str, user: str, tier: str, model: str) -> TokenChildren:
-        """The token counters of one key and model; at most ``max_keys`` distinct keys get their own series."""
+        """The token counters of one key and model; at most ``max_keys`` distinct keys get their own series (when
+        they are all taken, those of keys idle for ``KEY_IDLE_SECONDS`` are dropped to make room)."""
         if key_id not in self._key_ids:
-            if len(self._key_ids) >= self._max_keys:
+            if len(self._key_ids) >= self._max_keys and not self._evict_idle():
                 return self.keys.get((OTHER, OTHER, OTHER, model))
             self._key_ids.add(key_id)
         return self.keys.get((key_id, user, tier, model))
+
+    def _evict_idle(self) -> bool:
+        """Drop the series of idle keys; True when that made room."""
+        gone = set(self._idle_keys.look(self._totals))
+        if not gone:
+            return False
+        for labels, _ in self.keys.items():
+            if labels[0] in gone:
+                self.keys.drop(labels)
+                self.tokens.remove(*labels, "prompt")
+                self.tokens.remove(*labels, "completion")
+        self._key_ids -= gone
+        return len(self._key_ids) < self._max_keys
+
+    def _totals(self) -> Iterator[tuple[str, float]]:
+        totals: dict[str, float] = dict.fromkeys(self._key_ids, 0.0)
+        for labels, children in self.keys.items():
+            if labels[0] in totals:
+                totals[labels[0]] += child_value(children.prompt) + child_value(children.completion)
+        return iter(totals.items())

@@ -19,6 +19,7 @@ from multidict import CIMultiDict
 from gateway import identity as ident
 from gateway.contract import format_duration
 from gateway.errors import StoreError
+from gateway.logs import RateLimitedLog
 from gateway.meter import h1, quota
 from gateway.meter import request as req
 from gateway.meter.accounting import Exchange, UsageBacklog, settle
@@ -47,6 +48,7 @@ from gateway.meter.upstream import Upstream, request_headers, response_headers
 from gateway.store import Store
 
 log = logging.getLogger("maas.meter")
+_warn = RateLimitedLog(log)
 
 H_MAX_TOKENS = "x-maas-max-tokens"
 H_CLAMPED = "x-maas-max-tokens-clamped"
@@ -215,7 +217,7 @@ async def _reserve(meter: Meter, reserving: quota.Reserving, key_id: str) -> Res
         meter.metrics.store_errors["reserve"].inc()
         if config.deny_on_store_error:
             raise StoreUnavailable(f"token quota store unavailable: {exc}") from exc
-        log.warning("token reservation skipped, store failed: %s", exc)
+        _warn.warning("token reservation skipped, store failed: %s", exc)  # once per request while Redis is down
         return quota.unlimited(key_id, outcome=Outcome.STORE_ERROR)
 
 

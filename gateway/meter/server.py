@@ -18,8 +18,11 @@ What it speaks:
   HTTP/1.1; a handler that fails gets a 500 envelope (or, mid-stream, the connection closed);
 - a client that stops sending (FIN) is taken as gone: the connection closes at once, so a stream in progress is
   charged for what was sent;
-- an idle keep-alive connection closes after ``keepalive_timeout`` seconds; ``shutdown`` stops listening, closes
-  idle connections and gives requests in flight a grace period.
+- an idle keep-alive connection closes after ``keepalive_timeout`` seconds, and so does one whose request headers
+  have not all arrived by then (counted from the connection's start or its last response: headers trickled a byte
+  at a time must not hold a connection for ever); a request body that stops arriving for ``body_timeout`` seconds
+  gets 408 and the connection closes; ``shutdown`` stops listening, closes idle connections and gives requests in
+  flight a grace period.
 """
 
 from __future__ import annotations
@@ -41,12 +44,15 @@ from multidict import CIMultiDict
 
 from gateway.httpparse import feed
 from gateway.meter.errors import envelope
-from gateway.meter.h1 import HIGH_WATER, Inbox
+from gateway.meter.h1 import HIGH_WATER, IdleTimeout, Inbox
 
 log = logging.getLogger("maas.meter.http")
 
 MAX_HEADER_BYTES = 64 * 1024
 KEEPALIVE_TIMEOUT = 75.0
+BODY_TIMEOUT = 60.0
+"""Longest silence while a request body is read (nginx's ``client_body_timeout``): a body never finished must not
+hold its connection, its task and the pool slot it waits for without end."""
 JSON = "application/json"
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
@@ -84,7 +90,11 @@ class Body(Inbox):
         return self._done
 
     async def readany(self) -> bytes:
-        return await self._take()
+        try:
+            return await self._take(self._conn.body_timeout)  # a timer only while waiting for bytes not yet here
+        except IdleTimeout:
+            self._conn.body_timed_out()
+            raise ClientGone("the request body stopped arriving") from None
 
     def read_now(self) -> bytes | None:
         """The whole body when all of it has arrived (and nothing was read yet), else None."""
@@ -345,6 +355,8 @@ class _Connection(asyncio.Protocol):
         self._size = 0
         self._failure: bytes | None = None
         self._lingering: asyncio.TimerHandle | None = None
+        self._head_pending = False
+        self.body_timeout = server.body_timeout
         self.write_paused = False
         self.closed = False
 
@@ -397,9 +409,8 @@ class _Connection(asyncio.Protocol):
     # --- httptools callbacks ----------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        # the idle timer runs on until the headers are complete: it bounds the time they take to arrive
+        self._head_pending = True
         self._url = b""
         self._raw_headers = []
         self._size = 0
@@ -415,6 +426,10 @@ class _Connection(asyncio.Protocol):
         self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._head_pending = False
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         parser = self._parser
         method = parser.get_method().decode("ascii", "replace")
         if method == "CONNECT":
@@ -598,7 +613,16 @@ class _Connection(asyncio.Protocol):
     def _expire(self) -> None:
         self._idle = None
         if self.idle:
+            if self._head_pending and self._failure is None:
+                self.send(encode_reply(HEAD_TIMEOUT, head_only=False, keep_alive=False))
             self.close()
+
+    def body_timed_out(self) -> None:
+        """The body being read stopped arriving: answered 408 unless an answer to it has begun, then closed."""
+        current = self._queue[0] if self._queue else None
+        if current is not None and current._stream is None and self._failure is None:
+            self.send(encode_reply(BODY_TIMEOUT_REPLY, head_only=False, keep_alive=False))
+        self.close()
 
 
 SETTLE_SECONDS = 3.0
@@ -610,6 +634,8 @@ TOO_LARGE = _error(431, "request_header_too_large", "Request headers are too lar
 NOT_ALLOWED = _error(405, "method_not_allowed", "CONNECT is not supported.")
 BAD_TARGET = _error(400, "bad_request", "The request target must be a path starting with '/'.")
 DOT_SEGMENT = _error(400, "bad_request", "The request path must not hold '.' or '..' segments; resolve them first.")
+HEAD_TIMEOUT = _error(408, "request_timeout", "The request headers did not arrive in time.")
+BODY_TIMEOUT_REPLY = _error(408, "request_timeout", "The request body stopped arriving.")
 BAD_TRANSFER_ENCODING = _error(
     400, "bad_request", "A request's Transfer-Encoding must end with chunked; its body length cannot be known."
 )
@@ -624,6 +650,7 @@ class Server:
         *,
         early: Callable[[Request], None] | None = None,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        body_timeout: float = BODY_TIMEOUT,
         max_header_bytes: int = MAX_HEADER_BYTES,
     ) -> None:
         self.handler = handler
@@ -631,6 +658,7 @@ class Server:
         """Called in the protocol callback as soon as a request's body has arrived whole (before the handler's
         task may have run): work that should not wait a loop turn."""
         self.keepalive_timeout = keepalive_timeout
+        self.body_timeout = body_timeout
         self.max_header_bytes = max_header_bytes
         self.connections: set[_Connection] = set()
         self._server: asyncio.Server | None = None
