@@ -11,7 +11,7 @@ from controlplane.errors import SourceError
 from controlplane.runner import ControlPlane
 from controlplane.settings import ControlPlaneSettings
 from gateway import logs
-from gateway.settings import add_flags, load
+from gateway.settings import add_flags, load, warn_misspelt_variables
 
 log = logging.getLogger("maas.controlplane")
 
@@ -48,6 +48,7 @@ async def serve(settings: ControlPlaneSettings) -> int:
 def run(args: argparse.Namespace) -> int:
     settings = load(ControlPlaneSettings, args)
     logs.setup(fmt=settings.log_format, level=settings.log_level)
+    warn_misspelt_variables(ControlPlaneSettings)
     log.info("settings", extra={"settings": settings.redacted()})
     if settings.key_pepper is None:
         log.warning("DEVELOPMENT MODE: API keys are hashed with the fixed development pepper; never use in production")

@@ -7,9 +7,11 @@ variable, the variable over the default. Validation happens once, at start; an e
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar, get_args, get_origin
 from urllib.parse import urlsplit
 
@@ -187,6 +189,27 @@ def load(cls: type[S], namespace: argparse.Namespace | None = None, **overrides:
             # a check across settings names its flags in the message itself
             problems.append(f"--{where.replace('_', '-')} / MAAS_{where.upper()}: {message}" if where else message)
         raise ConfigError("invalid settings: " + "; ".join(problems)) from exc
+
+
+def misspelt_variables(cls: type[BaseSettings], environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """``MAAS_*`` variables that are no setting of ``cls`` but look like one of its settings: (variable, the setting's
+    variable). Others are left alone: processes of one pod often share an environment with each other's settings."""
+    fields = [name.upper() for name in cls.model_fields]
+    out = []
+    for variable in sorted(os.environ if environ is None else environ):
+        name = variable.upper()
+        if not name.startswith("MAAS_") or name[5:] in fields:
+            continue
+        close = difflib.get_close_matches(name[5:], fields, n=1, cutoff=0.85)
+        if close:
+            out.append((variable, f"MAAS_{close[0]}"))
+    return out
+
+
+def warn_misspelt_variables(cls: type[BaseSettings]) -> None:
+    """Log each variable ``misspelt_variables`` finds: it is ignored, and a typo in a setting's name was silent."""
+    for variable, setting in misspelt_variables(cls):
+        log.warning("%s is not a setting of this process and is ignored; did you mean %s?", variable, setting)
 
 
 def split_csv(value: str | Sequence[str] | None) -> tuple[str, ...]:

@@ -184,3 +184,26 @@ def test_leader_election_timing_that_cannot_work_is_refused(timing: dict[str, fl
         load(ControlPlaneSettings, key_pepper=PEPPER, **timing)
     assert named in str(caught.value)
     assert load(ControlPlaneSettings, key_pepper=PEPPER, lease_duration=2.0, renew_deadline=1.5, retry_period=0.2)
+
+
+def test_a_misspelt_variable_is_named_with_the_setting_it_resembles() -> None:
+    """A typo in a variable's name (MAAS_ON_STORE_ERRORS) was ignored without a word: the default applied."""
+    environ = {
+        "MAAS_ON_STORE_ERRORS": "allow",  # a typo of one of authz's settings
+        "MAAS_ON_STORE_ERROR": "deny",  # the setting itself
+        "MAAS_UPSTREAM": "http://127.0.0.1:8081",  # the meter's, in a shared environment: not authz's concern
+        "MAAS_REQUIRE_CRDS": "1",
+        "PATH": "/usr/bin",
+    }
+    assert common.misspelt_variables(AuthzSettings, environ) == [("MAAS_ON_STORE_ERRORS", "MAAS_ON_STORE_ERROR")]
+    assert common.misspelt_variables(MeterSettings, {"MAAS_UPSTRAEM": "x"}) == [("MAAS_UPSTRAEM", "MAAS_UPSTREAM")]
+
+
+def test_misspelt_variables_are_logged(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("MAAS_METRICS_MAX_KEY", "10")
+    with caplog.at_level("WARNING", logger="maas.settings"):
+        common.warn_misspelt_variables(AuthzSettings)
+    assert (
+        "MAAS_METRICS_MAX_KEY is not a setting of this process and is ignored; did you mean MAAS_METRICS_MAX_KEYS?"
+        in (caplog.text)
+    )

@@ -20,7 +20,7 @@ from gateway.authz.settings import AuthzSettings
 from gateway.decision import Policy
 from gateway.ops import ops_app
 from gateway.runtime import tune_gc
-from gateway.settings import add_flags, load
+from gateway.settings import add_flags, load, warn_misspelt_variables
 from gateway.store import Store, open_store
 
 log = logging.getLogger("maas.authz")
@@ -33,6 +33,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = load(AuthzSettings, args)
     logs.setup(fmt=settings.log_format, level=settings.log_level)
+    warn_misspelt_variables(AuthzSettings)
     tune_gc()
     uvloop.run(serve(settings))
     return 0

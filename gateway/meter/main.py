@@ -13,7 +13,7 @@ from gateway import logs
 from gateway.meter.app import build_meter, serving
 from gateway.meter.settings import MeterSettings
 from gateway.runtime import tune_gc
-from gateway.settings import add_flags, load
+from gateway.settings import add_flags, load, warn_misspelt_variables
 
 log = logging.getLogger("maas.meter")
 
@@ -47,6 +47,7 @@ async def serve(settings: MeterSettings) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = load(MeterSettings, args)
     logs.setup(fmt=settings.log_format, level=settings.log_level)
+    warn_misspelt_variables(MeterSettings)
     tune_gc()
     uvloop.run(serve(settings))
     return 0

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gateway import logs
-from gateway.settings import add_flags, load, split_csv
+from gateway.settings import add_flags, load, split_csv, warn_misspelt_variables
 from gateway.sim.server import SimConfig, build_app
 
 log = logging.getLogger("maas.sim")
@@ -92,5 +92,6 @@ async def serve(settings: SimSettings) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = load(SimSettings, args)
     logs.setup(fmt=settings.log_format, level=settings.log_level)
+    warn_misspelt_variables(SimSettings)
     uvloop.run(serve(settings))
     return 0
