@@ -421,3 +421,22 @@ async def test_a_passthrough_body_is_bounded_like_a_metered_one(redis_url: str) 
     assert chunked in (None, (413, "request_too_large"))
     assert small == {"size": 100}
     assert all(size <= 8192 for size in received), received  # the chunked one never reached the upstream whole
+
+
+async def test_a_request_that_finds_every_upstream_connection_busy_gets_a_504_that_says_so(redis_url: str) -> None:
+    sim = SimConfig(served=(MODEL,), tokens_per_second=5)
+    meter = {"upstream_max_connections": 1, "upstream_first_byte_timeout": 0.3}
+    async with running_stack(redis_url, sim=sim, **meter) as stack:
+        headers = {**stack.headers(key_id="pool", limit=(10_000, 86_400_000)), "content-type": "application/json"}
+        url = stack.meter_url + "/v1/chat/completions"
+        long = {**BODY, "max_tokens": 50, "ignore_eos": True, "stream": True}
+        async with aiohttp.ClientSession() as session, session.post(url, json=long, headers=headers) as holding:
+            await holding.content.readuntil(b"\n\n")  # the only upstream connection is taken
+            async with aiohttp.ClientSession() as other, other.post(url, json=BODY, headers=headers) as queued:
+                status, body = queued.status, await queued.json()
+        metrics = await stack.metrics()
+    assert (status, body["error"]["code"]) == (504, "upstream_timeout")
+    assert "--upstream-max-connections" in body["error"]["message"]
+    assert metrics[("maas_meter_upstream_errors_total", (("reason", "pool_timeout"),))] == 1
+    assert metrics[("maas_meter_upstream_errors_total", (("reason", "first_byte_timeout"),))] == 0
+    assert metrics[("maas_meter_requests_total", (("model", MODEL), ("status", "504")))] == 1
