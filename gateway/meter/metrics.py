@@ -23,6 +23,7 @@ UPSTREAM_REASONS = (
     "idle_timeout",
     "broken",
     "status_5xx",
+    "no_usage",
 )
 # OpenTelemetry GenAI semantic conventions: explicit bucket boundaries for the two histograms
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
