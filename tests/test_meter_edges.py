@@ -421,3 +421,65 @@ async def test_a_passthrough_body_is_bounded_like_a_metered_one(redis_url: str) 
     assert chunked in (None, (413, "request_too_large"))
     assert small == {"size": 100}
     assert all(size <= 8192 for size in received), received  # the chunked one never reached the upstream whole
+
+
+async def test_a_request_that_finds_every_upstream_connection_busy_gets_a_504_that_says_so(redis_url: str) -> None:
+    sim = SimConfig(served=(MODEL,), tokens_per_second=5)
+    meter = {"upstream_max_connections": 1, "upstream_first_byte_timeout": 0.3}
+    async with running_stack(redis_url, sim=sim, **meter) as stack:
+        headers = {**stack.headers(key_id="pool", limit=(10_000, 86_400_000)), "content-type": "application/json"}
+        url = stack.meter_url + "/v1/chat/completions"
+        long = {**BODY, "max_tokens": 50, "ignore_eos": True, "stream": True}
+        async with aiohttp.ClientSession() as session, session.post(url, json=long, headers=headers) as holding:
+            await holding.content.readuntil(b"\n\n")  # the only upstream connection is taken
+            async with aiohttp.ClientSession() as other, other.post(url, json=BODY, headers=headers) as queued:
+                status, body = queued.status, await queued.json()
+        metrics = await stack.metrics()
+    assert (status, body["error"]["code"]) == (504, "upstream_timeout")
+    assert "--upstream-max-connections" in body["error"]["message"]
+    assert metrics[("maas_meter_upstream_errors_total", (("reason", "pool_timeout"),))] == 1
+    assert metrics[("maas_meter_upstream_errors_total", (("reason", "first_byte_timeout"),))] == 0
+    assert metrics[("maas_meter_requests_total", (("model", MODEL), ("status", "504")))] == 1
+
+
+async def usageless_upstream(request: web.Request) -> web.StreamResponse:
+    """An OpenAI-compatible server that ignores ``stream_options`` and reports no usage."""
+    if not (await request.json()).get("stream"):
+        message = {"index": 0, "message": {"role": "assistant", "content": "hi there"}, "finish_reason": "stop"}
+        return web.json_response({"id": "x", "object": "chat.completion", "model": MODEL, "choices": [message]})
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    for text in ("hi", " there"):
+        chunk = {
+            "id": "x",
+            "object": "chat.completion.chunk",
+            "model": MODEL,
+            "choices": [{"index": 0, "delta": {"content": text}}],
+        }
+        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_an_answer_without_usage_is_charged_its_bound_not_nothing(redis_url: str, stream: bool) -> None:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", usageless_upstream)
+    runner, url = await serve(app)
+    try:
+        async with running_stack(redis_url, upstream=url) as stack:
+            key = f"usageless-{stream}"
+            headers = {**stack.headers(key_id=key, limit=(10_000, 86_400_000)), "content-type": "application/json"}
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    stack.meter_url + "/v1/chat/completions", json={**BODY, "stream": stream}, headers=headers
+                ) as resp,
+            ):
+                assert resp.status == 200 and b"there" in await resp.read()
+            rows = await stack.store.read_usage(key, [ledger_day()])
+            metrics = await stack.metrics()
+    finally:
+        await runner.cleanup()
+    assert rows[0].completion_tokens == BODY["max_tokens"] and rows[0].prompt_tokens > 0
+    assert metrics[("maas_meter_upstream_errors_total", (("reason", "no_usage"),))] == 1

@@ -335,12 +335,16 @@ class Pool:
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive
 
-    async def request(self, method: str, path_qs: str, *, headers: Iterable[tuple[str, str]], body: bytes) -> Response:
-        """Send the request and wait for the response's status and headers."""
-        payload = self._encode(method, path_qs, headers, body)
-        await self._slots.take()
+    async def request(
+        self, method: str, path_qs: str, *, headers: Iterable[tuple[str, str]], body: bytes, slot: bool = False
+    ) -> Response:
+        """Send the request and wait for the response's status and headers. ``slot``: the caller holds one
+        already (``take_slot``), which the request now owns."""
+        if not slot:
+            await self._slots.take()
         conn: _Connection | None = None
         try:
+            payload = self._encode(method, path_qs, headers, body)
             conn, reused = await self._checkout()
             return await self._exchange(conn, reused, payload, conn.send(payload))
         except BaseException:
@@ -348,6 +352,10 @@ class Pool:
                 self._drop(conn)
             self._slots.give()
             raise
+
+    async def take_slot(self) -> None:
+        """Wait until fewer than ``limit`` requests are in flight, and hold a place for one (for ``request``)."""
+        await self._slots.take()
 
     def prepare(self, method: str, path_qs: str, *, headers: Iterable[tuple[str, str]], body: bytes) -> Prepared | None:
         """A request on an idle connection, ready to be sent from a callback (``Prepared.fire``); None when that

@@ -15,7 +15,16 @@ from gateway.metrics import KEY_IDLE_SECONDS, IdleKeys, child_value
 OTHER = "_other"
 UNKNOWN = "_unknown"
 OPERATIONS = {"chat": "chat", "completion": "text_completion", "embeddings": "embeddings"}
-UPSTREAM_REASONS = ("connect", "connect_timeout", "first_byte_timeout", "idle_timeout", "broken", "status_5xx")
+UPSTREAM_REASONS = (
+    "connect",
+    "connect_timeout",
+    "first_byte_timeout",
+    "pool_timeout",
+    "idle_timeout",
+    "broken",
+    "status_5xx",
+    "no_usage",
+)
 # OpenTelemetry GenAI semantic conventions: explicit bucket boundaries for the two histograms
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)

@@ -478,11 +478,26 @@ async def _whole(
     except MeterError as exc:
         await settle(meter.store, meter.metrics, exchange, backlog=meter.backlog, served=None, status=exc.status)
         raise
-    served = response_usage(raw) or Usage()
+    served = response_usage(raw)
+    if served is None:
+        served = _unreported(meter, exchange) if upstream.content_type == "application/json" else Usage()
     await settle(meter.store, meter.metrics, exchange, backlog=meter.backlog, served=served, status=upstream.status)
     headers = response_headers(upstream.headers)
     headers.update(extra)
     return Reply(upstream.status, raw, headers=headers)
+
+
+def _unreported(meter: Meter, exchange: Exchange) -> Usage:
+    """What an answer that reports no usage is charged (an upstream that ignores the usage the meter asks for):
+    the most the request could have cost, its prompt estimate and every choice's completion limit. Charging
+    nothing would make such an upstream's answers free."""
+    meter.upstream.count("no_usage")
+    _warn.warning("upstream answer without usage: charged the request's reservation bound")
+    parsed = exchange.parsed
+    per_choice = exchange.reservation.max_tokens
+    if per_choice is None:
+        per_choice = req.wanted_completion(parsed, default_max_tokens=meter.config.default_max_tokens)
+    return Usage(prompt=parsed.prompt_estimate, completion=parsed.choices * per_choice if parsed.generates else 0)
 
 
 class Relay:
@@ -653,7 +668,7 @@ async def _stream(
                 meter.metrics,
                 exchange,
                 backlog=meter.backlog,
-                served=tracker.usage(),
+                served=tracker.usage() if tracker.reported or tracker.error else _unreported(meter, exchange),
                 status=upstream.status,
             )
             tail = _last_event(out)

@@ -183,6 +183,11 @@ class StreamMeter:
             prompts[group] = max(prompts.get(group, 0), usage.prompt)
         return Usage(prompt=sum(prompts.values()), completion=sum(u.completion for u in self._per_choice.values()))
 
+    @property
+    def reported(self) -> bool:
+        """Some event carried usage (vLLM's do, asked for it: the meter always asks)."""
+        return self.final is not None or bool(self._per_choice)
+
     def event(self, event: bytes) -> bytes:
         parts = payload(event)
         if parts is None:

@@ -144,11 +144,27 @@ class Upstream:
         used instead of a new one; it may have been sent already."""
         if self._pool is None:
             raise RuntimeError("upstream session not started")
+        queued = False
         with self._mapped_errors():
-            async with asyncio.timeout(self.first_byte_timeout):
-                if prepared is not None:
-                    return await prepared.response()
-                return await self._pool.request(method, path_qs, headers=headers.items(), body=body)
+            try:
+                async with asyncio.timeout(self.first_byte_timeout):
+                    if prepared is not None:
+                        return await prepared.response()
+                    queued = True
+                    await self._pool.take_slot()
+                    queued = False
+                    return await self._pool.request(method, path_qs, headers=headers.items(), body=body, slot=True)
+            except TimeoutError as exc:
+                if not queued:
+                    raise
+                # never sent: the meter's own connection limit, not a slow upstream
+                raise self._fail(
+                    "pool_timeout",
+                    UpstreamTimeout(
+                        f"no upstream connection came free within {self.first_byte_timeout:g}s: all "
+                        f"{self._max_connections} (--upstream-max-connections) are in use"
+                    ),
+                ) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def prepare(self, method: str, path_qs: str, *, headers: CIMultiDict[str], body: bytes) -> h1.Prepared | None:
