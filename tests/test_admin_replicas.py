@@ -1,5 +1,6 @@
 """The admin API of two control plane replicas (a leader and a follower, as behind one Service) against the
-Kubernetes API emulator and a real Redis: writes through either replica, reads on the other at once."""
+Kubernetes API emulator and a real Redis: writes through either replica, reads on the other at once, and the API
+server's conflicts and throttling."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from controlplane.runner import ControlPlane
 from controlplane.settings import ControlPlaneSettings
+from controlplane.sources.kube import THROTTLE_RETRIES
 from gateway.contract import ChangeEvent
 from gateway.settings import load
 from gateway.store.base import Subscription
@@ -123,3 +125,38 @@ async def test_a_change_answered_by_one_replica_is_seen_by_the_other_at_once(rep
         assert status == 200 and patched["name"] == "ci", patched
         status, shown = await writer.call("GET", path)
         assert status == 200 and shown["name"] == "ci", shown
+
+
+async def test_the_api_servers_throttling_is_retried_then_answered_503_with_its_advice(
+    replicas: tuple[Api, Api], seeded: K8sEmulator
+) -> None:
+    """A 429 from the API server (API Priority and Fairness: the request was not run) failed the change at once
+    with a 503 that gave no Retry-After; it is retried after the server's Retry-After, and only a throttling that
+    lasts is answered 503, with the advice."""
+    leader, _ = replicas
+    seeded.inject("create secrets", 429, times=2, retry_after=0)
+    status, key = await leader.call("POST", "/admin/v1/keys", json={"user": "bob"})
+    assert status == 201 and key["synced"] is True, key
+
+    seeded.inject("get secrets", 429, times=THROTTLE_RETRIES + 1, retry_after=0)
+    path = f"/admin/v1/keys/{key['key_id']}"
+    async with leader.session.patch(leader.base + path, json={"name": "n"}, headers=leader.headers()) as resp:
+        error = await resp.json()
+        assert (resp.status, error["error"]["code"]) == (503, "source_unavailable"), error
+        assert resp.headers["Retry-After"] == "1" and "throttling" in error["error"]["message"], error
+
+
+async def test_conflicts_from_the_api_server_start_the_change_over(
+    replicas: tuple[Api, Api], seeded: K8sEmulator
+) -> None:
+    leader, follower = replicas
+    status, key = await leader.call("POST", "/admin/v1/keys", json={"user": "carol"})
+    path = f"/admin/v1/keys/{key['key_id']}"
+    seeded.inject("update secrets", 409, times=3)
+    status, patched = await follower.call("PATCH", path, json={"name": "after-conflicts"})
+    assert status == 200 and patched["name"] == "after-conflicts", patched
+    seeded.inject("update secrets", 409, times=5)
+    status, error = await follower.call("PATCH", path, json={"name": "never"})
+    assert (status, error["error"]["code"]) == (503, "source_unavailable"), error
+    status, shown = await leader.call("GET", path)
+    assert shown["name"] == "after-conflicts", shown
