@@ -185,13 +185,15 @@ class AdminState:
         answers a write once its record is in Redis, so a call here after that answer sees it (read-your-writes
         across replicas behind one Service); a view that cannot catch up in time, or a Redis that does not answer,
         leaves the view as it is."""
+        deadline = time.monotonic() + within
         try:
-            target = await self.store.generation()
-        except StoreError as exc:
+            async with asyncio.timeout(within):  # a Redis that hangs costs no more than a lagging view
+                target = await self.store.generation()
+        except (StoreError, TimeoutError) as exc:
             log.debug("cannot read the store's generation to catch up: %s", exc)
             return
         if self.generation < target:
-            await self.wait_until(lambda: self.generation >= target, within=within)
+            await self.wait_until(lambda: self.generation >= target, within=deadline - time.monotonic())
 
     async def wait_until(self, predicate: Callable[[], bool], *, within: float) -> bool:
         """True once ``predicate`` holds for this view (so for Redis); False after ``within`` seconds."""
