@@ -27,6 +27,16 @@ class ConflictError(SourceError):
     code = "conflict"
 
 
+class ThrottledError(SourceError):
+    """The API server kept answering 429 Too Many Requests (API Priority and Fairness) after the retries."""
+
+    code = "throttled"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class NotFoundError(SourceError):
     code = "not_found"
 

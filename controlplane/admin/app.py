@@ -20,6 +20,8 @@ from gateway.errors import StoreError
 log = logging.getLogger("maas.controlplane.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+CATCH_UP_SECONDS = 2.0
+"""How long a call waits for this replica's view to reach what Redis holds when it arrives."""
 
 
 @web.middleware
@@ -31,11 +33,14 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             request[PRINCIPAL] = ctx.tokens.check(
                 request.headers.get("authorization"), write=request.method in WRITE_METHODS
             )
-        if (path.startswith("/admin/") or path in ("/v1/models", "/v1/me")) and not ctx.state.loaded.is_set():
-            raise NotSynced(
-                "The control plane has no view of the platform yet (Redis not read yet, or no sync has written it "
-                "yet); retry shortly."
-            )
+        if path.startswith("/admin/") or path in ("/v1/models", "/v1/me"):
+            if not ctx.state.loaded.is_set():
+                raise NotSynced(
+                    "The control plane has no view of the platform yet (Redis not read yet, or no sync has written "
+                    "it yet); retry shortly."
+                )
+            # a change answered by another replica is in Redis, not yet necessarily in this replica's view
+            await ctx.state.catch_up(within=CATCH_UP_SECONDS)
         return await handler(request)
     except AdminError as exc:
         return exc.response()

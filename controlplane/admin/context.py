@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import time
 import weakref
@@ -25,7 +26,7 @@ from controlplane.admin.errors import (
     UnsupportedMediaType,
 )
 from controlplane.admin.state import AdminState
-from controlplane.errors import SourceError
+from controlplane.errors import SourceError, ThrottledError
 from controlplane.sources.base import Source
 from gateway.contract import TierRecord, WindowError, parse_window
 
@@ -185,4 +186,9 @@ def json_model(model: BaseModel, *, status: int = 200) -> web.Response:
 
 
 def source_failed(exc: SourceError) -> SourceUnavailable:
+    if isinstance(exc, ThrottledError):  # the API server's own advice, for the caller's retry
+        return SourceUnavailable(
+            f"The cluster's API server is throttling this control plane; retry later: {exc}",
+            headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))},
+        )
     return SourceUnavailable(f"The cluster store did not accept the change: {exc}")

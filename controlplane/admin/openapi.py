@@ -26,8 +26,8 @@ ERRORS = {
     413: "body over 64 KiB (body_too_large)",
     415: "body is not application/json, or in a Content-Encoding other than gzip and deflate (unsupported_media_type)",
     431: "the request line or a header over 8190 bytes (request_header_too_large)",
-    503: "store or cluster unavailable, or the view of Redis not loaded yet (store_unavailable, source_unavailable, "
-    "not_synced)",
+    503: "store or cluster unavailable (with Retry-After when the API server throttles), or the view of Redis not "
+    "loaded yet (store_unavailable, source_unavailable, not_synced)",
 }
 READ = (400, 401, 404, 405, 431, 503)
 WRITE = (400, 401, 403, 404, 405, 409, 413, 415, 431, 503)

@@ -180,6 +180,21 @@ class AdminState:
         for waiter in self._waiters:
             waiter.set()
 
+    async def catch_up(self, *, within: float) -> None:
+        """Wait, at most ``within`` seconds, until this view holds every change Redis holds now. Another replica
+        answers a write once its record is in Redis, so a call here after that answer sees it (read-your-writes
+        across replicas behind one Service); a view that cannot catch up in time, or a Redis that does not answer,
+        leaves the view as it is."""
+        deadline = time.monotonic() + within
+        try:
+            async with asyncio.timeout(within):  # a Redis that hangs costs no more than a lagging view
+                target = await self.store.generation()
+        except (StoreError, TimeoutError) as exc:
+            log.debug("cannot read the store's generation to catch up: %s", exc)
+            return
+        if self.generation < target:
+            await self.wait_until(lambda: self.generation >= target, within=deadline - time.monotonic())
+
     async def wait_until(self, predicate: Callable[[], bool], *, within: float) -> bool:
         """True once ``predicate`` holds for this view (so for Redis); False after ``within`` seconds."""
         if predicate():

@@ -9,8 +9,10 @@ Only this module catches aiohttp's and kubernetes-asyncio's exceptions; they lea
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -21,7 +23,7 @@ import aiohttp
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 
-from controlplane.errors import ConflictError, GoneError, NotFoundError, SourceError
+from controlplane.errors import ConflictError, GoneError, NotFoundError, SourceError, ThrottledError
 from controlplane.kinds import EVENT, Kind, Obj, key_of, kind_of, meta
 from controlplane.sources.base import Listing, Stream, WatchEvent
 
@@ -34,6 +36,10 @@ STREAM_POOL_HEADROOM = 4
 WRITE_POOL = 16
 LEASE_POOL = 2
 COMPONENT = "maas-controlplane"
+THROTTLE_RETRIES = 3
+"""Retries of a request the API server answered 429 (it did not run it), each after its ``Retry-After``."""
+THROTTLE_WAIT_MAX = 2.0
+"""Cap of one wait, seconds (a missing or unreadable ``Retry-After`` waits 1 s)."""
 
 
 def micro_time(epoch: float | None = None) -> str:
@@ -119,12 +125,20 @@ class KubeSource:
         body: Obj | None = None,
         api: k8s.ApiClient | None = None,
     ) -> Obj:
-        response = await self._open(method, path, query=query, body=body, api=api)
-        try:
-            async with response:
-                text = await response.text()
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise SourceError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+        for attempt in range(THROTTLE_RETRIES + 1):
+            response = await self._open(method, path, query=query, body=body, api=api)
+            try:
+                async with response:
+                    text = await response.text()
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise SourceError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+            if response.status != 429:
+                break
+            wait = retry_after(response.headers.get("Retry-After"))
+            if attempt == THROTTLE_RETRIES:
+                raise ThrottledError(f"{method} {path}: HTTP 429: {text[:300]}", retry_after=wait)
+            log.info("%s %s: throttled by the API server, retrying in %.1fs", method, path, wait)
+            await asyncio.sleep(wait)
         _raise_for_status(response.status, text, what=f"{method} {path}")
         try:
             value = json.loads(text) if text else {}
@@ -269,6 +283,16 @@ async def _safe_text(response: aiohttp.ClientResponse) -> str:
         return await response.text()
     except (aiohttp.ClientError, TimeoutError, OSError):
         return ""
+
+
+def retry_after(header: str | None) -> float:
+    """Seconds to wait before retrying a 429: its ``Retry-After`` in seconds (an HTTP date counts as 1 s), at most
+    ``THROTTLE_WAIT_MAX``."""
+    try:
+        seconds = float(header) if header is not None else 1.0
+    except ValueError:
+        seconds = 1.0
+    return min(max(seconds, 0.0), THROTTLE_WAIT_MAX) if math.isfinite(seconds) else 1.0
 
 
 def _raise_for_status(status: int, text: str, *, what: str) -> None:

@@ -12,7 +12,8 @@ the API server's REST protocol for kubernetes-asyncio and the control plane:
 - on demand: ``force_gone()`` (every open watch gets a 410 and the history is compacted),
   ``drop_watches()`` (open watch connections are cut without a clean end), ``disconnect()``/``reconnect()`` (an
   outage: watches cut, every request answered 503 until reconnected), ``uninstall()`` (a CRD removed: its kind
-  answers 404) and ``watch_fault`` (every watch ends at once, cleanly or with a 410);
+  answers 404), ``watch_fault`` (every watch ends at once, cleanly or with a 410) and ``inject()`` (the next
+  requests of one verb and resource answered with an error status: a 409 Conflict, a 429 with ``Retry-After``);
 - optionally RBAC: with ``authorize`` set (``rbac_authorizer`` evaluates rendered Roles, ClusterRoles and their
   bindings for one service account), a request its rules do not allow gets the API server's 403 Forbidden.
 
@@ -219,6 +220,7 @@ class K8sEmulator:
         self.forbidden: list[str] = []
         self.watch_fault: str | None = None
         """``"eof"``: every watch ends at once with a clean 200 and no event; ``"gone"``: every watch gets a 410."""
+        self._faults: list[tuple[str, int, int]] = []
         self.down = False
         """During an outage (``disconnect``) every request gets 503."""
         self.unserved: set[tuple[str, str]] = set()
@@ -417,6 +419,27 @@ class K8sEmulator:
             self._objects[resource].clear()
             self.unserved.add(resource)
 
+    def inject(self, request: str, status: int, *, times: int = 1, retry_after: int = 1) -> None:
+        """Answer the next ``times`` requests ``request`` (``"<verb> <plural>"``, as in ``requests``) with
+        ``status``: 409 as a lost resourceVersion race, 429 as API Priority and Fairness throttling (with
+        ``Retry-After``), anything else as that status."""
+        with self._lock:
+            self._faults += [(request, status, retry_after)] * times
+
+    def _fault(self, request: str) -> web.Response | None:
+        with self._lock:
+            found = next((i for i, fault in enumerate(self._faults) if fault[0] == request), None)
+            if found is None:
+                return None
+            _, status, retry_after = self._faults.pop(found)
+        if status == 429:
+            answer = _status(429, "TooManyRequests", "too many requests, please try again later")
+            answer.headers["Retry-After"] = str(retry_after)
+            return answer
+        if status == 409:
+            return _status(409, "Conflict", "the object has been modified; please apply your changes again")
+        return _status(status, "InternalError", f"injected HTTP {status}")
+
     def _signal(self, what: object) -> None:
         for _, queue in list(self._watchers):
             queue.put_nowait(what)
@@ -446,16 +469,18 @@ class K8sEmulator:
         if not RESOURCES[resource][1]:
             namespace = None
         method = request.method
-        if self.authorize is not None:
-            verb = _verb(method, name, request.query.get("watch") in ("true", "1"))
-            if not self.authorize(verb, group, resource[1], namespace, name):
-                where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
-                message = (
-                    f'{resource[1]} "{name or ""}" is forbidden: User cannot {verb} resource "{resource[1]}" '
-                    f'in API group "{group}"{where}'
-                )
-                self.forbidden.append(f"{verb} {resource[1]} {namespace or ''}/{name or ''}")
-                return _status(403, "Forbidden", message)
+        verb = _verb(method, name, request.query.get("watch") in ("true", "1"))
+        if (fault := self._fault(f"{verb} {resource[1]}")) is not None:
+            self.requests[f"{verb} {resource[1]}"] += 1
+            return fault
+        if self.authorize is not None and not self.authorize(verb, group, resource[1], namespace, name):
+            where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
+            message = (
+                f'{resource[1]} "{name or ""}" is forbidden: User cannot {verb} resource "{resource[1]}" '
+                f'in API group "{group}"{where}'
+            )
+            self.forbidden.append(f"{verb} {resource[1]} {namespace or ''}/{name or ''}")
+            return _status(403, "Forbidden", message)
         if name is None and method == "GET":
             if request.query.get("watch") in ("true", "1"):
                 self.requests[f"watch {resource[1]}"] += 1
