@@ -123,3 +123,25 @@ def test_every_metric_and_label_referred_to_exists() -> None:
                 if label not in names[name]:
                     missing.append(f"{path}: {name} has no label {label}")
     assert missing == []
+
+
+def test_controlplane_failure_counters_exist_at_zero_from_the_start() -> None:
+    """``increase(maas_controlplane_warning_events_total{result="dropped"}[5m])`` and the watch restarts of a
+    stream: a series that appears only with its first increment is never seen to increase by that one."""
+    import asyncio
+
+    from controlplane.kinds import SECRET
+    from controlplane.reflector import Reflector
+
+    metrics = Metrics()
+
+    async def make() -> None:
+        stream = type("S", (), {"kind": SECRET})()
+        Reflector(source=None, stream=stream, on_change=lambda *a: None, metrics=metrics)  # type: ignore[arg-type]
+
+    asyncio.run(make())
+    text = generate_latest(metrics.registry).decode()
+    for result in ("sent", "failed", "dropped"):
+        assert f'maas_controlplane_warning_events_total{{result="{result}"}} 0.0' in text
+    for reason in ("timeout", "gone", "error", "not_found"):
+        assert f'maas_controlplane_watch_restarts_total{{kind="Secret",reason="{reason}"}} 0.0' in text
