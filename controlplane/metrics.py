@@ -29,6 +29,8 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        for result in ("sent", "failed", "dropped"):
+            self.warning_events.labels(result=result)  # at 0 from the start, for rate() and increase()
         self.sync_lag = Histogram(
             f"{PREFIX}_sync_lag_seconds",
             "Time from an object change being seen to its records being written",

@@ -55,6 +55,10 @@ class Reflector:
         self._backoff = Backoff(cap=backoff_max)
         self._backoff_max = backoff_max
         self._kind = stream.kind.name
+        # the series a dashboard or an alert watches exist at 0 from the start: rate() and increase() see no
+        # first restart of a series that appears only with it
+        for reason in ("timeout", "gone", "error", "not_found"):
+            metrics.watch_restarts.labels(kind=self._kind, reason=reason)
 
     def _set(self, obj: Obj, kind: str) -> None:
         key = key_of(obj)
