@@ -9,6 +9,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as sync_redis
@@ -607,3 +608,40 @@ def test_a_duration_error_says_what_is_wrong_with_it() -> None:
     with pytest.raises(InvalidDuration, match="a number and a unit"):
         duration_seconds("30 years", param="expires_in")
     assert duration_seconds("1h30m", param="expires_in") == 5400.0
+
+
+async def test_a_report_over_many_keys_is_summed_as_it_is_read(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An all-keys report held every ledger row before summing them (millions for 10,000 keys over a year); rows are
+    now added up a few keys at a time, and the totals stay the same."""
+    from controlplane.admin import usage
+
+    async with running(admin_settings(tmp_path, redis_url)) as (plane, api):
+        store = plane.store
+        assert store is not None
+        day = ledger_day()
+        count = usage.READ_CONCURRENCY * 3 + 5
+        await store.add_usage(
+            [UsageDelta(key_id=f"{i:016x}", model="m", day=day, requests=1, prompt_tokens=i) for i in range(count)]
+        )
+        reads: list[str] = []
+        read_usage = store.read_usage
+
+        async def counted(key_id: str, days: Any) -> Any:
+            reads.append(key_id)
+            return await read_usage(key_id, days)
+
+        monkeypatch.setattr(store, "read_usage", counted)
+        read_before_adding: list[int] = []
+        add = usage._add
+
+        def adding(*args: Any, **kwargs: Any) -> None:
+            read_before_adding.append(len(reads))
+            add(*args, **kwargs)
+
+        monkeypatch.setattr(usage, "_add", adding)
+        status, report = await api.call("GET", "/admin/v1/usage")
+        assert status == 200 and report["total"]["requests"] == count, report
+        assert report["total"]["prompt_tokens"] == sum(range(count))
+        assert read_before_adding[0] <= usage.READ_CONCURRENCY and len(read_before_adding) >= 4

@@ -11,7 +11,7 @@ import asyncio
 import csv
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 
 from aiohttp import web
@@ -101,6 +101,17 @@ def day_range(start: str | None, end: str | None) -> list[date]:
 
 async def read_rows(ctx: AdminContext, *, key_ids: Sequence[str] | None, days: Sequence[date]) -> list[UsageRow]:
     """Ledger rows of these keys (None: every key with usage) on these days."""
+    rows: list[UsageRow] = []
+    async for batch in iter_rows(ctx, key_ids=key_ids, days=days):
+        rows += batch
+    return rows
+
+
+async def iter_rows(
+    ctx: AdminContext, *, key_ids: Sequence[str] | None, days: Sequence[date]
+) -> AsyncIterator[list[UsageRow]]:
+    """The ledger rows of ``read_rows`` a few keys at a time, so a report over every key and a year is summed as it is
+    read instead of held whole (millions of rows for 10,000 keys over 366 days)."""
     store = ctx.state.store
     names = [d.strftime("%Y%m%d") for d in days]
     try:
@@ -111,15 +122,15 @@ async def read_rows(ctx: AdminContext, *, key_ids: Sequence[str] | None, days: S
                     per_key.setdefault(key_id, []).append(name)
         else:
             per_key = {k: names for k in key_ids}
-        rows: list[UsageRow] = []
         items = list(per_key.items())
         for start in range(0, len(items), READ_CONCURRENCY):
             chunk = items[start : start + READ_CONCURRENCY]
+            batch: list[UsageRow] = []
             for result in await asyncio.gather(*(store.read_usage(k, d) for k, d in chunk)):
-                rows += result
+                batch += result
+            yield batch
     except StoreError as exc:
         raise StoreUnavailable(f"Usage cannot be read right now: {exc}") from exc
-    return rows
 
 
 def _group_by(text: str | None) -> list[str]:
@@ -154,11 +165,37 @@ async def get_usage(request: web.Request) -> web.StreamResponse:
     days = day_range(query.get("from"), query.get("to"))
     groups = _group_by(query.get("group_by"))
     key_id = query.get("key_id")
-    rows = await read_rows(ctx, key_ids=[key_id] if key_id else None, days=days)
-    keys = ctx.state.keys
     user, tier, model = query.get("user"), query.get("tier"), query.get("model")
     totals: dict[tuple[str | None, ...], list[int]] = {}
     grand = [0, 0, 0]
+    async for batch in iter_rows(ctx, key_ids=[key_id] if key_id else None, days=days):
+        _add(ctx, batch, groups=groups, user=user, tier=tier, model=model, totals=totals, grand=grand)
+    data = [_row(groups, ident, v) for ident, v in sorted(totals.items(), key=lambda item: str(item[0]))]
+    report = UsageReport(
+        from_date=days[0].isoformat(),
+        to_date=days[-1].isoformat(),
+        group_by=groups,
+        data=data,
+        total=_row([], (), grand),
+    )
+    if as_csv:
+        return _csv(report)
+    return json_model(report)
+
+
+def _add(
+    ctx: AdminContext,
+    rows: Sequence[UsageRow],
+    *,
+    groups: Sequence[str],
+    user: str | None,
+    tier: str | None,
+    model: str | None,
+    totals: dict[tuple[str | None, ...], list[int]],
+    grand: list[int],
+) -> None:
+    """Add the rows that pass the filters to their group's totals and to the grand total."""
+    keys = ctx.state.keys
     for row in rows:
         record = keys.get(row.key_id)
         owner = record.user if record is not None else None
@@ -175,17 +212,6 @@ async def get_usage(request: web.Request) -> web.StreamResponse:
         for i, amount in enumerate((row.requests, row.prompt_tokens, row.completion_tokens)):
             bucket[i] += amount
             grand[i] += amount
-    data = [_row(groups, ident, v) for ident, v in sorted(totals.items(), key=lambda item: str(item[0]))]
-    report = UsageReport(
-        from_date=days[0].isoformat(),
-        to_date=days[-1].isoformat(),
-        group_by=groups,
-        data=data,
-        total=_row([], (), grand),
-    )
-    if as_csv:
-        return _csv(report)
-    return json_model(report)
 
 
 def _iso(day: str) -> str:
