@@ -483,3 +483,36 @@ async def test_an_answer_without_usage_is_charged_its_bound_not_nothing(redis_ur
         await runner.cleanup()
     assert rows[0].completion_tokens == BODY["max_tokens"] and rows[0].prompt_tokens > 0
     assert metrics[("maas_meter_upstream_errors_total", (("reason", "no_usage"),))] == 1
+
+
+async def test_identity_headers_stop_at_the_meter(redis_url: str) -> None:
+    """The identity headers (and a second, unchecked copy of one) went on to the model server: the meter checks the
+    first copy only, so anything behind it that read them could be told another identity."""
+    seen: list[list[str]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append([name.lower() for name in request.headers])
+        if request.path == "/tokenize":
+            return web.json_response({"tokens": [1], "count": 1})
+        usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+        message = {"role": "assistant", "content": "x"}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        return web.json_response(
+            {"id": "c", "object": "chat.completion", "model": MODEL, "choices": [choice], "usage": usage}
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/tokenize", record)
+    app.router.add_route("*", "/v1/chat/completions", record)
+    runner, url = await serve(app)
+    try:
+        async with running_stack(redis_url, upstream=url) as stack, aiohttp.ClientSession() as session:
+            headers = [*stack.headers(key_id="hops").items(), ("x-maas-user", "someone-else")]
+            for path, body in (("/v1/chat/completions", BODY), ("/tokenize", {"model": MODEL, "prompt": "hi"})):
+                async with session.post(stack.meter_url + path, headers=headers, json=body) as resp:
+                    assert resp.status == 200, await resp.text()
+    finally:
+        await runner.cleanup()
+    assert len(seen) == 2
+    for names in seen:
+        assert not [name for name in names if name.startswith("x-maas-")], names

@@ -40,6 +40,7 @@ HOP_BY_HOP = frozenset(
 
 
 METERED_DROP = frozenset({"accept-encoding", "expect"})
+IDENTITY_PREFIX = "x-maas-"
 RESPONSE_DROP = HOP_BY_HOP | {"date"}
 """The meter's server writes its own ``date`` on every response: the upstream's as well made two (Envoy folds them
 into one comma-joined value, which no client parses as a date)."""
@@ -47,11 +48,12 @@ into one comma-joined value, which no client parses as a date)."""
 
 def request_headers(headers: Mapping[str, str], *, metered: bool) -> CIMultiDict[str]:
     """Client headers for the upstream: hop-by-hop ones dropped; metered requests ask for an unencoded body, and
-    their body (already read) goes out with the headers, so a client's ``expect`` is not passed on."""
+    their body (already read) goes out with the headers, so a client's ``expect`` is not passed on. The identity
+    headers stop here: the meter checked their first copy, and nothing behind it is to read them (or a second copy)."""
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
-        if lower in HOP_BY_HOP or (metered and lower in METERED_DROP):
+        if lower in HOP_BY_HOP or (metered and lower in METERED_DROP) or lower.startswith(IDENTITY_PREFIX):
             continue
         out.add(name, value)
     return out
