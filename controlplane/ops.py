@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controlplane.metrics import Metrics
 from controlplane.sync import Syncer
-from gateway.authz.server import EnvelopeServer
+from gateway.authz.server import EnvelopeServer, headers_too_large
 
 log = logging.getLogger("maas.controlplane.http")
 
@@ -108,7 +108,7 @@ class ApiServer(EnvelopeServer):
     def answer(self, status: int, exc: BaseException | None) -> tuple[int, str, str]:
         if isinstance(exc, http_exceptions.ContentEncodingError):
             return 415, "unsupported_media_type", "Unsupported Content-Encoding: send the body as is, gzip or deflate."
-        if isinstance(exc, http_exceptions.LineTooLong) or "too many headers" in str(exc).lower():
+        if headers_too_large(exc):
             return 431, "request_header_too_large", "The request line or a header is too long, or there are too many."
         if status < 500:
             return 400, "invalid_request", "Malformed HTTP request."

@@ -347,43 +347,15 @@ async def test_what_aiohttp_answers_itself_is_in_the_envelope(
         )
         assert status == 201 and key["user"] == "zip", key
         ops = f"http://127.0.0.1:{plane.ports['ops']}"
+
+        def post(data: bytes, encoding: str, status: int, code: str) -> tuple[Any, ...]:
+            return (api.base, "POST", "/admin/v1/keys", data, {**as_json, "Content-Encoding": encoding}, status, code)
+
         for base, method, path, data, headers, status, code in (
-            (
-                api.base,
-                "POST",
-                "/admin/v1/keys",
-                b'{"user":"x"}',
-                {**as_json, "Content-Encoding": "gzip"},
-                400,
-                "invalid_json",
-            ),
-            (
-                api.base,
-                "POST",
-                "/admin/v1/keys",
-                b'{"user":"x"}',
-                {**as_json, "Content-Encoding": "deflate"},
-                400,
-                "invalid_json",
-            ),
-            (
-                api.base,
-                "POST",
-                "/admin/v1/keys",
-                b"x" * 60_000,
-                {**as_json, "Content-Encoding": "gzip"},
-                400,
-                "invalid_json",
-            ),
-            (
-                api.base,
-                "POST",
-                "/admin/v1/keys",
-                b'{"user":"x"}',
-                {**as_json, "Content-Encoding": "br"},
-                415,
-                "unsupported_media_type",
-            ),
+            post(b'{"user":"x"}', "gzip", 400, "invalid_json"),
+            post(b'{"user":"x"}', "deflate", 400, "invalid_json"),
+            post(b"x" * 60_000, "gzip", 400, "invalid_json"),
+            post(b'{"user":"x"}', "br", 415, "unsupported_media_type"),
             (api.base, "GET", "/admin/v1/keys", None, {"X-Big": "a" * 9000}, 431, "request_header_too_large"),
             (api.base, "GET", "/admin/v1/keys?user=" + "a" * 9000, None, {}, 431, "request_header_too_large"),
             (ops, "GET", "/healthz", None, {"X-Big": "a" * 9000}, 431, "request_header_too_large"),

@@ -16,11 +16,11 @@ from controlplane.runner import ControlPlane
 from controlplane.settings import ControlPlaneSettings
 from controlplane.sources.kube import THROTTLE_RETRIES
 from gateway.contract import ChangeEvent
-from gateway.settings import load
 from gateway.store.base import Subscription
 from gateway.store.redis import RedisStore
 from tests.support.admin_api import ADMIN_TOKEN, PEPPER, Api
 from tests.support.k8s_emulator import K8sEmulator, eventually, load_manifests
+from tests.test_controlplane_kube import settings_for as kube_settings
 
 pytestmark = pytest.mark.redis
 
@@ -56,26 +56,19 @@ class LaggingStore(RedisStore):
 def settings_for(emulator: K8sEmulator, tmp_path: Path, redis_url: str, identity: str) -> ControlPlaneSettings:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"admin ops {ADMIN_TOKEN}\n")
-    values: dict[str, Any] = {
-        "port": 0,
-        "ops_port": 0,
-        "host": "127.0.0.1",
-        "source": "kubernetes",
-        "kubeconfig": str(emulator.write_kubeconfig(tmp_path / "kubeconfig")),
-        "redis_url": redis_url,
-        "leader_election": True,
-        "lease_namespace": "maas-system",
-        "identity": identity,
-        "retry_period": 0.1,
-        "resync_period": 3600,
-        "backoff_max": 0.5,
-        "log_format": "text",
-        "admin_token_file": str(tokens),
-        "key_namespace": "llm",
-        "admin_write_timeout": 5.0,
-        "key_pepper": PEPPER.decode(),
-    }
-    return load(ControlPlaneSettings, **values)
+    return kube_settings(
+        emulator,
+        tmp_path,
+        redis_url,
+        leader_election=True,
+        lease_namespace="maas-system",
+        identity=identity,
+        retry_period=0.1,
+        admin_token_file=str(tokens),
+        key_namespace="llm",
+        admin_write_timeout=5.0,
+        key_pepper=PEPPER.decode(),
+    )
 
 
 @pytest.fixture

@@ -187,17 +187,21 @@ def test_a_limit_without_a_window_takes_the_tiers_or_is_refused() -> None:
     assert depends and record.limits is not None and record.limits.tokens == Limit(limit=999, window="1h")
 
 
-def test_a_refused_window_less_limit_is_taken_once_its_tier_gets_the_window() -> None:
-    """The control plane retranslates such a Secret when the tiers change, though it was refused before."""
-    secret = _secret(annotations={"kuadrant.io/groups": "gold", "maas/token-limit": "999"})
+def _gold_tier_sync(secret: dict[str, Any], *, gold: str) -> tuple[Any, dict[str, Any], list[str]]:
+    """The sync path over ``secret`` and tier ConfigMaps with a ``gold`` tier of these limits, synced once: the
+    desired state, the limits ConfigMap (to change) and the reasons reported."""
     mapping = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": "tier-to-group-mapping", "namespace": "llm"},
+        "data": {"tiers": "- {name: free, level: 0, groups: [x]}\n- {name: gold, level: 3, groups: [gold]}\n"},
     }
-    limits = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "maas-tier-limits", "namespace": "llm"}}
-    mapping["data"] = {"tiers": "- {name: free, level: 0, groups: [x]}\n- {name: gold, level: 3, groups: [gold]}\n"}
-    limits["data"] = {"limits": "free: {requests: {limit: 5, window: 2m}}\ngold: {requests: {limit: 9, window: 1m}}\n"}
+    limits: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "maas-tier-limits", "namespace": "llm"},
+        "data": {"limits": f"free: {{requests: {{limit: 5, window: 2m}}}}\ngold: {gold}\n"},
+    }
     objects = {
         kinds.SECRET: {("llm", "alice-key"): secret},
         kinds.CONFIGMAP: {("llm", "tier-to-group-mapping"): mapping, ("llm", "maas-tier-limits"): limits},
@@ -206,6 +210,13 @@ def test_a_refused_window_less_limit_is_taken_once_its_tier_gets_the_window() ->
     desired = desired_over(objects, lambda kind, obj, exc: reported.append(exc.reason), pepper=PEPPER)
     desired.update_tiers()
     desired.update_secrets(desired.all_secrets())
+    return desired, limits, reported
+
+
+def test_a_refused_window_less_limit_is_taken_once_its_tier_gets_the_window() -> None:
+    """The control plane retranslates such a Secret when the tiers change, though it was refused before."""
+    secret = _secret(annotations={"kuadrant.io/groups": "gold", "maas/token-limit": "999"})
+    desired, limits, reported = _gold_tier_sync(secret, gold="{requests: {limit: 9, window: 1m}}")
     assert reported == ["invalid_limit"] and not desired.records[RecordKind.KEY]
     limits["data"] = {"limits": "free: {requests: {limit: 5, window: 2m}}\ngold: {tokens: {limit: 9, window: 1h}}\n"}
     desired.update_secrets(desired.update_tiers())
@@ -237,22 +248,7 @@ def test_a_denied_key_is_read_whatever_its_limits_say(status: str, expected: Key
 def test_revoking_a_key_whose_tier_lost_its_window_reaches_the_store() -> None:
     """Through the sync path: the revoked Secret replaces the last good, active record."""
     secret = _secret(annotations={"maas/tier": "gold", "maas/token-limit": "999"})
-    mapping = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {"name": "tier-to-group-mapping", "namespace": "llm"},
-        "data": {"tiers": "- {name: free, level: 0, groups: [x]}\n- {name: gold, level: 3, groups: [gold]}\n"},
-    }
-    limits = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "maas-tier-limits", "namespace": "llm"}}
-    limits["data"] = {"limits": "free: {requests: {limit: 5, window: 2m}}\ngold: {tokens: {limit: 9, window: 1h}}\n"}
-    objects = {
-        kinds.SECRET: {("llm", "alice-key"): secret},
-        kinds.CONFIGMAP: {("llm", "tier-to-group-mapping"): mapping, ("llm", "maas-tier-limits"): limits},
-    }
-    reported: list[str] = []
-    desired = desired_over(objects, lambda kind, obj, exc: reported.append(exc.reason), pepper=PEPPER)
-    desired.update_tiers()
-    desired.update_secrets(desired.all_secrets())
+    desired, limits, reported = _gold_tier_sync(secret, gold="{tokens: {limit: 9, window: 1h}}")
     limits["data"] = {"limits": "free: {requests: {limit: 5, window: 2m}}\ngold: {requests: {limit: 9, window: 1m}}\n"}
     desired.update_secrets(desired.update_tiers())
     [raw] = desired.records[RecordKind.KEY].values()

@@ -286,6 +286,11 @@ class _EnvelopeHandler(web_protocol.RequestHandler):
         return response
 
 
+def headers_too_large(exc: BaseException | None) -> bool:
+    """Whether aiohttp refused a request for an over-long line or too many headers (a 431, not a 400)."""
+    return isinstance(exc, http_exceptions.LineTooLong) or "too many headers" in str(exc).lower()
+
+
 class EnvelopeServer(web.Server):
     """``web.Server`` whose connections answer malformed requests in the OpenAI envelope: 431 for headers over
     ``--max-header-bytes``, 400 otherwise."""
@@ -295,7 +300,7 @@ class EnvelopeServer(web.Server):
 
     def answer(self, status: int, exc: BaseException | None) -> tuple[int, str, str]:
         """(status, code, message) for what aiohttp could not parse (``status`` < 500) or a handler that raised."""
-        if isinstance(exc, http_exceptions.LineTooLong) or "too many headers" in str(exc).lower():
+        if headers_too_large(exc):
             return 431, "request_header_too_large", "Request headers are too large."
         if status < 500:
             return 400, "bad_request", "Malformed HTTP request."
