@@ -485,6 +485,69 @@ async def test_an_answer_without_usage_is_charged_its_bound_not_nothing(redis_ur
     assert metrics[("maas_meter_upstream_errors_total", (("reason", "no_usage"),))] == 1
 
 
+def token_event(text: str, completion: int) -> bytes:
+    """A vLLM chat chunk with the continuous usage the meter asks for (7 prompt tokens)."""
+    choice = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+    usage = {"prompt_tokens": 7, "total_tokens": 7 + completion, "completion_tokens": completion}
+    chunk = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": MODEL, "choices": [choice]}
+    return b"data: " + json.dumps({**chunk, "usage": usage}, separators=(",", ":")).encode() + b"\n\n"
+
+
+VLLM_500 = b'data: {"error": {"object": "error", "message": "engine died", "type": "InternalServerError", ' + (
+    b'"param": null, "code": 500}}\n\n'
+)
+FLAT_400 = b'data: {"object":"error","message":"bad grammar","type":"BadRequestError","param":null,"code":400}\n\n'
+NO_CODE = b'data: {"error": {"message": "something failed", "type": "server_error"}}\n\n'
+
+
+@pytest.mark.parametrize(
+    ("events", "status", "charged"),
+    [
+        pytest.param([token_event("hi", 1), token_event(" there", 2), VLLM_500], 500, (7, 2), id="vllm-500"),
+        pytest.param([token_event("hi", 1), FLAT_400], 400, (7, 1), id="flat-400"),
+        pytest.param([NO_CODE], 502, None, id="no-code-no-usage"),
+    ],
+)
+async def test_a_stream_vllm_ends_with_an_error_event_is_counted_with_its_status(
+    redis_url: str, events: list[bytes], status: int, charged: tuple[int, int] | None
+) -> None:
+    """The client's head said 200 before the error came: the metric says what happened, the charge is what vLLM
+    reported before the error (nothing, the reservation refunded, when it reported nothing)."""
+
+    async def erring(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for event in [*events, b"data: [DONE]\n\n"]:
+            await response.write(event)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", erring)
+    runner, url = await serve(app)
+    try:
+        async with running_stack(redis_url, upstream=url) as stack:
+            headers = {**stack.headers(key_id="erred", limit=(10_000, 86_400_000)), "content-type": "application/json"}
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    stack.meter_url + "/v1/chat/completions", json={**BODY, "stream": True}, headers=headers
+                ) as resp,
+            ):
+                text = (await resp.read()).decode()
+            rows = await stack.store.read_usage("erred", [ledger_day()])
+            metrics = await stack.metrics()
+    finally:
+        await runner.cleanup()
+    assert resp.status == 200 and text.endswith(events[-1].decode() + "data: [DONE]\n\n")
+    requests = {labels[1][1]: value for (name, labels), value in metrics.items() if name == "maas_meter_requests_total"}
+    assert requests == {str(status): 1}
+    assert [(row.prompt_tokens, row.completion_tokens) for row in rows] == ([charged] if charged else [])
+    assert metrics[("maas_meter_upstream_errors_total", (("reason", "status_5xx"),))] == (status >= 500)
+    assert metrics[("maas_meter_upstream_errors_total", (("reason", "no_usage"),))] == 0
+    if charged is None:  # the whole reservation came back
+        assert metrics[("maas_meter_commit_tokens_total", (("direction", "refund"),))] > 0
+
+
 async def test_identity_headers_stop_at_the_meter(redis_url: str) -> None:
     """The identity headers (and a second, unchecked copy of one) went on to the model server: the meter checks the
     first copy only, so anything behind it that read them could be told another identity."""

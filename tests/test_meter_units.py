@@ -279,6 +279,25 @@ def test_upstream_errors_are_normalised_to_the_openai_envelope(
     assert error["code"] == code and error["message"] == message and set(error) == {"message", "type", "param", "code"}
 
 
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        pytest.param(b'{"error": {"message": "x", "type": "InternalServerError", "code": 500}}', 500, id="vllm"),
+        pytest.param(b'{"object":"error","message":"x","type":"BadRequestError","code":400}', 400, id="old-vllm"),
+        pytest.param(b'{"error": {"message": "x", "code": "upstream_error"}}', 502, id="string-code"),
+        pytest.param(b'{"error": {"message": "x", "code": true}}', 502, id="bool-code"),
+        pytest.param(b'{"error": {"message": "x", "code": 200}}', 502, id="not-an-error-status"),
+        pytest.param(b'{"error": "x"}', 502, id="no-object"),
+        pytest.param(b'{"error": ', 502, id="malformed"),
+    ],
+)
+def test_a_streamed_error_event_stands_for_its_code_or_502(raw: bytes, status: int) -> None:
+    assert errors.stream_error_status(raw) == status
+    meter = StreamMeter(want_usage=False, want_continuous=False, null_usage=False, per_prompt=1)
+    assert meter.event(b"data: " + raw + b"\n\n") == b"data: " + raw + b"\n\n"
+    assert meter.error_status == status
+
+
 # --- settings -----------------------------------------------------------------------------------------------
 
 

@@ -122,22 +122,44 @@ def normalise_upstream_error(status: int, raw: bytes) -> bytes:
     type_ = "server_error" if status >= 500 else "invalid_request_error"
     param: str | None = None
     code: Any = None
-    try:
-        parsed = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        parsed = None
-    if isinstance(parsed, dict):
-        inner = parsed.get("error") if isinstance(parsed.get("error"), dict) else parsed
-        if isinstance(inner, dict):
-            message = str(inner.get("message") or "")
-            type_ = str(inner.get("type") or type_)
-            param = inner.get("param") if isinstance(inner.get("param"), str) else None
-            code = inner.get("code")
+    inner = _error_object(raw)
+    if inner is not None:
+        message = str(inner.get("message") or "")
+        type_ = str(inner.get("type") or type_)
+        param = inner.get("param") if isinstance(inner.get("param"), str) else None
+        code = inner.get("code")
     if not message:
         message = raw[:512].decode(errors="replace").strip() or _phrase(status)
     if not isinstance(code, str) or not code:
         code = _phrase(status).lower().replace(" ", "_").replace("-", "_")
     return envelope(message, type_=type_, code=code, param=param)
+
+
+STREAM_ERROR_STATUS = 502
+"""The status a streamed error event is counted with when it carries no HTTP status of its own: the upstream failed
+the response after its ``200``, as a stream that breaks (``upstream_error``) is counted."""
+
+
+def stream_error_status(raw: bytes) -> int:
+    """The HTTP status an upstream error event (the ``data`` of ``data: {"error": ...}``) stands for: vLLM's integer
+    ``code``, else ``STREAM_ERROR_STATUS``. The response's own status went out with its head, as ``200``."""
+    inner = _error_object(raw)
+    code = inner.get("code") if inner is not None else None
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
+        return code
+    return STREAM_ERROR_STATUS
+
+
+def _error_object(raw: bytes) -> dict[str, Any] | None:
+    """The error object of an upstream error body: ``{"error": {...}}``, or the flat ``{"object": "error", ...}``."""
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    inner = parsed.get("error")
+    return inner if isinstance(inner, dict) else parsed
 
 
 def _phrase(status: int) -> str:

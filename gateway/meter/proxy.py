@@ -663,14 +663,8 @@ async def _stream(
                     relay.wrote(ttft)
         if tracker.done:
             # settle before the client sees [DONE]: a client that has its whole answer is already accounted
-            await settle(
-                meter.store,
-                meter.metrics,
-                exchange,
-                backlog=meter.backlog,
-                served=tracker.usage() if tracker.reported or tracker.error else _unreported(meter, exchange),
-                status=upstream.status,
-            )
+            served, status = _stream_outcome(meter, exchange, tracker, status=upstream.status)
+            await settle(meter.store, meter.metrics, exchange, backlog=meter.backlog, served=served, status=status)
             tail = _last_event(out)
             ttft = relay.sending()
             await response.write(out[: len(out) - len(tail)])
@@ -695,6 +689,19 @@ async def _stream(
         return response
     await response.write_eof()
     return response
+
+
+def _stream_outcome(meter: Meter, exchange: Exchange, tracker: StreamMeter, *, status: int) -> tuple[Usage | None, int]:
+    """What a stream that reached ``[DONE]`` is charged, and the status it is counted with. A stream vLLM ended with
+    an error event is counted with the error's status (the client got ``200`` and the event: the head was gone) and
+    charged the usage vLLM reported before it, or nothing when it reported none (refunded, as an error status is)."""
+    error = tracker.error_status
+    if error is None:
+        return (tracker.usage() if tracker.reported else _unreported(meter, exchange)), status
+    if error >= 500:
+        meter.upstream.count("status_5xx")
+    _warn.warning("upstream ended a stream of key %s with an error event (%d)", exchange.identity.key_id, error)
+    return (tracker.usage() if tracker.reported else None), error
 
 
 def _last_event(out: bytes) -> bytes:

@@ -15,6 +15,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from gateway.meter.errors import stream_error_status
+
 _DECODER = json.JSONDecoder()
 _USAGE = b'"usage":'
 _INDEX = b'"choices":[{"index":'
@@ -169,7 +171,8 @@ class StreamMeter:
     """Choices per prompt (``n``): vLLM numbers a completion's choices prompt by prompt, ``index = prompt * n + i``."""
     final: Usage | None = None
     done: bool = False
-    error: bool = False
+    error_status: int | None = None
+    """The HTTP status of the error event the upstream ended the stream with (vLLM's ``code``), if it did."""
     _per_choice: dict[int, Usage] = field(default_factory=dict)
 
     def usage(self) -> Usage:
@@ -199,7 +202,7 @@ class StreamMeter:
         found = find_usage(data)
         if found is None:
             if data.startswith(b'{"error"') or b'"object":"error"' in data[:64]:
-                self.error = True
+                self.error_status = stream_error_status(data)
             return event
         if _EMPTY_CHOICES in data or (_CHOICES not in data and _EMPTY_RE.search(data) is not None):
             self.final = found.usage
