@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from gateway.contract import bucket_key, ledger_day
 from gateway.meter import quota
+from gateway.meter.estimate import Estimator
 from gateway.sim import engine
 from gateway.sim.server import SimConfig
 from gateway.store.redis import RedisStore
@@ -287,6 +288,30 @@ async def test_a_chat_without_max_tokens_gets_the_rest_of_the_context_as_vllm_wo
     assert answer["usage"]["prompt_tokens"] == json.loads(direct_raw)["usage"]["prompt_tokens"] > 600
     assert "x-maas-max-tokens" not in answer_headers  # the body went as the client sent it
     assert rows[0].prompt_tokens + rows[0].completion_tokens == answer["usage"]["total_tokens"] <= 1024
+
+
+async def test_best_of_is_reserved_for_every_sequence_vllm_generates_and_charged_what_it_reports(
+    redis_url: str,
+) -> None:
+    """vLLM generates ``best_of`` sequences of a completion and returns the ``n`` best: reserved for ``n`` only, a
+    request clamped to what the key could pay generated four times that."""
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 100, "n": 1, "best_of": 4, "ignore_eos": True}
+    async with running_stack(redis_url) as stack:
+        headers = {**stack.headers(key_id="best", limit=(300, 600_000)), "content-type": "application/json"}
+        status, answer_headers, raw = await raw_post(stack.meter_url + "/v1/completions", body, headers)
+        fewer = {**body, "n": 2, "best_of": 1}
+        refused, _, error = await raw_post(stack.meter_url + "/v1/completions", fewer, headers)
+        await wait_until_settled(stack)
+        rows = await stack.store.read_usage("best", [ledger_day()])
+    per_sequence = (300 - Estimator().prompt_tokens("completion", body)) // 4
+    answer = json.loads(raw)
+    assert status == 200 and answer_headers["x-maas-max-tokens-clamped"] == str(per_sequence) and per_sequence < 100
+    assert answer["usage"]["completion_tokens"] == per_sequence
+    assert (rows[0].prompt_tokens, rows[0].completion_tokens) == (
+        answer["usage"]["prompt_tokens"],
+        answer["usage"]["completion_tokens"],
+    )
+    assert refused == 400 and json.loads(error)["error"]["param"] == "best_of"
 
 
 def test_a_reservation_for_the_whole_context() -> None:

@@ -106,6 +106,31 @@ def test_parse_rejects_bad_input(raw: bytes, error: type[errors.MeterError], par
     assert body["error"]["code"] == error.code and 400 <= error.status < 500
 
 
+@pytest.mark.parametrize(
+    ("best_of", "message"),
+    [
+        pytest.param(1, "greater than or equal to n", id="fewer-than-n"),
+        pytest.param("4", "must be an integer", id="string"),
+        pytest.param(True, "must be an integer", id="bool"),
+        pytest.param(0, "at least 1", id="zero"),
+        pytest.param(req.MAX_CHOICES + 1, "at most", id="too-many"),
+    ],
+)
+def test_best_of_must_be_an_integer_of_at_least_n(best_of: object, message: str) -> None:
+    with pytest.raises(errors.InvalidRequest) as caught:
+        parse({"prompt": "x", "n": 2, "best_of": best_of}, "completion")
+    assert caught.value.param == "best_of" and message in str(caught.value)
+    assert json.loads(caught.value.body())["error"]["param"] == "best_of"
+
+
+def test_best_of_sequences_are_reserved_and_n_choices_returned() -> None:
+    batch = parse({"prompt": ["a", "b"], "n": 2, "best_of": 3}, "completion")
+    assert (batch.choices, batch.sequences, batch.n) == (4, 6, 2)
+    assert parse({"prompt": "a", "n": 2, "best_of": None}, "completion").sequences == 2
+    assert parse({"messages": [], "n": 2}).sequences == 2
+    assert parse({"input": "a"}, "embeddings").sequences == 0
+
+
 def test_unknown_fields_pass_when_allowed_and_vllm_extras_are_known() -> None:
     assert parse({"messages": [], "bogus": 1}, allow_unknown=True).body["bogus"] == 1
     assert parse({"messages": [], "top_k": 5, "ignore_eos": True, "chat_template_kwargs": {}}).body["top_k"] == 5

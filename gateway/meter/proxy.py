@@ -197,7 +197,7 @@ def _begin_reserve(meter: Meter, identity: ident.Identity, parsed: req.Parsed) -
     return quota.Reserving(
         identity,
         prompt_estimate=parsed.prompt_estimate,
-        choices=parsed.choices,
+        choices=parsed.sequences,
         wanted=req.wanted_completion(parsed, default_max_tokens=meter.config.default_max_tokens),
         clamp=meter.config.clamp,
         store=meter.store,

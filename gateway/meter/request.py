@@ -1,10 +1,10 @@
 """Reading an OpenAI request body and rewriting it for the upstream. Pure code, no I/O.
 
-The meter validates only what it acts on (``model``, ``stream``, ``stream_options``, ``n``, ``max_tokens``,
-``max_completion_tokens``) and, unless unknown fields are allowed, refuses parameters that neither OpenAI nor vLLM
-define for that route; everything else is left to the upstream. The body is re-encoded only when the meter must
-change it (usage options added for streams, ``max_tokens`` clamped or set); otherwise the client's bytes go
-upstream untouched.
+The meter validates only what it acts on (``model``, ``stream``, ``stream_options``, ``n``, ``best_of``,
+``max_tokens``, ``max_completion_tokens``) and, unless unknown fields are allowed, refuses parameters that neither
+OpenAI nor vLLM define for that route; everything else is left to the upstream. The body is re-encoded only when the
+meter must change it (usage options added for streams, ``max_tokens`` clamped or set); otherwise the client's bytes
+go upstream untouched.
 """
 
 from __future__ import annotations
@@ -149,9 +149,12 @@ class Parsed:
     max_tokens: int | None
     """The client's per-choice completion limit (``max_completion_tokens`` wins over ``max_tokens``)."""
     choices: int
-    """Completions generated: ``n`` times the number of prompts."""
+    """Completions returned: ``n`` times the number of prompts."""
     n: int
     """Completions per prompt."""
+    sequences: int
+    """Sequences generated, each up to ``max_tokens``: what is reserved for. ``choices``, but for a completion with
+    ``best_of``: vLLM generates ``best_of`` per prompt and returns the ``n`` best."""
     prompt_estimate: int
 
     @property
@@ -192,6 +195,7 @@ def parse(raw: bytes, *, kind: Kind, estimator: Estimator, allow_unknown: bool) 
         newer = _int(body, "max_completion_tokens", minimum=1)
         max_tokens = newer if newer is not None else max_tokens
     prompts = _prompt_count(body.get("prompt")) if kind == "completion" else 1
+    best_of = _best_of(body, n=n) if kind == "completion" else n
     return Parsed(
         kind=kind,
         body=body,
@@ -202,6 +206,7 @@ def parse(raw: bytes, *, kind: Kind, estimator: Estimator, allow_unknown: bool) 
         max_tokens=max_tokens,
         choices=n * prompts if kind != "embeddings" else 0,
         n=n,
+        sequences=best_of * prompts if kind != "embeddings" else 0,
         prompt_estimate=estimator.prompt_tokens(kind, body),
     )
 
@@ -229,6 +234,20 @@ def _int(body: dict[str, Any], name: str, *, minimum: int) -> int | None:
     if value < minimum:
         raise InvalidRequest(f"{name} must be at least {minimum}", param=name)
     return value
+
+
+def _best_of(body: dict[str, Any], *, n: int) -> int:
+    """Sequences generated per prompt of a completion (``best_of``, at least ``n``; ``n`` without it)."""
+    best_of = _int(body, "best_of", minimum=1)
+    if best_of is None:
+        return n
+    if best_of < n:  # as vLLM refuses it
+        raise InvalidRequest(
+            f"best_of must be greater than or equal to n, got n={n} and best_of={best_of}", param="best_of"
+        )
+    if best_of > MAX_CHOICES:
+        raise InvalidRequest(f"best_of must be at most {MAX_CHOICES}", param="best_of")
+    return best_of
 
 
 def _prompt_count(prompt: Any) -> int:
