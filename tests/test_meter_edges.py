@@ -12,11 +12,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 
-from gateway.contract import ledger_day
+from gateway.contract import bucket_key, ledger_day
 from gateway.identity import H_TIER, Identity, sign
 from gateway.sim.server import SimConfig
+from tests.support.k8s_emulator import eventually
 from tests.support.procs import free_port
 from tests.test_meter_stack import CHAT, MODEL, SECRET, running_stack, serve
 
@@ -440,6 +442,44 @@ async def test_a_request_that_finds_every_upstream_connection_busy_gets_a_504_th
     assert metrics[("maas_meter_upstream_errors_total", (("reason", "pool_timeout"),))] == 1
     assert metrics[("maas_meter_upstream_errors_total", (("reason", "first_byte_timeout"),))] == 0
     assert metrics[("maas_meter_requests_total", (("model", MODEL), ("status", "504")))] == 1
+
+
+async def test_a_request_past_the_upstream_queue_gets_503_at_once_and_its_reservation_back(redis_url: str) -> None:
+    """The wait for a free upstream connection was bounded only in time: every request past the pool waited up to
+    --upstream-first-byte-timeout, its tokens reserved. One more than --upstream-max-queue is refused at once."""
+    sim = SimConfig(served=(MODEL,), tokens_per_second=5)
+    meter = {"upstream_max_connections": 1, "upstream_max_queue": 1}
+    async with running_stack(redis_url, sim=sim, **meter) as stack:
+        url = stack.meter_url + "/v1/chat/completions"
+
+        def headers(key_id: str) -> dict[str, str]:
+            return {**stack.headers(key_id=key_id, limit=(10_000, 86_400_000)), "content-type": "application/json"}
+
+        long = {**BODY, "max_tokens": 50, "ignore_eos": True, "stream": True}
+        async with aiohttp.ClientSession() as session:
+            holding = await session.post(url, json=long, headers=headers("holding"))
+            await holding.content.readuntil(b"\n\n")  # the only upstream connection is taken
+            queued = asyncio.create_task(post(url, headers=headers("queued")))
+            await eventually(lambda: stack.meter.upstream.waiting() == 1)  # the queue's only place is taken
+            waiting = await stack.metrics()
+            async with session.post(url, json=BODY, headers=headers("busy")) as refused:
+                status, retry_after, body = refused.status, refused.headers.get("retry-after"), await refused.json()
+            holding.close()  # the client leaves: its upstream connection goes to the request that waits
+            served, _ = await queued
+        metrics = await stack.metrics()
+        busy_rows = await stack.store.read_usage("busy", [ledger_day()])
+        bucket = aioredis.Redis.from_url(redis_url)
+        busy_bucket = await bucket.exists(bucket_key("busy", "tokens"))
+        await bucket.aclose()
+    assert (status, body["error"]["code"], body["error"]["type"]) == (503, "upstream_busy", "server_error")
+    assert retry_after == "1" and "--upstream-max-queue" in body["error"]["message"]
+    assert served == 200  # the one that waited was served once a connection came free
+    assert waiting[("maas_meter_upstream_queued_requests", ())] == 1
+    assert metrics[("maas_meter_upstream_queued_requests", ())] == 0
+    assert metrics[("maas_meter_rejected_total", (("reason", "upstream_busy"),))] == 1
+    assert metrics[("maas_meter_requests_total", (("model", MODEL), ("status", "503")))] == 1
+    assert metrics[("maas_meter_reservations_total", (("outcome", "granted"),))] == 3
+    assert busy_rows == [] and not busy_bucket  # reserved, then refunded in full: nothing stored
 
 
 async def usageless_upstream(request: web.Request) -> web.StreamResponse:

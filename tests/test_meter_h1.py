@@ -220,6 +220,26 @@ async def test_a_body_cut_short_raises_from_readany_and_the_connection_is_not_re
     assert up.connections == 2
 
 
+async def test_past_max_waiting_a_request_for_a_connection_is_refused_at_once() -> None:
+    async with upstream(keep_alive([])) as up:
+        pool = h1.Pool(up.url, limit=1, connect_timeout=1, max_waiting=1)
+        held = await pool.request("POST", "/", headers=[], body=b"")  # the only connection, until released
+        gives_up = asyncio.create_task(served(pool, "/", b""))
+        await eventually(lambda: pool.waiting == 1)
+        with pytest.raises(h1.PoolFull):
+            await pool.request("POST", "/", headers=[], body=b"")
+        gives_up.cancel()  # a request that stops waiting frees its place in the queue
+        with contextlib.suppress(asyncio.CancelledError):
+            await gives_up
+        assert pool.waiting == 0
+        waits = asyncio.create_task(served(pool, "/", b"next"))
+        await eventually(lambda: pool.waiting == 1)
+        await read_all(held)
+        held.release()
+        assert await waits == b'{"ok":true}' and pool.waiting == 0
+        pool.close()
+
+
 async def test_connect_failures_are_told_apart() -> None:
     async with upstream(keep_alive([])) as up:
         url = up.url

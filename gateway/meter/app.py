@@ -51,8 +51,10 @@ def build_meter(settings: MeterSettings, *, store: Store | None = None) -> Meter
         idle_timeout=settings.upstream_idle_timeout,
         max_connections=settings.upstream_max_connections,
         keepalive=settings.upstream_keepalive,
+        max_queue=settings.upstream_max_queue,
         errors=metrics.upstream_errors,
     )
+    metrics.upstream_queued.set_function(upstream.waiting)
     return Meter(
         config=config_of(settings),
         store=store if store is not None else open_store(settings.redis_url, timeout=settings.store_timeout),

@@ -103,6 +103,12 @@ class UpstreamUnavailable(MeterError):
     code = "upstream_unavailable"
 
 
+class UpstreamBusy(MeterError):
+    status = 503
+    type = "server_error"
+    code = "upstream_busy"
+
+
 class UpstreamTimeout(MeterError):
     status = 504
     type = "server_error"

@@ -51,6 +51,10 @@ class IdleTimeout(TimeoutError):
     """Nothing of the response body arrived within the time ``readany`` was given."""
 
 
+class PoolFull(Exception):
+    """Every connection is in use and the most requests allowed to wait for one already do: not queued."""
+
+
 class Inbox:
     """Bytes a protocol receives for one reader: the connection feeds them in (``_feed``, ``_finish``), the reader
     takes what has arrived so far (``_take``). ``_feed`` says when more than ``HIGH_WATER`` bytes wait, so the
@@ -316,9 +320,18 @@ class _Connection(asyncio.Protocol):
 
 
 class Pool:
-    """Keep-alive connections to one upstream origin (``http`` or ``https``), at most ``limit`` at a time."""
+    """Keep-alive connections to one upstream origin (``http`` or ``https``), at most ``limit`` at a time; at most
+    ``max_waiting`` requests wait for one of them (None: any number), more raise ``PoolFull``."""
 
-    def __init__(self, base_url: str, *, limit: int, connect_timeout: float, keepalive: float = 4.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        limit: int,
+        connect_timeout: float,
+        keepalive: float = 4.0,
+        max_waiting: int | None = None,
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"upstream must be an http(s) URL, got {base_url!r}")
@@ -330,7 +343,7 @@ class Pool:
         host = f"[{self._host}]" if ":" in self._host else self._host
         self._host_header = (host if default_port else f"{host}:{self._port}").encode("idna")
         self._idle: list[_Connection] = []
-        self._slots = _Slots(limit)
+        self._slots = _Slots(limit, max_waiting=max_waiting)
         self._busy: set[_Connection] = set()
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive
@@ -356,6 +369,11 @@ class Pool:
     async def take_slot(self) -> None:
         """Wait until fewer than ``limit`` requests are in flight, and hold a place for one (for ``request``)."""
         await self._slots.take()
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a connection."""
+        return self._slots.waiting
 
     def prepare(self, method: str, path_qs: str, *, headers: Iterable[tuple[str, str]], body: bytes) -> Prepared | None:
         """A request on an idle connection, ready to be sent from a callback (``Prepared.fire``); None when that
@@ -495,13 +513,15 @@ class Prepared:
 
 class _Slots:
     """A counting limit with a synchronous ``try_take`` (``asyncio.Semaphore`` has none): slots given back go to
-    waiters first, in order."""
+    waiters first, in order; past ``max_waiting`` waiters ``take`` raises ``PoolFull`` instead of waiting."""
 
-    __slots__ = ("_free", "_waiters")
+    __slots__ = ("_free", "_max_waiting", "_waiters", "waiting")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, max_waiting: int | None = None) -> None:
         self._free = limit
+        self._max_waiting = max_waiting
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self.waiting = 0
 
     def try_take(self) -> bool:
         if self._free > 0:
@@ -512,14 +532,19 @@ class _Slots:
     async def take(self) -> None:
         if self.try_take():
             return
+        if self._max_waiting is not None and self.waiting >= self._max_waiting:
+            raise PoolFull(f"all connections are in use and {self.waiting} requests wait for one")
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        self.waiting += 1
         try:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.give()  # handed a slot just as the wait was cancelled: pass it on
             raise
+        finally:
+            self.waiting -= 1
 
     def give(self) -> None:
         while self._waiters:

@@ -134,6 +134,9 @@ class MeterMetrics:
         self.rejected_children: dict[str, Counter] = {}
         self.disconnects = Counter("maas_meter_client_disconnects", "Streams the client left early", registry=r)
         self.in_flight = Gauge("maas_meter_requests_in_flight", "Metered requests being served", registry=r)
+        self.upstream_queued = Gauge(
+            "maas_meter_upstream_queued_requests", "Metered requests waiting for a free upstream connection", registry=r
+        )
         self.backlog = Gauge(
             "maas_meter_ledger_backlog_rows", "Usage ledger rows waiting for the store to come back", registry=r
         )

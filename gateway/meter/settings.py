@@ -67,6 +67,16 @@ class MeterSettings(CommonSettings):
     )
     upstream_idle_timeout: float = Field(60.0, gt=0, le=3600, description="longest silence inside a response, seconds")
     upstream_max_connections: int = Field(1024, ge=1, le=100_000, description="upstream connection pool size")
+    upstream_max_queue: int = Field(
+        128,
+        ge=0,
+        le=100_000,
+        description="metered requests that may wait for a free upstream connection when all --upstream-max-connections "
+        "are in use; one more gets 503 upstream_busy with retry-after at once (0: none wait). 128: with every "
+        "connection busy, vLLM already queues most of those requests itself, so waiting here adds latency while "
+        "holding each request's body and reserved tokens; a short queue rides out a burst while streams end, and the "
+        "rest can retry at once on another replica instead of waiting out --upstream-first-byte-timeout",
+    )
     upstream_keepalive: float = Field(
         4.0,
         ge=0,

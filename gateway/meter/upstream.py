@@ -1,6 +1,8 @@
 """The connections to the upstream (vLLM): the lean keep-alive client of ``h1`` for metered requests, one pooled
 aiohttp session for passthrough and health probes, a timeout on every step, and both clients' exceptions turned
-into the meter's errors (503 unreachable, 504 too slow, 502 broken) with a metric per reason."""
+into the meter's errors (503 unreachable, 504 too slow, 502 broken) with a metric per reason. Metered requests wait
+for a free connection of the lean client's pool, at most ``max_queue`` of them at a time; one more is refused at once
+(503 ``upstream_busy``, counted as a refusal: it was never sent)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from prometheus_client import Counter
 
 from gateway.logs import RateLimitedLog
 from gateway.meter import h1
-from gateway.meter.errors import MeterError, UpstreamBroken, UpstreamTimeout, UpstreamUnavailable
+from gateway.meter.errors import MeterError, UpstreamBroken, UpstreamBusy, UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger("maas.meter.upstream")
 _warn = RateLimitedLog(log)
@@ -69,6 +71,10 @@ def response_headers(headers: MultiMapping[str]) -> CIMultiDict[str]:
 
 Upstreamed = h1.Response | aiohttp.ClientResponse
 
+BUSY_RETRY_AFTER = "1"
+"""``retry-after`` of a request refused because the queue for a connection is full: a place comes free whenever one of
+the requests in flight ends, which cannot be foretold; a second spreads the retries without stalling them."""
+
 
 class Upstream:
     def __init__(
@@ -80,6 +86,7 @@ class Upstream:
         idle_timeout: float,
         max_connections: int,
         errors: Mapping[str, Counter],
+        max_queue: int,
         keepalive: float = 4.0,
     ) -> None:
         self.base_url = base_url
@@ -87,6 +94,7 @@ class Upstream:
         self.idle_timeout = idle_timeout
         self._connect_timeout = connect_timeout
         self._max_connections = max_connections
+        self._max_queue = max_queue
         self._keepalive = keepalive
         self._errors = errors
         self._session: aiohttp.ClientSession | None = None
@@ -106,7 +114,11 @@ class Upstream:
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
         self._pool = h1.Pool(
-            self.base_url, limit=self._max_connections, connect_timeout=self._connect_timeout, keepalive=self._keepalive
+            self.base_url,
+            limit=self._max_connections,
+            connect_timeout=self._connect_timeout,
+            keepalive=self._keepalive,
+            max_waiting=self._max_queue,
         )
 
     async def close(self) -> None:
@@ -153,7 +165,10 @@ class Upstream:
                     if prepared is not None:
                         return await prepared.response()
                     queued = True
-                    await self._pool.take_slot()
+                    try:
+                        await self._pool.take_slot()
+                    except h1.PoolFull as exc:
+                        raise self._busy() from exc
                     queued = False
                     return await self._pool.request(method, path_qs, headers=headers.items(), body=body, slot=True)
             except TimeoutError as exc:
@@ -168,6 +183,19 @@ class Upstream:
                     ),
                 ) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _busy(self) -> UpstreamBusy:
+        exc = UpstreamBusy(
+            f"the model server is busy: all {self._max_connections} upstream connections (--upstream-max-connections) "
+            f"are in use and {self._max_queue} requests (--upstream-max-queue) already wait for one; retry shortly",
+            headers={"retry-after": BUSY_RETRY_AFTER},
+        )
+        _warn.warning("upstream queue full: %s", exc)
+        return exc
+
+    def waiting(self) -> int:
+        """Metered requests waiting for a free upstream connection."""
+        return self._pool.waiting if self._pool is not None else 0
 
     def prepare(self, method: str, path_qs: str, *, headers: CIMultiDict[str], body: bytes) -> h1.Prepared | None:
         """The request on an idle connection, to be sent from a callback; None when none is at hand."""
