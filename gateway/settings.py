@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway import contract
 from gateway.errors import ConfigError
+from gateway.store.urls import CLUSTER_SCHEMES, node_url, url_nodes
 
 log = logging.getLogger("maas.settings")
 
@@ -59,6 +60,40 @@ def _store_url_problem(value: str) -> str | None:
     if scheme == "memory":
         return None
     try:
+        nodes = url_nodes(value)
+    except ValueError:
+        return "malformed URL: check the brackets of an IPv6 address"
+    if scheme in CLUSTER_SCHEMES:
+        return _seeds_problem(scheme, value, nodes)
+    if len(nodes) > 1:
+        return f"several nodes need {' or '.join(s + '://' for s in CLUSTER_SCHEMES)} (got {scheme}://)"
+    return _node_problem(scheme, value)
+
+
+def _seeds_problem(scheme: str, value: str, nodes: Sequence[str]) -> str | None:
+    """A cluster URL's node list: every seed well-formed, none twice. A seed is named by its ``host:port`` (the
+    password sits before the last '@', never in the list)."""
+    if len(nodes) == 1:
+        return _node_problem(scheme, value)
+    seen: set[tuple[str, int]] = set()
+    for number, node in enumerate(nodes, 1):
+        where = f"node {number} of {len(nodes)} in the node list"
+        if not node:
+            return f"{where} is empty: list the seed nodes as {scheme}://HOST:PORT,HOST:PORT/DB"
+        seed = node_url(value, node)
+        problem = _node_problem(scheme, seed)
+        if problem is not None:
+            return f"{where} ({node}): {problem}"
+        parts = urlsplit(seed)
+        address = (str(parts.hostname), parts.port or 6379)
+        if address in seen:
+            return f"{where} ({node}) is listed twice"
+        seen.add(address)
+    return None
+
+
+def _node_problem(scheme: str, value: str) -> str | None:
+    try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
     except ValueError:
@@ -82,7 +117,8 @@ class CommonSettings(BaseSettings):
         "redis://127.0.0.1:6379/0",
         description=(
             "store: redis://, rediss://, unix:// (a Redis socket on this host: unix:///run/redis/redis.sock?db=0), "
-            "redis+cluster://, or memory:// (one process only)"
+            "redis+cluster:// or rediss+cluster:// (one or more seed nodes, comma-separated: "
+            "redis+cluster://user:pass@host1:6379,host2:6379,host3:6379/0), or memory:// (one process only)"
         ),
     )
     store_timeout: float = Field(0.25, gt=0, le=30, description="timeout of every store call, seconds")

@@ -31,6 +31,12 @@ def _maas(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
             id="authz-redis-port",
         ),
         pytest.param(
+            ["controlplane", "--dev", "--source", "dir:/nonexistent"],
+            {"MAAS_REDIS_URL": f"redis+cluster://default:{PASSWORD}@10.0.0.1:6379,,10.0.0.2:6379/0"},
+            "--redis-url / MAAS_REDIS_URL: node 2 of 3 in the node list is empty",
+            id="controlplane-cluster-seeds",
+        ),
+        pytest.param(
             ["authz", "--dev"],
             {"MAAS_REDIS_URL": f"http://default:{PASSWORD}@127.0.0.1/0"},
             "--redis-url / MAAS_REDIS_URL",

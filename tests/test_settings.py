@@ -60,7 +60,32 @@ def test_a_short_pepper_names_its_flag() -> None:
         pytest.param(f"redis://:{PASSWORD}@/0", "needs a host", id="no-host"),
         pytest.param("unix://", "socket's path", id="unix-without-path"),
         pytest.param("redis://127.0.0.1:6379/zero", "database number", id="db-not-a-number"),
-        pytest.param("redis+cluster://a:7000,b:7001", "port", id="cluster-two-hosts"),
+        pytest.param(f"redis://u:{PASSWORD}@a:7000,b:7001/0", "several nodes need redis+cluster://", id="two-hosts"),
+        pytest.param(
+            f"redis+cluster://u:{PASSWORD}@a:7000,,b:7001/0",
+            "node 2 of 3 in the node list is empty",
+            id="cluster-empty",
+        ),
+        pytest.param(
+            f"redis+cluster://u:{PASSWORD}@a:7000,b:7001,/0",
+            "node 3 of 3 in the node list is empty",
+            id="cluster-comma",
+        ),
+        pytest.param(
+            f"redis+cluster://u:{PASSWORD}@a:7000,b:abc/0",
+            "node 2 of 2 in the node list (b:abc): malformed URL: the port must be a number",
+            id="cluster-port",
+        ),
+        pytest.param(
+            f"rediss+cluster://u:{PASSWORD}@a:7000,:7001/0",
+            "node 2 of 2 in the node list (:7001): rediss+cluster:// needs a host",
+            id="cluster-host",
+        ),
+        pytest.param(
+            f"redis+cluster://u:{PASSWORD}@a:7000,b:7001,a:7000/0",
+            "node 3 of 3 in the node list (a:7000) is listed twice",
+            id="cluster-twice",
+        ),
     ],
 )
 def test_bad_redis_url_is_refused_at_start_without_echoing_it(url: str, problem: str) -> None:
@@ -81,6 +106,8 @@ def test_bad_redis_url_is_refused_at_start_without_echoing_it(url: str, problem:
         f"unix://:{PASSWORD}@/run/redis/redis.sock",
         "redis+cluster://redis-0.redis:7000",
         "rediss+cluster://[::1]:7000/0",
+        f"redis+cluster://maas:{PASSWORD}@redis-0.redis:7000,redis-1.redis:7000,redis-2.redis:7000/0",
+        "rediss+cluster://[::1]:7000,[::1]:7001,redis-cluster:7000?ssl_cert_reqs=required",
         "memory://",
     ],
 )
@@ -95,6 +122,9 @@ def test_store_urls_of_every_scheme_are_accepted(url: str) -> None:
         pytest.param(f"redis://h:6379/0?password={PASSWORD}&db=1", "redis://h:6379/0?password=***&db=1", id="query"),
         pytest.param(f"unix://:{PASSWORD}@/run/r.sock?db=2", "unix://***@/run/r.sock?db=2", id="unix"),
         pytest.param("rediss://h/0?ssl_cert_reqs=none", "rediss://h/0?ssl_cert_reqs=none", id="nothing-secret"),
+        pytest.param(
+            f"redis+cluster://u:{PASSWORD}@h1:7000,h2:7001/0", "redis+cluster://***@h1:7000,h2:7001/0", id="seeds"
+        ),
     ],
 )
 def test_logged_configuration_hides_redis_passwords(url: str, shown: str) -> None:

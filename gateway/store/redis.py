@@ -1,5 +1,6 @@
 """Redis store: redis-py asyncio (hiredis parser), one connection pool, Lua scripts by EVALSHA with a NOSCRIPT
-fallback, a timeout on every call. Works against a single Redis and against Redis Cluster (``redis+cluster://``).
+fallback, a timeout on every call. Works against a single Redis and against Redis Cluster (``redis+cluster://``,
+one or more seed nodes: ``redis+cluster://host1:6379,host2:6379/0``).
 
 Only this module touches ``redis.exceptions``; everything leaves it as ``StoreError``/``StoreTimeout``.
 """
@@ -15,11 +16,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from importlib import resources
 from types import TracebackType
 from typing import Any, Self, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -31,6 +32,7 @@ from gateway.errors import StoreError, StoreNotSent, StoreTimeout
 from gateway.limits import BucketOp, BucketResult
 from gateway.store.base import BucketsDone, GroupsFailed, UsageDelta, UsageNotWritten, UsageRow, outcome_into
 from gateway.store.resp import NoScript, RespPipe, bulk, command
+from gateway.store.urls import node_url, seed_urls
 
 T = TypeVar("T")
 
@@ -172,17 +174,23 @@ def _where(url: str) -> str:
 
 def _with_node(url: str, host: str, port: int) -> str:
     """``url`` pointing at another node: the same credentials, database and options."""
-    parts = urlsplit(url)
-    userinfo, at, _ = parts.netloc.rpartition("@")
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{address}"))
+    return node_url(url, f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+
+
+def _seed_node(url: str) -> ClusterNode:
+    params = parse_url(url)
+    return ClusterNode(str(params.get("host", "127.0.0.1")), int(params.get("port", 6379)))
 
 
 class RedisStore:
     def __init__(self, url: str, *, timeout: float = 0.25, max_connections: int = 64) -> None:
         self._timeout = timeout
         self.cluster = "+cluster://" in url
-        self._url = url.replace("+cluster://", "://")
+        url = url.replace("+cluster://", "://")
+        self._seeds = seed_urls(url) if self.cluster else [url]
+        """One URL per seed node of a cluster (the URL's node list), else the URL itself."""
+        self._url = self._seeds[0]
+        self._seed_names = ", ".join(_where(seed) for seed in self._seeds) if self.cluster else ""
         common: dict[str, Any] = {
             # No socket_timeout: redis-py would wrap every read in asyncio.wait_for (a task per read); every call
             # here is bounded by asyncio.timeout in _call instead, and a cancelled read drops its connection.
@@ -192,7 +200,11 @@ class RedisStore:
         }
         self._client: Any
         if self.cluster:
-            self._client = RedisCluster.from_url(self._url, max_connections=max_connections, **common)
+            # every seed, so the client starts from any one that answers (it tries them all, in random order)
+            seeds = [_seed_node(seed) for seed in self._seeds]
+            self._client = RedisCluster.from_url(
+                self._url, startup_nodes=seeds, max_connections=max_connections, **common
+            )
         else:
             self._client = aioredis.Redis.from_url(self._url, max_connections=max_connections, **common)
         self._apply = _Script(APPLY_SCRIPT)
@@ -223,7 +235,7 @@ class RedisStore:
         except TimeoutError as exc:
             raise StoreTimeout(f"redis {what} timed out after {self._timeout:g}s") from exc
         except _ERRORS as exc:
-            raise _store_error(what, exc) from exc
+            raise _store_error(what, exc, seeds=self._seed_names) from exc
 
     async def _evalsha(self, script: _Script, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
         try:
@@ -289,9 +301,10 @@ class RedisStore:
         return _RedisSubscription(self._event_urls(), timeout=self._timeout, on_subscribed=self._subscribed_at)
 
     def _event_urls(self) -> list[str]:
-        """Where to subscribe in a cluster, where PUBLISH reaches every node: the node that served last, the URL's,
-        then every other node the cluster client knows (so the events survive the failure of any one node)."""
-        urls = dict.fromkeys([self._events_url, self._url])
+        """Where to subscribe in a cluster, where PUBLISH reaches every node: the node that served last, the URL's
+        seeds, then every other node the cluster client knows (so the events survive the failure of any one node,
+        and a process starts while a seed is down)."""
+        urls = dict.fromkeys([self._events_url, *self._seeds])
         for node in self._client.get_nodes():
             urls[_with_node(self._url, node.host, node.port)] = None
         return [url for url in urls if url]
@@ -519,10 +532,13 @@ class RedisStore:
         return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
 
 
-def _store_error(what: str, exc: BaseException) -> StoreError:
+def _store_error(what: str, exc: BaseException, *, seeds: str = "") -> StoreError:
     """Ours for redis-py's ``exc``: ``StoreNotSent`` when the command certainly did not run (it can be made again
-    without running twice), else ``StoreError`` (a timeout or a connection lost after sending: it may have run)."""
+    without running twice), else ``StoreError`` (a timeout or a connection lost after sending: it may have run).
+    A cluster no seed of which answered is named by its ``seeds``: redis-py's message names the last one only."""
     text = f"redis {what} failed: {type(exc).__name__}: {exc}"
+    if seeds and isinstance(exc, rexc.RedisClusterUnreachableError):
+        text += f" (seeds: {seeds})"
     return StoreNotSent(text) if _not_run(exc) else StoreError(text)
 
 

@@ -38,7 +38,10 @@ def authz_process(
     args: Sequence[str] = (),
     name: str = "authz",
     ready_timeout: float = 20.0,
+    wait_ready: bool = True,
 ) -> Iterator[Authz]:
+    """``maas authz`` on free ports, once its /readyz answers 200 (``wait_ready=False``: once its ops port is open,
+    for a process that cannot get ready)."""
     port, ops_port = free_port(), free_port()
     argv = maas_argv(
         "authz",
@@ -60,7 +63,10 @@ def authz_process(
     )
     proc = start(name, argv, log_dir=log_dir)
     try:
-        wait_http(f"http://127.0.0.1:{ops_port}/readyz", proc=proc.popen, timeout=ready_timeout)
+        if wait_ready:
+            wait_http(f"http://127.0.0.1:{ops_port}/readyz", proc=proc.popen, timeout=ready_timeout)
+        else:
+            wait_port(ops_port, proc=proc.popen, timeout=ready_timeout)
         yield Authz(proc=proc, port=port, ops_port=ops_port)
     finally:
         proc.stop()
