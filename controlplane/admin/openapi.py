@@ -22,7 +22,7 @@ ERRORS = {
     405: "method not allowed on this path",
     406: "unsupported Accept (not_acceptable)",
     409: "read-only key, revoked or expired key, or tier in use, by keys or by the windows their limits take from it "
-    "(read_only_key, key_revoked, key_expired, tier_in_use)",
+    "(read_only_key, key_revoked, key_expired, tier_in_use); the object kept changing under the change (conflict)",
     413: "body over 64 KiB (body_too_large)",
     415: "body is not application/json, or in a Content-Encoding other than gzip and deflate (unsupported_media_type)",
     431: "the request line or a header over 8190 bytes (request_header_too_large)",

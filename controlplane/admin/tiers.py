@@ -13,19 +13,19 @@ from aiohttp import web
 from controlplane import kinds
 from controlplane.admin.auth import audit
 from controlplane.admin.context import (
-    WRITE_ATTEMPTS,
     AdminContext,
     context,
     duration_seconds,
     json_model,
     principal,
     read_body,
+    retry_conflicts,
     source_failed,
 )
 from controlplane.admin.errors import InvalidRequest, TierInUse, TierNotFound
 from controlplane.admin.models import TierDeleted, TierList, TierPut, TierUpdated
 from controlplane.admin.views import tier_view
-from controlplane.errors import ConflictError, SourceError
+from controlplane.errors import SourceError
 from controlplane.kinds import Obj, meta
 from controlplane.translate.common import as_dict
 from controlplane.translate.tiers import LIMITS_KEY, TIERS_KEY
@@ -102,23 +102,17 @@ def _configmap(namespace: str, name: str, key: str, document: Any, version: str)
 
 
 async def _change(ctx: AdminContext, edit: Edit) -> None:
-    """Read both ConfigMaps, edit, write them back: under one lock in this replica, and started over when another
-    replica changed them in between (the writes carry the resourceVersions read)."""
+    """Read both ConfigMaps, edit, write them back: under one lock in this replica, and started over, after a pause,
+    when another writer changed them in between (the writes carry the resourceVersions read)."""
+
+    async def attempt(_: int) -> None:
+        namespace, entries, limits, (mapping_version, limits_version) = await _read(ctx)
+        entries, limits = edit(entries, limits)
+        await ctx.source.apply(_configmap(namespace, ctx.tier_limits_configmap, LIMITS_KEY, limits, limits_version))
+        await ctx.source.apply(_configmap(namespace, ctx.tier_configmap, TIERS_KEY, entries, mapping_version))
+
     async with ctx.locks("tiers"):
-        for attempt in range(WRITE_ATTEMPTS):
-            namespace, entries, limits, (mapping_version, limits_version) = await _read(ctx)
-            entries, limits = edit(entries, limits)
-            try:
-                await ctx.source.apply(
-                    _configmap(namespace, ctx.tier_limits_configmap, LIMITS_KEY, limits, limits_version)
-                )
-                await ctx.source.apply(_configmap(namespace, ctx.tier_configmap, TIERS_KEY, entries, mapping_version))
-                return
-            except ConflictError as exc:
-                if attempt == WRITE_ATTEMPTS - 1:
-                    raise source_failed(exc) from exc
-            except SourceError as exc:
-                raise source_failed(exc) from exc
+        await retry_conflicts(attempt, what="The tier ConfigMaps")
 
 
 async def list_tiers(request: web.Request) -> web.Response:
