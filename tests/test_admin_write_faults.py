@@ -1,5 +1,6 @@
-"""Admin writes against the Kubernetes API emulator when another writer races them: a change that lost a race is
-started over, after a pause, on top of the other writer's change."""
+"""Admin writes against the Kubernetes API emulator when the API server fails them or another writer races them: a
+tier change, which touches two ConfigMaps, is all or nothing as the cluster ends up (or says exactly what is not),
+and a change that lost a race is started over, after a pause, on top of the other writer's change."""
 
 from __future__ import annotations
 
@@ -71,6 +72,79 @@ def other_writer_adds_silver(emulator: K8sEmulator) -> Callable[[], None]:
         emulator.replace(current)
 
     return edit
+
+
+@pytest.mark.parametrize(
+    ("status", "times", "answer", "updates"),
+    [
+        # the limits written, the mapping refused, the limits restored
+        pytest.param(500, 1, (503, "source_unavailable"), 3, id="api-server-error"),
+        # each attempt the same, after a pause, until the attempts run out
+        pytest.param(409, WRITE_ATTEMPTS, (409, "conflict"), 3 * WRITE_ATTEMPTS, id="lasting-conflict"),
+    ],
+)
+async def test_a_tier_change_whose_second_write_fails_for_good_leaves_the_first_as_it_was(
+    api: Api, seeded: K8sEmulator, status: int, times: int, answer: tuple[int, str], updates: int
+) -> None:
+    """The limits ConfigMap stayed written when the mapping's write failed: the cluster held limits for a tier it
+    did not have, and a lost race was answered 503 like an API server failure."""
+    before = {name: data(seeded, name) for name in (MAPPING, LIMITS)}
+    seeded.inject("update configmaps", status, times=times, name=MAPPING)
+    sent = seeded.requests["update configmaps"]
+    code, error = await api.call("PUT", "/admin/v1/tiers/gold", json=GOLD)
+    assert (code, error["error"]["code"]) == answer, error
+    assert error["error"]["type"] in ("invalid_request_error", "server_error"), error
+    assert {name: data(seeded, name) for name in (MAPPING, LIMITS)} == before
+    assert seeded.requests["update configmaps"] - sent == updates
+    code, _ = await api.call("GET", "/admin/v1/tiers/gold")
+    assert code == 404
+
+
+async def test_a_limits_configmap_the_failed_change_created_is_deleted_again(api: Api, seeded: K8sEmulator) -> None:
+    seeded.delete("v1", "ConfigMap", NS, LIMITS)
+    before = data(seeded, MAPPING)
+    seeded.inject("update configmaps", 500, name=MAPPING)
+    code, error = await api.call("PUT", "/admin/v1/tiers/gold", json=GOLD)
+    assert (code, error["error"]["code"]) == (503, "source_unavailable"), error
+    assert configmap(seeded, LIMITS) is None and data(seeded, MAPPING) == before
+    assert seeded.requests["create configmaps"] == 1 and seeded.requests["delete configmaps"] == 1
+
+
+async def test_a_restore_that_meets_another_writers_change_is_reported_not_overwritten(
+    api: Api, seeded: K8sEmulator
+) -> None:
+    before = data(seeded, MAPPING)
+    seeded.inject("update configmaps", 500, name=MAPPING)
+    # after this change wrote the limits, and before it restores them, someone else edits them
+    seeded.intercept("update configmaps", other_writer_adds_silver(seeded), name=MAPPING)
+    code, error = await api.call("PUT", "/admin/v1/tiers/gold", json=GOLD)
+    assert (code, error["error"]["code"]) == (409, "partial_change"), error
+    message = error["error"]["message"]
+    assert f"ConfigMap {NS}/{LIMITS} holds it" in message and f"ConfigMap {NS}/{MAPPING} does not" in message, message
+    assert "another writer" in message, message
+    limits = yaml.safe_load(data(seeded, LIMITS)["limits"])
+    assert {"gold", "silver"} <= set(limits), limits  # the other writer's version, kept
+    assert data(seeded, MAPPING) == before
+
+
+async def test_a_restore_the_api_server_fails_is_reported(api: Api, seeded: K8sEmulator) -> None:
+    seeded.inject("update configmaps", 500, name=MAPPING)
+    seeded.intercept("update configmaps", lambda: seeded.inject("update configmaps", 503, name=LIMITS), name=MAPPING)
+    code, error = await api.call("PUT", "/admin/v1/tiers/gold", json=GOLD)
+    assert (code, error["error"]["code"], error["error"]["type"]) == (503, "partial_change", "server_error"), error
+    assert f"ConfigMap {NS}/{LIMITS} holds it" in error["error"]["message"], error
+    assert "gold" in yaml.safe_load(data(seeded, LIMITS)["limits"])
+
+
+async def test_a_change_of_the_limits_alone_writes_only_the_limits(api: Api, seeded: K8sEmulator) -> None:
+    """Nothing to take back when only one ConfigMap changes: a failing mapping write is never reached."""
+    seeded.inject("update configmaps", 500, name=MAPPING)
+    premium = {"display_name": "Premium Tier", "level": 1, "groups": ["premium"], "limits": {}}
+    premium["limits"] = {"requests": {"limit": 21, "window": "2m"}}
+    sent = seeded.requests["update configmaps"]
+    code, tier = await api.call("PUT", "/admin/v1/tiers/premium", json=premium)
+    assert code == 200 and tier["limits"]["requests"] == {"limit": 21, "window": "2m"}, tier
+    assert seeded.requests["update configmaps"] - sent == 1
 
 
 def start_overs(caplog: pytest.LogCaptureFixture) -> list[str]:
