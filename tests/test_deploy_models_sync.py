@@ -186,6 +186,9 @@ def test_the_rbac_authorizer_refuses_what_no_rule_grants() -> None:
     assert allows("update", "", "configmaps", "maas-system", "maas-tier-limits")
     assert not allows("update", "", "configmaps", "maas-system", "some-other-configmap")
     assert not allows("update", "", "configmaps", "llm", "maas-tier-limits")
+    # a tier change takes back a tier ConfigMap it created when its second write fails
+    assert allows("delete", "", "configmaps", "maas-system", "maas-tier-limits")
+    assert not allows("delete", "", "configmaps", "maas-system", "some-other-configmap")
     assert not allows("list", "", "secrets", "kube-system", None)
     assert allows("list", "", "secrets", "llm", None)
     assert not allows("get", "", "secrets", "default", "x")

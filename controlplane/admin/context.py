@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import re
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from controlplane.admin.auth import Principal, TokenBook
 from controlplane.admin.errors import (
+    Conflict,
     InvalidDuration,
     InvalidJSON,
     InvalidRequest,
@@ -26,11 +28,15 @@ from controlplane.admin.errors import (
     UnsupportedMediaType,
 )
 from controlplane.admin.state import AdminState
-from controlplane.errors import SourceError, ThrottledError
+from controlplane.errors import ConflictError, SourceError, ThrottledError
+from controlplane.reflector import Backoff
 from controlplane.sources.base import Source
 from gateway.contract import TierRecord, WindowError, parse_window
 
+log = logging.getLogger("maas.controlplane.admin")
+
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 MAX_BODY_BYTES = 64 * 1024
 _DURATION = re.compile(r"(?:[0-9]+(?:ms|s|m|h|d))+")
@@ -41,6 +47,9 @@ _ZERO = re.compile(r"0+(?:ms|s|m|h|d)?")
 
 WRITE_ATTEMPTS = 5
 """Read-modify-write attempts of one admin change when the object keeps changing under it (another replica)."""
+CONFLICT_WAIT = 0.05
+"""Seconds before the first start-over of a change that lost a race; each next wait doubles, and each is drawn
+between half and all of its value: at most 0.05 + 0.1 + 0.2 + 0.4 = 0.75 s over ``WRITE_ATTEMPTS``."""
 
 
 class Locks:
@@ -183,6 +192,40 @@ def rfc3339(epoch: float | None) -> str | None:
 
 def json_model(model: BaseModel, *, status: int = 200) -> web.Response:
     return web.json_response(text=model.model_dump_json(by_alias=True), status=status)
+
+
+async def retry_conflicts(
+    change: Callable[[int], Awaitable[T]],
+    *,
+    what: str,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> T:
+    """Run ``change`` (given its attempt number, from 0) until it does not lose a race (``ConflictError``), at most
+    ``WRITE_ATTEMPTS`` times. Each start-over waits a jittered, doubling pause: writers that collided (replicas, a
+    ``kubectl edit``) would collide again if they read and wrote back at once. A race lost every time is 409
+    ``conflict`` (``what`` kept changing); any other failure of the cluster store is 503."""
+    backoff = Backoff(base=CONFLICT_WAIT, cap=CONFLICT_WAIT * 2 ** (WRITE_ATTEMPTS - 2))
+    attempt = 0
+    while True:
+        try:
+            return await change(attempt)
+        except ConflictError as exc:
+            attempt += 1
+            if attempt == WRITE_ATTEMPTS:
+                raise Conflict(
+                    f"{what} kept changing while this change was written ({WRITE_ATTEMPTS} attempts); retry: {exc}"
+                ) from exc
+        except SourceError as exc:
+            raise source_failed(exc) from exc
+        wait = backoff.next()
+        log.info(
+            "%s changed under this change (attempt %d of %d); starting over in %.3fs",
+            what,
+            attempt,
+            WRITE_ATTEMPTS,
+            wait,
+        )
+        await sleep(wait)
 
 
 def source_failed(exc: SourceError) -> SourceUnavailable:

@@ -128,6 +128,13 @@ class TierInUse(Conflict):
     code = "tier_in_use"
 
 
+class PartialChangeConflict(Conflict):
+    """A change of two objects of which one was written and could not be taken back because another writer has
+    changed it since (its version is kept): the message says what each object holds."""
+
+    code = "partial_change"
+
+
 class UnknownTier(AdminError):
     code = "unknown_tier"
 
@@ -159,6 +166,12 @@ class StoreUnavailable(Unavailable):
 
 class SourceUnavailable(Unavailable):
     code = "source_unavailable"
+
+
+class PartialChange(Unavailable):
+    """As ``PartialChangeConflict``, but the API server failed the taking back."""
+
+    code = "partial_change"
 
 
 class NotSynced(Unavailable):

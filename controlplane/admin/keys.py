@@ -17,7 +17,6 @@ from controlplane import kinds
 from controlplane.admin import keysecret as ks
 from controlplane.admin.auth import audit
 from controlplane.admin.context import (
-    WRITE_ATTEMPTS,
     AdminContext,
     check_query,
     context,
@@ -26,6 +25,7 @@ from controlplane.admin.context import (
     json_model,
     principal,
     read_body,
+    retry_conflicts,
     source_failed,
 )
 from controlplane.admin.errors import (
@@ -227,17 +227,15 @@ async def _update(request: web.Request, updates: Mapping[str, str | None], actio
     ctx = context(request)
     record = find_key(ctx, request.match_info["key_id"])
     writable(ctx, record)
+
+    async def change(_: int) -> tuple[KeyRecord, bool]:
+        secret = await _current_secret(ctx, record)
+        if updates.get(tr.MAAS_STATUS) != "revoked":
+            _unchanged_since(secret, record)
+        return await write_secret(ctx, ks.with_annotations(secret, updates))
+
     async with ctx.locks(record.key_id):
-        for attempt in range(WRITE_ATTEMPTS):
-            secret = await _current_secret(ctx, record)
-            if updates.get(tr.MAAS_STATUS) != "revoked":
-                _unchanged_since(secret, record)
-            try:
-                stored, synced = await write_secret(ctx, ks.with_annotations(secret, updates))
-                break
-            except ConflictError as exc:
-                if attempt == WRITE_ATTEMPTS - 1:
-                    raise source_failed(exc) from exc
+        stored, synced = await retry_conflicts(change, what=f"The Secret of key '{record.key_id}'")
     audit(principal(request), action, key_id=record.key_id, changes=",".join(sorted(updates)) or None)
     view = key_view(stored, ctx.state, namespace=ctx.key_namespace)
     return json_model(KeyUpdated(**view.model_dump(), synced=synced))
@@ -307,16 +305,13 @@ async def rotate_key(request: web.Request) -> web.Response:
             ends = min(ends, old.expires_at)
         # stamps have whole seconds: rounded up a grace period is never cut short; "0s" is now, rounded down
         ends_at = ks.stamp(ends) if grace else ks.stamp(int(now))
-        for attempt in range(WRITE_ATTEMPTS):
-            try:
-                old_obj = ks.with_annotations(old_secret, {tr.EXPIRES_AT: ends_at, ks.ROTATED_TO: key_id})
-                old_record, old_synced = await write_secret(ctx, old_obj)
-                break
-            except ConflictError as exc:
-                if attempt == WRITE_ATTEMPTS - 1:
-                    raise source_failed(exc) from exc
-                old_secret = await _current_secret(ctx, old)
-                _unchanged_since(old_secret, old)
+
+        async def end_old(attempt: int) -> tuple[KeyRecord, bool]:
+            secret = old_secret if attempt == 0 else await _current_secret(ctx, old)
+            _unchanged_since(secret, old)
+            return await write_secret(ctx, ks.with_annotations(secret, {tr.EXPIRES_AT: ends_at, ks.ROTATED_TO: key_id}))
+
+        old_record, old_synced = await retry_conflicts(end_old, what=f"The Secret of key '{old.key_id}'")
     audit(principal(request), "key.rotate", key_id=old.key_id, new_key_id=key_id, grace_seconds=grace)
     return json_model(
         Rotated(

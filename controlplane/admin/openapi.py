@@ -22,12 +22,14 @@ ERRORS = {
     405: "method not allowed on this path",
     406: "unsupported Accept (not_acceptable)",
     409: "read-only key, revoked or expired key, or tier in use, by keys or by the windows their limits take from it "
-    "(read_only_key, key_revoked, key_expired, tier_in_use)",
+    "(read_only_key, key_revoked, key_expired, tier_in_use); the object kept changing under the change (conflict); "
+    "a tier change half written because another writer changed the ConfigMap to restore (partial_change)",
     413: "body over 64 KiB (body_too_large)",
     415: "body is not application/json, or in a Content-Encoding other than gzip and deflate (unsupported_media_type)",
     431: "the request line or a header over 8190 bytes (request_header_too_large)",
     503: "store or cluster unavailable (with Retry-After when the API server throttles), or the view of Redis not "
-    "loaded yet (store_unavailable, source_unavailable, not_synced)",
+    "loaded yet (store_unavailable, source_unavailable, not_synced); a tier change half written because the API "
+    "server failed to restore the first ConfigMap (partial_change)",
 }
 READ = (400, 401, 404, 405, 431, 503)
 WRITE = (400, 401, 403, 404, 405, 409, 413, 415, 431, 503)

@@ -4,7 +4,9 @@ name, displayName, level, groups; ``maas-tier-limits``: limits and models), so a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -13,16 +15,21 @@ from aiohttp import web
 from controlplane import kinds
 from controlplane.admin.auth import audit
 from controlplane.admin.context import (
-    WRITE_ATTEMPTS,
     AdminContext,
     context,
     duration_seconds,
     json_model,
     principal,
     read_body,
-    source_failed,
+    retry_conflicts,
 )
-from controlplane.admin.errors import InvalidRequest, TierInUse, TierNotFound
+from controlplane.admin.errors import (
+    InvalidRequest,
+    PartialChange,
+    PartialChangeConflict,
+    TierInUse,
+    TierNotFound,
+)
 from controlplane.admin.models import TierDeleted, TierList, TierPut, TierUpdated
 from controlplane.admin.views import tier_view
 from controlplane.errors import ConflictError, SourceError
@@ -30,6 +37,8 @@ from controlplane.kinds import Obj, meta
 from controlplane.translate.common import as_dict
 from controlplane.translate.tiers import LIMITS_KEY, TIERS_KEY
 from gateway.contract import DEFAULT_TIERS, Limits, TierRecord
+
+log = logging.getLogger("maas.controlplane.admin")
 
 BORROWERS_SHOWN = 5
 """Key ids named in the refusal of a tier change that would leave keys without the window they take from it."""
@@ -65,15 +74,8 @@ Entries = list[dict[str, Any]]
 Edit = Callable[[Entries, dict[str, Any]], tuple[Entries, dict[str, Any]]]
 
 
-async def _read(ctx: AdminContext) -> tuple[str, Entries, dict[str, Any], list[str]]:
-    """(namespace, tier mapping entries, limits document, the two ConfigMaps' resourceVersions), defaulting to the
-    built-in tiers."""
-    namespace = ctx.tier_namespace()
-    try:
-        mapping_obj = await ctx.source.get(kinds.CONFIGMAP, namespace, ctx.tier_configmap)
-        limits_obj = await ctx.source.get(kinds.CONFIGMAP, namespace, ctx.tier_limits_configmap)
-    except SourceError as exc:
-        raise source_failed(exc) from exc
+def _documents(mapping_obj: Obj | None, limits_obj: Obj | None) -> tuple[Entries, dict[str, Any]]:
+    """(tier mapping entries, limits document) as the ConfigMaps hold them, defaulting to the built-in tiers."""
     builtin = [
         {"name": t.name, "displayName": t.display_name, "level": t.level, "groups": list(t.groups)}
         for t in DEFAULT_TIERS
@@ -81,44 +83,101 @@ async def _read(ctx: AdminContext) -> tuple[str, Entries, dict[str, Any], list[s
     entries = [as_dict(e) for e in _load(mapping_obj, TIERS_KEY, builtin)]
     builtin_limits = {t.name: {**_limits_doc(t.limits), "models": list(t.models)} for t in DEFAULT_TIERS}
     limits = _load(limits_obj, LIMITS_KEY, {} if limits_obj is not None else builtin_limits)
-    versions = [str(meta(o).get("resourceVersion") or "") if o is not None else "" for o in (mapping_obj, limits_obj)]
-    return namespace, entries, limits, versions
+    return entries, limits
 
 
-def _configmap(namespace: str, name: str, key: str, document: Any, version: str) -> Obj:
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """One ConfigMap's part of a tier change."""
+
+    before: Obj | None
+    """The ConfigMap as read (None: there was none)."""
+    after: Obj
+    """What to write; it carries ``before``'s resourceVersion, so it is written only if unchanged since."""
+
+    @property
+    def name(self) -> str:
+        return f"ConfigMap {meta(self.after)['namespace']}/{meta(self.after)['name']}"
+
+
+def _write(before: Obj | None, *, namespace: str, name: str, key: str, document: Any) -> _Write | None:
+    """The write that makes the ConfigMap hold ``document``; None if it holds it already (one write fewer that
+    could fail halfway through a change)."""
+    if before is not None:
+        try:
+            if yaml.safe_load(str(as_dict(before.get("data")).get(key) or "")) == document:
+                return None
+        except (yaml.YAMLError, ValueError):
+            pass  # unreadable: written over, as the edit started from the defaults
     metadata: dict[str, Any] = {
         "name": name,
         "namespace": namespace,
         "labels": {"app.kubernetes.io/name": "maas-tiers"},
     }
-    if version:
-        metadata["resourceVersion"] = version  # written only if unchanged since it was read
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": metadata,
-        "data": {key: yaml.safe_dump(document, sort_keys=False)},
-    }
+    if before is not None:
+        metadata["resourceVersion"] = meta(before).get("resourceVersion")
+    data = {key: yaml.safe_dump(document, sort_keys=False)}
+    return _Write(before=before, after={"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
+
+
+async def _attempt(ctx: AdminContext, edit: Edit) -> None:
+    """Read both ConfigMaps, edit, write back what changed: all of it or, as the cluster ends up, none.
+
+    The limits go first: a new tier's limits are in place before the tier exists (the other way round it would,
+    for a moment, be a tier without limits). When the second write fails, the first is taken back, so a change
+    that fails, or loses a race and is started over, leaves the ConfigMaps as they were; if the first cannot be
+    taken back, ``PartialChange`` says what each one holds."""
+    namespace = ctx.tier_namespace()
+    mapping_obj = await ctx.source.get(kinds.CONFIGMAP, namespace, ctx.tier_configmap)
+    limits_obj = await ctx.source.get(kinds.CONFIGMAP, namespace, ctx.tier_limits_configmap)
+    entries, limits = edit(*_documents(mapping_obj, limits_obj))
+    planned = (
+        _write(limits_obj, namespace=namespace, name=ctx.tier_limits_configmap, key=LIMITS_KEY, document=limits),
+        _write(mapping_obj, namespace=namespace, name=ctx.tier_configmap, key=TIERS_KEY, document=entries),
+    )
+    done: list[tuple[_Write, Obj]] = []
+    for write in (w for w in planned if w is not None):
+        try:
+            done.append((write, await ctx.source.apply(write.after)))
+        except SourceError as exc:
+            for written, stored in done:
+                await _take_back(ctx, written, stored, failed=write, cause=exc)
+            raise
+
+
+async def _take_back(ctx: AdminContext, write: _Write, stored: Obj, *, failed: _Write, cause: SourceError) -> None:
+    """Put back what ``write`` replaced, on condition of the resourceVersion it got (``stored``): a ConfigMap that
+    another writer changed after this change wrote it keeps that writer's version, and the answer says so."""
+    version = str(meta(stored).get("resourceVersion") or "")
+    namespace, name = meta(write.after)["namespace"], meta(write.after)["name"]
+    try:
+        if write.before is None:  # this change created it
+            await ctx.source.delete(kinds.CONFIGMAP, namespace, name, resource_version=version)
+        else:
+            kept = {k: v for k, v in meta(write.before).items() if k != "managedFields"}
+            await ctx.source.apply({**write.before, "metadata": {**kept, "resourceVersion": version}})
+    except SourceError as exc:
+        conflict = isinstance(exc, ConflictError)
+        why = "another writer has changed it since, and its version was kept" if conflict else f"that failed ({exc})"
+        message = (
+            f"The tier change is half written: {write.name} holds it (resourceVersion {version}) and {failed.name} "
+            f"does not (its write failed: {cause}). Restoring {write.name} was not possible: {why}. Check both "
+            "ConfigMaps, then repeat or undo the change."
+        )
+        log.error("%s", message)
+        raise (PartialChangeConflict if conflict else PartialChange)(message) from exc
+    log.warning("tier change: %s was written, %s failed (%s): %s restored", write.name, failed.name, cause, write.name)
 
 
 async def _change(ctx: AdminContext, edit: Edit) -> None:
-    """Read both ConfigMaps, edit, write them back: under one lock in this replica, and started over when another
-    replica changed them in between (the writes carry the resourceVersions read)."""
+    """Under one lock in this replica; started over, after a pause, when another writer changed a ConfigMap in
+    between (the writes carry the resourceVersions read)."""
+
+    async def attempt(_: int) -> None:
+        await _attempt(ctx, edit)
+
     async with ctx.locks("tiers"):
-        for attempt in range(WRITE_ATTEMPTS):
-            namespace, entries, limits, (mapping_version, limits_version) = await _read(ctx)
-            entries, limits = edit(entries, limits)
-            try:
-                await ctx.source.apply(
-                    _configmap(namespace, ctx.tier_limits_configmap, LIMITS_KEY, limits, limits_version)
-                )
-                await ctx.source.apply(_configmap(namespace, ctx.tier_configmap, TIERS_KEY, entries, mapping_version))
-                return
-            except ConflictError as exc:
-                if attempt == WRITE_ATTEMPTS - 1:
-                    raise source_failed(exc) from exc
-            except SourceError as exc:
-                raise source_failed(exc) from exc
+        await retry_conflicts(attempt, what="The tier ConfigMaps")
 
 
 async def list_tiers(request: web.Request) -> web.Response:
@@ -163,8 +222,11 @@ async def put_tier(request: web.Request) -> web.Response:
     entry = {"name": name, "displayName": expected.display_name, "level": body.level, "groups": list(expected.groups)}
 
     def edit(entries: Entries, limits: dict[str, Any]) -> tuple[Entries, dict[str, Any]]:
+        # in its place: a change of the limits alone leaves the mapping as it was, and only the limits are written
+        at = next((i for i, e in enumerate(entries) if e.get("name") == name), len(entries))
         others = [e for e in entries if e.get("name") != name]
-        return [*others, entry], {**limits, name: {**_limits_doc(expected.limits), "models": list(expected.models)}}
+        own = {**_limits_doc(expected.limits), "models": list(expected.models)}
+        return [*others[:at], entry, *others[at:]], {**limits, name: own}
 
     created = name not in ctx.state.tiers
     await _change(ctx, edit)

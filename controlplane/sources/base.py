@@ -63,8 +63,9 @@ class Source(Protocol):
         versions (the Kubernetes API): ``ConflictError`` if the object changed or went away since."""
         ...
 
-    async def delete(self, kind: Kind, namespace: str, name: str) -> bool:
-        """True if the object existed."""
+    async def delete(self, kind: Kind, namespace: str, name: str, *, resource_version: str = "") -> bool:
+        """True if the object existed. With ``resource_version`` the delete is conditional where the source keeps
+        versions: ``ConflictError`` if the object changed since."""
         ...
 
     async def report(self, obj: Obj, *, reason: str, message: str) -> None:

@@ -279,7 +279,8 @@ class DirSource:
         self._wake()
         return normal
 
-    async def delete(self, kind: Kind, namespace: str, name: str) -> bool:
+    async def delete(self, kind: Kind, namespace: str, name: str, *, resource_version: str = "") -> bool:
+        """Files keep no versions (as in ``apply``): ``resource_version`` is not checked."""
         target = self._managed_file(kind, namespace, name)
         if target.exists():
             await asyncio.to_thread(target.unlink)

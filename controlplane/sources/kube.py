@@ -223,9 +223,13 @@ class KubeSource:
                 continue
         raise ConflictError(f"{kind.name} {namespace}/{name} kept changing while being applied")
 
-    async def delete(self, kind: Kind, namespace: str, name: str) -> bool:
+    async def delete(self, kind: Kind, namespace: str, name: str, *, resource_version: str = "") -> bool:
+        options: Obj | None = None
+        if resource_version:  # the API server answers 409 if the object is at another version
+            preconditions = {"resourceVersion": resource_version}
+            options = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": preconditions}
         try:
-            await self._call("DELETE", f"{kind.base_path(namespace)}/{name}")
+            await self._call("DELETE", f"{kind.base_path(namespace)}/{name}", body=options)
         except NotFoundError:
             return False
         return True

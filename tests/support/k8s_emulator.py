@@ -6,14 +6,16 @@ the API server's REST protocol for kubernetes-asyncio and the control plane:
 - watch (``watch=true``) from a resourceVersion, replaying the history after it; objects that start or stop
   matching a label selector arrive as ADDED / DELETED; ``allowWatchBookmarks``; ``timeoutSeconds``;
   a resourceVersion older than the compacted history gets an ERROR event with a 410 Status;
-- get, create (``generateName`` too), replace (409 on a stale resourceVersion), delete;
+- get, create (``generateName`` too), replace (409 on a stale resourceVersion), delete (409 when its
+  ``preconditions.resourceVersion`` is stale);
 - the API server's rule for a core Event's namespace (422 otherwise): its ``involvedObject``'s namespace, or
   ``default`` for a cluster-scoped object;
 - on demand: ``force_gone()`` (every open watch gets a 410 and the history is compacted),
   ``drop_watches()`` (open watch connections are cut without a clean end), ``disconnect()``/``reconnect()`` (an
   outage: watches cut, every request answered 503 until reconnected), ``uninstall()`` (a CRD removed: its kind
-  answers 404), ``watch_fault`` (every watch ends at once, cleanly or with a 410) and ``inject()`` (the next
-  requests of one verb and resource answered with an error status: a 409 Conflict, a 429 with ``Retry-After``);
+  answers 404), ``watch_fault`` (every watch ends at once, cleanly or with a 410), ``inject()`` (the next
+  requests of one verb and resource, or of one object, answered with an error status: a 409 Conflict, a 429 with
+  ``Retry-After``) and ``intercept()`` (another writer's change made just before the next such request is served);
 - optionally RBAC: with ``authorize`` set (``rbac_authorizer`` evaluates rendered Roles, ClusterRoles and their
   bindings for one service account), a request its rules do not allow gets the API server's 403 Forbidden.
 
@@ -220,7 +222,8 @@ class K8sEmulator:
         self.forbidden: list[str] = []
         self.watch_fault: str | None = None
         """``"eof"``: every watch ends at once with a clean 200 and no event; ``"gone"``: every watch gets a 410."""
-        self._faults: list[tuple[str, int, int]] = []
+        self._faults: list[tuple[str, str | None, int, int]] = []
+        self._intercepts: list[tuple[str, str | None, Callable[[], object]]] = []
         self.down = False
         """During an outage (``disconnect``) every request gets 503."""
         self.unserved: set[tuple[str, str]] = set()
@@ -366,13 +369,22 @@ class K8sEmulator:
             except KeyError:
                 return self.replace(obj)
 
-    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> Obj:
+    def delete(
+        self, api_version: str, kind: str, namespace: str, name: str, *, resource_version: str | None = None
+    ) -> Obj:
+        """With ``resource_version`` (DeleteOptions' precondition), only the object at that version."""
         with self._lock:
             group = _group(api_version)
             resource = (group, BY_KIND[(group, kind)])
-            old = self._objects[resource].pop((namespace, name), None)
+            old = self._objects[resource].get((namespace, name))
             if old is None:
                 raise LookupError(f"{kind} {namespace}/{name} not found")
+            if resource_version not in (None, old["metadata"]["resourceVersion"]):
+                raise ValueError(
+                    f"Precondition failed: ResourceVersion in precondition: {resource_version}, "
+                    f"ResourceVersion in object meta: {old['metadata']['resourceVersion']}"
+                )
+            del self._objects[resource][(namespace, name)]
             rv = self._next_rv()
             gone = copy.deepcopy(old)
             gone["metadata"]["resourceVersion"] = str(rv)
@@ -419,19 +431,39 @@ class K8sEmulator:
             self._objects[resource].clear()
             self.unserved.add(resource)
 
-    def inject(self, request: str, status: int, *, times: int = 1, retry_after: int = 1) -> None:
-        """Answer the next ``times`` requests ``request`` (``"<verb> <plural>"``, as in ``requests``) with
-        ``status``: 409 as a lost resourceVersion race, 429 as API Priority and Fairness throttling (with
-        ``Retry-After``), anything else as that status."""
+    def inject(
+        self, request: str, status: int, *, times: int = 1, retry_after: int = 1, name: str | None = None
+    ) -> None:
+        """Answer the next ``times`` requests ``request`` (``"<verb> <plural>"``, as in ``requests``; with
+        ``name``, only those of that object) with ``status``: 409 as a lost resourceVersion race, 429 as API
+        Priority and Fairness throttling (with ``Retry-After``), anything else as that status."""
         with self._lock:
-            self._faults += [(request, status, retry_after)] * times
+            self._faults += [(request, name, status, retry_after)] * times
 
-    def _fault(self, request: str) -> web.Response | None:
+    def intercept(self, request: str, action: Callable[[], object], *, name: str | None = None) -> None:
+        """Run ``action`` (on the emulator's thread) when the next request ``request`` (of the object ``name``)
+        arrives, before it is served: another writer's change that lands between a client's read and its write."""
         with self._lock:
-            found = next((i for i, fault in enumerate(self._faults) if fault[0] == request), None)
+            self._intercepts.append((request, name, action))
+
+    def _intercepted(self, request: str, name: str | None) -> None:
+        with self._lock:
+            found = next(
+                (i for i, (r, n, _) in enumerate(self._intercepts) if r == request and n in (None, name)), None
+            )
+            if found is None:
+                return
+            _, _, action = self._intercepts.pop(found)
+        action()
+
+    def _fault(self, request: str, name: str | None) -> web.Response | None:
+        with self._lock:
+            found = next(
+                (i for i, fault in enumerate(self._faults) if fault[0] == request and fault[1] in (None, name)), None
+            )
             if found is None:
                 return None
-            _, status, retry_after = self._faults.pop(found)
+            _, _, status, retry_after = self._faults.pop(found)
         if status == 429:
             answer = _status(429, "TooManyRequests", "too many requests, please try again later")
             answer.headers["Retry-After"] = str(retry_after)
@@ -470,7 +502,8 @@ class K8sEmulator:
             namespace = None
         method = request.method
         verb = _verb(method, name, request.query.get("watch") in ("true", "1"))
-        if (fault := self._fault(f"{verb} {resource[1]}")) is not None:
+        self._intercepted(f"{verb} {resource[1]}", name)
+        if (fault := self._fault(f"{verb} {resource[1]}", name)) is not None:
             self.requests[f"{verb} {resource[1]}"] += 1
             return fault
         if self.authorize is not None and not self.authorize(verb, group, resource[1], namespace, name):
@@ -518,10 +551,16 @@ class K8sEmulator:
         if method == "DELETE":
             self.requests[f"delete {resource[1]}"] += 1
             kind = RESOURCES[resource][0]
+            options = await request.json() if request.can_read_body else {}
+            expected = (options.get("preconditions") or {}).get("resourceVersion")
             try:
-                self.delete(f"{group}/v" if group else "v1", kind, namespace or "", name or "")
+                self.delete(
+                    f"{group}/v" if group else "v1", kind, namespace or "", name or "", resource_version=expected
+                )
             except LookupError as exc:
                 return _status(404, "NotFound", str(exc))
+            except ValueError as exc:
+                return _status(409, "Conflict", str(exc))
             return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Success"})
         return _status(405, "MethodNotAllowed", method)
 

@@ -1,0 +1,233 @@
+"""Admin writes against the Kubernetes API emulator when the API server fails them or another writer races them: a
+tier change, which touches two ConfigMaps, is all or nothing as the cluster ends up (or says exactly what is not),
+and a change that lost a race is started over, after a pause, on top of the other writer's change."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from controlplane.admin.context import CONFLICT_WAIT, WRITE_ATTEMPTS, retry_conflicts
+from controlplane.admin.errors import Conflict, SourceUnavailable
+from controlplane.admin.keysecret import secret_name
+from controlplane.errors import ConflictError, SourceError
+from tests.support.admin_api import PEPPER, SEED, TOKEN_FILE, Api, running
+from tests.support.k8s_emulator import K8sEmulator, load_manifests
+from tests.test_controlplane_kube import settings_for
+
+pytestmark = pytest.mark.redis
+
+NS = "llm"
+MAPPING = "tier-to-group-mapping"
+LIMITS = "maas-tier-limits"
+GOLD = {"level": 3, "groups": ["gold"], "limits": {"requests": {"limit": 100, "window": "1m"}}}
+SILVER = "silver:\n  requests: {limit: 1, window: 1m}\n"
+
+
+@pytest.fixture
+def seeded(emulator: K8sEmulator) -> K8sEmulator:
+    for obj in load_manifests(SEED):
+        emulator.create(obj)
+    return emulator
+
+
+@pytest.fixture
+async def api(seeded: K8sEmulator, tmp_path: Path, redis_url: str) -> AsyncIterator[Api]:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN_FILE)
+    settings = settings_for(
+        seeded,
+        tmp_path,
+        redis_url,
+        admin_token_file=str(tokens),
+        key_namespace=NS,
+        admin_write_timeout=5.0,
+        key_pepper=PEPPER.decode(),
+    )
+    async with running(settings) as (_, client):
+        yield client
+
+
+def configmap(emulator: K8sEmulator, name: str) -> dict[str, Any] | None:
+    return emulator.get("v1", "ConfigMap", NS, name)
+
+
+def data(emulator: K8sEmulator, name: str) -> Any:
+    found = configmap(emulator, name)
+    return found and found["data"]
+
+
+def other_writer_adds_silver(emulator: K8sEmulator) -> Callable[[], None]:
+    """A ``kubectl edit`` of the limits ConfigMap: a tier of its own added."""
+
+    def edit() -> None:
+        current = configmap(emulator, LIMITS)
+        assert current is not None
+        current["data"] = {"limits": current["data"]["limits"] + SILVER}
+        emulator.replace(current)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("status", "times", "answer", "updates"),
+    [
+        # the limits written, the mapping refused, the limits restored
+        pytest.param(500, 1, (503, "source_unavailable"), 3, id="api-server-error"),
+        # each attempt the same, after a pause, until the attempts run out
+        pytest.param(409, WRITE_ATTEMPTS, (409, "conflict"), 3 * WRITE_ATTEMPTS, id="lasting-conflict"),
+    ],
+)
+async def test_a_tier_change_whose_second_write_fails_for_good_leaves_the_first_as_it_was(
+    api: Api, seeded: K8sEmulator, status: int, times: int, answer: tuple[int, str], updates: int
+) -> None:
+    """The limits ConfigMap stayed written when the mapping's write failed: the cluster held limits for a tier it
+    did not have, and a lost race was answered 503 like an API server failure."""
+    before = {name: data(seeded, name) for name in (MAPPING, LIMITS)}
+    seeded.inject("update configmaps", status, times=times, name=MAPPING)
+    sent = seeded.requests["update configmaps"]
+    code, error = await api.call("PUT", "/admin/v1/tiers/gold", json=GOLD)
+    assert (code, error["error"]["code"]) == answer, error
+    assert error["error"]["type"] in ("invalid_request_error", "server_error"), error
+    assert {name: data(seeded, name) for name in (MAPPING, LIMITS)} == before
+    assert seeded.requests["update configmaps"] - sent == updates
+    code, _ = await api.call("GET", "/admin/v1/tiers/gold")
+    assert code == 404
+
+
+async def test_a_limits_configmap_the_failed_change_created_is_deleted_again(api: Api, seeded: K8sEmulator) -> None:
+    seeded.delete("v1", "ConfigMap", NS, LIMITS)
+    before = data(seeded, MAPPING)
+    seeded.inject("update configmaps", 500, name=MAPPING)
+    code, error = await api.call("PUT", "/admin/v1/tiers/gold", json=GOLD)
+    assert (code, error["error"]["code"]) == (503, "source_unavailable"), error
+    assert configmap(seeded, LIMITS) is None and data(seeded, MAPPING) == before
+    assert seeded.requests["create configmaps"] == 1 and seeded.requests["delete configmaps"] == 1
+
+
+async def test_a_restore_that_meets_another_writers_change_is_reported_not_overwritten(
+    api: Api, seeded: K8sEmulator
+) -> None:
+    before = data(seeded, MAPPING)
+    seeded.inject("update configmaps", 500, name=MAPPING)
+    # after this change wrote the limits, and before it restores them, someone else edits them
+    seeded.intercept("update configmaps", other_writer_adds_silver(seeded), name=MAPPING)
+    code, error = await api.call("PUT", "/admin/v1/tiers/gold", json=GOLD)
+    assert (code, error["error"]["code"]) == (409, "partial_change"), error
+    message = error["error"]["message"]
+    assert f"ConfigMap {NS}/{LIMITS} holds it" in message and f"ConfigMap {NS}/{MAPPING} does not" in message, message
+    assert "another writer" in message, message
+    limits = yaml.safe_load(data(seeded, LIMITS)["limits"])
+    assert {"gold", "silver"} <= set(limits), limits  # the other writer's version, kept
+    assert data(seeded, MAPPING) == before
+
+
+async def test_a_restore_the_api_server_fails_is_reported(api: Api, seeded: K8sEmulator) -> None:
+    seeded.inject("update configmaps", 500, name=MAPPING)
+    seeded.intercept("update configmaps", lambda: seeded.inject("update configmaps", 503, name=LIMITS), name=MAPPING)
+    code, error = await api.call("PUT", "/admin/v1/tiers/gold", json=GOLD)
+    assert (code, error["error"]["code"], error["error"]["type"]) == (503, "partial_change", "server_error"), error
+    assert f"ConfigMap {NS}/{LIMITS} holds it" in error["error"]["message"], error
+    assert "gold" in yaml.safe_load(data(seeded, LIMITS)["limits"])
+
+
+async def test_a_change_of_the_limits_alone_writes_only_the_limits(api: Api, seeded: K8sEmulator) -> None:
+    """Nothing to take back when only one ConfigMap changes: a failing mapping write is never reached."""
+    seeded.inject("update configmaps", 500, name=MAPPING)
+    premium = {"display_name": "Premium Tier", "level": 1, "groups": ["premium"], "limits": {}}
+    premium["limits"] = {"requests": {"limit": 21, "window": "2m"}}
+    sent = seeded.requests["update configmaps"]
+    code, tier = await api.call("PUT", "/admin/v1/tiers/premium", json=premium)
+    assert code == 200 and tier["limits"]["requests"] == {"limit": 21, "window": "2m"}, tier
+    assert seeded.requests["update configmaps"] - sent == 1
+
+
+def start_overs(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "starting over in" in r.getMessage()]
+
+
+async def test_a_tier_change_that_lost_a_race_is_redone_on_top_of_the_other_writers(
+    api: Api, seeded: K8sEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "maas.controlplane.admin")
+    seeded.intercept("update configmaps", other_writer_adds_silver(seeded), name=LIMITS)
+    sent = seeded.requests["update configmaps"]
+    code, tier = await api.call("PUT", "/admin/v1/tiers/gold", json=GOLD)
+    assert code == 201 and tier["synced"] is True, tier
+    # the limits refused (409, a stale resourceVersion), read again and written, then the mapping
+    assert seeded.requests["update configmaps"] - sent == 3
+    assert {"gold", "silver"} <= set(yaml.safe_load(data(seeded, LIMITS)["limits"]))
+    # it paused before starting over (it had written again at once)
+    assert [m.split(";")[0] for m in start_overs(caplog)] == [
+        "The tier ConfigMaps changed under this change (attempt 1 of 5)"
+    ]
+
+
+async def test_a_key_change_that_lost_a_race_is_redone_on_top_of_the_other_writers(
+    api: Api, seeded: K8sEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "maas.controlplane.admin")
+    code, key = await api.call("POST", "/admin/v1/keys", json={"user": "dana"})
+    assert code == 201, key
+    name = secret_name(key["key_id"])
+
+    def annotate() -> None:
+        secret = seeded.get("v1", "Secret", NS, name)
+        assert secret is not None
+        secret["metadata"]["annotations"]["team.example.com/owner"] = "dana"
+        seeded.replace(secret)
+
+    seeded.intercept("update secrets", annotate, name=name)
+    sent = seeded.requests["update secrets"]
+    code, patched = await api.call("PATCH", f"/admin/v1/keys/{key['key_id']}", json={"name": "ci"})
+    assert code == 200 and patched["name"] == "ci", patched
+    assert seeded.requests["update secrets"] - sent == 2
+    assert len(start_overs(caplog)) == 1, start_overs(caplog)
+    secret = seeded.get("v1", "Secret", NS, name)
+    assert secret is not None and secret["metadata"]["annotations"]["team.example.com/owner"] == "dana"
+
+
+async def test_conflict_retries_wait_a_growing_jittered_pause_between_attempts() -> None:
+    """They had started over at once: writers that had just collided collided again."""
+    events: list[str | float] = []
+
+    async def sleep(seconds: float) -> None:
+        events.append(seconds)
+
+    async def lose(attempt: int) -> None:
+        events.append(f"attempt {attempt}")
+        raise ConflictError("the object has been modified")
+
+    with pytest.raises(Conflict) as lost:
+        await retry_conflicts(lose, what="The object", sleep=sleep)
+    assert (lost.value.status, lost.value.code) == (409, "conflict")
+    assert events[0::2] == [f"attempt {n}" for n in range(WRITE_ATTEMPTS)]
+    waits = events[1::2]
+    assert len(waits) == WRITE_ATTEMPTS - 1
+    for n, wait in enumerate(waits):
+        assert isinstance(wait, float) and CONFLICT_WAIT * 2**n / 2 <= wait <= CONFLICT_WAIT * 2**n, waits
+
+    events.clear()
+
+    async def win_third(attempt: int) -> str:
+        events.append(f"attempt {attempt}")
+        if attempt < 2:
+            raise ConflictError("the object has been modified")
+        return "written"
+
+    assert await retry_conflicts(win_third, what="The object", sleep=sleep) == "written"
+    assert len(events) == 5 and events[4] == "attempt 2"
+
+    async def fail(attempt: int) -> None:
+        events.append(f"failed {attempt}")
+        raise SourceError("HTTP 500")
+
+    events.clear()
+    with pytest.raises(SourceUnavailable):
+        await retry_conflicts(fail, what="The object", sleep=sleep)
+    assert events == ["failed 0"]  # only a lost race is retried
