@@ -15,8 +15,9 @@ from gateway import __version__, logs
 from gateway.authz.fasthttp import CheckServer
 from gateway.authz.follower import SnapshotFollower
 from gateway.authz.metrics import AuthzMetrics
-from gateway.authz.server import AiohttpHandler, Checker, EnvelopeServer
+from gateway.authz.server import TOO_MANY_CONNECTIONS, AiohttpHandler, Checker, EnvelopeServer
 from gateway.authz.settings import AuthzSettings
+from gateway.connections import ConnectionCap
 from gateway.decision import Policy
 from gateway.ops import ops_app
 from gateway.runtime import tune_gc
@@ -75,14 +76,23 @@ async def serve(settings: AuthzSettings, *, stop: asyncio.Event | None = None, s
     follow_task.add_done_callback(_log_crash)
     ops_runner = web.AppRunner(ops_app(registry=metrics.registry, ready=ready), access_log=None)
     await ops_runner.setup()
+    cap = ConnectionCap(
+        settings.max_connections,
+        body=TOO_MANY_CONNECTIONS,
+        refused=metrics.connections_refused.inc,
+        logger=log,
+        port="check port",
+    )
+    metrics.client_connections.set_function(lambda: cap.open)
     authz_runner: web.ServerRunner | None = None
     fast_server: CheckServer | None = None
     if settings.http_server == "fast":
-        fast_server = CheckServer(checker, max_header_bytes=settings.max_header_bytes)
+        fast_server = CheckServer(checker, max_header_bytes=settings.max_header_bytes, cap=cap)
         await fast_server.start(host=settings.host, port=settings.port)
     else:
         server = EnvelopeServer(
             AiohttpHandler(checker),
+            cap=cap,
             access_log=None,
             max_field_size=settings.max_header_bytes,
             max_line_size=settings.max_header_bytes,

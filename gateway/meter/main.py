@@ -29,6 +29,7 @@ async def serve(settings: MeterSettings) -> None:
         host=settings.host,
         port=settings.port,
         ops_port=settings.ops_port,
+        max_connections=settings.max_connections,
         readiness_timeout=settings.readiness_timeout,
         shutdown_grace=settings.shutdown_grace,
     ):
