@@ -328,9 +328,9 @@ class CheckServer:
         self._connections.add(protocol)
         return protocol
 
-    async def start(self, *, host: str, port: int) -> None:
+    async def start(self, *, host: str, port: int, backlog: int = 1024) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._protocol, host=host, port=port, reuse_port=True, backlog=1024)
+        self._server = await loop.create_server(self._protocol, host=host, port=port, reuse_port=True, backlog=backlog)
         self._sweeper = loop.call_later(self._stall / 2, self._sweep)
 
     async def close(self) -> None:

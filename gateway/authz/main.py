@@ -20,11 +20,14 @@ from gateway.authz.settings import AuthzSettings
 from gateway.connections import ConnectionCap
 from gateway.decision import Policy
 from gateway.ops import ops_app
-from gateway.runtime import tune_gc
+from gateway.runtime import descriptors_needed, raise_descriptor_limit, tune_gc
 from gateway.settings import add_flags, load, warn_misspelt_variables
 from gateway.store import Store, open_store
 
 log = logging.getLogger("maas.authz")
+
+BACKLOG = 1024
+"""Connections the kernel queues for the check port before they are accepted."""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     logs.setup(fmt=settings.log_format, level=settings.log_level)
     warn_misspelt_variables(AuthzSettings)
     tune_gc()
+    raise_descriptor_limit(descriptors_needed(max_connections=settings.max_connections, backlog=BACKLOG))
     uvloop.run(serve(settings))
     return 0
 
@@ -88,7 +92,7 @@ async def serve(settings: AuthzSettings, *, stop: asyncio.Event | None = None, s
     fast_server: CheckServer | None = None
     if settings.http_server == "fast":
         fast_server = CheckServer(checker, max_header_bytes=settings.max_header_bytes, cap=cap)
-        await fast_server.start(host=settings.host, port=settings.port)
+        await fast_server.start(host=settings.host, port=settings.port, backlog=BACKLOG)
     else:
         server = EnvelopeServer(
             AiohttpHandler(checker),
@@ -99,7 +103,7 @@ async def serve(settings: AuthzSettings, *, stop: asyncio.Event | None = None, s
         )
         authz_runner = web.ServerRunner(server, handle_signals=False)
         await authz_runner.setup()
-        await web.TCPSite(authz_runner, settings.host, settings.port, reuse_port=True, backlog=1024).start()
+        await web.TCPSite(authz_runner, settings.host, settings.port, reuse_port=True, backlog=BACKLOG).start()
     await web.TCPSite(ops_runner, settings.ops_listen_host, settings.ops_port).start()
     log.info(
         "listening",

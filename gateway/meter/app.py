@@ -64,6 +64,10 @@ def build_meter(settings: MeterSettings, *, store: Store | None = None) -> Meter
     )
 
 
+BACKLOG = 2048
+"""Connections the kernel queues for the proxy port before they are accepted."""
+
+
 @dataclass(frozen=True, slots=True)
 class Readiness:
     timeout: float
@@ -126,7 +130,7 @@ async def serving(
             stack.push_async_callback(_stop, backlog)
         await ops.setup()
         stack.push_async_callback(ops.cleanup)
-        await proxy.start(host, port, backlog=2048)
+        await proxy.start(host, port, backlog=BACKLOG)
         stack.push_async_callback(proxy.shutdown, shutdown_grace)
         await web.TCPSite(ops, host, ops_port).start()
         yield Ports(proxy.port, ops.addresses[0][1])
