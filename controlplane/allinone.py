@@ -64,7 +64,14 @@ async def run(spec: dict[str, Any]) -> None:
         )
         meter = build_meter(meter_settings, store=store)
         await meters.enter_async_context(
-            serving(meter, host="127.0.0.1", port=m["meter_port"], ops_port=m["meter_ops"], shutdown_grace=1.0)
+            serving(
+                meter,
+                host="127.0.0.1",
+                port=m["meter_port"],
+                ops_port=m["meter_ops"],
+                max_connections=meter_settings.max_connections,
+                shutdown_grace=1.0,
+            )
         )
     plane = ControlPlane(
         load(

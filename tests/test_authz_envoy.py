@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,7 +16,8 @@ from gateway.identity import H_KEY_ID, H_MODEL, H_SIGNATURE, H_TIER, H_USER, ver
 from gateway.store.redis import RedisStore
 from tests.conftest import PEPPER
 from tests.support import platform
-from tests.support.procs import RedisServer
+from tests.support.k8s_emulator import eventually
+from tests.support.procs import RedisServer, redis_server
 from tests.support.stack import IDENTITY_SECRET, Envoy, authz_process, echo_process, envoy_process
 
 pytestmark = [pytest.mark.redis, pytest.mark.envoy]
@@ -202,3 +204,42 @@ async def test_a_request_goes_where_the_check_admitted_it(stack: Envoy, http: ai
         assert body["headers"][H_MODEL] == platform.GRANITE
     else:
         assert (status, body["error"]["code"]) == (403, "model_not_allowed")
+
+
+async def test_a_check_port_at_its_connection_cap_is_a_503_through_envoy_and_serves_again_after(
+    log_dir: Path, http: aiohttp.ClientSession
+) -> None:
+    """At the cap the check port answers a new connection 503 and closes it: Envoy answers ``statusOnError`` (503)
+    for the request at once (a paused listener would leave Envoy's check waiting for its timeout), and once the
+    connection holding the cap closes, Envoy's next connection is served. On a Redis of its own: the module's stack
+    keeps the session's."""
+    with redis_server() as redis:
+        store = RedisStore(redis.url, timeout=2.0)
+        await platform.seed(store, PEPPER)
+        await store.close()
+        with (
+            authz_process(
+                redis_url=redis.url, pepper=PEPPER, log_dir=log_dir, args=["--max-connections", "1"]
+            ) as authz,
+            echo_process(log_dir=log_dir) as echo_port,
+            envoy_process(
+                routes=[envoy.Route("/qwen3", "echo", rewrite="/")],
+                clusters=[envoy.Cluster("echo", echo_port)],
+                authz_port=authz.port,
+                log_dir=log_dir,
+            ) as proxy,
+        ):
+            headers = {"Authorization": f"APIKEY {platform.ADMIN.plaintext}"}
+            reader, writer = await asyncio.open_connection("127.0.0.1", authz.port)  # holds the one connection
+            writer.write(b"GET /qwen3/v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(5):
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 401")
+            status, _, body = await _call(http, proxy, "/qwen3/v1/chat/completions", headers)
+            assert (status, body) == (503, None)
+            writer.close()
+            await eventually(lambda: _served(http, proxy, headers))
+        assert "Traceback" not in authz.proc.log(), authz.proc.log()
+
+
+async def _served(http: aiohttp.ClientSession, proxy: Envoy, headers: dict[str, str]) -> bool:
+    return (await _call(http, proxy, "/qwen3/v1/chat/completions", headers))[0] == 200

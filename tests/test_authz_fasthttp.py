@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest
 
+from gateway import connections
 from gateway.authz.fasthttp import CheckProtocol, CheckServer, encode
 from gateway.authz.server import Checker, Reply
+from gateway.connections import ConnectionCap
 from tests.support.k8s_emulator import eventually
 
 
@@ -27,9 +30,11 @@ class _Deny:
 
 
 @contextlib.asynccontextmanager
-async def _denying_server(**options: Any) -> AsyncIterator[tuple[CheckServer, int]]:
+async def _denying_server(cap: ConnectionCap | None = None, **options: Any) -> AsyncIterator[tuple[CheckServer, int]]:
     """A check port whose every check is a 401, on a free port: (server, port)."""
-    server = CheckServer(cast(Checker, _Deny()), max_header_bytes=65536, **options)
+    if cap is None:
+        cap = ConnectionCap(100, body=b"{}", refused=lambda: None, logger=logging.getLogger("test"), port="check port")
+    server = CheckServer(cast(Checker, _Deny()), max_header_bytes=65536, cap=cap, **options)
     await server.start(host="127.0.0.1", port=0)
     try:
         assert server._server is not None
@@ -160,3 +165,33 @@ async def test_an_idle_keep_alive_connection_outlives_the_stall_sweeps() -> None
                 await asyncio.sleep(0.3)  # several sweeps pass while it is idle
         finally:
             writer.close()
+
+
+async def test_refused_connections_are_answered_and_closed_even_when_their_clients_hold_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refused connection waits for its client to read the 503 and close (closed with the request unread, the
+    kernel resets it and the answer is lost), but not for ever, and no more of them wait than the cap: refusals
+    must not hold the descriptors the cap saves."""
+    monkeypatch.setattr(connections, "LINGER_SECONDS", 0.2)
+    refusals: list[None] = []
+    cap = ConnectionCap(
+        1, body=b"{}", refused=lambda: refusals.append(None), logger=logging.getLogger("test"), port="check port"
+    )
+    async with _denying_server(cap=cap) as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await reader.readexactly(len(encode(_Deny().begin(), keep_alive=True)))
+        refused = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        try:
+            for refused_reader, _ in refused:  # never closed by the client: the server closes each
+                async with asyncio.timeout(5):
+                    answer = await refused_reader.read()
+                assert answer.startswith(b"HTTP/1.1 503") and b"connection: close\r\n" in answer
+            assert cap.lingering <= 1
+            await eventually(lambda: cap.lingering == 0, within=5)
+        finally:
+            for _, refused_writer in refused:
+                refused_writer.close()
+            writer.close()
+        assert len(refusals) == 3 and cap.open == 1

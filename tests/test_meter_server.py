@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import httptools
 import pytest
 
+from gateway.connections import ConnectionCap
 from gateway.meter import server as meter_server
 from gateway.meter.server import ClientGone, Handler, Reply, Request, Server, Stream
 from tests.support.k8s_emulator import eventually
@@ -85,9 +87,20 @@ class Client:
         return True
 
 
+def capped(limit: int = 100, refusals: list[None] | None = None) -> ConnectionCap:
+    """A connection cap of ``limit`` that appends to ``refusals`` per refused connection."""
+    return ConnectionCap(
+        limit,
+        body=meter_server.TOO_MANY_CONNECTIONS,
+        refused=lambda: None if refusals is None else refusals.append(None),
+        logger=logging.getLogger("test"),
+        port="proxy port",
+    )
+
+
 @contextlib.asynccontextmanager
 async def running(handler: Handler, **options: Any) -> AsyncIterator[Server]:
-    server = Server(handler, **options)
+    server = Server(handler, **{"cap": capped(), **options})
     await server.start("127.0.0.1", 0)
     try:
         yield server
@@ -380,7 +393,7 @@ async def test_shutdown_lets_a_request_in_flight_finish_and_closes_idle_connecti
             await release.wait()
         return Reply(200, b"done")
 
-    server = Server(waits)
+    server = Server(waits, cap=capped())
     await server.start("127.0.0.1", 0)
     port = server.port
     async with connect(server) as busy, connect(server) as idle:
@@ -488,3 +501,31 @@ async def test_a_closed_connection_is_freed_at_once_not_by_the_collector(data: b
             await eventually(lambda: not server.connections and not left(), within=5)
         finally:
             gc.enable()
+
+
+async def test_connections_past_the_cap_get_a_503_and_are_served_again_once_one_closes() -> None:
+    """The proxy port accepted any number of connections: held idle, they took every descriptor, and the ops port,
+    Redis and the upstream connections failed with them."""
+    refusals: list[None] = []
+    cap = capped(2, refusals)
+    async with running(echo, cap=cap) as server, connect(server) as first, connect(server) as second:
+        for client in (first, second):
+            await client.send(post("/a", b"x"))
+            assert [a.status for a in await client.read(1)] == [200]
+        async with connect(server) as third:
+            # a large body: the rest of it is read and dropped, or the client would get a reset while it sends
+            await third.send(post("/a", b"x" * 4_000_000))
+            [refused] = await third.read(1)
+            assert await third.wait_closed()
+        assert refused.status == 503 and refused.headers["connection"] == "close"
+        assert json.loads(refused.body)["error"]["code"] == "too_many_connections"
+        assert refusals == [None]
+        for client in (first, second):  # the open connections are still served
+            await client.send(post("/b", b"y"))
+            assert [a.status for a in await client.read(2)] == [200, 200]
+        first.writer.close()
+        await eventually(lambda: cap.open == 1)
+        async with connect(server) as fourth:
+            await fourth.send(post("/c", b"z"))
+            assert [a.status for a in await fourth.read(1)] == [200]
+    assert refusals == [None]

@@ -5,6 +5,7 @@ Also the harness the other meter test modules use (``running_stack``)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -25,6 +26,7 @@ from gateway.meter.settings import MeterSettings
 from gateway.settings import load
 from gateway.sim.server import SimConfig, build_app
 from gateway.store.redis import RedisStore
+from tests.support.k8s_emulator import eventually
 
 SECRET = "identity-secret-for-tests-0123456789"
 MODEL = "sim-model"
@@ -90,7 +92,14 @@ async def running_stack(redis_url: str, *, sim: SimConfig | None = None, **meter
     store = RedisStore(redis_url, timeout=2.0)
     built = build_meter(settings, store=store)
     try:
-        async with serving(built, host="127.0.0.1", port=0, ops_port=0, shutdown_grace=1.0) as ports:
+        async with serving(
+            built,
+            host="127.0.0.1",
+            port=0,
+            ops_port=0,
+            max_connections=settings.max_connections,
+            shutdown_grace=1.0,
+        ) as ports:
             base = "http://127.0.0.1:"
             yield Stack(sim_url, f"{base}{ports.proxy}", f"{base}{ports.ops}", store, sim_app, built)
     finally:
@@ -201,3 +210,33 @@ async def test_other_paths_pass_through_untouched(redis_url: str) -> None:
                     assert await metered.read() == await direct.read()
         async with session.get(stack.ops_url + "/readyz") as ready:
             assert ready.status == 200 and (await ready.json())["status"] == "ready"
+
+
+async def test_the_ops_port_answers_while_the_proxy_port_is_at_its_connection_cap(redis_url: str) -> None:
+    """Connections held idle on the proxy port had no bound but the descriptors: once those were gone, the kubelet's
+    probes and Prometheus could not reach the ops port either."""
+    async with running_stack(redis_url, max_connections=2) as stack:
+        port = int(stack.meter_url.rsplit(":", 1)[1])
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        try:
+            await eventually(lambda: _metric(stack, "maas_meter_client_connections", 2))  # both accepted and counted
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /health HTTP/1.1\r\nHost: meter\r\n\r\n")
+            async with asyncio.timeout(5):
+                refused = await reader.read()
+            writer.close()
+            assert refused.startswith(b"HTTP/1.1 503") and b"too_many_connections" in refused
+            async with aiohttp.ClientSession() as session:
+                for path in ("/healthz", "/readyz"):
+                    async with session.get(stack.ops_url + path) as response:
+                        assert response.status == 200, path
+            metrics = await stack.metrics()
+            assert metrics[("maas_meter_client_connections_refused_total", ())] == 1
+        finally:
+            for _, held_writer in held:
+                held_writer.close()
+        await eventually(lambda: _metric(stack, "maas_meter_client_connections", 0))
+
+
+async def _metric(stack: Stack, name: str, value: float) -> bool:
+    return (await stack.metrics())[(name, ())] == value

@@ -5,7 +5,8 @@ aiohttp's request/response machinery (a task per request, a StreamResponse, a wr
 check. This server creates no task per request: a check either answers at once from the snapshot or attaches a
 callback to its bucket-check future. It speaks exactly what Envoy's HTTP ext_authz client needs: keep-alive
 HTTP/1.1 (and 1.0), requests answered in order, bodies read and discarded (bounded), header size bounded (431),
-malformed HTTP answered 400 and the connection closed. Everything else (ops port, meter, admin API) stays on aiohttp;
+malformed HTTP answered 400 and the connection closed, at most ``--max-connections`` connections open (past it a 503
+and a close: ``gateway.connections``). Everything else (ops port, meter, admin API) stays on aiohttp;
 ``--http-server aiohttp`` puts the check back on aiohttp's low-level server.
 """
 
@@ -23,6 +24,7 @@ from typing import cast
 import httptools
 
 from gateway.authz.server import INTERNAL, JSON, Checker, Pending, Reply
+from gateway.connections import ConnectionCap
 from gateway.decision import error_body, header_lines
 from gateway.httpparse import feed
 
@@ -98,8 +100,9 @@ STALLED = _error(408, "request_timeout", "The check request did not arrive in ti
 
 
 class CheckProtocol(asyncio.Protocol):
-    def __init__(self, checker: Checker, *, max_header_bytes: int) -> None:
+    def __init__(self, checker: Checker, *, max_header_bytes: int, cap: ConnectionCap) -> None:
         self._checker = checker
+        self._cap = cap
         self._max_header = max_header_bytes
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
@@ -127,6 +130,7 @@ class CheckProtocol(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio subclasses
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._cap.release()
         self._transport = None
         self._queue.clear()
         del self._parser  # it holds this protocol's callbacks: the pair is freed now, not at a later collection
@@ -286,11 +290,15 @@ class _Abort(Exception):
 
 
 class CheckServer:
-    """The listening socket and its open connections (Envoy keeps them open: shutdown closes them)."""
+    """The listening socket and its open connections (Envoy keeps them open: shutdown closes them), at most
+    ``cap.limit`` of them."""
 
-    def __init__(self, checker: Checker, *, max_header_bytes: int, stall_seconds: float = STALL_SECONDS) -> None:
+    def __init__(
+        self, checker: Checker, *, max_header_bytes: int, cap: ConnectionCap, stall_seconds: float = STALL_SECONDS
+    ) -> None:
         self._checker = checker
         self._max_header = max_header_bytes
+        self._cap = cap
         self._connections: weakref.WeakSet[CheckProtocol] = weakref.WeakSet()
         self._server: asyncio.Server | None = None
         self._stall = stall_seconds
@@ -312,14 +320,17 @@ class CheckServer:
         self._suspects = suspects
         self._sweeper = asyncio.get_running_loop().call_later(self._stall / 2, self._sweep)
 
-    def _protocol(self) -> CheckProtocol:
-        protocol = CheckProtocol(self._checker, max_header_bytes=self._max_header)
+    def _protocol(self) -> asyncio.Protocol:
+        return self._cap.protocol(self._admit)
+
+    def _admit(self) -> CheckProtocol:
+        protocol = CheckProtocol(self._checker, max_header_bytes=self._max_header, cap=self._cap)
         self._connections.add(protocol)
         return protocol
 
-    async def start(self, *, host: str, port: int) -> None:
+    async def start(self, *, host: str, port: int, backlog: int = 1024) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._protocol, host=host, port=port, reuse_port=True, backlog=1024)
+        self._server = await loop.create_server(self._protocol, host=host, port=port, reuse_port=True, backlog=backlog)
         self._sweeper = loop.call_later(self._stall / 2, self._sweep)
 
     async def close(self) -> None:

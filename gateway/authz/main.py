@@ -15,15 +15,19 @@ from gateway import __version__, logs
 from gateway.authz.fasthttp import CheckServer
 from gateway.authz.follower import SnapshotFollower
 from gateway.authz.metrics import AuthzMetrics
-from gateway.authz.server import AiohttpHandler, Checker, EnvelopeServer
+from gateway.authz.server import TOO_MANY_CONNECTIONS, AiohttpHandler, Checker, EnvelopeServer
 from gateway.authz.settings import AuthzSettings
+from gateway.connections import ConnectionCap
 from gateway.decision import Policy
 from gateway.ops import ops_app
-from gateway.runtime import tune_gc
+from gateway.runtime import descriptors_needed, raise_descriptor_limit, tune_gc
 from gateway.settings import add_flags, load, warn_misspelt_variables
 from gateway.store import Store, open_store
 
 log = logging.getLogger("maas.authz")
+
+BACKLOG = 1024
+"""Connections the kernel queues for the check port before they are accepted."""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     logs.setup(fmt=settings.log_format, level=settings.log_level)
     warn_misspelt_variables(AuthzSettings)
     tune_gc()
+    raise_descriptor_limit(descriptors_needed(max_connections=settings.max_connections, backlog=BACKLOG))
     uvloop.run(serve(settings))
     return 0
 
@@ -75,21 +80,30 @@ async def serve(settings: AuthzSettings, *, stop: asyncio.Event | None = None, s
     follow_task.add_done_callback(_log_crash)
     ops_runner = web.AppRunner(ops_app(registry=metrics.registry, ready=ready), access_log=None)
     await ops_runner.setup()
+    cap = ConnectionCap(
+        settings.max_connections,
+        body=TOO_MANY_CONNECTIONS,
+        refused=metrics.connections_refused.inc,
+        logger=log,
+        port="check port",
+    )
+    metrics.client_connections.set_function(lambda: cap.open)
     authz_runner: web.ServerRunner | None = None
     fast_server: CheckServer | None = None
     if settings.http_server == "fast":
-        fast_server = CheckServer(checker, max_header_bytes=settings.max_header_bytes)
-        await fast_server.start(host=settings.host, port=settings.port)
+        fast_server = CheckServer(checker, max_header_bytes=settings.max_header_bytes, cap=cap)
+        await fast_server.start(host=settings.host, port=settings.port, backlog=BACKLOG)
     else:
         server = EnvelopeServer(
             AiohttpHandler(checker),
+            cap=cap,
             access_log=None,
             max_field_size=settings.max_header_bytes,
             max_line_size=settings.max_header_bytes,
         )
         authz_runner = web.ServerRunner(server, handle_signals=False)
         await authz_runner.setup()
-        await web.TCPSite(authz_runner, settings.host, settings.port, reuse_port=True, backlog=1024).start()
+        await web.TCPSite(authz_runner, settings.host, settings.port, reuse_port=True, backlog=BACKLOG).start()
     await web.TCPSite(ops_runner, settings.ops_listen_host, settings.ops_port).start()
     log.info(
         "listening",

@@ -59,6 +59,14 @@ class AuthzMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
+        self.client_connections = Gauge(
+            "maas_authz_client_connections", "client connections open on the check port", registry=r
+        )
+        self.connections_refused = Counter(
+            "maas_authz_client_connections_refused_total",
+            "connections to the check port refused (503) at --max-connections",
+            registry=r,
+        )
         key_requests = LoopCounter(
             "maas_key_requests_total",
             "checks per API key by decision",

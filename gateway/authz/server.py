@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from aiohttp import http_exceptions, web, web_protocol
 
 from gateway.authz.follower import SnapshotFollower
 from gateway.authz.metrics import AuthzMetrics
+from gateway.connections import ConnectionCap
 from gateway.decision import (
     STORE_DOWN,
     Admission,
@@ -55,6 +56,10 @@ INTERNAL = Denial(
     code="internal_error",
     body=error_body("The gateway failed to check this request.", error_type="server_error", code="internal_error"),
 )
+TOO_MANY_CONNECTIONS = error_body(
+    "The gateway has too many open connections; retry shortly.", error_type="server_error", code="too_many_connections"
+)
+"""The body of the 503 a connection past ``--max-connections`` gets (gateway/connections.py)."""
 JSON = "application/json"
 
 
@@ -293,10 +298,31 @@ def headers_too_large(exc: BaseException | None) -> bool:
 
 class EnvelopeServer(web.Server):
     """``web.Server`` whose connections answer malformed requests in the OpenAI envelope: 431 for headers over
-    ``--max-header-bytes``, 400 otherwise."""
+    ``--max-header-bytes``, 400 otherwise; with a ``cap``, at most ``cap.limit`` connections are open at once."""
 
-    def __call__(self) -> web_protocol.RequestHandler:
+    def __init__(
+        self,
+        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+        *,
+        cap: ConnectionCap | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self._cap = cap
+
+    # the listener's protocol factory: past the cap it makes a refusal, not a RequestHandler
+    def __call__(self) -> web_protocol.RequestHandler | asyncio.Protocol:  # type: ignore[override]
+        if self._cap is None:
+            return self._handler()
+        return self._cap.protocol(self._handler)
+
+    def _handler(self) -> web_protocol.RequestHandler:
         return _EnvelopeHandler(self, loop=self._loop, **self._kwargs)
+
+    def connection_lost(self, handler: web_protocol.RequestHandler, exc: BaseException | None = None) -> None:
+        if self._cap is not None:
+            self._cap.release()  # called once per connection (aiohttp's handler forgets its manager then)
+        super().connection_lost(handler, exc)
 
     def answer(self, status: int, exc: BaseException | None) -> tuple[int, str, str]:
         """(status, code, message) for what aiohttp could not parse (``status`` < 500) or a handler that raised."""

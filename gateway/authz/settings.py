@@ -37,6 +37,14 @@ class AuthzSettings(CommonSettings):
     forward_api_key: bool = Field(False, description="keep the API key on the upstream request")
     bucket_max_inflight: int = Field(2, ge=1, le=64, description="concurrent bucket batches in flight to Redis")
     max_header_bytes: int = Field(65536, ge=8190, le=1 << 20, description="largest request header accepted")
+    max_connections: int = Field(
+        8192,
+        ge=1,
+        le=1_000_000,
+        description="most client connections open on the check port; past it a new one is answered 503 and closed "
+        "(Envoy holds one per check in flight per worker thread, hundreds even at tens of thousands of checks a "
+        "second; 8192 idle ones take ~25 MB, and the ops port and Redis keep their descriptors)",
+    )
     http_server: Literal["fast", "aiohttp"] = Field(
         "fast", description="HTTP layer of the check port: fast (httptools protocol) or aiohttp (low-level server)"
     )

@@ -7,17 +7,19 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.connections import ConnectionCap
 from gateway.meter.accounting import UsageBacklog
 from gateway.meter.estimate import Estimator
 from gateway.meter.metrics import MeterMetrics
 from gateway.meter.proxy import Meter, MeterConfig, begin_early, follow_contexts, handle
-from gateway.meter.server import Server
+from gateway.meter.server import TOO_MANY_CONNECTIONS, Server
 from gateway.meter.settings import MeterSettings
 from gateway.meter.upstream import Upstream
 from gateway.settings import split_csv
@@ -64,6 +66,10 @@ def build_meter(settings: MeterSettings, *, store: Store | None = None) -> Meter
     )
 
 
+BACKLOG = 2048
+"""Connections the kernel queues for the proxy port before they are accepted."""
+
+
 @dataclass(frozen=True, slots=True)
 class Readiness:
     timeout: float
@@ -96,13 +102,22 @@ async def serving(
     host: str,
     port: int,
     ops_port: int,
+    max_connections: int,
     readiness_timeout: float = 1.0,
     shutdown_grace: float = 25.0,
 ) -> AsyncIterator[Ports]:
-    """One meter's proxy port (the lean server) and ops port (aiohttp), up while the context runs; on the way out
-    the proxy stops listening and gives requests in flight ``shutdown_grace`` seconds, then the upstream
-    connections and the store close."""
-    proxy = Server(functools.partial(handle, meter), early=functools.partial(begin_early, meter))
+    """One meter's proxy port (the lean server, at most ``max_connections`` client connections) and ops port
+    (aiohttp), up while the context runs; on the way out the proxy stops listening and gives requests in flight
+    ``shutdown_grace`` seconds, then the upstream connections and the store close."""
+    cap = ConnectionCap(
+        max_connections,
+        body=TOO_MANY_CONNECTIONS,
+        refused=meter.metrics.connections_refused.inc,
+        logger=logging.getLogger("maas.meter.http"),
+        port="proxy port",
+    )
+    meter.metrics.client_connections.set_function(lambda: cap.open)
+    proxy = Server(functools.partial(handle, meter), cap=cap, early=functools.partial(begin_early, meter))
     ops = web.AppRunner(build_ops(meter, readiness_timeout=readiness_timeout), access_log=None, handle_signals=False)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(meter.store.close)
@@ -117,7 +132,7 @@ async def serving(
             stack.push_async_callback(_stop, backlog)
         await ops.setup()
         stack.push_async_callback(ops.cleanup)
-        await proxy.start(host, port, backlog=2048)
+        await proxy.start(host, port, backlog=BACKLOG)
         stack.push_async_callback(proxy.shutdown, shutdown_grace)
         await web.TCPSite(ops, host, ops_port).start()
         yield Ports(proxy.port, ops.addresses[0][1])

@@ -10,9 +10,9 @@ import signal
 import uvloop
 
 from gateway import logs
-from gateway.meter.app import build_meter, serving
+from gateway.meter.app import BACKLOG, build_meter, serving
 from gateway.meter.settings import MeterSettings
-from gateway.runtime import tune_gc
+from gateway.runtime import descriptors_needed, raise_descriptor_limit, tune_gc
 from gateway.settings import add_flags, load, warn_misspelt_variables
 
 log = logging.getLogger("maas.meter")
@@ -29,6 +29,7 @@ async def serve(settings: MeterSettings) -> None:
         host=settings.host,
         port=settings.port,
         ops_port=settings.ops_port,
+        max_connections=settings.max_connections,
         readiness_timeout=settings.readiness_timeout,
         shutdown_grace=settings.shutdown_grace,
     ):
@@ -49,5 +50,9 @@ def run(args: argparse.Namespace) -> int:
     logs.setup(fmt=settings.log_format, level=settings.log_level)
     warn_misspelt_variables(MeterSettings)
     tune_gc()
+    needed = descriptors_needed(
+        max_connections=settings.max_connections, backlog=BACKLOG, upstream=settings.upstream_max_connections
+    )
+    raise_descriptor_limit(needed)
     uvloop.run(serve(settings))
     return 0

@@ -133,6 +133,14 @@ class MeterMetrics:
         self._rejected = rejected
         self.rejected_children: dict[str, Counter] = {}
         self.disconnects = Counter("maas_meter_client_disconnects", "Streams the client left early", registry=r)
+        self.client_connections = Gauge(
+            "maas_meter_client_connections", "Client connections open on the proxy port", registry=r
+        )
+        self.connections_refused = Counter(
+            "maas_meter_client_connections_refused",
+            "Connections to the proxy port refused (503) at --max-connections",
+            registry=r,
+        )
         self.in_flight = Gauge("maas_meter_requests_in_flight", "Metered requests being served", registry=r)
         self.upstream_queued = Gauge(
             "maas_meter_upstream_queued_requests", "Metered requests waiting for a free upstream connection", registry=r

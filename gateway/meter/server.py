@@ -16,6 +16,8 @@ What it speaks:
 - malformed HTTP gets 400, headers over ``max_header_bytes`` 431, CONNECT 405, all in the OpenAI error envelope,
   and the connection closes; an ``Upgrade`` header (h2c, websocket) is ignored and the request answered in
   HTTP/1.1; a handler that fails gets a 500 envelope (or, mid-stream, the connection closed);
+- at most ``cap.limit`` connections are open at once: past it a new one gets a 503 and is closed
+  (gateway/connections.py);
 - a client that stops sending (FIN) is taken as gone: the connection closes at once, so a stream in progress is
   charged for what was sent;
 - an idle keep-alive connection closes after ``keepalive_timeout`` seconds, and so does one whose request headers
@@ -42,6 +44,7 @@ from urllib.parse import unquote, urlsplit
 import httptools
 from multidict import CIMultiDict
 
+from gateway.connections import ConnectionCap
 from gateway.httpparse import feed
 from gateway.meter.errors import envelope
 from gateway.meter.h1 import HIGH_WATER, IdleTimeout, Inbox
@@ -371,6 +374,7 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self._transport = None
         self._server.connections.discard(self)
+        self._server.cap.release()
         del self._parser  # it holds this protocol's callbacks: the pair is freed now, not at a later collection
         if self._idle is not None:
             self._idle.cancel()
@@ -630,6 +634,10 @@ SETTLE_SECONDS = 3.0
 LINGER_SECONDS = 5.0
 """How long the unread rest of a refused request's body is read and dropped before the connection closes."""
 BAD_REQUEST = _error(400, "bad_request", "Malformed HTTP request.")
+TOO_MANY_CONNECTIONS = envelope(
+    "The meter has too many open connections; retry shortly.", type_="server_error", code="too_many_connections"
+)
+"""The body of the 503 a connection past ``--max-connections`` gets (gateway/connections.py)."""
 TOO_LARGE = _error(431, "request_header_too_large", "Request headers are too large.")
 NOT_ALLOWED = _error(405, "method_not_allowed", "CONNECT is not supported.")
 BAD_TARGET = _error(400, "bad_request", "The request target must be a path starting with '/'.")
@@ -642,18 +650,20 @@ BAD_TRANSFER_ENCODING = _error(
 
 
 class Server:
-    """The listening socket and its connections; ``handler`` answers each request."""
+    """The listening socket and its connections, at most ``cap.limit`` of them; ``handler`` answers each request."""
 
     def __init__(
         self,
         handler: Handler,
         *,
+        cap: ConnectionCap,
         early: Callable[[Request], None] | None = None,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         body_timeout: float = BODY_TIMEOUT,
         max_header_bytes: int = MAX_HEADER_BYTES,
     ) -> None:
         self.handler = handler
+        self.cap = cap
         self.early = early
         """Called in the protocol callback as soon as a request's body has arrived whole (before the handler's
         task may have run): work that should not wait a loop turn."""
@@ -665,7 +675,10 @@ class Server:
 
     async def start(self, host: str, port: int, *, backlog: int = 2048) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port, backlog=backlog)
+        self._server = await loop.create_server(self._protocol, host, port, backlog=backlog)
+
+    def _protocol(self) -> asyncio.Protocol:
+        return self.cap.protocol(lambda: _Connection(self))
 
     @property
     def port(self) -> int:

@@ -84,6 +84,14 @@ class MeterSettings(CommonSettings):
         description="seconds an idle upstream connection is kept for reuse; keep it below the upstream's own idle "
         "timeout (vLLM: 5 s); 0 opens a connection per request",
     )
+    max_connections: int = Field(
+        4096,
+        ge=1,
+        le=1_000_000,
+        description="most client connections open on the proxy port; past it a new one is answered 503 and closed "
+        "(4 x --upstream-max-connections: every request the upstream pool can carry, plus the gateways' idle pooled "
+        "connections; 4096 idle ones take ~25 MB, and the ops port, Redis and vLLM keep their descriptors)",
+    )
     readiness_timeout: float = Field(1.0, gt=0, le=60, description="timeout of the upstream /health probe, seconds")
     shutdown_grace: float = Field(
         25.0, ge=0, le=3600, description="on SIGTERM, seconds requests in flight get to finish before they are cut"
