@@ -171,19 +171,17 @@ class CommonSettings(BaseSettings):
         return out
 
 
-def _flag_type(annotation: Any) -> tuple[Any, list[Any] | None, bool]:
-    """(argparse type, choices, is_bool) for a field annotation."""
+def _flag_kind(annotation: Any) -> tuple[list[Any] | None, bool]:
+    """(choices, is_bool) for a field annotation."""
     origin = get_origin(annotation)
     args = [a for a in get_args(annotation) if a is not type(None)]
     if origin is Literal:
-        return str, list(get_args(annotation)), False
+        return list(get_args(annotation)), False
     if annotation is bool:
-        return None, None, True
+        return None, True
     if args and origin is not list and origin is not tuple:
-        return _flag_type(args[0])
-    if annotation in (int, float):
-        return annotation, None, False
-    return str, None, False
+        return _flag_kind(args[0])
+    return None, False
 
 
 def _help_default(value: Any) -> str:
@@ -200,13 +198,16 @@ def _help_default(value: Any) -> str:
 def add_flags(parser: argparse.ArgumentParser, cls: type[BaseSettings]) -> None:
     for name, field in cls.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        kind, choices, is_bool = _flag_type(field.annotation)
+        choices, is_bool = _flag_kind(field.annotation)
         env = f"MAAS_{name.upper()}"
         help_text = f"{field.description or ''} [env {env}{_help_default(field.default)}]".replace("%", "%%")
         if is_bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=name, type=kind, choices=choices, default=None, help=help_text)
+            # the value stays a string for pydantic to check, as it checks the variable's: a bad flag is then the
+            # same one-line error naming flag and variable, not argparse's usage dump naming the flag alone
+            metavar = "{" + ",".join(choices) + "}" if choices else None
+            parser.add_argument(flag, dest=name, metavar=metavar, default=None, help=help_text)
 
 
 def load(cls: type[S], namespace: argparse.Namespace | None = None, **overrides: Any) -> S:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from controlplane import cli
 from controlplane.settings import ControlPlaneSettings
 from gateway import settings as common
 from gateway.authz.settings import AuthzSettings
@@ -179,6 +180,43 @@ def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MAAS_ON_STORE_ERROR", "allow")
     settings = load(AuthzSettings, key_pepper=PEPPER, identity_secret=SECRET, port=27006)
     assert settings.port == 27006 and settings.on_store_error == "allow"
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        pytest.param(["authz", "--port", "abc"], "--port / MAAS_PORT: Input should be a valid integer", id="int"),
+        pytest.param(
+            ["authz", "--on-store-error", "open"],
+            "--on-store-error / MAAS_ON_STORE_ERROR: Input should be",
+            id="choice",
+        ),
+        pytest.param(
+            ["meter", "--upstream", "http://vllm", "--store-timeout", "soon"],
+            "--store-timeout / MAAS_STORE_TIMEOUT: Input should be a valid number",
+            id="float",
+        ),
+        pytest.param(["controlplane", "--resync-period", "often"], "--resync-period / MAAS_RESYNC_PERIOD", id="cp"),
+        pytest.param(["sim", "--max-model-len", "big"], "--max-model-len / MAAS_MAX_MODEL_LEN", id="sim"),
+    ],
+)
+def test_a_bad_flag_value_is_one_line_naming_flag_and_variable(
+    argv: list[str], named: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad value given as a flag was argparse's usage dump naming the flag alone, while the same value in the
+    variable was the one-line error naming both that the README promises."""
+    monkeypatch.setenv("MAAS_IDENTITY_SECRET", SECRET)  # the bad flag is the only problem
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"invalid settings: {named}" in err
+
+
+def test_flag_values_are_converted_by_the_settings() -> None:
+    args = cli.build_parser("authz").parse_args(
+        ["authz", "--identity-secret", SECRET, "--port", "8501", "--store-timeout", "0.5", "--on-store-error", "local"]
+    )
+    settings = load(AuthzSettings, args)
+    assert (settings.port, settings.store_timeout, settings.on_store_error) == (8501, 0.5, "local")
 
 
 @pytest.mark.parametrize(
