@@ -1,7 +1,9 @@
 """``maas keys``: the admin API from the shell. Reads ``MAAS_ADMIN_URL`` (default ``http://127.0.0.1:8700``) and
 ``MAAS_ADMIN_TOKEN``; prints a table, or the API's JSON with ``--output json``. Exit codes: 0 ok, 1 the API
 answered an error (its message is printed), 2 bad usage, the API cannot be reached or what answers is not the API
-(no JSON), 141 the reader of the output went away (``| head``), as for a program killed by SIGPIPE.
+(no JSON, or a 401 that is not the admin API's: the model gateway's port), 74 the output could not be written (a
+full disk), 141 the reader of the output went away (``| head``), as for a program killed by SIGPIPE. A key created
+or rotated whose output was lost is named on stderr, so it can be revoked: its plaintext is shown only once.
 
 A change the API answers with ``"synced": false`` (it had not reached Redis, so maas authz, in time) is done, so the
 exit code is 0, and a warning on stderr says what that means for the key."""
@@ -29,6 +31,10 @@ USAGE_GROUPS = ("key_id", "user", "model", "day")
 USAGE_COLUMNS = (*USAGE_GROUPS, "requests", "prompt_tokens", "completion_tokens", "total_tokens")
 EXIT_BROKEN_PIPE = 128 + 13
 """128 + SIGPIPE: what a shell reports for a program the signal ended."""
+EXIT_OUTPUT_FAILED = 74
+"""sysexits' EX_IOERR: the answer could not be written (a full disk, a closed descriptor)."""
+ADMIN_401_CODES = frozenset({"missing_admin_token", "invalid_admin_token"})
+"""The admin API's 401 codes; any other 401 comes from something else at the URL (maas authz in front of a model)."""
 UNSYNCED = {
     "create": "the key is stored, but maas authz refuses it until the control plane's next sync writes it to Redis",
     "rotate": "the change is stored, but until the control plane's next sync writes it to Redis maas authz refuses "
@@ -65,9 +71,10 @@ def _url_problem(base: str) -> str | None:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, code: object = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
 
 
 class NotTheApi(Exception):
@@ -119,11 +126,15 @@ def _call(base: str, token: str, method: str, path: str, body: Any = None) -> An
             raw = response.read()
             status, content_type = response.status, response.headers.get_content_type()
     except urllib.error.HTTPError as exc:
+        code: object = None
         try:
-            message = json.loads(exc.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
+            error = json.loads(exc.read())["error"]
+            message, code = error["message"], error.get("code")
+        except (ValueError, KeyError, TypeError, AttributeError):
             message = exc.reason
-        raise ApiError(exc.code, str(message)) from exc
+        if exc.code == 401 and code not in ADMIN_401_CODES:
+            raise NotTheApi(f"{method} {path} answered HTTP 401 ({message}) without an admin token error") from exc
+        raise ApiError(exc.code, str(message), code) from exc
     try:
         out = json.loads(raw)
     except ValueError:  # UnicodeDecodeError is one too
@@ -235,16 +246,20 @@ def _usage_error(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _print(text: str) -> bool:
-    """Print to stdout; False when its reader went away (| head), stdout then quietly dropped."""
+def _print(text: str) -> int:
+    """Print to stdout: 0, or the exit code of a write that failed (its reader went away: | head; or a full disk),
+    stdout then dropped."""
     try:
         print(text)
         sys.stdout.flush()
-    except BrokenPipeError:
+    except OSError as exc:
         # without a stdout to write to, the interpreter's own flush at exit would fail again, loudly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return False
-    return True
+        if isinstance(exc, BrokenPipeError):
+            return EXIT_BROKEN_PIPE
+        print(f"maas keys: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_OUTPUT_FAILED
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -275,8 +290,15 @@ def run(args: argparse.Namespace) -> int:
             f"maas keys: {base} does not answer as the admin API ({exc}); check --url / MAAS_ADMIN_URL", file=sys.stderr
         )
         return 2
-    if not _print(json.dumps(out, indent=2) if args.output == "json" else text):
-        return EXIT_BROKEN_PIPE
+    failed = _print(json.dumps(out, indent=2) if args.output == "json" else text)
+    if failed:
+        if args.action in ("create", "rotate"):
+            print(
+                f"maas keys: key {out.get('key_id')} was issued but its output was lost; revoke it: "
+                f"maas keys revoke {out.get('key_id')}",
+                file=sys.stderr,
+            )
+        return failed
     if args.action in UNSYNCED and out.get("synced") is False:
         print(f"maas keys: warning: not synced yet: {UNSYNCED[args.action]}.", file=sys.stderr)
     return 0

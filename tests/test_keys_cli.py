@@ -155,6 +155,47 @@ async def test_an_answer_that_is_not_the_api_is_a_clear_error(tmp_path: Path) ->
         await runner.cleanup()
 
 
+async def test_the_model_gateways_401_is_not_the_admin_api(tmp_path: Path) -> None:
+    """The demo's gateway port given as the admin URL: maas authz's 401 (``invalid_api_key``) read as the admin API
+    refusing the token, exit 1 with "Incorrect API key provided", which sent people to check a token that was fine."""
+
+    async def gateway(request: web.Request) -> web.Response:
+        body = {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error", "param": None}}
+        body["error"]["code"] = "invalid_api_key"
+        return web.json_response(body, status=401, headers={"www-authenticate": 'Bearer realm="maas"'})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", gateway)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        code, out, err = await _keys(f"http://127.0.0.1:{port}", "list")
+        assert code == 2 and "does not answer as the admin API" in err and "MAAS_ADMIN_URL" in err, (out, err)
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_created_key_whose_output_is_lost_is_named_on_stderr(tmp_path: Path, redis_url: str) -> None:
+    """``maas keys create > /dev/full`` was an OSError traceback, and the key, issued, was never seen again."""
+    async with running(admin_settings(tmp_path, redis_url)) as (_, api):
+        env = {**os.environ, "MAAS_ADMIN_URL": api.base, "MAAS_ADMIN_TOKEN": ADMIN_TOKEN}
+
+        def create_into_a_full_disk() -> tuple[int, str]:
+            with open("/dev/full", "wb") as full:
+                done = subprocess.run(
+                    maas_argv("keys", "create", "--user", "erin"), env=env, stdout=full, stderr=subprocess.PIPE
+                )
+            return done.returncode, done.stderr.decode()
+
+        code, err = await asyncio.to_thread(create_into_a_full_disk)
+        assert code == 74 and "cannot write the output" in err and "Traceback" not in err, err
+        _, page = await api.call("GET", "/admin/v1/keys?user=erin")
+        (key,) = page["data"]
+        assert f"maas keys revoke {key['key_id']}" in err, err
+
+
 async def test_a_window_without_a_limit_is_bad_usage() -> None:
     """``--window`` alone was dropped without a word: the key had the tier's limits."""
     code, out, err = await _keys("http://127.0.0.1:9", "-o", "json", "create", "--user", "w", "--window", "1h")
