@@ -19,6 +19,7 @@ from gateway import contract
 from gateway.authz.follower import SnapshotFollower
 from gateway.authz.metrics import AuthzMetrics
 from gateway.contract import KeyRecord
+from gateway.errors import StoreError
 from gateway.limits import BucketOp
 from gateway.store.redis import RedisStore
 from tests.support.k8s_emulator import eventually
@@ -210,6 +211,24 @@ async def test_a_bucket_state_of_another_layout_fails_no_check_and_is_rewritten(
         assert o.allowed and o.remaining == 9
         level, _, stamp = (await raw.get(name)).partition(b" ")
         assert level == b"9" and stamp.isdigit()
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+async def test_a_ledger_counter_that_is_not_an_integer_fails_the_read_with_the_row_named(redis_url: str) -> None:
+    """Counters of suffixes this version does not know are not summed; a value no HINCRBY wrote (another writer's
+    float) had escaped as a bare ValueError (a 500 from the admin API)."""
+    raw = aioredis.Redis.from_url(redis_url)
+    row = contract.ledger_key("skewed", "20261201")
+    await raw.hset(row, mapping={"m|requests": "2", "m|prompt": "7", "m|cached": "4"})
+    store = RedisStore(redis_url, timeout=2.0)
+    try:
+        (read,) = await store.read_usage("skewed", ["20261201"])
+        assert (read.model, read.requests, read.prompt_tokens, read.completion_tokens) == ("m", 2, 7, 0)
+        await raw.hset(row, "m|completion", "1.5")
+        with pytest.raises(StoreError, match=r"m\|completion"):
+            await store.read_usage("skewed", ["20261201"])
     finally:
         await raw.aclose()
         await store.close()
