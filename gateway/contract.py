@@ -15,7 +15,8 @@ script can write a batch of records, bump the generation and publish the change 
 
 Per-key data shares the hash tag ``{k:<key_id>}`` so all buckets of one key sit in one cluster slot:
 
-- ``maas:b:{k:<key_id>}:<dimension>``   token bucket (hash: ``t`` tokens, ``ts`` last refill in ms)
+- ``maas:b:{k:<key_id>}:<dimension>``   token bucket (string ``<tokens> <ms timestamp>``; earlier versions kept a
+  hash ``{t, ts}``, still read)
 - ``maas:u:{k:<key_id>}:<YYYYMMDD>``    usage ledger (hash: ``<model>|requests``, ``<model>|prompt``,
   ``<model>|completion``)
 
@@ -23,6 +24,17 @@ Index of the ledger, so usage reports over all keys never scan the keyspace:
 
 - ``maas:ui:<YYYYMMDD>``   set of the key ids with usage on that day (no hash tag: in a cluster it sits apart from
   the rows, and the meter adds a key to it again until it lands)
+
+Processes of two versions share one Redis during a rolling upgrade, so the contract changes only in ways the other
+version reads safely. Records ignore fields they do not know (``extra="ignore"``): a new *optional* field whose
+absence means what older versions do anyway may be added under the same ``SCHEMA_VERSION`` (its default is what a
+record of an older writer gets). A change a reader must not ignore (a new way to deny a key, a changed meaning) bumps
+``SCHEMA_VERSION``, which moves every configuration key and the channel: a record or an event of another version
+is never read as one of this version (``RecordVersionError``, ``EventFormatError``). A change event's changes of a
+record kind this version does not know are left out, as a full load leaves out the hashes it does not know. A
+bucket's state that the script cannot read counts as a full bucket (as a missing one does) and the next take
+rewrites it, so another layout never fails the checks of other keys in the same script call; a new bucket layout
+must still be read by the previous release (or take new key names), or their buckets reset each other.
 """
 
 from __future__ import annotations
@@ -36,7 +48,7 @@ from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 SCHEMA_VERSION = 1
 
@@ -323,6 +335,12 @@ class ChangeEvent(_Record):
     gen: int
     changes: tuple[Change, ...] = ()
     reset: bool = False
+    _left_out: int = PrivateAttr(0)
+
+    @property
+    def left_out(self) -> int:
+        """Changes of record kinds this version does not know, left out by ``decode_event`` (never on the wire)."""
+        return self._left_out
 
 
 def put(record: _Record) -> Change:
@@ -339,13 +357,63 @@ def encode_changes(changes: Sequence[Change]) -> str:
     return json.dumps([{"kind": c.kind.value, "id": c.id, "value": c.value} for c in changes])
 
 
+class EventFormatError(ValueError):
+    """A change event this version cannot read (another schema version, or not an event at all): what it changed is
+    unknown, so the consumer reloads."""
+
+
+class RecordVersionError(ValueError):
+    """A record of another schema version: skipped, never read as one of this version."""
+
+
+_KINDS = frozenset(k.value for k in RecordKind)
+
+
 def decode_event(payload: str | bytes) -> ChangeEvent:
-    return ChangeEvent.model_validate_json(payload)
+    """The event, without the changes of record kinds this version does not know (a newer writer's: this version
+    reads no hash of theirs either); EventFormatError for anything else it cannot read."""
+    try:
+        event = ChangeEvent.model_validate_json(payload)
+    except ValidationError as exc:
+        event = _known_changes(payload, exc)
+    if event.v != SCHEMA_VERSION:
+        raise EventFormatError(f"change event of schema version {event.v} (expected {SCHEMA_VERSION})")
+    return event
+
+
+def _known_changes(payload: str | bytes, error: ValidationError) -> ChangeEvent:
+    try:
+        data = json.loads(payload)
+        changes = data["changes"]
+        known = [c for c in changes if c.get("kind") in _KINDS]
+        event = ChangeEvent.model_validate({**data, "changes": known})
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # pydantic's ValidationError is a ValueError
+        raise EventFormatError(f"unreadable change event: {str(error).splitlines()[0]}") from exc
+    if len(known) == len(changes):
+        raise EventFormatError(f"unreadable change event: {str(error).splitlines()[0]}") from error
+    event._left_out = len(changes) - len(known)
+    return event
 
 
 def decode_record(kind: RecordKind, payload: str | bytes) -> Any:
-    """Validated record, or ValueError for a record of another schema version or a malformed one."""
-    record = RECORD_TYPES[kind].model_validate_json(payload)
+    """Validated record; RecordVersionError for a record of another schema version (told apart first: a newer
+    version's record may not validate as this version's), ValueError for a malformed one."""
+    try:
+        record = RECORD_TYPES[kind].model_validate_json(payload)
+    except ValidationError:
+        version = _version_of(payload)
+        if version != SCHEMA_VERSION:
+            raise RecordVersionError(f"{kind} record of schema version {version} (expected {SCHEMA_VERSION})") from None
+        raise
     if getattr(record, "v", SCHEMA_VERSION) != SCHEMA_VERSION:
-        raise ValueError(f"{kind} record of schema version {record.v} (expected {SCHEMA_VERSION})")  # type: ignore[attr-defined]
+        raise RecordVersionError(f"{kind} record of schema version {record.v} (expected {SCHEMA_VERSION})")  # type: ignore[attr-defined]
     return record
+
+
+def _version_of(payload: str | bytes) -> object:
+    """The ``v`` of a record that did not validate (only then: a full load parses each record once)."""
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return SCHEMA_VERSION  # not JSON: malformed, whatever its version
+    return data.get("v", SCHEMA_VERSION) if isinstance(data, dict) else SCHEMA_VERSION

@@ -18,9 +18,12 @@ from controlplane.translate.secret import resolve_tier
 from gateway import contract
 from gateway.contract import ChangeEvent, KeyRecord, KeyStatus, ModelRecord, RecordKind, RouteRecord, TierRecord
 from gateway.errors import StoreError
+from gateway.logs import RateLimitedLog
 from gateway.store import Store
 
 log = logging.getLogger("maas.controlplane.admin")
+_unreadable = RateLimitedLog(log)
+"""Records another version wrote can come by the million (a full load): one warning per 10 s."""
 
 
 class AdminState:
@@ -46,17 +49,23 @@ class AdminState:
 
     async def run(self) -> None:
         backoff = 0.1
+        unreadable = False
         while True:
             try:
                 floor = await self.store.generation()
                 async with self.store.subscribe() as subscription:
                     await self.reload(floor=floor)
-                    backoff = 0.1
+                    if not unreadable:  # a newer writer's every event must not cost a full load at once
+                        backoff = 0.1
+                    unreadable = False
                     async for event in subscription:
                         if not self.apply_event(event):
                             break
             except StoreError as exc:
                 log.warning("admin view lost the change events, will reload: %s", exc)
+            except contract.EventFormatError as exc:  # another version's writer: reload, as authz's follower does
+                _unreadable.warning("admin view: %s: reloading", exc)
+                unreadable = True
             except Exception:  # as in authz's snapshot follower: a bug must not stop the view following the store
                 log.exception("admin view failed; reloading")
             await asyncio.sleep(backoff * (0.5 + random.random()))
@@ -222,6 +231,6 @@ def _decode(kind: RecordKind, raw: bytes | str) -> object | None:
     try:
         record: object = contract.decode_record(kind, raw)
     except (ValidationError, ValueError) as exc:
-        log.warning("admin view skips an unreadable %s record: %s", kind.value, str(exc).splitlines()[0])
+        _unreadable.warning("admin view skips an unreadable %s record: %s", kind.value, str(exc).splitlines()[0])
         return None
     return record

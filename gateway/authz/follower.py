@@ -7,6 +7,11 @@ the snapshot's generation means the store lost its data and counts again: reload
 subscription means events were missed: reload too. A store found empty (generation 0, Redis restarted without its
 data) does not replace a loaded snapshot: the snapshot keeps serving until the control plane writes again (its
 first event is then a generation gone back, and the reload reads what it wrote).
+
+During a rolling upgrade the store may hold what another version wrote. A record of another schema version is
+skipped and counted (a key is then unknown here: refused, never read as this version's record). A change event this
+version cannot read is treated as missed events: a reload, with the pause between such reloads growing to 5 s so a
+newer writer's every event does not cost a full load; changes of a record kind it does not know are left out.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ class SnapshotFollower:
         is applied."""
         self._unavailable = RateLimitedLog(log)
         """While Redis is down the follower retries every few seconds: one warning per 10 s, as for bucket checks."""
+        self._unreadable = RateLimitedLog(log)
+        """Records or events another version wrote can come by the million (a full load): one warning per 10 s."""
 
     async def run(self) -> None:
         backoff = 0.1
@@ -76,7 +83,8 @@ class SnapshotFollower:
                 async with self.store.subscribe() as subscription:
                     await self.reload(reason=reason, floor=floor)
                     self.connected = True
-                    backoff = 0.1
+                    if reason != "unreadable_event":
+                        backoff = 0.1
                     async for event in subscription:
                         if not self.apply_event(event):
                             reason = "generation_gap"
@@ -87,6 +95,9 @@ class SnapshotFollower:
                 self._unavailable.warning("change events unavailable, will reload: %s", exc)
                 self._metrics.store_error("subscribe", exc.code)
                 reason = "reconnect"
+            except contract.EventFormatError as exc:
+                self._unreadable.warning("%s (another version's writer?): reloading", exc)
+                reason = "unreadable_event"
             except Exception:  # a bug must not stop the snapshot from following the store: log it, reload
                 log.exception("snapshot follower failed; reloading")
                 reason = "error"
@@ -159,9 +170,9 @@ class SnapshotFollower:
         try:
             record: object = contract.decode_record(kind, raw)
         except (ValidationError, ValueError) as exc:
-            reason = "schema_version" if "schema version" in str(exc) else "malformed"
+            reason = "schema_version" if isinstance(exc, contract.RecordVersionError) else "malformed"
             self._metrics.snapshot_skipped.labels(kind.value, reason).inc()
-            log.warning("skipping unreadable %s record: %s", kind.value, str(exc).splitlines()[0])
+            self._unreadable.warning("skipping unreadable %s record: %s", kind.value, str(exc).splitlines()[0])
             return None
         return record
 
@@ -193,6 +204,8 @@ class SnapshotFollower:
         if event.gen != current + 1:
             log.warning("change events missed (at %d, got %d): reloading", current, event.gen)
             return False
+        if event.left_out:
+            self._metrics.snapshot_skipped.labels("unknown", "unknown_kind").inc(event.left_out)
         catalog_changed = False
         keys = self.snapshot.keys
         for change in event.changes:

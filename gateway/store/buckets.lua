@@ -4,7 +4,8 @@
 -- limit, window_ms, cost, mode (0 take, 1 gate, 2 reserve, 3 force), min_cost.
 -- Reply: per op, five integers: allowed, remaining, reset_ms, retry_ms, debited.
 -- A bucket's state is one string, "<tokens> <ms timestamp>", expiring when the bucket would be full again
--- (a GET and a SET PX per take; earlier versions kept a hash {t, ts}, still read until the next take rewrites it).
+-- (a GET and a SET PX per take; earlier versions kept a hash {t, ts}, still read until the next take rewrites it;
+-- a state of any other shape reads as a full bucket).
 -- Written for a cold cache (a check at low load finds Redis idle): no closures or tables made per call beyond
 -- the reply and one scratch table, the refill and wait times inline.
 local t = redis.call('TIME')
@@ -27,13 +28,15 @@ for _ = 1, tonumber(ARGV[1]) do
     if st then
       local tokens, ts
       if type(st) == 'table' then  -- WRONGTYPE: a bucket stored as a hash by an earlier version
-        local h = call('HMGET', KEYS[k + i], 't', 'ts')
+        local h = try('HMGET', KEYS[k + i], 't', 'ts')
         tokens, ts = tonumber(h[1]), tonumber(h[2])
       else
         local sp = find(st, ' ', 1, true)
-        tokens, ts = tonumber(sub(st, 1, sp - 1)), tonumber(sub(st, sp + 1))
+        if sp then tokens, ts = tonumber(sub(st, 1, sp - 1)), tonumber(sub(st, sp + 1)) end
       end
-      if not tokens then
+      if not (tokens and ts) then
+        -- a state this version cannot read (another version's layout): a full bucket, as a missing one, rewritten
+        -- by the next take; an error here would fail every check of the call, other keys' too
         lv = lim
       elseif lim <= 0 then
         lv = min(tokens, 0)

@@ -519,8 +519,8 @@ class RedisStore:
             for raw_field, raw_value in fields.items():
                 model, _, what = raw_field.decode().rpartition("|")
                 slot = {"requests": 0, "prompt": 1, "completion": 2}.get(what)
-                if slot is not None:
-                    per_model.setdefault(model, [0, 0, 0])[slot] += int(raw_value)
+                if slot is not None:  # a counter this version does not know (another version's) is not summed
+                    per_model.setdefault(model, [0, 0, 0])[slot] += _counter(key_id, day, raw_field, raw_value)
             rows += [
                 UsageRow(key_id=key_id, model=m, day=day, requests=v[0], prompt_tokens=v[1], completion_tokens=v[2])
                 for m, v in sorted(per_model.items())
@@ -530,6 +530,18 @@ class RedisStore:
     async def usage_key_ids(self, day: str) -> list[str]:
         members = await self._call("usage index", lambda: self._client.smembers(contract.ledger_index_key(day)))
         return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+
+
+def _counter(key_id: str, day: str, field: bytes, value: bytes) -> int:
+    """A ledger counter; a value that is not an integer (not one HINCRBY wrote) fails the read with the row named,
+    rather than a report that leaves it out."""
+    try:
+        return int(value)
+    except ValueError:
+        raise StoreError(
+            f"usage ledger {contract.ledger_key(key_id, day)} field {field.decode(errors='replace')!r} holds "
+            f"{value[:40]!r}, not an integer"
+        ) from None
 
 
 def _store_error(what: str, exc: BaseException, *, seeds: str = "") -> StoreError:
