@@ -2,13 +2,15 @@
 
 Every write goes to the key's Secret through the source and then waits, up to ``--admin-write-timeout``, until the
 record the sync path derives from it is in Redis (read-your-writes); the response says ``synced: false`` if not.
-A new key's Secret is only ever created, never written over.
+A new key's Secret is only ever created, never written over; a rotation that fails after creating it deletes it
+again, so no active key is left whose plaintext no one was given.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,13 +39,15 @@ from controlplane.admin.errors import (
     KeyNotFound,
     KeyRevoked,
     PageTooLarge,
+    PartialChange,
+    PartialChangeConflict,
     ReadOnlyKey,
     UnknownTier,
 )
 from controlplane.admin.models import KeyCreate, KeyCreated, KeyPage, KeyPatch, KeyUpdated, Rotated, RotateRequest
 from controlplane.admin.views import key_view
 from controlplane.errors import ConflictError, SourceError, TranslateError
-from controlplane.kinds import Obj
+from controlplane.kinds import Obj, meta
 from controlplane.translate import secret as tr
 from gateway.contract import KeyRecord, KeyStatus, digest_key, key_id_of
 
@@ -51,6 +55,8 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 MAX_EXAMINED = 20_000
 STATUSES = ("active", "disabled", "revoked", "expired")
+
+log = logging.getLogger("maas.controlplane.admin")
 
 
 def find_key(ctx: AdminContext, key_id: str) -> KeyRecord:
@@ -86,6 +92,8 @@ class Written:
     record: KeyRecord
     """As Redis holds it once synced, else as derived from the Secret."""
     synced: bool
+    secret: Obj
+    """The Secret as stored: its resourceVersion makes a later write or delete of it conditional."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +118,7 @@ async def write_secret(ctx: AdminContext, obj: Obj, *, no_window: str = "give li
             ) from exc
         raise InvalidRequest(f"The key cannot be stored: {exc}") from exc
     try:
-        await ctx.source.apply(obj)
+        stored = await ctx.source.apply(obj)
     except ConflictError:
         raise  # the caller reads the object again and redoes its change
     except SourceError as exc:
@@ -120,7 +128,7 @@ async def write_secret(ctx: AdminContext, obj: Obj, *, no_window: str = "give li
         lambda: _projection(ctx.state.key_by_digest(expected.digest)) == want, within=ctx.write_timeout
     )
     record = ctx.state.key_by_digest(expected.digest) if synced else None
-    return Written(record=record or expected, synced=synced)
+    return Written(record=record or expected, synced=synced, secret=stored)
 
 
 async def issue(
@@ -335,7 +343,11 @@ async def rotate_key(request: web.Request) -> web.Response:
             updates = {tr.EXPIRES_AT: ends_at, ks.ROTATED_TO: new.key_id}
             return await write_secret(ctx, ks.with_annotations(secret, updates))
 
-        ended = await retry_conflicts(end_old, what=f"The Secret of key '{old.key_id}'")
+        try:
+            ended = await retry_conflicts(end_old, what=f"The Secret of key '{old.key_id}'")
+        except Exception as exc:
+            await _withdraw(ctx, new, rotated=old.key_id, cause=exc)
+            raise
     audit(principal(request), "key.rotate", key_id=old.key_id, new_key_id=new.key_id, grace_seconds=grace)
     return json_model(
         Rotated(
@@ -346,6 +358,34 @@ async def rotate_key(request: web.Request) -> web.Response:
             grace_period_ends_at=ends_at,
             synced=new.written.synced and ended.synced,
         )
+    )
+
+
+async def _withdraw(ctx: AdminContext, new: NewKey, *, rotated: str, cause: Exception) -> None:
+    """Delete the new key's Secret of a rotation that failed after creating it: its plaintext is never returned, so
+    it would stay an active key no one holds. The delete is conditional on the version the rotation created (a
+    Secret another writer changed since is kept); if it fails, the answer and the log name the Secret to remove."""
+    name = ks.secret_name(new.key_id)
+    version = str(meta(new.written.secret).get("resourceVersion") or "")
+    try:
+        await ctx.source.delete(kinds.SECRET, ctx.key_namespace, name, resource_version=version)
+    except SourceError as exc:
+        conflict = isinstance(exc, ConflictError)
+        why = "another writer has changed it since, and it was kept" if conflict else f"that failed ({exc})"
+        message = (
+            f"The rotation of key '{rotated}' failed ({cause}), after it had created the new key's Secret "
+            f"{ctx.key_namespace}/{name} (key '{new.key_id}', whose plaintext was not returned). Deleting that Secret "
+            f"was not possible: {why}. Delete it (kubectl -n {ctx.key_namespace} delete secret {name}), then rotate "
+            "again."
+        )
+        log.error("%s", message)
+        raise (PartialChangeConflict if conflict else PartialChange)(message) from exc
+    log.warning(
+        "rotation of key '%s' failed (%s): its new key's Secret %s/%s was deleted",
+        rotated,
+        cause,
+        ctx.key_namespace,
+        name,
     )
 
 
