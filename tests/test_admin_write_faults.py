@@ -1,9 +1,11 @@
 """Admin writes against the Kubernetes API emulator when the API server fails them or another writer races them: a
 tier change, which touches two ConfigMaps, is all or nothing as the cluster ends up (or says exactly what is not),
-and a change that lost a race is started over, after a pause, on top of the other writer's change."""
+as is a key rotation, which creates one Secret and updates another; a change that lost a race is started over,
+after a pause, on top of the other writer's change; an object another writer created is never written over."""
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -12,10 +14,12 @@ from typing import Any
 import pytest
 import yaml
 
+from controlplane.admin import keysecret
 from controlplane.admin.context import CONFLICT_WAIT, WRITE_ATTEMPTS, retry_conflicts
 from controlplane.admin.errors import Conflict, SourceUnavailable
 from controlplane.admin.keysecret import secret_name
 from controlplane.errors import ConflictError, SourceError
+from gateway.contract import digest_key, key_id_of
 from tests.support.admin_api import PEPPER, SEED, TOKEN_FILE, Api, running
 from tests.support.k8s_emulator import K8sEmulator, load_manifests
 from tests.test_controlplane_kube import settings_for
@@ -231,3 +235,138 @@ async def test_conflict_retries_wait_a_growing_jittered_pause_between_attempts()
     with pytest.raises(SourceUnavailable):
         await retry_conflicts(fail, what="The object", sleep=sleep)
     assert events == ["failed 0"]  # only a lost race is retried
+
+
+async def test_a_tier_configmap_another_writer_created_meanwhile_is_changed_not_written_over(
+    api: Api, seeded: K8sEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The limits ConfigMap was not there when read; created by someone else before this change's create, it was
+    read again and replaced with this change's content alone (the create that met 409 AlreadyExists replaced)."""
+    caplog.set_level(logging.INFO, "maas.controlplane.admin")
+    seeded.delete("v1", "ConfigMap", NS, LIMITS)
+    theirs = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": LIMITS, "namespace": NS}}
+    seeded.intercept("create configmaps", lambda: seeded.create({**theirs, "data": {"limits": SILVER}}))
+    code, tier = await api.call("PUT", "/admin/v1/tiers/gold", json=GOLD)
+    assert code == 201, tier
+    assert {"gold", "silver"} <= set(yaml.safe_load(data(seeded, LIMITS)["limits"]))
+    assert seeded.requests["create configmaps"] == 1  # the second attempt found it and changed it
+    assert len(start_overs(caplog)) == 1, start_overs(caplog)
+
+
+def fixed_first_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The next key drawn is ``first`` (then random ones again); returns the name of its Secret."""
+    first = keysecret.new_api_key()
+    draws = iter([first])
+    real = keysecret.new_api_key
+    monkeypatch.setattr(keysecret, "new_api_key", lambda: next(draws, None) or real())
+    return secret_name(key_id_of(digest_key(first, PEPPER)))
+
+
+def another_keys_secret(name: str) -> dict[str, Any]:
+    digest = base64.b64encode(b"ab" * 32).decode()
+    annotations = {"maas/user-id": "erin", "maas/status": "active"}
+    metadata = {"name": name, "namespace": NS, "labels": {"maas.io/api-key": "true"}, "annotations": annotations}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "data": {"digest": digest}}
+
+
+@pytest.mark.parametrize(
+    "meanwhile", [pytest.param(False, id="there-before"), pytest.param(True, id="created-meanwhile")]
+)
+async def test_a_new_key_whose_secret_name_is_taken_gets_another_key_never_that_secret(
+    api: Api, seeded: K8sEmulator, monkeypatch: pytest.MonkeyPatch, meanwhile: bool
+) -> None:
+    """Issuing a key replaced a Secret of the same name (another key's, same key id) with its own."""
+    taken = fixed_first_key(monkeypatch)
+    theirs = another_keys_secret(taken)
+    if meanwhile:
+        seeded.intercept("create secrets", lambda: seeded.create(theirs))
+    else:
+        seeded.create(theirs)
+    code, key = await api.call("POST", "/admin/v1/keys", json={"user": "dana"})
+    assert code == 201, key
+    assert secret_name(key["key_id"]) != taken and key["user"] == "dana"
+    kept = seeded.get("v1", "Secret", NS, taken)
+    assert kept is not None and kept["data"] == theirs["data"], kept
+    assert kept["metadata"]["annotations"] == theirs["metadata"]["annotations"]
+    assert seeded.get("v1", "Secret", NS, secret_name(key["key_id"])) is not None
+
+
+def managed_secrets(emulator: K8sEmulator) -> set[str]:
+    return {
+        s["metadata"]["name"] for s in emulator.objects("v1", "Secret") if s["metadata"]["name"].startswith("maas-key-")
+    }
+
+
+@pytest.mark.parametrize(
+    ("status", "times", "answer"),
+    [
+        pytest.param(409, WRITE_ATTEMPTS, (409, "conflict"), id="lasting-conflict"),
+        pytest.param(500, 1, (503, "source_unavailable"), id="api-server-error"),
+    ],
+)
+async def test_a_rotation_whose_old_key_write_fails_deletes_the_new_keys_secret(
+    api: Api, seeded: K8sEmulator, status: int, times: int, answer: tuple[int, str]
+) -> None:
+    """The new key's Secret stayed: an active key whose plaintext no one was given."""
+    code, key = await api.call("POST", "/admin/v1/keys", json={"user": "dana"})
+    assert code == 201, key
+    name = secret_name(key["key_id"])
+    before = seeded.get("v1", "Secret", NS, name)
+    seeded.inject("update secrets", status, times=times, name=name)
+    code, error = await api.call("POST", f"/admin/v1/keys/{key['key_id']}/rotate", json={"grace_period": "1h"})
+    assert (code, error["error"]["code"]) == answer, error
+    assert managed_secrets(seeded) == {name}
+    assert seeded.get("v1", "Secret", NS, name) == before
+    assert seeded.requests["delete secrets"] == 1
+
+
+async def test_a_rotation_of_a_key_revoked_meanwhile_deletes_the_new_keys_secret(api: Api, seeded: K8sEmulator) -> None:
+    code, key = await api.call("POST", "/admin/v1/keys", json={"user": "dana"})
+    assert code == 201, key
+    name = secret_name(key["key_id"])
+
+    def revoke() -> None:  # through another replica, between this rotation's read of the old Secret and its write
+        secret = seeded.get("v1", "Secret", NS, name)
+        assert secret is not None
+        secret["metadata"]["annotations"]["maas/status"] = "revoked"
+        seeded.replace(secret)
+
+    seeded.intercept("update secrets", revoke, name=name)
+    code, error = await api.call("POST", f"/admin/v1/keys/{key['key_id']}/rotate", json={"grace_period": "1h"})
+    assert (code, error["error"]["code"]) == (409, "key_revoked"), error
+    assert managed_secrets(seeded) == {name}
+
+
+@pytest.mark.parametrize(
+    ("other_writer", "answer"),
+    [
+        pytest.param(False, (503, "partial_change", "server_error"), id="delete-fails"),
+        pytest.param(True, (409, "partial_change", "invalid_request_error"), id="changed-since"),
+    ],
+)
+async def test_a_new_keys_secret_that_cannot_be_deleted_is_named_in_the_answer_and_the_log(
+    api: Api, seeded: K8sEmulator, caplog: pytest.LogCaptureFixture, other_writer: bool, answer: tuple[int, str, str]
+) -> None:
+    code, key = await api.call("POST", "/admin/v1/keys", json={"user": "dana"})
+    assert code == 201, key
+    name = secret_name(key["key_id"])
+    seeded.inject("update secrets", 409, times=WRITE_ATTEMPTS, name=name)
+
+    def annotate_new() -> None:
+        (new,) = managed_secrets(seeded) - {name}
+        secret = seeded.get("v1", "Secret", NS, new)
+        assert secret is not None
+        secret["metadata"]["annotations"]["team.example.com/owner"] = "dana"
+        seeded.replace(secret)
+
+    if other_writer:
+        seeded.intercept("delete secrets", annotate_new)
+    else:
+        seeded.inject("delete secrets", 500)
+    code, error = await api.call("POST", f"/admin/v1/keys/{key['key_id']}/rotate", json={"grace_period": "1h"})
+    assert (code, error["error"]["code"], error["error"]["type"]) == answer, error
+    (orphan,) = managed_secrets(seeded) - {name}
+    message = error["error"]["message"]
+    assert f"{NS}/{orphan}" in message and "kept changing" in message, message
+    logged = [r for r in caplog.records if r.levelno == logging.ERROR and f"{NS}/{orphan}" in r.getMessage()]
+    assert len(logged) == 1, caplog.records

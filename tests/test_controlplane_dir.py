@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.errors import SourceError, TranslateError
+from controlplane.errors import ConflictError, SourceError, TranslateError
 from controlplane.kinds import CONFIGMAP, SECRET
 from controlplane.runner import ControlPlane
 from controlplane.settings import ControlPlaneSettings
@@ -119,6 +119,14 @@ async def test_dir_source_apply_and_delete(tmp_path: Path) -> None:
     stored = await source.get(SECRET, "llm", "maas-key-1")
     assert stored is not None and stored["data"] == secret["data"]
     assert (tmp_path / "maas-secret-llm-maas-key-1.yaml").exists()
+    other = {**secret, "data": {"digest": base64.b64encode(b"ef" * 32).decode()}}
+    with pytest.raises(ConflictError):  # without a resourceVersion a write creates, as on the API server
+        await source.apply(other)
+    with pytest.raises(ConflictError):  # a user manifest's object too
+        await source.apply({**other, "metadata": {"name": "admin-key", "namespace": "llm"}})
+    await source.apply({**other, "metadata": {**other["metadata"], "resourceVersion": "1"}})
+    stored = await source.get(SECRET, "llm", "maas-key-1")
+    assert stored is not None and stored["data"] == other["data"]
     listing = await source.list(Stream(SECRET, "llm"))
     assert {o["metadata"]["name"] for o in listing.items} == {
         "admin-key",

@@ -422,10 +422,15 @@ async def test_kubernetes_source_applies_and_deletes_admin_key_secrets(
             },
             "data": {"digest": base64.b64encode(admin_digest.encode()).decode()},
         }
-        await plane.source.apply(secret)
+        created = await plane.source.apply(secret)
         await eventually(lambda: store.get_record(RecordKind.KEY, admin_digest))
         secret["metadata"]["annotations"]["maas/status"] = "revoked"
-        await plane.source.apply(secret)
+        with pytest.raises(ConflictError):  # a write without a resourceVersion creates: it never writes over one
+            await plane.source.apply(secret)
+        stored = await plane.source.get(SECRET, "llm", "maas-key-abc")
+        assert stored is not None and "maas/status" not in stored["metadata"]["annotations"]
+        version = created["metadata"]["resourceVersion"]
+        await plane.source.apply({**secret, "metadata": {**secret["metadata"], "resourceVersion": version}})
 
         async def revoked() -> bool:
             raw = await store.get_record(RecordKind.KEY, admin_digest)

@@ -2,14 +2,18 @@
 
 Every write goes to the key's Secret through the source and then waits, up to ``--admin-write-timeout``, until the
 record the sync path derives from it is in Redis (read-your-writes); the response says ``synced: false`` if not.
+A new key's Secret is only ever created, never written over; a rotation that fails after creating it deletes it
+again, so no active key is left whose plaintext no one was given.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -35,13 +39,15 @@ from controlplane.admin.errors import (
     KeyNotFound,
     KeyRevoked,
     PageTooLarge,
+    PartialChange,
+    PartialChangeConflict,
     ReadOnlyKey,
     UnknownTier,
 )
 from controlplane.admin.models import KeyCreate, KeyCreated, KeyPage, KeyPatch, KeyUpdated, Rotated, RotateRequest
 from controlplane.admin.views import key_view
 from controlplane.errors import ConflictError, SourceError, TranslateError
-from controlplane.kinds import Obj
+from controlplane.kinds import Obj, meta
 from controlplane.translate import secret as tr
 from gateway.contract import KeyRecord, KeyStatus, digest_key, key_id_of
 
@@ -49,6 +55,8 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 MAX_EXAMINED = 20_000
 STATUSES = ("active", "disabled", "revoked", "expired")
+
+log = logging.getLogger("maas.controlplane.admin")
 
 
 def find_key(ctx: AdminContext, key_id: str) -> KeyRecord:
@@ -79,9 +87,25 @@ def _projection(record: KeyRecord | None) -> tuple[object, ...] | None:
     return (record.status, record.tier, record.models, expires, record.user, record.groups, record.name, counts)
 
 
-async def write_secret(ctx: AdminContext, obj: Obj, *, no_window: str = "give limits.window") -> tuple[KeyRecord, bool]:
-    """Apply the Secret; wait until Redis holds the record derived from it. (expected record, synced).
-    ``no_window`` says what to do about a limit that has no window of its own and none from its tier."""
+@dataclass(frozen=True, slots=True)
+class Written:
+    record: KeyRecord
+    """As Redis holds it once synced, else as derived from the Secret."""
+    synced: bool
+    secret: Obj
+    """The Secret as stored: its resourceVersion makes a later write or delete of it conditional."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    plaintext: str
+    key_id: str
+    written: Written
+
+
+async def write_secret(ctx: AdminContext, obj: Obj, *, no_window: str = "give limits.window") -> Written:
+    """Apply the Secret; wait until Redis holds the record derived from it. ``no_window`` says what to do about a
+    limit that has no window of its own and none from its tier."""
     try:
         expected, _ = tr.translate_secret(
             obj, pepper=ctx.pepper, tiers=list(ctx.state.tiers.values()), default_tier=ctx.state.default_tier
@@ -94,7 +118,7 @@ async def write_secret(ctx: AdminContext, obj: Obj, *, no_window: str = "give li
             ) from exc
         raise InvalidRequest(f"The key cannot be stored: {exc}") from exc
     try:
-        await ctx.source.apply(obj)
+        stored = await ctx.source.apply(obj)
     except ConflictError:
         raise  # the caller reads the object again and redoes its change
     except SourceError as exc:
@@ -103,7 +127,24 @@ async def write_secret(ctx: AdminContext, obj: Obj, *, no_window: str = "give li
     synced = await ctx.state.wait_until(
         lambda: _projection(ctx.state.key_by_digest(expected.digest)) == want, within=ctx.write_timeout
     )
-    return ctx.state.key_by_digest(expected.digest) if synced else expected, synced  # type: ignore[return-value]
+    record = ctx.state.key_by_digest(expected.digest) if synced else None
+    return Written(record=record or expected, synced=synced, secret=stored)
+
+
+async def issue(
+    ctx: AdminContext, annotations: Mapping[str, str | None], *, no_window: str = "give limits.window"
+) -> NewKey:
+    """Draw a key and create its Secret. The Secret is only ever created, never written over: should one of its
+    name exist (another key with the same key id, a 64-bit digest prefix), another key is drawn."""
+
+    async def attempt(_: int) -> NewKey:
+        plaintext = ks.new_api_key()
+        digest = digest_key(plaintext, ctx.pepper)
+        key_id = key_id_of(digest)
+        obj = ks.key_secret(digest=digest, namespace=ctx.key_namespace, key_id=key_id, annotations=annotations)
+        return NewKey(plaintext=plaintext, key_id=key_id, written=await write_secret(ctx, obj, no_window=no_window))
+
+    return await retry_conflicts(attempt, what="The Secret name of a new key")
 
 
 def _check_tier(ctx: AdminContext, tier: str | None) -> None:
@@ -121,9 +162,6 @@ async def create_key(request: web.Request) -> web.Response:
     if body.limits is not None and body.limits.window is not None:
         duration_seconds(body.limits.window, param="limits.window")
     _check_tier(ctx, body.tier)
-    plaintext = ks.new_api_key()
-    digest = digest_key(plaintext, ctx.pepper)
-    key_id = key_id_of(digest)
     annotations: dict[str, str | None] = {
         tr.MAAS_USER: body.user,
         tr.GROUPS_ANNOTATION: ",".join(body.groups) or None,
@@ -135,11 +173,10 @@ async def create_key(request: web.Request) -> web.Response:
         tr.MAAS_CREATED: ks.stamp(now),
         **ks.limit_annotations(body.limits),
     }
-    obj = ks.key_secret(digest=digest, namespace=ctx.key_namespace, key_id=key_id, annotations=annotations)
-    record, synced = await write_secret(ctx, obj)
-    audit(principal(request), "key.create", key_id=key_id, user=body.user, tier=body.tier)
-    view = key_view(record, ctx.state, namespace=ctx.key_namespace)
-    return json_model(KeyCreated(**view.model_dump(), key=plaintext, synced=synced), status=201)
+    new = await issue(ctx, annotations)
+    audit(principal(request), "key.create", key_id=new.key_id, user=body.user, tier=body.tier)
+    view = key_view(new.written.record, ctx.state, namespace=ctx.key_namespace)
+    return json_model(KeyCreated(**view.model_dump(), key=new.plaintext, synced=new.written.synced), status=201)
 
 
 def _cursor(text: str) -> str:
@@ -228,17 +265,17 @@ async def _update(request: web.Request, updates: Mapping[str, str | None], actio
     record = find_key(ctx, request.match_info["key_id"])
     writable(ctx, record)
 
-    async def change(_: int) -> tuple[KeyRecord, bool]:
+    async def change(_: int) -> Written:
         secret = await _current_secret(ctx, record)
         if updates.get(tr.MAAS_STATUS) != "revoked":
             _unchanged_since(secret, record)
         return await write_secret(ctx, ks.with_annotations(secret, updates))
 
     async with ctx.locks(record.key_id):
-        stored, synced = await retry_conflicts(change, what=f"The Secret of key '{record.key_id}'")
+        written = await retry_conflicts(change, what=f"The Secret of key '{record.key_id}'")
     audit(principal(request), action, key_id=record.key_id, changes=",".join(sorted(updates)) or None)
-    view = key_view(stored, ctx.state, namespace=ctx.key_namespace)
-    return json_model(KeyUpdated(**view.model_dump(), synced=synced))
+    view = key_view(written.record, ctx.state, namespace=ctx.key_namespace)
+    return json_model(KeyUpdated(**view.model_dump(), synced=written.synced))
 
 
 async def patch_key(request: web.Request) -> web.Response:
@@ -291,37 +328,64 @@ async def rotate_key(request: web.Request) -> web.Response:
             raise KeyExpired(
                 f"The key '{old.key_id}' expired; give it a new expiry (PATCH expires_in) before rotating it."
             )
-        plaintext = ks.new_api_key()
-        digest = digest_key(plaintext, ctx.pepper)
-        key_id = key_id_of(digest)
         inherited = {k: v for k, v in (old_secret["metadata"].get("annotations") or {}).items() if k != ks.ROTATED_TO}
         inherited[tr.MAAS_CREATED] = ks.stamp(now)
-        new_obj = ks.key_secret(digest=digest, namespace=ctx.key_namespace, key_id=key_id, annotations=inherited)
-        new_record, new_synced = await write_secret(
-            ctx, new_obj, no_window="give the key limits.window (PATCH) before rotating it"
-        )
+        new = await issue(ctx, inherited, no_window="give the key limits.window (PATCH) before rotating it")
         ends = now + grace
         if old.expires_at is not None:
             ends = min(ends, old.expires_at)
         # stamps have whole seconds: rounded up a grace period is never cut short; "0s" is now, rounded down
         ends_at = ks.stamp(ends) if grace else ks.stamp(int(now))
 
-        async def end_old(attempt: int) -> tuple[KeyRecord, bool]:
+        async def end_old(attempt: int) -> Written:
             secret = old_secret if attempt == 0 else await _current_secret(ctx, old)
             _unchanged_since(secret, old)
-            return await write_secret(ctx, ks.with_annotations(secret, {tr.EXPIRES_AT: ends_at, ks.ROTATED_TO: key_id}))
+            updates = {tr.EXPIRES_AT: ends_at, ks.ROTATED_TO: new.key_id}
+            return await write_secret(ctx, ks.with_annotations(secret, updates))
 
-        old_record, old_synced = await retry_conflicts(end_old, what=f"The Secret of key '{old.key_id}'")
-    audit(principal(request), "key.rotate", key_id=old.key_id, new_key_id=key_id, grace_seconds=grace)
+        try:
+            ended = await retry_conflicts(end_old, what=f"The Secret of key '{old.key_id}'")
+        except Exception as exc:
+            await _withdraw(ctx, new, rotated=old.key_id, cause=exc)
+            raise
+    audit(principal(request), "key.rotate", key_id=old.key_id, new_key_id=new.key_id, grace_seconds=grace)
     return json_model(
         Rotated(
-            key=plaintext,
-            key_id=key_id,
-            new=key_view(new_record, ctx.state, namespace=ctx.key_namespace),
-            old=key_view(old_record, ctx.state, namespace=ctx.key_namespace),
+            key=new.plaintext,
+            key_id=new.key_id,
+            new=key_view(new.written.record, ctx.state, namespace=ctx.key_namespace),
+            old=key_view(ended.record, ctx.state, namespace=ctx.key_namespace),
             grace_period_ends_at=ends_at,
-            synced=new_synced and old_synced,
+            synced=new.written.synced and ended.synced,
         )
+    )
+
+
+async def _withdraw(ctx: AdminContext, new: NewKey, *, rotated: str, cause: Exception) -> None:
+    """Delete the new key's Secret of a rotation that failed after creating it: its plaintext is never returned, so
+    it would stay an active key no one holds. The delete is conditional on the version the rotation created (a
+    Secret another writer changed since is kept); if it fails, the answer and the log name the Secret to remove."""
+    name = ks.secret_name(new.key_id)
+    version = str(meta(new.written.secret).get("resourceVersion") or "")
+    try:
+        await ctx.source.delete(kinds.SECRET, ctx.key_namespace, name, resource_version=version)
+    except SourceError as exc:
+        conflict = isinstance(exc, ConflictError)
+        why = "another writer has changed it since, and it was kept" if conflict else f"that failed ({exc})"
+        message = (
+            f"The rotation of key '{rotated}' failed ({cause}), after it had created the new key's Secret "
+            f"{ctx.key_namespace}/{name} (key '{new.key_id}', whose plaintext was not returned). Deleting that Secret "
+            f"was not possible: {why}. Delete it (kubectl -n {ctx.key_namespace} delete secret {name}), then rotate "
+            "again."
+        )
+        log.error("%s", message)
+        raise (PartialChangeConflict if conflict else PartialChange)(message) from exc
+    log.warning(
+        "rotation of key '%s' failed (%s): its new key's Secret %s/%s was deleted",
+        rotated,
+        cause,
+        ctx.key_namespace,
+        name,
     )
 
 

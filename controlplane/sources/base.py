@@ -58,9 +58,10 @@ class Source(Protocol):
     async def get(self, kind: Kind, namespace: str, name: str) -> Obj | None: ...
 
     async def apply(self, obj: Obj) -> Obj:
-        """Create the Secret or ConfigMap, or replace it if it exists; returns the stored object. With
-        ``metadata.resourceVersion`` set (as ``get`` returned it) the write is conditional where the source keeps
-        versions (the Kubernetes API): ``ConflictError`` if the object changed or went away since."""
+        """Write the Secret or ConfigMap; returns the stored object. Without ``metadata.resourceVersion`` it is
+        created: ``ConflictError`` if it exists already (another writer's object is never written over unread).
+        With it (as ``get`` returned it) the object is replaced, conditionally where the source keeps versions (the
+        Kubernetes API): ``ConflictError`` if the object changed or went away since."""
         ...
 
     async def delete(self, kind: Kind, namespace: str, name: str, *, resource_version: str = "") -> bool:

@@ -7,7 +7,8 @@ as from the ``kubernetes`` source. A file that fails to parse, or holds an objec
 ``metadata.name``), keeps its last good content and is reported.
 ``apply`` writes ``maas-<kind>-<namespace>-<name>.yaml`` into the directory (such a managed file wins over a user
 manifest of the same object, so the admin API can edit a tier ConfigMap that came from a user file) and wakes the
-watches at once; ``delete`` removes such a file.
+watches at once; ``delete`` removes such a file. Files keep no versions: a write that carries a resourceVersion
+replaces whatever is there, one without creates and, as on the API server, finds a conflict if the object exists.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from controlplane.errors import GoneError, SourceError
+from controlplane.errors import ConflictError, GoneError, SourceError
 from controlplane.kinds import Kind, Obj, key_of, kind_of, labels_of, meta
 from controlplane.selectors import compile_selector
 from controlplane.sources.base import Listing, Stream, WatchEvent
@@ -265,6 +266,8 @@ class DirSource:
             raise SourceError(f"cannot write {obj.get('kind')!r} objects to a manifest directory")
         normal = _normalise(obj, kind)
         namespace, name = key_of(normal)
+        if not meta(obj).get("resourceVersion") and await self.get(kind, namespace, name) is not None:
+            raise ConflictError(f"{kind.name} {namespace}/{name} exists already")
         target = self._managed_file(kind, namespace, name)
         clean: dict[str, Any] = {k: v for k, v in obj.items() if k != "status"}
         clean["metadata"] = {k: v for k, v in meta(obj).items() if k not in ("resourceVersion", "uid")}

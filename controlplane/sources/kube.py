@@ -205,23 +205,20 @@ class KubeSource:
         return await self._call("PUT", f"{kind.base_path(namespace)}/{name}", body=obj)
 
     async def apply(self, obj: Obj) -> Obj:
+        """A create, or a replace conditional on the resourceVersion ``obj`` carries; never a replace of a version
+        this writer has not read: an object another writer created in between (409 AlreadyExists) is its content,
+        and the caller reads it and redoes its change on top of it (or draws another name)."""
         kind = _kind(obj)
         namespace, name = key_of(obj)
-        if meta(obj).get("resourceVersion"):
+        if not meta(obj).get("resourceVersion"):
             try:
-                return await self.replace(obj)  # conditional: the API server refuses a stale resourceVersion
-            except NotFoundError as exc:
-                raise ConflictError(f"{kind.name} {namespace}/{name} was deleted while being changed") from exc
-        for _ in range(5):
-            current = await self.get(kind, namespace, name)
-            try:
-                if current is None:
-                    return await self.create(obj)
-                body = {**obj, "metadata": {**meta(obj), "resourceVersion": meta(current).get("resourceVersion")}}
-                return await self.replace(body)
-            except ConflictError:
-                continue
-        raise ConflictError(f"{kind.name} {namespace}/{name} kept changing while being applied")
+                return await self.create(obj)
+            except ConflictError as exc:
+                raise ConflictError(f"{kind.name} {namespace}/{name} exists already: {exc}") from exc
+        try:
+            return await self.replace(obj)  # conditional: the API server refuses a stale resourceVersion
+        except NotFoundError as exc:
+            raise ConflictError(f"{kind.name} {namespace}/{name} was deleted while being changed") from exc
 
     async def delete(self, kind: Kind, namespace: str, name: str, *, resource_version: str = "") -> bool:
         options: Obj | None = None
