@@ -320,6 +320,23 @@ async def test_a_rotation_whose_old_key_write_fails_deletes_the_new_keys_secret(
     assert seeded.requests["delete secrets"] == 1
 
 
+async def test_a_rotation_whose_old_key_write_landed_but_failed_is_done(api: Api, seeded: K8sEmulator) -> None:
+    """The API server applied the old key's end but its answer was lost (a 500 after serving): the new key was
+    deleted anyway, leaving the holder a key that ends with its grace period (at once with "0s") and none to follow."""
+    code, key = await api.call("POST", "/admin/v1/keys", json={"user": "dana"})
+    assert code == 201, key
+    name = secret_name(key["key_id"])
+    seeded.lose_answer("update secrets", 500, name=name)
+    code, rotated = await api.call("POST", f"/admin/v1/keys/{key['key_id']}/rotate", json={"grace_period": "0s"})
+    assert code == 200, rotated
+    assert managed_secrets(seeded) == {name, secret_name(rotated["key_id"])}
+    old = seeded.get("v1", "Secret", NS, name)
+    assert old is not None and old["metadata"]["annotations"]["maas.io/rotated-to"] == rotated["key_id"], old
+    assert seeded.requests["delete secrets"] == 0
+    code, shown = await api.call("GET", f"/admin/v1/keys/{rotated['key_id']}")
+    assert code == 200 and shown["status"] == "active", shown
+
+
 async def test_a_rotation_of_a_key_revoked_meanwhile_deletes_the_new_keys_secret(api: Api, seeded: K8sEmulator) -> None:
     code, key = await api.call("POST", "/admin/v1/keys", json={"user": "dana"})
     assert code == 201, key

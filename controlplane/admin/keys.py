@@ -106,6 +106,18 @@ class NewKey:
 async def write_secret(ctx: AdminContext, obj: Obj, *, no_window: str = "give limits.window") -> Written:
     """Apply the Secret; wait until Redis holds the record derived from it. ``no_window`` says what to do about a
     limit that has no window of its own and none from its tier."""
+    expected = _expected(ctx, obj, no_window)
+    try:
+        stored = await ctx.source.apply(obj)
+    except ConflictError:
+        raise  # the caller reads the object again and redoes its change
+    except SourceError as exc:
+        raise source_failed(exc) from exc
+    return await _synced(ctx, expected, stored)
+
+
+def _expected(ctx: AdminContext, obj: Obj, no_window: str) -> KeyRecord:
+    """The key record the Secret translates to, or the admin error that says why it cannot be stored."""
     try:
         expected, _ = tr.translate_secret(
             obj, pepper=ctx.pepper, tiers=list(ctx.state.tiers.values()), default_tier=ctx.state.default_tier
@@ -117,12 +129,11 @@ async def write_secret(ctx: AdminContext, obj: Obj, *, no_window: str = "give li
                 param="limits.window",
             ) from exc
         raise InvalidRequest(f"The key cannot be stored: {exc}") from exc
-    try:
-        stored = await ctx.source.apply(obj)
-    except ConflictError:
-        raise  # the caller reads the object again and redoes its change
-    except SourceError as exc:
-        raise source_failed(exc) from exc
+    return expected
+
+
+async def _synced(ctx: AdminContext, expected: KeyRecord, stored: Obj) -> Written:
+    """``stored`` once Redis holds ``expected`` (or the write timeout passed: not synced)."""
     want = _projection(expected)
     synced = await ctx.state.wait_until(
         lambda: _projection(ctx.state.key_by_digest(expected.digest)) == want, within=ctx.write_timeout
@@ -346,8 +357,12 @@ async def rotate_key(request: web.Request) -> web.Response:
         try:
             ended = await retry_conflicts(end_old, what=f"The Secret of key '{old.key_id}'")
         except Exception as exc:
-            await _withdraw(ctx, new, rotated=old.key_id, cause=exc)
-            raise
+            landed = await _ended_anyway(ctx, old, {tr.EXPIRES_AT: ends_at, ks.ROTATED_TO: new.key_id})
+            if landed is None:
+                await _withdraw(ctx, new, rotated=old.key_id, cause=exc)
+                raise
+            log.warning("rotation of key '%s': the old key's write failed (%s) but had landed", old.key_id, exc)
+            ended = landed
     audit(principal(request), "key.rotate", key_id=old.key_id, new_key_id=new.key_id, grace_seconds=grace)
     return json_model(
         Rotated(
@@ -359,6 +374,22 @@ async def rotate_key(request: web.Request) -> web.Response:
             synced=new.written.synced and ended.synced,
         )
     )
+
+
+async def _ended_anyway(ctx: AdminContext, old: KeyRecord, updates: Mapping[str, str]) -> Written | None:
+    """The old key's Secret when the rotation's write to it failed but landed all the same (a timeout after the API
+    server had applied it): withdrawing the new key then would leave the holder without a working key once the
+    grace period ends. None when it did not land, or when the Secret cannot be read to tell."""
+    try:
+        secret = await ctx.source.get(kinds.SECRET, ctx.key_namespace, ks.secret_name(old.key_id))
+    except SourceError:
+        return None
+    if secret is None:
+        return None
+    annotations = secret["metadata"].get("annotations") or {}
+    if any(annotations.get(name) != value for name, value in updates.items()):
+        return None
+    return await _synced(ctx, _expected(ctx, secret, "give limits.window"), secret)
 
 
 async def _withdraw(ctx: AdminContext, new: NewKey, *, rotated: str, cause: Exception) -> None:

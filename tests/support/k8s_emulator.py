@@ -224,6 +224,7 @@ class K8sEmulator:
         """``"eof"``: every watch ends at once with a clean 200 and no event; ``"gone"``: every watch gets a 410."""
         self._faults: list[tuple[str, str | None, int, int]] = []
         self._intercepts: list[tuple[str, str | None, Callable[[], object]]] = []
+        self._lost: list[tuple[str, str | None, int]] = []
         self.down = False
         """During an outage (``disconnect``) every request gets 503."""
         self.unserved: set[tuple[str, str]] = set()
@@ -440,6 +441,17 @@ class K8sEmulator:
         with self._lock:
             self._faults += [(request, name, status, retry_after)] * times
 
+    def lose_answer(self, request: str, status: int, *, name: str | None = None) -> None:
+        """Serve the next request ``request`` (of the object ``name``), then answer it ``status`` instead of its
+        result: a write the API server applied whose answer the client never got (a timeout, a proxy's 504)."""
+        with self._lock:
+            self._lost.append((request, name, status))
+
+    def _answer_lost(self, request: str, name: str | None) -> int | None:
+        with self._lock:
+            found = next((i for i, (r, n, _) in enumerate(self._lost) if r == request and n in (None, name)), None)
+            return None if found is None else self._lost.pop(found)[2]
+
     def intercept(self, request: str, action: Callable[[], object], *, name: str | None = None) -> None:
         """Run ``action`` (on the emulator's thread) when the next request ``request`` (of the object ``name``)
         arrives, before it is served: another writer's change that lands between a client's read and its write."""
@@ -482,10 +494,16 @@ class K8sEmulator:
     # --- HTTP ----------------------------------------------------------------------------------------------
 
     async def _handle_core(self, request: web.Request) -> web.StreamResponse:
-        return await self._dispatch(request, "", request.match_info["rest"])
+        return self._delivered(request, await self._dispatch(request, "", request.match_info["rest"]))
 
     async def _handle_group(self, request: web.Request) -> web.StreamResponse:
-        return await self._dispatch(request, request.match_info["group"], request.match_info["rest"])
+        answer = await self._dispatch(request, request.match_info["group"], request.match_info["rest"])
+        return self._delivered(request, answer)
+
+    @staticmethod
+    def _delivered(request: web.Request, answer: web.StreamResponse) -> web.StreamResponse:
+        lost = request.get("lost_status")
+        return answer if lost is None else _status(lost, "InternalError", f"injected HTTP {lost} after serving")
 
     async def _dispatch(self, request: web.Request, group: str, rest: str) -> web.StreamResponse:
         if self.down:
@@ -503,6 +521,7 @@ class K8sEmulator:
         method = request.method
         verb = _verb(method, name, request.query.get("watch") in ("true", "1"))
         self._intercepted(f"{verb} {resource[1]}", name)
+        request["lost_status"] = self._answer_lost(f"{verb} {resource[1]}", name)
         if (fault := self._fault(f"{verb} {resource[1]}", name)) is not None:
             self.requests[f"{verb} {resource[1]}"] += 1
             return fault
