@@ -104,6 +104,22 @@ async def test_a_tier_change_whose_second_write_fails_for_good_leaves_the_first_
     assert code == 404
 
 
+@pytest.mark.parametrize("failing", [MAPPING, LIMITS])
+async def test_a_tier_write_that_failed_but_landed_completes_the_change(
+    api: Api, seeded: K8sEmulator, failing: str
+) -> None:
+    """The API server applied the mapping's write but its answer was lost (a 500 after serving): the limits were
+    taken back, so the cluster held the new tier without its limits, the half change a failure must not leave."""
+    seeded.lose_answer("update configmaps", 500, name=failing)
+    code, tier = await api.call("PUT", "/admin/v1/tiers/gold", json=GOLD)
+    assert code == 201, tier
+    assert "gold" in yaml.safe_load(data(seeded, LIMITS)["limits"])
+    assert "gold" in str(yaml.safe_load(data(seeded, MAPPING)["tiers"])), data(seeded, MAPPING)
+    assert seeded.requests["delete configmaps"] == 0
+    code, _ = await api.call("GET", "/admin/v1/tiers/gold")
+    assert code == 200
+
+
 async def test_a_limits_configmap_the_failed_change_created_is_deleted_again(api: Api, seeded: K8sEmulator) -> None:
     seeded.delete("v1", "ConfigMap", NS, LIMITS)
     before = data(seeded, MAPPING)

@@ -140,9 +140,30 @@ async def _attempt(ctx: AdminContext, edit: Edit) -> None:
         try:
             done.append((write, await ctx.source.apply(write.after)))
         except SourceError as exc:
+            landed = None if isinstance(exc, ConflictError) else await _landed(ctx, write)
+            if landed is not None:
+                log.warning("tier change: the write of %s failed (%s) but had landed", write.name, exc)
+                done.append((write, landed))
+                continue
             for written, stored in done:
                 await _take_back(ctx, written, stored, failed=write, cause=exc)
             raise
+
+
+async def _landed(ctx: AdminContext, write: _Write) -> Obj | None:
+    """The ConfigMap when a write of it that failed was applied all the same (its answer lost: a timeout, a 5xx
+    after serving): taking the other ConfigMap back then would leave the half change a failure is meant to avoid.
+    None when it holds something else, or cannot be read to tell."""
+    namespace, name = meta(write.after)["namespace"], meta(write.after)["name"]
+    try:
+        now = await ctx.source.get(kinds.CONFIGMAP, namespace, name)
+    except SourceError:
+        return None
+    if now is None or now.get("data") != write.after["data"]:
+        return None
+    if write.before is not None and meta(now).get("resourceVersion") == meta(write.before).get("resourceVersion"):
+        return None
+    return now
 
 
 async def _take_back(ctx: AdminContext, write: _Write, stored: Obj, *, failed: _Write, cause: SourceError) -> None:

@@ -62,6 +62,9 @@ _DROP = object()
 Authorizer = Callable[[str, str, str, str | None, str | None], bool]
 """(verb, API group, plural, namespace or None, object name or None) -> whether the caller may."""
 
+LOST_STATUS = web.RequestKey("lost_status", int)
+"""The status a served request is answered with instead of its result (``lose_answer``)."""
+
 
 def rbac_authorizer(objects: Iterable[Obj], namespace: str, service_account: str) -> Authorizer:
     """What the Roles and ClusterRoles bound (RoleBinding: in its namespace; ClusterRoleBinding: everywhere) to
@@ -502,7 +505,7 @@ class K8sEmulator:
 
     @staticmethod
     def _delivered(request: web.Request, answer: web.StreamResponse) -> web.StreamResponse:
-        lost = request.get("lost_status")
+        lost = request.get(LOST_STATUS)
         return answer if lost is None else _status(lost, "InternalError", f"injected HTTP {lost} after serving")
 
     async def _dispatch(self, request: web.Request, group: str, rest: str) -> web.StreamResponse:
@@ -521,7 +524,7 @@ class K8sEmulator:
         method = request.method
         verb = _verb(method, name, request.query.get("watch") in ("true", "1"))
         self._intercepted(f"{verb} {resource[1]}", name)
-        request["lost_status"] = self._answer_lost(f"{verb} {resource[1]}", name)
+        request[LOST_STATUS] = self._answer_lost(f"{verb} {resource[1]}", name)
         if (fault := self._fault(f"{verb} {resource[1]}", name)) is not None:
             self.requests[f"{verb} {resource[1]}"] += 1
             return fault
