@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,21 @@ async def _keys(base: str, *args: str, token: str = ADMIN_TOKEN) -> tuple[int, s
     )
     out, err = await proc.communicate()
     return proc.returncode or 0, out.decode(), err.decode()
+
+
+@contextlib.asynccontextmanager
+async def _answering(handler: Callable[[web.Request], Awaitable[web.Response]]) -> AsyncIterator[str]:
+    """The base URL of a server that answers every request with ``handler``: something other than the admin API."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
 async def test_keys_cli_round_trip(tmp_path: Path, redis_url: str) -> None:
@@ -140,19 +157,11 @@ async def test_an_answer_that_is_not_the_api_is_a_clear_error(tmp_path: Path) ->
     async def page(request: web.Request) -> web.Response:
         return web.Response(text="<html>hello</html>", content_type="text/html")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", page)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with _answering(page) as base:
         for args in (("list",), ("create", "--user", "a")):
-            code, out, err = await _keys(f"http://127.0.0.1:{port}", *args)
+            code, out, err = await _keys(base, *args)
             assert code == 2 and "does not answer as the admin API" in err and "text/html" in err, (out, err)
             assert "Traceback" not in err
-    finally:
-        await runner.cleanup()
 
 
 async def test_the_model_gateways_401_is_not_the_admin_api(tmp_path: Path) -> None:
@@ -164,17 +173,9 @@ async def test_the_model_gateways_401_is_not_the_admin_api(tmp_path: Path) -> No
         body["error"]["code"] = "invalid_api_key"
         return web.json_response(body, status=401, headers={"www-authenticate": 'Bearer realm="maas"'})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", gateway)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        code, out, err = await _keys(f"http://127.0.0.1:{port}", "list")
+    async with _answering(gateway) as base:
+        code, out, err = await _keys(base, "list")
         assert code == 2 and "does not answer as the admin API" in err and "MAAS_ADMIN_URL" in err, (out, err)
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_created_key_whose_output_is_lost_is_named_on_stderr(tmp_path: Path, redis_url: str) -> None:

@@ -23,6 +23,8 @@ from controlplane.admin.errors import (
     InvalidDuration,
     InvalidJSON,
     InvalidRequest,
+    PartialChange,
+    PartialChangeConflict,
     SourceUnavailable,
     UndecodableBody,
     UnsupportedMediaType,
@@ -235,3 +237,15 @@ def source_failed(exc: SourceError) -> SourceUnavailable:
             headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))},
         )
     return SourceUnavailable(f"The cluster store did not accept the change: {exc}")
+
+
+def undo_failed(exc: SourceError, describe: Callable[[str], str]) -> PartialChange | PartialChangeConflict:
+    """The answer to a change of two objects left half done because taking the written one back failed with
+    ``exc``: 409 when another writer has changed it since (its version is kept), 503 when the API server failed.
+    ``describe`` turns why the undo was not possible into the message (what each object holds, what to do), which
+    is also logged at error level: an operator has to act on it."""
+    conflict = isinstance(exc, ConflictError)
+    why = "another writer has changed it since, and its version was kept" if conflict else f"that failed ({exc})"
+    message = describe(why)
+    log.error("%s", message)
+    return PartialChangeConflict(message) if conflict else PartialChange(message)

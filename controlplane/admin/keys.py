@@ -31,6 +31,7 @@ from controlplane.admin.context import (
     read_body,
     retry_conflicts,
     source_failed,
+    undo_failed,
 )
 from controlplane.admin.errors import (
     InvalidCursor,
@@ -39,8 +40,6 @@ from controlplane.admin.errors import (
     KeyNotFound,
     KeyRevoked,
     PageTooLarge,
-    PartialChange,
-    PartialChangeConflict,
     ReadOnlyKey,
     UnknownTier,
 )
@@ -401,16 +400,15 @@ async def _withdraw(ctx: AdminContext, new: NewKey, *, rotated: str, cause: Exce
     try:
         await ctx.source.delete(kinds.SECRET, ctx.key_namespace, name, resource_version=version)
     except SourceError as exc:
-        conflict = isinstance(exc, ConflictError)
-        why = "another writer has changed it since, and it was kept" if conflict else f"that failed ({exc})"
-        message = (
-            f"The rotation of key '{rotated}' failed ({cause}), after it had created the new key's Secret "
-            f"{ctx.key_namespace}/{name} (key '{new.key_id}', whose plaintext was not returned). Deleting that Secret "
-            f"was not possible: {why}. Delete it (kubectl -n {ctx.key_namespace} delete secret {name}), then rotate "
-            "again."
-        )
-        log.error("%s", message)
-        raise (PartialChangeConflict if conflict else PartialChange)(message) from exc
+        raise undo_failed(
+            exc,
+            lambda why: (
+                f"The rotation of key '{rotated}' failed ({cause}), after it had created the new key's Secret "
+                f"{ctx.key_namespace}/{name} (key '{new.key_id}', whose plaintext was not returned). Deleting that "
+                f"Secret was not possible: {why}. Delete it (kubectl -n {ctx.key_namespace} delete secret {name}), "
+                "then rotate again."
+            ),
+        ) from exc
     log.warning(
         "rotation of key '%s' failed (%s): its new key's Secret %s/%s was deleted",
         rotated,

@@ -22,11 +22,10 @@ from controlplane.admin.context import (
     principal,
     read_body,
     retry_conflicts,
+    undo_failed,
 )
 from controlplane.admin.errors import (
     InvalidRequest,
-    PartialChange,
-    PartialChangeConflict,
     TierInUse,
     TierNotFound,
 )
@@ -178,15 +177,14 @@ async def _take_back(ctx: AdminContext, write: _Write, stored: Obj, *, failed: _
             kept = {k: v for k, v in meta(write.before).items() if k != "managedFields"}
             await ctx.source.apply({**write.before, "metadata": {**kept, "resourceVersion": version}})
     except SourceError as exc:
-        conflict = isinstance(exc, ConflictError)
-        why = "another writer has changed it since, and its version was kept" if conflict else f"that failed ({exc})"
-        message = (
-            f"The tier change is half written: {write.name} holds it (resourceVersion {version}) and {failed.name} "
-            f"does not (its write failed: {cause}). Restoring {write.name} was not possible: {why}. Check both "
-            "ConfigMaps, then repeat or undo the change."
-        )
-        log.error("%s", message)
-        raise (PartialChangeConflict if conflict else PartialChange)(message) from exc
+        raise undo_failed(
+            exc,
+            lambda why: (
+                f"The tier change is half written: {write.name} holds it (resourceVersion {version}) and "
+                f"{failed.name} does not (its write failed: {cause}). Restoring {write.name} was not possible: {why}. "
+                "Check both ConfigMaps, then repeat or undo the change."
+            ),
+        ) from exc
     log.warning("tier change: %s was written, %s failed (%s): %s restored", write.name, failed.name, cause, write.name)
 
 
