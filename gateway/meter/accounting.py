@@ -115,8 +115,10 @@ async def settle(
     exchange.settled = True
     model_children = metrics.models.get((exchange.model, exchange.operation))
     model_children.requests(status).inc()
-    if served is not None and served.total == 0 and status == 499:
-        served = None  # the client left before anything was sent: nothing served, no ledger row
+    if served is not None and served.total == 0 and status >= 400:
+        # a request that ended before it served anything (its client left, its stream broke or went silent after
+        # the head): no ledger row, which counts requests that served tokens
+        served = None
     if served is None:
         await _commit(store, metrics, exchange, actual=0)
         return
