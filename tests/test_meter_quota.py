@@ -421,7 +421,8 @@ async def test_usage_served_while_redis_is_down_reaches_the_ledger_once_it_retur
                 assert chat.usage is not None
                 seen.append(chat.usage.total_tokens)
             metrics = await stack.metrics()
-            assert metrics[("maas_meter_ledger_backlog_rows", ())] == 1  # three requests, one merged row
+            # three requests: one merged ledger row, and one merged debit of the key's bucket
+            assert metrics[("maas_meter_ledger_backlog_rows", ())] == 2
             skipped = [r for r in caplog.records if r.getMessage().startswith("token reservation skipped")]
             assert len(skipped) <= 1
             with redis_server(port=port) as again:
@@ -436,3 +437,32 @@ async def test_usage_served_while_redis_is_down_reaches_the_ledger_once_it_retur
                 await store.close()
                 assert rows[0].prompt_tokens + rows[0].completion_tokens == sum(seen)
                 assert (await stack.metrics())[("maas_meter_ledger_backlog_rows", ())] == 0
+
+
+async def test_usage_served_while_redis_is_down_is_charged_to_the_bucket_once_it_returns() -> None:
+    """A request forwarded because its reservation could not be sent (the default failure policy) was never debited:
+    its key's quota did not count what it served, however soon Redis came back."""
+    port = free_port()
+    limit = (100_000, 365 * 86_400_000)
+    with redis_server(port=port) as first:
+        async with (
+            running_stack(first.url, store_timeout=0.2) as stack,
+            stack.client(key_id="free-ride", limit=limit) as client,
+        ):
+            first.kill()
+            chat = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "during the outage"}], max_tokens=4
+            )
+            assert chat.usage is not None
+            with redis_server(port=port) as again:
+
+                async def drained() -> bool:
+                    return (await stack.metrics())[("maas_meter_ledger_backlog_rows", ())] == 0
+
+                await eventually(drained, within=10)
+                bucket = aioredis.Redis.from_url(again.url)
+                state = await bucket.get(bucket_key("free-ride", "tokens"))
+                await bucket.aclose()
+    assert state is not None
+    level = float(state.split()[0])
+    assert level == limit[0] - chat.usage.total_tokens

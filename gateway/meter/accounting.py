@@ -58,9 +58,21 @@ class UsageBacklog:
     def __init__(self, metrics: MeterMetrics) -> None:
         self._metrics = metrics
         self._rows: dict[tuple[str, str, str], UsageDelta] = {}
+        self._debits: dict[str, tuple[Reservation, int]] = {}
+        """Key -> bucket commits that certainly did not run, merged (the latest reservation names the bucket)."""
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._rows) + len(self._debits)
+
+    def hold_debit(self, reservation: Reservation, delta: int) -> None:
+        """Keep a bucket commit that certainly did not run, to make once the store answers: a request served while
+        Redis could not be reached is charged to its key's quota as well as to its ledger."""
+        held = self._debits.get(reservation.key_id)
+        if held is None and len(self._debits) >= self.MAX_ROWS:
+            self._metrics.store_errors["commit"].inc()
+            return
+        self._debits[reservation.key_id] = (reservation, delta + (held[1] if held is not None else 0))
+        self._metrics.backlog.set(len(self))
 
     def hold(self, rows: list[UsageDelta]) -> None:
         for row in rows:
@@ -80,19 +92,21 @@ class UsageBacklog:
             else:
                 self._metrics.store_errors["ledger"].inc()
                 _warn.warning("usage ledger backlog full (%d rows): key %s's row is lost", self.MAX_ROWS, row.key_id)
-        self._metrics.backlog.set(len(self._rows))
+        self._metrics.backlog.set(len(self))
 
     async def flush(self, store: Store) -> bool:
         """Write what is held; True when nothing is left."""
-        if not self._rows:
-            return True
         rows, self._rows = list(self._rows.values()), {}
-        try:
-            await store.add_usage(rows)
-        except StoreError as exc:
-            _kept(self._metrics, rows, exc, self)
-        self._metrics.backlog.set(len(self._rows))
-        return not self._rows
+        debits, self._debits = list(self._debits.values()), {}
+        if rows:
+            try:
+                await store.add_usage(rows)
+            except StoreError as exc:
+                _kept(self._metrics, rows, exc, self)
+        for reservation, delta in debits:
+            await _adjust(store, self._metrics, reservation, delta, self)
+        self._metrics.backlog.set(len(self))
+        return not len(self)
 
     async def run(self, store: Store) -> None:
         """Write the backlog whenever it holds rows, for as long as the meter runs."""
@@ -115,10 +129,12 @@ async def settle(
     exchange.settled = True
     model_children = metrics.models.get((exchange.model, exchange.operation))
     model_children.requests(status).inc()
-    if served is not None and served.total == 0 and status == 499:
-        served = None  # the client left before anything was sent: nothing served, no ledger row
+    if served is not None and served.total == 0 and status >= 400:
+        # a request that ended before it served anything (its client left, its stream broke or went silent after
+        # the head): no ledger row, which counts requests that served tokens
+        served = None
     if served is None:
-        await _commit(store, metrics, exchange, actual=0)
+        await _commit(store, metrics, exchange, actual=0, backlog=backlog)
         return
     identity = exchange.identity
     children = metrics.key(key_id=identity.key_id, user=identity.user, tier=identity.tier, model=exchange.model)
@@ -136,20 +152,37 @@ async def settle(
         completion_tokens=served.completion,
     )
     await asyncio.gather(
-        _commit(store, metrics, exchange, actual=served.total), _ledger(store, metrics, delta_row, backlog)
+        _commit(store, metrics, exchange, actual=served.total, backlog=backlog),
+        _ledger(store, metrics, delta_row, backlog),
     )
 
 
-async def _commit(store: Store, metrics: MeterMetrics, exchange: Exchange, *, actual: int) -> None:
+async def _commit(
+    store: Store, metrics: MeterMetrics, exchange: Exchange, *, actual: int, backlog: UsageBacklog | None
+) -> None:
+    reservation = exchange.reservation
+    delta = actual - reservation.reserved
+    if reservation.limit > 0 and delta != 0:
+        await _adjust(store, metrics, reservation, delta, backlog)
+
+
+async def _adjust(
+    store: Store, metrics: MeterMetrics, reservation: Reservation, delta: int, backlog: UsageBacklog | None
+) -> None:
+    """Debit (refund) ``delta`` of the reservation's bucket; held for later when it certainly did not run (made
+    again, it would count twice if it had)."""
     try:
-        delta = await quota.commit(store, exchange.reservation, actual=actual)
+        await quota.adjust(store, reservation, delta)
     except StoreError as exc:
+        if isinstance(exc, StoreNotSent) and backlog is not None:
+            backlog.hold_debit(reservation, delta)
+            return
         metrics.store_errors["commit"].inc()
-        _warn.warning("token commit failed for key %s: %s", exchange.identity.key_id, exc)
+        _warn.warning("token commit failed for key %s: %s", reservation.key_id, exc)
         return
     if delta < 0:
         metrics.refunded.inc(-delta)
-    elif delta > 0 and exchange.reservation.limit > 0:
+    else:
         metrics.debited.inc(delta)
 
 

@@ -146,7 +146,9 @@ class MeterMetrics:
             "maas_meter_upstream_queued_requests", "Metered requests waiting for a free upstream connection", registry=r
         )
         self.backlog = Gauge(
-            "maas_meter_ledger_backlog_rows", "Usage ledger rows waiting for the store to come back", registry=r
+            "maas_meter_ledger_backlog_rows",
+            "Usage ledger rows and bucket debits waiting for the store to come back",
+            registry=r,
         )
         self.overhead = Histogram(
             "maas_meter_overhead_seconds",

@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 
 from gateway import identity as ident
 from gateway.contract import format_duration
-from gateway.errors import StoreError
+from gateway.errors import StoreError, StoreNotSent
 from gateway.logs import RateLimitedLog
 from gateway.meter import h1, quota
 from gateway.meter import request as req
@@ -205,7 +205,7 @@ def _begin_reserve(meter: Meter, identity: ident.Identity, parsed: req.Parsed) -
     )
 
 
-async def _reserve(meter: Meter, reserving: quota.Reserving, key_id: str) -> Reservation:
+async def _reserve(meter: Meter, reserving: quota.Reserving, identity: ident.Identity) -> Reservation:
     config = meter.config
     try:
         return await reserving.outcome()
@@ -218,7 +218,10 @@ async def _reserve(meter: Meter, reserving: quota.Reserving, key_id: str) -> Res
         if config.deny_on_store_error:
             raise StoreUnavailable(f"token quota store unavailable: {exc}") from exc
         _warn.warning("token reservation skipped, store failed: %s", exc)  # once per request while Redis is down
-        return quota.unlimited(key_id, outcome=Outcome.STORE_ERROR)
+        if isinstance(exc, StoreNotSent):  # certainly not taken: the commit debits the whole usage
+            return quota.untaken(identity)
+        # (a reply that timed out may have been taken: its tokens come back as the bucket refills)
+        return quota.unlimited(identity.key_id, outcome=Outcome.STORE_ERROR)
 
 
 @dataclass(slots=True)
@@ -361,7 +364,7 @@ async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stre
         begun = _begin(meter, request, kind, identity, raw, started)
     identity, parsed, body, prepared = begun.identity, begun.parsed, begun.body, begun.prepared
     try:
-        reservation = await _reserve(meter, begun.reserving, identity.key_id)
+        reservation = await _reserve(meter, begun.reserving, identity)
     except BaseException:
         if prepared is not None:
             prepared.abandon()
@@ -449,7 +452,7 @@ def _quota_headers(reservation: Reservation, parsed: req.Parsed) -> dict[str, st
         headers[H_MAX_TOKENS] = str(reservation.max_tokens)
     if reservation.clamped:
         headers[H_CLAMPED] = str(reservation.max_tokens)
-    if reservation.limit > 0:
+    if reservation.limit > 0 and reservation.outcome is not Outcome.STORE_ERROR:  # (nothing known of the bucket)
         headers["x-ratelimit-limit-tokens"] = str(reservation.limit)
         headers["x-ratelimit-remaining-tokens"] = str(reservation.remaining)
         headers["x-ratelimit-reset-tokens"] = format_duration(reservation.reset_ms)

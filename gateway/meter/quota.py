@@ -6,7 +6,7 @@ and the meter clamps ``max_tokens`` to what it got. A chat request that sets no 
 length is known, reserves ``choices x context`` instead (prompt and completion of a choice fit in the context) and
 goes upstream unchanged when granted in full, so the model server applies its own default (the rest of the context);
 the meter then never asks for more than the context holds. The commit debits ``actual - reserved`` in ``FORCE`` mode (a
-negative cost refunds); an upstream failure commits ``0 - reserved``.
+negative cost refunds; ``gateway.meter.accounting`` makes it); an upstream failure commits ``0 - reserved``.
 """
 
 from __future__ import annotations
@@ -51,6 +51,22 @@ class Reservation:
 
 def unlimited(key_id: str, *, outcome: Outcome = Outcome.UNLIMITED) -> Reservation:
     return Reservation(key_id=key_id, limit=0, window_ms=0, reserved=0, max_tokens=None, clamped=False, outcome=outcome)
+
+
+def untaken(identity: Identity) -> Reservation:
+    """The reservation of a request forwarded although its bucket operation certainly did not run (the store could
+    not be reached): nothing reserved, so the commit debits what the request served in full."""
+    if identity.token_limit is None or identity.token_window_ms is None:
+        return unlimited(identity.key_id, outcome=Outcome.STORE_ERROR)
+    return Reservation(
+        key_id=identity.key_id,
+        limit=identity.token_limit,
+        window_ms=identity.token_window_ms,
+        reserved=0,
+        max_tokens=None,
+        clamped=False,
+        outcome=Outcome.STORE_ERROR,
+    )
 
 
 def plan(*, prompt_estimate: int, choices: int, wanted: int, context: int | None = None) -> tuple[int, int]:
@@ -195,14 +211,10 @@ class Reserving:
         )
 
 
-async def commit(store: Store, reservation: Reservation, *, actual: int) -> int:
-    """Settle the reservation against ``actual`` tokens; return the adjustment (negative: refunded)."""
-    delta = actual - reservation.reserved
-    if reservation.limit <= 0 or delta == 0:
-        return delta
+async def adjust(store: Store, reservation: Reservation, delta: int) -> None:
+    """Debit ``delta`` tokens (negative: refund) from the reservation's bucket, whatever it holds."""
     op = _token_op(reservation.key_id, reservation.limit, reservation.window_ms, delta, BucketMode.FORCE)
     await store.check_buckets([[op]])
-    return delta
 
 
 def _token_op(key_id: str, limit: int, window_ms: int, cost: int, mode: BucketMode, min_cost: int = 0) -> BucketOp:
