@@ -7,19 +7,78 @@ Redis clock that was ahead by a bucket state stamped in its future, and a wall-c
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from controlplane.admin import selfservice
 from controlplane.kinds import LEASE, Kind, Obj
 from controlplane.leader import LeaseElector
 from controlplane.sources.kube import micro_time
 from gateway import contract
+from gateway.identity import SIGN_WINDOW, Identity, StaleIdentity, sign, verify
 from gateway.limits import BucketMode, BucketOp
+from gateway.logs import RateLimitedLog
+from gateway.meter import proxy
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
+from tests.support.admin_api import admin_settings, running
+from tests.support.stack import IDENTITY_SECRET
+from tests.test_meter_stack import MODEL, SECRET, running_stack
+
+IDENTITY = Identity(key_id="k1", user="u", groups="free", tier="free", model=MODEL, token_limit=9, token_window_ms=60)
+MAX_AGE = 60.0
+START = 1_800_000_000.0  # the first second of a signing window
+
+
+def _across(skew: float, phase: float) -> Identity:
+    """Signed by an authz at ``phase`` seconds into a signing window, verified by a meter ``skew`` seconds ahead."""
+    headers = sign(IDENTITY, b"s" * 16, now=START + phase)
+    return verify(headers, b"s" * 16, max_age=MAX_AGE, now=START + phase + skew)
+
+
+@pytest.mark.parametrize("skew", [2.0, -2.0, 30.0, -30.0, MAX_AGE, -MAX_AGE], ids=lambda s: f"meter{s:+g}s")
+def test_an_identity_passes_between_clocks_up_to_max_age_apart_at_any_moment_of_a_window(skew: float) -> None:
+    for phase in (0.0, 0.5, SIGN_WINDOW / 2, SIGN_WINDOW - 0.01):
+        assert _across(skew, phase) == IDENTITY
+
+
+@pytest.mark.parametrize("skew", [75.0, -75.0, 600.0, -600.0], ids=lambda s: f"meter{s:+g}s")
+def test_beyond_max_age_an_identity_is_refused_as_stale_naming_the_clocks(skew: float) -> None:
+    for phase in (0.0, SIGN_WINDOW / 2, SIGN_WINDOW - 0.01):
+        with pytest.raises(StaleIdentity) as caught:
+            _across(skew, phase)
+        assert caught.value.code == "stale_identity"
+        assert "clock skew" in str(caught.value)
+        assert (caught.value.offset > 0) == (skew > 0)  # positive: dated before the verifier's clock
+
+
+@pytest.mark.redis
+async def test_the_meter_refuses_a_skewed_identity_counted_and_logged_once(
+    redis_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An authz ten minutes ahead or behind: every request gets 401 ``stale_identity`` saying why, each is counted,
+    and the log says it once (not once per request)."""
+    monkeypatch.setattr(proxy, "_skewed", RateLimitedLog(proxy.log))
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    async with running_stack(redis_url) as stack, aiohttp.ClientSession() as session:
+        for skew in (600, -600, 600):
+            headers = sign(IDENTITY, SECRET.encode(), now=time.time() + skew)
+            with caplog.at_level(logging.WARNING, logger="maas.meter"):
+                async with session.post(stack.meter_url + "/v1/chat/completions", json=body, headers=headers) as resp:
+                    answer = await resp.json()
+            assert resp.status == 401 and answer["error"]["code"] == "stale_identity"
+            assert "clock skew" in answer["error"]["message"]
+        async with session.get(stack.ops_url + "/metrics") as resp:
+            metrics = await resp.text()
+    assert 'maas_meter_rejected_total{reason="stale_identity"} 3.0' in metrics
+    warnings = [r.getMessage() for r in caplog.records if r.name == "maas.meter" and "NTP" in r.getMessage()]
+    assert len(warnings) == 1 and "k1" in warnings[0] and "after this server's clock" in warnings[0]
 
 
 class StepClock:
@@ -139,3 +198,21 @@ async def test_leader_election_reads_no_remote_clock(remote: float) -> None:
         clock.ms += 500
     assert await elector._try()
     assert leases.lease["spec"]["holderIdentity"] == "me" and elector.is_leader()
+
+
+@pytest.mark.redis
+async def test_self_service_refuses_a_skewed_identity_and_logs_it_once(
+    tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control plane checks authz's identity headers too (self-service through the gateway)."""
+    monkeypatch.setattr(selfservice, "_skewed", RateLimitedLog(selfservice.log))
+    settings = admin_settings(tmp_path, redis_url, identity_secret=IDENTITY_SECRET)
+    async with running(settings) as (_, api):
+        for _ in range(3):
+            headers = sign(IDENTITY, IDENTITY_SECRET.encode(), now=time.time() - 600)
+            with caplog.at_level(logging.WARNING, logger=selfservice.log.name):
+                async with api.session.get(api.base + "/v1/me", headers=headers) as resp:
+                    answer = await resp.json()
+            assert resp.status == 401 and "clock skew" in answer["error"]["message"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == selfservice.log.name]
+    assert len(warnings) == 1 and "before this server's clock" in warnings[0] and "NTP" in warnings[0]
