@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import Any
 
 from gateway.contract import REQUESTS, TOKENS, format_duration
-from gateway.identity import H_TOKEN_LIMIT, Identity, sign
+from gateway.identity import H_TOKEN_LIMIT, SIGN_WINDOW, Identity, sign
 from gateway.limits import BucketMode, BucketOp, BucketResult
 from gateway.snapshot import STATUS_ACTIVE, STATUS_REVOKED, CompiledLimits, KeyEntry, Snapshot, TierEntry
 
@@ -57,10 +57,8 @@ class Admission:
 class HotCache:
     """Per-process memo of what many requests share: the bucket operations of a key under given limits, and the
     signed identity headers of a (key, tier, model) within one signing window: every request of a key in the same
-    ``SIGN_WINDOW`` seconds carries the same timestamp and signature, so an identity is at most that old when the
-    meter checks its freshness (``--identity-max-age``, 60 s by default)."""
-
-    SIGN_WINDOW = 10
+    ``SIGN_WINDOW`` seconds carries the same timestamp and signature, so a timestamp is up to that much older than
+    its check (``identity.verify`` allows for it on top of ``--identity-max-age``)."""
 
     MAX_ENTRIES = 100_000
     MAX_ADMISSIONS = 50_000
@@ -384,7 +382,7 @@ def _wire_template(dimensions: tuple[str, ...]) -> str:
 def identity_block(admission: Admission, policy: Policy, *, now: float) -> HeaderBlock:
     """The headers every allowed request of this identity shares in the current signing window (memoised with
     their wire form): the signed identity for the upstream and the credential removal."""
-    second = int(now) // HotCache.SIGN_WINDOW * HotCache.SIGN_WINDOW
+    second = int(now) // SIGN_WINDOW * SIGN_WINDOW
     block = admission.block
     if block is not None and admission.block_window == second:
         return block

@@ -27,6 +27,9 @@ H_SIGNATURE = "x-maas-signature"
 
 IDENTITY_HEADERS = (H_USER, H_GROUPS, H_TIER, H_KEY_ID, H_MODEL, H_TOKEN_LIMIT, H_TS, H_SIGNATURE)
 SIGNATURE_VERSION = "v1"
+SIGN_WINDOW = 10
+"""Seconds of one signing window: authz dates an identity with the start of the window its check falls in and
+reuses that signature for the rest of the window, so a fresh identity's timestamp is up to this much old."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,24 @@ class IdentityError(ValueError):
     def __init__(self, message: str, *, code: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class StaleIdentity(IdentityError):
+    """A valid signature dated outside the accepted span of the verifier's clock: replayed, or (far more often) the
+    clocks of maas authz and of the verifier differ by more than ``max_age``. ``offset``: how far the timestamp
+    lies before (positive) or after (negative) the verifier's clock, seconds."""
+
+    def __init__(self, *, offset: float, max_age: float) -> None:
+        if offset > 0:
+            where = f"{offset:.0f}s before this server's clock (at most {max_age + SIGN_WINDOW:g}s accepted)"
+        else:
+            where = f"{-offset:.0f}s after this server's clock (at most {max_age:g}s accepted)"
+        super().__init__(
+            f"identity is stale: dated {where}; the clocks of maas authz and this server differ (clock skew), "
+            "or the identity was replayed",
+            code="stale_identity",
+        )
+        self.offset = offset
 
 
 _SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
@@ -121,7 +142,15 @@ def parse(headers: Mapping[str, str]) -> Identity:
 
 
 def verify(headers: Mapping[str, str], secret: bytes, *, max_age: float = 60.0, now: float | None = None) -> Identity:
-    """The identity, if signed with ``secret`` and no older than ``max_age`` seconds; else IdentityError."""
+    """The identity, if signed with ``secret`` and dated within ``max_age`` seconds of this clock; else
+    IdentityError (``StaleIdentity`` for the date).
+
+    Two clocks meet here: authz's dated the signature, this process's reads it. A timestamp is the start of its
+    signing window, so it may be ``SIGN_WINDOW`` older than the check; timestamps from ``max_age + SIGN_WINDOW``
+    before this clock to ``max_age`` after it are accepted, so the two clocks may differ by up to ``max_age``
+    either way at every moment of a window. (Accepting ``max_age`` either side of the timestamp instead held only
+    ``max_age - SIGN_WINDOW`` for a clock ahead, and between the two it refused a part of each window's requests:
+    a fault that comes and goes, hard to trace to the clocks.)"""
     identity = parse(headers)
     ts = headers.get(H_TS, "")
     signature = headers.get(H_SIGNATURE, "")
@@ -143,6 +172,6 @@ def verify(headers: Mapping[str, str], secret: bytes, *, max_age: float = 60.0, 
     expected = f"{SIGNATURE_VERSION}=" + hmac.digest(secret, signed, "sha256").hex()
     if not hmac.compare_digest(expected.encode(), signature.encode()):
         raise IdentityError("identity signature does not match", code="invalid_identity")
-    if abs(age) > max_age:
-        raise IdentityError(f"identity is stale ({age:.0f}s old)", code="stale_identity")
+    if not -max_age <= age <= max_age + SIGN_WINDOW:
+        raise StaleIdentity(offset=age, max_age=max_age)
     return identity

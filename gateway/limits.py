@@ -13,6 +13,11 @@ Modes:
   reservation: it then clamps ``max_tokens`` to what it got).
 - ``FORCE``: debit ``cost`` unconditionally (negative is a refund, capped at capacity); may leave the bucket in
   debt (the meter's commit of real usage).
+
+A state stamped later than ``now`` (written under a clock that was ahead: a Redis primary before a failover to a
+node whose clock is behind, or this clock before it stepped back) refills from ``now``, and is stamped ``now`` even
+by a check that takes nothing. Left as it was, nothing would refill it until the clock caught up with the stamp,
+and a key with an empty bucket would be refused for that long (minutes), whatever its ``retry-after`` said.
 """
 
 from __future__ import annotations
@@ -131,8 +136,8 @@ def evaluate(
                 debited=int(taken),
             )
         )
-        if taken == 0:  # a gate, or a denied group: the stored state already refills to the same level
-            new_states.append(state)
+        if taken == 0 and (state is None or state.ts_ms <= now_ms):
+            new_states.append(state)  # a gate, or a denied group: the stored state already refills to the same level
         else:
             new_states.append(None if after >= op.limit else BucketState(tokens=after, ts_ms=now_ms))
     return results, new_states

@@ -26,7 +26,7 @@ from gateway.decision import (
     rate_limited,
     ratelimit_wire,
 )
-from gateway.identity import H_SIGNATURE, H_TS, Identity, sign, verify
+from gateway.identity import H_SIGNATURE, H_TS, SIGN_WINDOW, Identity, sign, verify
 from gateway.limits import BucketResult
 from gateway.snapshot import Catalog, CompiledLimits, RouteTable, Snapshot, compile_key
 from tests.support import platform
@@ -359,10 +359,10 @@ def test_an_admission_reuses_its_identity_block_within_a_signing_window_only() -
         return headers[H_TS], headers[H_SIGNATURE]
 
     first = signed(start)
-    assert signed(start + HotCache.SIGN_WINDOW - 1) == first  # same window: the block is reused
-    later = signed(start + HotCache.SIGN_WINDOW)
-    assert later[0] == str(int(start) + HotCache.SIGN_WINDOW) and later != first  # next window: signed anew
-    assert signed(start + HotCache.SIGN_WINDOW + 5) == later
+    assert signed(start + SIGN_WINDOW - 1) == first  # same window: the block is reused
+    later = signed(start + SIGN_WINDOW)
+    assert later[0] == str(int(start) + SIGN_WINDOW) and later != first  # next window: signed anew
+    assert signed(start + SIGN_WINDOW + 5) == later
 
 
 def test_rate_limited_names_the_exhausted_dimension() -> None:

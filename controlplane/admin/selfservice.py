@@ -8,6 +8,7 @@ upstream request). Identity headers are only accepted with a valid signature und
 
 from __future__ import annotations
 
+import logging
 import time
 
 from aiohttp import web
@@ -18,7 +19,11 @@ from controlplane.admin.usage import quota_of, read_rows, today_days
 from controlplane.admin.views import effective_limits, limits_view
 from gateway.contract import KeyRecord, KeyStatus, digest_key
 from gateway.decision import EXPIRED_KEY, INVALID_KEY, Denial, credential, error_body
-from gateway.identity import H_KEY_ID, H_SIGNATURE, IdentityError, verify
+from gateway.identity import H_KEY_ID, H_SIGNATURE, IdentityError, StaleIdentity, verify
+from gateway.logs import RateLimitedLog
+
+log = logging.getLogger("maas.controlplane.selfservice")
+_skewed = RateLimitedLog(log)
 
 
 class Denied(Exception):
@@ -42,6 +47,13 @@ def caller(request: web.Request, ctx: AdminContext) -> KeyRecord:
     if ctx.identity_secret is not None and headers.get(H_KEY_ID) and headers.get(H_SIGNATURE):
         try:
             identity = verify({k.lower(): v for k, v in headers.items()}, ctx.identity_secret)
+        except StaleIdentity as exc:
+            _skewed.warning(
+                "refused the identity of key %s: %s; check NTP on this node and the maas authz nodes",
+                headers.get(H_KEY_ID),
+                exc,
+            )
+            raise Denied(_identity_denial(f"Identity headers rejected: {exc}")) from exc
         except IdentityError as exc:
             raise Denied(_identity_denial(f"Identity headers rejected: {exc}")) from exc
         record = ctx.state.keys.get(identity.key_id)

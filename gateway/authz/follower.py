@@ -63,7 +63,6 @@ class SnapshotFollower:
         self._models: dict[str, ModelRecord] = {}
         self._routes: dict[str, RouteRecord] = {}
         self.connected = False
-        self.last_event_at = 0.0
         self._skip = (0, 0)
         """Events with a generation in (low, high] are already in the last load (see ``run``); empty once an event
         is applied."""
@@ -237,7 +236,6 @@ class SnapshotFollower:
             self.snapshot.catalog = self._catalog()
         self.snapshot.generation = event.gen
         self._skip = (0, 0)  # events come in order: none from before the load can follow this one
-        self.last_event_at = time.time()
         self._metrics.snapshot_events.inc()
         self._update_gauges()
         return True

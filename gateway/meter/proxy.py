@@ -49,6 +49,9 @@ from gateway.store import Store
 
 log = logging.getLogger("maas.meter")
 _warn = RateLimitedLog(log)
+_skewed = RateLimitedLog(log)
+"""Stale identities come with every request while two nodes' clocks disagree: one warning per 10 s of its own, so
+other warnings still get through."""
 
 H_MAX_TOKENS = "x-maas-max-tokens"
 H_CLAMPED = "x-maas-max-tokens-clamped"
@@ -164,6 +167,15 @@ def authenticate(request: Request, config: MeterConfig) -> ident.Identity:
         if config.trust_identity_headers:
             return ident.parse(request.headers)
         return ident.verify(request.headers, config.secret, max_age=config.identity_max_age)
+    except ident.StaleIdentity as exc:
+        _skewed.warning(
+            "refused the identity of key %s: %s (--identity-max-age %gs); check NTP on this node and the maas authz "
+            "nodes",
+            request.headers.get(ident.H_KEY_ID, ""),
+            exc,
+            config.identity_max_age,
+        )
+        raise IdentityRejected(f"identity rejected: {exc}", code=exc.code) from exc
     except ident.IdentityError as exc:
         raise IdentityRejected(f"identity rejected: {exc}", code=exc.code) from exc
 

@@ -28,7 +28,13 @@ class MeterSettings(CommonSettings):
         description="secret shared with maas authz to verify identity headers; required unless --dev or "
         "--trust-identity-headers",
     )
-    identity_max_age: float = Field(60.0, gt=0, le=3600, description="oldest accepted identity signature, seconds")
+    identity_max_age: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="clock skew tolerated between maas authz and this meter, either way, seconds: an identity dated "
+        "up to this much ahead of this meter's clock, or this much plus the 10 s signing window behind it, is accepted",
+    )
     trust_identity_headers: bool = Field(False, description="accept identity headers without a valid signature")
     check_model: bool = Field(True, description="refuse a body model other than the one authz routed to (403)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=1 << 30, description="largest request body (413 above)")

@@ -13,7 +13,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local floor, ceil, min, max = math.floor, math.ceil, math.min, math.max
 local call, try, find, sub, tonumber = redis.call, redis.pcall, string.find, string.sub, tonumber
 local out = {}
-local s = {}  -- seven values per op of the current group: limit, window, cost, mode, min_cost, level, debit
+local s = {}  -- eight values per op of the current group: limit, window, cost, mode, min_cost, level, debit, and
+-- whether its state is stamped later than now (written under a clock that was ahead: a primary before a failover to
+-- a node whose clock is behind, or Redis's clock before it stepped back): restamped now even if nothing is taken,
+-- or it would not refill until the clock caught up with the stamp
 local o, a, k = 0, 2, 0
 for _ = 1, tonumber(ARGV[1]) do
   local n = tonumber(ARGV[a]); a = a + 1
@@ -25,6 +28,7 @@ for _ = 1, tonumber(ARGV[1]) do
     a = a + 5
     local st = try('GET', KEYS[k + i])
     local lv = lim
+    local ahead = false
     if st then
       local tokens, ts
       if type(st) == 'table' then  -- WRONGTYPE: a bucket stored as a hash by an earlier version
@@ -38,10 +42,13 @@ for _ = 1, tonumber(ARGV[1]) do
         -- a state this version cannot read (another version's layout): a full bucket, as a missing one, rewritten
         -- by the next take; an error here would fail every check of the call, other keys' too
         lv = lim
-      elseif lim <= 0 then
-        lv = min(tokens, 0)
       else
-        lv = min(lim, tokens + max(0, now - ts) * lim / win)
+        ahead = ts > now
+        if lim <= 0 then
+          lv = min(tokens, 0)
+        else
+          lv = min(lim, tokens + max(0, now - ts) * lim / win)
+        end
       end
     end
     local good, d
@@ -54,14 +61,15 @@ for _ = 1, tonumber(ARGV[1]) do
     else
       good = true; d = c
     end
-    s[j + 1], s[j + 2], s[j + 3], s[j + 4], s[j + 5], s[j + 6], s[j + 7] = lim, win, c, m, mc, lv, d
-    j = j + 7
+    s[j + 1], s[j + 2], s[j + 3], s[j + 4], s[j + 5], s[j + 6], s[j + 7], s[j + 8] = lim, win, c, m, mc, lv, d, ahead
+    j = j + 8
     ok = ok and good
   end
   j = 0
   for i = 1, n do
     local lim, win, c, m, mc, lv, d = s[j + 1], s[j + 2], s[j + 3], s[j + 4], s[j + 5], s[j + 6], s[j + 7]
-    j = j + 7
+    local ahead = s[j + 8]
+    j = j + 8
     local taken = ok and d or 0
     local after = min(lim, lv - taken)
     local retry = 0
@@ -73,7 +81,7 @@ for _ = 1, tonumber(ARGV[1]) do
     end
     local reset = 0
     if after < lim then reset = lim <= 0 and win or ceil((lim - after) * win / lim - 1e-6) end
-    if taken == 0 then
+    if taken == 0 and not ahead then
       -- nothing taken (a gate, or a denied group): the stored state already refills to the same level
     elseif after >= lim then
       call('DEL', KEYS[k + i])

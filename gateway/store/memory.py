@@ -16,8 +16,10 @@ from gateway.store.base import BucketsDone, UsageDelta, UsageRow
 _CLOSED = object()
 
 
-def _wall_ms() -> float:
-    return time.time() * 1000.0
+def _monotonic_ms() -> float:
+    """The buckets' clock: their states never leave this process, so a wall clock's steps (NTP, a VM resumed or
+    migrated) must not refill them at once (a step forward) or stall them (a step back)."""
+    return time.monotonic() * 1000.0
 
 
 class _MemorySubscription:
@@ -47,7 +49,7 @@ class _MemorySubscription:
 
 
 class MemoryStore:
-    def __init__(self, *, clock_ms: Callable[[], float] = _wall_ms) -> None:
+    def __init__(self, *, clock_ms: Callable[[], float] = _monotonic_ms) -> None:
         self._clock_ms = clock_ms
         self._records: dict[RecordKind, dict[str, bytes]] = {kind: {} for kind in RecordKind}
         self._generation = 0

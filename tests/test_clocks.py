@@ -1,0 +1,218 @@
+"""Clocks of different machines meeting, and a wall clock that steps: what each part tolerates (README, "Clocks").
+
+Skews between two parts are simulated with the clock seams the code has (``now=`` arguments, injected clocks), a
+Redis clock that was ahead by a bucket state stamped in its future, and a wall-clock step by patching ``time.time``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from controlplane.admin import selfservice
+from controlplane.kinds import LEASE, Kind, Obj
+from controlplane.leader import LeaseElector
+from controlplane.sources.kube import micro_time
+from gateway import contract
+from gateway.identity import SIGN_WINDOW, Identity, StaleIdentity, sign, verify
+from gateway.limits import BucketMode, BucketOp
+from gateway.logs import RateLimitedLog
+from gateway.meter import proxy
+from gateway.store.memory import MemoryStore
+from gateway.store.redis import RedisStore
+from tests.support.admin_api import admin_settings, running
+from tests.support.stack import IDENTITY_SECRET
+from tests.test_meter_stack import MODEL, SECRET, running_stack
+
+IDENTITY = Identity(key_id="k1", user="u", groups="free", tier="free", model=MODEL, token_limit=9, token_window_ms=60)
+MAX_AGE = 60.0
+START = 1_800_000_000.0  # the first second of a signing window
+
+
+def _across(skew: float, phase: float) -> Identity:
+    """Signed by an authz at ``phase`` seconds into a signing window, verified by a meter ``skew`` seconds ahead."""
+    headers = sign(IDENTITY, b"s" * 16, now=START + phase)
+    return verify(headers, b"s" * 16, max_age=MAX_AGE, now=START + phase + skew)
+
+
+@pytest.mark.parametrize("skew", [2.0, -2.0, 30.0, -30.0, MAX_AGE, -MAX_AGE], ids=lambda s: f"meter{s:+g}s")
+def test_an_identity_passes_between_clocks_up_to_max_age_apart_at_any_moment_of_a_window(skew: float) -> None:
+    for phase in (0.0, 0.5, SIGN_WINDOW / 2, SIGN_WINDOW - 0.01):
+        assert _across(skew, phase) == IDENTITY
+
+
+@pytest.mark.parametrize("skew", [75.0, -75.0, 600.0, -600.0], ids=lambda s: f"meter{s:+g}s")
+def test_beyond_max_age_an_identity_is_refused_as_stale_naming_the_clocks(skew: float) -> None:
+    for phase in (0.0, SIGN_WINDOW / 2, SIGN_WINDOW - 0.01):
+        with pytest.raises(StaleIdentity) as caught:
+            _across(skew, phase)
+        assert caught.value.code == "stale_identity"
+        assert "clock skew" in str(caught.value)
+        assert (caught.value.offset > 0) == (skew > 0)  # positive: dated before the verifier's clock
+
+
+@pytest.mark.redis
+async def test_the_meter_refuses_a_skewed_identity_counted_and_logged_once(
+    redis_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An authz ten minutes ahead or behind: every request gets 401 ``stale_identity`` saying why, each is counted,
+    and the log says it once (not once per request)."""
+    monkeypatch.setattr(proxy, "_skewed", RateLimitedLog(proxy.log))
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    async with running_stack(redis_url) as stack, aiohttp.ClientSession() as session:
+        for skew in (600, -600, 600):
+            headers = sign(IDENTITY, SECRET.encode(), now=time.time() + skew)
+            with caplog.at_level(logging.WARNING, logger="maas.meter"):
+                async with session.post(stack.meter_url + "/v1/chat/completions", json=body, headers=headers) as resp:
+                    answer = await resp.json()
+            assert resp.status == 401 and answer["error"]["code"] == "stale_identity"
+            assert "clock skew" in answer["error"]["message"]
+        async with session.get(stack.ops_url + "/metrics") as resp:
+            metrics = await resp.text()
+    assert 'maas_meter_rejected_total{reason="stale_identity"} 3.0' in metrics
+    warnings = [r.getMessage() for r in caplog.records if r.name == "maas.meter" and "NTP" in r.getMessage()]
+    assert len(warnings) == 1 and "k1" in warnings[0] and "after this server's clock" in warnings[0]
+
+
+class StepClock:
+    def __init__(self) -> None:
+        self.ms = 5_000_000.0
+
+    def __call__(self) -> float:
+        return self.ms
+
+
+@pytest.mark.parametrize("mode", [BucketMode.TAKE, BucketMode.GATE], ids=["take", "gate"])
+async def test_a_bucket_stamped_by_a_clock_that_was_ahead_refills_from_now(mode: BucketMode) -> None:
+    """The clock steps back ten minutes after a bucket was emptied: it refills one window later, not ten minutes
+    and a window later."""
+    clock = StepClock()
+    store = MemoryStore(clock_ms=clock)
+    spend = BucketOp(key_id="k", dimension="tokens", limit=10, window_ms=1_000, cost=15, mode=BucketMode.FORCE)
+    check = BucketOp(key_id="k", dimension="tokens", limit=10, window_ms=1_000, cost=1, mode=mode)
+    await store.check_buckets([[spend]])  # in debt: -5
+    clock.ms -= 600_000
+    ((denied,),) = await store.check_buckets([[check]])
+    assert not denied.allowed and denied.retry_ms == 600
+    clock.ms += 600
+    ((again,),) = await store.check_buckets([[check]])
+    assert again.allowed
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("mode", [BucketMode.TAKE, BucketMode.GATE], ids=["take", "gate"])
+async def test_a_redis_bucket_stamped_in_redis_future_refills_from_now(redis_url: str, mode: BucketMode) -> None:
+    """A state written by a Redis primary whose clock was ten minutes ahead, read after a failover (or a step
+    back of Redis's clock): the key is refused for what its retry-after says, not for ten minutes more."""
+    store = RedisStore(redis_url, timeout=2.0)
+    raw = aioredis.Redis.from_url(redis_url)
+    seconds, micros = await raw.time()
+    now_ms = seconds * 1000 + micros // 1000
+    await raw.set(contract.bucket_key("ahead", "tokens"), f"-5 {now_ms + 600_000}", px=700_000)
+    check = BucketOp(key_id="ahead", dimension="tokens", limit=10, window_ms=100, cost=1, mode=mode)
+    try:
+        ((denied,),) = await store.check_buckets([[check]])
+        assert not denied.allowed and 0 < denied.retry_ms <= 100
+        await asyncio.sleep(denied.retry_ms / 1000 + 0.1)
+        ((again,),) = await store.check_buckets([[check]])
+        assert again.allowed
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+def test_in_process_buckets_ignore_a_wall_clock_step_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``memory://`` and the authz ``local`` policy: an hour's step of the wall clock refills no bucket."""
+    store = MemoryStore()
+    take = BucketOp(key_id="k", dimension="requests", limit=1, window_ms=3_600_000, cost=1)
+    ((first,),) = store.check_now([[take]])
+    wall = time.time()
+    monkeypatch.setattr(time, "time", lambda: wall + 3_600)
+    ((second,),) = store.check_now([[take]])
+    assert first.allowed and not second.allowed
+
+
+async def test_in_process_buckets_refill_across_a_wall_clock_step_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step back of the wall clock stalls no bucket: it refills as time passes."""
+    store = MemoryStore()
+    take = BucketOp(key_id="k", dimension="requests", limit=1, window_ms=100, cost=1)
+    ((first,),) = store.check_now([[take]])
+    wall = time.time()
+    monkeypatch.setattr(time, "time", lambda: wall - 600)
+    await asyncio.sleep(0.2)
+    ((second,),) = store.check_now([[take]])
+    assert first.allowed and second.allowed
+
+
+class Leases:
+    """A Lease API of one object, each write bumping its resourceVersion, as the API server does."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.lease: Obj = {"metadata": {"name": "l", "namespace": "ns", "resourceVersion": "1"}, "spec": spec}
+
+    async def get(self, kind: Kind, namespace: str, name: str) -> Obj | None:
+        assert kind is LEASE
+        return self.lease
+
+    async def create(self, obj: Obj) -> Obj:
+        raise AssertionError("the Lease exists")
+
+    async def replace(self, obj: Obj) -> Obj:
+        version = int(self.lease["metadata"]["resourceVersion"]) + 1
+        self.lease = {**obj, "metadata": {**obj["metadata"], "resourceVersion": str(version)}}
+        return self.lease
+
+    def renew(self, renew_time: str) -> None:
+        """The holder renews, from a node whose clock is wherever ``renew_time`` says."""
+        version = int(self.lease["metadata"]["resourceVersion"]) + 1
+        self.lease = {
+            "metadata": {**self.lease["metadata"], "resourceVersion": str(version)},
+            "spec": {**self.lease["spec"], "renewTime": renew_time},
+        }
+
+
+@pytest.mark.parametrize("remote", [-600.0, 600.0], ids=["holder-10m-behind", "holder-10m-ahead"])
+async def test_leader_election_reads_no_remote_clock(remote: float) -> None:
+    """The holder's renewTime comes from its node's clock: a follower measures the lease on its own monotonic clock
+    from when it saw the Lease change, so a holder's clock far behind does not lose it the lease while it renews,
+    and one far ahead does not keep it once it stops."""
+    spec = {"holderIdentity": "other", "leaseDurationSeconds": 15, "renewTime": micro_time(time.time() + remote)}
+    leases = Leases(spec)
+    clock = StepClock()
+    elector = LeaseElector(client=leases, name="l", namespace="ns", identity="me", clock=lambda: clock.ms / 1000)
+    for second in range(40):  # the holder renews every 2 s
+        if second % 2 == 0:
+            leases.renew(micro_time(time.time() + remote + second))
+        assert not await elector._try()
+        clock.ms += 1_000
+    stopped = clock.ms - 2_000  # the last renewal, seen at second 38; the lease is 15 s on this clock
+    while clock.ms - stopped < 15_000:
+        assert not await elector._try()
+        clock.ms += 500
+    assert await elector._try()
+    assert leases.lease["spec"]["holderIdentity"] == "me" and elector.is_leader()
+
+
+@pytest.mark.redis
+async def test_self_service_refuses_a_skewed_identity_and_logs_it_once(
+    tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control plane checks authz's identity headers too (self-service through the gateway)."""
+    monkeypatch.setattr(selfservice, "_skewed", RateLimitedLog(selfservice.log))
+    settings = admin_settings(tmp_path, redis_url, identity_secret=IDENTITY_SECRET)
+    async with running(settings) as (_, api):
+        for _ in range(3):
+            headers = sign(IDENTITY, IDENTITY_SECRET.encode(), now=time.time() - 600)
+            with caplog.at_level(logging.WARNING, logger=selfservice.log.name):
+                async with api.session.get(api.base + "/v1/me", headers=headers) as resp:
+                    answer = await resp.json()
+            assert resp.status == 401 and "clock skew" in answer["error"]["message"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == selfservice.log.name]
+    assert len(warnings) == 1 and "before this server's clock" in warnings[0] and "NTP" in warnings[0]
