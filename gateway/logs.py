@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from typing import Any
@@ -62,7 +63,7 @@ class RateLimitedLog:
     def __init__(self, logger: logging.Logger, *, interval: float = 10.0) -> None:
         self._logger = logger
         self._interval = interval
-        self._last = 0.0
+        self._last = -math.inf  # the first line logs even within ``interval`` of boot (the monotonic clock's 0)
         self._suppressed = 0
 
     def warning(self, msg: str, *args: object) -> None:

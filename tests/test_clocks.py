@@ -216,3 +216,14 @@ async def test_self_service_refuses_a_skewed_identity_and_logs_it_once(
             assert resp.status == 401 and "clock skew" in answer["error"]["message"]
     warnings = [r.getMessage() for r in caplog.records if r.name == selfservice.log.name]
     assert len(warnings) == 1 and "before this server's clock" in warnings[0] and "NTP" in warnings[0]
+
+def test_a_rate_limited_log_logs_its_first_line_even_just_after_boot(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The monotonic clock starts near 0 at boot: a 10-minute interval must not swallow the first warning of a node
+    that booted 5 s ago."""
+    monkeypatch.setattr(time, "monotonic", lambda: 5.0)
+    with caplog.at_level(logging.WARNING, logger="maas.test.clock"):
+        RateLimitedLog(logging.getLogger("maas.test.clock"), interval=600).warning("clock off")
+    assert [r.getMessage() for r in caplog.records] == ["clock off (0 similar suppressed)"]
+
