@@ -45,6 +45,9 @@ class Metrics:
             f"{PREFIX}_last_full_sync_timestamp_seconds", "Unix time of the last completed full sync", registry=r
         )
         self.full_syncs = Counter(f"{PREFIX}_full_syncs", "Completed full syncs", registry=r)
+        self.clock_offset = Gauge(
+            f"{PREFIX}_clock_offset_seconds", "Redis's clock minus this replica's (TIME every 30 s)", registry=r
+        )
         self.leader = Gauge(f"{PREFIX}_leader", "1 while this instance holds the lease and writes", registry=r)
         self.skipped = Counter(
             f"{PREFIX}_skipped_objects",

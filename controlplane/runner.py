@@ -26,6 +26,7 @@ from controlplane.sources.directory import DirSource
 from controlplane.sources.kube import KubeSource
 from controlplane.sync import Syncer
 from controlplane.tasks import spawn
+from gateway.clock import ClockOffset, SharedClock
 from gateway.errors import ConfigError
 from gateway.settings import split_csv
 from gateway.store import Store, open_store
@@ -113,6 +114,9 @@ class ControlPlane:
         self._tasks.append(spawn(syncer.events.run(), name="events", log=log))
         admin = self.admin = AdminState(self.store, default_tier=settings.default_tier)
         self._tasks.append(spawn(admin.run(), name="admin-view", log=log))
+        if isinstance(self.store, SharedClock):
+            clock = ClockOffset(self.metrics.clock_offset, logger=log)
+            self._tasks.append(spawn(clock.run(self.store), name="clock-offset", log=log))
         for task in self._tasks:
             task.add_done_callback(self._task_ended)
         parts = Parts(syncer=syncer, metrics=self.metrics, elector=self.elector, started=time.monotonic())

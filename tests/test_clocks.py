@@ -1,7 +1,8 @@
 """Clocks of different machines meeting, and a wall clock that steps: what each part tolerates (README, "Clocks").
 
-Skews between two parts are simulated with the clock seams the code has (``now=`` arguments, injected clocks), a
-Redis clock that was ahead by a bucket state stamped in its future, and a wall-clock step by patching ``time.time``.
+Skews between two parts are simulated with the clock seams the code has (``now=`` arguments, injected clocks,
+``gateway.clock.wall``), a Redis clock that was ahead by a bucket state stamped in its future (or by a store whose
+``TIME`` reads shifted), and a wall-clock step by patching ``time.time``.
 """
 
 from __future__ import annotations
@@ -15,19 +16,28 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, Gauge
 
 from controlplane.admin import selfservice
 from controlplane.kinds import LEASE, Kind, Obj
 from controlplane.leader import LeaseElector
+from controlplane.ports import free_port
 from controlplane.sources.kube import micro_time
-from gateway import contract
+from gateway import clock, contract
+from gateway.authz.main import serve as serve_authz
+from gateway.authz.settings import AuthzSettings
+from gateway.clock import ClockOffset, SharedClock
 from gateway.identity import SIGN_WINDOW, Identity, StaleIdentity, sign, verify
 from gateway.limits import BucketMode, BucketOp
 from gateway.logs import RateLimitedLog
 from gateway.meter import proxy
+from gateway.meter.app import build_meter, serving
+from gateway.meter.settings import MeterSettings
+from gateway.settings import load
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 from tests.support.admin_api import admin_settings, running
+from tests.support.k8s_emulator import eventually
 from tests.support.stack import IDENTITY_SECRET
 from tests.test_meter_stack import MODEL, SECRET, running_stack
 
@@ -217,6 +227,7 @@ async def test_self_service_refuses_a_skewed_identity_and_logs_it_once(
     warnings = [r.getMessage() for r in caplog.records if r.name == selfservice.log.name]
     assert len(warnings) == 1 and "before this server's clock" in warnings[0] and "NTP" in warnings[0]
 
+
 def test_a_rate_limited_log_logs_its_first_line_even_just_after_boot(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -227,3 +238,148 @@ def test_a_rate_limited_log_logs_its_first_line_even_just_after_boot(
         RateLimitedLog(logging.getLogger("maas.test.clock"), interval=600).warning("clock off")
     assert [r.getMessage() for r in caplog.records] == ["clock off (0 similar suppressed)"]
 
+
+def _offset_clock() -> tuple[ClockOffset, CollectorRegistry]:
+    registry = CollectorRegistry()
+    gauge = Gauge("maas_test_clock_offset_seconds", "offset", registry=registry)
+    return ClockOffset(gauge, logger=logging.getLogger("maas.test.clock")), registry
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("where", ["redis", "redis-cluster"])
+async def test_the_offset_to_a_local_redis_reads_about_zero(request: pytest.FixtureRequest, where: str) -> None:
+    store = RedisStore(request.getfixturevalue("redis_url" if where == "redis" else "redis_cluster_url"), timeout=2.0)
+    offset, registry = _offset_clock()
+    try:
+        assert isinstance(store, SharedClock)
+        assert abs(await store.server_time() - time.time()) < 1.0
+        await offset.measure(store)
+    finally:
+        await store.close()
+    assert abs(offset.offset) < 1.0
+    assert registry.get_sample_value("maas_test_clock_offset_seconds") == offset.offset
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("skew", [600.0, -600.0], ids=["10m-ahead", "10m-behind"])
+async def test_a_clock_off_redis_shows_in_the_gauge_and_is_warned_once(
+    redis_url: str, skew: float, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(clock, "wall", lambda: time.time() + skew)
+    monkeypatch.setattr(clock, "MAX_ROUND_TRIP", 10.0)  # every reading counts, however busy the machine
+    store = RedisStore(redis_url, timeout=2.0)
+    offset, registry = _offset_clock()
+    try:
+        with caplog.at_level(logging.WARNING, logger="maas.test.clock"):
+            for _ in range(3):
+                await offset.measure(store)
+    finally:
+        await store.close()
+    gauge = registry.get_sample_value("maas_test_clock_offset_seconds")
+    assert gauge is not None and abs(gauge + skew) < 1.0
+    assert abs(offset.now() - time.time()) < 1.0
+    warnings = [r.getMessage() for r in caplog.records if r.name == "maas.test.clock"]
+    assert len(warnings) == 1 and ("ahead of" if skew > 0 else "behind") in warnings[0] and "NTP" in warnings[0]
+
+
+class SlowClock:
+    """A store whose ``TIME`` answers after ``delay`` seconds, ten minutes ahead."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    async def server_time(self) -> float:
+        await asyncio.sleep(self.delay)
+        return time.time() + 600
+
+
+async def test_a_reading_of_a_slow_round_trip_is_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its midpoint could be anywhere in the round trip: the last offset stays."""
+    monkeypatch.setattr(clock, "MAX_ROUND_TRIP", 0.01)
+    offset, registry = _offset_clock()
+    await offset.measure(SlowClock(0.05))
+    assert offset.offset == 0.0 and registry.get_sample_value("maas_test_clock_offset_seconds") == 0.0
+    await offset.measure(SlowClock(0.0))
+    assert abs(offset.offset - 600) < 1.0
+
+
+async def test_on_the_memory_store_the_meter_reads_no_clock() -> None:
+    """``memory://``: one process, no other clock to agree with; the offset stays 0 and no task reads one."""
+    settings = load(MeterSettings, upstream="http://127.0.0.1:9", redis_url="memory://", identity_secret=SECRET)
+    meter = build_meter(settings)
+    assert not isinstance(meter.store, SharedClock)
+    async with serving(meter, host="127.0.0.1", port=0, ops_port=0, max_connections=10, shutdown_grace=0.1):
+        assert "meter-clock" not in {task.get_name() for task in asyncio.all_tasks()}
+        assert meter.clock.offset == 0.0
+
+
+class RedisAt(RedisStore):
+    """Redis whose ``TIME`` reads ``shift`` seconds from its clock (the tests cannot set redis-server's)."""
+
+    shift = 0.0
+
+    async def server_time(self) -> float:
+        return await super().server_time() + self.shift
+
+
+@pytest.mark.redis
+async def test_a_meter_ten_minutes_ahead_files_a_request_before_midnight_under_redis_day(
+    redis_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request ends at 23:59:30 or so by Redis's clock, 00:09:30 the next day by the meter node's (its
+    ``time.time``, which the authz signing the request shares here): it counts on Redis's day, as it does for every
+    other meter, whatever their clocks say."""
+    store = RedisAt(redis_url, timeout=2.0)
+    monkeypatch.setattr(clock, "MAX_ROUND_TRIP", 10.0)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    real, now = time.time, time.time()
+    meter_now = (now // 86400 + 1) * 86400 + 570  # 00:09:30 UTC
+    monkeypatch.setattr(time, "time", lambda: real() + meter_now - now)
+    store.shift = meter_now - 600 - now  # Redis's clock reads 23:59:30 UTC
+    redis_day, meter_day = contract.ledger_day(meter_now - 600), contract.ledger_day(meter_now)
+    caplog.set_level(logging.WARNING, logger="maas.meter")
+    async with running_stack(redis_url, store=store) as stack, aiohttp.ClientSession() as session:
+        await eventually(lambda: stack.meter.clock.offset < -599)  # measured as the meter starts
+        async with session.post(
+            stack.meter_url + "/v1/chat/completions", json=body, headers=stack.headers(key_id="midnight")
+        ) as resp:
+            assert resp.status == 200
+        rows = await eventually(lambda: store.read_usage("midnight", [redis_day, meter_day]))
+        metrics = await stack.metrics()
+    assert [(row.day, row.requests) for row in rows] == [(redis_day, 1)]
+    assert abs(metrics[("maas_meter_clock_offset_seconds", ())] + 600) < 1.0
+    warnings = [r.getMessage() for r in caplog.records if r.name == "maas.meter" and "NTP" in r.getMessage()]
+    assert len(warnings) == 1 and "600" in warnings[0] and "ahead of Redis's" in warnings[0]
+
+
+@pytest.mark.redis
+async def test_authz_and_the_control_plane_export_their_offset_to_redis(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both read Redis's ``TIME`` from the start: a replica two minutes behind shows +120 s."""
+    monkeypatch.setattr(clock, "wall", lambda: time.time() - 120)
+    monkeypatch.setattr(clock, "MAX_ROUND_TRIP", 10.0)
+    authz = load(AuthzSettings, dev=True, key_pepper=None, port=free_port(), ops_port=free_port(), redis_url=redis_url)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve_authz(authz, stop=stop))
+
+    async def authz_offset() -> float:
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{authz.ops_port}/metrics") as resp,
+            ):
+                text = await resp.text()
+        except aiohttp.ClientConnectionError:
+            return 0.0
+        return float(text.split("\nmaas_authz_clock_offset_seconds ")[1].split()[0])
+
+    try:
+        assert abs(await eventually(authz_offset) - 120) < 1.0
+        async with running(admin_settings(tmp_path, redis_url)) as (plane, _):
+            registry = plane.metrics.registry
+            offset = await eventually(lambda: registry.get_sample_value("maas_controlplane_clock_offset_seconds"))
+            assert abs(offset - 120) < 1.0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)

@@ -17,6 +17,7 @@ from gateway.authz.follower import SnapshotFollower
 from gateway.authz.metrics import AuthzMetrics
 from gateway.authz.server import TOO_MANY_CONNECTIONS, AiohttpHandler, Checker, EnvelopeServer
 from gateway.authz.settings import AuthzSettings
+from gateway.clock import ClockOffset, SharedClock
 from gateway.connections import ConnectionCap
 from gateway.decision import Policy
 from gateway.ops import ops_app
@@ -76,8 +77,12 @@ async def serve(settings: AuthzSettings, *, stop: asyncio.Event | None = None, s
             return False, "snapshot not loaded yet"
         return True, f"generation {snapshot.generation}, {len(snapshot.keys)} keys"
 
-    follow_task = asyncio.create_task(follower.run(), name="snapshot-follower")
-    follow_task.add_done_callback(_log_crash)
+    tasks = [asyncio.create_task(follower.run(), name="snapshot-follower")]
+    if isinstance(store, SharedClock):
+        clock = ClockOffset(metrics.clock_offset, logger=log)
+        tasks.append(asyncio.create_task(clock.run(store), name="clock-offset"))
+    for task in tasks:
+        task.add_done_callback(_log_crash)
     ops_runner = web.AppRunner(ops_app(registry=metrics.registry, ready=ready), access_log=None)
     await ops_runner.setup()
     cap = ConnectionCap(
@@ -118,9 +123,10 @@ async def serve(settings: AuthzSettings, *, stop: asyncio.Event | None = None, s
     stop = stop or _stop_on_signals()
     await stop.wait()
     log.info("shutting down")
-    follow_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await follow_task
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     if fast_server is not None:
         await fast_server.close()
     if authz_runner is not None:

@@ -31,6 +31,9 @@ class AuthzMetrics:
         self.store_up = Gauge("maas_store_up", "1 while the last store call succeeded", registry=r)
         self.store_up.set(1)
         self._store_is_up = True
+        self.clock_offset = Gauge(
+            "maas_authz_clock_offset_seconds", "Redis's clock minus this replica's (TIME every 30 s)", registry=r
+        )
         self.policy_applied = Counter(
             "maas_authz_store_policy_total",
             "checks answered by the --on-store-error policy while the store was unreachable",

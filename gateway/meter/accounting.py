@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +39,8 @@ class Exchange:
     and is not cut while it settles."""
     sent: Callable[[], Usage] | None = None
     """What the client has been sent so far, for a stream (a cut stream is charged that)."""
+    clock: Callable[[], float] = time.time
+    """The clock whose UTC day the ledger row is filed under: Redis's, as the meter knows it (``ClockOffset.now``)."""
 
     @property
     def operation(self) -> str:
@@ -146,7 +149,7 @@ async def settle(
     delta_row = UsageDelta(
         key_id=identity.key_id,
         model=exchange.model,
-        day=ledger_day(),
+        day=ledger_day(exchange.clock()),
         requests=1,
         prompt_tokens=served.prompt,
         completion_tokens=served.completion,

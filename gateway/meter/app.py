@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.clock import ClockOffset, SharedClock
 from gateway.connections import ConnectionCap
 from gateway.meter.accounting import UsageBacklog
 from gateway.meter.estimate import Estimator
@@ -62,6 +63,7 @@ def build_meter(settings: MeterSettings, *, store: Store | None = None) -> Meter
         store=store if store is not None else open_store(settings.redis_url, timeout=settings.store_timeout),
         upstream=upstream,
         metrics=metrics,
+        clock=ClockOffset(metrics.clock_offset, logger=logging.getLogger("maas.meter")),
         backlog=UsageBacklog(metrics),
     )
 
@@ -125,6 +127,9 @@ async def serving(
         await meter.upstream.start()
         contexts = asyncio.get_running_loop().create_task(follow_contexts(meter), name="meter-contexts")
         stack.push_async_callback(_stop, contexts)
+        if isinstance(meter.store, SharedClock):
+            clock = asyncio.get_running_loop().create_task(meter.clock.run(meter.store), name="meter-clock")
+            stack.push_async_callback(_stop, clock)
         if meter.backlog is not None:
             # last thing before the store closes: one more try at what the ledger still holds
             stack.push_async_callback(meter.backlog.flush, meter.store)

@@ -145,6 +145,11 @@ class MeterMetrics:
         self.upstream_queued = Gauge(
             "maas_meter_upstream_queued_requests", "Metered requests waiting for a free upstream connection", registry=r
         )
+        self.clock_offset = Gauge(
+            "maas_meter_clock_offset_seconds",
+            "Redis's clock minus this meter's (TIME every 30 s); usage is filed by Redis's day",
+            registry=r,
+        )
         self.backlog = Gauge(
             "maas_meter_ledger_backlog_rows",
             "Usage ledger rows and bucket debits waiting for the store to come back",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from multidict import CIMultiDict
 
 from gateway import identity as ident
+from gateway.clock import ClockOffset
 from gateway.contract import format_duration
 from gateway.errors import StoreError, StoreNotSent
 from gateway.logs import RateLimitedLog
@@ -81,6 +82,8 @@ class Meter:
     store: Store
     upstream: Upstream
     metrics: MeterMetrics
+    clock: ClockOffset
+    """This meter's clock against Redis's: ledger rows are filed under Redis's day (kept fresh by ``serving``)."""
     contexts: dict[str, int] = field(default_factory=dict)
     """Served model -> context length, as the model server lists them (kept fresh by ``follow_contexts``)."""
     backlog: UsageBacklog | None = None
@@ -393,7 +396,7 @@ async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stre
             prepared.abandon()  # never sent: the grant was not whole
             prepared = None
     overhead = time.perf_counter() - begun.started
-    exchange = Exchange(identity, parsed, reservation, begun.model, begun.started)
+    exchange = Exchange(identity, parsed, reservation, begun.model, begun.started, clock=meter.clock.now)
     # From here the request is cut when its client leaves or the meter stops (the server cancels it): the upstream
     # connection closes, so vLLM stops generating, and what the client was served is settled, as always.
     request.cuttable = lambda: not exchange.settled

@@ -246,6 +246,12 @@ class RedisStore:
     async def ping(self) -> None:
         await self._call("ping", self._client.ping)
 
+    async def server_time(self) -> float:
+        """Redis's clock (``TIME``), in seconds since the epoch: the one clock every part shares. In a cluster, the
+        client's default node's (the nodes' clocks are kept in step like any other servers')."""
+        seconds, micros = await self._call("time", self._client.time)
+        return int(seconds) + int(micros) / 1e6
+
     async def close(self) -> None:
         if self._pipe is not None:
             await self._pipe.close()
