@@ -91,6 +91,18 @@ def ledger_key(key_id: str, day: str) -> str:
     return f"maas:u:{{k:{key_id}}}:{day}"
 
 
+def reservation_key(key_id: str, dimension: str, reservation: str) -> str:
+    """The marker of one meter reservation (what it took, or that it was released): beside its key's bucket, in the
+    same hash slot, so one script reads both on Redis Cluster."""
+    return f"maas:r:{{k:{key_id}}}:{dimension}:{reservation}"
+
+
+def ledger_write_key(key_id: str, write_id: str) -> str:
+    """The marker of one ledger write that landed (so a write made again is not counted twice): in its ledger row's
+    hash slot."""
+    return f"maas:uw:{{k:{key_id}}}:{write_id}"
+
+
 def ledger_index_key(day: str) -> str:
     return f"maas:ui:{day}"
 

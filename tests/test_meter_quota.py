@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import random
+import signal
 import time
 from typing import Any
 
@@ -466,3 +467,42 @@ async def test_usage_served_while_redis_is_down_is_charged_to_the_bucket_once_it
     assert state is not None
     level = float(state.split()[0])
     assert level == limit[0] - chat.usage.total_tokens
+
+
+async def test_a_request_served_while_redis_is_paused_leaves_the_bucket_whole_and_is_counted_once() -> None:
+    """Redis stopped (SIGSTOP) past the store timeout: the reservation's answer was lost, but it ran once Redis went
+    on, so its tokens stayed taken (the commit did not give them back); the commit and the ledger write, sent while
+    it was stopped, may have run too. Released and made again under their ids, each counts once."""
+    limit = (100_000, 365 * 86_400_000)
+    with redis_server() as server:
+        async with (
+            running_stack(server.url, redis_timeout=0.25) as stack,
+            stack.client(key_id="paused", limit=limit) as client,
+        ):
+            ask = {"model": MODEL, "messages": [{"role": "user", "content": "while redis sleeps"}], "max_tokens": 6}
+            first = await client.chat.completions.create(**ask)  # type: ignore[call-overload]
+            server.proc.popen.send_signal(signal.SIGSTOP)
+            try:
+                second = await client.chat.completions.create(**ask)  # type: ignore[call-overload]
+                await asyncio.sleep(0.6)  # the commit and the ledger write go out and time out too
+            finally:
+                server.proc.popen.send_signal(signal.SIGCONT)
+
+            async def drained() -> bool:
+                metrics = await stack.metrics()
+                return metrics[("maas_meter_ledger_backlog_rows", ())] == 0
+
+            await eventually(drained, within=10)
+            failures = await stack.metrics()
+            store = RedisStore(server.url, timeout=2.0)
+            (row,) = await store.read_usage("paused", [ledger_day()])
+            await store.close()
+            bucket = aioredis.Redis.from_url(server.url)
+            state = await bucket.get(bucket_key("paused", "tokens"))
+            await bucket.aclose()
+    assert first.usage is not None and second.usage is not None
+    served = first.usage.total_tokens + second.usage.total_tokens
+    assert failures[("maas_meter_store_errors_total", (("operation", "reserve"),))] == 1  # the answer was lost
+    assert (row.requests, row.prompt_tokens + row.completion_tokens) == (2, served)
+    assert state is not None
+    assert limit[0] - served <= float(state.split()[0]) < limit[0] - served + 1  # (a release refills it to its time)

@@ -65,7 +65,7 @@ SEED = int(os.environ.get("MAAS_RECONCILE_SEED", "1729"))
 SECRET = "identity-secret-for-tests-0123456789"
 MODEL = "sim-model"
 YEAR_MS = 365 * 86_400_000
-KEYS: dict[str, int | None] = {"k-open": None, "k-big": 5_000_000, "k-mid": 60_000, "k-tight": 2_500}
+KEYS: dict[str, int | None] = {"k-open": None, "k-big": 5_000_000, "k-mid": 60_000, "k-tight": 400}
 """Key -> token limit over a year (None: no token limit). The year makes the refill during a run a token or two."""
 REQUESTS = 240
 STORE_TIMEOUT = 0.25
@@ -112,6 +112,7 @@ class FakeVllm:
         self._transports: set[Any] = set()
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
+        self.outage = asyncio.Lock()
 
     @property
     def url(self) -> str:
@@ -530,9 +531,10 @@ def faults(rng: random.Random, *, keep: bool) -> dict[int, Callable[[Redis, Fake
 
 
 async def _upstream_outage(fake: FakeVllm, down: float) -> None:
-    await fake.kill()
-    await asyncio.sleep(down)
-    await fake.start()
+    async with fake.outage:  # one at a time: an outage begun while another was down had bound a second listener
+        await fake.kill()
+        await asyncio.sleep(down)
+        await fake.start()
 
 
 # --- what the rules charge ------------------------------------------------------------------------------------
@@ -578,21 +580,7 @@ def expected_ledger(planned: list[Planned], fake: FakeVllm) -> dict[str, tuple[i
 # --- the test -------------------------------------------------------------------------------------------------
 
 
-UNCERTAIN = pytest.mark.xfail(
-    reason="open defects: a store call whose outcome is unknown is never made again, so a reservation that timed out "
-    "while Redis was paused and then ran stays taken, and a ledger write in flight when Redis shut down is lost "
-    "(both need idempotent store operations)",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize(
-    "keep",
-    [
-        pytest.param(True, id="redis-data-kept", marks=UNCERTAIN),
-        pytest.param(False, id="redis-data-lost", marks=UNCERTAIN),
-    ],
-)
+@pytest.mark.parametrize("keep", [pytest.param(True, id="redis-data-kept"), pytest.param(False, id="redis-data-lost")])
 async def test_the_accounts_reconcile_under_faults(keep: bool) -> None:
     try:
         await reconcile(keep=keep, seed=SEED)
@@ -650,7 +638,10 @@ async def reconcile(*, keep: bool, seed: int) -> None:
     problems = discrepancies(planned, fake, keep=keep, lost=redis.lost, ledger=ledger, metrics=metrics, buckets=buckets)
     assert not problems, f"seed {seed}:\n" + "\n".join(problems)
     refused = [rid for rid, status in statuses.items() if status == 429]
-    assert refused and all(not fake.attempts.get(rid) for rid in refused)  # the quota refused some, sent none
+    # every reservation the bucket denied was a 429 that never went upstream (how many, the faults' timing decides:
+    # a seed whose Redis outage covers most requests forwards them without a reservation)
+    denied = metrics[("maas_meter_reservations_total", (("outcome", "denied"),))]
+    assert len(refused) == denied and all(not fake.attempts.get(rid) for rid in refused)
 
 
 def discrepancies(
@@ -670,7 +661,13 @@ def discrepancies(
         was = lost.get(key, (0, 0, 0))
         now = (requests - was[0], prompt - was[1], completion - was[2])
         got = ledger[key][0] if ledger[key] else (0, 0, 0)
-        if got != now:
+        # a write whose answer was lost with the data is made again on the new data (its marker was lost too): it
+        # may bring back what the loss took, never more than was charged
+        if (
+            got != now
+            if keep
+            else not all(n <= g <= c for n, g, c in zip(now, got, (requests, prompt, completion), strict=True))
+        ):
             problems.append(
                 f"ledger of {key}: {got} (requests, prompt, completion), charged {now} (lost with the data: {was})"
             )

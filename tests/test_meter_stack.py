@@ -83,16 +83,21 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def running_stack(
-    redis_url: str, *, sim: SimConfig | None = None, store: RedisStore | None = None, **meter: Any
+    redis_url: str,
+    *,
+    sim: SimConfig | None = None,
+    store: RedisStore | None = None,
+    redis_timeout: float = 2.0,
+    **meter: Any,
 ) -> AsyncIterator[Stack]:
     """Simulator and meter (proxy and ops apps) on free ports of this event loop, the meter on real Redis (through
-    ``store`` when given)."""
+    ``store`` when given; else each of its calls bounded by ``redis_timeout``)."""
     sim_app = build_app(sim or SimConfig(served=(MODEL, "other-model")))
     sim_runner, sim_url = await serve(sim_app)
     settings = load(
         MeterSettings, upstream=meter.pop("upstream", sim_url), redis_url=redis_url, identity_secret=SECRET, **meter
     )
-    store = store or RedisStore(redis_url, timeout=2.0)
+    store = store or RedisStore(redis_url, timeout=redis_timeout)
     built = build_meter(settings, store=store)
     try:
         async with serving(

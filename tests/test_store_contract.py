@@ -134,7 +134,10 @@ async def test_reset_buckets(store) -> None:
 
 async def test_usage_ledger_adds_up(store) -> None:
     await store.add_usage(
-        [UsageDelta(key_id="k6", model="m", day="20261128", requests=1, prompt_tokens=3, completion_tokens=4)] * 3
+        [
+            UsageDelta(key_id="k6", model="m", day="20261128", requests=1, prompt_tokens=3, completion_tokens=4)
+            for _ in range(3)
+        ]
     )
     await store.add_usage([UsageDelta(key_id="k6", model="n", day="20261129", requests=1)])
     rows = await store.read_usage("k6", ["20261128", "20261129", "20261130"])
@@ -166,3 +169,78 @@ async def test_an_unsupported_store_url_names_every_scheme_that_works() -> None:
         where = "/tmp/maas-none.sock" if scheme == "unix" else "127.0.0.1:1/0"
         store = open_store(f"{scheme}://{where}" if scheme != "memory" else "memory://")
         await store.close()
+
+
+async def test_a_ledger_row_written_again_with_its_id_counts_once(store) -> None:
+    """A write whose outcome was unknown is made again with its write id: it must not count twice."""
+    row = UsageDelta(key_id="k7", model="m", day="20261128", requests=1, prompt_tokens=3, completion_tokens=4)
+    other = UsageDelta(key_id="k7", model="m", day="20261128", requests=1, prompt_tokens=5)
+    await store.add_usage([row])
+    await store.add_usage([row, other])
+    await store.add_usage([row])
+    (landed,) = await store.read_usage("k7", ["20261128"])
+    assert (landed.requests, landed.prompt_tokens, landed.completion_tokens) == (2, 8, 4)
+    assert await store.usage_key_ids("20261128") == ["k7"]
+
+
+def _reserve_op(key_id: str, cost: int) -> BucketOp:
+    return BucketOp(
+        key_id=key_id,
+        dimension="tokens",
+        limit=100,
+        window_ms=86_400_000,
+        cost=cost,
+        mode=BucketMode.RESERVE,
+        min_cost=1,
+    )
+
+
+async def _level(store, key_id: str) -> int:
+    gate = BucketOp(key_id=key_id, dimension="tokens", limit=100, window_ms=86_400_000, cost=0, mode=BucketMode.GATE)
+    ((result,),) = await store.check_buckets([[gate]])
+    return result.remaining
+
+
+async def test_a_release_gives_back_what_the_reservation_took_once(store) -> None:
+    op = _reserve_op("k8", 70)
+    taken = await store.reserve(op, "r1")
+    assert taken.allowed and taken.debited == 70 and taken.remaining == 30
+    await store.reserve(_reserve_op("k8", 10), "r2")  # another reservation of the key stays taken
+    assert await _level(store, "k8") == 20
+    await store.release(op, "r1")
+    assert await _level(store, "k8") == 90
+    await store.release(op, "r1")  # made again: its answer was lost too
+    assert await _level(store, "k8") == 90
+    again = await store.reserve(op, "r1")  # a released reservation never takes again
+    assert not again.allowed and again.debited == 0
+    assert await _level(store, "k8") == 90
+
+
+async def test_a_reservation_released_before_it_ran_takes_nothing(store) -> None:
+    """The reservation still waited in Redis's input when its release (on another connection) ran."""
+    op = _reserve_op("k9", 70)
+    await store.release(op, "r1")
+    assert await _level(store, "k9") == 100
+    late = await store.reserve(op, "r1")
+    assert not late.allowed and late.debited == 0
+    assert await _level(store, "k9") == 100
+    fresh = await store.reserve(op, "r2")
+    assert fresh.allowed and fresh.debited == 70
+
+
+async def test_a_commit_made_again_under_its_reservation_id_counts_once(store) -> None:
+    """A commit whose answer was lost is made again; released or not, the reservation's commit counts once."""
+    op = _reserve_op("k10", 50)
+    await store.reserve(op, "r1")
+    spent = BucketOp(key_id="k10", dimension="tokens", limit=100, window_ms=86_400_000, cost=-20, mode=BucketMode.FORCE)
+    await store.commit(spent, "r1")
+    await store.commit(spent, "r1")
+    assert await _level(store, "k10") == 70
+    await store.release(op, "r2")  # another reservation's answer lost: released, then served and committed in full
+    whole = BucketOp(key_id="k10", dimension="tokens", limit=100, window_ms=86_400_000, cost=30, mode=BucketMode.FORCE)
+    await store.commit(whole, "r2")
+    await store.release(op, "r2")
+    await store.commit(whole, "r2")
+    late = await store.reserve(op, "r2")
+    assert not late.allowed
+    assert await _level(store, "k10") == 40

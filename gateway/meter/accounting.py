@@ -7,11 +7,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway.contract import ledger_day
 from gateway.errors import StoreError, StoreNotSent
 from gateway.identity import Identity
+from gateway.limits import BucketOp
 from gateway.logs import RateLimitedLog
 from gateway.meter import quota
 from gateway.meter.metrics import OPERATIONS, MeterMetrics
@@ -48,24 +49,40 @@ class Exchange:
 
 
 class UsageBacklog:
-    """Ledger rows whose write certainly did not happen (no connection to Redis, a node of the cluster down, a write
-    Redis refused): kept, merged per (key, model, day), and written once the store answers again, so an outage loses
-    no usage. A write that was sent and then timed out may have landed: it is counted as a failed write and not made
-    again (a usage ledger must not count twice). A row that landed while its day's key index did not is held with
-    no counts, which adds the key to the index again (harmless if it was there)."""
+    """What the store did not take, made again once it answers, so an outage loses no usage and leaves no bucket
+    short:
+
+    - ledger rows whose write certainly did not happen (no connection to Redis, a node of the cluster down, a write
+      Redis refused): merged per (key, model, day);
+    - ledger rows whose write may have landed (sent, then timed out or the connection broke): each apart, with its
+      own write id, which the store counts once (never merged: the merged row would count again what had landed);
+    - bucket commits that certainly did not run, merged per key (under the reservation id of the first: it never
+      ran either);
+    - bucket commits that may have run, each apart with its reservation id, which the store commits once;
+    - releases of reservations whose answer was lost, each by its id (a release is idempotent).
+
+    A row that landed while its day's key index did not is held with no counts, which adds the key to the index
+    again (harmless if it was there)."""
 
     MAX_ROWS = 100_000
-    """Distinct (key, model, day) rows held at most; past it a new row is dropped and counted as a failed write."""
+    """Rows held at most (merged and apart together), and as many commits and releases; past it a new one is
+    dropped and counted as a failed write."""
     RETRY_SECONDS = 1.0
 
     def __init__(self, metrics: MeterMetrics) -> None:
         self._metrics = metrics
         self._rows: dict[tuple[str, str, str], UsageDelta] = {}
+        self._again: dict[str, UsageDelta] = {}
+        """Write id -> a row that may have landed."""
         self._debits: dict[str, tuple[Reservation, int]] = {}
-        """Key -> bucket commits that certainly did not run, merged (the latest reservation names the bucket)."""
+        """Key -> bucket commits that certainly did not run, merged."""
+        self._commits: dict[str, tuple[Reservation, int]] = {}
+        """Reservation id -> a bucket commit that may have run."""
+        self._releases: dict[str, BucketOp] = {}
+        """Reservation id -> its bucket operation."""
 
     def __len__(self) -> int:
-        return len(self._rows) + len(self._debits)
+        return len(self._rows) + len(self._again) + len(self._debits) + len(self._commits) + len(self._releases)
 
     def hold_debit(self, reservation: Reservation, delta: int) -> None:
         """Keep a bucket commit that certainly did not run, to make once the store answers: a request served while
@@ -74,10 +91,33 @@ class UsageBacklog:
         if held is None and len(self._debits) >= self.MAX_ROWS:
             self._metrics.store_errors["commit"].inc()
             return
-        self._debits[reservation.key_id] = (reservation, delta + (held[1] if held is not None else 0))
+        if held is not None:  # the latest reservation names the bucket (its limit), the first's id the commit
+            reservation, delta = replace(reservation, ident=held[0].ident), held[1] + delta
+        self._debits[reservation.key_id] = (reservation, delta)
         self._metrics.backlog.set(len(self))
 
+    def hold_commit(self, reservation: Reservation, delta: int) -> bool:
+        """Keep a bucket commit that may have run, to make again under its reservation id until the store answers;
+        False when the backlog is full (nothing held)."""
+        if reservation.ident not in self._commits and len(self._commits) >= self.MAX_ROWS:
+            return False
+        self._commits[reservation.ident] = (reservation, delta)
+        self._metrics.backlog.set(len(self))
+        return True
+
+    def hold_release(self, op: BucketOp, reservation: str) -> bool:
+        """Keep the release of a reservation whose answer was lost, to make until the store answers; False when the
+        backlog is full (nothing held)."""
+        if len(self._releases) >= self.MAX_ROWS:
+            self._metrics.store_errors["reserve"].inc()
+            return False
+        self._releases[reservation] = op
+        self._metrics.backlog.set(len(self))
+        return True
+
     def hold(self, rows: list[UsageDelta]) -> None:
+        """Keep rows certainly not counted, merged with the held row of their (key, model, day): its write id was
+        never counted either."""
         for row in rows:
             ident = (row.key_id, row.model, row.day)
             held = self._rows.get(ident)
@@ -89,25 +129,56 @@ class UsageBacklog:
                     requests=held.requests + row.requests,
                     prompt_tokens=held.prompt_tokens + row.prompt_tokens,
                     completion_tokens=held.completion_tokens + row.completion_tokens,
+                    write_id=held.write_id,
                 )
-            elif len(self._rows) < self.MAX_ROWS:
+            elif self._room():
                 self._rows[ident] = row
             else:
-                self._metrics.store_errors["ledger"].inc()
-                _warn.warning("usage ledger backlog full (%d rows): key %s's row is lost", self.MAX_ROWS, row.key_id)
+                self._full(row)
         self._metrics.backlog.set(len(self))
+
+    def hold_again(self, rows: list[UsageDelta]) -> None:
+        """Keep rows that may have been counted, each apart with its write id."""
+        for row in rows:
+            if row.write_id in self._again or self._room():
+                self._again[row.write_id] = row
+            else:
+                self._full(row)
+        self._metrics.backlog.set(len(self))
+
+    def _room(self) -> bool:
+        return len(self._rows) + len(self._again) < self.MAX_ROWS
+
+    def _full(self, row: UsageDelta) -> None:
+        self._metrics.store_errors["ledger"].inc()
+        _warn.warning("usage ledger backlog full (%d rows): key %s's row is lost", self.MAX_ROWS, row.key_id)
 
     async def flush(self, store: Store) -> bool:
         """Write what is held; True when nothing is left."""
         rows, self._rows = list(self._rows.values()), {}
+        again, self._again = list(self._again.values()), {}
         debits, self._debits = list(self._debits.values()), {}
+        commits, self._commits = list(self._commits.values()), {}
+        releases, self._releases = list(self._releases.items()), {}
         if rows:
             try:
                 await store.add_usage(rows)
             except StoreError as exc:
                 _kept(self._metrics, rows, exc, self)
+        if again:
+            try:
+                await store.add_usage(again)
+            except StoreError as exc:
+                _kept(self._metrics, again, exc, self, landed=True)
         for reservation, delta in debits:
             await _adjust(store, self._metrics, reservation, delta, self)
+        for reservation, delta in commits:
+            await _adjust(store, self._metrics, reservation, delta, self, ran=True)
+        for ident, op in releases:
+            try:
+                await store.release(op, ident)
+            except StoreError:
+                self._releases[ident] = op  # (made again: a release counts once)
         self._metrics.backlog.set(len(self))
         return not len(self)
 
@@ -170,15 +241,24 @@ async def _commit(
 
 
 async def _adjust(
-    store: Store, metrics: MeterMetrics, reservation: Reservation, delta: int, backlog: UsageBacklog | None
+    store: Store,
+    metrics: MeterMetrics,
+    reservation: Reservation,
+    delta: int,
+    backlog: UsageBacklog | None,
+    *,
+    ran: bool = False,
 ) -> None:
-    """Debit (refund) ``delta`` of the reservation's bucket; held for later when it certainly did not run (made
-    again, it would count twice if it had)."""
+    """Debit (refund) ``delta`` of the reservation's bucket; held for later when it did not run, or may have run
+    (made again under its reservation id, it counts once). ``ran``: an earlier attempt may have run, so it is never
+    merged with another."""
     try:
         await quota.adjust(store, reservation, delta)
     except StoreError as exc:
-        if isinstance(exc, StoreNotSent) and backlog is not None:
+        if backlog is not None and isinstance(exc, StoreNotSent) and not ran:
             backlog.hold_debit(reservation, delta)
+            return
+        if backlog is not None and reservation.ident and backlog.hold_commit(reservation, delta):
             return
         metrics.store_errors["commit"].inc()
         _warn.warning("token commit failed for key %s: %s", reservation.key_id, exc)
@@ -196,19 +276,29 @@ async def _ledger(store: Store, metrics: MeterMetrics, row: UsageDelta, backlog:
         _kept(metrics, [row], exc, backlog)
 
 
-def _kept(metrics: MeterMetrics, rows: list[UsageDelta], exc: StoreError, backlog: UsageBacklog | None) -> None:
-    """Hold what certainly did not land (written once the store answers), count and log what may have."""
+def _kept(
+    metrics: MeterMetrics,
+    rows: list[UsageDelta],
+    exc: StoreError,
+    backlog: UsageBacklog | None,
+    *,
+    landed: bool = False,
+) -> None:
+    """Hold what did not land (written once the store answers: what may have landed with its own write id, counted
+    once), count and log what cannot be held. ``landed``: the rows may have been counted by an earlier write, so
+    none of them may be merged, whatever this one's outcome."""
     if isinstance(exc, UsageNotWritten):
         unsent, uncertain, unindexed = exc.unsent, exc.uncertain, exc.unindexed
     elif isinstance(exc, StoreNotSent):
         unsent, uncertain, unindexed = rows, [], []
     else:
         unsent, uncertain, unindexed = [], rows, []
+    if landed:
+        unsent, uncertain = [], unsent + uncertain
     if backlog is not None:
         backlog.hold(unsent + unindexed)
-    else:
-        uncertain = uncertain + unsent
-    if uncertain or (backlog is None and unindexed):
-        metrics.store_errors["ledger"].inc()
-        keys = ", ".join(sorted({d.key_id for d in uncertain or unindexed}))
-        _warn.warning("usage ledger write failed for key %s: %s", keys[:200], exc)
+        backlog.hold_again(uncertain)
+        return
+    metrics.store_errors["ledger"].inc()
+    keys = ", ".join(sorted({d.key_id for d in unsent + uncertain or unindexed}))
+    _warn.warning("usage ledger write failed for key %s: %s", keys[:200], exc)

@@ -230,13 +230,22 @@ async def _reserve(meter: Meter, reserving: quota.Reserving, identity: ident.Ide
     except StoreError as exc:
         meter.metrics.reservations[Outcome.STORE_ERROR].inc()
         meter.metrics.store_errors["reserve"].inc()
+        released = not isinstance(exc, StoreNotSent) and _release(meter, reserving)
         if config.deny_on_store_error:
             raise StoreUnavailable(f"token quota store unavailable: {exc}") from exc
         _warn.warning("token reservation skipped, store failed: %s", exc)  # once per request while Redis is down
-        if isinstance(exc, StoreNotSent):  # certainly not taken: the commit debits the whole usage
-            return quota.untaken(identity)
-        # (a reply that timed out may have been taken: its tokens come back as the bucket refills)
+        if isinstance(exc, StoreNotSent) or released:  # not taken (or given back): the commit debits the whole usage
+            return quota.untaken(identity, reserving.sent[1] if reserving.sent is not None else "")
         return quota.unlimited(identity.key_id, outcome=Outcome.STORE_ERROR)
+
+
+def _release(meter: Meter, reserving: quota.Reserving) -> bool:
+    """Give back a reservation whose answer was lost (it may have run, or may yet): held and made until Redis
+    answers. False when there is no backlog to hold it (its tokens then come back as the bucket refills)."""
+    if meter.backlog is None or reserving.sent is None:
+        return False
+    op, reservation = reserving.sent
+    return meter.backlog.hold_release(op, reservation)
 
 
 @dataclass(slots=True)

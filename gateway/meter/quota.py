@@ -7,6 +7,8 @@ length is known, reserves ``choices x context`` instead (prompt and completion o
 goes upstream unchanged when granted in full, so the model server applies its own default (the rest of the context);
 the meter then never asks for more than the context holds. The commit debits ``actual - reserved`` in ``FORCE`` mode (a
 negative cost refunds; ``gateway.meter.accounting`` makes it); an upstream failure commits ``0 - reserved``.
+Both go under one random reservation id (the store's reservation script), so each can be made again when its answer
+is lost and counts once, and a reservation whose answer was lost can be released (``Store.release``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from gateway.identity import Identity
 from gateway.limits import BucketMode, BucketOp, BucketResult
 from gateway.meter.errors import TokensExhausted
 from gateway.store import Store
-from gateway.store.base import outcome_into, send_buckets
+from gateway.store.base import new_id, outcome_into, send_reserve
 
 log = logging.getLogger("maas.meter")
 
@@ -47,15 +49,18 @@ class Reservation:
     outcome: Outcome
     remaining: int = 0
     reset_ms: int = 0
+    ident: str = ""
+    """The reservation id its commit is made under, so a commit made again counts once ("": none was sent)."""
 
 
 def unlimited(key_id: str, *, outcome: Outcome = Outcome.UNLIMITED) -> Reservation:
     return Reservation(key_id=key_id, limit=0, window_ms=0, reserved=0, max_tokens=None, clamped=False, outcome=outcome)
 
 
-def untaken(identity: Identity) -> Reservation:
-    """The reservation of a request forwarded although its bucket operation certainly did not run (the store could
-    not be reached): nothing reserved, so the commit debits what the request served in full."""
+def untaken(identity: Identity, ident: str = "") -> Reservation:
+    """The reservation of a request forwarded although its bucket operation did not run (the store could not be
+    reached), or was released (its answer was lost): nothing reserved, so the commit debits what the request served
+    in full (under the reservation id ``ident``)."""
     if identity.token_limit is None or identity.token_window_ms is None:
         return unlimited(identity.key_id, outcome=Outcome.STORE_ERROR)
     return Reservation(
@@ -66,6 +71,7 @@ def untaken(identity: Identity) -> Reservation:
         max_tokens=None,
         clamped=False,
         outcome=Outcome.STORE_ERROR,
+        ident=ident,
     )
 
 
@@ -116,6 +122,9 @@ class Reserving:
         self._waiting: asyncio.Future[list[list[BucketResult]]] | None = None
         self._on_full_grant: Callable[[], None] | None = None
         self._min_cost = 0
+        self.sent: tuple[BucketOp, str] | None = None
+        """The bucket operation and the reservation id sent (None: the key has no token limit): what to release when
+        the answer is lost."""
         if identity.token_limit is None or identity.token_window_ms is None:
             return
         cost, self._min_cost = plan(prompt_estimate=prompt_estimate, choices=choices, wanted=wanted, context=context)
@@ -125,7 +134,8 @@ class Reserving:
         )
         self._waiting = asyncio.get_running_loop().create_future()
         self._settle = outcome_into(self._waiting)
-        send_buckets(store, [[op]], self._answered)
+        self.sent = (op, new_id())
+        send_reserve(store, op, self.sent[1], self._answered)
 
     def when_granted_in_full(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` from the store's reply callback (before ``outcome`` wakes) when the bucket grants the
@@ -208,13 +218,18 @@ class Reserving:
             outcome=Outcome.CLAMPED if clamped else Outcome.GRANTED,
             remaining=result.remaining,
             reset_ms=result.reset_ms,
+            ident=self.sent[1] if self.sent is not None else "",
         )
 
 
 async def adjust(store: Store, reservation: Reservation, delta: int) -> None:
-    """Debit ``delta`` tokens (negative: refund) from the reservation's bucket, whatever it holds."""
+    """Debit ``delta`` tokens (negative: refund) from the reservation's bucket, whatever it holds: once per
+    reservation id, however often it is made."""
     op = _token_op(reservation.key_id, reservation.limit, reservation.window_ms, delta, BucketMode.FORCE)
-    await store.check_buckets([[op]])
+    if reservation.ident:
+        await store.commit(op, reservation.ident)
+    else:
+        await store.check_buckets([[op]])
 
 
 def _token_op(key_id: str, limit: int, window_ms: int, cost: int, mode: BucketMode, min_cost: int = 0) -> BucketOp:

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, Self, TypeVar
 
 from gateway.contract import Change, ChangeEvent, RecordKind
 from gateway.errors import StoreError
 from gateway.limits import BucketOp, BucketResult
+
+RESERVATION_TTL_MS = 600_000
+"""How long a reservation's marker lives after its last operation (what it took, whether it was released or
+committed): a release made later than this after its reservation ran refunds nothing (the tokens come back as the
+bucket refills), a reservation that reaches the store later than this after its release takes its tokens again, and
+a commit made again later than this counts again."""
+LEDGER_WRITE_TTL_SECONDS = 86_400
+"""How long the marker of a ledger write that landed lives: the same write made again within it counts nothing."""
 
 BucketsDone = Callable[[list[list[BucketResult]] | None, BaseException | None], None]
 """Called once with every group's results, or with the error that failed the call (``GroupsFailed``: only some
@@ -72,9 +81,36 @@ def send_buckets(store: Store, groups: Sequence[Sequence[BucketOp]], done: Bucke
     task.add_done_callback(_checks.discard)
 
 
+def new_id() -> str:
+    """A random id for one store operation that may be made more than once (16 characters, 96 bits)."""
+    return secrets.token_urlsafe(12)
+
+
+def send_reserve(store: Store, op: BucketOp, reservation: str, done: BucketsDone) -> None:
+    """``send_buckets`` for a reservation: ``store.reserve`` of ``op`` under ``reservation``."""
+    if store.submit_reserve(op, reservation, done):
+        return
+
+    async def check() -> None:
+        try:
+            result = await store.reserve(op, reservation)
+        except asyncio.CancelledError:
+            done(None, StoreError("reservation cancelled"))
+            raise
+        except Exception as exc:  # the caller must hear about the failure, whatever it is
+            done(None, exc)
+        else:
+            done([[result]], None)
+
+    task = asyncio.get_running_loop().create_task(check(), name="reserve")
+    _checks.add(task)
+    task.add_done_callback(_checks.discard)
+
+
 @dataclass(frozen=True, slots=True)
 class UsageDelta:
-    """Add to the ledger of one key, model and day (``YYYYMMDD``, UTC)."""
+    """Add to the ledger of one key, model and day (``YYYYMMDD``, UTC). ``write_id`` makes the write idempotent:
+    the store counts a row of a given id once, however often it is written (within ``LEDGER_WRITE_TTL_SECONDS``)."""
 
     key_id: str
     model: str
@@ -82,13 +118,18 @@ class UsageDelta:
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    write_id: str = field(default_factory=new_id, compare=False)
+
+    @property
+    def counts(self) -> bool:
+        return bool(self.requests or self.prompt_tokens or self.completion_tokens)
 
 
 class UsageNotWritten(StoreError):
-    """A usage-ledger write that did not all land. ``unsent``: rows (or the counters of them) certainly not counted,
-    to write again; ``uncertain``: rows that may or may not have been counted (never written again: the ledger must
-    not count twice); ``unindexed``: rows whose key is not known to be in its day's index (adding it again is
-    harmless, and ``add_usage`` of a row with no counts does just that)."""
+    """A usage-ledger write that did not all land. ``unsent``: rows certainly not counted (they may be merged with
+    others and written again); ``uncertain``: rows that may or may not have been counted (written again only with
+    their own ``write_id``, which the store counts once); ``unindexed``: rows whose key is not known to be in its
+    day's index (adding it again is harmless, and ``add_usage`` of a row with no counts does just that)."""
 
     def __init__(
         self,
@@ -167,6 +208,28 @@ class Store(Protocol):
         ...
 
     async def reset_buckets(self, key_id: str, dimensions: Sequence[str]) -> None: ...
+
+    # the meter's reservations: a RESERVE that runs at most once and can be released
+    async def reserve(self, op: BucketOp, reservation: str) -> BucketResult:
+        """``op`` (one ``RESERVE`` of one bucket) under the id ``reservation``: what it takes is recorded for a
+        ``release``; after a release of the same id it takes nothing (it reached the store too late)."""
+        ...
+
+    def submit_reserve(self, op: BucketOp, reservation: str, done: BucketsDone) -> bool:
+        """``reserve`` without a coroutine (as ``submit_buckets``; ``done`` gets ``[[result]]``). False when nothing
+        was sent: call ``reserve`` instead."""
+        ...
+
+    async def release(self, op: BucketOp, reservation: str) -> None:
+        """Give back what the reservation ``reservation`` made with ``op`` took, once however often it is called,
+        and keep it from taking anything if it has not run yet: for a reservation whose answer was lost. Made again
+        until the store answers (it is idempotent)."""
+        ...
+
+    async def commit(self, op: BucketOp, reservation: str) -> None:
+        """``op`` (a ``FORCE``: the real usage less what was reserved) once per reservation id, however often it is
+        called: for a commit whose answer was lost."""
+        ...
 
     # usage ledger
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:

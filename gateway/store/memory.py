@@ -6,14 +6,16 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Generic, Self, TypeVar
 
 from gateway.contract import Change, ChangeEvent, RecordKind
 from gateway.errors import StoreError
-from gateway.limits import BucketOp, BucketResult, BucketState, evaluate
-from gateway.store.base import BucketsDone, UsageDelta, UsageRow
+from gateway.limits import BucketMode, BucketOp, BucketResult, BucketState, evaluate
+from gateway.store.base import LEDGER_WRITE_TTL_SECONDS, RESERVATION_TTL_MS, BucketsDone, UsageDelta, UsageRow
 
 _CLOSED = object()
+_RELEASED = -1
+"""The tokens of a reservation marker once released (a reservation takes zero or more)."""
 
 
 def _monotonic_ms() -> float:
@@ -55,6 +57,10 @@ class MemoryStore:
         self._generation = 0
         self._buckets: dict[tuple[str, str], BucketState] = {}
         self._usage: dict[tuple[str, str, str], list[int]] = {}
+        self._reservations = _Expiring[tuple[str, str, str], tuple[int | None, bool]]()
+        """(key, dimension, reservation id) -> tokens it took (None: it has not run; ``_RELEASED``), committed."""
+        self._written = _Expiring[str, int]()
+        """Ledger write ids that landed."""
         self._subscribers: set[asyncio.Queue[ChangeEvent | object]] = set()
         self.fail = False
         """Set to simulate an outage: every call raises ``StoreError``."""
@@ -134,9 +140,56 @@ class MemoryStore:
         for dimension in dimensions:
             self._buckets.pop((key_id, dimension), None)
 
+    async def reserve(self, op: BucketOp, reservation: str) -> BucketResult:
+        self._check()
+        now = self._clock_ms()
+        marker = (op.key_id, op.dimension, reservation)
+        if self._reservations.get(marker, now) is not None:
+            return BucketResult(allowed=False, limit=op.limit, remaining=0, reset_ms=0, retry_ms=0, debited=0)
+        [[result]] = self.check_now([[op]])
+        self._reservations.put(marker, (result.debited, False), now=now, ttl=RESERVATION_TTL_MS)
+        return result
+
+    def submit_reserve(self, op: BucketOp, reservation: str, done: BucketsDone) -> bool:
+        return False
+
+    async def release(self, op: BucketOp, reservation: str) -> None:
+        self._check()
+        now = self._clock_ms()
+        marker = (op.key_id, op.dimension, reservation)
+        taken, committed = self._reservations.get(marker, now) or (None, False)
+        self._reservations.put(marker, (_RELEASED, committed), now=now, ttl=RESERVATION_TTL_MS)
+        if taken is not None and taken > 0:
+            self._force(op, -taken)
+
+    async def commit(self, op: BucketOp, reservation: str) -> None:
+        self._check()
+        now = self._clock_ms()
+        marker = (op.key_id, op.dimension, reservation)
+        taken, committed = self._reservations.get(marker, now) or (None, False)
+        if not committed:
+            self._force(op, op.cost)
+            self._reservations.put(marker, (taken, True), now=now, ttl=RESERVATION_TTL_MS)
+
+    def _force(self, op: BucketOp, cost: int) -> None:
+        forced = BucketOp(
+            key_id=op.key_id,
+            dimension=op.dimension,
+            limit=op.limit,
+            window_ms=op.window_ms,
+            cost=cost,
+            mode=BucketMode.FORCE,
+        )
+        self.check_now([[forced]])
+
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
         self._check()
+        now = self._clock_ms()
         for d in deltas:
+            if d.counts:
+                if self._written.get(d.write_id, now) is not None:
+                    continue  # made again: it landed the first time
+                self._written.put(d.write_id, 1, now=now, ttl=LEDGER_WRITE_TTL_SECONDS * 1000)
             row = self._usage.setdefault((d.key_id, d.day, d.model), [0, 0, 0])
             row[0] += d.requests
             row[1] += d.prompt_tokens
@@ -154,3 +207,28 @@ class MemoryStore:
     async def usage_key_ids(self, day: str) -> list[str]:
         self._check()
         return sorted({k for (k, d, _) in self._usage if d == day})
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Expiring(Generic[K, V]):
+    """Markers that expire, as keys with a TTL in Redis: every marker of a kind lives as long, so they expire in the
+    order they were put, and the expired ones are dropped from the front as new ones come."""
+
+    def __init__(self) -> None:
+        self._items: dict[K, tuple[V, float]] = {}
+
+    def get(self, key: K, now: float) -> V | None:
+        held = self._items.get(key)
+        return held[0] if held is not None and held[1] > now else None
+
+    def put(self, key: K, value: V, *, now: float, ttl: float) -> None:
+        self._items.pop(key, None)  # to the end: the order stays the order of expiry
+        self._items[key] = (value, now + ttl)
+        while True:
+            first = next(iter(self._items.items()))
+            if first[1][1] > now:
+                return
+            del self._items[first[0]]

@@ -30,7 +30,16 @@ from gateway import contract
 from gateway.contract import Change, ChangeEvent, RecordKind
 from gateway.errors import StoreError, StoreNotSent, StoreTimeout
 from gateway.limits import BucketOp, BucketResult
-from gateway.store.base import BucketsDone, GroupsFailed, UsageDelta, UsageNotWritten, UsageRow, outcome_into
+from gateway.store.base import (
+    LEDGER_WRITE_TTL_SECONDS,
+    RESERVATION_TTL_MS,
+    BucketsDone,
+    GroupsFailed,
+    UsageDelta,
+    UsageNotWritten,
+    UsageRow,
+    outcome_into,
+)
 from gateway.store.resp import NoScript, RespPipe, bulk, command
 from gateway.store.urls import node_url, seed_urls
 
@@ -54,6 +63,10 @@ return gen
 """
 
 BUCKET_SCRIPT = resources.files("gateway.store").joinpath("buckets.lua").read_text()
+RESERVE_SCRIPT = (
+    resources.files("gateway.store").joinpath("reserve.lua").read_text().replace("--BUCKETS--", BUCKET_SCRIPT)
+)
+LEDGER_SCRIPT = resources.files("gateway.store").joinpath("ledger.lua").read_text()
 
 _COUNTS = tuple(b"%d" % i for i in range(16))
 APPLY_CHUNK = 500
@@ -209,6 +222,8 @@ class RedisStore:
             self._client = aioredis.Redis.from_url(self._url, max_connections=max_connections, **common)
         self._apply = _Script(APPLY_SCRIPT)
         self._buckets = _Script(BUCKET_SCRIPT)
+        self._reserve = _Script(RESERVE_SCRIPT)
+        self._ledger = _Script(LEDGER_SCRIPT)
         self._pipe: RespPipe | None = None
         if not self.cluster and self._url.startswith(("redis://", "rediss://", "unix://")):
             params = parse_url(self._url)
@@ -449,6 +464,67 @@ class RedisStore:
     def shard_of(self, key_id: str) -> str:
         return self._node_of(contract.bucket_key(key_id, "").encode()) if self.cluster else ""
 
+    async def reserve(self, op: BucketOp, reservation: str) -> BucketResult:
+        [[result]] = _results([[op]], await self._reservation(op, reservation, b"reserve"))
+        return result
+
+    def submit_reserve(self, op: BucketOp, reservation: str, done: BucketsDone) -> bool:
+        """``reserve`` on the connected RESP pipe, as ``submit_buckets``."""
+        pipe = self._pipe
+        if pipe is None or pipe.current is None:
+            return False
+        keys, args = _reservation_call(op, reservation, b"reserve")
+
+        def reply(flat: Any, error: StoreError | None) -> None:
+            if isinstance(error, NoScript):  # not run: the slow path loads the script and makes it
+                task = asyncio.get_running_loop().create_task(self._reserve_slowly(op, reservation, done))
+                self._fallbacks.add(task)
+                task.add_done_callback(self._fallbacks.discard)
+                return
+            if error is None:
+                try:
+                    results = _results([[op]], flat)
+                except StoreError as exc:
+                    error = exc
+                else:
+                    done(results, None)
+                    return
+            done(None, error)
+
+        payload = command(b"EVALSHA", self._reserve.sha.encode(), b"2", *keys, *args)
+        return pipe.send(payload, [reply], "reserve")
+
+    async def _reserve_slowly(self, op: BucketOp, reservation: str, done: BucketsDone) -> None:
+        try:
+            result = await self.reserve(op, reservation)
+        except StoreError as exc:
+            done(None, exc)
+        else:
+            done([[result]], None)
+
+    async def release(self, op: BucketOp, reservation: str) -> None:
+        await self._reservation(op, reservation, b"release")
+
+    async def commit(self, op: BucketOp, reservation: str) -> None:
+        await self._reservation(op, reservation, b"commit")
+
+    async def _reservation(self, op: BucketOp, reservation: str, action: bytes) -> Any:
+        """The reservation script, on the RESP pipe when there is one (a commit per metered request)."""
+        keys, args = _reservation_call(op, reservation, action)
+        what, pipe = action.decode(), self._pipe
+        if pipe is None:
+            return await self._call(what, lambda: self._evalsha(self._reserve, keys, args))
+        payload = command(b"EVALSHA", self._reserve.sha.encode(), b"2", *keys, *args)
+
+        async def run() -> Any:
+            try:
+                return await pipe.call(payload, what)
+            except NoScript:
+                await self._client.script_load(self._reserve.source)
+                return await pipe.call(payload, what)
+
+        return await self._call(what, run)
+
     async def reset_buckets(self, key_id: str, dimensions: Sequence[str]) -> None:
         names = [contract.bucket_key(key_id, d) for d in dimensions]
         if names:
@@ -456,35 +532,43 @@ class RedisStore:
 
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
         """Each row's counters and each day's index entry land or fail on their own (in a cluster the index sits on
-        another node than the rows): what did not land is raised as ``UsageNotWritten``."""
+        another node than the rows): what did not land is raised as ``UsageNotWritten``. A row is counted once per
+        ``write_id`` (the ledger script), so one whose outcome was unknown can be written again."""
         if not deltas:
             return
-        write = _UsageWrite(deltas)
-        if self._pipe is not None:
-            outcomes = await self._each_resp(self._pipe, write.commands)
-        else:
-            outcomes = await self._each_redispy(write.commands)
+        write = _UsageWrite(deltas, self._ledger)
+        outcomes = await self._each(write.commands)
+        again = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, NoScript)]
+        if again:  # Redis lost the script (restarted or flushed): those rows did not run; sent with its source
+            for i, outcome in zip(again, await self._each([write.with_source(i) for i in again]), strict=True):
+                outcomes[i] = outcome
         write.check(outcomes)
 
-    async def _each_resp(self, pipe: RespPipe, commands: Sequence[tuple[bytes, ...]]) -> list[StoreError | None]:
-        payload = b"".join(command(*parts) for parts in commands)
+    async def _each(self, commands: Sequence[_Command]) -> list[StoreError | None]:
+        if self._pipe is not None:
+            return await self._each_resp(self._pipe, commands)
+        return await self._each_redispy(commands)
+
+    async def _each_resp(self, pipe: RespPipe, commands: Sequence[_Command]) -> list[StoreError | None]:
+        payload = b"".join(command(*parts) for _, parts in commands)
         try:
             return [error for _, error in await pipe.call_each(payload, len(commands), "usage")]
         except StoreError as exc:  # nothing was sent
             return [exc] * len(commands)
 
-    async def _each_redispy(self, commands: Sequence[tuple[bytes, ...]]) -> list[StoreError | None]:
+    async def _each_redispy(self, commands: Sequence[_Command]) -> list[StoreError | None]:
         """One pipeline per node (by the cluster client's slot map), so a node that fails fails only its commands."""
         by_node: dict[str, list[int]] = {}
-        for i, parts in enumerate(commands):
-            by_node.setdefault(self._node_of(parts[1]), []).append(i)
+        for i, (key, _) in enumerate(commands):
+            by_node.setdefault(self._node_of(key), []).append(i)
         outcomes: list[StoreError | None] = [None] * len(commands)
 
         async def run(indexes: list[int]) -> None:
             async def send() -> list[Any]:
                 pipe = self._client.pipeline(transaction=False)
                 for i in indexes:
-                    pipe.execute_command(commands[i][0].decode(), *commands[i][1:])
+                    parts = commands[i][1]
+                    pipe.execute_command(parts[0].decode(), *parts[1:])
                 result: list[Any] = await pipe.execute(raise_on_error=False)
                 return result
 
@@ -555,6 +639,8 @@ def _store_error(what: str, exc: BaseException, *, seeds: str = "") -> StoreErro
     without running twice), else ``StoreError`` (a timeout or a connection lost after sending: it may have run).
     A cluster no seed of which answered is named by its ``seeds``: redis-py's message names the last one only."""
     text = f"redis {what} failed: {type(exc).__name__}: {exc}"
+    if isinstance(exc, rexc.NoScriptError):
+        return NoScript(text)
     if seeds and isinstance(exc, rexc.RedisClusterUnreachableError):
         text += f" (seeds: {seeds})"
     return StoreNotSent(text) if _not_run(exc) else StoreError(text)
@@ -593,56 +679,74 @@ def tls_context(params: Mapping[str, Any]) -> ssl.SSLContext:
     return context
 
 
+_Command = tuple[bytes, tuple[bytes, ...]]
+"""A command of a ledger write: the key that places it (the node of its slot, in a cluster) and its parts."""
+
+
 class _UsageWrite:
-    """A ledger write as commands: per row, HINCRBY per non-zero counter and a TTL; per day, the key index (SADD) and
-    its TTL. ``check`` turns the commands' outcomes into what did not land."""
+    """A ledger write as commands: per row with counts, the ledger script (counting it once per write id); per day,
+    the key index (SADD) and its TTL. ``check`` turns the commands' outcomes into what did not land."""
 
     COUNTERS = ((b"requests", "requests"), (b"prompt", "prompt_tokens"), (b"completion", "completion_tokens"))
 
-    def __init__(self, deltas: Sequence[UsageDelta]) -> None:
+    def __init__(self, deltas: Sequence[UsageDelta], script: _Script) -> None:
         ttl = b"%d" % USAGE_TTL_SECONDS
         self.deltas = deltas
-        self.commands: list[tuple[bytes, ...]] = []
-        self.counters: list[list[tuple[str, int]]] = []
-        """Per row: (field name, command index) of each counter sent."""
+        self._script = script
+        self.commands: list[_Command] = []
+        self.rows: list[int | None] = []
+        """Per row: the index of its script call (None for a row with no counts, only indexed)."""
         for d in deltas:
+            if not d.counts:
+                self.rows.append(None)
+                continue
             name = contract.ledger_key(d.key_id, d.day).encode()
+            marker = contract.ledger_write_key(d.key_id, d.write_id).encode()
             model = d.model.encode()
-            sent = []
+            args = [b"%d" % LEDGER_WRITE_TTL_SECONDS, ttl]
             for field, attr in self.COUNTERS:
                 value = getattr(d, attr)
                 if value:
-                    sent.append((attr, len(self.commands)))
-                    self.commands.append((b"HINCRBY", name, model + b"|" + field, b"%d" % value))
-            self.counters.append(sent)
-            self.commands.append((b"EXPIRE", name, ttl))
+                    args += [model + b"|" + field, b"%d" % value]
+            self.rows.append(len(self.commands))
+            self.commands.append((name, (b"EVALSHA", script.sha.encode(), b"2", name, marker, *args)))
         self.index: dict[str, int] = {}
         """Day -> the index of its SADD."""
         for day, key_ids in _by_day(deltas).items():
             index = contract.ledger_index_key(day).encode()
             self.index[day] = len(self.commands)
-            self.commands.append((b"SADD", index, *(k.encode() for k in key_ids)))
-            self.commands.append((b"EXPIRE", index, ttl))
+            self.commands.append((index, (b"SADD", index, *(k.encode() for k in key_ids))))
+            self.commands.append((index, (b"EXPIRE", index, ttl)))
+
+    def with_source(self, i: int) -> _Command:
+        """Command ``i`` (a script call) with the script's source, for a Redis that does not have it."""
+        key, parts = self.commands[i]
+        return key, (b"EVAL", self._script.source.encode(), *parts[2:])
 
     def check(self, outcomes: Sequence[StoreError | None]) -> None:
-        unsent: list[UsageDelta] = []
-        uncertain: list[UsageDelta] = []
         errors = [e for e in outcomes if e is not None]
         if not errors:
             return
-        for d, sent in zip(self.deltas, self.counters, strict=True):
-            failed = {attr: outcomes[i] for attr, i in sent if outcomes[i] is not None}
-            not_run = [attr for attr, error in failed.items() if isinstance(error, StoreNotSent)]
-            if not_run:  # only those counters: the others of the row were counted
-                kept: dict[str, int] = {attr: getattr(d, attr) for attr in not_run}
-                unsent.append(UsageDelta(key_id=d.key_id, model=d.model, day=d.day, **kept))
-            if len(not_run) < len(failed):
+        unsent: list[UsageDelta] = []
+        uncertain: list[UsageDelta] = []
+        for d, i in zip(self.deltas, self.rows, strict=True):
+            error = None if i is None else outcomes[i]
+            if isinstance(error, StoreNotSent):
+                unsent.append(d)
+            elif error is not None:
                 uncertain.append(d)
         unindexed = [d for d in self.deltas if outcomes[self.index[d.day]] is not None]
         if unsent or uncertain or unindexed:
             raise UsageNotWritten(
                 f"usage ledger write incomplete: {errors[0]}", unsent=unsent, uncertain=uncertain, unindexed=unindexed
             )
+
+
+def _reservation_call(op: BucketOp, reservation: str, action: bytes) -> tuple[list[bytes], list[bytes]]:
+    """The keys and arguments of the reservation script for ``op`` under ``reservation``."""
+    marker = contract.reservation_key(op.key_id, op.dimension, reservation).encode()
+    args = [b"%d" % op.limit, b"%d" % op.window_ms, b"%d" % op.cost, b"%d" % op.min_cost, b"%d" % RESERVATION_TTL_MS]
+    return [op.wire[0], marker], [*args, action]
 
 
 def _by_day(deltas: Sequence[UsageDelta]) -> dict[str, list[str]]:
