@@ -369,3 +369,47 @@ async def test_a_ledger_write_redis_refuses_for_memory_is_held() -> None:
             assert (landed.requests, landed.prompt_tokens) == (1, 3)
         finally:
             await store.close()
+
+
+async def test_a_row_whose_answer_was_lost_is_made_again_within_its_markers_life_then_dropped() -> None:
+    """A row whose answer was lost is made again under its write id while its marker lives in Redis (counted once
+    however often it is sent); held past that, made again it could count twice, so it is dropped and counted."""
+    with redis_server() as server:
+        store = RedisStore(server.url, timeout=0.25)
+        metrics = MeterMetrics(max_keys=10)
+        backlog = UsageBacklog(metrics)
+        row = UsageDelta(key_id="k1", model="m", day="20250101", requests=1, prompt_tokens=3)
+        failed = {"operation": "ledger"}
+        try:
+            warm = UsageDelta(key_id="k0", model="m", day="20250101", requests=1)
+            await store.add_usage([warm])  # connected, the ledger script loaded
+            os.kill(server.proc.popen.pid, signal.SIGSTOP)
+            try:
+                await accounting._ledger(store, metrics, row, backlog)  # sent, its answer lost
+                assert row.write_id in backlog._again  # apart, with its write id (and the day's index, held too)
+                assert not await backlog.flush(store)  # made again, lost again: still held
+                assert row.write_id in backlog._again
+                backlog.UNCERTAIN_RETRY_SECONDS = 0.0
+                await backlog.flush(store)  # too late to make again: dropped, counted
+                assert row.write_id not in backlog._again
+                assert metrics.registry.get_sample_value("maas_meter_store_errors_total", failed) == 1
+            finally:
+                os.kill(server.proc.popen.pid, signal.SIGCONT)
+            assert await backlog.flush(store)  # the day's index, written
+            # the sends that waited in Redis's input ran when it woke up: the row counts once
+            (landed,) = await asyncio.wait_for(_read_when_landed(store), 5)
+            assert (landed.requests, landed.prompt_tokens) == (1, 3)
+            assert await store.usage_key_ids("20250101") == ["k0", "k1"]
+        finally:
+            await store.close()
+
+
+async def _read_when_landed(store: RedisStore) -> list[Any]:
+    while True:
+        try:
+            rows = await store.read_usage("k1", ["20250101"])
+        except StoreError:
+            rows = []
+        if rows:
+            return list(rows)
+        await asyncio.sleep(0.05)

@@ -64,6 +64,11 @@ class UsageBacklog:
     A row that landed while its day's key index did not is held with no counts, which adds the key to the index
     again (harmless if it was there)."""
 
+    UNCERTAIN_RETRY_SECONDS = 540.0
+    """How long what may have landed is made again (its answer was lost): a minute within the life of its marker in
+    Redis (``LEDGER_WRITE_TTL_SECONDS``, ``RESERVATION_TTL_MS``), past which a write that had landed would count
+    again. Then it is dropped, counted as a failed write and logged: after a lost answer the write most likely ran
+    (Redis paused, a connection cut after it answered), so dropping it undercharges at worst."""
     MAX_ROWS = 100_000
     """Rows held at most (merged and apart together), and as many commits and releases; past it a new one is
     dropped and counted as a failed write."""
@@ -80,6 +85,8 @@ class UsageBacklog:
         """Reservation id -> a bucket commit that may have run."""
         self._releases: dict[str, BucketOp] = {}
         """Reservation id -> its bucket operation."""
+        self._since: dict[str, float] = {}
+        """Write or reservation id -> when what may have landed under it was first held (monotonic seconds)."""
 
     def __len__(self) -> int:
         return len(self._rows) + len(self._again) + len(self._debits) + len(self._commits) + len(self._releases)
@@ -102,6 +109,7 @@ class UsageBacklog:
         if reservation.ident not in self._commits and len(self._commits) >= self.MAX_ROWS:
             return False
         self._commits[reservation.ident] = (reservation, delta)
+        self._since.setdefault(reservation.ident, time.monotonic())
         self._metrics.backlog.set(len(self))
         return True
 
@@ -112,6 +120,7 @@ class UsageBacklog:
             self._metrics.store_errors["reserve"].inc()
             return False
         self._releases[reservation] = op
+        self._since.setdefault(reservation, time.monotonic())
         self._metrics.backlog.set(len(self))
         return True
 
@@ -142,6 +151,7 @@ class UsageBacklog:
         for row in rows:
             if row.write_id in self._again or self._room():
                 self._again[row.write_id] = row
+                self._since.setdefault(row.write_id, time.monotonic())
             else:
                 self._full(row)
         self._metrics.backlog.set(len(self))
@@ -155,6 +165,7 @@ class UsageBacklog:
 
     async def flush(self, store: Store) -> bool:
         """Write what is held; True when nothing is left."""
+        self._expire()
         rows, self._rows = list(self._rows.values()), {}
         again, self._again = list(self._again.values()), {}
         debits, self._debits = list(self._debits.values()), {}
@@ -179,8 +190,33 @@ class UsageBacklog:
                 await store.release(op, ident)
             except StoreError:
                 self._releases[ident] = op  # (made again: a release counts once)
+        self._since = {
+            ident: since
+            for ident, since in self._since.items()
+            if ident in self._again or ident in self._commits or ident in self._releases
+        }
         self._metrics.backlog.set(len(self))
         return not len(self)
+
+    def _expire(self) -> None:
+        """Drop what may have landed and has been held past ``UNCERTAIN_RETRY_SECONDS``: made again now, it could
+        count twice."""
+        if not self._since:
+            return
+        oldest = time.monotonic() - self.UNCERTAIN_RETRY_SECONDS
+        for ident in [i for i, since in self._since.items() if since < oldest]:
+            del self._since[ident]
+            row = self._again.pop(ident, None)
+            if row is not None:
+                self._metrics.store_errors["ledger"].inc()
+                _warn.warning("usage row of key %s whose answer was lost is not made again: too late", row.key_id)
+            commit = self._commits.pop(ident, None)
+            if commit is not None:
+                self._metrics.store_errors["commit"].inc()
+                key_id = commit[0].key_id
+                _warn.warning("token commit of key %s whose answer was lost is not made again: too late", key_id)
+            if self._releases.pop(ident, None) is not None:
+                self._metrics.store_errors["reserve"].inc()  # its tokens come back as the bucket refills
 
     async def run(self, store: Store) -> None:
         """Write the backlog whenever it holds rows, for as long as the meter runs."""

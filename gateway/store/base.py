@@ -18,8 +18,11 @@ RESERVATION_TTL_MS = 600_000
 committed): a release made later than this after its reservation ran refunds nothing (the tokens come back as the
 bucket refills), a reservation that reaches the store later than this after its release takes its tokens again, and
 a commit made again later than this counts again."""
-LEDGER_WRITE_TTL_SECONDS = 86_400
-"""How long the marker of a ledger write that landed lives: the same write made again within it counts nothing."""
+LEDGER_WRITE_TTL_SECONDS = 600
+"""How long the marker of a ledger write that landed lives: the same write made again within it counts nothing.
+Ten minutes, as a reservation's: every metered request leaves one (~150 bytes in Redis), so it is what a write whose
+answer was lost can be made again in (``gateway.meter.accounting.UNCERTAIN_RETRY_SECONDS``), kept short enough for
+Redis's memory (~90 MB at a sustained 1,000 requests/s)."""
 
 BucketsDone = Callable[[list[list[BucketResult]] | None, BaseException | None], None]
 """Called once with every group's results, or with the error that failed the call (``GroupsFailed``: only some
