@@ -145,3 +145,11 @@ def test_controlplane_failure_counters_exist_at_zero_from_the_start() -> None:
         assert f'maas_controlplane_warning_events_total{{result="{result}"}} 0.0' in text
     for reason in ("timeout", "gone", "error", "not_found"):
         assert f'maas_controlplane_watch_restarts_total{{kind="Secret",reason="{reason}"}} 0.0' in text
+
+
+def test_the_meters_alerted_refusals_exist_at_zero_from_the_start() -> None:
+    """``increase(maas_meter_rejected_total{reason="stale_identity"}[5m])``: the series appeared with the first
+    refusal, so the alert never saw that one."""
+    text = generate_latest(MeterMetrics(max_keys=10).registry).decode()
+    for reason in ("stale_identity", "upstream_busy", "store_unavailable"):
+        assert f'maas_meter_rejected_total{{reason="{reason}"}} 0.0' in text

@@ -94,6 +94,11 @@ class ModelChildren:
         return child
 
 
+ALERTED_REJECTIONS = ("missing_identity", "invalid_identity", "stale_identity", "store_unavailable", "upstream_busy")
+"""Refusals shown at zero from the start: the alerts (deploy/base/alerts.yaml) watch their increase, which a series
+that appears only with its first increment never shows for that one."""
+
+
 class MeterMetrics:
     def __init__(self, *, max_keys: int, max_models: int = 64, clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = r = CollectorRegistry()
@@ -132,6 +137,8 @@ class MeterMetrics:
         rejected = Counter("maas_meter_rejected", "Requests refused before forwarding", ["reason"], registry=r)
         self._rejected = rejected
         self.rejected_children: dict[str, Counter] = {}
+        for code in ALERTED_REJECTIONS:
+            self.rejected(code)
         self.disconnects = Counter("maas_meter_client_disconnects", "Streams the client left early", registry=r)
         self.client_connections = Gauge(
             "maas_meter_client_connections", "Client connections open on the proxy port", registry=r
