@@ -33,6 +33,13 @@ from gateway.store import Store, open_store
 
 log = logging.getLogger("maas.controlplane")
 
+PORT_STOP_SECONDS = 3.0
+"""How long stopping each HTTP port may take."""
+REQUEST_GRACE_SECONDS = 1.0
+"""How long a request in flight may go on once the process stops, before it is cancelled: a third of
+``PORT_STOP_SECONDS``, so that what a cancelled request undoes (a rotation's new key withdrawn) has the rest. aiohttp's
+own default (60 s) outlasted the port's stop: the requests were never cancelled, just dropped with the process."""
+
 
 def streams(settings: ControlPlaneSettings) -> list[Stream]:
     namespaces: tuple[str | None, ...] = settings.namespace_list or (None,)
@@ -148,7 +155,7 @@ class ControlPlane:
         )
 
     async def _serve(self, app: web.Application, port: int) -> int:
-        runner = ApiRunner(app, access_log=None, handle_signals=False)
+        runner = ApiRunner(app, access_log=None, handle_signals=False, shutdown_timeout=REQUEST_GRACE_SECONDS)
         await runner.setup()
         site = web.TCPSite(runner, self.settings.host, port)
         await site.start()
@@ -186,7 +193,7 @@ class ControlPlane:
             log.warning("releasing the lease timed out; it expires on its own")
         for runner in self._runners:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(3.0):
+                async with asyncio.timeout(PORT_STOP_SECONDS):
                     await runner.cleanup()
         self._runners.clear()
         if self.source is not None:

@@ -5,12 +5,16 @@ after a pause, on top of the other writer's change; an object another writer cre
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
@@ -19,9 +23,10 @@ from controlplane.admin.context import CONFLICT_WAIT, WRITE_ATTEMPTS, retry_conf
 from controlplane.admin.errors import Conflict, SourceUnavailable
 from controlplane.admin.keysecret import secret_name
 from controlplane.errors import ConflictError, SourceError
+from controlplane.runner import ControlPlane
 from gateway.contract import digest_key, key_id_of
 from tests.support.admin_api import PEPPER, SEED, TOKEN_FILE, Api, running
-from tests.support.k8s_emulator import K8sEmulator, load_manifests
+from tests.support.k8s_emulator import K8sEmulator, eventually, load_manifests
 from tests.test_controlplane_kube import settings_for
 
 pytestmark = pytest.mark.redis
@@ -41,7 +46,7 @@ def seeded(emulator: K8sEmulator) -> K8sEmulator:
 
 
 @pytest.fixture
-async def api(seeded: K8sEmulator, tmp_path: Path, redis_url: str) -> AsyncIterator[Api]:
+async def served(seeded: K8sEmulator, tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[ControlPlane, Api]]:
     tokens = tmp_path / "tokens"
     tokens.write_text(TOKEN_FILE)
     settings = settings_for(
@@ -53,8 +58,13 @@ async def api(seeded: K8sEmulator, tmp_path: Path, redis_url: str) -> AsyncItera
         admin_write_timeout=5.0,
         key_pepper=PEPPER.decode(),
     )
-    async with running(settings) as (_, client):
-        yield client
+    async with running(settings) as served:
+        yield served
+
+
+@pytest.fixture
+def api(served: tuple[ControlPlane, Api]) -> Api:
+    return served[1]
 
 
 def configmap(emulator: K8sEmulator, name: str) -> dict[str, Any] | None:
@@ -368,6 +378,37 @@ async def test_a_rotation_of_a_key_revoked_meanwhile_deletes_the_new_keys_secret
     code, error = await api.call("POST", f"/admin/v1/keys/{key['key_id']}/rotate", json={"grace_period": "1h"})
     assert (code, error["error"]["code"]) == (409, "key_revoked"), error
     assert managed_secrets(seeded) == {name}
+
+
+async def test_a_rotation_cut_by_a_shutdown_deletes_the_new_keys_secret_before_the_process_ends(
+    served: tuple[ControlPlane, Api], seeded: K8sEmulator
+) -> None:
+    """The control plane stopped while a rotation waited on the old key's write, after the new key's Secret was
+    created: the rotation was dropped (aiohttp waited 60 s for it, the process 3 s), and the new Secret stayed, an
+    active key whose plaintext no one was given."""
+    plane, api = served
+    code, key = await api.call("POST", "/admin/v1/keys", json={"user": "dana"})
+    assert code == 201, key
+    name = secret_name(key["key_id"])
+    arrived, done = threading.Event(), threading.Event()
+
+    async def hang() -> None:  # the API server does not answer the old key's write until the test ends
+        arrived.set()
+        await asyncio.to_thread(done.wait, 60)
+
+    seeded.intercept("update secrets", hang, name=name)
+    rotation = asyncio.create_task(api.call("POST", f"/admin/v1/keys/{key['key_id']}/rotate"))
+    try:
+        await eventually(arrived.is_set)
+        (new,) = managed_secrets(seeded) - {name}
+        await plane.stop()
+        with contextlib.suppress(aiohttp.ClientError):
+            await rotation  # (the connection is closed: no answer)
+    finally:
+        done.set()
+    assert managed_secrets(seeded) == {name}
+    assert seeded.requests["delete secrets"] == 1
+    assert new not in managed_secrets(seeded)
 
 
 @pytest.mark.parametrize(

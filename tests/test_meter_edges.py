@@ -507,6 +507,109 @@ async def test_a_request_past_the_upstream_queue_gets_503_at_once_and_its_reserv
     assert busy_rows == [] and not busy_bucket  # reserved, then refunded in full: nothing stored
 
 
+class HeldUpstream:
+    """An upstream whose ``/hold`` answers one chunk, then one every 0.1 s until ``release`` is set; ``/stall`` goes
+    silent after its first chunk; ``/broken`` drops the connection unanswered; ``/v1/models`` answers at once. All of
+    them end when ``stop`` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.stop = asyncio.Event()
+        self.app = web.Application()
+        self.app.router.add_get("/hold", self.hold)
+        self.app.router.add_get("/stall", self.stall)
+        self.app.router.add_get("/broken", self.broken)
+        self.app.router.add_get("/v1/models", self.models)
+
+    async def hold(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"chunk\n")
+        while not (self.release.is_set() or self.stop.is_set()):
+            await asyncio.sleep(0.1)
+            await response.write(b"chunk\n")
+        await response.write_eof()
+        return response
+
+    async def stall(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"chunk\n")
+        await self.stop.wait()
+        return response
+
+    async def broken(self, request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.close()
+        await self.stop.wait()
+        raise AssertionError("unreachable")
+
+    async def models(self, _: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": []})
+
+
+async def test_passthrough_requests_past_the_upstream_queue_get_503_at_once_and_every_end_gives_back_their_place(
+    redis_url: str,
+) -> None:
+    """Passthrough requests waited on aiohttp's pool, bounded only in time: with every connection taken by a long
+    answer, any number of ``GET /v1/models`` waited out --upstream-first-byte-timeout. Now as many as
+    --upstream-max-connections are in flight and --upstream-max-queue wait; one more is refused at once. Whichever way
+    a request ends, its place comes free: with one place, a request after each end is served (a leaked place would
+    make it wait out the first-byte timeout and answer 504)."""
+    held = HeldUpstream()
+    runner, upstream = await serve(held.app)
+    meter = {"upstream_max_connections": 1, "upstream_max_queue": 1, "upstream_first_byte_timeout": 10}
+    try:
+        async with (
+            running_stack(redis_url, upstream=upstream, upstream_idle_timeout=1.0, **meter) as stack,
+            aiohttp.ClientSession() as session,
+        ):
+
+            async def get(path: str) -> tuple[int, bytes]:
+                async with aiohttp.ClientSession() as own, own.get(stack.meter_url + path) as resp:
+                    with contextlib.suppress(aiohttp.ClientPayloadError):  # an answer cut short
+                        return resp.status, await resp.read()
+                    return resp.status, b""
+
+            holding = await session.get(stack.meter_url + "/hold")
+            await holding.content.readline()  # the only place in flight is taken
+            queued = asyncio.create_task(get("/v1/models"))
+            await eventually(lambda: stack.meter.upstream.waiting() == 1)  # the queue's only place is taken
+            waiting = await stack.metrics()
+            async with session.get(stack.meter_url + "/v1/models") as refused:
+                status, retry_after, body = refused.status, refused.headers.get("retry-after"), await refused.json()
+            held.release.set()
+            relayed = await holding.read()  # the answer relayed to its end: its place goes to the one that waits
+            served = await queued
+            held.release = asyncio.Event()
+
+            gone = await session.get(stack.meter_url + "/hold")
+            await gone.content.readline()
+            cut = asyncio.create_task(get("/v1/models"))  # waits in the queue, then its client leaves
+            await eventually(lambda: stack.meter.upstream.waiting() == 1)
+            cut.cancel()
+            await eventually(lambda: stack.meter.upstream.waiting() == 0)
+            gone.close()  # the client leaves mid-answer
+            after_gone = await get("/v1/models")
+            broken = await get("/broken")
+            after_broken = await get("/v1/models")
+            stalled = await get("/stall")  # cut by the idle timeout mid-answer
+            after_stall = await get("/v1/models")
+            metrics = await stack.metrics()
+    finally:
+        held.stop.set()
+        await runner.cleanup()
+    assert (status, body["error"]["code"], body["error"]["type"]) == (503, "upstream_busy", "server_error")
+    assert retry_after == "1" and "--upstream-max-queue" in body["error"]["message"]
+    assert relayed.count(b"chunk") >= 1 and served[0] == 200
+    assert waiting[("maas_meter_upstream_queued_requests", ())] == 1
+    assert metrics[("maas_meter_upstream_queued_requests", ())] == 0
+    assert metrics[("maas_meter_rejected_total", (("reason", "upstream_busy"),))] == 1
+    assert broken[0] == 502 and stalled[0] == 200  # (the head was relayed; the body ends cut short)
+    assert metrics[("maas_meter_upstream_errors_total", (("reason", "idle_timeout"),))] == 1
+    assert (after_gone[0], after_broken[0], after_stall[0]) == (200, 200, 200)
+
+
 async def usageless_upstream(request: web.Request) -> web.StreamResponse:
     """An OpenAI-compatible server that ignores ``stream_options`` and reports no usage."""
     if not (await request.json()).get("stream"):

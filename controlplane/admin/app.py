@@ -3,6 +3,7 @@ middleware that authenticates admin calls and answers every error in the OpenAI 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -69,6 +70,15 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(document())
 
 
+async def finish_undoing(app: web.Application) -> None:
+    """On shutdown, after the requests in flight were cancelled: wait for the undos they started (within the
+    runner's own bound), so a cancelled rotation leaves no key behind whose plaintext no one was given."""
+    pending = set(app[ADMIN].undoing)
+    if pending:
+        log.info("waiting for %d undo(s) of cancelled admin changes", len(pending))
+        await asyncio.wait(pending)
+
+
 def main_app(parts: Parts, ctx: AdminContext) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY_BYTES)
     app[PARTS] = parts
@@ -80,4 +90,5 @@ def main_app(parts: Parts, ctx: AdminContext) -> web.Application:
     tiers.add_routes(app)
     usage.add_routes(app)
     selfservice.add_routes(app)
+    app.on_cleanup.append(finish_undoing)
     return app

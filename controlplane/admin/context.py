@@ -85,6 +85,9 @@ class AdminContext:
     """Key ids of the active keys that take a limit's window from their tier and would find none were this tier
     written (the sync path's view of the Secrets)."""
     locks: Locks = field(default_factory=Locks)
+    undoing: set[asyncio.Future[None]] = field(default_factory=set)
+    """Undos of half-done changes whose request was cancelled, still running: the server waits for them when it
+    stops (``finish_undoing``)."""
 
 
 ADMIN = web.AppKey("admin", AdminContext)

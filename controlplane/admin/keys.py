@@ -2,17 +2,18 @@
 
 Every write goes to the key's Secret through the source and then waits, up to ``--admin-write-timeout``, until the
 record the sync path derives from it is in Redis (read-your-writes); the response says ``synced: false`` if not.
-A new key's Secret is only ever created, never written over; a rotation that fails after creating it deletes it
-again, so no active key is left whose plaintext no one was given.
+A new key's Secret is only ever created, never written over; a rotation that fails after creating it, or is cancelled
+(the server shuts down), deletes it again, so no active key is left whose plaintext no one was given.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -102,17 +103,31 @@ class NewKey:
     written: Written
 
 
+@dataclass(frozen=True, slots=True)
+class Drawn:
+    """A new key whose Secret is created, not yet known to be synced to Redis."""
+
+    plaintext: str
+    key_id: str
+    expected: KeyRecord
+    secret: Obj
+    """As created: its resourceVersion makes a delete of it conditional."""
+
+
 async def write_secret(ctx: AdminContext, obj: Obj, *, no_window: str = "give limits.window") -> Written:
     """Apply the Secret; wait until Redis holds the record derived from it. ``no_window`` says what to do about a
     limit that has no window of its own and none from its tier."""
     expected = _expected(ctx, obj, no_window)
+    return await _synced(ctx, expected, await _apply(ctx, obj))
+
+
+async def _apply(ctx: AdminContext, obj: Obj) -> Obj:
     try:
-        stored = await ctx.source.apply(obj)
+        return await ctx.source.apply(obj)
     except ConflictError:
         raise  # the caller reads the object again and redoes its change
     except SourceError as exc:
         raise source_failed(exc) from exc
-    return await _synced(ctx, expected, stored)
 
 
 def _expected(ctx: AdminContext, obj: Obj, no_window: str) -> KeyRecord:
@@ -144,17 +159,28 @@ async def _synced(ctx: AdminContext, expected: KeyRecord, stored: Obj) -> Writte
 async def issue(
     ctx: AdminContext, annotations: Mapping[str, str | None], *, no_window: str = "give limits.window"
 ) -> NewKey:
+    """Draw a key, create its Secret and wait until Redis holds its record."""
+    return await synced_key(ctx, await draw(ctx, annotations, no_window=no_window))
+
+
+async def draw(ctx: AdminContext, annotations: Mapping[str, str | None], *, no_window: str) -> Drawn:
     """Draw a key and create its Secret. The Secret is only ever created, never written over: should one of its
     name exist (another key with the same key id, a 64-bit digest prefix), another key is drawn."""
 
-    async def attempt(_: int) -> NewKey:
+    async def attempt(_: int) -> Drawn:
         plaintext = ks.new_api_key()
         digest = digest_key(plaintext, ctx.pepper)
         key_id = key_id_of(digest)
         obj = ks.key_secret(digest=digest, namespace=ctx.key_namespace, key_id=key_id, annotations=annotations)
-        return NewKey(plaintext=plaintext, key_id=key_id, written=await write_secret(ctx, obj, no_window=no_window))
+        expected = _expected(ctx, obj, no_window)
+        return Drawn(plaintext=plaintext, key_id=key_id, expected=expected, secret=await _apply(ctx, obj))
 
     return await retry_conflicts(attempt, what="The Secret name of a new key")
+
+
+async def synced_key(ctx: AdminContext, drawn: Drawn) -> NewKey:
+    written = await _synced(ctx, drawn.expected, drawn.secret)
+    return NewKey(plaintext=drawn.plaintext, key_id=drawn.key_id, written=written)
 
 
 def _check_tier(ctx: AdminContext, tier: str | None) -> None:
@@ -340,28 +366,18 @@ async def rotate_key(request: web.Request) -> web.Response:
             )
         inherited = {k: v for k, v in (old_secret["metadata"].get("annotations") or {}).items() if k != ks.ROTATED_TO}
         inherited[tr.MAAS_CREATED] = ks.stamp(now)
-        new = await issue(ctx, inherited, no_window="give the key limits.window (PATCH) before rotating it")
+        drawn = await draw(ctx, inherited, no_window="give the key limits.window (PATCH) before rotating it")
         ends = now + grace
         if old.expires_at is not None:
             ends = min(ends, old.expires_at)
         # stamps have whole seconds: rounded up a grace period is never cut short; "0s" is now, rounded down
         ends_at = ks.stamp(ends) if grace else ks.stamp(int(now))
-
-        async def end_old(attempt: int) -> Written:
-            secret = old_secret if attempt == 0 else await _current_secret(ctx, old)
-            _unchanged_since(secret, old)
-            updates = {tr.EXPIRES_AT: ends_at, ks.ROTATED_TO: new.key_id}
-            return await write_secret(ctx, ks.with_annotations(secret, updates))
-
         try:
-            ended = await retry_conflicts(end_old, what=f"The Secret of key '{old.key_id}'")
-        except Exception as exc:
-            landed = await _ended_anyway(ctx, old, {tr.EXPIRES_AT: ends_at, ks.ROTATED_TO: new.key_id})
-            if landed is None:
-                await _withdraw(ctx, new, rotated=old.key_id, cause=exc)
-                raise
-            log.warning("rotation of key '%s': the old key's write failed (%s) but had landed", old.key_id, exc)
-            ended = landed
+            new = await synced_key(ctx, drawn)
+            ended = await _end_old(ctx, old, old_secret, new, ends_at=ends_at)
+        except asyncio.CancelledError:
+            await _withdraw_cancelled(ctx, drawn, rotated=old.key_id)
+            raise
     audit(principal(request), "key.rotate", key_id=old.key_id, new_key_id=new.key_id, grace_seconds=grace)
     return json_model(
         Rotated(
@@ -373,6 +389,26 @@ async def rotate_key(request: web.Request) -> web.Response:
             synced=new.written.synced and ended.synced,
         )
     )
+
+
+async def _end_old(ctx: AdminContext, old: KeyRecord, old_secret: Obj, new: NewKey, *, ends_at: str) -> Written:
+    """Write the old key's end of grace; a failure withdraws the new key, unless the write landed all the same."""
+
+    async def end_old(attempt: int) -> Written:
+        secret = old_secret if attempt == 0 else await _current_secret(ctx, old)
+        _unchanged_since(secret, old)
+        updates = {tr.EXPIRES_AT: ends_at, ks.ROTATED_TO: new.key_id}
+        return await write_secret(ctx, ks.with_annotations(secret, updates))
+
+    try:
+        return await retry_conflicts(end_old, what=f"The Secret of key '{old.key_id}'")
+    except Exception as exc:
+        landed = await _ended_anyway(ctx, old, {tr.EXPIRES_AT: ends_at, ks.ROTATED_TO: new.key_id})
+        if landed is None:
+            await _withdraw(ctx, new.key_id, new.written.secret, rotated=old.key_id, cause=exc)
+            raise
+        log.warning("rotation of key '%s': the old key's write failed (%s) but had landed", old.key_id, exc)
+        return landed
 
 
 async def _ended_anyway(ctx: AdminContext, old: KeyRecord, updates: Mapping[str, str]) -> Written | None:
@@ -391,12 +427,33 @@ async def _ended_anyway(ctx: AdminContext, old: KeyRecord, updates: Mapping[str,
     return await _synced(ctx, _expected(ctx, secret, "give limits.window"), secret)
 
 
-async def _withdraw(ctx: AdminContext, new: NewKey, *, rotated: str, cause: Exception) -> None:
+async def _withdraw_cancelled(ctx: AdminContext, drawn: Drawn, *, rotated: str) -> None:
+    """Withdraw the new key of a rotation cancelled after its Secret was created (the server shuts down): no one
+    will be given its plaintext. The delete runs in a task of its own, which a second cancellation does not stop,
+    and which the server's shutdown waits for (``AdminContext.undoing``); its failure is logged by ``_withdraw``.
+    The old key's write may have landed before the cancellation: the old key then ends with its grace period."""
+    cause = RuntimeError("the request was cancelled")
+    task = asyncio.ensure_future(_withdraw(ctx, drawn.key_id, drawn.secret, rotated=rotated, cause=cause))
+    ctx.undoing.add(task)
+    task.add_done_callback(_undone(ctx))
+    await asyncio.shield(task)
+
+
+def _undone(ctx: AdminContext) -> Callable[[asyncio.Future[None]], None]:
+    def done(task: asyncio.Future[None]) -> None:
+        ctx.undoing.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: _withdraw has logged why the delete failed
+
+    return done
+
+
+async def _withdraw(ctx: AdminContext, key_id: str, secret: Obj, *, rotated: str, cause: Exception) -> None:
     """Delete the new key's Secret of a rotation that failed after creating it: its plaintext is never returned, so
     it would stay an active key no one holds. The delete is conditional on the version the rotation created (a
     Secret another writer changed since is kept); if it fails, the answer and the log name the Secret to remove."""
-    name = ks.secret_name(new.key_id)
-    version = str(meta(new.written.secret).get("resourceVersion") or "")
+    name = ks.secret_name(key_id)
+    version = str(meta(secret).get("resourceVersion") or "")
     try:
         await ctx.source.delete(kinds.SECRET, ctx.key_namespace, name, resource_version=version)
     except SourceError as exc:
@@ -404,7 +461,7 @@ async def _withdraw(ctx: AdminContext, new: NewKey, *, rotated: str, cause: Exce
             exc,
             lambda why: (
                 f"The rotation of key '{rotated}' failed ({cause}), after it had created the new key's Secret "
-                f"{ctx.key_namespace}/{name} (key '{new.key_id}', whose plaintext was not returned). Deleting that "
+                f"{ctx.key_namespace}/{name} (key '{key_id}', whose plaintext was not returned). Deleting that "
                 f"Secret was not possible: {why}. Delete it (kubectl -n {ctx.key_namespace} delete secret {name}), "
                 "then rotate again."
             ),

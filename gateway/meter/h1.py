@@ -343,7 +343,7 @@ class Pool:
         host = f"[{self._host}]" if ":" in self._host else self._host
         self._host_header = (host if default_port else f"{host}:{self._port}").encode("idna")
         self._idle: list[_Connection] = []
-        self._slots = _Slots(limit, max_waiting=max_waiting)
+        self._slots = Slots(limit, max_waiting=max_waiting)
         self._busy: set[_Connection] = set()
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive
@@ -511,7 +511,7 @@ class Prepared:
         self._pool.release(self._conn, reusable=unsent)
 
 
-class _Slots:
+class Slots:
     """A counting limit with a synchronous ``try_take`` (``asyncio.Semaphore`` has none): slots given back go to
     waiters first, in order; past ``max_waiting`` waiters ``take`` raises ``PoolFull`` instead of waiting."""
 

@@ -150,7 +150,9 @@ class MeterMetrics:
         )
         self.in_flight = Gauge("maas_meter_requests_in_flight", "Metered requests being served", registry=r)
         self.upstream_queued = Gauge(
-            "maas_meter_upstream_queued_requests", "Metered requests waiting for a free upstream connection", registry=r
+            "maas_meter_upstream_queued_requests",
+            "Requests (metered and passthrough) waiting for a free upstream connection",
+            registry=r,
         )
         self.clock_offset = Gauge(
             "maas_meter_clock_offset_seconds",

@@ -757,7 +757,9 @@ async def _broken_stream(
 
 async def passthrough(request: Request, meter: Meter) -> Reply | Stream:
     """Any other request: streamed to the upstream and back unchanged (bounded by the same timeouts, its body by
-    ``--max-body-bytes``: ``/tokenize`` of a gigabyte prompt is unmetered tokenizer work on the model server)."""
+    ``--max-body-bytes``: ``/tokenize`` of a gigabyte prompt is unmetered tokenizer work on the model server). It is
+    cut when its client leaves: nothing is settled for it, and its place among the passthrough requests in flight (or
+    in the queue for one) goes to the next."""
     limit = meter.config.max_body_bytes
     data: AsyncIterable[bytes] | None = None
     if request.body_exists:
@@ -767,16 +769,27 @@ async def passthrough(request: Request, meter: Meter) -> Reply | Stream:
             meter.metrics.rejected(refused.code).inc()
             return _error(refused)
         data = request.content if length is not None else _Bounded(request.content, limit)
+    request.cuttable = _always
+    try:
+        return await _pass(request, meter, data, limit)
+    finally:
+        request.cuttable = None
+
+
+def _always() -> bool:
+    return True
+
+
+async def _pass(request: Request, meter: Meter, data: AsyncIterable[bytes] | None, limit: int) -> Reply | Stream:
     try:
         upstream = await meter.upstream.open(
             request.method, request.path_qs, headers=request_headers(request.headers, metered=False), data=data
         )
     except MeterError as exc:
-        if isinstance(data, _Bounded) and data.over:
-            refused = _too_large(limit)
-            meter.metrics.rejected(refused.code).inc()
-            return _error(refused)
-        return _error(exc)
+        failure = _too_large(limit) if isinstance(data, _Bounded) and data.over else exc
+        if not isinstance(failure, UPSTREAM_FAILURES):  # never sent: a refusal, as for a metered request
+            meter.metrics.rejected(failure.code).inc()
+        return _error(failure)
     try:
         response = request.stream(
             upstream.status,
@@ -795,4 +808,4 @@ async def passthrough(request: Request, meter: Meter) -> Reply | Stream:
         upstream.close()
         return Reply(499)
     finally:
-        upstream.release()
+        meter.upstream.done(upstream)

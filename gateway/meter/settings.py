@@ -78,7 +78,8 @@ class MeterSettings(CommonSettings):
         ge=0,
         le=100_000,
         description="metered requests that may wait for a free upstream connection when all --upstream-max-connections "
-        "are in use; one more gets 503 upstream_busy with retry-after at once (0: none wait). 128: with every "
+        "are in use (passthrough requests have as many connections and as long a queue of their own); one more gets "
+        "503 upstream_busy with retry-after at once (0: none wait). 128: with every "
         "connection busy, vLLM already queues most of those requests itself, so waiting here adds latency while "
         "holding each request's body and reserved tokens; a short queue rides out a burst while streams end, and the "
         "rest can retry at once on another replica instead of waiting out --upstream-first-byte-timeout",

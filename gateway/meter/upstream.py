@@ -2,7 +2,10 @@
 aiohttp session for passthrough and health probes, a timeout on every step, and both clients' exceptions turned
 into the meter's errors (503 unreachable, 504 too slow, 502 broken) with a metric per reason. Metered requests wait
 for a free connection of the lean client's pool, at most ``max_queue`` of them at a time; one more is refused at once
-(503 ``upstream_busy``, counted as a refusal: it was never sent)."""
+(503 ``upstream_busy``, counted as a refusal: it was never sent). Passthrough requests are bounded alike, apart from
+the metered ones (a burst of ``/tokenize`` must not take the places of requests that hold reserved tokens): at most
+``max_connections`` of them in flight, from their first byte sent to the last byte of their answer relayed or
+dropped, and at most ``max_queue`` waiting; aiohttp's own pool would make any number wait, bounded only in time."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import aiohttp
 import yarl
@@ -76,6 +80,12 @@ BUSY_RETRY_AFTER = "1"
 the requests in flight ends, which cannot be foretold; a second spreads the retries without stalling them."""
 
 
+@dataclass(slots=True)
+class _Queue:
+    waiting: bool = False
+    """Whether the request waits for a place among those in flight (so far not sent)."""
+
+
 class Upstream:
     def __init__(
         self,
@@ -99,6 +109,7 @@ class Upstream:
         self._errors = errors
         self._session: aiohttp.ClientSession | None = None
         self._pool: h1.Pool | None = None
+        self._passing = h1.Slots(max_connections, max_waiting=max_queue)
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -158,31 +169,40 @@ class Upstream:
         used instead of a new one; it may have been sent already."""
         if self._pool is None:
             raise RuntimeError("upstream session not started")
-        queued = False
-        with self._mapped_errors():
-            try:
-                async with asyncio.timeout(self.first_byte_timeout):
-                    if prepared is not None:
-                        return await prepared.response()
-                    queued = True
-                    try:
-                        await self._pool.take_slot()
-                    except h1.PoolFull as exc:
-                        raise self._busy() from exc
-                    queued = False
-                    return await self._pool.request(method, path_qs, headers=headers.items(), body=body, slot=True)
-            except TimeoutError as exc:
-                if not queued:
-                    raise
-                # never sent: the meter's own connection limit, not a slow upstream
-                raise self._fail(
-                    "pool_timeout",
-                    UpstreamTimeout(
-                        f"no upstream connection came free within {self.first_byte_timeout:g}s: all "
-                        f"{self._max_connections} (--upstream-max-connections) are in use"
-                    ),
-                ) from exc
+        with self._mapped_errors(), self._queue_timeout() as queue:
+            async with asyncio.timeout(self.first_byte_timeout):
+                if prepared is not None:
+                    return await prepared.response()
+                await self._take(queue, self._pool.take_slot)
+                return await self._pool.request(method, path_qs, headers=headers.items(), body=body, slot=True)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _take(self, queue: _Queue, take: Callable[[], Awaitable[None]]) -> None:
+        """Wait for a place among the requests in flight (``take``), or be refused at once past the queue."""
+        queue.waiting = True
+        try:
+            await take()
+        except h1.PoolFull as exc:
+            raise self._busy() from exc
+        queue.waiting = False
+
+    @contextlib.contextmanager
+    def _queue_timeout(self) -> Iterator[_Queue]:
+        """A timeout that came while the request waited for a place (``_Queue.waiting``) is the meter's own limit,
+        not a slow upstream: the request was never sent."""
+        queue = _Queue()
+        try:
+            yield queue
+        except TimeoutError as exc:
+            if not queue.waiting:
+                raise
+            raise self._fail(
+                "pool_timeout",
+                UpstreamTimeout(
+                    f"no upstream connection came free within {self.first_byte_timeout:g}s: all "
+                    f"{self._max_connections} (--upstream-max-connections) are in use"
+                ),
+            ) from exc
 
     def _busy(self) -> UpstreamBusy:
         exc = UpstreamBusy(
@@ -194,8 +214,8 @@ class Upstream:
         return exc
 
     def waiting(self) -> int:
-        """Metered requests waiting for a free upstream connection."""
-        return self._pool.waiting if self._pool is not None else 0
+        """Requests (metered and passthrough) waiting for a free upstream connection."""
+        return (self._pool.waiting if self._pool is not None else 0) + self._passing.waiting
 
     def prepare(self, method: str, path_qs: str, *, headers: CIMultiDict[str], body: bytes) -> h1.Prepared | None:
         """The request on an idle connection, to be sent from a callback; None when none is at hand."""
@@ -206,15 +226,27 @@ class Upstream:
     async def open(
         self, method: str, path_qs: str, *, headers: CIMultiDict[str], data: AsyncIterable[bytes] | None
     ) -> aiohttp.ClientResponse:
-        """A request streamed through unchanged (passthrough), on aiohttp's client: wait for the response headers
-        (connect and first-byte timeouts)."""
-        with self._mapped_errors():
+        """A request streamed through unchanged (passthrough), on aiohttp's client: wait for a place among the
+        passthrough requests in flight, then for the response headers (connect and first-byte timeouts). The place
+        is the caller's until it gives the response to ``done``."""
+        with self._mapped_errors(), self._queue_timeout() as queue:
             async with asyncio.timeout(self.first_byte_timeout):
-                # encoded: the target goes upstream as the client sent it (yarl would resolve dot segments and
-                # re-quote; a proxy must not make one path of another)
-                url = yarl.URL(self.base_url + path_qs, encoded=True)
-                return await self.session.request(method, url, headers=headers, data=data, allow_redirects=False)
+                await self._take(queue, self._passing.take)
+                try:
+                    # encoded: the target goes upstream as the client sent it (yarl would resolve dot segments and
+                    # re-quote; a proxy must not make one path of another)
+                    url = yarl.URL(self.base_url + path_qs, encoded=True)
+                    return await self.session.request(method, url, headers=headers, data=data, allow_redirects=False)
+                except BaseException:
+                    self._passing.give()
+                    raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def done(self, response: aiohttp.ClientResponse) -> None:
+        """A passthrough response relayed, or given up: its connection back to the pool (closed when its body was
+        not read to the end) and its place to the next request."""
+        response.release()
+        self._passing.give()
 
     @contextlib.contextmanager
     def _mapped_errors(self) -> Iterator[None]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import inspect
 import itertools
 import json
 import re
@@ -457,19 +458,21 @@ class K8sEmulator:
 
     def intercept(self, request: str, action: Callable[[], object], *, name: str | None = None) -> None:
         """Run ``action`` (on the emulator's thread) when the next request ``request`` (of the object ``name``)
-        arrives, before it is served: another writer's change that lands between a client's read and its write."""
+        arrives, before it is served: another writer's change that lands between a client's read and its write. An
+        action that returns an awaitable holds the request until it is done (an API server that hangs), while the
+        emulator serves other requests."""
         with self._lock:
             self._intercepts.append((request, name, action))
 
-    def _intercepted(self, request: str, name: str | None) -> None:
+    def _intercepted(self, request: str, name: str | None) -> object:
         with self._lock:
             found = next(
                 (i for i, (r, n, _) in enumerate(self._intercepts) if r == request and n in (None, name)), None
             )
             if found is None:
-                return
+                return None
             _, _, action = self._intercepts.pop(found)
-        action()
+        return action()
 
     def _fault(self, request: str, name: str | None) -> web.Response | None:
         with self._lock:
@@ -523,7 +526,8 @@ class K8sEmulator:
             namespace = None
         method = request.method
         verb = _verb(method, name, request.query.get("watch") in ("true", "1"))
-        self._intercepted(f"{verb} {resource[1]}", name)
+        if inspect.isawaitable(held := self._intercepted(f"{verb} {resource[1]}", name)):
+            await held
         request[LOST_STATUS] = self._answer_lost(f"{verb} {resource[1]}", name)
         if (fault := self._fault(f"{verb} {resource[1]}", name)) is not None:
             self.requests[f"{verb} {resource[1]}"] += 1
