@@ -15,18 +15,14 @@ import pytest
 import redis as sync_redis
 
 from gateway import contract
-from gateway.authz.follower import SnapshotFollower
-from gateway.authz.metrics import AuthzMetrics
-from gateway.authz.server import Checker
 from gateway.contract import RecordKind
-from gateway.decision import Policy
 from gateway.errors import StoreError
 from gateway.store.redis import RedisStore
 from tests.conftest import PEPPER
 from tests.support import platform
 from tests.support.procs import RedisCluster, free_port
 from tests.support.stack import authz_process
-from tests.test_store_cluster import _statuses
+from tests.test_store_cluster import _statuses, denying_checker
 
 pytestmark = pytest.mark.redis
 
@@ -55,15 +51,7 @@ def _url(*ports: int) -> str:
 async def test_the_store_starts_from_the_second_seed_while_the_first_is_down(cluster: RedisCluster) -> None:
     """A cluster URL named one node: a store opened while that node was down had no cluster client to start."""
     store = RedisStore(_url(free_port(), cluster.nodes[1].port), timeout=0.5)
-    metrics = AuthzMetrics(max_keys=10)
-    follower = SnapshotFollower(store, metrics=metrics)
-    checker = Checker(
-        follower=follower,
-        store=store,
-        policy=Policy(pepper=PEPPER, identity_secret=b"s" * 32),
-        metrics=metrics,
-        on_store_error="deny",
-    )
+    checker, follower = denying_checker(store)
     try:
         async with store.subscribe() as sub:  # the dead seed first, then the live one
             gen = await platform.seed(store, PEPPER, keys=(platform.ADMIN,))

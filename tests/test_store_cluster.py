@@ -172,15 +172,7 @@ async def test_a_dead_master_fails_only_the_checks_of_its_keys() -> None:
         dead_node = cluster.nodes[1]
         dead = next(k for k in keys if home[k] is dead_node)
         alive = next(k for k in keys if home[k] is not dead_node)
-        metrics = AuthzMetrics(max_keys=100)
-        follower = SnapshotFollower(store, metrics=metrics)
-        checker = Checker(
-            follower=follower,
-            store=store,
-            policy=Policy(pepper=PEPPER, identity_secret=b"s" * 32),
-            metrics=metrics,
-            on_store_error="deny",
-        )
+        checker, follower = denying_checker(store)
         try:
             await platform.seed(store, PEPPER, keys=(dead, alive))
             await follower.reload(reason="start")
@@ -193,6 +185,15 @@ async def test_a_dead_master_fails_only_the_checks_of_its_keys() -> None:
             assert await _statuses(checker, [alive, dead]) == [200, 503]
         finally:
             await store.close()
+
+
+def denying_checker(store: RedisStore) -> tuple[Checker, SnapshotFollower]:
+    """authz's checker on ``store`` (``--on-store-error deny``: a 200 means the bucket check ran) and its snapshot."""
+    metrics = AuthzMetrics(max_keys=100)
+    follower = SnapshotFollower(store, metrics=metrics)
+    policy = Policy(pepper=PEPPER, identity_secret=b"s" * 32)
+    checker = Checker(follower=follower, store=store, policy=policy, metrics=metrics, on_store_error="deny")
+    return checker, follower
 
 
 async def _statuses(checker: Checker, keys: list[platform.Key]) -> list[int]:
