@@ -244,3 +244,24 @@ async def test_a_commit_made_again_under_its_reservation_id_counts_once(store) -
     late = await store.reserve(op, "r2")
     assert not late.allowed
     assert await _level(store, "k10") == 40
+
+
+async def test_a_reservation_made_again_answers_as_it_did_the_first_time(store) -> None:
+    """A client that sends the reservation again after its connection broke (redis-py's retry on Redis Cluster,
+    during a failover) gets what the first run took, not a denial: the request goes on with those tokens, which its
+    commit settles."""
+    op = _reserve_op("k11", 70)
+    await store.reserve(op, "r1")
+    again = await store.reserve(op, "r1")
+    assert again.allowed and again.debited == 70 and again.remaining == 30
+    assert await _level(store, "k11") == 30
+    await store.reserve(_reserve_op("k11", 30), "r2")
+    starved = _reserve_op("k11", 10)
+    assert not (await store.reserve(starved, "r3")).allowed
+    assert not (await store.reserve(starved, "r3")).allowed  # denied the first time: denied again, nothing taken
+    await store.commit(
+        BucketOp(key_id="k11", dimension="tokens", limit=100, window_ms=86_400_000, cost=-20, mode=BucketMode.FORCE),
+        "r1",
+    )
+    assert not (await store.reserve(op, "r1")).allowed  # committed: the request has settled
+    assert await _level(store, "k11") == 20

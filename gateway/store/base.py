@@ -215,7 +215,9 @@ class Store(Protocol):
     # the meter's reservations: a RESERVE that runs at most once and can be released
     async def reserve(self, op: BucketOp, reservation: str) -> BucketResult:
         """``op`` (one ``RESERVE`` of one bucket) under the id ``reservation``: what it takes is recorded for a
-        ``release``; after a release of the same id it takes nothing (it reached the store too late)."""
+        ``release``; after a release or the commit of the same id it takes nothing (it reached the store too late), and
+        made again before either it answers what it took the first time (a client's retry after a broken
+        connection)."""
         ...
 
     def submit_reserve(self, op: BucketOp, reservation: str, done: BucketsDone) -> bool:

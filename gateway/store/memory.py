@@ -144,11 +144,35 @@ class MemoryStore:
         self._check()
         now = self._clock_ms()
         marker = (op.key_id, op.dimension, reservation)
-        if self._reservations.get(marker, now) is not None:
-            return BucketResult(allowed=False, limit=op.limit, remaining=0, reset_ms=0, retry_ms=0, debited=0)
+        ran = self._reservations.get(marker, now)
+        if ran is not None:
+            return self._made_again(op, *ran)
         [[result]] = self.check_now([[op]])
         self._reservations.put(marker, (result.debited, False), now=now, ttl=RESERVATION_TTL_MS)
         return result
+
+    def _made_again(self, op: BucketOp, taken: int | None, committed: bool) -> BucketResult:
+        """A reservation that finds its marker: made again (a client's retry), what it took and the level now;
+        released or committed before it ran, denied."""
+        if taken is None or taken == _RELEASED or committed:
+            return BucketResult(allowed=False, limit=op.limit, remaining=0, reset_ms=0, retry_ms=0, debited=0)
+        gate = BucketOp(
+            key_id=op.key_id,
+            dimension=op.dimension,
+            limit=op.limit,
+            window_ms=op.window_ms,
+            cost=0,
+            mode=BucketMode.GATE,
+        )
+        [[level]] = self.check_now([[gate]])
+        return BucketResult(
+            allowed=taken > 0,
+            limit=op.limit,
+            remaining=level.remaining,
+            reset_ms=level.reset_ms,
+            retry_ms=0,
+            debited=taken,
+        )
 
     def submit_reserve(self, op: BucketOp, reservation: str, done: BucketsDone) -> bool:
         return False
