@@ -413,3 +413,59 @@ async def _read_when_landed(store: RedisStore) -> list[Any]:
         if rows:
             return list(rows)
         await asyncio.sleep(0.05)
+
+
+async def test_a_backlog_stopped_while_it_writes_holds_what_it_was_writing() -> None:
+    """The meter stops its backlog task at shutdown, maybe while a flush waits for Redis: what that flush took to
+    write is held again for the last flush, not lost with the cancelled task."""
+    with redis_server() as server:
+        store = RedisStore(server.url, timeout=0.5)
+        metrics = MeterMetrics(max_keys=10)
+        backlog = UsageBacklog(metrics)
+        backlog.RETRY_SECONDS = 0.0
+        row = UsageDelta(key_id="k1", model="m", day="20250101", requests=1, prompt_tokens=3)
+        try:
+            await store.add_usage([UsageDelta(key_id="k0", model="m", day="20250101", requests=1)])
+            backlog.hold([row])
+            os.kill(server.proc.popen.pid, signal.SIGSTOP)
+            try:
+                task = asyncio.create_task(backlog.run(store))
+                await asyncio.wait_for(_until_taken(backlog), 5)  # by the flush, which waits for Redis
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                assert row.write_id in backlog._again  # sent, its answer lost: held apart with its write id
+            finally:
+                os.kill(server.proc.popen.pid, signal.SIGCONT)
+            assert await backlog.flush(store)
+            (landed,) = await asyncio.wait_for(_read_when_landed(store), 5)
+            assert (landed.requests, landed.prompt_tokens) == (1, 3)
+        finally:
+            await store.close()
+
+
+async def _until_taken(backlog: UsageBacklog) -> None:
+    while True:
+        if not len(backlog):
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_what_the_last_flush_cannot_write_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """At shutdown what the backlog still holds after its last flush (Redis down) is lost with the process: each is
+    counted in maas_meter_store_errors_total by its operation and the loss is logged."""
+    with redis_server() as server:
+        store = RedisStore(server.url, timeout=0.5)
+        server.kill()
+        metrics = MeterMetrics(max_keys=10)
+        backlog = UsageBacklog(metrics)
+        backlog.hold([UsageDelta(key_id="k1", model="m", day="20250101", requests=1, prompt_tokens=3)])
+        backlog.hold_release(BucketOp(key_id="k1", dimension="tokens", limit=100, window_ms=60_000, cost=5), "r1")
+        try:
+            await backlog.close(store)
+        finally:
+            await store.close()
+        for operation, lost in (("ledger", 1), ("reserve", 1), ("commit", 0)):
+            labels = {"operation": operation}
+            assert metrics.registry.get_sample_value("maas_meter_store_errors_total", labels) == lost
+        assert "not written" in caplog.text

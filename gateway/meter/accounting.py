@@ -219,10 +219,36 @@ class UsageBacklog:
                 self._metrics.store_errors["reserve"].inc()  # its tokens come back as the bucket refills
 
     async def run(self, store: Store) -> None:
-        """Write the backlog whenever it holds rows, for as long as the meter runs."""
+        """Write the backlog whenever it holds rows, for as long as the meter runs. Stopped (cancelled), it lets the
+        flush in progress end first: that flush has taken what it writes out of the backlog and holds again what does
+        not land only when its store calls end, so a cancel in the middle would lose it."""
         while True:
             await asyncio.sleep(self.RETRY_SECONDS)
-            await self.flush(store)
+            flushing = asyncio.ensure_future(self.flush(store))
+            try:
+                await asyncio.shield(flushing)
+            except asyncio.CancelledError:
+                await flushing
+                raise
+
+    async def close(self, store: Store) -> None:
+        """The last flush, at shutdown: what is still held after it is lost with the process, so it is counted in
+        the store errors of its operation and logged."""
+        if await self.flush(store):
+            return
+        lost = {
+            "ledger": len(self._rows) + len(self._again),
+            "commit": len(self._debits) + len(self._commits),
+            "reserve": len(self._releases),
+        }
+        for operation, count in lost.items():
+            if count:
+                self._metrics.store_errors[operation].inc(count)
+        log.error(
+            "meter stopping with %d usage ledger rows, %d token commits and %d reservation releases not written: "
+            "the store did not take them",
+            *lost.values(),
+        )
 
 
 async def settle(

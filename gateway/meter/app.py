@@ -131,8 +131,8 @@ async def serving(
             clock = asyncio.get_running_loop().create_task(meter.clock.run(meter.store), name="meter-clock")
             stack.push_async_callback(_stop, clock)
         if meter.backlog is not None:
-            # last thing before the store closes: one more try at what the ledger still holds
-            stack.push_async_callback(meter.backlog.flush, meter.store)
+            # last thing before the store closes: one more try at what the backlog still holds, the rest counted
+            stack.push_async_callback(meter.backlog.close, meter.store)
             backlog = asyncio.get_running_loop().create_task(meter.backlog.run(meter.store), name="meter-backlog")
             stack.push_async_callback(_stop, backlog)
         await ops.setup()
