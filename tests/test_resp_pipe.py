@@ -11,7 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,8 @@ import redis as sync_redis
 
 from gateway.contract import bucket_key
 from gateway.errors import StoreError, StoreTimeout
-from gateway.limits import BucketOp, BucketResult
-from gateway.meter import accounting
+from gateway.limits import BucketMode, BucketOp, BucketResult
+from gateway.meter import accounting, quota
 from gateway.meter.accounting import UsageBacklog
 from gateway.meter.metrics import MeterMetrics
 from gateway.store.base import UsageDelta
@@ -469,3 +469,60 @@ async def test_what_the_last_flush_cannot_write_is_counted_and_logged(caplog: py
             labels = {"operation": operation}
             assert metrics.registry.get_sample_value("maas_meter_store_errors_total", labels) == lost
         assert "not written" in caplog.text
+
+
+class _CountingStore(RedisStore):
+    """A RedisStore that counts its commits and releases waiting for Redis."""
+
+    waiting = 0
+
+    async def commit(self, op: BucketOp, reservation: str) -> None:
+        await self._waiting(super().commit(op, reservation))
+
+    async def release(self, op: BucketOp, reservation: str) -> None:
+        await self._waiting(super().release(op, reservation))
+
+    async def _waiting(self, call: Awaitable[None]) -> None:
+        self.waiting += 1
+        try:
+            await call
+        finally:
+            self.waiting -= 1
+
+
+async def test_a_flush_makes_its_commits_and_releases_at_once() -> None:
+    """While Redis does not answer, a flush of many held commits and releases lasts one store timeout, not one per
+    write: made one after another it would outlast the pod's termination grace at shutdown, and hold writes past
+    the 9 minutes they may be made again in."""
+    with redis_server() as server:
+        store = _CountingStore(server.url, timeout=5.0)
+        metrics = MeterMetrics(max_keys=10)
+        backlog = UsageBacklog(metrics)
+        op = BucketOp(key_id="k1", dimension="tokens", limit=100, window_ms=60_000, cost=5, mode=BucketMode.RESERVE)
+        held = [
+            quota.Reservation("k1", 100, 60_000, 5, None, False, quota.Outcome.GRANTED, ident=f"c{i}") for i in range(3)
+        ]
+        try:
+            for i, reservation in enumerate(held):
+                await store.reserve(op, reservation.ident)
+                backlog.hold_commit(reservation, -5)
+                backlog.hold_release(op, f"r{i}")
+            os.kill(server.proc.popen.pid, signal.SIGSTOP)
+            try:
+                flushing = asyncio.create_task(backlog.flush(store))
+                await asyncio.wait_for(_until_waiting(store, 6), 4)  # all six sent before any answer
+            finally:
+                os.kill(server.proc.popen.pid, signal.SIGCONT)
+            assert await flushing
+            gate = BucketOp(key_id="k1", dimension="tokens", limit=100, window_ms=60_000, cost=0, mode=BucketMode.GATE)
+            ((level,),) = await store.check_buckets([[gate]])
+            assert level.remaining == 100
+        finally:
+            await store.close()
+
+
+async def _until_waiting(store: _CountingStore, count: int) -> None:
+    while True:
+        if store.waiting >= count:
+            return
+        await asyncio.sleep(0.01)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from gateway.contract import ledger_day
@@ -73,6 +73,10 @@ class UsageBacklog:
     """Rows held at most (merged and apart together), and as many commits and releases; past it a new one is
     dropped and counted as a failed write."""
     RETRY_SECONDS = 1.0
+    FLUSH_CONCURRENCY = 32
+    """Commits and releases a flush has waiting for the store at once: while Redis does not answer, a flush of
+    thousands lasts a few store timeouts, not one per write (past the termination grace at shutdown, or past the
+    time what may have landed can be made again in), and a Redis Cluster node's connection pool is not exhausted."""
 
     def __init__(self, metrics: MeterMetrics) -> None:
         self._metrics = metrics
@@ -181,15 +185,17 @@ class UsageBacklog:
                 await store.add_usage(again)
             except StoreError as exc:
                 _kept(self._metrics, again, exc, self, landed=True)
-        for reservation, delta in debits:
-            await _adjust(store, self._metrics, reservation, delta, self)
-        for reservation, delta in commits:
-            await _adjust(store, self._metrics, reservation, delta, self, ran=True)
-        for ident, op in releases:
-            try:
-                await store.release(op, ident)
-            except StoreError:
-                self._releases[ident] = op  # (made again: a release counts once)
+        sending = asyncio.Semaphore(self.FLUSH_CONCURRENCY)
+
+        async def bounded(call: Awaitable[None]) -> None:
+            async with sending:
+                await call
+
+        await asyncio.gather(
+            *(bounded(_adjust(store, self._metrics, reservation, delta, self)) for reservation, delta in debits),
+            *(bounded(_adjust(store, self._metrics, r, delta, self, ran=True)) for r, delta in commits),
+            *(bounded(self._release(store, op, ident)) for ident, op in releases),
+        )
         self._since = {
             ident: since
             for ident, since in self._since.items()
@@ -197,6 +203,12 @@ class UsageBacklog:
         }
         self._metrics.backlog.set(len(self))
         return not len(self)
+
+    async def _release(self, store: Store, op: BucketOp, ident: str) -> None:
+        try:
+            await store.release(op, ident)
+        except StoreError:
+            self._releases[ident] = op  # (made again: a release counts once)
 
     def _expire(self) -> None:
         """Drop what may have landed and has been held past ``UNCERTAIN_RETRY_SECONDS``: made again now, it could
