@@ -475,6 +475,7 @@ class _CountingStore(RedisStore):
     """A RedisStore that counts its commits and releases waiting for Redis."""
 
     waiting = 0
+    sent = 0
 
     async def commit(self, op: BucketOp, reservation: str) -> None:
         await self._waiting(super().commit(op, reservation))
@@ -484,6 +485,7 @@ class _CountingStore(RedisStore):
 
     async def _waiting(self, call: Awaitable[None]) -> None:
         self.waiting += 1
+        self.sent += 1
         try:
             await call
         finally:
@@ -517,6 +519,36 @@ async def test_a_flush_makes_its_commits_and_releases_at_once() -> None:
             gate = BucketOp(key_id="k1", dimension="tokens", limit=100, window_ms=60_000, cost=0, mode=BucketMode.GATE)
             ((level,),) = await store.check_buckets([[gate]])
             assert level.remaining == 100
+        finally:
+            await store.close()
+
+
+async def test_a_flush_the_store_does_not_answer_keeps_what_it_has_not_sent() -> None:
+    """Once a write of a flush gets no answer the rest stay held for the next flush: sent anyway, a backlog of
+    thousands took held / 32 store timeouts per flush, past a shutdown's grace period."""
+    with redis_server() as server:
+        store = _CountingStore(server.url, timeout=0.3)
+        backlog = UsageBacklog(MeterMetrics(max_keys=10))
+        op = BucketOp(key_id="k1", dimension="tokens", limit=1000, window_ms=60_000, cost=5, mode=BucketMode.RESERVE)
+        held = [
+            quota.Reservation("k1", 1000, 60_000, 5, None, False, quota.Outcome.GRANTED, ident=f"c{i}")
+            for i in range(2 * UsageBacklog.FLUSH_CONCURRENCY)
+        ]
+        try:
+            for reservation in held:
+                await store.reserve(op, reservation.ident)
+                backlog.hold_commit(reservation, -5)
+            os.kill(server.proc.popen.pid, signal.SIGSTOP)
+            try:
+                assert not await backlog.flush(store)
+            finally:
+                os.kill(server.proc.popen.pid, signal.SIGCONT)
+            assert store.sent == UsageBacklog.FLUSH_CONCURRENCY  # the first round, then nothing more
+            assert len(backlog) == len(held)  # the unanswered held again, the unsent kept
+            assert await backlog.flush(store)
+            gate = BucketOp(key_id="k1", dimension="tokens", limit=1000, window_ms=60_000, cost=0, mode=BucketMode.GATE)
+            ((level,),) = await store.check_buckets([[gate]])
+            assert level.remaining == 1000  # every reservation refunded once
         finally:
             await store.close()
 

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 from gateway.contract import ledger_day
 from gateway.errors import StoreError, StoreNotSent
@@ -175,26 +176,62 @@ class UsageBacklog:
         debits, self._debits = list(self._debits.values()), {}
         commits, self._commits = list(self._commits.values()), {}
         releases, self._releases = list(self._releases.items()), {}
+        # set by the first write the store does not take: what is not sent yet stays held for the next flush (the
+        # store is not answering; sent anyway, each would wait out its own timeout, and a flush could outlast a
+        # shutdown's grace period)
+        stalled = False
         if rows:
             try:
                 await store.add_usage(rows)
             except StoreError as exc:
                 _kept(self._metrics, rows, exc, self)
-        if again:
+                stalled = True
+        if again and stalled:
+            self._again.update((row.write_id, row) for row in again)
+        elif again:
             try:
                 await store.add_usage(again)
             except StoreError as exc:
                 _kept(self._metrics, again, exc, self, landed=True)
+                stalled = True
         sending = asyncio.Semaphore(self.FLUSH_CONCURRENCY)
 
-        async def bounded(call: Awaitable[None]) -> None:
+        async def bounded(
+            send: Callable[[], Awaitable[None]], keep: Callable[[], None], held: Callable[[], bool]
+        ) -> None:
+            nonlocal stalled
             async with sending:
-                await call
+                if stalled:
+                    keep()
+                    return
+                await send()
+                stalled = stalled or held()
 
         await asyncio.gather(
-            *(bounded(_adjust(store, self._metrics, reservation, delta, self)) for reservation, delta in debits),
-            *(bounded(_adjust(store, self._metrics, r, delta, self, ran=True)) for r, delta in commits),
-            *(bounded(self._release(store, op, ident)) for ident, op in releases),
+            *(
+                bounded(
+                    partial(_adjust, store, self._metrics, reservation, delta, self),
+                    partial(self.hold_debit, reservation, delta),
+                    partial(self._debits.__contains__, reservation.key_id),
+                )
+                for reservation, delta in debits
+            ),
+            *(
+                bounded(
+                    partial(_adjust, store, self._metrics, r, delta, self, ran=True),
+                    partial(self._commits.__setitem__, r.ident, (r, delta)),
+                    partial(self._commits.__contains__, r.ident),
+                )
+                for r, delta in commits
+            ),
+            *(
+                bounded(
+                    partial(self._release, store, op, ident),
+                    partial(self._releases.__setitem__, ident, op),
+                    partial(self._releases.__contains__, ident),
+                )
+                for ident, op in releases
+            ),
         )
         self._since = {
             ident: since
