@@ -10,7 +10,6 @@ is set (CI), where they fail.
 from __future__ import annotations
 
 import copy
-import os
 import re
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.tools import promtool
 from tests.test_deploy_manifests import _missing, crd_errors, crds_dir, render
 from tests.test_metrics_docs import DOCS, SUFFIXES, documented
 
@@ -31,15 +31,6 @@ TARGET_LABELS = {"namespace", "pod"}
 # PromQL words that are not metric names: keywords and the label lists of grouping and matching modifiers.
 KEYWORDS = {"and", "or", "unless", "offset", "bool", "inf", "nan"}
 MODIFIERS = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
-
-
-def promtool() -> str:
-    binary = shutil.which("promtool")
-    if binary is None:
-        if os.environ.get("MAAS_REQUIRE_PROMTOOL"):
-            pytest.fail("promtool is required here (apt-get install prometheus)")
-        pytest.skip("promtool not installed (Debian package 'prometheus'); CI installs it")
-    return binary
 
 
 def prometheus_rule(path: str = "base") -> dict[str, Any]:

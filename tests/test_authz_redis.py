@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import time
-from asyncio.subprocess import PIPE, STDOUT
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +16,7 @@ from tests.conftest import PEPPER
 from tests.support import platform
 from tests.support.procs import free_port, redis_server
 from tests.support.stack import Authz, authz_process
+from tests.support.tools import check_metrics, promtool
 
 pytestmark = pytest.mark.redis
 
@@ -166,11 +164,7 @@ async def test_bad_input_gets_a_4xx(redis_url: str, log_dir: Path, request_bytes
 
 
 async def test_metrics_pass_promtool(redis_url: str, log_dir: Path) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("MAAS_REQUIRE_PROMTOOL"):
-            pytest.fail("promtool is required here (apt-get install prometheus)")
-        pytest.skip("promtool not installed (Debian package 'prometheus'); CI installs it")
+    promtool()
     store = await _seed(redis_url)
     with authz_process(redis_url=redis_url, pepper=PEPPER, log_dir=log_dir, args=["--metrics-max-keys", "2"]) as authz:
         async with aiohttp.ClientSession() as http:
@@ -179,9 +173,7 @@ async def test_metrics_pass_promtool(redis_url: str, log_dir: Path) -> None:
             await _status(http, authz, "nope")
             async with http.get(authz.ops_url + "/metrics") as resp:
                 text = await resp.text()
-    proc = await asyncio.create_subprocess_exec(promtool, "check", "metrics", stdin=PIPE, stdout=PIPE, stderr=STDOUT)
-    output, _ = await proc.communicate(text.encode())
-    assert proc.returncode == 0, output.decode()
+    await check_metrics(text.encode())
     assert 'key_id="_other"' in text
     key_series = {
         line.split("key_id=")[1].split(",")[0]

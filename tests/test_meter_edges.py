@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import io
 import json
-import shutil
 from typing import Any
 
 import aiohttp
@@ -20,6 +19,7 @@ from gateway.identity import H_TIER, Identity, sign
 from gateway.sim.server import SimConfig
 from tests.support.k8s_emulator import eventually
 from tests.support.procs import free_port
+from tests.support.tools import check_metrics, promtool
 from tests.test_meter_stack import CHAT, MODEL, SECRET, running_stack, serve
 
 pytestmark = pytest.mark.redis
@@ -213,19 +213,14 @@ async def test_upstream_that_breaks_mid_stream_gets_a_502_error_event_and_no_led
     assert rows == [] and state is None  # no row, and the reservation refunded whole
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 async def test_meter_metrics_pass_promtool(redis_url: str) -> None:
+    promtool()
     async with running_stack(redis_url) as stack:
         status, _ = await post(stack.meter_url + "/v1/chat/completions", headers=signed())
         assert status == 200
         async with aiohttp.ClientSession() as session, session.get(stack.ops_url + "/metrics") as resp:
             text = await resp.read()
-    check = await asyncio.create_subprocess_exec(
-        "promtool", "check", "metrics", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await check.communicate(text)
-    assert check.returncode == 0, out.decode()
+    await check_metrics(text)
     assert b'maas_tokens_total{key_id="spoof"' in text and b"gen_ai_client_token_usage_bucket" in text
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -30,6 +29,7 @@ from gateway.store.batching import BucketBatcher
 from gateway.store.redis import RedisStore
 from gateway.store.resp import RespPipe, command
 from tests.support.procs import RedisServer, free_port, redis_server
+from tests.support.tools import required_tool
 
 
 @pytest.fixture
@@ -260,11 +260,7 @@ def _self_signed(folder: Path) -> Path:
 async def test_a_rediss_url_with_a_private_ca_reaches_the_hot_path_connection_too(tmp_path: Path) -> None:
     """The bucket connection took only 'TLS or not' from the URL: with a private CA every check failed (503)
     while the snapshot, on redis-py, loaded and /readyz said ready."""
-    if shutil.which("openssl") is None:
-        missing = "openssl is not installed (apt-get install openssl; .ci/run installs it)"
-        if os.environ.get("MAAS_REQUIRE_OPENSSL"):
-            pytest.fail(f"{missing} (MAAS_REQUIRE_OPENSSL=1)")
-        pytest.skip(missing)
+    required_tool("openssl", package="openssl", switch="MAAS_REQUIRE_OPENSSL")
     folder = _self_signed(tmp_path)
     tls_port = free_port()
     tls = ["--tls-port", str(tls_port), "--tls-cert-file", str(folder / "cert.pem")]
