@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -36,6 +36,18 @@ KEY_IDLE_SECONDS = 600.0
 """A key's series is dropped, once the cap is full and a new key comes, after it has not moved for this long (at
 least two scrapes of any usual interval): revoked, deleted and rotated keys used to hold their places under the cap
 for the life of the process, so after enough key churn every new key was counted under ``_other`` only."""
+
+
+def connection_metrics(process: str, port: str, registry: CollectorRegistry) -> tuple[Gauge, Counter]:
+    """The open-connection gauge and the refusal counter of a listener with a connection cap
+    (``gateway.connections``): ``maas_<process>_client_connections`` and ``..._refused_total``."""
+    gauge = Gauge(f"maas_{process}_client_connections", f"Client connections open on the {port}", registry=registry)
+    refused = Counter(
+        f"maas_{process}_client_connections_refused",
+        f"Connections to the {port} refused (503) at --max-connections",
+        registry=registry,
+    )
+    return gauge, refused
 
 
 def child_value(child: Any) -> float:

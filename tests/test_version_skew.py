@@ -8,7 +8,7 @@ import contextlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import pytest
@@ -59,10 +59,18 @@ async def _following(redis_url: str) -> AsyncIterator[tuple[SnapshotFollower, Au
     store = RedisStore(redis_url, timeout=5.0)
     metrics = AuthzMetrics(max_keys=10)
     follower = SnapshotFollower(store, metrics=metrics)
-    raw = aioredis.Redis.from_url(redis_url)
-    task = asyncio.create_task(follower.run())
-    try:
+    async with _running(redis_url, store, follower.run()) as raw:
         yield follower, metrics, raw
+
+
+@contextlib.asynccontextmanager
+async def _running(redis_url: str, store: RedisStore, loop: Coroutine[Any, Any, None]) -> AsyncIterator[aioredis.Redis]:
+    """``loop`` (a follower's or the admin view's) in a task while the context runs, with a raw client of the same
+    Redis to write as another version would; then the task, the client and ``store`` closed."""
+    raw = aioredis.Redis.from_url(redis_url)
+    task = asyncio.create_task(loop)
+    try:
+        yield raw
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -164,19 +172,11 @@ async def test_the_admin_view_reloads_on_an_event_it_cannot_read(
     first, second = _key("view-first"), _key("view-second")
     await store.apply([contract.put(first)])
     view = AdminState(store, default_tier="free")
-    task = asyncio.create_task(view.run())
-    raw = aioredis.Redis.from_url(redis_url)
-    try:
+    async with _running(redis_url, store, view.run()) as raw:
         await eventually(lambda: first.key_id in view.keys)
         await raw.hset(contract.KEYS_HASH, second.digest, contract.encode_record(second))
         await _publish(raw, {"v": contract.SCHEMA_VERSION + 1, "changes": []})
         await eventually(lambda: second.key_id in view.keys)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await raw.aclose()
-        await store.close()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 

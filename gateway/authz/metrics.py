@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from gateway.metrics import LATENCY_BUCKETS, CappedChildren, Cell, LoopCounter, LoopHistogram
+from gateway.metrics import LATENCY_BUCKETS, CappedChildren, Cell, LoopCounter, LoopHistogram, connection_metrics
 
 
 class AuthzMetrics:
@@ -62,14 +62,7 @@ class AuthzMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
-        self.client_connections = Gauge(
-            "maas_authz_client_connections", "client connections open on the check port", registry=r
-        )
-        self.connections_refused = Counter(
-            "maas_authz_client_connections_refused_total",
-            "connections to the check port refused (503) at --max-connections",
-            registry=r,
-        )
+        self.client_connections, self.connections_refused = connection_metrics("authz", "check port", r)
         key_requests = LoopCounter(
             "maas_key_requests_total",
             "checks per API key by decision",

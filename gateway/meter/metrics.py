@@ -10,7 +10,7 @@ from typing import Generic, TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway.meter.quota import Outcome
-from gateway.metrics import KEY_IDLE_SECONDS, IdleKeys, child_value
+from gateway.metrics import KEY_IDLE_SECONDS, IdleKeys, child_value, connection_metrics
 
 OTHER = "_other"
 UNKNOWN = "_unknown"
@@ -140,14 +140,7 @@ class MeterMetrics:
         for code in ALERTED_REJECTIONS:
             self.rejected(code)
         self.disconnects = Counter("maas_meter_client_disconnects", "Streams the client left early", registry=r)
-        self.client_connections = Gauge(
-            "maas_meter_client_connections", "Client connections open on the proxy port", registry=r
-        )
-        self.connections_refused = Counter(
-            "maas_meter_client_connections_refused",
-            "Connections to the proxy port refused (503) at --max-connections",
-            registry=r,
-        )
+        self.client_connections, self.connections_refused = connection_metrics("meter", "proxy port", r)
         self.in_flight = Gauge("maas_meter_requests_in_flight", "Metered requests being served", registry=r)
         self.upstream_queued = Gauge(
             "maas_meter_upstream_queued_requests",
