@@ -31,6 +31,7 @@ from controlplane.admin.errors import (
 )
 from controlplane.admin.state import AdminState
 from controlplane.errors import ConflictError, SourceError, ThrottledError
+from controlplane.kinds import Kind, Obj
 from controlplane.reflector import Backoff
 from controlplane.sources.base import Source
 from gateway.contract import TierRecord, WindowError, parse_window
@@ -252,3 +253,14 @@ def undo_failed(exc: SourceError, describe: Callable[[str], str]) -> PartialChan
     message = describe(why)
     log.error("%s", message)
     return PartialChangeConflict(message) if conflict else PartialChange(message)
+
+
+async def landed(ctx: AdminContext, kind: Kind, namespace: str, name: str, holds: Callable[[Obj], bool]) -> Obj | None:
+    """The object as it now stands when a write to it that failed (its answer lost: a timeout, a 5xx after serving)
+    was applied all the same, as ``holds`` tells from its content; None when it holds something else, is gone, or
+    cannot be read to tell."""
+    try:
+        now = await ctx.source.get(kind, namespace, name)
+    except SourceError:
+        return None
+    return now if now is not None and holds(now) else None

@@ -28,6 +28,7 @@ from controlplane.admin.context import (
     duration_seconds,
     expiry,
     json_model,
+    landed,
     principal,
     read_body,
     retry_conflicts,
@@ -415,14 +416,13 @@ async def _ended_anyway(ctx: AdminContext, old: KeyRecord, updates: Mapping[str,
     """The old key's Secret when the rotation's write to it failed but landed all the same (a timeout after the API
     server had applied it): withdrawing the new key then would leave the holder without a working key once the
     grace period ends. None when it did not land, or when the Secret cannot be read to tell."""
-    try:
-        secret = await ctx.source.get(kinds.SECRET, ctx.key_namespace, ks.secret_name(old.key_id))
-    except SourceError:
-        return None
+
+    def ended(secret: Obj) -> bool:
+        annotations = secret["metadata"].get("annotations") or {}
+        return all(annotations.get(name) == value for name, value in updates.items())
+
+    secret = await landed(ctx, kinds.SECRET, ctx.key_namespace, ks.secret_name(old.key_id), ended)
     if secret is None:
-        return None
-    annotations = secret["metadata"].get("annotations") or {}
-    if any(annotations.get(name) != value for name, value in updates.items()):
         return None
     return await _synced(ctx, _expected(ctx, secret, "give limits.window"), secret)
 

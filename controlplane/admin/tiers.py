@@ -19,6 +19,7 @@ from controlplane.admin.context import (
     context,
     duration_seconds,
     json_model,
+    landed,
     principal,
     read_body,
     retry_conflicts,
@@ -153,16 +154,12 @@ async def _landed(ctx: AdminContext, write: _Write) -> Obj | None:
     """The ConfigMap when a write of it that failed was applied all the same (its answer lost: a timeout, a 5xx
     after serving): taking the other ConfigMap back then would leave the half change a failure is meant to avoid.
     None when it holds something else, or cannot be read to tell."""
-    namespace, name = meta(write.after)["namespace"], meta(write.after)["name"]
-    try:
-        now = await ctx.source.get(kinds.CONFIGMAP, namespace, name)
-    except SourceError:
-        return None
-    if now is None or now.get("data") != write.after["data"]:
-        return None
-    if write.before is not None and meta(now).get("resourceVersion") == meta(write.before).get("resourceVersion"):
-        return None
-    return now
+    before = meta(write.before).get("resourceVersion") if write.before is not None else None
+
+    def written(now: Obj) -> bool:
+        return now.get("data") == write.after["data"] and (before is None or meta(now).get("resourceVersion") != before)
+
+    return await landed(ctx, kinds.CONFIGMAP, meta(write.after)["namespace"], meta(write.after)["name"], written)
 
 
 async def _take_back(ctx: AdminContext, write: _Write, stored: Obj, *, failed: _Write, cause: SourceError) -> None:
