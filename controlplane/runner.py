@@ -121,17 +121,17 @@ class ControlPlane:
         self._tasks.append(spawn(syncer.events.run(), name="events", log=log))
         admin = self.admin = AdminState(self.store, default_tier=settings.default_tier)
         self._tasks.append(spawn(admin.run(), name="admin-view", log=log))
+        clock = ClockOffset(self.metrics.clock_offset, logger=log)
         if isinstance(self.store, SharedClock):
-            clock = ClockOffset(self.metrics.clock_offset, logger=log)
             self._tasks.append(spawn(clock.run(self.store), name="clock-offset", log=log))
         for task in self._tasks:
             task.add_done_callback(self._task_ended)
         parts = Parts(syncer=syncer, metrics=self.metrics, elector=self.elector, started=time.monotonic())
         self.ports["ops"] = await self._serve(ops_app(parts), settings.ops_port)
-        self.ports["main"] = await self._serve(main_app(parts, self._admin_context(admin)), settings.port)
+        self.ports["main"] = await self._serve(main_app(parts, self._admin_context(admin, clock)), settings.port)
         log.info("control plane started", extra={"ports": self.ports, "source": settings.source})
 
-    def _admin_context(self, admin: AdminState) -> AdminContext:
+    def _admin_context(self, admin: AdminState, clock: ClockOffset) -> AdminContext:
         settings = self.settings
         assert self.syncer is not None and self.source is not None
         syncer = self.syncer
@@ -151,7 +151,8 @@ class ControlPlane:
             tier_configmap=settings.tier_configmap,
             tier_limits_configmap=settings.tier_limits_configmap,
             write_timeout=settings.admin_write_timeout,
-            window_borrowers=lambda tier: syncer.desired.window_borrowers(tier, now=time.time()),
+            window_borrowers=lambda tier: syncer.desired.window_borrowers(tier, now=clock.now()),
+            now=clock.now,
         )
 
     async def _serve(self, app: web.Application, port: int) -> int:

@@ -1,5 +1,9 @@
 """This process's wall clock against Redis's, the one clock every part shares (the token buckets run on it).
 
+Every time one part sets and another judges goes by it: key expiry (the control plane sets it, authz judges it),
+the identity's stamp (authz signs, the meter and the self-service API check), the ledger's day and the admin API's
+"today". So the parts' own clocks may disagree by any amount as long as each can read Redis's.
+
 A process on a Redis store reads ``TIME`` once at start and every ``PERIOD`` seconds, between two reads of its own
 wall clock: the offset (Redis's time minus the midpoint) is kept when the round trip was short enough to bound its
 error, exported as a gauge, and warned about past ``WARN_OFFSET``. The meter files usage under the UTC day of
@@ -91,8 +95,9 @@ class ClockOffset:
         self._gauge.set(offset)
         if abs(offset) > WARN_OFFSET:
             self._warn.warning(
-                "this node's clock is %.1f s %s Redis's (more than %g s): check its time sync (NTP, chrony); "
-                "identity headers between parts fail past --identity-max-age of skew, key expiry is off by it",
+                "this node's clock is %.1f s %s Redis's (more than %g s): check its time sync (NTP, chrony); this "
+                "process goes by Redis's clock, corrected every 30 s, and a step of this clock in between shifts "
+                "key expiry and identity stamps by the step until the next reading",
                 abs(offset),
                 "ahead of" if offset < 0 else "behind",
                 WARN_OFFSET,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ from gateway.meter.settings import MeterSettings
 from gateway.settings import load
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
+from tests.conftest import PEPPER
+from tests.support import platform
 from tests.support.admin_api import admin_settings, running
 from tests.support.k8s_emulator import eventually
 from tests.support.stack import IDENTITY_SECRET
@@ -327,8 +330,8 @@ async def test_a_meter_ten_minutes_ahead_files_a_request_before_midnight_under_r
     redis_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The request ends at 23:59:30 or so by Redis's clock, 00:09:30 the next day by the meter node's (its
-    ``time.time``, which the authz signing the request shares here): it counts on Redis's day, as it does for every
-    other meter, whatever their clocks say."""
+    ``time.time``): it counts on Redis's day, as it does for every other meter, whatever their clocks say. The
+    identity is stamped by Redis's clock, as authz stamps it, and the meter ten minutes ahead takes it."""
     store = RedisAt(redis_url, timeout=2.0)
     monkeypatch.setattr(clock, "MAX_ROUND_TRIP", 10.0)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
@@ -341,7 +344,9 @@ async def test_a_meter_ten_minutes_ahead_files_a_request_before_midnight_under_r
     async with running_stack(redis_url, store=store) as stack, aiohttp.ClientSession() as session:
         await eventually(lambda: stack.meter.clock.offset < -599)  # measured as the meter starts
         async with session.post(
-            stack.meter_url + "/v1/chat/completions", json=body, headers=stack.headers(key_id="midnight")
+            stack.meter_url + "/v1/chat/completions",
+            json=body,
+            headers=stack.headers(key_id="midnight", now=meter_now - 600),
         ) as resp:
             assert resp.status == 200
         rows = await eventually(lambda: store.read_usage("midnight", [redis_day, meter_day]))
@@ -383,3 +388,88 @@ async def test_authz_and_the_control_plane_export_their_offset_to_redis(
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def _offset_of(url: str, metric: str) -> float | None:
+    """A process's measured offset to Redis from its /metrics (None until it answers)."""
+    try:
+        async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
+            text = await resp.text()
+    except aiohttp.ClientConnectionError:
+        return None
+    return float(text.split(f"\n{metric} ")[1].split()[0])
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("skew", [600.0, -600.0], ids=["authz+10m", "authz-10m"])
+async def test_authz_judges_expiry_and_stamps_identities_by_redis_clock(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, skew: float
+) -> None:
+    """An authz node ten minutes off: a key with two minutes left by Redis's clock (the control plane's, below) is
+    let in and one two minutes past its expiry is kept out, whichever way the node is off; the identity it signs is
+    stamped by Redis's clock, so a meter on the right time takes it (its own clock would be stale by ten minutes)."""
+    real = time.time
+    started = real()
+    live = platform.Key("sk-clock-live-0001", "live", tier="enterprise", expires_at=started + 120)
+    dead = platform.Key("sk-clock-dead-0001", "dead", tier="enterprise", expires_at=started - 120)
+    store = RedisStore(redis_url, timeout=2.0)
+    await platform.seed(store, PEPPER, keys=(live, dead))
+    await store.close()
+    monkeypatch.setattr(clock, "MAX_ROUND_TRIP", 10.0)
+    monkeypatch.setattr(time, "time", lambda: real() + skew)
+    settings = load(
+        AuthzSettings,
+        key_pepper=PEPPER.decode(),
+        identity_secret=IDENTITY_SECRET,
+        port=free_port(),
+        ops_port=free_port(),
+        redis_url=redis_url,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve_authz(settings, stop=stop))
+    ops = f"http://127.0.0.1:{settings.ops_port}"
+    try:
+        offset = await eventually(lambda: _offset_of(ops, "maas_authz_clock_offset_seconds"))
+        assert abs(offset + skew) < 1.0
+        async with aiohttp.ClientSession() as session:
+            answers = {}
+            for key in (live, dead):
+                headers = {"authorization": f"APIKEY {key.plaintext}"}
+                url = f"http://127.0.0.1:{settings.port}/qwen3/v1/chat/completions"
+                async with session.get(url, headers=headers) as resp:
+                    answers[key.user] = (resp.status, {k.lower(): v for k, v in resp.headers.items()})
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert answers["live"][0] == 200 and answers["dead"][0] == 401
+    identity = verify(answers["live"][1], IDENTITY_SECRET.encode(), max_age=MAX_AGE, now=real())
+    assert identity.user == "live"
+    assert abs(int(answers["live"][1]["x-maas-identity-ts"]) - real()) <= SIGN_WINDOW + 1
+
+
+@pytest.mark.redis
+async def test_the_admin_api_sets_expiry_by_redis_clock(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A control plane an hour ahead gives a key ``expires_in: 10m`` ten minutes of Redis's clock (authz judges by
+    it), not ten minutes of its own (which every authz would see as 50 minutes past), and calls it active; its
+    self-service API takes an identity authz stamped by Redis's clock."""
+    real = time.time
+    monkeypatch.setattr(clock, "MAX_ROUND_TRIP", 10.0)
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)
+    settings = admin_settings(tmp_path, redis_url, identity_secret=IDENTITY_SECRET)
+    async with running(settings) as (plane, api):
+        registry = plane.metrics.registry
+        offset = await eventually(lambda: registry.get_sample_value("maas_controlplane_clock_offset_seconds"))
+        assert abs(offset + 3600) < 1.0
+        status, created = await api.call("POST", "/admin/v1/keys", json={"user": "erin", "expires_in": "10m"})
+        assert status == 201, created
+        identity = Identity(key_id=created["key_id"], user="erin", groups="", tier="free", model=MODEL)
+        headers = sign(identity, IDENTITY_SECRET.encode(), now=real())
+        async with api.session.get(api.base + "/v1/me", headers=headers) as resp:
+            me = await resp.json()
+        assert resp.status == 200, me
+        assert me["key_id"] == created["key_id"]
+    expires = datetime.fromisoformat(created["expires_at"]).timestamp()
+    assert abs(expires - (real() + 600)) < 5
+    assert created["status"] == "active"

@@ -52,7 +52,12 @@ class Stack:
     meter: Meter
 
     def headers(
-        self, *, key_id: str = "key1", limit: tuple[int, int] | None = None, model: str = MODEL
+        self,
+        *,
+        key_id: str = "key1",
+        limit: tuple[int, int] | None = None,
+        model: str = MODEL,
+        now: float | None = None,
     ) -> dict[str, str]:
         identity = Identity(
             key_id=key_id,
@@ -63,7 +68,7 @@ class Stack:
             token_limit=limit[0] if limit else None,
             token_window_ms=limit[1] if limit else None,
         )
-        return sign(identity, SECRET.encode())
+        return sign(identity, SECRET.encode(), now=now)
 
     def client(self, *, direct: bool = False, **headers: Any) -> openai.AsyncOpenAI:
         base = self.sim_url if direct else self.meter_url

@@ -85,6 +85,9 @@ class AdminContext:
     window_borrowers: Callable[[TierRecord], list[str]]
     """Key ids of the active keys that take a limit's window from their tier and would find none were this tier
     written (the sync path's view of the Secrets)."""
+    now: Callable[[], float] = time.time
+    """Now on Redis's clock as this process knows it (``ClockOffset.now``): the clock key expiry, identity stamps,
+    the buckets and the ledger's days are all judged by, whatever each node's own clock says."""
     locks: Locks = field(default_factory=Locks)
     undoing: set[asyncio.Future[None]] = field(default_factory=set)
     """Undos of half-done changes whose request was cancelled, still running: the server waits for them when it

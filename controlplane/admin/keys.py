@@ -12,7 +12,6 @@ import asyncio
 import base64
 import binascii
 import logging
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -192,7 +191,7 @@ def _check_tier(ctx: AdminContext, tier: str | None) -> None:
 async def create_key(request: web.Request) -> web.Response:
     ctx = context(request)
     body = await read_body(request, KeyCreate)
-    now = time.time()
+    now = ctx.now()
     expires_at = expiry(body.expires_in, body.expires_at, now=now)
     if expires_at is not None and expires_at <= now:
         raise InvalidRequest("'expires_at' is in the past.", param="expires_at")
@@ -212,7 +211,7 @@ async def create_key(request: web.Request) -> web.Response:
     }
     new = await issue(ctx, annotations)
     audit(principal(request), "key.create", key_id=new.key_id, user=body.user, tier=body.tier)
-    view = key_view(new.written.record, ctx.state, namespace=ctx.key_namespace)
+    view = key_view(new.written.record, ctx.state, namespace=ctx.key_namespace, now=ctx.now())
     return json_model(KeyCreated(**view.model_dump(), key=new.plaintext, synced=new.written.synced), status=201)
 
 
@@ -257,7 +256,7 @@ async def list_keys(request: web.Request) -> web.Response:
     facets: list[tuple[str, str]] = [(name, query[name]) for name in ("user", "tier") if name in query]
     if status is not None:
         facets.append(("status", "active" if status == "expired" else status))
-    now = time.time()
+    now = ctx.now()
     keys = ctx.state.keys
 
     def accept(key_id: str) -> bool:
@@ -278,7 +277,7 @@ async def list_keys(request: web.Request) -> web.Response:
 async def get_key(request: web.Request) -> web.Response:
     ctx = context(request)
     record = find_key(ctx, request.match_info["key_id"])
-    return json_model(key_view(record, ctx.state, namespace=ctx.key_namespace))
+    return json_model(key_view(record, ctx.state, namespace=ctx.key_namespace, now=ctx.now()))
 
 
 async def _current_secret(ctx: AdminContext, record: KeyRecord) -> Obj:
@@ -311,18 +310,19 @@ async def _update(request: web.Request, updates: Mapping[str, str | None], actio
     async with ctx.locks(record.key_id):
         written = await retry_conflicts(change, what=f"The Secret of key '{record.key_id}'")
     audit(principal(request), action, key_id=record.key_id, changes=",".join(sorted(updates)) or None)
-    view = key_view(written.record, ctx.state, namespace=ctx.key_namespace)
+    view = key_view(written.record, ctx.state, namespace=ctx.key_namespace, now=ctx.now())
     return json_model(KeyUpdated(**view.model_dump(), synced=written.synced))
 
 
 async def patch_key(request: web.Request) -> web.Response:
+    ctx = context(request)
     body = await read_body(request, KeyPatch)
     given = body.model_fields_set
     updates: dict[str, str | None] = {}
     if "name" in given:
         updates[tr.KEY_NAME] = body.name or None
     if "tier" in given:
-        _check_tier(context(request), body.tier)
+        _check_tier(ctx, body.tier)
         updates[tr.MAAS_TIER] = body.tier
     if "models" in given:
         updates[tr.MAAS_MODELS] = ",".join(body.models or ()) or None
@@ -331,7 +331,7 @@ async def patch_key(request: web.Request) -> web.Response:
             duration_seconds(body.limits.window, param="limits.window")
         updates.update(ks.limit_annotations(body.limits))
     if given & {"expires_in", "expires_at"}:
-        now = time.time()
+        now = ctx.now()
         expires_at = expiry(body.expires_in, body.expires_at, now=now)
         if expires_at is not None and expires_at <= now:
             raise InvalidRequest("'expires_at' is in the past.", param="expires_at")  # as when a key is issued
@@ -346,7 +346,9 @@ async def revoke_key(request: web.Request) -> web.Response:
     record = find_key(ctx, request.match_info["key_id"])
     if record.status is KeyStatus.REVOKED and ks.is_managed(record, ctx.key_namespace):
         return json_model(
-            KeyUpdated(**key_view(record, ctx.state, namespace=ctx.key_namespace).model_dump(), synced=True)
+            KeyUpdated(
+                **key_view(record, ctx.state, namespace=ctx.key_namespace, now=ctx.now()).model_dump(), synced=True
+            )
         )
     return await _update(request, {tr.MAAS_STATUS: "revoked"}, "key.revoke")
 
@@ -360,7 +362,7 @@ async def rotate_key(request: web.Request) -> web.Response:
     async with ctx.locks(old.key_id):
         old_secret = await _current_secret(ctx, old)
         _unchanged_since(old_secret, old)
-        now = time.time()
+        now = ctx.now()
         if old.expires_at is not None and old.expires_at <= now:
             raise KeyExpired(
                 f"The key '{old.key_id}' expired; give it a new expiry (PATCH expires_in) before rotating it."
@@ -384,8 +386,8 @@ async def rotate_key(request: web.Request) -> web.Response:
         Rotated(
             key=new.plaintext,
             key_id=new.key_id,
-            new=key_view(new.written.record, ctx.state, namespace=ctx.key_namespace),
-            old=key_view(ended.record, ctx.state, namespace=ctx.key_namespace),
+            new=key_view(new.written.record, ctx.state, namespace=ctx.key_namespace, now=ctx.now()),
+            old=key_view(ended.record, ctx.state, namespace=ctx.key_namespace, now=ctx.now()),
             grace_period_ends_at=ends_at,
             synced=new.written.synced and ended.synced,
         )

@@ -9,7 +9,6 @@ upstream request). Identity headers are only accepted with a valid signature und
 from __future__ import annotations
 
 import logging
-import time
 
 from aiohttp import web
 
@@ -46,10 +45,11 @@ def caller(request: web.Request, ctx: AdminContext) -> KeyRecord:
     record: KeyRecord | None
     if ctx.identity_secret is not None and headers.get(H_KEY_ID) and headers.get(H_SIGNATURE):
         try:
-            identity = verify({k.lower(): v for k, v in headers.items()}, ctx.identity_secret)
+            identity = verify({k.lower(): v for k, v in headers.items()}, ctx.identity_secret, now=ctx.now())
         except StaleIdentity as exc:
             _skewed.warning(
-                "refused the identity of key %s: %s; check NTP on this node and the maas authz nodes",
+                "refused the identity of key %s: %s; check the clock offsets to Redis (maas_*_clock_offset_seconds) "
+                "and NTP on this node and the maas authz nodes",
                 headers.get(H_KEY_ID),
                 exc,
             )
@@ -64,7 +64,7 @@ def caller(request: web.Request, ctx: AdminContext) -> KeyRecord:
         record = ctx.state.key_by_digest(digest_key(token, ctx.pepper))
     if record is None or record.status is not KeyStatus.ACTIVE:
         raise Denied(INVALID_KEY)
-    if record.expires_at is not None and record.expires_at <= time.time():
+    if record.expires_at is not None and record.expires_at <= ctx.now():
         raise Denied(EXPIRED_KEY)
     return record
 
@@ -96,7 +96,7 @@ async def me(request: web.Request) -> web.Response:
     except Denied as exc:
         return exc.response()
     tier = ctx.state.tier_of(record)
-    days = today_days()
+    days = today_days(ctx.now())
     rows = await read_rows(ctx, key_ids=[record.key_id], days=days)
     prompt = sum(r.prompt_tokens for r in rows)
     completion = sum(r.completion_tokens for r in rows)

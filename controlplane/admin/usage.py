@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 
@@ -84,8 +83,10 @@ def _day(text: str, *, param: str) -> date:
         raise InvalidRequest(f"'{param}' must be a date like 2025-01-31.", param=param) from exc
 
 
-def day_range(start: str | None, end: str | None) -> list[date]:
-    today = datetime.now(tz=UTC).date()
+def day_range(start: str | None, end: str | None, *, now: float) -> list[date]:
+    """The days from ``start`` to ``end`` (ISO dates; by default the last ``DEFAULT_DAYS`` up to the UTC day of
+    ``now``)."""
+    today = datetime.fromtimestamp(now, tz=UTC).date()
     last = _day(end, param="to") if end is not None else today
     if start is not None:
         first = _day(start, param="from")
@@ -162,7 +163,7 @@ async def get_usage(request: web.Request) -> web.StreamResponse:
     check_query(request, ("key_id", "user", "tier", "model", "from", "to", "group_by"))
     query = {name: value for name, value in request.query.items() if value}  # an empty parameter filters nothing
     as_csv = _wants_csv(request)
-    days = day_range(query.get("from"), query.get("to"))
+    days = day_range(query.get("from"), query.get("to"), now=ctx.now())
     groups = _group_by(query.get("group_by"))
     key_id = query.get("key_id")
     user, tier, model = query.get("user"), query.get("tier"), query.get("model")
@@ -269,7 +270,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/v1/usage", get_usage, allow_head=False)
 
 
-def today_days(now: float | None = None) -> list[date]:
-    """The days of the current UTC month up to today (the self-service usage period)."""
-    today = datetime.fromtimestamp(time.time() if now is None else now, tz=UTC).date()
+def today_days(now: float) -> list[date]:
+    """The days of ``now``'s UTC month up to its day (the self-service usage period)."""
+    today = datetime.fromtimestamp(now, tz=UTC).date()
     return [today.replace(day=d) for d in range(1, today.day + 1)]

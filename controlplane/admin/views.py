@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from controlplane.admin.context import rfc3339
 from controlplane.admin.keysecret import is_managed
 from controlplane.admin.models import KeyView, LimitsView, LimitView, ModelView, TierView
@@ -33,7 +31,7 @@ def status_of(record: KeyRecord, *, now: float) -> str:
     return record.status.value
 
 
-def key_view(record: KeyRecord, state: AdminState, *, namespace: str, now: float | None = None) -> KeyView:
+def key_view(record: KeyRecord, state: AdminState, *, namespace: str, now: float) -> KeyView:
     managed = is_managed(record, namespace)
     tier = state.tier_of(record)
     return KeyView(
@@ -44,7 +42,7 @@ def key_view(record: KeyRecord, state: AdminState, *, namespace: str, now: float
         tier=tier.name if tier is not None else record.tier,
         tier_explicit=record.tier is not None,
         models=list(record.models),
-        status=status_of(record, now=time.time() if now is None else now),
+        status=status_of(record, now=now),
         expires_at=rfc3339(record.expires_at),
         created_at=rfc3339(record.created_at),
         limits=limits_view(record.limits),

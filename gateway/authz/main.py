@@ -62,6 +62,7 @@ async def serve(settings: AuthzSettings, *, stop: asyncio.Event | None = None, s
         allow_unrouted=settings.allow_unrouted,
         remove_credentials=not settings.forward_api_key,
     )
+    clock = ClockOffset(metrics.clock_offset, logger=log)
     checker = Checker(
         follower=follower,
         store=store,
@@ -69,6 +70,7 @@ async def serve(settings: AuthzSettings, *, stop: asyncio.Event | None = None, s
         metrics=metrics,
         on_store_error=settings.on_store_error,
         max_inflight=settings.bucket_max_inflight,
+        clock=clock.now,
     )
 
     async def ready() -> tuple[bool, str]:
@@ -79,7 +81,6 @@ async def serve(settings: AuthzSettings, *, stop: asyncio.Event | None = None, s
 
     tasks = [asyncio.create_task(follower.run(), name="snapshot-follower")]
     if isinstance(store, SharedClock):
-        clock = ClockOffset(metrics.clock_offset, logger=log)
         tasks.append(asyncio.create_task(clock.run(store), name="clock-offset"))
     for task in tasks:
         task.add_done_callback(_log_crash)

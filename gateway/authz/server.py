@@ -115,6 +115,7 @@ class Checker:
         metrics: AuthzMetrics,
         on_store_error: str = "deny",
         max_inflight: int = 2,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._follower = follower
         self._policy = policy
@@ -122,6 +123,9 @@ class Checker:
         # memoised admissions hold their key's metric cells: when an idle key's series is dropped, they are bound anew
         metrics.key_requests.on_evict = policy.cache.admissions.clear
         self._on_store_error = on_store_error
+        self._clock = clock
+        """Now, for key expiry and the identity's stamp: Redis's clock as this process knows it (``ClockOffset.now``),
+        the one the control plane set the expiry by and the meter checks the stamp by."""
         self._batcher = BucketBatcher(store, max_inflight=max_inflight, on_batch=metrics.batch_size.observe)
         self._local = MemoryStore()
         self._store_down_until = 0.0
@@ -146,7 +150,7 @@ class Checker:
         snapshot = self._follower.snapshot
         if not snapshot.loaded:
             return self.deny(NOT_READY, "", "")
-        now = time.time()
+        now = self._clock()
         outcome = admit(snapshot, self._policy, host=host, path=path, get=get, count=count, now=now)
         if isinstance(outcome, Denial):
             return self.deny(outcome, outcome.tier, outcome.model)

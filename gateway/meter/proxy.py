@@ -165,15 +165,18 @@ async def handle(meter: Meter, request: Request) -> Reply | Stream:
         meter.metrics.in_flight.dec()
 
 
-def authenticate(request: Request, config: MeterConfig) -> ident.Identity:
+def authenticate(request: Request, meter: Meter) -> ident.Identity:
+    """The identity authz signed, its stamp checked on Redis's clock as this meter knows it (authz stamps by the
+    same clock, so their own clocks may disagree)."""
+    config = meter.config
     try:
         if config.trust_identity_headers:
             return ident.parse(request.headers)
-        return ident.verify(request.headers, config.secret, max_age=config.identity_max_age)
+        return ident.verify(request.headers, config.secret, max_age=config.identity_max_age, now=meter.clock.now())
     except ident.StaleIdentity as exc:
         _skewed.warning(
-            "refused the identity of key %s: %s (--identity-max-age %gs); check NTP on this node and the maas authz "
-            "nodes",
+            "refused the identity of key %s: %s (--identity-max-age %gs); check the clock offsets to Redis "
+            "(maas_*_clock_offset_seconds) and NTP on this node and the maas authz nodes",
             request.headers.get(ident.H_KEY_ID, ""),
             exc,
             config.identity_max_age,
@@ -279,7 +282,7 @@ def begin_early(meter: Meter, request: Request) -> None:
         return
     started = time.perf_counter()
     try:
-        identity = authenticate(request, meter.config)
+        identity = authenticate(request, meter)
         _check_body_headers(request, limit=meter.config.max_body_bytes)
         raw = request.content.read_now()
         if raw is None:
@@ -383,7 +386,7 @@ async def metered(request: Request, meter: Meter, *, kind: Kind) -> Reply | Stre
         begun = early
     else:  # the body was not whole when the head arrived: read it here
         started = time.perf_counter()
-        identity = authenticate(request, meter.config)  # a wrong identity is refused before the body is read
+        identity = authenticate(request, meter)  # a wrong identity is refused before the body is read
         raw = await read_body(request, limit=meter.config.max_body_bytes)
         begun = _begin(meter, request, kind, identity, raw, started)
     identity, parsed, body, prepared = begun.identity, begun.parsed, begun.body, begun.prepared

@@ -32,8 +32,8 @@ class MeterSettings(CommonSettings):
         60.0,
         gt=0,
         le=3600,
-        description="clock skew tolerated between maas authz and this meter, either way, seconds: an identity dated "
-        "up to this much ahead of this meter's clock, or this much plus the 10 s signing window behind it, is accepted",
+        description="seconds an identity's stamp may be off this meter's reading of Redis's clock (authz stamps by its "
+        "own reading): up to this much ahead of it, or this much plus the 10 s signing window behind it, is accepted",
     )
     trust_identity_headers: bool = Field(False, description="accept identity headers without a valid signature")
     check_model: bool = Field(True, description="refuse a body model other than the one authz routed to (403)")
