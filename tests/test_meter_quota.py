@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import signal
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import httpx2
@@ -18,10 +20,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.contract import bucket_key, ledger_day
+from gateway.errors import StoreNotSent
+from gateway.limits import BucketOp
 from gateway.meter import quota
 from gateway.meter.estimate import Estimator
 from gateway.sim import engine
 from gateway.sim.server import SimConfig
+from gateway.store.base import UsageDelta
 from gateway.store.redis import RedisStore
 from tests.support.k8s_emulator import eventually
 from tests.support.procs import free_port, redis_server
@@ -382,6 +387,70 @@ async def test_a_stream_cut_by_shutdown_is_charged_what_was_sent(redis_url: str)
     level = float(state.split()[0]) if state else 0.0
     charged = rows[0].prompt_tokens + rows[0].completion_tokens
     assert 100_000 - charged <= level < 100_000 - charged + 5  # (plus a few seconds' refill)
+
+
+class StallingStore(RedisStore):
+    """Redis, until ``stall`` is set: then its first commit and first ledger write wait longer than the shutdown's
+    settle window, and every later one fails unsent."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, timeout=2.0)
+        self.stall = False
+        self._stalled: set[str] = set()
+
+    async def _gate(self, what: str) -> None:
+        if not self.stall:
+            return
+        if what not in self._stalled:
+            self._stalled.add(what)
+            await asyncio.sleep(60)
+        raise StoreNotSent(f"{what}: the store is gone")
+
+    async def commit(self, op: BucketOp, reservation: str) -> None:
+        await self._gate("commit")
+        await super().commit(op, reservation)
+
+    async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
+        await self._gate("ledger")
+        await super().add_usage(deltas)
+
+
+async def test_a_settle_cut_at_shutdown_is_counted_and_logged_as_lost(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream cut by the shutdown whose settle is still waiting for the store when the settle window ends: its
+    commit and its ledger row were dropped with no metric. Now they are held for the backlog's last flush and,
+    the store not taking them, counted in the store errors and logged."""
+    sim = SimConfig(served=(MODEL,), tokens_per_second=20)
+    store = StallingStore(redis_url)
+    received = 0
+
+    async def read(client: openai.AsyncOpenAI) -> None:
+        nonlocal received
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "go on"}], stream=True, max_tokens=300
+        )
+        with contextlib.suppress(openai.APIError, httpx2.HTTPError):
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    received += 1
+
+    with caplog.at_level(logging.ERROR, logger="maas.meter"):
+        async with running_stack(redis_url, sim=sim, store=store) as stack:
+            client = stack.client(key_id="cut-late", limit=(100_000, 86_400_000))
+            reader = asyncio.create_task(read(client))
+            await eventually(lambda: received >= 3)
+            store.stall = True
+        await asyncio.wait_for(reader, 10)
+        await client.close()
+    errors = stack.meter.metrics.registry.get_sample_value
+    assert errors("maas_meter_store_errors_total", {"operation": "commit"}) == 1
+    assert errors("maas_meter_store_errors_total", {"operation": "ledger"}) == 1
+    lost = [r.getMessage() for r in caplog.records if "not written" in r.getMessage()]
+    assert lost == [
+        "meter stopping with 1 usage ledger rows, 1 token commits and 0 reservation releases not written: the store "
+        "did not take them"
+    ]
 
 
 async def test_a_stream_left_before_its_first_token_writes_no_ledger_row(redis_url: str) -> None:

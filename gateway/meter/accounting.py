@@ -365,6 +365,13 @@ async def _adjust(
     merged with another."""
     try:
         await quota.adjust(store, reservation, delta)
+    except asyncio.CancelledError:
+        # cut while the store had it (a settle that outlived the shutdown's settle window): it may have run, so it
+        # is held to be made again under its id by the backlog's last flush, or counted there as lost
+        if not (backlog is not None and reservation.ident and backlog.hold_commit(reservation, delta)):
+            metrics.store_errors["commit"].inc()
+            _warn.warning("token commit for key %s cut before the store answered", reservation.key_id)
+        raise
     except StoreError as exc:
         if backlog is not None and isinstance(exc, StoreNotSent) and not ran:
             backlog.hold_debit(reservation, delta)
@@ -383,6 +390,9 @@ async def _adjust(
 async def _ledger(store: Store, metrics: MeterMetrics, row: UsageDelta, backlog: UsageBacklog | None) -> None:
     try:
         await store.add_usage([row])
+    except asyncio.CancelledError:  # as a commit cut (``_adjust``): may have landed, held apart with its write id
+        _kept(metrics, [row], StoreError("cut before the store answered"), backlog, landed=True)
+        raise
     except StoreError as exc:
         _kept(metrics, [row], exc, backlog)
 
