@@ -3,6 +3,7 @@ runner both ports are served with."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -112,6 +113,9 @@ class ApiServer(EnvelopeServer):
             return 431, "request_header_too_large", "The request line or a header is too long, or there are too many."
         if status < 500:
             return 400, "invalid_request", "Malformed HTTP request."
+        if isinstance(exc, asyncio.CancelledError):  # cut by the shutdown, past REQUEST_GRACE_SECONDS: no failure
+            log.info("a request still running when the server stopped was cancelled")
+            return 503, "shutting_down", "The control plane stopped while answering this request; retry."
         log.error("request failed", exc_info=exc)
         return 500, "internal_error", "The control plane failed to answer this request; its log has the details."
 

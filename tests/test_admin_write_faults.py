@@ -444,3 +444,63 @@ async def test_a_new_keys_secret_that_cannot_be_deleted_is_named_in_the_answer_a
     assert f"{NS}/{orphan}" in message and "kept changing" in message, message
     logged = [r for r in caplog.records if r.levelno == logging.ERROR and f"{NS}/{orphan}" in r.getMessage()]
     assert len(logged) == 1, caplog.records
+
+
+@pytest.mark.parametrize("path", ["create", "rotate"])
+async def test_a_new_keys_secret_created_though_the_answer_was_lost_is_the_key_given_out(
+    api: Api, seeded: K8sEmulator, path: str
+) -> None:
+    """The API server created the new key's Secret but its answer was lost (a 500 after serving): the request
+    failed with 503 and left that Secret, an active key whose plaintext no one was given."""
+    old = None
+    if path == "rotate":
+        code, old = await api.call("POST", "/admin/v1/keys", json={"user": "dana"})
+        assert code == 201, old
+    before = managed_secrets(seeded)
+    seeded.lose_answer("create secrets", 500)
+    if old is None:
+        code, key = await api.call("POST", "/admin/v1/keys", json={"user": "dana"})
+        assert code == 201, key
+    else:
+        code, key = await api.call("POST", f"/admin/v1/keys/{old['key_id']}/rotate", json={"grace_period": "1h"})
+        assert code == 200, key
+    assert managed_secrets(seeded) - before == {secret_name(key["key_id"])}
+    assert seeded.requests["create secrets"] == 1 + (old is not None)
+    made = seeded.get("v1", "Secret", NS, secret_name(key["key_id"]))
+    assert made is not None
+    assert base64.b64decode(made["data"]["digest"]).decode() == digest_key(key["key"], PEPPER)
+    code, shown = await api.call("GET", f"/admin/v1/keys/{key['key_id']}")
+    assert code == 200 and shown["status"] == "active", shown
+
+
+@pytest.mark.parametrize("answered", ["before-the-cut", "after-the-cut"])
+async def test_a_key_creation_cut_by_a_shutdown_deletes_the_secret_its_create_made(
+    served: tuple[ControlPlane, Api], seeded: K8sEmulator, answered: str
+) -> None:
+    """The control plane stopped while a new key's creation was in flight: its Secret stayed, an active key whose
+    plaintext no one was given. The API server answers the create before the request is cut (it was waiting for
+    Redis to hold the key), or only after (the request was cut during the create, which landed later). Either way
+    the Secret is deleted before the process ends."""
+    plane, api = served
+    arrived, done = threading.Event(), threading.Event()
+
+    async def slow() -> None:  # the API server answers the create only when the test lets it
+        arrived.set()
+        await asyncio.to_thread(done.wait, 60)
+
+    seeded.intercept("create secrets", slow)
+    creation = asyncio.create_task(api.call("POST", "/admin/v1/keys", json={"user": "dana"}))
+    stopping = None
+    try:
+        await eventually(arrived.is_set)
+        stopping = asyncio.create_task(plane.stop())
+        if answered == "after-the-cut":
+            with pytest.raises(aiohttp.ClientError):
+                await creation  # the request was cancelled, its connection closed
+    finally:
+        done.set()
+    with contextlib.suppress(aiohttp.ClientError):
+        await creation
+    await asyncio.wait_for(stopping, 10)
+    assert seeded.requests["create secrets"] == 1 and seeded.requests["delete secrets"] == 1
+    assert managed_secrets(seeded) == set()

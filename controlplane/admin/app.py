@@ -42,7 +42,15 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
                 )
             # a change answered by another replica is in Redis, not yet necessarily in this replica's view
             await ctx.state.catch_up(within=CATCH_UP_SECONDS)
-        return await handler(request)
+        if request.method not in WRITE_METHODS:
+            return await handler(request)
+        change = asyncio.get_running_loop().create_future()
+        ctx.changes.add(change)
+        try:
+            return await handler(request)
+        finally:
+            ctx.changes.discard(change)
+            change.set_result(None)
     except AdminError as exc:
         return exc.response()
     except StoreError as exc:
@@ -71,9 +79,14 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def finish_undoing(app: web.Application) -> None:
-    """On shutdown, after the requests in flight were cancelled: wait for the undos they started (within the
-    runner's own bound), so a cancelled rotation leaves no key behind whose plaintext no one was given."""
-    pending = set(app[ADMIN].undoing)
+    """On shutdown, after the requests in flight were cancelled: wait for the changes among them to end (aiohttp
+    cancels them without waiting: one starts its undo as it meets the cancellation), then for the undos they
+    started, within the runner's own bound: a cancelled key creation or rotation leaves no key behind whose
+    plaintext no one was given."""
+    ctx = app[ADMIN]
+    if ctx.changes:
+        await asyncio.wait(set(ctx.changes))
+    pending = set(ctx.undoing)
     if pending:
         log.info("waiting for %d undo(s) of cancelled admin changes", len(pending))
         await asyncio.wait(pending)

@@ -89,6 +89,9 @@ class AdminContext:
     """Now on Redis's clock as this process knows it (``ClockOffset.now``): the clock key expiry, identity stamps,
     the buckets and the ledger's days are all judged by, whatever each node's own clock says."""
     locks: Locks = field(default_factory=Locks)
+    changes: set[asyncio.Future[None]] = field(default_factory=set)
+    """One future per write request in flight, done when its handler has ended (``finish_undoing`` waits for
+    them)."""
     undoing: set[asyncio.Future[None]] = field(default_factory=set)
     """Undos of half-done changes whose request was cancelled, still running: the server waits for them when it
     stops (``finish_undoing``)."""

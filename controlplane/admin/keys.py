@@ -12,8 +12,9 @@ import asyncio
 import base64
 import binascii
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -42,6 +43,7 @@ from controlplane.admin.errors import (
     KeyRevoked,
     PageTooLarge,
     ReadOnlyKey,
+    SourceUnavailable,
     UnknownTier,
 )
 from controlplane.admin.models import KeyCreate, KeyCreated, KeyPage, KeyPatch, KeyUpdated, Rotated, RotateRequest
@@ -159,8 +161,14 @@ async def _synced(ctx: AdminContext, expected: KeyRecord, stored: Obj) -> Writte
 async def issue(
     ctx: AdminContext, annotations: Mapping[str, str | None], *, no_window: str = "give limits.window"
 ) -> NewKey:
-    """Draw a key, create its Secret and wait until Redis holds its record."""
-    return await synced_key(ctx, await draw(ctx, annotations, no_window=no_window))
+    """Draw a key, create its Secret and wait until Redis holds its record; cancelled after the create (the server
+    stops), the Secret is deleted: no one will be given the key."""
+    drawn = await draw(ctx, annotations, no_window=no_window)
+    try:
+        return await synced_key(ctx, drawn)
+    except asyncio.CancelledError:
+        await _withdraw_cancelled(ctx, drawn, change="The creation of a key")
+        raise
 
 
 async def draw(ctx: AdminContext, annotations: Mapping[str, str | None], *, no_window: str) -> Drawn:
@@ -173,9 +181,63 @@ async def draw(ctx: AdminContext, annotations: Mapping[str, str | None], *, no_w
         key_id = key_id_of(digest)
         obj = ks.key_secret(digest=digest, namespace=ctx.key_namespace, key_id=key_id, annotations=annotations)
         expected = _expected(ctx, obj, no_window)
-        return Drawn(plaintext=plaintext, key_id=key_id, expected=expected, secret=await _apply(ctx, obj))
+        return Drawn(plaintext=plaintext, key_id=key_id, expected=expected, secret=await _create(ctx, obj))
 
     return await retry_conflicts(attempt, what="The Secret name of a new key")
+
+
+def _same_key(obj: Obj) -> Callable[[Obj], bool]:
+    """Whether a Secret read back holds the key digest ``obj`` was created with."""
+    digest = (obj.get("data") or {}).get(tr.DIGEST)
+    return lambda secret: (secret.get("data") or {}).get(tr.DIGEST) == digest
+
+
+async def _create(ctx: AdminContext, obj: Obj) -> Obj:
+    """Create a new key's Secret. A create that failed but landed (the API server applied it and its answer was
+    lost) is a create: the Secret read back holds this key. A create cut by a cancellation (the server stops) runs
+    to its end in the background and the Secret it made is deleted: no one will be given the key."""
+    creating = asyncio.ensure_future(_apply(ctx, obj))
+    try:
+        return await asyncio.shield(creating)
+    except asyncio.CancelledError:
+        _in_background(ctx, _delete_cut_create(ctx, obj, creating))
+        raise
+    except SourceUnavailable as exc:
+        name = meta(obj)["name"]
+        made = await landed(ctx, kinds.SECRET, ctx.key_namespace, name, _same_key(obj))
+        if made is None:
+            raise
+        log.warning(
+            "the new key's Secret %s/%s was created, though the answer was lost: %s", ctx.key_namespace, name, exc
+        )
+        return made
+
+
+async def _delete_cut_create(ctx: AdminContext, obj: Obj, creating: asyncio.Future[Obj]) -> None:
+    """Delete the Secret a create cut by a cancellation made, once the create has ended (on the version it made: a
+    Secret another writer changed since is kept and named in the log)."""
+    name = meta(obj)["name"]
+    try:
+        made: Obj | None = await creating
+    except Exception:  # failed, or its answer lost: read back whether it made the Secret
+        made = await landed(ctx, kinds.SECRET, ctx.key_namespace, name, _same_key(obj))
+    if made is None:
+        return
+    version = str(meta(made).get("resourceVersion") or "")
+    try:
+        await ctx.source.delete(kinds.SECRET, ctx.key_namespace, name, resource_version=version)
+    except SourceError as exc:
+        log.error(
+            "a new key's Secret %s/%s was created while its request was cancelled, and deleting it was not possible "
+            "(%s): it is an active key whose plaintext no one was given; delete it (kubectl -n %s delete secret %s)",
+            ctx.key_namespace,
+            name,
+            exc,
+            ctx.key_namespace,
+            name,
+        )
+        return
+    log.warning("a new key's Secret %s/%s created while its request was cancelled was deleted", ctx.key_namespace, name)
 
 
 async def synced_key(ctx: AdminContext, drawn: Drawn) -> NewKey:
@@ -379,7 +441,7 @@ async def rotate_key(request: web.Request) -> web.Response:
             new = await synced_key(ctx, drawn)
             ended = await _end_old(ctx, old, old_secret, new, ends_at=ends_at)
         except asyncio.CancelledError:
-            await _withdraw_cancelled(ctx, drawn, rotated=old.key_id)
+            await _withdraw_cancelled(ctx, drawn, change=f"The rotation of key '{old.key_id}'")
             raise
     audit(principal(request), "key.rotate", key_id=old.key_id, new_key_id=new.key_id, grace_seconds=grace)
     return json_model(
@@ -408,7 +470,9 @@ async def _end_old(ctx: AdminContext, old: KeyRecord, old_secret: Obj, new: NewK
     except Exception as exc:
         landed = await _ended_anyway(ctx, old, {tr.EXPIRES_AT: ends_at, ks.ROTATED_TO: new.key_id})
         if landed is None:
-            await _withdraw(ctx, new.key_id, new.written.secret, rotated=old.key_id, cause=exc)
+            await _withdraw(
+                ctx, new.key_id, new.written.secret, change=f"The rotation of key '{old.key_id}'", cause=exc
+            )
             raise
         log.warning("rotation of key '%s': the old key's write failed (%s) but had landed", old.key_id, exc)
         return landed
@@ -429,28 +493,32 @@ async def _ended_anyway(ctx: AdminContext, old: KeyRecord, updates: Mapping[str,
     return await _synced(ctx, _expected(ctx, secret, "give limits.window"), secret)
 
 
-async def _withdraw_cancelled(ctx: AdminContext, drawn: Drawn, *, rotated: str) -> None:
-    """Withdraw the new key of a rotation cancelled after its Secret was created (the server shuts down): no one
-    will be given its plaintext. The delete runs in a task of its own, which a second cancellation does not stop,
-    and which the server's shutdown waits for (``AdminContext.undoing``); its failure is logged by ``_withdraw``.
-    The old key's write may have landed before the cancellation: the old key then ends with its grace period."""
+async def _withdraw_cancelled(ctx: AdminContext, drawn: Drawn, *, change: str) -> None:
+    """Withdraw the new key of a creation or rotation cancelled after its Secret was created (the server shuts
+    down): no one will be given its plaintext. The delete runs in a task of its own, which a second cancellation
+    does not stop, and which the server's shutdown waits for (``AdminContext.undoing``); its failure is logged by
+    ``_withdraw``. A rotation's write of the old key may have landed before the cancellation: the old key then ends
+    with its grace period."""
     cause = RuntimeError("the request was cancelled")
-    task = asyncio.ensure_future(_withdraw(ctx, drawn.key_id, drawn.secret, rotated=rotated, cause=cause))
+    await asyncio.shield(_in_background(ctx, _withdraw(ctx, drawn.key_id, drawn.secret, change=change, cause=cause)))
+
+
+def _in_background(ctx: AdminContext, undo: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+    """Run an undo of a cancelled change in a task of its own, which a cancellation of the request does not stop
+    and the server's shutdown waits for (``AdminContext.undoing``); a failure it raises has been logged by it."""
+    task = asyncio.ensure_future(undo)
     ctx.undoing.add(task)
-    task.add_done_callback(_undone(ctx))
-    await asyncio.shield(task)
 
-
-def _undone(ctx: AdminContext) -> Callable[[asyncio.Future[None]], None]:
     def done(task: asyncio.Future[None]) -> None:
         ctx.undoing.discard(task)
         if not task.cancelled():
-            task.exception()  # retrieved: _withdraw has logged why the delete failed
+            task.exception()  # retrieved: the undo has logged why it failed
 
-    return done
+    task.add_done_callback(done)
+    return task
 
 
-async def _withdraw(ctx: AdminContext, key_id: str, secret: Obj, *, rotated: str, cause: Exception) -> None:
+async def _withdraw(ctx: AdminContext, key_id: str, secret: Obj, *, change: str, cause: Exception) -> None:
     """Delete the new key's Secret of a rotation that failed after creating it: its plaintext is never returned, so
     it would stay an active key no one holds. The delete is conditional on the version the rotation created (a
     Secret another writer changed since is kept); if it fails, the answer and the log name the Secret to remove."""
@@ -462,15 +530,15 @@ async def _withdraw(ctx: AdminContext, key_id: str, secret: Obj, *, rotated: str
         raise undo_failed(
             exc,
             lambda why: (
-                f"The rotation of key '{rotated}' failed ({cause}), after it had created the new key's Secret "
+                f"{change} failed ({cause}), after it had created the new key's Secret "
                 f"{ctx.key_namespace}/{name} (key '{key_id}', whose plaintext was not returned). Deleting that "
                 f"Secret was not possible: {why}. Delete it (kubectl -n {ctx.key_namespace} delete secret {name}), "
                 "then rotate again."
             ),
         ) from exc
     log.warning(
-        "rotation of key '%s' failed (%s): its new key's Secret %s/%s was deleted",
-        rotated,
+        "%s failed (%s): its new key's Secret %s/%s was deleted",
+        change,
         cause,
         ctx.key_namespace,
         name,
