@@ -519,9 +519,9 @@ def _in_background(ctx: AdminContext, undo: Coroutine[Any, Any, None]) -> asynci
 
 
 async def _withdraw(ctx: AdminContext, key_id: str, secret: Obj, *, change: str, cause: Exception) -> None:
-    """Delete the new key's Secret of a rotation that failed after creating it: its plaintext is never returned, so
-    it would stay an active key no one holds. The delete is conditional on the version the rotation created (a
-    Secret another writer changed since is kept); if it fails, the answer and the log name the Secret to remove."""
+    """Delete the new key's Secret of a creation or rotation that failed after creating it: its plaintext is never
+    returned, so it would stay an active key no one holds. The delete is conditional on the version that was created
+    (a Secret another writer changed since is kept); if it fails, the answer and the log name the Secret to remove."""
     name = ks.secret_name(key_id)
     version = str(meta(secret).get("resourceVersion") or "")
     try:
@@ -533,7 +533,7 @@ async def _withdraw(ctx: AdminContext, key_id: str, secret: Obj, *, change: str,
                 f"{change} failed ({cause}), after it had created the new key's Secret "
                 f"{ctx.key_namespace}/{name} (key '{key_id}', whose plaintext was not returned). Deleting that "
                 f"Secret was not possible: {why}. Delete it (kubectl -n {ctx.key_namespace} delete secret {name}), "
-                "then rotate again."
+                "then try again."
             ),
         ) from exc
     log.warning(
