@@ -8,8 +8,10 @@ What Istio generates from the mesh config's ``extensionProviders[].envoyExtAuthz
 ``headersToDownstreamOnAllow``, and ``status_on_error`` from ``statusOnError``. Paths the policy leaves alone
 (health checks) have the filter disabled per route. HTTPRoute ``PathPrefix`` matches with a ``URLRewrite``
 ``ReplacePrefixMatch`` filter become Envoy routes with ``prefix_rewrite``. Paths are normalised as Istio's default
-``pathNormalization: BASE`` does (``normalize_path``: dot segments resolved before ext_authz and routing), and the
-Host's port is stripped before both (as ``maas authz`` ignores it; Istio lists each host as ``host`` and ``host:*``).
+``pathNormalization: BASE`` does (``normalize_path``: dot segments resolved before ext_authz and routing), and
+virtual hosts list their domains as Istio's gateways do: ``host`` and ``host:*`` (any port, or anything else after a
+colon), a wildcard hostname as ``*.example.com`` and ``*.example.com:<listener port>`` (Envoy allows one wildcard
+per domain); the Host reaches ext_authz as the client sent it.
 
 The demo and the tests use this; ``deploy/istio/`` holds the same settings as Istio configuration.
 """
@@ -129,13 +131,23 @@ def _route(route: Route, cluster: Cluster) -> dict[str, Any]:
     return entry
 
 
+def _domains(hosts: Sequence[str], port: int) -> list[str]:
+    """A virtual host's domains as Istio lists a gateway's hostnames (``buildGatewayVirtualHostDomains``)."""
+    domains: list[str] = []
+    for host in hosts:
+        domains.append(host)
+        if host != "*":
+            domains.append(f"{host}:{port}" if host.startswith("*") else f"{host}:*")
+    return domains
+
+
 def render(gw: Gateway) -> dict[str, Any]:
     clusters = {c.name: c for c in gw.clusters}
     hosts: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for route in sorted(gw.routes, key=lambda r: len(r.prefix.strip("/")), reverse=True):
         hosts.setdefault(route.hosts, []).append(_route(route, clusters[route.cluster]))
     virtual_hosts = [
-        {"name": f"vh{i}", "domains": list(domains), "routes": routes}
+        {"name": f"vh{i}", "domains": _domains(domains, gw.listen_port), "routes": routes}
         for i, (domains, routes) in enumerate(sorted(hosts.items(), key=lambda item: item[0] == ("*",)))
     ]
     http_filters = [_ext_authz_filter(gw)] if gw.authz is not None else []
@@ -168,11 +180,6 @@ def render(gw: Gateway) -> dict[str, Any]:
                                         # Istio's default pathNormalization (BASE): RFC 3986 dot segments
                                         # resolved before ext_authz and routing see the path
                                         "normalize_path": True,
-                                        # maas authz drops the Host's port before matching (Istio's virtual
-                                        # hosts list `host` and `host:*`): without this, `Host: a.example:80`
-                                        # fell through to the `*` routes while the check had admitted it for
-                                        # a.example's model; stripped here, both see the same host
-                                        "strip_any_host_port": True,
                                         "route_config": {"name": "routes", "virtual_hosts": virtual_hosts},
                                         "http_filters": http_filters,
                                         **gw.extra,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -149,6 +150,12 @@ NO_TIER = _denial(
     "permission_error",
 )
 NO_ROUTE = _denial(404, "route_not_found", "No model is served at this host and path.")
+BAD_HOST = _denial(400, "invalid_host", "The Host header is not a host name or IP address with an optional port.")
+PORTED_WILDCARD = _denial(
+    400,
+    "invalid_host",
+    "This host is served by a wildcard hostname route: send its Host header without a port.",
+)
 STORE_DOWN = _denial(
     503, "rate_limit_unavailable", "Rate limits cannot be checked right now; retry shortly.", "server_error"
 )
@@ -198,14 +205,24 @@ def _unsupported_scheme(scheme: str, *, bare: bool) -> Denial:
     return _denial(401, "invalid_api_key", f"Unsupported Authorization scheme{shown}. {forms}")
 
 
-def _split_host(host: str) -> str:
-    """The host as Envoy matches it to a virtual host: lowercased, the port dropped (Istio's virtual hosts list
-    ``host`` and ``host:*``). A trailing dot stays: Envoy routes ``example.com.`` as another host (to the ``*``
-    routes), unless ``strip_trailing_host_dot`` strips it, and then before the check too; taken here for
-    ``example.com``, a request admitted for that host's model was routed by Envoy to another model."""
-    if host.startswith("["):
-        return host.split("]", 1)[0].lower() + "]"
-    return host.rsplit(":", 1)[0].lower() if ":" in host else host.lower()
+_HOST = re.compile(r"([a-z0-9_.-]*|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?")
+"""A host name, IPv4 or bracketed IPv6 address (lowercased), and an optional port of digits only."""
+
+
+def _split_host(host: str) -> tuple[str, bool] | None:
+    """The host as Envoy matches it to a virtual host, and whether a port came with it; None for a Host that Envoy
+    might match otherwise. Lowercased (ASCII only: ``str.lower`` maps the Kelvin sign to ``k``, Envoy does not), the
+    port dropped: Istio lists a host as ``host`` and ``host:*``, and ``host:*`` matches whatever follows the colon,
+    so only a port of digits passes (split at the last colon, ``host:1:2`` was checked as ``host:1`` while Envoy
+    routed it as ``host``; ``host:`` and ``host:x`` were checked as ``host``, while Envoy routes ``host:`` to the
+    routes for any host). A trailing dot stays: Envoy routes ``example.com.`` as another host (to the ``*``
+    routes), unless ``strip_trailing_host_dot`` strips it, and then before the check too."""
+    if not host.isascii():
+        return None
+    found = _HOST.fullmatch(host.lower())
+    if found is None:
+        return None
+    return found[1], found[2] is not None
 
 
 def admit(
@@ -264,7 +281,16 @@ def _route(snapshot: Snapshot, policy: Policy, key: KeyEntry, host: str, path: s
     prefix = policy.path_prefix
     if prefix and path.startswith(prefix):
         path = path[len(prefix) :] or "/"
-    route = catalog.routes.lookup(_split_host(host), path)
+    split = _split_host(host)
+    if split is None:
+        return BAD_HOST
+    name, ported = split
+    if ported and catalog.routes.wildcard(name):
+        # Istio lists a wildcard hostname as `*.example.com` and `*.example.com:<listener port>`: Envoy takes its
+        # routes for the listener's port, which is not known here (even over a host's own `host:*`), and the
+        # routes for any host for another port
+        return PORTED_WILDCARD
+    route = catalog.routes.lookup(name, path)
     tier = catalog.tier_of(key, policy.default_tier)
     if tier is None and route is not None and route.model is not None:
         return NO_TIER  # a key of no tier would run without limits: refused, loudly

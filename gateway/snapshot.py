@@ -164,6 +164,10 @@ class RouteTable:
             dot = host.find(".", dot + 1)
         return None
 
+    def wildcard(self, host: str) -> bool:
+        """Whether a wildcard hostname's routes cover ``host``."""
+        return self._wildcard(host) is not None if self._wild else False
+
     def lookup(self, host: str, path: str) -> Route | None:
         named = self._by_host.get(host) if self._by_host else None
         wild = self._wildcard(host) if self._wild else None

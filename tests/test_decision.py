@@ -518,3 +518,47 @@ def test_model_denials_carry_their_tier_and_model() -> None:
 def test_the_host_is_matched_as_envoy_matches_it(host: str, model: str) -> None:
     outcome = check([("x-api-key", ADMIN)], path="/check/granite/v1/chat/completions", host=host)
     assert isinstance(outcome, Admission) and outcome.model == model
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        pytest.param("qwen3.maas.local:", id="empty-port"),
+        pytest.param("qwen3.maas.local:x", id="port-not-digits"),
+        pytest.param("qwen3.maas.local:1:2", id="two-ports"),
+        pytest.param("qwen3.maas.local:123456", id="port-too-long"),
+        pytest.param("user@qwen3.maas.local", id="user-info"),
+        pytest.param("[::1].qwen3.maas.local", id="bracket-prefix"),
+        pytest.param("qwen3.maas.loc\u0430l", id="non-ascii"),
+    ],
+)
+def test_a_host_envoy_might_match_otherwise_is_refused(host: str) -> None:
+    """Istio's ``host:*`` domain matches whatever follows the colon: the check took ``host:1:2`` for ``host:1`` and
+    ``host:`` for ``host`` (which Envoy routes to the routes for any host), so only a port of digits passes."""
+    outcome = check([("x-api-key", ADMIN)], path="/check/granite/v1/chat/completions", host=host)
+    assert isinstance(outcome, Denial) and (outcome.status, outcome.code) == (400, "invalid_host")
+
+
+def test_a_port_on_a_host_of_a_wildcard_hostname_is_refused() -> None:
+    """Istio lists ``*.example.com`` with the listener's port only (``*.example.com:80``), and Envoy prefers it to
+    a host's own ``host:*``: with a port, which routes Envoy takes depends on a port the check does not know."""
+    route = contract.RouteRecord
+    routes = [
+        route(id="1", host="*.models.maas.local", prefix="/", model=platform.QWEN),
+        route(id="2", host="exact.models.maas.local", prefix="/", model=platform.GRANITE),
+        route(id="3", host="*", prefix="/", model=platform.GRANITE),
+    ]
+    models = [ModelRecord(id=platform.QWEN, ready=True), ModelRecord(id=platform.GRANITE, ready=True)]
+    snap = Snapshot(keys=SNAP.keys, catalog=Catalog.build(tiers=contract.DEFAULT_TIERS, models=models, routes=routes))
+
+    def outcome(host: str) -> Admission | Denial:
+        get = {"x-api-key": ADMIN}.get
+        return admit(snap, POLICY, host=host, path="/v1", get=get, count=lambda n: 1, now=time.time())
+
+    assert code(outcome("a.models.maas.local:80")) == "invalid_host"
+    assert code(outcome("exact.models.maas.local:8080")) == "invalid_host"
+    for host, model in (("a.models.maas.local", platform.QWEN), ("exact.models.maas.local", platform.GRANITE)):
+        admitted = outcome(host)
+        assert isinstance(admitted, Admission) and admitted.model == model, host
+    admitted = outcome("other.maas.local:80")
+    assert isinstance(admitted, Admission) and admitted.model == platform.GRANITE

@@ -104,6 +104,20 @@ async def test_stale_identity_is_rejected_and_trusted_mode_accepts_unsigned(redi
         pytest.param(
             b'{"model": "other-model", "messages": []}', "application/json", 403, "model_not_allowed", id="other-model"
         ),
+        # the model server reads a repeated key's last value, as the meter does
+        pytest.param(
+            b'{"model": "sim-model", "messages": [], "model": "other-model"}',
+            "application/json",
+            403,
+            "model_not_allowed",
+            id="repeated-model-key",
+        ),
+        pytest.param(
+            b'{"model": "SIM-MODEL", "messages": []}', "application/json", 403, "model_not_allowed", id="other-case"
+        ),
+        pytest.param(
+            b'{"model": "sim-model ", "messages": []}', "application/json", 403, "model_not_allowed", id="padded"
+        ),
     ],
 )
 async def test_bad_input_gets_a_documented_4xx_and_costs_nothing(

@@ -73,9 +73,10 @@ def authz_process(
 
 
 @contextlib.contextmanager
-def echo_process(*, log_dir: Path) -> Iterator[int]:
+def echo_process(*, log_dir: Path, name: str = "echo") -> Iterator[int]:
+    """The echo upstream on a free port; its answers carry ``name`` as ``upstream``."""
     port = free_port()
-    proc = start(f"echo-{port}", [sys.executable, "-m", "tests.support.echo", str(port)], log_dir=log_dir)
+    proc = start(f"{name}-{port}", [sys.executable, "-m", "tests.support.echo", str(port), name], log_dir=log_dir)
     try:
         wait_port(port, proc=proc.popen)
         yield port
