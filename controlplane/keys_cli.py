@@ -54,6 +54,16 @@ class KeysSettings(BaseSettings):
     admin_token: SecretStr = Field(SecretStr(""), description="admin API token")
 
 
+def _token_problem(token: str) -> str | None:
+    """What is wrong with the admin token, without repeating it: one that cannot go in a header made urllib fail
+    with a traceback that printed it."""
+    if not token:
+        return "set MAAS_ADMIN_TOKEN to an admin API token"
+    if not all("!" <= ch <= "~" for ch in token):
+        return "MAAS_ADMIN_TOKEN holds a space, a control character or a character that is not ASCII"
+    return None
+
+
 def _url_problem(base: str) -> str | None:
     """What is wrong with the admin URL, without repeating it (user info would hold a password)."""
     try:
@@ -269,13 +279,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     settings = KeysSettings()
     base = args.url or settings.admin_url
-    token = settings.admin_token.get_secret_value()
+    # a Secret or file written with echo ends in a newline; no token holds whitespace (the token file splits on it)
+    token = settings.admin_token.get_secret_value().strip()
     problem = _url_problem(base)
     if problem is not None:
         print(f"maas keys: {problem} (--url / MAAS_ADMIN_URL)", file=sys.stderr)
         return 2
-    if not token:
-        print("maas keys: set MAAS_ADMIN_TOKEN to an admin API token", file=sys.stderr)
+    problem = _token_problem(token)
+    if problem is not None:
+        print(f"maas keys: {problem}", file=sys.stderr)
         return 2
     try:
         out, text = _run(args, base, token)
