@@ -166,7 +166,22 @@ def _plain(value: Any) -> str:
         if value.keys() == {"limit", "window"}:
             return f"{value['limit']}/{value['window']}"
         return ", ".join(f"{k} {_plain(v)}" for k, v in value.items() if v is not None)
-    return str(value)
+    return _inert(str(value))
+
+
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _inert(text: str) -> str:
+    """``text`` with control characters and bidirectional overrides written as escapes (``\\x1b``): user ids and
+    names come from key Secrets anyone who may write one set, and an escape sequence in them would drive the
+    terminal of whoever lists the keys (clear it, rewrite lines, set its title), a bidi override reorder what it
+    shows."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch.encode("unicode_escape").decode() if unicodedata.category(ch) == "Cc" or ch in _BIDI else ch for ch in text
+    )
 
 
 def _width(text: str) -> int:

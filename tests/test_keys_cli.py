@@ -113,6 +113,31 @@ async def test_the_admin_token_is_never_printed(tmp_path: Path, redis_url: str) 
             assert ADMIN_TOKEN not in out + err
 
 
+async def test_control_characters_from_a_secret_do_not_reach_the_terminal(tmp_path: Path, redis_url: str) -> None:
+    """Whoever may write a key Secret sets its user id and name: an escape sequence there was printed as it was by
+    list and show, driving the terminal of the admin who ran them (here: clear the screen, forge a line)."""
+    settings = admin_settings(tmp_path, redis_url)
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": "odd-key",
+            "namespace": "llm",
+            "labels": {"app": "llm-gateway"},
+            "annotations": {"secret.kuadrant.io/user-id": "eve\x1b[2J\u202e", "maas.io/key-name": "x\nstatus: ok"},
+        },
+        "stringData": {"api_key": "odd-key-0123456789"},
+    }
+    (Path(settings.directory or "") / "odd.yaml").write_text(json.dumps(secret))
+    async with running(settings) as (_, api):
+        code, out, err = await _keys(api.base, "list", "--user", "eve\x1b[2J\u202e")
+        assert code == 0 and "eve\\x1b[2J\\u202e" in out, (out, err)
+        key_id = out.splitlines()[1].split()[0]
+        code, out, err = await _keys(api.base, "show", key_id)
+        assert code == 0 and "name: x\\nstatus: ok\n" in out, (out, err)
+        assert not any(ch in out for ch in "\x1b\u202e") and "\nstatus: ok" not in out.replace("\\n", ""), out
+
+
 async def test_list_as_json_is_the_api_page(tmp_path: Path, redis_url: str) -> None:
     async with running(admin_settings(tmp_path, redis_url)) as (_, api):
         code, out, _ = await _keys(api.base, "-o", "json", "list", "--limit", "1")
