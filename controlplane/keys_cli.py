@@ -54,6 +54,16 @@ class KeysSettings(BaseSettings):
     admin_token: SecretStr = Field(SecretStr(""), description="admin API token")
 
 
+def _token_problem(token: str) -> str | None:
+    """What is wrong with the admin token, without repeating it: one that cannot go in a header made urllib fail
+    with a traceback that printed it."""
+    if not token:
+        return "set MAAS_ADMIN_TOKEN to an admin API token"
+    if not all("!" <= ch <= "~" for ch in token):
+        return "MAAS_ADMIN_TOKEN holds a space, a control character or a character that is not ASCII"
+    return None
+
+
 def _url_problem(base: str) -> str | None:
     """What is wrong with the admin URL, without repeating it (user info would hold a password)."""
     try:
@@ -156,7 +166,22 @@ def _plain(value: Any) -> str:
         if value.keys() == {"limit", "window"}:
             return f"{value['limit']}/{value['window']}"
         return ", ".join(f"{k} {_plain(v)}" for k, v in value.items() if v is not None)
-    return str(value)
+    return _inert(str(value))
+
+
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _inert(text: str) -> str:
+    """``text`` with control characters and bidirectional overrides written as escapes (``\\x1b``): user ids and
+    names come from key Secrets anyone who may write one set, and an escape sequence in them would drive the
+    terminal of whoever lists the keys (clear it, rewrite lines, set its title), a bidi override reorder what it
+    shows."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch.encode("unicode_escape").decode() if unicodedata.category(ch) == "Cc" or ch in _BIDI else ch for ch in text
+    )
 
 
 def _width(text: str) -> int:
@@ -269,13 +294,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     settings = KeysSettings()
     base = args.url or settings.admin_url
-    token = settings.admin_token.get_secret_value()
+    # a Secret or file written with echo ends in a newline; no token holds whitespace (the token file splits on it)
+    token = settings.admin_token.get_secret_value().strip()
     problem = _url_problem(base)
     if problem is not None:
         print(f"maas keys: {problem} (--url / MAAS_ADMIN_URL)", file=sys.stderr)
         return 2
-    if not token:
-        print("maas keys: set MAAS_ADMIN_TOKEN to an admin API token", file=sys.stderr)
+    problem = _token_problem(token)
+    if problem is not None:
+        print(f"maas keys: {problem}", file=sys.stderr)
         return 2
     try:
         out, text = _run(args, base, token)

@@ -20,7 +20,7 @@ from controlplane.admin.errors import InvalidDuration
 from gateway.contract import ledger_day
 from gateway.limits import BucketOp
 from gateway.store.base import UsageDelta
-from tests.support.admin_api import ADMIN_TOKEN, READER_TOKEN, admin_settings, running
+from tests.support.admin_api import ADMIN_TOKEN, READER_TOKEN, TOKEN_FILE, admin_settings, running
 from tests.support.k8s_emulator import eventually
 
 pytestmark = pytest.mark.redis
@@ -419,6 +419,33 @@ async def test_token_file_is_reloaded(tmp_path: Path, redis_url: str) -> None:
         await eventually(accepted)
         status, _ = await api.call("GET", "/admin/v1/tiers", token=ADMIN_TOKEN)
         assert status == 401
+
+
+async def test_a_token_file_removed_revokes_every_token(
+    tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Removing the file (or its key from the mounted Secret) after a leak had kept every token working until a
+    restart ("keeping 2 tokens"); now it refuses them, says so once, and a file put back is loaded again."""
+    settings = admin_settings(tmp_path, redis_url)
+    path = settings.admin_token_file or ""
+    async with running(settings) as (_, api):
+        os.remove(path)
+
+        async def refused() -> bool:
+            status, error = await api.call("GET", "/admin/v1/tiers")
+            return status == 401 and error["error"]["code"] == "invalid_admin_token"
+
+        await eventually(refused)
+        await asyncio.sleep(1.1)  # past the once-a-second check: the file is looked for again, still not there
+        assert await refused()
+        assert caplog.text.count("is missing: the admin API refuses every call") == 1, caplog.text
+        _write(Path(path), TOKEN_FILE)
+
+        async def accepted() -> bool:
+            status, _ = await api.call("GET", "/admin/v1/tiers")
+            return status == 200
+
+        await eventually(accepted)
 
 
 async def test_tiers_quota_and_usage(tmp_path: Path, redis_url: str) -> None:

@@ -101,6 +101,43 @@ async def test_a_malformed_admin_url_is_bad_usage_not_a_traceback(url: str) -> N
     assert "MAAS_ADMIN_URL" in err and "pa55word" not in err and len(err.strip().splitlines()) == 1, err
 
 
+async def test_the_admin_token_is_never_printed(tmp_path: Path, redis_url: str) -> None:
+    """A token ending in a newline (a Secret made from a file written with echo) made urllib fail with a traceback
+    that printed the token; now the newline is dropped, and a token that cannot go in a header is refused unprinted."""
+    async with running(admin_settings(tmp_path, redis_url)) as (_, api):
+        code, out, err = await _keys(api.base, "list", token=f" {ADMIN_TOKEN}\n")
+        assert code == 0 and "KEY_ID" in out, (out, err)
+        for token in (f"{ADMIN_TOKEN}\r\nX-A: 1", f"ops {ADMIN_TOKEN}", f"{ADMIN_TOKEN}\x7f", f"{ADMIN_TOKEN}\u20ac"):
+            code, out, err = await _keys(api.base, "list", token=token)
+            assert code == 2 and "MAAS_ADMIN_TOKEN holds" in err and "Traceback" not in err, (token, out, err)
+            assert ADMIN_TOKEN not in out + err
+
+
+async def test_control_characters_from_a_secret_do_not_reach_the_terminal(tmp_path: Path, redis_url: str) -> None:
+    """Whoever may write a key Secret sets its user id and name: an escape sequence there was printed as it was by
+    list and show, driving the terminal of the admin who ran them (here: clear the screen, forge a line)."""
+    settings = admin_settings(tmp_path, redis_url)
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": "odd-key",
+            "namespace": "llm",
+            "labels": {"app": "llm-gateway"},
+            "annotations": {"secret.kuadrant.io/user-id": "eve\x1b[2J\u202e", "maas.io/key-name": "x\nstatus: ok"},
+        },
+        "stringData": {"api_key": "odd-key-0123456789"},
+    }
+    (Path(settings.directory or "") / "odd.yaml").write_text(json.dumps(secret))
+    async with running(settings) as (_, api):
+        code, out, err = await _keys(api.base, "list", "--user", "eve\x1b[2J\u202e")
+        assert code == 0 and "eve\\x1b[2J\\u202e" in out, (out, err)
+        key_id = out.splitlines()[1].split()[0]
+        code, out, err = await _keys(api.base, "show", key_id)
+        assert code == 0 and "name: x\\nstatus: ok\n" in out, (out, err)
+        assert not any(ch in out for ch in "\x1b\u202e") and "\nstatus: ok" not in out.replace("\\n", ""), out
+
+
 async def test_list_as_json_is_the_api_page(tmp_path: Path, redis_url: str) -> None:
     async with running(admin_settings(tmp_path, redis_url)) as (_, api):
         code, out, _ = await _keys(api.base, "-o", "json", "list", "--limit", "1")

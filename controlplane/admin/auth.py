@@ -6,7 +6,8 @@ is fine and a token may hold a ``#``). A line is ``<token>`` (an admin token), `
 ``<role> <name> <token>``, where role is ``admin`` (read and write) or ``read-only`` (``GET`` only) and name is what
 the audit log calls the token (default ``<role>-<line number>``). Tokens must be at least 16 characters. The file is
 re-read when its modification time or size changes (checked at most once a second), so a rotated Kubernetes Secret
-applies without a restart; a file that fails to parse keeps the previous tokens and logs an error.
+applies without a restart; a file that fails to parse keeps the previous tokens and logs an error, and a file that
+is gone revokes every token.
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ class TokenBook:
             if stat.st_size > MAX_TOKEN_FILE_BYTES:
                 raise TokenFileError(f"larger than {MAX_TOKEN_FILE_BYTES} bytes")
             tokens = parse_tokens(self._path.read_text())
+        except FileNotFoundError:
+            self._gone(force=force)
+            return
         except (OSError, UnicodeDecodeError, TokenFileError) as exc:
             log.error("cannot read admin token file %s: %s (keeping %d tokens)", self._path, exc, len(self._tokens))
             return
@@ -126,6 +130,15 @@ class TokenBook:
                 self._path,
                 stat.st_mode & 0o777,
             )
+
+    def _gone(self, *, force: bool) -> None:
+        """No file: no token. Removing the file (or its key from the mounted Secret) is how every token is revoked
+        at once, say after a leak; keeping the last ones loaded would leave a leaked token working until a restart.
+        Logged once; a file put back is loaded whatever its modification time and size."""
+        if force or self._signature is not None:
+            log.error("admin token file %s is missing: the admin API refuses every call until it is back", self._path)
+        self._signature = None
+        self._tokens = []
 
     def maybe_reload(self, *, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
