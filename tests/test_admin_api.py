@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import multidict
 import pytest
 import redis as sync_redis
 
@@ -644,3 +645,16 @@ async def test_a_report_over_many_keys_is_summed_as_it_is_read(
         assert status == 200 and report["total"]["requests"] == count, report
         assert report["total"]["prompt_tokens"] == sum(range(count))
         assert read_before_adding[0] <= usage.READ_CONCURRENCY and len(read_before_adding) >= 4
+
+
+async def test_two_authorization_headers_are_refused_whichever_comes_first(tmp_path: Path, redis_url: str) -> None:
+    """The first of two Authorization headers counted: an admin token followed by anything passed. As authz does
+    with a repeated credential, the admin API now refuses the request, whatever the order."""
+    async with running(admin_settings(tmp_path, redis_url)) as (_, api):
+        for first, second in ((ADMIN_TOKEN, "x" * 20), ("x" * 20, ADMIN_TOKEN), (ADMIN_TOKEN, ADMIN_TOKEN)):
+            headers = multidict.CIMultiDict(
+                [("Authorization", f"Bearer {first}"), ("Authorization", f"Bearer {second}")]
+            )
+            status, error = await api.call("GET", "/admin/v1/tiers", headers=headers)
+            assert (status, error["error"]["code"]) == (401, "invalid_admin_token"), error
+            assert "More than one Authorization header" in error["error"]["message"]

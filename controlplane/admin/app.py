@@ -11,7 +11,14 @@ from aiohttp import web
 
 from controlplane.admin import keys, selfservice, tiers, usage
 from controlplane.admin.context import ADMIN, MAX_BODY_BYTES, PRINCIPAL, AdminContext, context, json_model
-from controlplane.admin.errors import AdminError, BodyTooLarge, NotSynced, StoreUnavailable, error_response
+from controlplane.admin.errors import (
+    AdminError,
+    BodyTooLarge,
+    InvalidToken,
+    NotSynced,
+    StoreUnavailable,
+    error_response,
+)
 from controlplane.admin.models import ModelList
 from controlplane.admin.openapi import document
 from controlplane.admin.views import model_view
@@ -31,6 +38,11 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     path = request.path
     try:
         if path.startswith("/admin/"):
+            if len(request.headers.getall("authorization", ())) > 1:  # which one counts is not for us to guess
+                raise InvalidToken(
+                    "More than one Authorization header: send one, 'Authorization: Bearer <admin token>'.",
+                    headers={"www-authenticate": 'Bearer realm="maas-admin"'},
+                )
             request[PRINCIPAL] = ctx.tokens.check(
                 request.headers.get("authorization"), write=request.method in WRITE_METHODS
             )
