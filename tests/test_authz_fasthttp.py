@@ -120,6 +120,47 @@ async def test_an_upgrade_header_is_ignored_and_an_http_10_keep_alive_is_said() 
             writer.close()
 
 
+def _chunked(framing: bytes, body: bytes = b"3\r\nabc\r\n0\r\n\r\n", version: bytes = b"1.1") -> bytes:
+    return b"POST /b HTTP/%s\r\nHost: x\r\n%s\r\n%s" % (version, framing, body)
+
+
+TE = b"Transfer-Encoding: chunked\r\n"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(_chunked(b"Transfer-Encoding: identity, chunked\r\n"), id="te-identity-then-chunked"),
+        pytest.param(_chunked(b"Transfer-Encoding: ,chunked\r\n"), id="te-empty-item"),
+        pytest.param(_chunked(b"Transfer-Encoding: identity\r\n" + TE), id="te-two-lines"),
+        pytest.param(_chunked(b"Transfer-Encoding: chunked \r\n"), id="te-trailing-space"),
+        pytest.param(_chunked(b"transfer-encoding: chunked\r\n" + TE), id="te-twice"),
+        pytest.param(_chunked(TE, version=b"1.0"), id="te-http-10"),
+        pytest.param(_chunked(TE + b"Content-Length: 3\r\n"), id="te-and-cl"),
+        pytest.param(_chunked(b"Content-Length: 3\r\nContent-Length: 4\r\n", b"abc"), id="two-cl"),
+        pytest.param(_chunked(b"X: a\r\n " + TE), id="obs-fold"),
+        pytest.param(_chunked(TE, b"0x3\r\nabc\r\n0\r\n\r\n"), id="chunk-0x"),
+        pytest.param(_chunked(TE, b"1" + b"0" * 16 + b"\r\nabc\r\n0\r\n\r\n"), id="chunk-overflow"),
+        pytest.param(_chunked(TE, b"3\r\nabc\r\n0\r\nGET /c HTTP/1.1\r\n\r\n"), id="no-final-crlf"),
+        pytest.param(_chunked(TE, b"3\r\nabc\r\n0\r\nContent-Length: 1\r\n\r\n"), id="cl-trailer"),
+    ],
+)
+async def test_a_framing_other_parsers_could_read_otherwise_is_refused(data: bytes) -> None:
+    """llhttp reads the Transfer-Encodings here as chunked (and refuses the rest itself); a parser in front may not,
+    and then what it took for the next request is this one's body. The check port refuses them as the meter does: a
+    400 after the answers owed, and the connection closed before anything after it is read."""
+    async with _denying_server() as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n" + data + b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(5):
+                answers = await reader.read()  # until the server closes
+        finally:
+            writer.close()
+    assert answers.startswith(encode(_Deny().begin(), keep_alive=True) + b"HTTP/1.1 400 ")
+    assert answers.count(b"HTTP/1.1") == 2 and b'"code": "bad_request"' in answers
+
+
 @pytest.mark.parametrize(
     ("head", "then"),
     [

@@ -138,6 +138,20 @@ async def test_odd_requests(authz: Authz, payload: bytes, status: set[int]) -> N
         ),
         pytest.param(b"NOT HTTP AT ALL\r\n\r\n", 400, "bad_request", id="garbage"),
         pytest.param(b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", 400, "bad_request", id="bad-version"),
+        *(
+            pytest.param(
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: %s\r\n\r\n3\r\nabc\r\n0\r\n\r\n" % coding
+                + CHECK.format(key=platform.ADMIN.plaintext).encode(),
+                400,
+                "bad_request",
+                id=name,
+            )
+            for name, coding in (
+                ("te-identity-chunked", b"identity, chunked"),
+                ("te-gzip-chunked", b"gzip, chunked"),
+                ("te-empty-item", b",chunked"),
+            )
+        ),
     ],
 )
 async def test_malformed_requests_get_the_openai_envelope_from_either_server(

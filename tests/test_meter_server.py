@@ -197,6 +197,18 @@ async def test_expect_continue_is_answered_when_the_body_is_read_and_not_when_re
             assert b"connection: close" in raw and await client.wait_closed()  # the unread body cannot stay
 
 
+AMBIGUOUS_TRANSFER_ENCODINGS = [
+    ("te-identity-then-chunked", b"Transfer-Encoding: identity, chunked\r\n"),
+    ("te-gzip-then-chunked", b"Transfer-Encoding: gzip, chunked\r\n"),
+    ("te-empty-item", b"Transfer-Encoding: ,chunked\r\n"),
+    ("te-two-lines", b"Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n"),
+    ("te-trailing-space", b"Transfer-Encoding: chunked \r\n"),
+    ("te-trailing-tab", b"Transfer-Encoding: chunked\t\r\n"),
+]
+"""Transfer-Encodings llhttp reads as chunked (or, for the tab, refuses only after the headers) that another parser
+in front could read otherwise: the meter takes ``chunked`` alone, on one line, in HTTP/1.1."""
+
+
 @pytest.mark.parametrize(
     ("data", "status", "code"),
     [
@@ -219,6 +231,19 @@ async def test_expect_continue_is_answered_when_the_body_is_read_and_not_when_re
         pytest.param(
             b"POST /x HTTP/1.0\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400, "bad_request", id="te-not-last"
         ),
+        pytest.param(b"GET /v1/models#x HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request", id="fragment"),
+        *(
+            pytest.param(
+                b"POST /x HTTP/1.1\r\nHost: x\r\n" + te + b"\r\n3\r\nabc\r\n0\r\n\r\n", 400, "bad_request", id=name
+            )
+            for name, te in AMBIGUOUS_TRANSFER_ENCODINGS
+        ),
+        pytest.param(
+            b"POST /x HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            400,
+            "bad_request",
+            id="te-http-10",
+        ),
     ],
 )
 async def test_malformed_requests_get_an_error_envelope_and_the_connection_closes(
@@ -233,6 +258,69 @@ async def test_malformed_requests_get_an_error_envelope_and_the_connection_close
     assert answers[1].status == status and json.loads(answers[1].body)["error"]["code"] == code
     # the meter's own date, of the moment it answers: the canned answers had carried the time the process started
     assert answers[1].headers["date"] == LATER
+
+
+CHUNKED = b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+"""The head and first chunk of a chunked upload: what follows it in the cases below breaks its framing."""
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [
+        pytest.param(b"0x3\r\nabc\r\n0\r\n\r\n", id="hex-prefix"),
+        pytest.param(b"-3\r\nabc\r\n0\r\n\r\n", id="negative"),
+        pytest.param(b"1" + b"0" * 16 + b"\r\nabc\r\n0\r\n\r\n", id="overflow"),
+        pytest.param(b"3 \r\nabc\r\n0\r\n\r\n", id="space-after-size"),
+        pytest.param(b'3;x="a\r\nb"\r\nabc\r\n0\r\n\r\n', id="extension-with-crlf"),
+        pytest.param(b"3\nabc\r\n0\r\n\r\n", id="bare-lf-after-size"),
+        pytest.param(b"3\r\nabcX\r\n0\r\n\r\n", id="data-longer-than-size"),
+        pytest.param(b"0\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n", id="no-final-crlf"),
+        pytest.param(b"0\r\nContent-Length: 5\r\n\r\n", id="content-length-trailer"),
+    ],
+)
+@pytest.mark.parametrize("late", [False, True], ids=["one-write", "while-read"])
+async def test_a_body_whose_framing_breaks_gets_400_and_is_never_handled_whole(rest: bytes, *, late: bool) -> None:
+    """The answer to a malformed body is the 400 (before the fix: the connection closed without an answer, or the
+    handler's answer to a body cut short went out, a passthrough's 502), whether the break came before the request's
+    turn (its handler is then not run) or while its handler read the body; no byte after the break is parsed."""
+    handled: list[bytes] = []
+
+    async def upload(request: Request) -> Reply:
+        try:
+            body = b"".join([chunk async for chunk in request.content])
+        except ClientGone:
+            return Reply(502, b"{}", content_type="application/json")  # as a passthrough whose upload broke
+        handled.append(body)
+        return Reply(200, b"{}", content_type="application/json")
+
+    async with running(upload) as server, connect(server) as client:
+        await client.send(post("/before", b"x") + CHUNKED + (b"" if late else rest))
+        if late:
+            await client.read(1)
+            await client.send(rest)
+        answers = await client.read(2)
+        assert await client.wait_closed()
+    assert [a.status for a in answers] == [200, 400] and handled == [b"x"]
+    assert json.loads(answers[1].body)["error"]["code"] == "bad_request"
+    assert answers[1].headers["connection"] == "close"
+
+
+async def test_a_refused_body_whose_rest_is_malformed_gets_no_second_answer(caplog: pytest.LogCaptureFixture) -> None:
+    """The rest of a body answered early (a 413 from its headers) is read and dropped; when it breaks its framing
+    the connection only closes (before the fix: a second answer was written after the write side was shut, and the
+    event loop logged the protocol's failure)."""
+
+    async def refuse(_: Request) -> Reply:
+        return Reply(413, b"{}", content_type="application/json")
+
+    async with running(refuse) as server, connect(server) as client:
+        await client.send(CHUNKED)
+        assert [a.status for a in await client.read(1)] == [413]
+        await client.send(b"zz\r\nabc\r\n0\r\n\r\n")
+        assert await client.wait_closed()  # the write side: shut at the answer
+        await eventually(lambda: not server.connections, within=5)  # the connection: closed at the malformed rest
+    assert len(client.responses.answers) == 1 and client.raw.count(b"HTTP/1.1") == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 @pytest.mark.parametrize(
@@ -465,6 +553,8 @@ async def test_the_early_hook_gets_a_whole_body_and_never_one_the_handler_is_rea
         pytest.param(b"NOT HTTP\r\n\r\n", id="malformed"),
         pytest.param(post("/one", b"x") + post("/two", b"y", "Connection: close"), id="served"),
         pytest.param(post("/stream", b"x") + post("/stream", b"y", "Connection: close"), id="streamed"),
+        pytest.param(CHUNKED + b"zz\r\n", id="broken-body"),
+        pytest.param(post("/slow", b"x") + CHUNKED + b"zz\r\n", id="broken-body-queued"),
     ],
 )
 async def test_a_closed_connection_is_freed_at_once_not_by_the_collector(data: bytes) -> None:
@@ -473,6 +563,8 @@ async def test_a_closed_connection_is_freed_at_once_not_by_the_collector(data: b
     short connections must not pile up until the next garbage collection."""
 
     async def answer(request: Request) -> Reply | Stream:
+        if request.path == "/slow":
+            await asyncio.sleep(0.1)  # the broken request behind it waits its turn
         if request.path != "/stream":
             return await echo(request)
         stream = request.stream(200, {"content-type": "text/event-stream"})

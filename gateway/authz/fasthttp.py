@@ -123,6 +123,7 @@ class CheckProtocol(asyncio.Protocol):
         self._repeated: dict[str, int] = {}
         self._size = 0
         self._body = 0
+        self._chunked = False
 
     # --- asyncio.Protocol -----------------------------------------------------------------------------------
 
@@ -167,13 +168,25 @@ class CheckProtocol(asyncio.Protocol):
             raise _Abort(TOO_LARGE)
         key = _KNOWN.get(name)
         if key is None:
-            key = _WANTED.get(name.lower())
+            lower = name.lower()
+            if lower == b"transfer-encoding":
+                self._transfer_encoding(value)
+                return
+            key = _WANTED.get(lower)
         if not key:  # the decision reads only these; Envoy sends a dozen more per check
             return
         if key in self._headers:
             self._repeated[key] = self._repeated.get(key, 1) + 1
             return
         self._headers[key] = value.decode("utf-8", "surrogateescape")
+
+    def _transfer_encoding(self, value: bytes) -> None:
+        """Only ``chunked``, alone, once, in HTTP/1.1 (llhttp takes ``identity, chunked``, a second line, trailing
+        whitespace and HTTP/1.0 as chunked): a body length another parser could read otherwise is refused, as the
+        meter refuses it."""
+        if self._chunked or value.lower() != b"chunked" or self._parser.get_http_version() != "1.1":
+            raise _Abort(BAD_REQUEST)
+        self._chunked = True
 
     def on_body(self, body: bytes) -> None:
         self._body += len(body)

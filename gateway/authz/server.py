@@ -248,6 +248,9 @@ class AiohttpHandler:
         started = time.perf_counter()
         checker = self._checker
         headers = request.headers
+        coding = headers.get("transfer-encoding")
+        if coding is not None and coding.lower() != "chunked":
+            return _framing_refused()
         arrived: asyncio.Future[Pending] = asyncio.get_running_loop().create_future()
 
         def then(pending: Pending) -> None:
@@ -269,6 +272,15 @@ class AiohttpHandler:
             step = checker.deny(INTERNAL, "", "")
         checker.observe(time.perf_counter() - started)
         return web.Response(status=step.status, headers=step.header_list(), body=step.body or None)
+
+
+def _framing_refused() -> web.Response:
+    """A Transfer-Encoding other than ``chunked`` alone (aiohttp reads ``identity, chunked`` and ``gzip, chunked`` as
+    chunked; it refuses a second line and HTTP/1.0 itself): answered and closed as the fast server does."""
+    body = error_body("Malformed HTTP request.", error_type="invalid_request_error", code="bad_request")
+    response = web.Response(status=400, body=body, content_type=JSON)
+    response.force_close()
+    return response
 
 
 class _EnvelopeHandler(web_protocol.RequestHandler):

@@ -14,7 +14,9 @@ What it speaks:
   delimited by closing the connection for 1.0), no body for HEAD, 204 and 304, and write flow control (a streamed
   write waits while the client's socket buffer is full);
 - malformed HTTP gets 400, headers over ``max_header_bytes`` 431, CONNECT 405, all in the OpenAI error envelope,
-  and the connection closes; an ``Upgrade`` header (h2c, websocket) is ignored and the request answered in
+  and the connection closes; so does a body framing another parser could read otherwise (a Transfer-Encoding other
+  than ``chunked`` alone), and a body whose framing breaks (a bad chunk) gets the 400 as its request's answer, with
+  nothing after it read; an ``Upgrade`` header (h2c, websocket) is ignored and the request answered in
   HTTP/1.1; a handler that fails gets a 500 envelope (or, mid-stream, the connection closed);
 - at most ``cap.limit`` connections are open at once: past it a new one gets a 503 and is closed
   (gateway/connections.py);
@@ -357,6 +359,8 @@ class _Connection(asyncio.Protocol):
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._size = 0
         self._failure: bytes | None = None
+        self._broken: Request | None = None
+        """The request whose body was malformed: ``_failure`` is its answer."""
         self._lingering: asyncio.TimerHandle | None = None
         self._head_pending = False
         self.body_timeout = server.body_timeout
@@ -380,6 +384,7 @@ class _Connection(asyncio.Protocol):
             self._idle.cancel()
         if self._lingering is not None:
             self._lingering.cancel()
+        self._broken = None
         gone = ClientGone("client closed the connection")
         for request in self._queue:
             request.content._finish(gone)
@@ -438,13 +443,14 @@ class _Connection(asyncio.Protocol):
         method = parser.get_method().decode("ascii", "replace")
         if method == "CONNECT":
             raise _Abort(NOT_ALLOWED)
-        if not self._url.startswith((b"/", b"http://", b"https://")):
-            raise _Abort(BAD_TARGET)  # "*" (asterisk-form) or garbage: nothing the model server could be asked
+        if not self._url.startswith((b"/", b"http://", b"https://")) or b"#" in self._url:
+            # "*" (asterisk-form) or garbage: nothing the model server could be asked; a fragment is never sent, and
+            # model servers disagree on whether it is part of the path (h11 keeps it, httptools drops it)
+            raise _Abort(BAD_TARGET)
         version = parser.get_http_version()
         headers = CIMultiDict([(name.decode("latin-1"), value.decode("latin-1")) for name, value in self._raw_headers])
         codings = headers.getall("transfer-encoding", ())
-        if codings and ",".join(codings).rsplit(",", 1)[-1].strip().lower() != "chunked":
-            # RFC 9112 6.1: the body's length cannot be determined; answer 400 and close
+        if codings and (version != "1.1" or len(codings) > 1 or codings[0].lower() != "chunked"):
             raise _Abort(BAD_TRANSFER_ENCODING)
         target = self._url.decode("latin-1")
         if target[0] != "/":
@@ -536,15 +542,23 @@ class _Connection(asyncio.Protocol):
             raise _Abort(TOO_LARGE)
 
     def _fail(self, response: Reply | bytes) -> None:
-        """Malformed input: answered once, after the responses already owed, then the connection closes."""
+        """Malformed input: answered once, after the responses already owed, then the connection closes. Malformed
+        input in a body (a bad chunk size, a missing CRLF, a bad trailer) is that request's answer; in the rest of a
+        body already answered and being dropped, it only closes the connection (a second answer to one request
+        would be taken for the answer to the next)."""
+        if self._lingering is not None:
+            self.close()
+            return
         if isinstance(response, Reply):
             response = encode_reply(response, head_only=False, keep_alive=False)
-        if self._current is not None:
-            self._current.content._finish(ClientGone("the request was malformed"))
+        broken = self._current
+        if broken is not None:
+            broken.content._finish(ClientGone("the request was malformed"))
             self._current = None
         if self._transport is None or self._failure is not None:
             return
         self._failure = response
+        self._broken = broken
         if not self._read_paused:
             self._transport.pause_reading()
             self._read_paused = True
@@ -576,22 +590,30 @@ class _Connection(asyncio.Protocol):
 
     async def _answer(self, request: Request) -> None:
         request.handling = True
-        try:
-            result: Reply | Stream | None = await self._server.handler(request)
-        except ConnectionResetError:  # the client left while its request was read or answered
-            result = None
-        except Exception:
-            log.exception("meter request %s %s failed", request.method, request.path)
-            result = Reply(500, INTERNAL, content_type=JSON) if request._stream is None else None
+        # a body already known to be malformed when its turn comes is not handled: nothing of it goes upstream
+        result = None if request is self._broken else await self._handle(request)
         if not request.content.complete:
             request.keep_alive = False  # the rest of an unread body would be taken for the next request
-        if isinstance(result, Reply) and request._stream is None:
+        if request is self._broken:
+            self._broken = None  # it points back at this connection: unlinked, neither waits for the collector
+            if request._stream is None and self._failure is not None:
+                self.send(self._failure)  # its 400, not what the handler made of a body cut short (a 502, say)
+        elif isinstance(result, Reply) and request._stream is None:
             self.send(encode_reply(result, head_only=request.method == "HEAD", keep_alive=request.keep_alive))
         elif request._stream is None or not request._stream.finished:
             request.keep_alive = False  # a response that was not ended: only closing tells the client
         # the stream and the early hook's work point back at the request: unlinked, none of them waits for the collector
         request._stream = None
         request.early = None
+
+    async def _handle(self, request: Request) -> Reply | Stream | None:
+        try:
+            return await self._server.handler(request)
+        except ConnectionResetError:  # the client left while its request was read or answered
+            return None
+        except Exception:
+            log.exception("meter request %s %s failed", request.method, request.path)
+            return Reply(500, INTERNAL, content_type=JSON) if request._stream is None else None
 
     def _close_after(self, request: Request) -> None:
         """Close once the client has sent the rest of a body that was not read (an early 413, say). Closing with
@@ -640,13 +662,16 @@ TOO_MANY_CONNECTIONS = envelope(
 """The body of the 503 a connection past ``--max-connections`` gets (gateway/connections.py)."""
 TOO_LARGE = _error(431, "request_header_too_large", "Request headers are too large.")
 NOT_ALLOWED = _error(405, "method_not_allowed", "CONNECT is not supported.")
-BAD_TARGET = _error(400, "bad_request", "The request target must be a path starting with '/'.")
+BAD_TARGET = _error(400, "bad_request", "The request target must be a path starting with '/', without a '#' fragment.")
 DOT_SEGMENT = _error(400, "bad_request", "The request path must not hold '.' or '..' segments; resolve them first.")
 HEAD_TIMEOUT = _error(408, "request_timeout", "The request headers did not arrive in time.")
 BODY_TIMEOUT_REPLY = _error(408, "request_timeout", "The request body stopped arriving.")
 BAD_TRANSFER_ENCODING = _error(
-    400, "bad_request", "A request's Transfer-Encoding must end with chunked; its body length cannot be known."
+    400, "bad_request", "A request's Transfer-Encoding must be chunked alone, on one line, in HTTP/1.1."
 )
+"""Any other coding, list or spelling is refused (RFC 9112 6.1, 6.3): a body whose length two parsers could read
+differently (``identity, chunked``, a second line, ``chunked`` with trailing whitespace, HTTP/1.0) is where a second
+request hides; and a coding besides chunked (``gzip, chunked``) would reach the model server unlabelled."""
 
 
 class Server:
