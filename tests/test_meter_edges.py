@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import io
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -601,33 +602,46 @@ async def test_passthrough_requests_past_the_upstream_queue_get_503_at_once_and_
     assert (after_gone[0], after_broken[0], after_stall[0]) == (200, 200, 200)
 
 
-async def usageless_upstream(request: web.Request) -> web.StreamResponse:
-    """An OpenAI-compatible server that ignores ``stream_options`` and reports no usage."""
-    if not (await request.json()).get("stream"):
-        message = {"index": 0, "message": {"role": "assistant", "content": "hi there"}, "finish_reason": "stop"}
-        return web.json_response({"id": "x", "object": "chat.completion", "model": MODEL, "choices": [message]})
-    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
-    await response.prepare(request)
-    for text in ("hi", " there"):
-        chunk = {
-            "id": "x",
-            "object": "chat.completion.chunk",
-            "model": MODEL,
-            "choices": [{"index": 0, "delta": {"content": text}}],
-        }
-        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-    await response.write(b"data: [DONE]\n\n")
-    return response
+ZERO_USAGE = {"prompt_tokens": 0, "total_tokens": 0, "completion_tokens": 0}
 
 
+def usageless_upstream(zeros: bool) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An OpenAI-compatible server that ignores ``stream_options`` and reports no usage (``zeros``: a usage of zero
+    tokens on the answer, on every chunk and in a final usage chunk)."""
+    usage = {"usage": ZERO_USAGE} if zeros else {}
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if not (await request.json()).get("stream"):
+            message = {"index": 0, "message": {"role": "assistant", "content": "hi there"}, "finish_reason": "stop"}
+            body = {"id": "x", "object": "chat.completion", "model": MODEL, "choices": [message], **usage}
+            return web.json_response(body)
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        head = {"id": "x", "object": "chat.completion.chunk", "model": MODEL}
+        for text in ("hi", " there"):
+            chunk = {**head, "choices": [{"index": 0, "delta": {"content": text}}], **usage}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        if zeros:
+            await response.write(f"data: {json.dumps({**head, 'choices': [], **usage})}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    return answer
+
+
+@pytest.mark.parametrize("zeros", [False, True], ids=["no-usage", "zero-usage"])
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-async def test_an_answer_without_usage_is_charged_its_bound_not_nothing(redis_url: str, stream: bool) -> None:
+async def test_an_answer_without_usage_is_charged_its_bound_not_nothing(
+    redis_url: str, stream: bool, zeros: bool
+) -> None:
+    """A usage of zero tokens was charged as reported: nothing (vLLM never serves a request without a prompt
+    token, so such a report is no more a usage than a missing one)."""
     app = web.Application()
-    app.router.add_post("/v1/chat/completions", usageless_upstream)
+    app.router.add_post("/v1/chat/completions", usageless_upstream(zeros))
     runner, url = await serve(app)
     try:
         async with running_stack(redis_url, upstream=url) as stack:
-            key = f"usageless-{stream}"
+            key = f"usageless-{stream}-{zeros}"
             headers = {**stack.headers(key_id=key, limit=(10_000, 86_400_000)), "content-type": "application/json"}
             async with (
                 aiohttp.ClientSession() as session,

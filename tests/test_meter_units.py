@@ -128,6 +128,7 @@ def test_best_of_sequences_are_reserved_and_n_choices_returned() -> None:
     assert (batch.choices, batch.sequences, batch.n) == (4, 6, 2)
     assert parse({"prompt": "a", "n": 2, "best_of": None}, "completion").sequences == 2
     assert parse({"messages": [], "n": 2}).sequences == 2
+    assert parse({"messages": [], "n": 2, "best_of": 5}).sequences == 5  # vLLM's chat request takes it too
     assert parse({"input": "a"}, "embeddings").sequences == 0
 
 
@@ -155,6 +156,47 @@ def test_upstream_body_is_untouched_unless_the_meter_must_change_it() -> None:
     out = json.loads(req.upstream_body(b"", newer, max_tokens=4, inject_usage=newer.can_inject_usage))
     assert out["max_completion_tokens"] == 4 and "max_tokens" not in out
     assert out["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_every_completion_limit_the_body_holds_is_the_one_the_meter_sets(kind: req.Kind) -> None:
+    """vLLM up to 0.10 obeys ``max_completion_tokens or max_tokens`` on completions too (``get_max_tokens`` reads the
+    newer field with ``getattr``, which finds an unknown field pydantic kept): with ``--unknown-fields allow`` a
+    completion's ``max_completion_tokens`` went upstream unread and unclamped, the clamp only on ``max_tokens``."""
+    body = {"prompt": "x", "messages": [], "max_tokens": 10, "max_completion_tokens": 500}
+    parsed = parse(body, kind, allow_unknown=True)
+    assert parsed.max_tokens == 500  # what is reserved for: what vLLM obeys
+    for enforced in (500, 40, 5):  # (never raised: a field below the limit stays as the client wrote it)
+        sent = json.loads(req.upstream_body(b"", parsed, max_tokens=enforced, inject_usage=False) or b"{}")
+        assert (sent.get("max_tokens", 10), sent.get("max_completion_tokens", 500)) == (min(10, enforced), enforced)
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "param"),
+    [
+        pytest.param({"prompt": "x", "prompt_embeds": "AAAA"}, "completion", "prompt_embeds", id="prompt-embeds"),
+        pytest.param({"prompt_embeds": ["AAAA", "BBBB"]}, "completion", "prompt_embeds", id="prompt-embeds-only"),
+        pytest.param({"messages": [], "chat_template": "{{ 1 }}"}, "chat", "chat_template", id="chat-template"),
+        pytest.param(
+            {"messages": [], "chat_template_kwargs": {"chat_template": "x"}}, "chat", "chat_template", id="in-kwargs"
+        ),
+        pytest.param({"messages": [], "chat_template": "x"}, "embeddings", "chat_template", id="embeddings"),
+    ],
+)
+def test_a_prompt_the_meter_cannot_bound_is_refused(body: dict[str, object], kind: req.Kind, param: str) -> None:
+    for allow_unknown in (False, True):
+        with pytest.raises(errors.InvalidRequest) as caught:
+            parse(body, kind, allow_unknown=allow_unknown)
+        assert caught.value.param == param
+    assert parse({"messages": [], "chat_template_kwargs": {"enable_thinking": False}}).body["chat_template_kwargs"]
+
+
+def test_embeddings_with_a_null_input_are_estimated_by_their_messages() -> None:
+    messages = [{"role": "user", "content": "word " * 50}]
+    chat = EST.prompt_tokens("chat", {"messages": messages})
+    assert EST.prompt_tokens("embeddings", {"input": None, "messages": messages}) == chat
+    assert EST.prompt_tokens("embeddings", {"messages": messages}) == chat
+    assert EST.prompt_tokens("embeddings", {"input": "hi", "messages": messages}) < chat  # vLLM embeds the input
 
 
 def test_reservation_plan_needs_one_token_per_choice_beyond_the_prompt() -> None:

@@ -38,7 +38,8 @@ class Estimator:
         if kind == "chat":
             return self._chat(body)
         field = "prompt" if kind == "completion" else "input"
-        if kind == "embeddings" and "input" not in body and isinstance(body.get("messages"), list):
+        if kind == "embeddings" and body.get("input") is None and isinstance(body.get("messages"), list):
+            # vLLM's embeddings request is either kind: one whose input is null (not just absent) is a chat one
             return self._chat(body)
         return self._prompts(body.get(field))
 

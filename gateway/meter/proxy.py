@@ -509,7 +509,7 @@ async def _whole(
         await settle(meter.store, meter.metrics, exchange, backlog=meter.backlog, served=None, status=exc.status)
         raise
     served = response_usage(raw)
-    if served is None:
+    if served is None or not served.total:
         served = _unreported(meter, exchange) if upstream.content_type == "application/json" else Usage()
     await settle(meter.store, meter.metrics, exchange, backlog=meter.backlog, served=served, status=upstream.status)
     headers = response_headers(upstream.headers)
@@ -518,8 +518,9 @@ async def _whole(
 
 
 def _unreported(meter: Meter, exchange: Exchange) -> Usage:
-    """What an answer that reports no usage is charged (an upstream that ignores the usage the meter asks for):
-    the most the request could have cost, its prompt estimate and every choice's completion limit. Charging
+    """What a successful answer that reports no usage, or a usage of zero tokens, is charged (an upstream that
+    ignores the usage the meter asks for, or fills it with zeros: vLLM never serves a request without a prompt
+    token): the most the request could have cost, its prompt estimate and every choice's completion limit. Charging
     nothing would make such an upstream's answers free."""
     meter.upstream.count("no_usage")
     _warn.warning("upstream answer without usage: charged the request's reservation bound")
@@ -727,7 +728,8 @@ def _stream_outcome(meter: Meter, exchange: Exchange, tracker: StreamMeter, *, s
     charged the usage vLLM reported before it, or nothing when it reported none (refunded, as an error status is)."""
     error = tracker.error_status
     if error is None:
-        return (tracker.usage() if tracker.reported else _unreported(meter, exchange)), status
+        usage = tracker.usage()
+        return (usage if usage.total else _unreported(meter, exchange)), status
     if error >= 500:
         meter.upstream.count("status_5xx")
     _warn.warning("upstream ended a stream of key %s with an error event (%d)", exchange.identity.key_id, error)

@@ -2,9 +2,10 @@
 
 The meter validates only what it acts on (``model``, ``stream``, ``stream_options``, ``n``, ``best_of``,
 ``max_tokens``, ``max_completion_tokens``) and, unless unknown fields are allowed, refuses parameters that neither
-OpenAI nor vLLM define for that route; everything else is left to the upstream. The body is re-encoded only when the
-meter must change it (usage options added for streams, ``max_tokens`` clamped or set); otherwise the client's bytes
-go upstream untouched.
+OpenAI nor vLLM define for that route; everything else is left to the upstream. It also refuses what vLLM would turn
+into a prompt the meter cannot bound before it runs (``UNBOUNDED``): reserved for less than it costs, such a request
+would take its key past its quota. The body is re-encoded only when the meter must change it (usage options added
+for streams, ``max_tokens`` clamped or set); otherwise the client's bytes go upstream untouched.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ KNOWN_FIELDS: dict[Kind, frozenset[str]] = {
             "add_generation_prompt",
             "continue_final_message",
             "documents",
+            "best_of",
             "chat_template",
             "chat_template_kwargs",
             "mm_processor_kwargs",
@@ -136,6 +138,23 @@ KNOWN_FIELDS: dict[Kind, frozenset[str]] = {
 }
 
 
+LIMITS = ("max_tokens", "max_completion_tokens")
+"""The fields that bound a completion. vLLM obeys ``max_completion_tokens or max_tokens`` on chat (and, up to 0.10,
+on completions too, where the newer field can only arrive as an unknown field; later versions read ``max_tokens``
+there), so the meter reserves for them in that order and, when it sets a limit, lowers every one the body holds
+above it: whichever the model server obeys is within what was paid for."""
+UNBOUNDED = {
+    "prompt_embeds": "prompt_embeds cannot be metered: how many tokens a tensor holds is known only once the model "
+    "server has loaded it, so no reservation can cover it; send the prompt as text or token ids",
+    "chat_template": "a chat_template in the request cannot be metered: a template can render a prompt of any "
+    "length from a few bytes, so no reservation can cover it; the model server's own template applies",
+}
+"""Request fields refused (400, ``param`` the field) because vLLM makes of them a prompt of a length the meter
+cannot bound before it runs: ``prompt_embeds`` (completions, each tensor one more prompt of its own length) and a
+request ``chat_template`` (chat and embeddings, also as a key of ``chat_template_kwargs``, which vLLM merges into
+the template's arguments). Recent vLLM refuses request templates itself unless ``--trust-request-chat-template``."""
+
+
 @dataclass(frozen=True, slots=True)
 class Parsed:
     kind: Kind
@@ -153,8 +172,8 @@ class Parsed:
     n: int
     """Completions per prompt."""
     sequences: int
-    """Sequences generated, each up to ``max_tokens``: what is reserved for. ``choices``, but for a completion with
-    ``best_of``: vLLM generates ``best_of`` per prompt and returns the ``n`` best."""
+    """Sequences generated, each up to ``max_tokens``: what is reserved for. ``choices``, but with ``best_of``: vLLM
+    generates ``best_of`` per prompt and returns the ``n`` best."""
     prompt_estimate: int
 
     @property
@@ -186,16 +205,15 @@ def parse(raw: bytes, *, kind: Kind, estimator: Estimator, allow_unknown: bool) 
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("stream must be a boolean", param="stream")
+    _refuse_unbounded(body)
     want_usage, want_continuous = _stream_options(body.get("stream_options"))
     n = _int(body, "n", minimum=1) or 1
     if n > MAX_CHOICES:
         raise InvalidRequest(f"n must be at most {MAX_CHOICES}", param="n")
-    max_tokens = _int(body, "max_tokens", minimum=1)
-    if kind == "chat":
-        newer = _int(body, "max_completion_tokens", minimum=1)
-        max_tokens = newer if newer is not None else max_tokens
+    limits = {name: _int(body, name, minimum=1) for name in LIMITS} if kind != "embeddings" else {}
+    max_tokens = limits.get("max_completion_tokens") or limits.get("max_tokens")
     prompts = _prompt_count(body.get("prompt")) if kind == "completion" else 1
-    best_of = _best_of(body, n=n) if kind == "completion" else n
+    best_of = _best_of(body, n=n) if kind != "embeddings" else n
     return Parsed(
         kind=kind,
         body=body,
@@ -209,6 +227,14 @@ def parse(raw: bytes, *, kind: Kind, estimator: Estimator, allow_unknown: bool) 
         sequences=best_of * prompts if kind != "embeddings" else 0,
         prompt_estimate=estimator.prompt_tokens(kind, body),
     )
+
+
+def _refuse_unbounded(body: dict[str, Any]) -> None:
+    kwargs = body.get("chat_template_kwargs")
+    nested = kwargs.get("chat_template") if isinstance(kwargs, dict) else None
+    for name, message in UNBOUNDED.items():
+        if body.get(name) is not None or (name == "chat_template" and nested is not None):
+            raise InvalidRequest(message, param=name)
 
 
 def _stream_options(value: Any) -> tuple[bool, bool]:
@@ -274,10 +300,10 @@ def upstream_body(
     changes: dict[str, Any] = {}
     if model and not parsed.model:
         changes["model"] = model
-    if max_tokens is not None and max_tokens != parsed.max_tokens:
-        if parsed.kind == "chat" and body.get("max_completion_tokens") is not None:
-            changes["max_completion_tokens"] = max_tokens
-        if body.get("max_tokens") is not None or "max_completion_tokens" not in changes:
+    if max_tokens is not None:
+        given = [name for name in LIMITS if body.get(name) is not None]
+        changes.update((name, max_tokens) for name in given if body[name] > max_tokens)
+        if not given:
             changes["max_tokens"] = max_tokens
     if inject_usage and not (parsed.want_usage and parsed.want_continuous):
         options = dict(body.get("stream_options") or {})

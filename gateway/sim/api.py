@@ -274,20 +274,32 @@ def _chunk(
 def embeddings_response(body: dict[str, Any], *, served: tuple[str, ...], max_model_len: int, dimensions: int) -> str:
     model = _model(body, served)
     raw = body.get("input")
+    messages = body.get("messages")
+    if raw is None and isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
+        # vLLM's EmbeddingChatRequest: a request without an input (or a null one) embeds its rendered messages
+        items = [(dumps(messages), engine.chat_prompt_tokens(messages))]
+        return _embedding_answer(model, items, body, dimensions=dimensions, max_model_len=max_model_len)
     try:
         inputs = _prompts(raw)
     except SimRequestError as exc:
         raise SimRequestError(
             "input must be a string, a list of strings or a list of token ids", param="input"
         ) from exc
+    items = [(item if isinstance(item, str) else dumps(item), engine.prompt_tokens(item)) for item in inputs]
+    return _embedding_answer(model, items, body, dimensions=dimensions, max_model_len=max_model_len)
+
+
+def _embedding_answer(
+    model: str, items: list[tuple[str, int]], body: dict[str, Any], *, dimensions: int, max_model_len: int
+) -> str:
+    """One vector per (text, prompt tokens) item; an item over ``max_model_len`` is vLLM's 400."""
     fmt = body.get("encoding_format") or "float"
     if fmt not in ("float", "base64"):
         raise SimRequestError("encoding_format must be 'float' or 'base64'", param="encoding_format")
     dims = engine.int_param(body, "dimensions", minimum=1) or dimensions
     data = []
     total = 0
-    for index, item in enumerate(inputs):
-        tokens = engine.prompt_tokens(item)
+    for index, (text, tokens) in enumerate(items):
         if tokens > max_model_len:
             raise SimRequestError(
                 f"This model's maximum context length is {max_model_len} tokens. However, you requested "
@@ -295,7 +307,6 @@ def embeddings_response(body: dict[str, Any], *, served: tuple[str, ...], max_mo
                 param="input",
             )
         total += tokens
-        text = item if isinstance(item, str) else dumps(item)
         vector = engine.embedding(model=model, text=text, dimensions=dims)
         data.append({"index": index, "object": "embedding", "embedding": engine.encode_embedding(vector, str(fmt))})
     return dumps(
