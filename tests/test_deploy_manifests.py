@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,8 +25,10 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import pytest
+import redis as sync_redis
 import yaml
 
+from benchmarks.authz import seed_many
 from controlplane import demo
 from controlplane.settings import ControlPlaneSettings
 from controlplane.translate.httproute import translate_route
@@ -553,6 +556,27 @@ def test_authz_is_highly_available() -> None:
     assert pod["automountServiceAccountToken"] is False
 
 
+AUTHZ_BENCHMARK = ROOT / "benchmarks" / "results" / "authz.json"
+
+
+def test_authz_memory_holds_two_key_indexes_at_the_scale_target() -> None:
+    """A full reload (after a Redis reconnect, missed events or a generation gap) builds the new key index beside
+    the one serving. At 1,000,000 keys (the README's scale target) authz holds ~450Mi loaded and peaked at ~780Mi in
+    a reload: the 512Mi limit OOM-killed every replica at its first reload, and again after each restart."""
+    scale = json.loads(AUTHZ_BENCHMARK.read_text())["scale"]
+    few_keys, loaded = (statistics.median(side) for side in zip(*scale["rss_pairs"], strict=True))
+    peak = few_keys + 2 * (loaded - few_keys)
+    authz = [
+        (owner, c) for owner, _, containers in pod_specs() for c in containers if c.get("command") == ["maas", "authz"]
+    ]
+    assert {owner for owner, _ in authz} == {"Deployment/maas-authz", "ConfigMap/maas-authz-gateway-params"}
+    for owner, container in authz:
+        resources = container["resources"]
+        assert mebibytes(resources["requests"]["memory"]) * MIB >= loaded, f"{owner}: request below the loaded index"
+        limit = mebibytes(resources["limits"]["memory"]) * MIB
+        assert limit >= 1.2 * peak, f"{owner}: limit {limit / MIB:.0f}Mi, a reload peaks at {peak / MIB:.0f}Mi"
+
+
 def test_authz_service_speaks_http1_for_istio() -> None:
     service = find(render("base"), "Service", "maas-authz")
     for port in service["spec"]["ports"]:
@@ -568,6 +592,7 @@ def test_controlplane_runs_two_replicas_with_leader_election() -> None:
 
 
 MEBIBYTES = {"Mi": 1, "Gi": 1024, "mb": 1, "gb": 1024}
+MIB = 1024 * 1024
 
 
 def mebibytes(quantity: str) -> float:
@@ -595,6 +620,26 @@ def test_redis_leaves_room_for_forks() -> None:
     statefulset = find(base, "StatefulSet", "maas-redis")
     assert statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     assert not [o for o in render("overlays/external-redis") if o["metadata"]["name"] == "maas-redis"]
+
+
+MEASURED_RECORDS = 20_000
+
+
+@pytest.mark.redis
+def test_redis_holds_the_scale_targets_keys_twice(redis_url: str) -> None:
+    """maxmemory had been 600mb: 1,000,000 key records (the README's scale target) take ~480mb of it alone, and with
+    noeviction every bucket, ledger and marker write then failed. Key records are measured here on a real Redis (the
+    benchmark's records, with per-key limits) and counted twice: the keys, and as much for what traffic writes."""
+    client = sync_redis.Redis.from_url(redis_url)
+    before = int(client.info("memory")["used_memory"])
+    seed_many(redis_url, MEASURED_RECORDS)
+    per_record = (int(client.info("memory")["used_memory"]) - before) / MEASURED_RECORDS
+    client.close()
+    keys = json.loads(AUTHZ_BENCHMARK.read_text())["settings"]["big_keys"]
+    config = find(render("base"), "ConfigMap", "maas-redis-config")["data"]["redis.conf"]
+    (maxmemory,) = re.findall(r"^maxmemory (\S+)$", config, flags=re.MULTILINE)
+    needed = 2 * keys * per_record
+    assert mebibytes(maxmemory) * MIB >= needed, f"maxmemory {maxmemory}: {keys:,} keys need {needed / MIB:.0f}Mi"
 
 
 def test_network_policies_guard_authz_and_redis() -> None:
