@@ -30,6 +30,7 @@ import yaml
 
 from benchmarks.authz import seed_many
 from controlplane import demo
+from controlplane import runner as controlplane_runner
 from controlplane.settings import ControlPlaneSettings
 from controlplane.translate.httproute import translate_route
 from gateway import contract, identity
@@ -933,6 +934,47 @@ EXIT_SECONDS = 5
 def pre_stop_seconds(container: dict[str, Any]) -> int:
     seconds: int = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     return seconds
+
+
+STOP_SECONDS = {("maas", "controlplane"): controlplane_runner.STOP_SECONDS}
+"""The longest each process takes to stop after SIGTERM, where it is bounded by more than ``EXIT_SECONDS``."""
+
+
+def service_ports(objs: tuple[dict[str, Any], ...], pod: dict[str, Any], namespace: str) -> set[int | str]:
+    """The target ports of the Services that select ``pod``'s labels."""
+    labels = pod["metadata"].get("labels", {})
+    out: set[int | str] = set()
+    for service in objs:
+        selector = service.get("spec", {}).get("selector") if service["kind"] == "Service" else None
+        if selector and service["metadata"]["namespace"] == namespace and selector.items() <= labels.items():
+            out |= {p.get("targetPort", p["port"]) for p in service["spec"]["ports"]}
+    return out
+
+
+def test_deployments_behind_a_service_drain_before_they_stop() -> None:
+    """The controlplane closed its ports at SIGTERM while the gateways still sent the self-service routes (/v1/models,
+    /v1/me) to the endpoint: they failed during every rollout of it. Every container a Service sends to waits in
+    preStop until the endpoint is gone, and the pod's grace covers that wait and the stop."""
+    problems = []
+    for path in KUSTOMIZATIONS:
+        objs = render(path)
+        for obj in objs:
+            if obj["kind"] != "Deployment":
+                continue
+            template = obj["spec"]["template"]
+            targets = service_ports(objs, template, obj["metadata"]["namespace"])
+            grace = template["spec"].get("terminationGracePeriodSeconds", 30)
+            for c in template["spec"]["containers"]:
+                ports = {p["containerPort"] for p in c.get("ports", [])} | {p.get("name") for p in c.get("ports", [])}
+                if not ports & targets:
+                    continue
+                wait = pre_stop_seconds(c)
+                if wait < ENDPOINT_REMOVAL_SECONDS:
+                    problems.append(f"deploy/{path} {ref(obj)}/{c['name']}: preStop {wait} s")
+                needed = wait + STOP_SECONDS.get(tuple(c.get("command", [])), 0) + EXIT_SECONDS
+                if grace < needed:
+                    problems.append(f"deploy/{path} {ref(obj)}: grace {grace} s, {c['name']} needs {needed} s")
+    assert not problems, "\n".join(problems)
 
 
 def meter_shutdown_grace(container: dict[str, Any]) -> float:
