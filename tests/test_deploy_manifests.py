@@ -31,6 +31,7 @@ import yaml
 from benchmarks.authz import seed_many
 from controlplane import demo
 from controlplane import runner as controlplane_runner
+from controlplane.kinds import ALL_KINDS
 from controlplane.settings import ControlPlaneSettings
 from controlplane.translate.httproute import translate_route
 from gateway import contract, identity
@@ -510,6 +511,43 @@ def test_controlplane_rbac_covers_what_it_watches() -> None:
         assert read <= granted.get(key, set()), key
     assert {"create", "get", "update"} <= granted[("coordination.k8s.io", "leases")]
     assert "create" in granted[("", "events")]
+
+
+VERBS_OF_METHOD = {"GET": {"get", "list", "watch"}, "POST": {"create"}, "PUT": {"update"}, "DELETE": {"delete"}}
+"""The RBAC verbs an HTTP method of the API client can need (a GET lists or watches a collection, reads an object)."""
+
+
+def client_verbs() -> set[str]:
+    """Every verb the controlplane's API client can send: the methods its requests name."""
+    source = (ROOT / "controlplane" / "sources" / "kube.py").read_text()
+    methods = set(re.findall(r"self\._(?:call|open)\(\s*\"([A-Z]+)\"", source))
+    assert methods, "no request found in controlplane/sources/kube.py"
+    return {verb for method in methods for verb in VERBS_OF_METHOD[method]}
+
+
+def test_controlplane_is_granted_only_what_its_client_sends() -> None:
+    """Events had been granted `patch` and the events.k8s.io group, the Lease `patch`: the client creates core/v1
+    Events and reads and replaces the Lease, and never sends a PATCH."""
+    base = render("base")
+    roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in base}
+    kinds = {(kind.group, kind.plural) for kind in ALL_KINDS}
+    verbs = client_verbs()
+    problems = []
+    for binding in (o for o in base if o["kind"] in {"RoleBinding", "ClusterRoleBinding"}):
+        if not any(s["name"] == "maas-controlplane" for s in binding["subjects"]):
+            continue
+        ref_ = binding["roleRef"]
+        role = roles[
+            (ref_["kind"], binding["metadata"].get("namespace") if ref_["kind"] == "Role" else None, ref_["name"])
+        ]
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    if (group, resource) not in kinds:
+                        problems.append(f"{ref(role)}: {group or 'core'}/{resource} is no kind the controlplane uses")
+            if set(rule["verbs"]) - verbs:
+                problems.append(f"{ref(role)}: {sorted(set(rule['verbs']) - verbs)} never sent")
+    assert not problems, "\n".join(problems)
 
 
 def test_no_secret_holds_a_real_value() -> None:
