@@ -367,6 +367,30 @@ def test_every_container_has_resources_and_probes() -> None:
     assert not problems, "\n".join(problems)
 
 
+TALKS_TO_THE_API = {"Deployment/maas-controlplane"}
+"""The only workload whose process calls the Kubernetes API; every other pod runs without a service account token."""
+
+
+def test_only_the_controlplane_gets_a_service_account_token() -> None:
+    """The model pods (vLLM and the meter) had the llm namespace's default token mounted, which neither uses: a
+    process that took over one of them (vLLM runs remote code with --trust-remote-code) held a cluster credential."""
+    problems, seen = [], set()
+    for _, obj in all_objects():
+        if ref(obj) in seen:
+            continue
+        seen.add(ref(obj))
+        if obj["kind"] in {"Deployment", "StatefulSet", "DaemonSet", "Job"}:
+            pod = obj["spec"]["template"]["spec"]
+        elif obj["kind"] == "InferenceService":
+            pod = obj["spec"]["predictor"]
+        else:
+            continue
+        mounted = pod.get("automountServiceAccountToken", True)
+        if mounted != (ref(obj) in TALKS_TO_THE_API):
+            problems.append(f"{ref(obj)}: automountServiceAccountToken {mounted}")
+    assert not problems, "\n".join(problems)
+
+
 def test_mounted_secrets_are_readable_by_the_process() -> None:
     """Kubernetes writes a Secret volume's files as root:root with the volume's mode (default 0644): a mode that
     keeps others out is readable by a non-root process only through the pod's fsGroup, which then owns the files."""
