@@ -640,6 +640,35 @@ def test_authz_memory_holds_two_key_indexes_at_the_scale_target() -> None:
         assert limit >= 1.2 * peak, f"{owner}: limit {limit / MIB:.0f}Mi, a reload peaks at {peak / MIB:.0f}Mi"
 
 
+SPREAD_KEYS = {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+
+
+def test_replicated_deployments_spread_over_nodes_and_zones() -> None:
+    """The controlplane spread its two replicas over nodes only: both could land in one zone, and a zone outage took
+    the leader and its standby together. Every Deployment with more than one replica (its own or its HPA's minimum)
+    spreads over nodes and zones, counting only its own pods."""
+    problems, seen = [], set()
+    for path in KUSTOMIZATIONS:
+        objs = render(path)
+        minimum = {
+            o["spec"]["scaleTargetRef"]["name"]: o["spec"]["minReplicas"]
+            for o in objs
+            if o["kind"] == "HorizontalPodAutoscaler"
+        }
+        for obj in objs:
+            if obj["kind"] != "Deployment" or ref(obj) in seen:
+                continue
+            seen.add(ref(obj))
+            if minimum.get(obj["metadata"]["name"], obj["spec"].get("replicas", 1)) < 2:
+                continue
+            labels = obj["spec"]["selector"]["matchLabels"]
+            spread = obj["spec"]["template"]["spec"].get("topologySpreadConstraints", [])
+            keys = {t["topologyKey"] for t in spread if t["labelSelector"]["matchLabels"] == labels}
+            if keys != SPREAD_KEYS:
+                problems.append(f"{ref(obj)}: spread over {sorted(keys)}")
+    assert not problems, "\n".join(problems)
+
+
 def test_authz_service_speaks_http1_for_istio() -> None:
     service = find(render("base"), "Service", "maas-authz")
     for port in service["spec"]["ports"]:
