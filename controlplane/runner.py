@@ -33,8 +33,15 @@ from gateway.store import Store, open_store
 
 log = logging.getLogger("maas.controlplane")
 
+TASK_STOP_SECONDS = 5.0
+"""How long the background tasks (watches, sync, leader election) may take to stop once cancelled."""
+LEASE_RELEASE_SECONDS = 3.0
+"""How long handing the Lease back may take; past it the Lease expires on its own."""
 PORT_STOP_SECONDS = 3.0
 """How long stopping each HTTP port may take."""
+STOP_SECONDS = TASK_STOP_SECONDS + LEASE_RELEASE_SECONDS + 2 * PORT_STOP_SECONDS
+"""The longest a stop takes (the main and the ops port stop one after the other) before the connections to the API
+server and Redis close: what the pod's termination grace must leave after its preStop."""
 REQUEST_GRACE_SECONDS = 1.0
 """How long a request in flight may go on once the process stops, before it is cancelled: a third of
 ``PORT_STOP_SECONDS``, so that what a cancelled request undoes (a rotation's new key withdrawn) has the rest. aiohttp's
@@ -183,12 +190,12 @@ class ControlPlane:
         for task in self._tasks:
             task.cancel()
         if self._tasks:
-            _, stuck = await asyncio.wait(self._tasks, timeout=5.0)
+            _, stuck = await asyncio.wait(self._tasks, timeout=TASK_STOP_SECONDS)
             for task in stuck:
-                log.warning("task %s did not stop within 5s", task.get_name())
+                log.warning("task %s did not stop within %ss", task.get_name(), TASK_STOP_SECONDS)
         self._tasks.clear()
         try:
-            async with asyncio.timeout(3.0):
+            async with asyncio.timeout(LEASE_RELEASE_SECONDS):
                 await self.elector.release()
         except TimeoutError:
             log.warning("releasing the lease timed out; it expires on its own")

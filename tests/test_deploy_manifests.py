@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,9 +25,13 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import pytest
+import redis as sync_redis
 import yaml
 
+from benchmarks.authz import seed_many
 from controlplane import demo
+from controlplane import runner as controlplane_runner
+from controlplane.kinds import ALL_KINDS
 from controlplane.settings import ControlPlaneSettings
 from controlplane.translate.httproute import translate_route
 from gateway import contract, identity
@@ -362,6 +367,30 @@ def test_every_container_has_resources_and_probes() -> None:
     assert not problems, "\n".join(problems)
 
 
+TALKS_TO_THE_API = {"Deployment/maas-controlplane"}
+"""The only workload whose process calls the Kubernetes API; every other pod runs without a service account token."""
+
+
+def test_only_the_controlplane_gets_a_service_account_token() -> None:
+    """The model pods (vLLM and the meter) had the llm namespace's default token mounted, which neither uses: a
+    process that took over one of them (vLLM runs remote code with --trust-remote-code) held a cluster credential."""
+    problems, seen = [], set()
+    for _, obj in all_objects():
+        if ref(obj) in seen:
+            continue
+        seen.add(ref(obj))
+        if obj["kind"] in {"Deployment", "StatefulSet", "DaemonSet", "Job"}:
+            pod = obj["spec"]["template"]["spec"]
+        elif obj["kind"] == "InferenceService":
+            pod = obj["spec"]["predictor"]
+        else:
+            continue
+        mounted = pod.get("automountServiceAccountToken", True)
+        if mounted != (ref(obj) in TALKS_TO_THE_API):
+            problems.append(f"{ref(obj)}: automountServiceAccountToken {mounted}")
+    assert not problems, "\n".join(problems)
+
+
 def test_mounted_secrets_are_readable_by_the_process() -> None:
     """Kubernetes writes a Secret volume's files as root:root with the volume's mode (default 0644): a mode that
     keeps others out is readable by a non-root process only through the pod's fsGroup, which then owns the files."""
@@ -508,6 +537,43 @@ def test_controlplane_rbac_covers_what_it_watches() -> None:
     assert "create" in granted[("", "events")]
 
 
+VERBS_OF_METHOD = {"GET": {"get", "list", "watch"}, "POST": {"create"}, "PUT": {"update"}, "DELETE": {"delete"}}
+"""The RBAC verbs an HTTP method of the API client can need (a GET lists or watches a collection, reads an object)."""
+
+
+def client_verbs() -> set[str]:
+    """Every verb the controlplane's API client can send: the methods its requests name."""
+    source = (ROOT / "controlplane" / "sources" / "kube.py").read_text()
+    methods = set(re.findall(r"self\._(?:call|open)\(\s*\"([A-Z]+)\"", source))
+    assert methods, "no request found in controlplane/sources/kube.py"
+    return {verb for method in methods for verb in VERBS_OF_METHOD[method]}
+
+
+def test_controlplane_is_granted_only_what_its_client_sends() -> None:
+    """Events had been granted `patch` and the events.k8s.io group, the Lease `patch`: the client creates core/v1
+    Events and reads and replaces the Lease, and never sends a PATCH."""
+    base = render("base")
+    roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in base}
+    kinds = {(kind.group, kind.plural) for kind in ALL_KINDS}
+    verbs = client_verbs()
+    problems = []
+    for binding in (o for o in base if o["kind"] in {"RoleBinding", "ClusterRoleBinding"}):
+        if not any(s["name"] == "maas-controlplane" for s in binding["subjects"]):
+            continue
+        ref_ = binding["roleRef"]
+        role = roles[
+            (ref_["kind"], binding["metadata"].get("namespace") if ref_["kind"] == "Role" else None, ref_["name"])
+        ]
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    if (group, resource) not in kinds:
+                        problems.append(f"{ref(role)}: {group or 'core'}/{resource} is no kind the controlplane uses")
+            if set(rule["verbs"]) - verbs:
+                problems.append(f"{ref(role)}: {sorted(set(rule['verbs']) - verbs)} never sent")
+    assert not problems, "\n".join(problems)
+
+
 def test_no_secret_holds_a_real_value() -> None:
     for path, obj in all_objects():
         if obj["kind"] != "Secret":
@@ -553,6 +619,56 @@ def test_authz_is_highly_available() -> None:
     assert pod["automountServiceAccountToken"] is False
 
 
+AUTHZ_BENCHMARK = ROOT / "benchmarks" / "results" / "authz.json"
+
+
+def test_authz_memory_holds_two_key_indexes_at_the_scale_target() -> None:
+    """A full reload (after a Redis reconnect, missed events or a generation gap) builds the new key index beside
+    the one serving. At 1,000,000 keys (the README's scale target) authz holds ~450Mi loaded and peaked at ~780Mi in
+    a reload: the 512Mi limit OOM-killed every replica at its first reload, and again after each restart."""
+    scale = json.loads(AUTHZ_BENCHMARK.read_text())["scale"]
+    few_keys, loaded = (statistics.median(side) for side in zip(*scale["rss_pairs"], strict=True))
+    peak = few_keys + 2 * (loaded - few_keys)
+    authz = [
+        (owner, c) for owner, _, containers in pod_specs() for c in containers if c.get("command") == ["maas", "authz"]
+    ]
+    assert {owner for owner, _ in authz} == {"Deployment/maas-authz", "ConfigMap/maas-authz-gateway-params"}
+    for owner, container in authz:
+        resources = container["resources"]
+        assert mebibytes(resources["requests"]["memory"]) * MIB >= loaded, f"{owner}: request below the loaded index"
+        limit = mebibytes(resources["limits"]["memory"]) * MIB
+        assert limit >= 1.2 * peak, f"{owner}: limit {limit / MIB:.0f}Mi, a reload peaks at {peak / MIB:.0f}Mi"
+
+
+SPREAD_KEYS = {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+
+
+def test_replicated_deployments_spread_over_nodes_and_zones() -> None:
+    """The controlplane spread its two replicas over nodes only: both could land in one zone, and a zone outage took
+    the leader and its standby together. Every Deployment with more than one replica (its own or its HPA's minimum)
+    spreads over nodes and zones, counting only its own pods."""
+    problems, seen = [], set()
+    for path in KUSTOMIZATIONS:
+        objs = render(path)
+        minimum = {
+            o["spec"]["scaleTargetRef"]["name"]: o["spec"]["minReplicas"]
+            for o in objs
+            if o["kind"] == "HorizontalPodAutoscaler"
+        }
+        for obj in objs:
+            if obj["kind"] != "Deployment" or ref(obj) in seen:
+                continue
+            seen.add(ref(obj))
+            if minimum.get(obj["metadata"]["name"], obj["spec"].get("replicas", 1)) < 2:
+                continue
+            labels = obj["spec"]["selector"]["matchLabels"]
+            spread = obj["spec"]["template"]["spec"].get("topologySpreadConstraints", [])
+            keys = {t["topologyKey"] for t in spread if t["labelSelector"]["matchLabels"] == labels}
+            if keys != SPREAD_KEYS:
+                problems.append(f"{ref(obj)}: spread over {sorted(keys)}")
+    assert not problems, "\n".join(problems)
+
+
 def test_authz_service_speaks_http1_for_istio() -> None:
     service = find(render("base"), "Service", "maas-authz")
     for port in service["spec"]["ports"]:
@@ -568,6 +684,7 @@ def test_controlplane_runs_two_replicas_with_leader_election() -> None:
 
 
 MEBIBYTES = {"Mi": 1, "Gi": 1024, "mb": 1, "gb": 1024}
+MIB = 1024 * 1024
 
 
 def mebibytes(quantity: str) -> float:
@@ -595,6 +712,26 @@ def test_redis_leaves_room_for_forks() -> None:
     statefulset = find(base, "StatefulSet", "maas-redis")
     assert statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     assert not [o for o in render("overlays/external-redis") if o["metadata"]["name"] == "maas-redis"]
+
+
+MEASURED_RECORDS = 20_000
+
+
+@pytest.mark.redis
+def test_redis_holds_the_scale_targets_keys_twice(redis_url: str) -> None:
+    """maxmemory had been 600mb: 1,000,000 key records (the README's scale target) take ~480mb of it alone, and with
+    noeviction every bucket, ledger and marker write then failed. Key records are measured here on a real Redis (the
+    benchmark's records, with per-key limits) and counted twice: the keys, and as much for what traffic writes."""
+    client = sync_redis.Redis.from_url(redis_url)
+    before = int(client.info("memory")["used_memory"])
+    seed_many(redis_url, MEASURED_RECORDS)
+    per_record = (int(client.info("memory")["used_memory"]) - before) / MEASURED_RECORDS
+    client.close()
+    keys = json.loads(AUTHZ_BENCHMARK.read_text())["settings"]["big_keys"]
+    config = find(render("base"), "ConfigMap", "maas-redis-config")["data"]["redis.conf"]
+    (maxmemory,) = re.findall(r"^maxmemory (\S+)$", config, flags=re.MULTILINE)
+    needed = 2 * keys * per_record
+    assert mebibytes(maxmemory) * MIB >= needed, f"maxmemory {maxmemory}: {keys:,} keys need {needed / MIB:.0f}Mi"
 
 
 def test_network_policies_guard_authz_and_redis() -> None:
@@ -888,6 +1025,47 @@ EXIT_SECONDS = 5
 def pre_stop_seconds(container: dict[str, Any]) -> int:
     seconds: int = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     return seconds
+
+
+STOP_SECONDS = {("maas", "controlplane"): controlplane_runner.STOP_SECONDS}
+"""The longest each process takes to stop after SIGTERM, where it is bounded by more than ``EXIT_SECONDS``."""
+
+
+def service_ports(objs: tuple[dict[str, Any], ...], pod: dict[str, Any], namespace: str) -> set[int | str]:
+    """The target ports of the Services that select ``pod``'s labels."""
+    labels = pod["metadata"].get("labels", {})
+    out: set[int | str] = set()
+    for service in objs:
+        selector = service.get("spec", {}).get("selector") if service["kind"] == "Service" else None
+        if selector and service["metadata"]["namespace"] == namespace and selector.items() <= labels.items():
+            out |= {p.get("targetPort", p["port"]) for p in service["spec"]["ports"]}
+    return out
+
+
+def test_deployments_behind_a_service_drain_before_they_stop() -> None:
+    """The controlplane closed its ports at SIGTERM while the gateways still sent the self-service routes (/v1/models,
+    /v1/me) to the endpoint: they failed during every rollout of it. Every container a Service sends to waits in
+    preStop until the endpoint is gone, and the pod's grace covers that wait and the stop."""
+    problems = []
+    for path in KUSTOMIZATIONS:
+        objs = render(path)
+        for obj in objs:
+            if obj["kind"] != "Deployment":
+                continue
+            template = obj["spec"]["template"]
+            targets = service_ports(objs, template, obj["metadata"]["namespace"])
+            grace = template["spec"].get("terminationGracePeriodSeconds", 30)
+            for c in template["spec"]["containers"]:
+                ports = {p["containerPort"] for p in c.get("ports", [])} | {p.get("name") for p in c.get("ports", [])}
+                if not ports & targets:
+                    continue
+                wait = pre_stop_seconds(c)
+                if wait < ENDPOINT_REMOVAL_SECONDS:
+                    problems.append(f"deploy/{path} {ref(obj)}/{c['name']}: preStop {wait} s")
+                needed = wait + STOP_SECONDS.get(tuple(c.get("command", [])), 0) + EXIT_SECONDS
+                if grace < needed:
+                    problems.append(f"deploy/{path} {ref(obj)}: grace {grace} s, {c['name']} needs {needed} s")
+    assert not problems, "\n".join(problems)
 
 
 def meter_shutdown_grace(container: dict[str, Any]) -> float:
