@@ -8,7 +8,7 @@ import socket
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from controlplane.selectors import split_union
-from gateway.settings import CommonSettings, check_secret, split_csv
+from gateway.settings import CommonSettings, check_secret, secret_file, split_csv
 
 DEV_IDENTITY_SECRET = "maas-development-identity-secret"
 """Equal to ``maas authz --dev``'s identity secret, so the self-service API trusts the dev gateway."""
@@ -69,6 +69,7 @@ class ControlPlaneSettings(CommonSettings):
         description="secret of maas authz's identity headers (self-service through the gateway; at least 16 "
         "characters); dev default",
     )
+    identity_secret_file: str | None = secret_file("identity_secret")
 
     @field_validator("source")
     @classmethod

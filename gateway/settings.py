@@ -1,7 +1,9 @@
 """Process settings: one pydantic-settings object per process, from flags and ``MAAS_*`` environment variables.
 
 Every field ``foo_bar`` is the flag ``--foo-bar`` and the variable ``MAAS_FOO_BAR``; a flag wins over the
-variable, the variable over the default. Validation happens once, at start; an error names the setting.
+variable, the variable over the default. Validation happens once, at start; an error names the setting. A secret
+setting also has a ``*_file`` twin (``secret_file``) naming a file that holds its value, as a mounted Secret: a
+variable's value shows in /proc/PID/environ and in tools that print a pod's environment.
 """
 
 from __future__ import annotations
@@ -49,6 +51,62 @@ def check_secret(name: str, value: SecretStr | None) -> None:
     if value is not None and len(value.get_secret_value()) < MIN_SECRET_LENGTH:
         flag = name.replace("_", "-")
         raise ValueError(f"--{flag} / MAAS_{name.upper()} must be at least {MIN_SECRET_LENGTH} characters")
+
+
+def secret_file(name: str) -> Any:
+    """The field naming the file that holds the secret setting ``name``: the way to give it without an
+    environment variable or a flag (both show to anyone who can list the process)."""
+    flag = name.replace("_", "-")
+    return Field(
+        None,
+        description=f"file holding --{flag} (a mounted Secret; a trailing newline is dropped), instead of --{flag}",
+        json_schema_extra={"secret_file_of": name},
+    )
+
+
+def secret_files(cls: type[BaseSettings]) -> dict[str, str]:
+    """The secret settings of ``cls`` that may come from a file: {secret setting: its file setting}."""
+    out = {}
+    for name, field in cls.model_fields.items():
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and isinstance(extra.get("secret_file_of"), str):
+            out[str(extra["secret_file_of"])] = name
+    return out
+
+
+def _both(name: str) -> str:
+    return f"--{name.replace('_', '-')} / MAAS_{name.upper()}"
+
+
+def read_secret_file(setting: str, path: str) -> str:
+    """The value in ``path`` without its trailing newline. An error names the setting and the file, never what the
+    file holds."""
+    where = f"{_both(setting)}: {path}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.read().rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ValueError(f"{where} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ValueError(f"{where} cannot be read: {exc.strerror or type(exc).__name__}") from None
+    if not value:
+        raise ValueError(f"{where} is empty")
+    return value
+
+
+def resolve_secret_files(cls: type[BaseSettings], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with each secret given as a file read into its setting. Giving both the value and the file is
+    refused: which one wins would be a guess, and a stale variable left beside a rotated file would win in
+    silence."""
+    out = dict(data)
+    for name, file_name in secret_files(cls).items():
+        path = out.get(file_name)
+        if path is None:
+            continue
+        if out.get(name) is not None:
+            raise ValueError(f"{_both(name)} and {_both(file_name)} are both set: give one of them")
+        out[name] = read_secret_file(file_name, str(path))
+    return out
 
 
 def _store_url_problem(value: str) -> str | None:
@@ -121,18 +179,25 @@ class CommonSettings(BaseSettings):
             "redis+cluster://user:pass@host1:6379,host2:6379,host3:6379/0), or memory:// (one process only)"
         ),
     )
+    redis_url_file: str | None = secret_file("redis_url")
     store_timeout: float = Field(0.25, gt=0, le=30, description="timeout of every store call, seconds")
     key_pepper: SecretStr | None = Field(
         None,
         description="HMAC pepper for API-key digests (shared by all processes, at least 16 characters); required "
         "unless --dev",
     )
+    key_pepper_file: str | None = secret_file("key_pepper")
     dev: bool = Field(
         False, description="development mode: a fixed, loudly logged pepper and secrets (refused with --key-pepper)"
     )
     log_format: Literal["json", "text"] = Field("json", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     host: str = Field("0.0.0.0", description="address to listen on")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        return resolve_secret_files(cls, data) if isinstance(data, dict) else data
 
     @field_validator("redis_url")
     @classmethod
@@ -145,7 +210,10 @@ class CommonSettings(BaseSettings):
     @model_validator(mode="after")
     def _pepper_required(self) -> CommonSettings:
         if self.key_pepper is None and not self.dev:
-            raise ValueError("key_pepper is required (set --key-pepper or MAAS_KEY_PEPPER), or run with --dev")
+            raise ValueError(
+                "key_pepper is required (set --key-pepper-file / MAAS_KEY_PEPPER_FILE or --key-pepper / "
+                "MAAS_KEY_PEPPER), or run with --dev"
+            )
         if self.key_pepper is not None and self.dev:
             # --dev turns on public development secrets (the controlplane's admin token among them): with a real
             # pepper that is a production process with a back door, so refuse rather than guess which was meant

@@ -9,13 +9,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway import contract
+from gateway import contract, identity
 from gateway.contract import Limit, Limits, RecordKind
 from gateway.store.redis import RedisStore
 from tests.conftest import PEPPER
 from tests.support import platform
-from tests.support.procs import free_port, redis_server
-from tests.support.stack import Authz, authz_process
+from tests.support.procs import free_port, maas_argv, redis_server, start, wait_http
+from tests.support.stack import IDENTITY_SECRET, Authz, authz_process
 from tests.support.tools import check_metrics, promtool
 
 pytestmark = pytest.mark.redis
@@ -182,3 +182,36 @@ async def test_metrics_pass_promtool(redis_url: str, log_dir: Path) -> None:
     }
     assert len(key_series) == 3  # two keys of their own, the rest in _other
     await store.close()
+
+
+async def test_secrets_given_only_as_files_admit_a_key(
+    redis_url: str, log_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipped manifests mount the pepper and the identity secret as files: with neither a variable nor a flag
+    (so neither shows in /proc/PID/environ or the command line), a key digested with that pepper is admitted and
+    the identity headers are signed with that secret."""
+    monkeypatch.delenv("MAAS_KEY_PEPPER", raising=False)
+    monkeypatch.delenv("MAAS_IDENTITY_SECRET", raising=False)
+    pepper, secret = tmp_path / "key-pepper", tmp_path / "identity-secret"
+    pepper.write_text(PEPPER.decode() + "\n")
+    secret.write_text(IDENTITY_SECRET)
+    store = await _seed(redis_url, platform.BIG)
+    port, ops_port = free_port(), free_port()
+    argv = maas_argv(
+        "authz", "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port), "--ops-port", str(ops_port)
+    )
+    env = {"MAAS_KEY_PEPPER_FILE": str(pepper), "MAAS_IDENTITY_SECRET_FILE": str(secret), "MAAS_LOG_FORMAT": "text"}
+    proc = start("authz-files", argv, env=env, log_dir=log_dir)
+    try:
+        wait_http(f"http://127.0.0.1:{ops_port}/readyz", proc=proc.popen)
+        authz = Authz(proc=proc, port=port, ops_port=ops_port)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(
+                authz.url + PATH, headers={"Authorization": f"APIKEY {platform.BIG.plaintext}"}
+            ) as resp:
+                assert resp.status == 200
+                assert identity.verify(resp.headers, IDENTITY_SECRET.encode()).user == platform.BIG.user
+            assert await _status(http, authz, "sk-not-a-key-0001") == 401
+    finally:
+        proc.stop()
+        await store.close()

@@ -38,6 +38,7 @@ from gateway import contract, identity
 from gateway.authz.settings import AuthzSettings
 from gateway.meter.server import SETTLE_SECONDS
 from gateway.meter.settings import MeterSettings
+from gateway.settings import secret_files
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -319,7 +320,36 @@ def pod_specs() -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
         elif obj["kind"] == "ServingRuntime":
             yield owner, obj["spec"].get("securityContext", {}), obj["spec"]["containers"]
     pod = sidecar_patch()["spec"]["template"]["spec"]
-    yield "ConfigMap/maas-authz-gateway-params", {}, pod["containers"]
+    yield "ConfigMap/maas-authz-gateway-params", pod.get("securityContext", {}), pod["containers"]
+
+
+def pods() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(owner, pod spec, pod-level securityContext) of every pod that mounts volumes. KServe builds a model's pod
+    from its ServingRuntime's containers and volumes and its InferenceService's pod fields (securityContext among
+    them), so a runtime is checked once with each InferenceService on it."""
+    for path in KUSTOMIZATIONS:
+        objs = render(path)
+        runtimes = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ServingRuntime"}
+        for obj in objs:
+            if obj["kind"] in {"Deployment", "StatefulSet", "DaemonSet", "Job"}:
+                pod = obj["spec"]["template"]["spec"]
+                yield f"deploy/{path}: {ref(obj)}", pod, pod.get("securityContext", {})
+            elif obj["kind"] == "InferenceService":
+                predictor = obj["spec"]["predictor"]
+                runtime = runtimes.get(predictor["model"]["runtime"])
+                if runtime is not None:
+                    owner = f"deploy/{path}: {ref(runtime)} for {ref(obj)}"
+                    yield owner, runtime["spec"], predictor.get("securityContext", {})
+    pod = sidecar_patch()["spec"]["template"]["spec"]
+    yield "ConfigMap/maas-authz-gateway-params", pod, pod.get("securityContext", {})
+
+
+SECRET_VARIABLES = {
+    f"MAAS_{name.upper()}": f"MAAS_{file_name.upper()}"
+    for cls in (AuthzSettings, MeterSettings, ControlPlaneSettings)
+    for name, file_name in secret_files(cls).items()
+}
+"""Every secret setting of a maas process, with the variable naming its file."""
 
 
 def test_every_workload_is_checked() -> None:
@@ -394,20 +424,57 @@ def test_only_the_controlplane_gets_a_service_account_token() -> None:
 def test_mounted_secrets_are_readable_by_the_process() -> None:
     """Kubernetes writes a Secret volume's files as root:root with the volume's mode (default 0644): a mode that
     keeps others out is readable by a non-root process only through the pod's fsGroup, which then owns the files."""
-    problems, seen = [], set()
-    for _, obj in all_objects():
-        if obj["kind"] not in {"Deployment", "StatefulSet", "DaemonSet", "Job"} or ref(obj) in seen:
-            continue
-        seen.add(ref(obj))
-        pod = obj["spec"]["template"]["spec"]
+    problems, checked = [], set()
+    for owner, pod, pod_sc in pods():
         for volume in pod.get("volumes", []):
-            mode = volume.get("secret", {}).get("defaultMode", 0o644)
-            if "secret" not in volume or mode & 0o004:
+            if "secret" not in volume:
                 continue
-            fs_group = pod.get("securityContext", {}).get("fsGroup")
-            if fs_group is None or not mode & 0o040:
-                problems.append(f"{ref(obj)}: secret volume {volume['name']} (mode {mode:o}) unreadable: no fsGroup")
+            checked.add(owner.rpartition(": ")[2])
+            mode = volume["secret"].get("defaultMode", 0o644)
+            if mode & 0o004:
+                problems.append(f"{owner}: secret volume {volume['name']} (mode {mode:o}) is readable by every user")
+            elif pod_sc.get("fsGroup") is None or not mode & 0o040:
+                problems.append(f"{owner}: secret volume {volume['name']} (mode {mode:o}) unreadable: no fsGroup")
     assert not problems, "\n".join(problems)
+    assert {
+        "Deployment/maas-authz",
+        "Deployment/maas-controlplane",
+        "ServingRuntime/vllm-latest for InferenceService/qwen3-0-6b-instruct",
+        "ConfigMap/maas-authz-gateway-params",
+    } <= checked
+
+
+def _secret_files_of(pod: dict[str, Any], container: dict[str, Any]) -> set[str]:
+    """The paths of the Secret files mounted read-only in ``container`` (the volume's items name them)."""
+    volumes = {v["name"]: v["secret"] for v in pod.get("volumes", []) if "secret" in v}
+    paths = set()
+    for mount in container.get("volumeMounts", []):
+        secret = volumes.get(mount["name"])
+        if secret is not None and mount.get("readOnly") is True:
+            paths |= {f"{mount['mountPath']}/{item['path']}" for item in secret.get("items", [])}
+    return paths
+
+
+def test_secret_settings_are_mounted_files_not_variables() -> None:
+    """A variable's value shows in /proc/<pid>/environ (to the same user), in crash reports and in tools that print
+    a pod's environment, even from a secretKeyRef: the maas processes get each secret as a read-only mounted
+    Secret file named by its MAAS_*_FILE variable."""
+    problems, given = [], set()
+    for owner, pod, _ in pods():
+        for c in pod["containers"]:
+            mounted = _secret_files_of(pod, c)
+            for e in c.get("env", []):
+                if e["name"] in SECRET_VARIABLES:
+                    problems.append(
+                        f"{owner}/{c['name']}: {e['name']} is a variable; use {SECRET_VARIABLES[e['name']]}"
+                    )
+                elif e["name"] in SECRET_VARIABLES.values():
+                    given.add(e["name"])
+                    path = e.get("value", "")
+                    if path not in mounted:
+                        problems.append(f"{owner}/{c['name']}: {e['name']}={path} is no read-only mounted Secret file")
+    assert not problems, "\n".join(problems)
+    assert given == set(SECRET_VARIABLES.values())
 
 
 def test_read_only_root_filesystem_where_possible() -> None:
@@ -460,7 +527,7 @@ def test_no_secret_value_is_inlined_in_env() -> None:
     for owner, _, containers in pod_specs():
         for c in containers:
             for e in c.get("env", []):
-                if sensitive.search(e["name"]) and e["name"] != "MAAS_ADMIN_TOKEN_FILE":
+                if sensitive.search(e["name"]) and not e["name"].endswith("_FILE"):  # a _FILE variable is a path
                     assert "valueFrom" in e and "value" not in e, f"{owner}/{c['name']}: {e['name']} inlined"
 
 
@@ -589,12 +656,16 @@ def test_no_secret_holds_a_real_value() -> None:
 
 def test_workload_secrets_are_referenced_not_shipped() -> None:
     referenced = set()
-    for _owner, _, containers in pod_specs():
-        for c in containers:
+    for _owner, pod, _ in pods():
+        for c in pod["containers"]:
             for e in c.get("env", []):
                 key_ref = e.get("valueFrom", {}).get("secretKeyRef")
                 if key_ref:
                     referenced.add((key_ref["name"], key_ref["key"]))
+        for volume in pod.get("volumes", []):
+            secret = volume.get("secret")
+            if secret is not None:
+                referenced |= {(secret["secretName"], item["key"]) for item in secret.get("items", [])}
     assert {("maas-secrets", "key-pepper"), ("maas-redis", "url"), ("maas-meter", "identity-secret")} <= referenced
     readme = (DEPLOY / "README.md").read_text()
     for name, key in referenced:

@@ -3,6 +3,8 @@ secret never shows in that message or in the effective configuration that is log
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from controlplane import cli
@@ -275,3 +277,110 @@ def test_misspelt_variables_are_logged(monkeypatch: pytest.MonkeyPatch, caplog: 
         "MAAS_METRICS_MAX_KEY is not a setting of this process and is ignored; did you mean MAAS_METRICS_MAX_KEYS?"
         in (caplog.text)
     )
+
+
+SECRET_SETTINGS = [
+    pytest.param(cls, extra, name, id=f"{cls.__name__}-{name}")
+    for cls, extra in ((AuthzSettings, {}), (MeterSettings, {"upstream": "http://vllm"}), (ControlPlaneSettings, {}))
+    for name in ("key_pepper", "identity_secret", "redis_url")
+]
+VALUES = {"key_pepper": PEPPER, "identity_secret": SECRET, "redis_url": f"redis://:{PASSWORD}@redis:6379/0"}
+
+
+def _secret(settings: CommonSettings, name: str) -> str:
+    value = getattr(settings, name)
+    return str(value if isinstance(value, str) else value.get_secret_value())
+
+
+@pytest.fixture
+def no_secret_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in VALUES:
+        monkeypatch.delenv(f"MAAS_{name.upper()}", raising=False)
+
+
+@pytest.mark.usefixtures("no_secret_variables")
+@pytest.mark.parametrize(("cls", "extra", "name"), SECRET_SETTINGS)
+def test_every_secret_setting_can_be_read_from_a_file(
+    cls: type[CommonSettings], extra: dict[str, str], name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mounted Secret keeps the value out of the process's environment and argv; the trailing newline a file
+    written by an editor or ``echo`` ends with is not part of the value."""
+    assert name in common.secret_files(cls)
+    values = {**VALUES, **extra}
+    path = tmp_path / name
+    path.write_text(values.pop(name) + "\n")
+    monkeypatch.setenv(f"MAAS_{name.upper()}_FILE", str(path))
+    settings = load(cls, **values)
+    assert _secret(settings, name) == VALUES[name]
+    args = cli.build_parser("controlplane").parse_args(["controlplane", f"--{name.replace('_', '-')}-file", str(path)])
+    assert getattr(args, f"{name}_file") == str(path)
+
+
+@pytest.mark.usefixtures("no_secret_variables")
+@pytest.mark.parametrize(("cls", "extra", "name"), SECRET_SETTINGS)
+def test_a_secret_given_both_as_value_and_file_is_refused(
+    cls: type[CommonSettings], extra: dict[str, str], name: str, tmp_path: Path
+) -> None:
+    """Which one wins would be a guess; a variable left behind beside a rotated file would win in silence."""
+    path = tmp_path / name
+    path.write_text(VALUES[name])
+    flag, variable = name.replace("_", "-"), f"MAAS_{name.upper()}"
+    with pytest.raises(ConfigError) as caught:
+        load(cls, **VALUES, **extra, **{f"{name}_file": str(path)})
+    assert str(caught.value) == (
+        f"invalid settings: --{flag} / {variable} and --{flag}-file / {variable}_FILE are both set: give one of them"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        pytest.param(None, "cannot be read: No such file or directory", id="missing"),
+        pytest.param("", "is empty", id="empty"),
+        pytest.param("\n", "is empty", id="newline-only"),
+        pytest.param(b"\xff" + PASSWORD.encode(), "is not UTF-8 text", id="not-utf8"),
+    ],
+)
+def test_a_secret_file_that_cannot_be_used_is_named_without_its_content(
+    content: str | bytes | None, problem: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MAAS_KEY_PEPPER", raising=False)
+    path = tmp_path / "key-pepper"
+    if isinstance(content, str):
+        path.write_text(content)
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
+        load(AuthzSettings, key_pepper_file=str(path), identity_secret=SECRET)
+    message = str(caught.value)
+    assert message == f"invalid settings: --key-pepper-file / MAAS_KEY_PEPPER_FILE: {path} {problem}"
+    assert PASSWORD not in message
+
+
+def test_an_unreadable_secret_file_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Secret mounted at the path of the file (a directory of keys) or one the process's user cannot read
+    (defaultMode, fsGroup) is named at start, in one line, with the reason."""
+    monkeypatch.delenv("MAAS_IDENTITY_SECRET", raising=False)
+    assert cli.main(["authz", "--identity-secret-file", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"maas authz: invalid settings: --identity-secret-file / MAAS_IDENTITY_SECRET_FILE: {tmp_path} cannot be "
+        "read: Is a directory\n"
+    )
+
+
+def test_a_short_secret_from_a_file_is_refused_like_a_short_value(tmp_path: Path) -> None:
+    path = tmp_path / "identity-secret"
+    path.write_text("short\n")
+    with pytest.raises(ConfigError, match="--identity-secret / MAAS_IDENTITY_SECRET must be at least 16"):
+        load(AuthzSettings, key_pepper=PEPPER, identity_secret_file=str(path))
+
+
+def test_the_logged_configuration_names_the_file_not_its_content(tmp_path: Path) -> None:
+    path = tmp_path / "identity-secret"
+    path.write_text(SECRET)
+    logged = load(AuthzSettings, key_pepper=PEPPER, identity_secret_file=str(path)).redacted()
+    assert logged["identity_secret_file"] == str(path)
+    assert SECRET not in repr(logged)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 
-from gateway.settings import CommonSettings, check_secret
+from gateway.settings import CommonSettings, check_secret, secret_file
 
 DEV_IDENTITY_SECRET = "maas-development-identity-secret"
 
@@ -24,6 +24,7 @@ class AuthzSettings(CommonSettings):
         description="HMAC secret signing the identity headers for maas meter (at least 16 characters); required "
         "unless --dev",
     )
+    identity_secret_file: str | None = secret_file("identity_secret")
     path_prefix: str = Field("", description="Istio pathPrefix of the provider, stripped before routing")
     on_store_error: Literal["deny", "allow", "local"] = Field(
         "deny", description="limits while Redis is unreachable: deny (503), allow, or local in-process buckets"
@@ -52,7 +53,10 @@ class AuthzSettings(CommonSettings):
     @model_validator(mode="after")
     def _identity_secret_required(self) -> AuthzSettings:
         if self.identity_secret is None and not self.dev:
-            raise ValueError("identity_secret is required (--identity-secret or MAAS_IDENTITY_SECRET), or --dev")
+            raise ValueError(
+                "identity_secret is required (--identity-secret-file / MAAS_IDENTITY_SECRET_FILE or --identity-secret "
+                "/ MAAS_IDENTITY_SECRET), or --dev"
+            )
         check_secret("identity_secret", self.identity_secret)
         if self.path_prefix and not self.path_prefix.startswith("/"):
             raise ValueError("path_prefix must start with '/'")

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from gateway.settings import CommonSettings, check_secret, split_csv
+from gateway.settings import CommonSettings, check_secret, secret_file, split_csv
 
 log = logging.getLogger("maas.meter")
 
@@ -28,6 +28,7 @@ class MeterSettings(CommonSettings):
         description="secret shared with maas authz to verify identity headers; required unless --dev or "
         "--trust-identity-headers",
     )
+    identity_secret_file: str | None = secret_file("identity_secret")
     identity_max_age: float = Field(
         60.0,
         gt=0,
@@ -135,7 +136,8 @@ class MeterSettings(CommonSettings):
     def _secret_required(self) -> MeterSettings:
         if self.identity_secret is None and not (self.dev or self.trust_identity_headers):
             raise ValueError(
-                "identity_secret is required (set --identity-secret or MAAS_IDENTITY_SECRET, shared with maas authz), "
+                "identity_secret is required (set --identity-secret-file / MAAS_IDENTITY_SECRET_FILE or "
+                "--identity-secret / MAAS_IDENTITY_SECRET, shared with maas authz), "
                 "or run with --dev or --trust-identity-headers"
             )
         check_secret("identity_secret", self.identity_secret)
