@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ("authz", "controlplane", "meter", "admin", "report")
+SUITES = ("authz", "controlplane", "meter", "admin", "reload", "report")
 
 
 def main(argv: list[str]) -> int:
