@@ -33,6 +33,10 @@ log = logging.getLogger("maas.authz.http")
 MAX_BODY_BYTES = 1 << 20
 MAX_QUEUED = 128
 """Pipelined requests answered in order; past this many outstanding ones the connection stops reading."""
+LINGER_SECONDS = 1.0
+"""After an answer that closes the connection, how long what the client still sends is read and dropped before the
+socket is closed: closed at once with bytes unread (a client still sending a body), the kernel resets the
+connection, and the client could lose the answer it had not read yet."""
 STALL_SECONDS = 30.0
 """A request begun and not complete for this long (checked every half of it) is answered 408 and its connection
 closed: Envoy sends a check in one write, and a client trickling its headers or never finishing a body held the
@@ -147,6 +151,8 @@ class CheckProtocol(asyncio.Protocol):
             self._transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self._transport is None:  # answered and closing (lingering): the rest is dropped
+            return
         self._started = time.perf_counter()  # the checks this read completes are timed from its arrival
         self._pending = True
         failure = feed(self, data)
@@ -250,8 +256,8 @@ class CheckProtocol(asyncio.Protocol):
             transport.write(slot.data)  # type: ignore[arg-type]
             if slot.close:
                 queue.clear()
-                transport.close()
                 self._transport = None
+                _linger(transport)
                 return
         if self._paused and len(queue) <= MAX_QUEUED // 2:
             self._paused = False
@@ -282,6 +288,16 @@ class CheckProtocol(asyncio.Protocol):
         slot.fill(response, close=True)
         self._queue.append(slot)
         self._flush()
+
+
+def _linger(transport: asyncio.Transport) -> None:
+    """Close after the answer: the write side at once (the client reads the answer, then the end), the socket once
+    the client closes its side or after ``LINGER_SECONDS``."""
+    if not transport.can_write_eof():
+        transport.close()
+        return
+    transport.write_eof()
+    asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
 
 
 class _Slot:
