@@ -11,7 +11,6 @@ import aiohttp
 import pytest
 
 from controlplane import envoy
-from gateway import contract
 from gateway.identity import H_KEY_ID, H_MODEL, H_SIGNATURE, H_TIER, H_USER, verify
 from gateway.store.redis import RedisStore
 from tests.conftest import PEPPER
@@ -29,19 +28,8 @@ GRANITE_HOST = "granite.maas.local"
 @pytest.fixture(scope="module")
 def stack(redis_session: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envoy]:
     log_dir = tmp_path_factory.mktemp("envoy-stack")
-
-    async def prepare() -> None:
-        store = RedisStore(redis_session.url, timeout=2.0)
-        await store._client.flushall()
-        await platform.seed(store, PEPPER)
-        # a host-named route beside the path-prefixed ones for any host
-        granite_host = contract.RouteRecord(
-            id=contract.route_id(GRANITE_HOST, "/"), host=GRANITE_HOST, prefix="/", model=platform.GRANITE
-        )
-        await store.apply([contract.put(granite_host)])
-        await store.close()
-
-    asyncio.run(prepare())
+    # a host-named route beside the path-prefixed ones for any host
+    platform.seed_afresh(redis_session.url, PEPPER, hosts={GRANITE_HOST: platform.GRANITE})
     with (
         authz_process(
             redis_url=redis_session.url, pepper=PEPPER, log_dir=log_dir, args=["--path-prefix", PREFIX]

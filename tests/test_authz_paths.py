@@ -9,7 +9,6 @@ key never reaches the model it may not use. Requests Envoy or the check refuse a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 from collections.abc import Iterator
@@ -21,10 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controlplane import envoy
-from gateway import contract
 from gateway.contract import Limit, Limits
 from gateway.identity import H_KEY_ID, H_MODEL
-from gateway.store.redis import RedisStore
 from tests.conftest import PEPPER
 from tests.support import platform
 from tests.support.procs import RedisServer
@@ -87,21 +84,8 @@ def _read_response(sock: socket.socket) -> bytes:
 @pytest.fixture(scope="module")
 def gateway(redis_session: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     log_dir = tmp_path_factory.mktemp("paths")
-
-    async def prepare() -> None:
-        store = RedisStore(redis_session.url, timeout=2.0)
-        await store._client.flushall()
-        await platform.seed(store, PEPPER, keys=KEYS)
-        hosts = {GRANITE_HOST: platform.GRANITE, QWEN_WILDCARD: platform.QWEN, GRANITE_UNDER_WILDCARD: platform.GRANITE}
-        await store.apply(
-            [
-                contract.put(contract.RouteRecord(id=contract.route_id(host, "/"), host=host, prefix="/", model=model))
-                for host, model in hosts.items()
-            ]
-        )
-        await store.close()
-
-    asyncio.run(prepare())
+    hosts = {GRANITE_HOST: platform.GRANITE, QWEN_WILDCARD: platform.QWEN, GRANITE_UNDER_WILDCARD: platform.GRANITE}
+    platform.seed_afresh(redis_session.url, PEPPER, keys=KEYS, hosts=hosts)
     with (
         authz_process(
             redis_url=redis_session.url, pepper=PEPPER, log_dir=log_dir, args=["--path-prefix", PREFIX]

@@ -63,14 +63,7 @@ def _process(name: str, args: list[str], *, ready: str, log_dir: Any) -> Proc:
 @pytest.fixture(scope="module")
 def chain(redis_session: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     log_dir = tmp_path_factory.mktemp("meter-chain")
-
-    async def prepare() -> None:
-        store = RedisStore(redis_session.url, timeout=2.0)
-        await store._client.flushall()
-        await platform.seed(store, PEPPER, keys=(*platform.ALL_KEYS, METER_KEY))
-        await store.close()
-
-    asyncio.run(prepare())
+    platform.seed_afresh(redis_session.url, PEPPER, keys=(*platform.ALL_KEYS, METER_KEY))
     sim_port, meter_port, meter_ops = free_port(), free_port(), free_port()
     common = ["--host", "127.0.0.1", "--log-format", "text"]
     sim = _process(

@@ -365,21 +365,17 @@ async def _adjust(
     merged with another."""
     try:
         await quota.adjust(store, reservation, delta)
-    except asyncio.CancelledError:
-        # cut while the store had it (a settle that outlived the shutdown's settle window): it may have run, so it
-        # is held to be made again under its id by the backlog's last flush, or counted there as lost
-        if not (backlog is not None and reservation.ident and backlog.hold_commit(reservation, delta)):
-            metrics.store_errors["commit"].inc()
-            _warn.warning("token commit for key %s cut before the store answered", reservation.key_id)
-        raise
-    except StoreError as exc:
+    except (StoreError, asyncio.CancelledError) as exc:
+        # cancelled: a settle cut while the store had the commit (it outlived the shutdown's settle window); like a
+        # lost answer it may have run, so it is held to be made again under its id by the backlog's last flush
         if backlog is not None and isinstance(exc, StoreNotSent) and not ran:
             backlog.hold_debit(reservation, delta)
-            return
-        if backlog is not None and reservation.ident and backlog.hold_commit(reservation, delta):
-            return
-        metrics.store_errors["commit"].inc()
-        _warn.warning("token commit failed for key %s: %s", reservation.key_id, exc)
+        elif not (backlog is not None and reservation.ident and backlog.hold_commit(reservation, delta)):
+            metrics.store_errors["commit"].inc()
+            why = str(exc) or "cut before the store answered"
+            _warn.warning("token commit failed for key %s: %s", reservation.key_id, why)
+        if isinstance(exc, asyncio.CancelledError):
+            raise
         return
     if delta < 0:
         metrics.refunded.inc(-delta)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Any
 from gateway import contract
 from gateway.contract import KeyRecord, KeyStatus, Limit, Limits, ModelRecord, RecordKind, RouteRecord
 from gateway.store.base import Store
+from gateway.store.redis import RedisStore
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,27 @@ async def seed(store: Store, pepper: bytes, *, keys: tuple[Key, ...] = ALL_KEYS)
     changes += [contract.put(r) for r in routes(DEFAULT_ROUTES)]
     changes += [contract.put(k.record(pepper)) for k in keys]
     return await store.apply(changes)
+
+
+def seed_afresh(
+    url: str, pepper: bytes, *, keys: tuple[Key, ...] = ALL_KEYS, hosts: dict[str, str] | None = None
+) -> None:
+    """Redis at ``url`` emptied and seeded (``seed``) for a module's processes, with a route for every path of each
+    host in ``hosts`` to its model; synchronous, for fixtures."""
+
+    async def run() -> None:
+        store = RedisStore(url, timeout=2.0)
+        await store._client.flushall()
+        await seed(store, pepper, keys=keys)
+        named = [
+            RouteRecord(id=contract.route_id(host, "/"), host=host, prefix="/", model=model)
+            for host, model in (hosts or {}).items()
+        ]
+        if named:
+            await store.apply([contract.put(r) for r in named])
+        await store.close()
+
+    asyncio.run(run())
 
 
 async def records(store: Store) -> dict[RecordKind, dict[str, dict[str, Any]]]:
