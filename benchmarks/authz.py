@@ -2,13 +2,14 @@
 
 Measures, with wrk on loopback (2-core machines share the CPUs between wrk, Envoy, Redis and the servers, so the
 targets are ratios):
-- throughput at saturation: ``maas authz`` (a Redis bucket check on every request) vs. the trivial always-200
-  aiohttp + uvloop server, each at 32 and at 128 wrk connections, its best counted: the trivial server is saturated
-  at 32 already, while a check that waits on Redis needs more requests in flight to keep the server busy (at 32,
-  both batches of a round trip hold nearly every request and the server waits with them);
-- latency at a fixed rate through Envoy: no ext_authz, the trivial server as ext_authz, ``maas authz`` (wrk's paced
-  connections on fresh sets of processes, with an interval for the ratio over those sets), and the same three paths
-  one request at a time, taking turns request by request;
+- throughput at saturation: ``maas authz`` (a Redis bucket check on every request: ``--request-credits 0``) vs.
+  the trivial always-200 aiohttp + uvloop server, each at 32 and at 128 wrk connections, its best counted: the
+  trivial server is saturated at 32 already, while a check that waits on Redis needs more requests in flight to keep
+  the server busy (at 32, both batches of a round trip hold nearly every request and the server waits with them);
+- latency at a fixed rate through Envoy: no ext_authz, the trivial server as ext_authz, ``maas authz`` as shipped
+  (a busy key's requests spend request credits) and with every check in Redis (``--request-credits 0``: a key whose
+  requests come far apart), on wrk's paced connections on fresh sets of processes, with an interval for the ratio
+  over those sets; and the same four paths one request at a time, taking turns request by request;
 - 1,000,000 keys: cold-start load time, RSS per key, throughput vs. 10 keys, on fresh pairs of processes;
 - the bucket check's Redis round trip on its own, with Redis and the caller on one core, on two, and unpinned: how
   much of that hop is the machine's cost of waking a process on another core.
@@ -50,6 +51,9 @@ SLICES_PER_REP = 4
 """The 1,000,000-key comparison runs as this many short runs per repetition, in rotation."""
 BOOTSTRAP_ROUNDS = 2000
 """Resamples of the process sets behind the p50 ratio's interval."""
+EVERY_CHECK = "envoy+authz, every check in Redis"
+"""``maas authz`` with ``--request-credits 0``: how a key whose requests come more than ``--request-credit-ms``
+apart is served (no credits: each request waits for its Redis round trip)."""
 UNLIMITED = Limits(requests=Limit(limit=1_000_000_000, window="1m"), tokens=Limit(limit=1_000_000_000_000, window="1m"))
 
 
@@ -62,11 +66,11 @@ class Settings:
     big_keys: int
     sample: int
     rotations: int = 4
-    """Latency: rotations of short runs over the three paths on each fresh set of processes."""
+    """Latency: rotations of short runs over the four paths on each fresh set of processes."""
     sets: int = 12
-    """Latency: fresh sets of processes (both ext_authz servers and the three Envoys) the comparison is spread over."""
+    """Latency: fresh sets of processes (three ext_authz servers, four Envoys) the comparison is spread over."""
     turns: int = 900
-    """Latency one request at a time: requests per set of processes, the three paths taking turns."""
+    """Latency one request at a time: requests per set of processes, the four paths taking turns."""
     pairs: int = 3
     """1,000,000 keys: fresh pairs of processes (10 keys, 1,000,000 keys) the comparison is spread over."""
     priority_sets: int = 4
@@ -139,7 +143,9 @@ def run(s: Settings, log_dir: Path) -> dict[str, object]:
         asyncio.run(seed_small(redis.url, small))
         # what the maas authz processes are given as --redis-url (the seeding goes over TCP either way)
         checks = f"unix://{socket_path}" if s.unix_socket else redis.url
-        with authz_process(redis_url=checks, pepper=PEPPER, log_dir=log_dir, name="authz-10") as a10:
+        # a Redis check on every request, as the saturation target says (credits are rarely taken under load anyway)
+        every = ["--request-credits", "0"]
+        with authz_process(redis_url=checks, pepper=PEPPER, log_dir=log_dir, name="authz-10", args=every) as a10:
             # warm up both
             saturate(f"http://127.0.0.1:{trivial_port}", small_plain, Settings(1, 1, s.connections, 0, 0, 0))
             saturate(a10.url, small_plain, Settings(1, 1, s.connections, 0, 0, 0))
@@ -225,15 +231,15 @@ async def _round_trips(url: str, ops: list[BucketOp], *, count: int, rate: float
 def latency_through_envoy(
     s: Settings, log_dir: Path, upstream: int, redis_url: str, keys: list[str], redis_pid: int | None = None
 ) -> dict[str, object]:
-    """The three paths in rotation, on ``s.sets`` fresh sets of processes (the two ext_authz servers and the three
+    """The four paths in rotation, on ``s.sets`` fresh sets of processes (the three ext_authz servers and the four
     Envoys), a few short runs each: identical processes differ by up to ~15% here (memory layout, hash seeds, which
     core each lands on), so one set would measure its own luck more than the servers. Then, on the same set, the
-    three paths one request at a time, taking turns.
+    four paths one request at a time, taking turns.
 
     With ``redis_pid`` and ``s.priority_sets``, that many more sets run among the others with Redis at real-time
     priority (SCHED_FIFO, which needs CAP_SYS_NICE): reported apart, never in the targets' numbers. It tells how much
     of the gap is Redis waiting for a core behind wrk and Envoy (on a cluster Redis has cores of its own)."""
-    names = ("envoy", "envoy+trivial", "envoy+authz")
+    names = ("envoy", "envoy+trivial", "envoy+authz", EVERY_CHECK)
     sets = [False] * s.sets
     if redis_pid is not None and s.priority_sets and _can_prioritise(redis_pid):
         every = max(1, len(sets) // s.priority_sets)
@@ -266,13 +272,13 @@ def _can_prioritise(pid: int) -> bool:
 
 
 class _LatencyRuns:
-    """The wrk runs and the one-at-a-time latencies of the three paths over some sets of processes."""
+    """The wrk runs and the one-at-a-time latencies of the four paths over some sets of processes."""
 
     def __init__(self, names: Sequence[str]) -> None:
         self.results: dict[str, list[WrkResult]] = {name: [] for name in names}
         self.turns: dict[str, list[float]] = {name: [] for name in names}
         self.run_set: list[int] = []
-        """The set of processes of each run (the same for the three paths' runs of one rotation)."""
+        """The set of processes of each run (the same for the four paths' runs of one rotation)."""
         self.sets = 0
 
     def summary(self, seconds: int) -> dict[str, object]:
@@ -288,14 +294,17 @@ class _LatencyRuns:
             }
         authz_p50 = [r.p50_us for r in self.results["envoy+authz"]]
         trivial_p50 = [r.p50_us for r in self.results["envoy+trivial"]]
+        every_p50 = [r.p50_us for r in self.results[EVERY_CHECK]]
         paired = [a / t for a, t in zip(authz_p50, trivial_p50, strict=True)]
         low, high = ratio_interval(authz_p50, trivial_p50, self.run_set)
+        every_low, every_high = ratio_interval(every_p50, trivial_p50, self.run_set)
         out["slices"] = {
             "count": len(paired),
             "seconds": seconds,
             "instances": self.sets,
             "p50_ratio_median": median(paired),
             "p50_ratio_interval": [low, high],
+            "every_p50_ratio_interval": [every_low, every_high],
             "p50_ratios": paired,
             "authz_p50_us": authz_p50,
             "trivial_p50_us": trivial_p50,
@@ -318,21 +327,29 @@ def _latency_set(
     instance: int,
     seconds: int,
 ) -> None:
-    """One fresh set of processes: the three paths in rotation under wrk, then one request at a time."""
+    """One fresh set of processes: the four paths in rotation under wrk, then one request at a time."""
     clusters = [envoy.Cluster("upstream", upstream)]
     routes = [envoy.Route("/qwen3", "upstream", rewrite="/")]
     with (
         trivial(log_dir) as (_, trivial_port),
         authz_process(redis_url=redis_url, pepper=PEPPER, log_dir=log_dir, name=f"authz-lat{instance}") as authz,
+        authz_process(
+            redis_url=redis_url,
+            pepper=PEPPER,
+            log_dir=log_dir,
+            name=f"authz-every{instance}",
+            args=["--request-credits", "0"],
+        ) as every,
         envoy_process(routes=routes, clusters=clusters, authz_port=None, log_dir=log_dir) as plain,
         envoy_process(routes=routes, clusters=clusters, authz_port=trivial_port, log_dir=log_dir) as with_trivial,
         envoy_process(routes=routes, clusters=clusters, authz_port=authz.port, log_dir=log_dir) as with_authz,
+        envoy_process(routes=routes, clusters=clusters, authz_port=every.port, log_dir=log_dir) as with_every,
     ):
-        targets = list(zip(into.results, (plain, with_trivial, with_authz), strict=True))
+        targets = list(zip(into.results, (plain, with_trivial, with_authz, with_every), strict=True))
         for _, proxy in targets:
             run_wrk(proxy.url, path=PATH, keys=keys, duration=1, connections=16, rate=s.rate)
         # short runs in rotation rather than a few long ones: the machine's speed drifts by more than the
-        # difference measured, and a drift then lands on all three paths alike (the order reversed every
+        # difference measured, and a drift then lands on all four paths alike (the order reversed every
         # other time, so no path always runs right after the same one)
         for i in range(s.rotations):
             for name, proxy in targets if i % 2 == 0 else targets[::-1]:
@@ -502,8 +519,9 @@ def report(result: dict[str, object], s: Settings) -> str:
     sc = result["scale"]
     assert isinstance(sat, dict) and isinstance(lat, dict) and isinstance(sc, dict)
     ratio = sat["authz_rps"] / sat["trivial_rps"]
-    e0, e1, e2, sl = lat["envoy"], lat["envoy+trivial"], lat["envoy+authz"], lat["slices"]
-    t0, t1, t2 = (lat["turns"][name] for name in ("envoy", "envoy+trivial", "envoy+authz"))
+    e0, e1, e2, e3, sl = lat["envoy"], lat["envoy+trivial"], lat["envoy+authz"], lat[EVERY_CHECK], lat["slices"]
+    t0, t1, t2, t3 = (lat["turns"][name] for name in ("envoy", "envoy+trivial", "envoy+authz", EVERY_CHECK))
+    every_low, every_high = sl["every_p50_ratio_interval"]
     low, high = sl["p50_ratio_interval"]
     p50_ratio = e2["p50_us"] / e1["p50_us"]
     p99_ratio = e2["p99_us"] / e1["p99_us"]
@@ -550,11 +568,27 @@ def report(result: dict[str, object], s: Settings) -> str:
             "report",
             "",
         ),
+        (
+            f"p50 and p99 via Envoy @ {s.rate:.0f} rps, authz with every check in Redis (--request-credits 0: a key "
+            "whose requests come over 250 ms apart) vs trivial; 90% interval of the p50 ratio",
+            f"{e3['p50_us']:.0f} / {e1['p50_us']:.0f} us; {e3['p99_us']:.0f} / {e1['p99_us']:.0f} us",
+            f"{e3['p50_us'] / e1['p50_us']:.2f}x ({every_low:.2f}-{every_high:.2f}x); "
+            f"{e3['p99_us'] / e1['p99_us']:.2f}x",
+            "report",
+            "",
+        ),
         *_prioritised_rows(lat, s),
         (
             f"p50 one request at a time, the paths taking turns ({t1['count']:,} each), authz vs trivial",
             f"{t2['p50_us']:.0f} / {t1['p50_us']:.0f} us",
             f"{t2['p50_us'] / t1['p50_us']:.2f}x",
+            "report",
+            "",
+        ),
+        (
+            "p50 one request at a time, authz with every check in Redis vs trivial",
+            f"{t3['p50_us']:.0f} / {t1['p50_us']:.0f} us",
+            f"{t3['p50_us'] / t1['p50_us']:.2f}x",
             "report",
             "",
         ),
@@ -664,6 +698,13 @@ def main(argv: list[str]) -> int:
         help="maas authz reaches Redis over a Unix socket (Redis on the same host) instead of TCP loopback; "
         "results go to authz-unix.json",
     )
+    parser.add_argument(
+        "--priority-sets",
+        type=int,
+        default=None,
+        help="more process sets with Redis at real-time priority, reported apart (a diagnostic; default 0, 1 with "
+        "--quick)",
+    )
     parser.add_argument("--log-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     s = Settings(
@@ -677,7 +718,7 @@ def main(argv: list[str]) -> int:
         sets=2 if args.quick else 12,
         turns=300 if args.quick else 900,
         pairs=2 if args.quick else 3,
-        priority_sets=1 if args.quick else 4,
+        priority_sets=args.priority_sets if args.priority_sets is not None else (1 if args.quick else 0),
         unix_socket=args.unix_socket,
     )
     log_dir = args.log_dir or Path(__import__("tempfile").mkdtemp(prefix="maas-bench-"))

@@ -52,6 +52,29 @@ async def test_several_processes_admit_exactly_the_limit(redis_url: str, log_dir
     await store.close()
 
 
+async def test_a_busy_key_spends_credits_and_a_stopping_replica_gives_them_back(redis_url: str, log_dir: Path) -> None:
+    """Request credits in the real process: a key's requests one after another mostly skip Redis, and at SIGTERM the
+    tokens taken ahead go back to the bucket (it holds exactly the limit less what was admitted)."""
+    key = platform.Key("sk-credits-e2e", "busy", limits=Limits(requests=Limit(limit=500, window="1000h")))
+    store = await _seed(redis_url, key)
+    bucket = contract.bucket_key(key.key_id(PEPPER), "requests")
+    with authz_process(redis_url=redis_url, pepper=PEPPER, log_dir=log_dir) as authz:
+        async with aiohttp.ClientSession() as http:
+            statuses = [await _status(http, authz, key.plaintext) for _ in range(40)]
+            async with http.get(authz.ops_url + "/metrics") as resp:
+                text = await resp.text()
+        assert statuses == [200] * 40
+        used = float(text.split('maas_authz_request_credits_total{outcome="used"} ')[1].split()[0])
+        assert used >= 20, text  # most of them answered with no Redis call
+        raw = await store._client.get(bucket)
+        taken_ahead = 500 - 40 - int(float(raw.split()[0]))
+        assert 0 < taken_ahead <= 5  # a hundredth of the limit at most
+        assert authz.proc.stop() == 0  # SIGTERM
+    raw = await store._client.get(bucket)
+    assert int(float(raw.split()[0])) == 500 - 40  # the credits held went back; only what was admitted is spent
+    await store.close()
+
+
 async def test_revoked_key_is_denied_within_a_second(redis_url: str, log_dir: Path) -> None:
     store = await _seed(redis_url)
     with authz_process(redis_url=redis_url, pepper=PEPPER, log_dir=log_dir) as authz:

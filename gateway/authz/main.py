@@ -71,6 +71,8 @@ async def serve(settings: AuthzSettings, *, stop: asyncio.Event | None = None, s
         on_store_error=settings.on_store_error,
         max_inflight=settings.bucket_max_inflight,
         clock=clock.now,
+        credits=settings.request_credits,
+        credit_seconds=settings.request_credit_ms / 1000,
     )
 
     async def ready() -> tuple[bool, str]:
@@ -132,6 +134,7 @@ async def serve(settings: AuthzSettings, *, stop: asyncio.Event | None = None, s
         await fast_server.close()
     if authz_runner is not None:
         await authz_runner.cleanup()
+    await checker.close()
     await ops_runner.cleanup()
     await store.close()
 

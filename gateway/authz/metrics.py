@@ -62,6 +62,15 @@ class AuthzMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
+        self.request_credits = Counter(
+            "maas_authz_request_credits_total",
+            "request credits (a busy key's next admission taken ahead) by outcome: taken, used, refunded (given back "
+            "unspent), lost (the give-back failed: the token stays spent)",
+            ("outcome",),
+            registry=r,
+        )
+        for outcome in ("taken", "used", "refunded", "lost"):
+            self.request_credits.labels(outcome)
         self.client_connections, self.connections_refused = connection_metrics("authz", "check port", r)
         key_requests = LoopCounter(
             "maas_key_requests_total",

@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import http_exceptions, web, web_protocol
 
+from gateway.authz.credits import Credits, Holder, Taking, eligible
 from gateway.authz.follower import SnapshotFollower
 from gateway.authz.metrics import AuthzMetrics
 from gateway.connections import ConnectionCap
@@ -99,6 +100,8 @@ class Pending:
     error: BaseException | None = None
     shard: str | None = None
     """The store node of the key's buckets, when the store has several (Redis Cluster)."""
+    credit: Holder | Taking | None = None
+    """What the request credits know this check under (gateway/authz/credits.py)."""
 
     def __call__(self, results: list[BucketResult] | None, error: BaseException | None) -> None:
         self.results, self.error = results, error
@@ -116,6 +119,8 @@ class Checker:
         on_store_error: str = "deny",
         max_inflight: int = 2,
         clock: Callable[[], float] = time.time,
+        credits: int = 0,
+        credit_seconds: float = 0.25,
     ) -> None:
         self._follower = follower
         self._policy = policy
@@ -134,6 +139,16 @@ class Checker:
         """Per store node (Redis Cluster): a failed node's keys skip the store, the other nodes' keys do not."""
         self._store_log = RateLimitedLog(log, interval=10.0)
         self.observe = metrics.check_seconds.observe
+        self._credits: Credits | None = None
+        if credits > 0 and credit_seconds > 0:
+            self._credits = Credits(
+                self._batcher.submit,
+                ttl=credit_seconds,
+                max_credits=credits,
+                idle=lambda: self._batcher.unhurried,
+                store_up=self._store_usable,
+                counter=metrics.request_credits,
+            )
 
     def begin(
         self,
@@ -154,23 +169,49 @@ class Checker:
         outcome = admit(snapshot, self._policy, host=host, path=path, get=get, count=count, now=now)
         if isinstance(outcome, Denial):
             return self.deny(outcome, outcome.tier, outcome.model)
-        if not outcome.ops:
+        ops = outcome.ops
+        if not ops:
             return self._allow(outcome, None, now)
+        credit: Holder | Taking | None = None
+        credits = self._credits
+        mono = time.monotonic()
+        if credits is not None and eligible(ops):
+            used = credits.use(ops, mono)
+            if isinstance(used, list):
+                return self._allow(outcome, used, now)  # the credit the key's last check took
+            credit = used
+            if isinstance(used, Taking):
+                ops = used.ops
         if self._shard_of is None:
-            if time.monotonic() >= self._store_down_until:
-                pending = Pending(outcome, now, then, tag)
-                self._batcher.submit(outcome.ops, pending)
+            if mono >= self._store_down_until:
+                pending = Pending(outcome, now, then, tag, credit=credit)
+                self._batcher.submit(ops, pending)
                 return pending
-            return self._by_policy(outcome, now)
-        shard = self._shard_of(outcome.key.key_id)
-        if time.monotonic() >= self._shards_down_until.get(shard, 0.0):
-            pending = Pending(outcome, now, then, tag, shard=shard)
-            self._batcher.submit(outcome.ops, pending)
-            return pending
+        else:
+            shard = self._shard_of(outcome.key.key_id)
+            if mono >= self._shards_down_until.get(shard, 0.0):
+                pending = Pending(outcome, now, then, tag, shard=shard, credit=credit)
+                self._batcher.submit(ops, pending)
+                return pending
+        if credit is not None and credits is not None:
+            credits.landed(credit, None)
         return self._by_policy(outcome, now)
+
+    def _store_usable(self, key_id: str) -> bool:
+        if self._shard_of is None:
+            return time.monotonic() >= self._store_down_until
+        return time.monotonic() >= self._shards_down_until.get(self._shard_of(key_id), 0.0)
+
+    async def close(self) -> None:
+        """Give back the request credits held (after the check port closed, before the store does)."""
+        if self._credits is not None:
+            await self._credits.close()
 
     def finish(self, pending: Pending) -> Reply:
         """The answer once the bucket check is done; raises what the check raised, but for store failures."""
+        credit = pending.credit
+        if credit is not None and self._credits is not None:
+            pending.results = self._credits.landed(credit, pending.results if pending.error is None else None)
         try:
             results: list[BucketResult] | None
             if pending.error is not None:

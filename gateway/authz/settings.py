@@ -36,6 +36,22 @@ class AuthzSettings(CommonSettings):
         description="admit valid keys on paths no route matches (no model checks; the key's limits still apply)",
     )
     forward_api_key: bool = Field(False, description="keep the API key on the upstream request")
+    request_credits: int = Field(
+        8,
+        ge=0,
+        le=1000,
+        description="most request tokens of one key a replica takes from Redis ahead of its requests (fewer for a "
+        "slower key, at most a hundredth of its limit): a key whose requests come within --request-credit-ms of each "
+        "other then skips the round trip on most of them; unspent ones are given back; 0 turns it off (every limited "
+        "request is checked in Redis)",
+    )
+    request_credit_ms: int = Field(
+        250,
+        ge=1,
+        le=10_000,
+        description="how long request credits are held before they are given back, and how close a key's requests "
+        "must come to earn them",
+    )
     bucket_max_inflight: int = Field(2, ge=1, le=64, description="concurrent bucket batches in flight to Redis")
     max_header_bytes: int = Field(65536, ge=8190, le=1 << 20, description="largest request header accepted")
     max_connections: int = Field(

@@ -50,6 +50,16 @@ class BucketBatcher:
         """The loop of the first check (``asyncio.get_running_loop`` costs a getpid system call per call); a batcher
         serves one loop, as its store's connection does."""
 
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight or waiting, and the last batch small: a check submitted now is sent at once, alone."""
+        return not self._inflight and not self._pending and self._last_size <= LOW_LOAD_BATCH
+
+    @property
+    def unhurried(self) -> bool:
+        """Nothing waiting and a batch slot free: a check submitted now goes out in this loop turn."""
+        return not self._pending and self._inflight < self._max_inflight
+
     def check(self, ops: Sequence[BucketOp]) -> asyncio.Future[list[BucketResult]]:
         """The group's results as a future."""
         future: asyncio.Future[list[BucketResult]] = asyncio.get_running_loop().create_future()
@@ -60,7 +70,7 @@ class BucketBatcher:
     def submit(self, ops: Sequence[BucketOp], done: Done) -> None:
         """The group's results handed to ``done`` as soon as its batch returns, in the same loop turn (no future
         and no extra callback per check on the hot path)."""
-        if not self._inflight and not self._pending and self._last_size <= LOW_LOAD_BATCH:
+        if self.idle:
             self._send([(ops, done)])
             return
         self._pending.append((ops, done))
