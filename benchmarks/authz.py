@@ -73,7 +73,7 @@ class Settings:
     """Latency one request at a time: requests per set of processes, the four paths taking turns."""
     pairs: int = 3
     """1,000,000 keys: fresh pairs of processes (10 keys, 1,000,000 keys) the comparison is spread over."""
-    priority_sets: int = 4
+    priority_sets: int = 0
     """Latency: more sets with Redis at real-time priority, reported apart (root only; skipped otherwise)."""
     unix_socket: bool = False
     """``maas authz`` reaches Redis over a Unix socket (Redis on the same host) instead of TCP loopback."""
@@ -456,19 +456,22 @@ def scale(s: Settings, log_dir: Path, redis_url: str, checks_url: str, small: li
             cold.append(time.monotonic() - started)
             with authz_process(redis_url=checks_url, pepper=PEPPER, log_dir=log_dir, name=f"authz-10-{pair}") as a10:
                 saturate(a10.url, small, warm)
-                saturate(big.url, sample, warm)
-                rss.append((rss_bytes(a10.proc.popen.pid), rss_bytes(big.proc.popen.pid)))
+                saturate(big.url, small, warm)
                 # short runs in rotation, as for latency: the two servers are separate processes measured one
                 # after the other, and the machine's drift would otherwise land on one of them (the order reversed
-                # every other time, so neither server always runs right after the other)
-                rotation = [
-                    (small_runs, a10.url, small),
-                    (same_runs, big.url, small),  # the index size alone: the same 10 keys in use
-                    (big_runs, big.url, sample),  # and with a working set of `sample` distinct keys
-                ]
+                # every other time, so neither server always runs right after the other). The index size alone: the
+                # same 10 keys in use on both, and the big process has seen no others yet (10,000 keys leave their
+                # memoised admissions, bucket operations, request-credit records and metric cells behind, which the
+                # 10-key process never holds)
+                rotation = [(small_runs, a10.url), (same_runs, big.url)]
                 for i in range(rotations):
-                    for runs, url, keys in rotation if i % 2 == 0 else rotation[::-1]:
-                        runs.append(saturate(url, keys, short))
+                    for runs, url in rotation if i % 2 == 0 else rotation[::-1]:
+                        runs.append(saturate(url, small, short))
+                # then a working set of `sample` distinct keys on the big process (beyond the target)
+                saturate(big.url, sample, warm)
+                rss.append((rss_bytes(a10.proc.popen.pid), rss_bytes(big.proc.popen.pid)))
+                for _ in range(rotations):
+                    big_runs.append(saturate(big.url, sample, short))
     per_key = [(b - a) / s.big_keys for a, b in rss]
     return {
         "keys": s.big_keys,
