@@ -137,16 +137,23 @@ async def test_a_busy_key_skips_the_store_and_reads_as_without_credits(store: Co
     assert await bucket_left(store, key_on, 300) == 0
 
 
-async def test_unspent_credits_are_given_back_after_their_time(store: CountingStore) -> None:
-    key = limited("back", 50)
+async def holding(
+    store: CountingStore, name: str, limit: int, asked: int, ttl: float = 30.0
+) -> tuple[platform.Key, Replica, int]:
+    """A replica that admitted ``asked`` requests of a new key one after another, and the credits it holds then."""
+    key = limited(name, limit)
     await platform.seed(store, PEPPER, keys=(key,))
-    r = await replica(store, ttl=0.2)
-    seen = await ask(r, key, 6)
-    assert all(status == 200 for status, _ in seen)
+    r = await replica(store, ttl=ttl)
+    assert [s for s, _ in await ask(r, key, asked)] == [200] * asked
     assert r.checker._credits is not None
     held = r.checker._credits.held
     assert held > 0  # the key was busy: its next requests' tokens are taken
-    assert await bucket_left(store, key, 50) == 50 - 6 - held
+    assert await bucket_left(store, key, limit) == limit - asked - held
+    return key, r, held
+
+
+async def test_unspent_credits_are_given_back_after_their_time(store: CountingStore) -> None:
+    key, r, held = await holding(store, "back", 50, 6, ttl=0.2)
     await eventually(lambda: r.credits("refunded") >= held, within=5)
     assert r.checker._credits.held == 0
     assert await bucket_left(store, key, 50) == 50 - 6  # exactly what was admitted is spent
@@ -154,11 +161,7 @@ async def test_unspent_credits_are_given_back_after_their_time(store: CountingSt
 
 
 async def test_a_limit_change_leaves_the_credits_unspent(store: CountingStore) -> None:
-    key = limited("change", 50)
-    await platform.seed(store, PEPPER, keys=(key,))
-    r = await replica(store)
-    await ask(r, key, 6)
-    assert r.checker._credits is not None and r.checker._credits.held > 0
+    key, r, _ = await holding(store, "change", 50, 6)
     # the key's limit drops to 0: the very next request is refused, not admitted on a credit taken under the old one
     stopped = platform.Key(key.plaintext, key.user, limits=Limits(requests=Limit(limit=0, window="1m")))
     await store.apply([contract.put(stopped.record(PEPPER))])
@@ -169,13 +172,9 @@ async def test_a_limit_change_leaves_the_credits_unspent(store: CountingStore) -
 
 
 async def test_a_stopping_replica_gives_its_credits_back(store: CountingStore) -> None:
-    key = limited("stop", 40)
-    await platform.seed(store, PEPPER, keys=(key,))
-    r = await replica(store)
-    await ask(r, key, 7)
-    assert r.checker._credits is not None and r.checker._credits.held > 0
+    key, r, _ = await holding(store, "stop", 40, 7)
     await r.checker.close()
-    assert r.checker._credits.held == 0
+    assert r.checker._credits is not None and r.checker._credits.held == 0
     assert await bucket_left(store, key, 40) == 40 - 7
     assert [s for s, _ in await ask(r, key, 1)] == [200]  # a late check is still answered, with no credit taken
     assert await bucket_left(store, key, 40) == 40 - 8

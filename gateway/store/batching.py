@@ -51,11 +51,6 @@ class BucketBatcher:
         serves one loop, as its store's connection does."""
 
     @property
-    def idle(self) -> bool:
-        """Nothing in flight or waiting, and the last batch small: a check submitted now is sent at once, alone."""
-        return not self._inflight and not self._pending and self._last_size <= LOW_LOAD_BATCH
-
-    @property
     def unhurried(self) -> bool:
         """Nothing waiting and a batch slot free: a check submitted now goes out in this loop turn."""
         return not self._pending and self._inflight < self._max_inflight
@@ -70,7 +65,7 @@ class BucketBatcher:
     def submit(self, ops: Sequence[BucketOp], done: Done) -> None:
         """The group's results handed to ``done`` as soon as its batch returns, in the same loop turn (no future
         and no extra callback per check on the hot path)."""
-        if self.idle:
+        if not self._inflight and not self._pending and self._last_size <= LOW_LOAD_BATCH:
             self._send([(ops, done)])
             return
         self._pending.append((ops, done))
