@@ -25,6 +25,7 @@ from gateway.store.redis import RedisStore
 from tests.conftest import PEPPER
 from tests.support import platform
 from tests.support.k8s_emulator import eventually
+from tests.support.procs import redis_server
 
 pytestmark = pytest.mark.redis
 
@@ -256,3 +257,18 @@ async def test_keys_idle_for_their_time_are_forgotten(store: CountingStore, monk
     await eventually(lambda: not credits._holders, within=5)
     assert credits.held == 0
     await eventually(lambda: r.credits("used") + r.credits("refunded") == r.credits("taken"), within=5)
+
+
+async def test_credits_whose_give_back_fails_are_counted_lost() -> None:
+    """Redis gone when credits expire: their give-back fails, is counted, and nothing else breaks (the tokens stay
+    spent: the key is refused early, never admitted more)."""
+    with redis_server() as server:
+        store = CountingStore(server.url, timeout=0.3)
+        try:
+            _, r, held = await holding(store, "lost", 50, 6, ttl=0.2)
+            server.kill()
+            await eventually(lambda: r.credits("lost") >= held, within=5)
+            assert r.credits("refunded") == 0
+            assert r.checker._credits is not None and r.checker._credits.held == 0
+        finally:
+            await store.close()

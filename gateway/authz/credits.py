@@ -37,6 +37,7 @@ from prometheus_client import Counter
 
 from gateway.contract import REQUESTS
 from gateway.limits import BucketMode, BucketOp, BucketResult
+from gateway.logs import RateLimitedLog
 
 log = logging.getLogger("maas.authz.credits")
 
@@ -135,6 +136,8 @@ class Credits:
         self._used = counter.labels("used")
         self._refunded = counter.labels("refunded")
         self._lost = counter.labels("lost")
+        self._lost_log = RateLimitedLog(log, interval=10.0)
+        """One line per 10 s: while Redis is down every expiring credit's give-back fails."""
 
     @property
     def held(self) -> int:
@@ -263,7 +266,9 @@ class Credits:
                 self._refunded.inc(count)
             else:
                 self._lost.inc(count)
-                log.warning("%d request credits of key %s were not given back: %s", count, ops[0].key_id, error)
+                self._lost_log.warning(
+                    "%d request credits of key %s were not given back: %s", count, ops[0].key_id, error
+                )
             if not future.done():
                 future.set_result(None)
 
