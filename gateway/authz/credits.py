@@ -20,9 +20,9 @@ What stays exact, and what moves:
   (at most ``ttl`` worth of its refill rate per window), and credits one replica holds count against the bucket for
   the others for up to ``ttl``;
 - the token gate is read when the credits are taken: up to ``ttl`` old when spent (the meter checks tokens itself);
-- credits are taken only while no other check of the key is out on this replica and the batcher can send at once:
-  under load batches share the round trips already, and a burst that ends before its credits came back would leave
-  them unspent for ``ttl``.
+- credits are taken only while no other check of the key is out on this replica and the batcher has nothing waiting
+  and a batch slot free: under load batches share the round trips already, and a burst that ends before its credits
+  came back would leave them unspent for ``ttl``.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ class Credits:
 
     def _next(self, holder: Holder) -> None:
         """The check taking the next credits, after a request spent the last (only while no other check of the key
-        is out, the batcher can send it at once, and the store is not skipped after a failure)."""
+        is out, the batcher has nothing waiting and a slot free, and the store is not skipped after a failure)."""
         if self._closed or holder.out or holder.left or not self._idle() or not self._store_up(holder.key_id):
             holder.busy = False
             return
