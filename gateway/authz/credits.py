@@ -31,7 +31,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from prometheus_client import Counter
 
@@ -96,6 +96,12 @@ def _taking(ops: tuple[BucketOp, ...], count: int) -> tuple[BucketOp, ...]:
     first = ops[0]
     taking = BucketOp(first.key_id, first.dimension, first.limit, first.window_ms, count, BucketMode.RESERVE, 1)
     return (taking, *ops[1:])
+
+
+def _counted(result: BucketResult, remaining: int) -> BucketResult:
+    """``result`` as one request's check reads it: ``remaining`` left, one token taken (built directly: this is on
+    the path of every request a credit answers, and ``dataclasses.replace`` walks the fields each time)."""
+    return BucketResult(result.allowed, result.limit, remaining, result.reset_ms, result.retry_ms, 1)
 
 
 def _refund(ops: tuple[BucketOp, ...], count: int) -> tuple[BucketOp, ...]:
@@ -191,7 +197,7 @@ class Credits:
                 asyncio.get_running_loop().call_soon(self._next, holder)
         first = held[0]
         # Redis counted every credit as spent when it took them: the ones still held are not yet
-        return [replace(first, remaining=first.remaining + holder.left), *held[1:]]
+        return [_counted(first, first.remaining + holder.left), *held[1:]]
 
     def _wanted(self, holder: Holder) -> int:
         """Credits worth taking for this key now: what its recent pace spends within ``ttl``, within the bounds."""
@@ -211,7 +217,7 @@ class Credits:
                     return self._spend(sent, sent.ops, self._clock()) or results
                 sent.results = results  # the later reading of the buckets: the credits' answers count from it
                 first = results[0]
-                return [replace(first, remaining=first.remaining + sent.left), *results[1:]]
+                return [_counted(first, first.remaining + sent.left), *results[1:]]
             return results
         holder = sent.holder
         holder.out -= 1
@@ -220,8 +226,8 @@ class Credits:
             return results
         first = results[0]
         extra = first.debited - 1
-        self._hold(holder, sent.plain, extra, [replace(first, debited=1), *results[1:]], sent.sent_at)
-        return [replace(first, remaining=first.remaining + extra, debited=1), *results[1:]]
+        self._hold(holder, sent.plain, extra, [_counted(first, first.remaining), *results[1:]], sent.sent_at)
+        return [_counted(first, first.remaining + extra), *results[1:]]
 
     def _hold(
         self, holder: Holder, sent: tuple[BucketOp, ...], count: int, results: list[BucketResult], taken_at: float
