@@ -10,7 +10,8 @@ targets are ratios):
   (a busy key's requests spend request credits) and with every check in Redis (``--request-credits 0``: a key whose
   requests come far apart), on wrk's paced connections on fresh sets of processes, with an interval for the ratio
   over those sets; and the same four paths one request at a time, taking turns request by request;
-- 1,000,000 keys: cold-start load time, RSS per key, throughput vs. 10 keys, on fresh pairs of processes;
+- 1,000,000 keys: cold-start load time, RSS per key, throughput vs. 10 keys, on fresh pairs of processes, beside
+  a second 10-key process (the noise floor of comparing two processes);
 - the bucket check's Redis round trip on its own, with Redis and the caller on one core, on two, and unpinned: how
   much of that hop is the machine's cost of waking a process on another core.
 """
@@ -71,8 +72,9 @@ class Settings:
     """Latency: fresh sets of processes (three ext_authz servers, four Envoys) the comparison is spread over."""
     turns: int = 900
     """Latency one request at a time: requests per set of processes, the four paths taking turns."""
-    pairs: int = 3
-    """1,000,000 keys: fresh pairs of processes (10 keys, 1,000,000 keys) the comparison is spread over."""
+    pairs: int = 8
+    """1,000,000 keys: fresh pairs of processes (10 keys, 1,000,000 keys; and a 10-key twin, the noise floor) the
+    comparison is spread over."""
     priority_sets: int = 0
     """Latency: more sets with Redis at real-time priority, reported apart (root only; skipped otherwise)."""
     unix_socket: bool = False
@@ -433,20 +435,25 @@ def _read_response(conn: socket.socket) -> None:
 
 def scale(s: Settings, log_dir: Path, redis_url: str, checks_url: str, small: list[str]) -> dict[str, object]:
     """1,000,000 keys against 10, on ``s.pairs`` fresh pairs of processes: two identical processes differ by up to
-    ~15% here, so one pair would measure its own luck. The 10-key processes read database 0 (seeded at the start),
-    the big ones database 1 of the same Redis, so both kinds check their buckets on the same server."""
+    ~7% here (memory layout, which core each lands on), so a few pairs would measure their own luck. Each pair has a
+    twin, a second 10-key process measured the same way: the ratio between two identical processes is the
+    measure's noise floor. The 10-key processes read database 0 (seeded at the start), the big ones database 1 of
+    the same Redis, so both kinds check their buckets on the same server."""
     big_redis, big_checks = with_db(redis_url, 1), with_db(checks_url, 1)
     asyncio.run(seed_small(big_redis, bench_keys(10)))  # tiers and the model; the keys are overwritten below
     seed_seconds = seed_many(big_redis, s.big_keys)
     sample = [f"sk-bench-{i:08d}" for i in range(0, s.big_keys, max(1, s.big_keys // s.sample))]
     warm = Settings(1, 1, s.connections, 0, 0, 0)
     short = Settings(s.duration / SLICES_PER_REP, 1, s.connections, 0, 0, 0)
-    rotations = max(1, s.reps * SLICES_PER_REP // s.pairs)
+    rotations = max(2, s.reps * SLICES_PER_REP // s.pairs)
     cold: list[float] = []
     rss: list[tuple[int, int]] = []
     big_runs: list[WrkResult] = []
     small_runs: list[WrkResult] = []
     same_runs: list[WrkResult] = []
+    twin_runs: list[WrkResult] = []
+    run_pair: list[int] = []
+    """The pair of processes of each rotation's runs (the same for the three processes' runs of one rotation)."""
     for pair in range(s.pairs):
         started = time.monotonic()
         # a cold start slower than the 20 s target is measured and reported, not cut short
@@ -454,25 +461,32 @@ def scale(s: Settings, log_dir: Path, redis_url: str, checks_url: str, small: li
             redis_url=big_checks, pepper=PEPPER, log_dir=log_dir, name=f"authz-big{pair}", ready_timeout=180
         ) as big:
             cold.append(time.monotonic() - started)
-            with authz_process(redis_url=checks_url, pepper=PEPPER, log_dir=log_dir, name=f"authz-10-{pair}") as a10:
-                saturate(a10.url, small, warm)
-                saturate(big.url, small, warm)
-                # short runs in rotation, as for latency: the two servers are separate processes measured one
-                # after the other, and the machine's drift would otherwise land on one of them (the order reversed
-                # every other time, so neither server always runs right after the other). The index size alone: the
-                # same 10 keys in use on both, and the big process has seen no others yet (10,000 keys leave their
-                # memoised admissions, bucket operations, request-credit records and metric cells behind, which the
-                # 10-key process never holds)
-                rotation = [(small_runs, a10.url), (same_runs, big.url)]
+            with (
+                authz_process(redis_url=checks_url, pepper=PEPPER, log_dir=log_dir, name=f"authz-10-{pair}") as a10,
+                authz_process(redis_url=checks_url, pepper=PEPPER, log_dir=log_dir, name=f"authz-twin{pair}") as twin,
+            ):
+                for url in (a10.url, big.url, twin.url):
+                    saturate(url, small, warm)
+                # short runs in rotation, as for latency: the servers are separate processes measured one after the
+                # other, and the machine's drift would otherwise land on one of them (the order reversed every
+                # other time, so none always runs right after another). The index size alone: the same 10 keys in
+                # use on all three, and the big process has seen no others yet (10,000 keys leave their memoised
+                # admissions, bucket operations, request-credit records and metric cells behind, which the 10-key
+                # processes never hold)
+                rotation = [(small_runs, a10.url), (same_runs, big.url), (twin_runs, twin.url)]
                 for i in range(rotations):
                     for runs, url in rotation if i % 2 == 0 else rotation[::-1]:
                         runs.append(saturate(url, small, short))
+                    run_pair.append(pair)
                 # then a working set of `sample` distinct keys on the big process (beyond the target)
                 saturate(big.url, sample, warm)
                 rss.append((rss_bytes(a10.proc.popen.pid), rss_bytes(big.proc.popen.pid)))
                 for _ in range(rotations):
                     big_runs.append(saturate(big.url, sample, short))
     per_key = [(b - a) / s.big_keys for a, b in rss]
+    small_rps = [r.rps for r in small_runs]
+    same_low, same_high = ratio_interval([r.rps for r in same_runs], small_rps, run_pair)
+    twin_low, twin_high = ratio_interval([r.rps for r in twin_runs], small_rps, run_pair)
     return {
         "keys": s.big_keys,
         "pairs": s.pairs,
@@ -481,11 +495,16 @@ def scale(s: Settings, log_dir: Path, redis_url: str, checks_url: str, small: li
         "cold_starts": cold,
         "rss_pairs": rss,
         "rss_per_key": median(per_key),
-        "rps_10_keys": median([r.rps for r in small_runs]),
+        "rps_10_keys": median(small_rps),
         "rps_big": median([r.rps for r in big_runs]),
         "rps_big_same_keys": median([r.rps for r in same_runs]),
+        "rps_twin": median([r.rps for r in twin_runs]),
         "same_ratio_median": median([b.rps / a.rps for a, b in zip(small_runs, same_runs, strict=True)]),
+        "same_ratio_interval": [same_low, same_high],
+        "twin_ratio_interval": [twin_low, twin_high],
         "runs": len(small_runs),
+        "run_pairs": run_pair,
+        "rps_runs": {"10": small_rps, "big": [r.rps for r in same_runs], "twin": [r.rps for r in twin_runs]},
         "sample": s.sample,
     }
 
@@ -530,6 +549,8 @@ def report(result: dict[str, object], s: Settings) -> str:
     p99_ratio = e2["p99_us"] / e1["p99_us"]
     tput_ratio = sc["rps_big"] / sc["rps_10_keys"]
     same_ratio = sc["rps_big_same_keys"] / sc["rps_10_keys"]
+    same_low, same_high = sc["same_ratio_interval"]
+    twin_low, twin_high = sc["twin_ratio_interval"]
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "missed"
@@ -611,9 +632,17 @@ def report(result: dict[str, object], s: Settings) -> str:
             verdict(same_ratio >= 0.95),
         ),
         (
-            f"the same, within each of {sc['runs']} interleaved runs (median)",
+            f"the same, 90% interval over the pairs (drawn again with replacement); within each of {sc['runs']} "
+            "interleaved runs (median)",
             "",
-            f"{sc['same_ratio_median']:.2f}x",
+            f"{same_low:.2f}-{same_high:.2f}x; {sc['same_ratio_median']:.2f}x",
+            "report",
+            "",
+        ),
+        (
+            "noise floor: a second 10-key process in each pair, measured the same way, vs the first; 90% interval",
+            f"{sc['rps_twin']:,.0f} / {sc['rps_10_keys']:,.0f}",
+            f"{sc['rps_twin'] / sc['rps_10_keys']:.2f}x ({twin_low:.2f}-{twin_high:.2f}x)",
             "report",
             "",
         ),
@@ -720,7 +749,7 @@ def main(argv: list[str]) -> int:
         rotations=2 if args.quick else 4,
         sets=2 if args.quick else 12,
         turns=300 if args.quick else 900,
-        pairs=2 if args.quick else 3,
+        pairs=2 if args.quick else 8,
         priority_sets=args.priority_sets if args.priority_sets is not None else (1 if args.quick else 0),
         unix_socket=args.unix_socket,
     )
