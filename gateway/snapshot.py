@@ -11,12 +11,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 from gateway.contract import (
     EVERYONE,
+    KeyFields,
     KeyRecord,
     KeyStatus,
     Limits,
+    LimitsFields,
     ModelRecord,
     RouteRecord,
     TierRecord,
@@ -38,21 +41,27 @@ class CompiledLimits:
     tokens: tuple[int, int] | None = None
 
     @classmethod
-    def of(cls, limits: Limits | None) -> CompiledLimits | None:
-        """Compiled once per distinct value and shared: a million keys with the same override hold one object."""
+    def of(cls, limits: Limits | LimitsFields | None) -> CompiledLimits | None:
+        """Compiled once per distinct value and shared: a million keys with the same override hold one object. A
+        window ``parse_window`` refuses raises its ``WindowError`` (a key's limits come from the full load's
+        ``decode_key_fields`` with their windows unchecked)."""
         if limits is None:
             return None
-        requests, tokens = limits.requests, limits.tokens
-        # memoised by plain tuples: a pydantic model's hash and equality run in Python, per key at a full load
-        memo = (
-            (requests.limit, requests.window) if requests is not None else None,
-            (tokens.limit, tokens.window) if tokens is not None else None,
-        )
+        if isinstance(limits, dict):
+            req_fields, tok_fields = limits.get("requests"), limits.get("tokens")
+            requests = (req_fields["limit"], req_fields["window"]) if req_fields is not None else None
+            tokens = (tok_fields["limit"], tok_fields["window"]) if tok_fields is not None else None
+        else:
+            # memoised by plain tuples: a pydantic model's hash and equality run in Python
+            requests = (limits.requests.limit, limits.requests.window) if limits.requests is not None else None
+            tokens = (limits.tokens.limit, limits.tokens.window) if limits.tokens is not None else None
+        memo = (requests, tokens)
         compiled = _compiled.get(memo)
         if compiled is None:
-            req = (requests.limit, parse_window(requests.window)) if requests is not None else None
-            tok = (tokens.limit, parse_window(tokens.window)) if tokens is not None else None
-            compiled = cls(requests=req, tokens=tok)
+            compiled = cls(
+                requests=(requests[0], parse_window(requests[1])) if requests is not None else None,
+                tokens=(tokens[0], parse_window(tokens[1])) if tokens is not None else None,
+            )
             if len(_compiled) < 100_000:
                 _compiled[memo] = compiled
         return compiled
@@ -94,22 +103,30 @@ class KeyEntry:
 _interned_models: dict[frozenset[str], frozenset[str]] = {}
 
 
-def compile_key(record: KeyRecord) -> tuple[bytes, KeyEntry]:
+def compile_key(fields: KeyFields) -> tuple[bytes, KeyEntry]:
+    """The index entry of a key (``decode_key_fields``); a ``WindowError`` for a limit's window that is not one."""
     models: frozenset[str] | None = None
-    if record.models:
-        models = frozenset(record.models)
+    listed = fields.get("models")
+    if listed:
+        models = frozenset(listed)
         models = _interned_models.setdefault(models, models)
+    tier = fields.get("tier")
     entry = KeyEntry(
-        key_id=record.key_id,
-        user=record.user,
-        groups=sys.intern(",".join(record.groups)),
-        tier=sys.intern(record.tier) if record.tier else None,
+        key_id=fields["key_id"],
+        user=fields["user"],
+        groups=sys.intern(",".join(fields.get("groups", ()))),
+        tier=sys.intern(tier) if tier else None,
         models=models,
-        status=_STATUS[record.status],
-        expires_at=record.expires_at,
-        limits=CompiledLimits.of(record.limits),
+        status=_STATUS[fields.get("status", KeyStatus.ACTIVE)],
+        expires_at=fields.get("expires_at"),
+        limits=CompiledLimits.of(fields.get("limits")),
     )
-    return bytes.fromhex(record.digest), entry
+    return bytes.fromhex(fields["digest"]), entry
+
+
+def compile_record(record: KeyRecord) -> tuple[bytes, KeyEntry]:
+    """``compile_key`` of a ``KeyRecord``."""
+    return compile_key(cast(KeyFields, record.model_dump()))
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from gateway.decision import (
 )
 from gateway.identity import H_SIGNATURE, H_TS, SIGN_WINDOW, Identity, sign, verify
 from gateway.limits import BucketResult
-from gateway.snapshot import Catalog, CompiledLimits, RouteTable, Snapshot, compile_key
+from gateway.snapshot import Catalog, CompiledLimits, RouteTable, Snapshot, compile_record
 from tests.support import platform
 
 PEPPER = b"unit-pepper-0123456789"
@@ -36,7 +36,7 @@ POLICY = Policy(pepper=PEPPER, identity_secret=b"s" * 32, path_prefix="/check")
 
 
 def make_snapshot() -> Snapshot:
-    keys = dict(compile_key(k.record(PEPPER)) for k in platform.ALL_KEYS)
+    keys = dict(compile_record(k.record(PEPPER)) for k in platform.ALL_KEYS)
     catalog = Catalog.build(
         tiers=contract.DEFAULT_TIERS,
         models=[
@@ -241,20 +241,20 @@ def test_equal_key_limits_compile_to_one_shared_object_and_different_ones_apart(
 
 def test_highest_tier_level_wins() -> None:
     key = platform.Key("sk-two-groups", "zed", ("free", "premium"))
-    _, entry = compile_key(key.record(PEPPER))
+    _, entry = compile_record(key.record(PEPPER))
     assert SNAP.catalog.tier_of(entry, "free").name == "premium"  # type: ignore[union-attr]
     nobody = platform.Key("sk-no-groups", "zed")
-    _, entry = compile_key(nobody.record(PEPPER))
+    _, entry = compile_record(nobody.record(PEPPER))
     assert SNAP.catalog.tier_of(entry, "free").name == "free"  # type: ignore[union-attr]
 
 
 def test_an_unknown_own_tier_falls_back_to_the_groups_tier_never_to_no_limits() -> None:
     """A misspelt maas/tier (or a tier deleted since) had left the key with no limits and no model allow-list."""
     typo = platform.Key("sk-typo-tier", "zed", ("premium",), tier="fre")
-    _, entry = compile_key(typo.record(PEPPER))
+    _, entry = compile_record(typo.record(PEPPER))
     assert SNAP.catalog.tier_of(entry, "free").name == "premium"  # type: ignore[union-attr]
     alone = platform.Key("sk-typo-alone", "zed", tier="fre")
-    _, entry = compile_key(alone.record(PEPPER))
+    _, entry = compile_record(alone.record(PEPPER))
     assert SNAP.catalog.tier_of(entry, "free").name == "free"  # type: ignore[union-attr]
     tiers = [TierRecord(name="free", level=0), TierRecord(name="premium", level=1, groups=("premium",))]
     assert resolve_tier(explicit="fre", groups=["premium"], tiers=tiers, default="free") == tiers[1]
@@ -269,7 +269,7 @@ def test_every_key_is_in_system_authenticated_and_a_key_of_no_tier_is_refused_no
     pro = TierRecord(name="pro", level=1, groups=("pro",))
     nobody = platform.Key("sk-nobody", "zed")
     pro_key = platform.Key("sk-pro", "zed", ("pro",))
-    keys = dict(compile_key(k.record(PEPPER)) for k in (nobody, pro_key))
+    keys = dict(compile_record(k.record(PEPPER)) for k in (nobody, pro_key))
     routes = [*platform.routes({"/qwen3": platform.QWEN}), contract.RouteRecord(id="me", prefix="/v1/me", model=None)]
 
     def outcome(tiers: list[TierRecord], key: platform.Key, path: str = "/check/qwen3") -> Admission | Denial:

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from gateway import contract
 from gateway.authz.metrics import AuthzMetrics
-from gateway.contract import ChangeEvent, KeyRecord, ModelRecord, RecordKind, RouteRecord, TierRecord
+from gateway.contract import ChangeEvent, ModelRecord, RecordKind, RouteRecord, TierRecord
 from gateway.errors import StoreError
 from gateway.logs import RateLimitedLog
 from gateway.snapshot import Catalog, KeyEntry, Snapshot, compile_key
@@ -169,20 +169,25 @@ class SnapshotFollower:
         try:
             record: object = contract.decode_record(kind, raw)
         except (ValidationError, ValueError) as exc:
-            reason = "schema_version" if isinstance(exc, contract.RecordVersionError) else "malformed"
-            self._metrics.snapshot_skipped.labels(kind.value, reason).inc()
-            self._unreadable.warning("skipping unreadable %s record: %s", kind.value, str(exc).splitlines()[0])
+            self._skip_unreadable(kind, exc)
             return None
         return record
 
     def _decode_key(self, ident: str, raw: bytes | str) -> tuple[bytes, KeyEntry] | None:
-        record = self._decode(RecordKind.KEY, raw)
-        if not isinstance(record, KeyRecord):
+        try:
+            fields = contract.decode_key_fields(raw)
+            if fields["digest"] != ident:
+                self._metrics.snapshot_skipped.labels("key", "digest_mismatch").inc()
+                return None
+            return compile_key(fields)
+        except (ValidationError, ValueError) as exc:  # a limit's window is checked by compile_key
+            self._skip_unreadable(RecordKind.KEY, exc)
             return None
-        if record.digest != ident:
-            self._metrics.snapshot_skipped.labels("key", "digest_mismatch").inc()
-            return None
-        return compile_key(record)
+
+    def _skip_unreadable(self, kind: RecordKind, exc: ValueError) -> None:
+        reason = "schema_version" if isinstance(exc, contract.RecordVersionError) else "malformed"
+        self._metrics.snapshot_skipped.labels(kind.value, reason).inc()
+        self._unreadable.warning("skipping unreadable %s record: %s", kind.value, str(exc).splitlines()[0])
 
     @property
     def _tables(self) -> dict[RecordKind, dict[str, Any]]:
