@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -73,6 +74,27 @@ async def test_a_full_load_reads_every_key_and_never_holds_the_loop_for_a_whole_
     assert decoded == COUNT + 1  # the malformed record too
     # records decoded between two turns of the loop: a page of HSCAN is 5,000
     assert 0 < longest <= RELOAD_SLICE
+
+
+async def test_a_full_load_slower_than_the_store_timeout_is_not_started_again(redis_url: str) -> None:
+    """The next page is read while this one is decoded: with the machine busy that took longer than the store's
+    timeout (250 ms), the page timed out and the load began again from its first key (~10 s for a million keys,
+    twice). Here decoding a page takes ~1 s against a 50 ms store timeout: the load ends in one pass."""
+    _seed(redis_url, COUNT)
+    store = RedisStore(redis_url, timeout=0.05)
+    follower = SnapshotFollower(store, metrics=AuthzMetrics(max_keys=10))
+    decode = follower._decode_key
+
+    def slow(ident: str, raw: bytes | str) -> object:
+        time.sleep(1.0 / 5000)  # a busy machine: a page of 5,000 records takes ~1 s to decode
+        return decode(ident, raw)
+
+    follower._decode_key = slow  # type: ignore[method-assign,assignment]
+    try:
+        await follower.reload(reason="start")
+    finally:
+        await store.close()
+    assert len(follower.snapshot.keys) == COUNT and follower.snapshot.loaded
 
 
 async def test_a_store_that_lost_its_data_is_reloaded_even_by_a_follower_that_applied_no_event(

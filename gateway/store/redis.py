@@ -70,6 +70,10 @@ LEDGER_SCRIPT = resources.files("gateway.store").joinpath("ledger.lua").read_tex
 
 _COUNTS = tuple(b"%d" % i for i in range(16))
 APPLY_CHUNK = 500
+SCAN_PAGE_TIMEOUT = 10.0
+"""Seconds one page of a full load's scan may take. The store's timeout (250 ms by default) is for the request path;
+a page is read while the caller decodes the one before it, and with the machine busy that took over 250 ms: the
+load (a million keys, ~10 s) started again from the beginning."""
 SINGLE_PAYLOADS = 10_000
 USAGE_TTL_SECONDS = 400 * 86400
 _ERRORS = (rexc.RedisError, rexc.RedisClusterException, OSError)
@@ -243,12 +247,14 @@ class RedisStore:
         self._single: dict[int, tuple[Sequence[BucketOp], bytes]] = {}
         """EVALSHA commands of single-group batches by the identity of their ops (held, so the id stays theirs)."""
 
-    async def _call(self, what: str, make: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, what: str, make: Callable[[], Awaitable[T]], *, seconds: float | None = None) -> T:
+        """``make()`` within ``seconds`` (the store's timeout unless given)."""
+        limit = self._timeout if seconds is None else seconds
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(limit):
                 return await make()
         except TimeoutError as exc:
-            raise StoreTimeout(f"redis {what} timed out after {self._timeout:g}s") from exc
+            raise StoreTimeout(f"redis {what} timed out after {limit:g}s") from exc
         except _ERRORS as exc:
             raise _store_error(what, exc, seeds=self._seed_names) from exc
 
@@ -279,12 +285,18 @@ class RedisStore:
 
     async def scan_records(self, kind: RecordKind, *, batch: int = 5000) -> AsyncIterator[list[tuple[str, bytes]]]:
         """Pages of HSCAN, each next page asked for before this one is handed over: Redis finds and sends it while
-        the caller decodes this one (a million keys: ~200 pages)."""
+        the caller decodes this one (a million keys: ~200 pages). A page has ``SCAN_PAGE_TIMEOUT``, not the store's
+        timeout: its ~2 MB are read in the loop turns the caller's decoding leaves, and one page timed out restarts
+        the whole load."""
         name = contract.KIND_HASHES[kind]
 
         def fetch(cursor: int) -> asyncio.Future[tuple[int, dict[bytes, bytes]]]:
             return asyncio.ensure_future(
-                self._call("hscan", lambda: self._client.hscan(name, cursor=cursor, count=batch))
+                self._call(
+                    "hscan",
+                    lambda: self._client.hscan(name, cursor=cursor, count=batch),
+                    seconds=max(self._timeout, SCAN_PAGE_TIMEOUT),
+                )
             )
 
         pending = fetch(0)
