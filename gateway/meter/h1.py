@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict
 
+from gateway import outbound
+
 log = logging.getLogger("maas.meter.h1")
 
 HIGH_WATER = 256 * 1024
@@ -447,7 +449,11 @@ class Pool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Connection(self), self._host, self._port, ssl=self._ssl)
+                conn = await outbound.connect(
+                    lambda: _Connection(self),
+                    lambda factory: loop.create_connection(factory, self._host, self._port, ssl=self._ssl),
+                    close=_Connection.close,
+                )
         except TimeoutError as exc:
             raise ConnectTimeout(f"no connection within {self._connect_timeout:g}s") from exc
         except OSError as exc:

@@ -26,6 +26,7 @@ from typing import Any, cast
 
 import hiredis
 
+from gateway import outbound
 from gateway.errors import StoreError, StoreNotSent, StoreTimeout
 
 log = logging.getLogger("maas.store.resp")
@@ -79,6 +80,10 @@ class _Protocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
@@ -146,12 +151,14 @@ class RespPipe:
             loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(max(self._timeout, 0.05) * 4):
-                    if self._path is not None:
-                        _, protocol = await loop.create_unix_connection(lambda: _Protocol(self), self._path)
-                    else:
-                        _, protocol = await loop.create_connection(
-                            lambda: _Protocol(self), self._host, self._port, ssl=self._tls
-                        )
+                    path = self._path
+                    protocol = await outbound.connect(
+                        lambda: _Protocol(self),
+                        (lambda factory: loop.create_unix_connection(factory, path))
+                        if path is not None
+                        else (lambda factory: loop.create_connection(factory, self._host, self._port, ssl=self._tls)),
+                        close=_Protocol.close,
+                    )
             except (OSError, TimeoutError) as exc:
                 where = self._path if self._path is not None else f"{self._host}:{self._port}"
                 raise StoreNotSent(f"cannot connect to redis at {where}: {exc!r}") from exc
